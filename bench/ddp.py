@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Data-parallel training throughput, `kiln run` vs PyTorch DDP (gloo), world size 2 on CPU.
+
+Both sides train the job in bench/mlp.toml (MLP 784-1024-1024-10 with ReLU,
+synthetic data, global batch 256, SGD lr 0.01 momentum 0.9, 1 intra-op thread
+per rank, 60 steps):
+
+  kiln:  kiln run bench/mlp.toml --nproc 2 --json --data-dir <fresh temp dir>
+  DDP:   bench/ddp_peer.py --spec bench/mlp.toml --nproc 2
+
+Each reports global samples/s from the end of step 1 to the end of the last
+step. The sides alternate (kiln, DDP, kiln, DDP, ...) for --reps repetitions and
+the median of each is compared. The stated target (kiln/DDP >= 1.2x) is
+reported, never enforced: the exit status says only whether both sides ran.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+from common import BENCH_DIR, fmt, log, median, release_dir, run_json_lines
+
+TARGET_RATIO = 1.2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", type=Path, default=BENCH_DIR / "mlp.toml", help="job spec (default: bench/mlp.toml)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks (default: 2)")
+    p.add_argument("--reps", type=int, default=2, help="alternating repetitions of each side (default: 2)")
+    p.add_argument("--kiln", type=Path, default=None, help="kiln binary (default: <target>/release/kiln)")
+    p.add_argument("--python", default=sys.executable, help="Python with torch for the DDP side (default: this one)")
+    p.add_argument("--peer-only", action="store_true", help="run only the DDP side (kiln not built yet)")
+    p.add_argument("--json", action="store_true", help="also print the summary as one JSON line at the end")
+    p.add_argument("--timeout", type=float, default=900, help="seconds allowed per run (default: 900)")
+    return p.parse_args(argv)
+
+
+def run_kiln(kiln, spec, nproc, what, timeout):
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as data_dir:
+        rows = run_json_lines(
+            [kiln, "run", spec, "--nproc", nproc, "--json", "--data-dir", data_dir], what, timeout
+        )
+    # The contract is the last stdout line; earlier JSON lines (if any) are not results.
+    result = rows[-1]
+    if "samples_per_sec" not in result:
+        raise RuntimeError(f"{what}: last JSON line has no samples_per_sec: {result}")
+    return result
+
+
+def main():
+    args = parse_args()
+    spec = args.spec.resolve()
+    train = tomllib.loads(spec.read_text()).get("train", {})
+    kiln = args.kiln or release_dir() / "kiln"
+    if not args.peer_only and not kiln.exists():
+        log(f"ddp: {kiln} not found: build it with `cargo build --release -p kiln`, or pass --peer-only")
+        return 2
+    peer_cmd = [args.python, BENCH_DIR / "ddp_peer.py", "--spec", spec, "--nproc", str(args.nproc)]
+
+    results = {"kiln": [], "ddp": []}
+    failures = []
+    for rep in range(args.reps):
+        tag = f"(rep {rep + 1}/{args.reps})"
+        if not args.peer_only:
+            try:
+                results["kiln"].append(run_kiln(kiln, spec, args.nproc, f"ddp kiln {tag}", args.timeout))
+            except RuntimeError as err:
+                log(f"error: {err}")
+                failures.append("kiln")
+        try:
+            results["ddp"].append(run_json_lines(peer_cmd, f"ddp torch {tag}", args.timeout)[-1])
+        except RuntimeError as err:
+            log(f"error: {err}")
+            failures.append("ddp")
+
+    for side, runs in results.items():
+        for run in runs:
+            if run.get("world_size") not in (None, args.nproc) or run.get("steps") not in (None, train.get("steps")):
+                log(f"warning: {side} ran world size {run.get('world_size')}, {run.get('steps')} steps; "
+                    f"expected {args.nproc}, {train.get('steps')}")
+
+    kiln_sps = median([r["samples_per_sec"] for r in results["kiln"]])
+    ddp_sps = median([r["samples_per_sec"] for r in results["ddp"]])
+    ratio = kiln_sps / ddp_sps if kiln_sps and ddp_sps else None
+
+    print()
+    print(f"data-parallel training throughput, world size {args.nproc}, CPU, spec {spec.name}: "
+          f"{train.get('steps')} steps, global batch {train.get('global_batch')}, "
+          f"{train.get('threads_per_worker')} intra-op thread(s) per rank")
+    print("global samples/s from the end of step 1 to the end of the last step; "
+          f"{args.reps} alternating repetition(s), median shown")
+    print(f"{'':6}  {'samples/s':>10}  {'runs':>24}  {'final loss':>10}")
+    for side, label in (("kiln", "kiln"), ("ddp", "DDP")):
+        runs = results[side]
+        per_run = ", ".join(fmt(r["samples_per_sec"], ".0f") for r in runs) or "n/a"
+        loss = runs[-1].get("final_loss") if runs else None
+        print(f"{label:6}  {fmt(median([r['samples_per_sec'] for r in runs]), '.0f'):>10}  {per_run:>24}  "
+              f"{fmt(loss, '.4f'):>10}")
+    print(f"kiln/DDP: {fmt(ratio) + 'x' if ratio else 'n/a'}")
+    if ratio is None:
+        verdict = "not measured (kiln side missing)"
+    else:
+        verdict = "met" if ratio >= TARGET_RATIO else "not met"
+    print(f"target: kiln/DDP >= {TARGET_RATIO:.1f}x -> {verdict}")
+    if args.json:
+        print(json.dumps({
+            "bench": "ddp", "target_ratio": TARGET_RATIO, "kiln_samples_per_sec": kiln_sps,
+            "ddp_samples_per_sec": ddp_sps, "ratio": ratio, "runs": results,
+        }))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

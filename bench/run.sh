@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs kiln's side-by-side benchmarks against PyTorch (see bench/README.md):
+#   1. all-reduce bandwidth, kiln's TCP ring vs gloo   (bench/allreduce.py)
+#   2. data-parallel training throughput, kiln vs DDP  (bench/ddp.py)
+#
+# usage: bench/run.sh [all|allreduce|ddp] [--peer-only]
+#   --peer-only   skip the build and the kiln side; run only the PyTorch peers
+#
+# Builds `kiln` and `kiln-bench` in release mode first; the binaries are taken
+# from ${CARGO_TARGET_DIR:-target}/release. The Python side uses
+# ${KILN_BENCH_PYTHON:-<repo>/.venv/bin/python} (scripts/bootstrap.sh makes it).
+# Figures and ratios are printed, never judged: the exit status is non-zero only
+# when something failed to build or run.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+which=all
+peer_only=()
+for arg in "$@"; do
+  case "$arg" in
+    all | allreduce | ddp) which=$arg ;;
+    --peer-only) peer_only=(--peer-only) ;;
+    -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+python=${KILN_BENCH_PYTHON:-$repo/.venv/bin/python}
+if [[ ! -x "$python" ]]; then
+  echo "run.sh: no Python at $python: run scripts/bootstrap.sh first" >&2
+  exit 1
+fi
+
+release_dir=${CARGO_TARGET_DIR:-target}/release
+if ((${#peer_only[@]} == 0)); then
+  echo "run.sh: cargo build --release -p kiln -p kiln-bench" >&2
+  cargo build --release -p kiln -p kiln-bench
+fi
+
+status=0
+if [[ $which == all || $which == allreduce ]]; then
+  "$python" bench/allreduce.py --kiln-bin "$release_dir/allreduce" --python "$python" "${peer_only[@]}" || status=1
+fi
+if [[ $which == all || $which == ddp ]]; then
+  "$python" bench/ddp.py --kiln "$release_dir/kiln" --python "$python" "${peer_only[@]}" || status=1
+fi
+exit "$status"

@@ -1,0 +1,80 @@
+//! The crate's one error type.
+
+use crate::store::Revision;
+
+/// Why a coordination call failed.
+///
+/// Variants name what a caller can act on: retry after [`Error::Unavailable`],
+/// re-list and re-watch after [`Error::Compacted`], step down after
+/// [`Error::Conflict`] (another leader wrote first), give up after
+/// [`Error::RendezvousFailed`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A key, lease or other named thing does not exist (a lease that expired
+    /// no longer exists).
+    #[error("{what} not found")]
+    NotFound { what: String },
+    /// A create-only write found the thing already there.
+    #[error("{what} already exists")]
+    AlreadyExists { what: String },
+    /// A compare-and-swap lost to a concurrent writer, or a fencing token
+    /// (a rendezvous round) was already taken.
+    #[error("conflict: {message}")]
+    Conflict { message: String },
+    /// A watch asked for history the store no longer keeps.
+    #[error(
+        "revision {requested} is compacted: watches must start at revision {compacted} or later"
+    )]
+    Compacted {
+        requested: Revision,
+        compacted: Revision,
+    },
+    /// A stored value could not be decoded.
+    #[error("corrupt value at {key}: {message}")]
+    Corrupt { key: String, message: String },
+    /// A deadline passed.
+    #[error("timed out: {what}")]
+    Timeout { what: String },
+    /// The operation was cancelled by its caller.
+    #[error("cancelled")]
+    Cancelled,
+    /// The store cannot be reached, or it shut down while a call waited on it.
+    #[error("store unavailable: {message}")]
+    Unavailable { message: String },
+    /// An argument is impossible (empty key, zero TTL, `min_nodes > max_nodes`, ...).
+    #[error("invalid {what}: {message}")]
+    Invalid { what: String, message: String },
+    /// The rendezvous spent a restart budget or otherwise cannot continue.
+    #[error("rendezvous of job {job} failed: {reason}")]
+    RendezvousFailed { job: String, reason: String },
+}
+
+impl Error {
+    pub(crate) fn invalid(what: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Invalid {
+            what: what.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn not_found(what: impl Into<String>) -> Self {
+        Error::NotFound { what: what.into() }
+    }
+
+    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
+        Error::Unavailable {
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn corrupt(key: impl Into<String>, message: impl ToString) -> Self {
+        Error::Corrupt {
+            key: key.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// `Result` with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,1068 @@
+//! The job spec: what a user submits (TOML), strictly validated.
+//!
+//! Unknown keys, wrong types and impossible values are errors that name the
+//! field path (`train.global_batch`) and say what is allowed. Relative paths are
+//! resolved against the spec file's folder when the spec is loaded, so the
+//! accepted spec (handed to workers as JSON) holds absolute paths.
+//! Every field is documented in docs/job-spec.md.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A whole job spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub job: JobSection,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub train: TrainSpec,
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    #[serde(default)]
+    pub schedule: ScheduleSpec,
+    #[serde(default)]
+    pub workers: WorkersSpec,
+    #[serde(default)]
+    pub comm: CommSpec,
+}
+
+/// `[job]`: identity and the seed everything random derives from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    /// Job name: letters, digits, `-`, `_` and `.`; names the run's folder.
+    pub name: String,
+    /// Seed of parameter initialisation, data order and synthetic data.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Fully connected layers with ReLU.
+    Mlp,
+    /// Convolutions (3x3, ReLU, 2x2 max-pool) then a fully connected head.
+    Cnn,
+    /// A TorchScript module exported from Python (`forward(x) -> logits`).
+    Torchscript,
+}
+
+/// `[model]`: which network to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Which network: `mlp`, `cnn` or `torchscript`.
+    pub kind: ModelKind,
+    /// Hidden layer widths (mlp; the cnn's head uses the first).
+    #[serde(default = "default_hidden")]
+    pub hidden: Vec<usize>,
+    /// Output channels of each convolution block (cnn).
+    #[serde(default = "default_channels")]
+    pub channels: Vec<usize>,
+    /// Shape of one sample as `[channels, height, width]` (cnn); default: one
+    /// channel, square, from the number of features.
+    #[serde(default)]
+    pub input_shape: Option<Vec<usize>>,
+    /// TorchScript file (torchscript).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+fn default_hidden() -> Vec<usize> {
+    vec![128]
+}
+fn default_channels() -> Vec<usize> {
+    vec![16, 32]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataKind {
+    /// Safetensors shards with a float32 `x` (N x features) and an int64 `y` (N).
+    Safetensors,
+    /// A seeded generator: Gaussian inputs labelled by a fixed random linear teacher.
+    Synthetic,
+}
+
+/// `[data]`: the dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Where samples come from: `safetensors` shards or the `synthetic` generator.
+    pub kind: DataKind,
+    /// Training shard files (safetensors).
+    #[serde(default)]
+    pub train: Vec<PathBuf>,
+    /// Held-out shard files (safetensors); evaluation is skipped when empty.
+    #[serde(default)]
+    pub eval: Vec<PathBuf>,
+    /// Number of classes; default: the largest label + 1 (safetensors), 10 (synthetic).
+    #[serde(default)]
+    pub classes: Option<usize>,
+    /// Synthetic training samples.
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    /// Synthetic held-out samples.
+    #[serde(default = "default_eval_samples")]
+    pub eval_samples: usize,
+    /// Synthetic features per sample.
+    #[serde(default = "default_features")]
+    pub features: usize,
+}
+
+fn default_samples() -> usize {
+    8192
+}
+fn default_eval_samples() -> usize {
+    1024
+}
+fn default_features() -> usize {
+    784
+}
+
+/// `[train]`: the loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// Optimizer steps to run.
+    #[serde(default = "default_steps")]
+    pub steps: u64,
+    /// Samples per step over all ranks; fixed whatever the world size.
+    #[serde(default = "default_global_batch")]
+    pub global_batch: usize,
+    /// Largest forward/backward batch on one rank (gradient accumulation);
+    /// default: the rank's whole slice.
+    #[serde(default)]
+    pub micro_batch: Option<usize>,
+    /// Evaluate every this many steps (0: only at the end).
+    #[serde(default)]
+    pub eval_interval: u64,
+    /// Print a progress line every this many steps.
+    #[serde(default = "default_log_interval")]
+    pub log_interval: u64,
+    /// Intra-op threads per worker; default: cores / workers, at least 1.
+    #[serde(default)]
+    pub threads_per_worker: Option<usize>,
+}
+
+fn default_steps() -> u64 {
+    100
+}
+fn default_global_batch() -> usize {
+    64
+}
+fn default_log_interval() -> u64 {
+    10
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        Self {
+            steps: default_steps(),
+            global_batch: default_global_batch(),
+            micro_batch: None,
+            eval_interval: 0,
+            log_interval: default_log_interval(),
+            threads_per_worker: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Stochastic gradient descent with optional momentum.
+    Sgd,
+    /// Adam with decoupled weight decay.
+    Adamw,
+}
+
+/// `[optimizer]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    /// Which update rule: `sgd` or `adamw`.
+    #[serde(default = "default_optimizer")]
+    pub kind: OptimizerKind,
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// SGD momentum (0 disables it).
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    /// Decoupled weight decay (AdamW) or L2 penalty (SGD).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// AdamW decay rate of the first moment.
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    /// AdamW decay rate of the second moment.
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// AdamW term added to the denominator for numerical stability.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+}
+
+fn default_optimizer() -> OptimizerKind {
+    OptimizerKind::Adamw
+}
+fn default_lr() -> f64 {
+    1e-3
+}
+fn default_momentum() -> f64 {
+    0.9
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        Self {
+            kind: default_optimizer(),
+            lr: default_lr(),
+            momentum: default_momentum(),
+            weight_decay: 0.0,
+            beta1: default_beta1(),
+            beta2: default_beta2(),
+            eps: default_eps(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Linear warm-up to `optimizer.lr`, then constant.
+    Constant,
+    /// Linear warm-up to `optimizer.lr`, then cosine decay to `min_lr` at the last step.
+    Cosine,
+}
+
+/// `[schedule]`: the learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// Shape of the learning rate over the steps: `constant` or `cosine`.
+    #[serde(default = "default_schedule")]
+    pub kind: ScheduleKind,
+    /// Steps of linear warm-up from 0 (both kinds).
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Floor of the cosine decay.
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+fn default_schedule() -> ScheduleKind {
+    ScheduleKind::Constant
+}
+
+impl Default for ScheduleSpec {
+    fn default() -> Self {
+        Self {
+            kind: default_schedule(),
+            warmup_steps: 0,
+            min_lr: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// CUDA when a device is present, else CPU.
+    Auto,
+    /// CPU, even where a GPU is present.
+    Cpu,
+    /// CUDA; a worker fails when it has no device.
+    Cuda,
+}
+
+/// `[workers]`: processes per node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersSpec {
+    /// Worker processes per node (one per device on GPU nodes).
+    #[serde(default = "default_nproc")]
+    pub nproc: usize,
+    /// Where workers compute.
+    #[serde(default = "default_device")]
+    pub device: DeviceKind,
+}
+
+fn default_nproc() -> usize {
+    1
+}
+fn default_device() -> DeviceKind {
+    DeviceKind::Auto
+}
+
+impl Default for WorkersSpec {
+    fn default() -> Self {
+        Self {
+            nproc: default_nproc(),
+            device: default_device(),
+        }
+    }
+}
+
+/// `[comm]`: collectives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommSpec {
+    /// Gradient bucket size in MiB.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
+    /// Deadline of every collective read, in seconds.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: f64,
+}
+
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+fn default_timeout_secs() -> f64 {
+    30.0
+}
+
+impl Default for CommSpec {
+    fn default() -> Self {
+        Self {
+            bucket_mb: default_bucket_mb(),
+            timeout_secs: default_timeout_secs(),
+        }
+    }
+}
+
+/// Why a job spec was refused.
+///
+/// `Display` is the whole message for a user (the CLI prints it after
+/// `error: `): it names the field path and says what is allowed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    /// The spec file could not be read.
+    // The I/O error is part of the message rather than a `source`, so that a
+    // printed error chain does not repeat it.
+    #[error("read job spec {}: {error}", path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// The text is not TOML (or, from [`JobSpec::from_json`], not JSON) at all.
+    #[error("invalid {format}: {message}{}", position(*line, *column))]
+    Syntax {
+        format: &'static str,
+        message: String,
+        line: Option<usize>,
+        column: Option<usize>,
+    },
+    /// A field is unknown, missing, of the wrong type or names an unknown variant.
+    /// `line` is the line of the spec file, when it is known.
+    #[error("{}{message}{}", field_prefix(field), position(*line, None))]
+    Parse {
+        field: String,
+        message: String,
+        line: Option<usize>,
+    },
+    /// The spec is well formed but a value is impossible.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// A `--set` argument is malformed.
+    #[error("--set {arg}: {message}")]
+    Override { arg: String, message: String },
+}
+
+fn field_prefix(field: &str) -> String {
+    if field.is_empty() {
+        String::new()
+    } else {
+        format!("{field}: ")
+    }
+}
+
+fn position(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(line), Some(column)) => format!(" (line {line}, column {column})"),
+        (Some(line), None) => format!(" (line {line})"),
+        _ => String::new(),
+    }
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Longest accepted `job.name`; it names folders and store keys.
+const MAX_JOB_NAME_CHARS: usize = 64;
+
+impl JobSpec {
+    /// Reads a TOML file, applies `--set key.path=value` overrides, deserializes
+    /// strictly, resolves relative paths (`data.train`, `data.eval`, `model.path`)
+    /// against the file's folder (making them absolute), and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<JobSpec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|error| SpecError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let base_dir = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        Self::from_toml_str(&text, base_dir, overrides)
+    }
+
+    /// [`JobSpec::load`] for a spec already in memory; relative paths are
+    /// resolved against `base_dir` (itself made absolute against the current
+    /// directory).
+    pub fn from_toml_str(
+        text: &str,
+        base_dir: &Path,
+        overrides: &[String],
+    ) -> Result<JobSpec, SpecError> {
+        let mut spec = parse_toml(text, overrides)?;
+        spec.resolve_paths(base_dir)?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Semantic checks (also used after a world size change).
+    ///
+    /// Batch divisibility is checked at `workers.nproc` ranks (one node); a
+    /// caller that knows the real world size checks it with
+    /// [`JobSpec::micro_batch_at`]. Files named by the spec must exist here.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        self.validate_job()?;
+        self.validate_workers()?;
+        self.validate_model()?;
+        self.validate_data()?;
+        self.validate_train()?;
+        self.validate_optimizer()?;
+        self.validate_schedule()?;
+        self.validate_comm()
+    }
+
+    /// Samples per rank per step at `world_size`; error if `train.global_batch`
+    /// does not divide.
+    pub fn per_rank_batch(&self, world_size: usize) -> Result<usize, SpecError> {
+        self.per_rank_batch_over(world_size, &format!("world size {world_size}"))
+    }
+
+    /// Micro-batch size at `world_size` (`train.micro_batch` or the whole
+    /// per-rank batch).
+    pub fn micro_batch_at(&self, world_size: usize) -> Result<usize, SpecError> {
+        let per_rank = self.per_rank_batch(world_size)?;
+        self.micro_batch_of(per_rank, world_size)
+    }
+
+    /// The spec as handed to workers and stored under `jobs/{job}/spec`.
+    pub fn to_json(&self) -> String {
+        // Cannot fail: every map key is a string, and paths are checked to be
+        // UTF-8 when they are resolved.
+        serde_json::to_string(self).expect("a job spec serializes to json")
+    }
+
+    /// Reads [`JobSpec::to_json`]'s output, as strictly as TOML. It does not
+    /// validate: the spec was validated when it was accepted (call
+    /// [`JobSpec::validate`] to check it again here).
+    pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let spec: JobSpec =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(json_error)?;
+        deserializer
+            .end()
+            .map_err(|error| json_syntax_error(&error))?;
+        Ok(spec)
+    }
+
+    fn resolve_paths(&mut self, base_dir: &Path) -> Result<(), SpecError> {
+        for (index, path) in self.data.train.iter_mut().enumerate() {
+            *path = resolve(base_dir, path, &format!("data.train[{index}]"))?;
+        }
+        for (index, path) in self.data.eval.iter_mut().enumerate() {
+            *path = resolve(base_dir, path, &format!("data.eval[{index}]"))?;
+        }
+        if let Some(path) = &mut self.model.path {
+            *path = resolve(base_dir, path, "model.path")?;
+        }
+        Ok(())
+    }
+
+    fn validate_job(&self) -> Result<(), SpecError> {
+        let name = &self.job.name;
+        if name.is_empty() {
+            return Err(invalid("job.name", "must not be empty"));
+        }
+        let chars = name.chars().count();
+        if chars > MAX_JOB_NAME_CHARS {
+            return Err(invalid(
+                "job.name",
+                format!("{chars} characters, at most {MAX_JOB_NAME_CHARS} allowed"),
+            ));
+        }
+        if let Some(bad) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(invalid(
+                "job.name",
+                format!(
+                    "{name:?} holds {bad:?}; allowed are letters a-z A-Z, digits, '.', '_' and '-'"
+                ),
+            ));
+        }
+        // The name becomes a folder name.
+        if name == "." || name == ".." {
+            return Err(invalid(
+                "job.name",
+                format!("{name:?} is not a usable folder name"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_workers(&self) -> Result<(), SpecError> {
+        at_least_one("workers.nproc", self.workers.nproc)
+    }
+
+    fn validate_model(&self) -> Result<(), SpecError> {
+        let model = &self.model;
+        if model.hidden.is_empty() {
+            return Err(invalid(
+                "model.hidden",
+                "must hold at least one layer width",
+            ));
+        }
+        widths_at_least_one("model.hidden", &model.hidden)?;
+        widths_at_least_one("model.channels", &model.channels)?;
+        if let Some(shape) = &model.input_shape {
+            if shape.len() != 3 {
+                return Err(invalid(
+                    "model.input_shape",
+                    format!(
+                        "{shape:?} has {} dimensions, expected 3: [channels, height, width]",
+                        shape.len()
+                    ),
+                ));
+            }
+            widths_at_least_one("model.input_shape", shape)?;
+        }
+        match (model.kind, &model.path) {
+            (ModelKind::Torchscript, None) => {
+                return Err(invalid(
+                    "model.path",
+                    "required when model.kind = \"torchscript\"",
+                ));
+            }
+            (ModelKind::Torchscript, Some(path)) => check_file("model.path", path)?,
+            (ModelKind::Mlp | ModelKind::Cnn, Some(_)) => {
+                return Err(invalid(
+                    "model.path",
+                    "only applies to model.kind = \"torchscript\"; remove it or change model.kind",
+                ));
+            }
+            (ModelKind::Mlp | ModelKind::Cnn, None) => {}
+        }
+        if model.kind == ModelKind::Cnn {
+            self.validate_cnn_shape()?;
+        }
+        Ok(())
+    }
+
+    /// A cnn needs convolution blocks and, where the number of features is known
+    /// from the spec (synthetic data), an input shape that holds exactly them.
+    fn validate_cnn_shape(&self) -> Result<(), SpecError> {
+        if self.model.channels.is_empty() {
+            return Err(invalid(
+                "model.channels",
+                "must hold at least one convolution block when model.kind = \"cnn\"",
+            ));
+        }
+        if self.data.kind != DataKind::Synthetic {
+            return Ok(());
+        }
+        let features = self.data.features;
+        match &self.model.input_shape {
+            Some(shape) => {
+                let values: usize = shape.iter().product();
+                if values != features {
+                    return Err(invalid(
+                        "model.input_shape",
+                        format!("{shape:?} holds {values} values but data.features = {features}"),
+                    ));
+                }
+            }
+            None => {
+                let side = features.isqrt();
+                if side * side != features {
+                    return Err(invalid(
+                        "model.input_shape",
+                        format!(
+                            "required when data.features = {features} is not a perfect square \
+                             (the default is [1, s, s] with s * s = data.features)"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_data(&self) -> Result<(), SpecError> {
+        let data = &self.data;
+        match data.kind {
+            DataKind::Safetensors => {
+                if data.train.is_empty() {
+                    return Err(invalid(
+                        "data.train",
+                        "must list at least one file when data.kind = \"safetensors\"",
+                    ));
+                }
+                for (index, path) in data.train.iter().enumerate() {
+                    check_file(&format!("data.train[{index}]"), path)?;
+                }
+                for (index, path) in data.eval.iter().enumerate() {
+                    check_file(&format!("data.eval[{index}]"), path)?;
+                }
+            }
+            DataKind::Synthetic => {
+                for (field, list) in [("data.train", &data.train), ("data.eval", &data.eval)] {
+                    if !list.is_empty() {
+                        return Err(invalid(
+                            field,
+                            "only applies to data.kind = \"safetensors\"; \
+                             synthetic data is sized by data.samples and data.eval_samples",
+                        ));
+                    }
+                }
+                at_least_one("data.samples", data.samples)?;
+                at_least_one("data.features", data.features)?;
+            }
+        }
+        if let Some(classes) = data.classes
+            && classes < 2
+        {
+            return Err(invalid(
+                "data.classes",
+                format!("{classes} must be at least 2"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_train(&self) -> Result<(), SpecError> {
+        let train = &self.train;
+        if train.steps < 1 {
+            return Err(invalid("train.steps", "must be at least 1"));
+        }
+        at_least_one("train.global_batch", train.global_batch)?;
+        if let Some(micro_batch) = train.micro_batch {
+            at_least_one("train.micro_batch", micro_batch)?;
+        }
+        if train.log_interval < 1 {
+            return Err(invalid("train.log_interval", "must be at least 1"));
+        }
+        if let Some(threads) = train.threads_per_worker {
+            at_least_one("train.threads_per_worker", threads)?;
+        }
+        let nproc = self.workers.nproc;
+        let per_rank = self.per_rank_batch_over(nproc, &format!("workers.nproc = {nproc}"))?;
+        self.micro_batch_of(per_rank, nproc)?;
+        Ok(())
+    }
+
+    fn validate_optimizer(&self) -> Result<(), SpecError> {
+        let optimizer = &self.optimizer;
+        positive("optimizer.lr", optimizer.lr)?;
+        unit_interval("optimizer.momentum", optimizer.momentum)?;
+        unit_interval("optimizer.beta1", optimizer.beta1)?;
+        unit_interval("optimizer.beta2", optimizer.beta2)?;
+        positive("optimizer.eps", optimizer.eps)?;
+        if !(optimizer.weight_decay.is_finite() && optimizer.weight_decay >= 0.0) {
+            return Err(invalid(
+                "optimizer.weight_decay",
+                format!("{} must be a finite number >= 0", optimizer.weight_decay),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_schedule(&self) -> Result<(), SpecError> {
+        let min_lr = self.schedule.min_lr;
+        let lr = self.optimizer.lr;
+        if !(min_lr >= 0.0 && min_lr <= lr) {
+            return Err(invalid(
+                "schedule.min_lr",
+                format!("{min_lr} must be between 0 and optimizer.lr = {lr}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_comm(&self) -> Result<(), SpecError> {
+        positive("comm.bucket_mb", self.comm.bucket_mb)?;
+        positive("comm.timeout_secs", self.comm.timeout_secs)
+    }
+
+    /// `ranks` names the divisor in the message (`workers.nproc = 3`, `world size 6`).
+    fn per_rank_batch_over(&self, world_size: usize, ranks: &str) -> Result<usize, SpecError> {
+        let global_batch = self.train.global_batch;
+        if world_size == 0 {
+            return Err(invalid(
+                "train.global_batch",
+                "cannot be split over a world size of 0",
+            ));
+        }
+        if global_batch == 0 {
+            return Err(invalid("train.global_batch", "must be at least 1"));
+        }
+        if global_batch % world_size != 0 {
+            return Err(invalid(
+                "train.global_batch",
+                format!(
+                    "{global_batch} is not divisible by {ranks} (each rank takes an equal slice)"
+                ),
+            ));
+        }
+        Ok(global_batch / world_size)
+    }
+
+    fn micro_batch_of(&self, per_rank: usize, world_size: usize) -> Result<usize, SpecError> {
+        let Some(micro_batch) = self.train.micro_batch else {
+            return Ok(per_rank);
+        };
+        at_least_one("train.micro_batch", micro_batch)?;
+        if per_rank % micro_batch != 0 {
+            let global_batch = self.train.global_batch;
+            let ranks = if world_size == 1 { "rank" } else { "ranks" };
+            return Err(invalid(
+                "train.micro_batch",
+                format!(
+                    "{micro_batch} must divide the per-rank batch {per_rank} \
+                     (train.global_batch {global_batch} over {world_size} {ranks})"
+                ),
+            ));
+        }
+        Ok(micro_batch)
+    }
+}
+
+fn at_least_one(field: &str, value: usize) -> Result<(), SpecError> {
+    if value < 1 {
+        Err(invalid(field, "must be at least 1"))
+    } else {
+        Ok(())
+    }
+}
+
+fn widths_at_least_one(field: &str, values: &[usize]) -> Result<(), SpecError> {
+    match values.iter().position(|&value| value < 1) {
+        Some(index) => Err(invalid(format!("{field}[{index}]"), "must be at least 1")),
+        None => Ok(()),
+    }
+}
+
+fn positive(field: &str, value: f64) -> Result<(), SpecError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{value} must be a finite number > 0"),
+        ))
+    }
+}
+
+fn unit_interval(field: &str, value: f64) -> Result<(), SpecError> {
+    if (0.0..1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{value} must be in [0, 1): at least 0 and below 1"),
+        ))
+    }
+}
+
+fn check_file(field: &str, path: &Path) -> Result<(), SpecError> {
+    match std::fs::metadata(path) {
+        Ok(metadata) if metadata.is_file() => Ok(()),
+        Ok(_) => Err(invalid(field, format!("{} is not a file", path.display()))),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Err(invalid(
+            field,
+            format!("file {} does not exist", path.display()),
+        )),
+        Err(error) => Err(invalid(
+            field,
+            format!("cannot read {}: {error}", path.display()),
+        )),
+    }
+}
+
+/// `path` made absolute against `base_dir` (itself made absolute against the
+/// current directory). UTF-8 is required so that the spec travels as JSON.
+fn resolve(base_dir: &Path, path: &Path, field: &str) -> Result<PathBuf, SpecError> {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::path::absolute(base_dir.join(path)).map_err(|error| {
+            invalid(
+                field,
+                format!("cannot make {} absolute: {error}", path.display()),
+            )
+        })?
+    };
+    if absolute.to_str().is_none() {
+        return Err(invalid(
+            field,
+            format!("{} is not valid utf-8", absolute.display()),
+        ));
+    }
+    Ok(absolute)
+}
+
+/// Deserializes the spec from TOML text after applying `--set` overrides.
+fn parse_toml(text: &str, overrides: &[String]) -> Result<JobSpec, SpecError> {
+    if overrides.is_empty() {
+        return deserialize_text(text);
+    }
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|error| toml_syntax_error(text, &error))?;
+    for arg in overrides {
+        apply_override(&mut table, arg)?;
+    }
+    let error = match serde_path_to_error::deserialize(table) {
+        Ok(spec) => return Ok(spec),
+        Err(error) => toml_field_error(None, &error),
+    };
+    // The table carries no positions. When the file alone fails the same way,
+    // the fault is in the file, and the file knows the line.
+    match (error, deserialize_text(text)) {
+        (
+            SpecError::Parse {
+                field,
+                message,
+                line: None,
+            },
+            Err(SpecError::Parse {
+                field: file_field,
+                message: file_message,
+                line,
+            }),
+        ) if field == file_field && message == file_message => Err(SpecError::Parse {
+            field,
+            message,
+            line,
+        }),
+        (error, _) => Err(error),
+    }
+}
+
+fn deserialize_text(text: &str) -> Result<JobSpec, SpecError> {
+    let deserializer =
+        toml::Deserializer::parse(text).map_err(|error| toml_syntax_error(text, &error))?;
+    serde_path_to_error::deserialize(deserializer)
+        .map_err(|error| toml_field_error(Some(text), &error))
+}
+
+/// Sets `key.path=value` in `table`, creating tables on the way.
+fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), SpecError> {
+    let fail = |message: String| SpecError::Override {
+        arg: arg.to_owned(),
+        message,
+    };
+    let Some((key, raw_value)) = arg.split_once('=') else {
+        return Err(fail(
+            "expected key.path=value, e.g. train.steps=500".to_owned(),
+        ));
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(fail(
+            "the key before '=' is empty; expected key.path=value".to_owned(),
+        ));
+    }
+    let segments: Vec<&str> = key.split('.').map(str::trim).collect();
+    if segments.iter().any(|segment| segment.is_empty()) {
+        return Err(fail(format!(
+            "{key:?} has an empty part; expected names joined by '.'"
+        )));
+    }
+    let value = override_value(raw_value);
+    let (last, parents) = segments
+        .split_last()
+        .expect("split yields at least one segment");
+    let mut current = table;
+    for (depth, segment) in parents.iter().enumerate() {
+        let entry = current
+            .entry((*segment).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = match entry {
+            toml::Value::Table(inner) => inner,
+            other => {
+                return Err(fail(format!(
+                    "{} is a {}, not a table",
+                    segments[..=depth].join("."),
+                    other.type_str()
+                )));
+            }
+        };
+    }
+    current.insert((*last).to_owned(), value);
+    Ok(())
+}
+
+/// A TOML value when `raw` is one (`3`, `0.5`, `true`, `"x"`, `[1, 2]`), else
+/// the text itself, so that `optimizer.kind=sgd` needs no quotes.
+fn override_value(raw: &str) -> toml::Value {
+    let raw = raw.trim();
+    raw.parse::<toml::Value>()
+        .unwrap_or_else(|_| toml::Value::String(raw.to_owned()))
+}
+
+fn toml_syntax_error(text: &str, error: &toml::de::Error) -> SpecError {
+    let (line, column) = match error.span() {
+        Some(span) => {
+            let (line, column) = line_and_column(text, span.start);
+            (Some(line), Some(column))
+        }
+        None => (None, None),
+    };
+    SpecError::Syntax {
+        format: "toml",
+        message: plain_message(error.message()),
+        line,
+        column,
+    }
+}
+
+/// `text` is the document the error's positions refer to, when there is one.
+fn toml_field_error(
+    text: Option<&str>,
+    error: &serde_path_to_error::Error<toml::de::Error>,
+) -> SpecError {
+    let line = text
+        .zip(error.inner().span())
+        .map(|(text, span)| line_and_column(text, span.start).0);
+    parse_error(error.path(), error.inner().message(), line)
+}
+
+fn json_error(error: serde_path_to_error::Error<serde_json::Error>) -> SpecError {
+    let inner = error.inner();
+    if !inner.is_data() {
+        return json_syntax_error(inner);
+    }
+    let message = json_message(inner);
+    parse_error(
+        error.path(),
+        &message,
+        Some(inner.line()).filter(|&line| line > 0),
+    )
+}
+
+fn json_syntax_error(error: &serde_json::Error) -> SpecError {
+    SpecError::Syntax {
+        format: "json",
+        message: plain_message(&json_message(error)),
+        line: Some(error.line()).filter(|&line| line > 0),
+        column: Some(error.column()).filter(|&column| column > 0),
+    }
+}
+
+/// serde_json's message without its " at line L column C" suffix.
+fn json_message(error: &serde_json::Error) -> String {
+    let full = error.to_string();
+    let suffix = format!(" at line {} column {}", error.line(), error.column());
+    full.strip_suffix(&suffix).unwrap_or(&full).to_owned()
+}
+
+fn parse_error(path: &serde_path_to_error::Path, message: &str, line: Option<usize>) -> SpecError {
+    let mut field = path.to_string();
+    if field == "." {
+        field.clear();
+    }
+    // serde reports a missing field at its parent; name the field itself.
+    if let Some(name) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        let (field, message) = if field.is_empty() {
+            (name.to_owned(), "required section is missing")
+        } else {
+            (format!("{field}.{name}"), "required field is missing")
+        };
+        // The span of a missing field is its whole parent table: no useful line.
+        return SpecError::Parse {
+            field,
+            message: message.to_owned(),
+            line: None,
+        };
+    }
+    SpecError::Parse {
+        field,
+        message: plain_message(message),
+        line,
+    }
+}
+
+/// serde's messages, made to read as the rest of kiln's: no backticks, no
+/// repeat of an unknown field's name (the field path already ends with it), and
+/// the choices always as "expected one of a, b".
+fn plain_message(message: &str) -> String {
+    if let Some((_, rest)) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+    {
+        return format!("unknown field{}", plain_choices(rest));
+    }
+    if let Some((variant, rest)) = message
+        .strip_prefix("unknown variant `")
+        .and_then(|rest| rest.split_once('`'))
+    {
+        return format!("unknown variant \"{variant}\"{}", plain_choices(rest));
+    }
+    message.replace('`', "")
+}
+
+/// serde writes two choices as "expected `a` or `b`".
+fn plain_choices(choices: &str) -> String {
+    if let Some((first, second)) = choices
+        .strip_prefix(", expected `")
+        .and_then(|rest| rest.strip_suffix('`'))
+        .and_then(|rest| rest.split_once("` or `"))
+    {
+        return format!(", expected one of {first}, {second}");
+    }
+    choices.replace('`', "")
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    let line = before.iter().filter(|&&byte| byte == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&byte| byte == b'\n')
+        .map_or(0, |index| index + 1);
+    let column = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
+    (line, column)
+}

@@ -1,0 +1,88 @@
+//! Tensor datatypes of the Open Inference Protocol v2 (KServe v2) and their
+//! mapping to checkpoint dtypes.
+
+use kiln_checkpoint::DType;
+use serde::{Deserialize, Serialize};
+
+/// A tensor datatype as the protocol spells it (`"FP32"`, `"INT64"`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Datatype {
+    #[serde(rename = "BOOL")]
+    Bool,
+    #[serde(rename = "UINT8")]
+    Uint8,
+    #[serde(rename = "INT8")]
+    Int8,
+    #[serde(rename = "INT16")]
+    Int16,
+    #[serde(rename = "INT32")]
+    Int32,
+    #[serde(rename = "INT64")]
+    Int64,
+    #[serde(rename = "FP16")]
+    Fp16,
+    #[serde(rename = "BF16")]
+    Bf16,
+    #[serde(rename = "FP32")]
+    Fp32,
+    #[serde(rename = "FP64")]
+    Fp64,
+}
+
+impl From<DType> for Datatype {
+    fn from(d: DType) -> Self {
+        match d {
+            DType::Bool => Datatype::Bool,
+            DType::U8 => Datatype::Uint8,
+            DType::I8 => Datatype::Int8,
+            DType::I16 => Datatype::Int16,
+            DType::I32 => Datatype::Int32,
+            DType::I64 => Datatype::Int64,
+            DType::F16 => Datatype::Fp16,
+            DType::BF16 => Datatype::Bf16,
+            DType::F32 => Datatype::Fp32,
+            DType::F64 => Datatype::Fp64,
+        }
+    }
+}
+
+impl From<Datatype> for DType {
+    fn from(d: Datatype) -> Self {
+        match d {
+            Datatype::Bool => DType::Bool,
+            Datatype::Uint8 => DType::U8,
+            Datatype::Int8 => DType::I8,
+            Datatype::Int16 => DType::I16,
+            Datatype::Int32 => DType::I32,
+            Datatype::Int64 => DType::I64,
+            Datatype::Fp16 => DType::F16,
+            Datatype::Bf16 => DType::BF16,
+            Datatype::Fp32 => DType::F32,
+            Datatype::Fp64 => DType::F64,
+        }
+    }
+}
+
+impl Datatype {
+    /// Bytes per element in the binary tensor data extension.
+    pub fn size(self) -> usize {
+        DType::from(self).size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_round_trip() {
+        assert_eq!(serde_json::to_string(&Datatype::Fp32).unwrap(), "\"FP32\"");
+        let d: Datatype = serde_json::from_str("\"INT64\"").unwrap();
+        assert_eq!(d, Datatype::Int64);
+        assert!(serde_json::from_str::<Datatype>("\"FLOAT\"").is_err());
+        for d in [DType::F32, DType::BF16, DType::I64, DType::U8, DType::Bool] {
+            assert_eq!(DType::from(Datatype::from(d)), d);
+            assert_eq!(Datatype::from(d).size(), d.size());
+        }
+    }
+}

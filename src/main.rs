@@ -1,0 +1,97 @@
+//! `kiln`: the command-line interface. Argument parsing and wiring only; the
+//! parts live in the workspace crates (see docs/sourcetree.md).
+
+mod run;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about = "Distributed training runtime and checkpoint system")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a job on this machine: embedded store, rendezvous leader and agent in
+    /// one process, N local worker processes.
+    Run(RunArgs),
+    /// One training rank; started by an agent, not by users.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        agent_socket: String,
+        #[arg(long)]
+        local_rank: u32,
+    },
+}
+
+/// Arguments of `kiln run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The job spec (TOML).
+    pub job: PathBuf,
+    /// Worker processes (sets workers.nproc).
+    #[arg(long)]
+    pub nproc: Option<usize>,
+    /// Override a spec field, e.g. --set train.steps=50 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Where the run writes logs, weights (and later checkpoints and the registry).
+    #[arg(long, default_value = "kiln-data")]
+    pub data_dir: PathBuf,
+    /// Print the summary as one JSON object on the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Address of the agent's Prometheus endpoint (/metrics); port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub metrics_addr: SocketAddr,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Run(args) => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: start async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(run::RunError::Spec(e)) => {
+                    eprintln!("error: invalid job spec: {e}");
+                    ExitCode::from(2)
+                }
+                Err(run::RunError::Other(e)) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Worker { agent_socket, local_rank } => {
+            let args = kiln_trainer::worker::WorkerArgs { agent_socket, local_rank };
+            match kiln_trainer::worker::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! `kiln run`: the zero-setup single-machine path. Wires an embedded store, the
+//! rendezvous leader and this node's agent together, then prints progress and
+//! the summary.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use kiln_coordinator::keyspace::Keyspace;
+use kiln_coordinator::membership;
+use kiln_coordinator::rendezvous::{NodeRecord, RendezvousConfig};
+use kiln_coordinator::store::Store;
+use kiln_coordinator::store::mem::MemStore;
+use kiln_proto::spec::{JobSpec, SpecError};
+use kiln_trainer::agent::{AgentConfig, AgentEvent, LocalWorkers, RoundAssignment};
+use kiln_trainer::metrics::{self, TrainingMetrics};
+use tokio_util::sync::CancellationToken;
+
+use crate::RunArgs;
+
+/// Why a run failed: a bad spec (exit code 2) or anything else (exit code 1).
+#[derive(Debug)]
+pub enum RunError {
+    Spec(SpecError),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for RunError {
+    fn from(e: anyhow::Error) -> Self {
+        RunError::Other(e)
+    }
+}
+
+/// The node name of `kiln run`'s single node.
+const LOCAL_NODE: &str = "local";
+
+pub async fn run(args: RunArgs) -> Result<(), RunError> {
+    let mut overrides = args.set.clone();
+    if let Some(n) = args.nproc {
+        overrides.push(format!("workers.nproc={n}"));
+    }
+    let spec = JobSpec::load(&args.job, &overrides).map_err(RunError::Spec)?;
+    let job = spec.job.name.clone();
+    let nproc = spec.workers.nproc;
+    std::fs::create_dir_all(args.data_dir.join("jobs").join(&job))
+        .with_context(|| format!("create run folder under {}", args.data_dir.display()))?;
+    let run_dir: PathBuf = args
+        .data_dir
+        .join("jobs")
+        .join(&job)
+        .canonicalize()
+        .context("resolve run folder")?;
+    let spec_json = spec.to_json();
+
+    let store: Arc<dyn Store> = MemStore::new();
+    let ks = Keyspace::default();
+    store
+        .put(&ks.job_spec(&job), spec_json.clone().into_bytes(), None)
+        .await
+        .context("record job spec")?;
+    let cancel = CancellationToken::new();
+    let _stop_services = cancel.clone().drop_guard();
+    let leader_config = RendezvousConfig {
+        job: job.clone(),
+        min_nodes: 1,
+        max_nodes: 1,
+        settle: Duration::ZERO,
+        max_failures: 0,
+        max_scale_events: 0,
+        cooldown: Duration::ZERO,
+    };
+    let mut leader = tokio::spawn(membership::run_leader(store.clone(), ks.clone(), leader_config, cancel.clone()));
+
+    let metrics = Arc::new(TrainingMetrics::default());
+    let metrics_addr = metrics::serve(metrics.clone(), args.metrics_addr, cancel.clone()).await?;
+    tracing::info!(job, "metrics on http://{metrics_addr}/metrics");
+
+    let agent_config = AgentConfig {
+        job: job.clone(),
+        nproc,
+        run_dir: run_dir.clone(),
+        kiln_exe: std::env::current_exe().context("locate the kiln binary")?,
+        start_timeout: Duration::from_secs(60),
+    };
+    let workers = LocalWorkers::spawn(&agent_config).await.context("start workers")?;
+    let record = NodeRecord {
+        node: LOCAL_NODE.to_string(),
+        host: "127.0.0.1".to_string(),
+        endpoints: workers.endpoints(),
+        devices: nproc as u32,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let mut session = membership::join(store.clone(), ks.clone(), &job, record, Duration::from_secs(5))
+        .await
+        .context("join rendezvous")?;
+    let plan = tokio::select! {
+        plan = session.next_plan(0) => plan.context("wait for the rendezvous plan")?,
+        res = &mut leader => return Err(anyhow!("rendezvous leader stopped before a plan: {:?}", res).into()),
+        _ = tokio::time::sleep(Duration::from_secs(30)) => return Err(anyhow!("no rendezvous plan within 30 s").into()),
+    };
+    let member = plan
+        .members
+        .iter()
+        .find(|m| m.node == LOCAL_NODE)
+        .ok_or_else(|| anyhow!("rendezvous plan of round {} does not include this node", plan.round))?;
+    tracing::info!(job, round = plan.round, world_size = plan.world_size, "rendezvous complete");
+
+    let started = Instant::now();
+    let mut printer = Printer::new(&spec, args.json);
+    let assignment = RoundAssignment {
+        round: plan.round,
+        first_rank: member.first_rank,
+        world_size: plan.world_size,
+        peers: plan.peers.clone(),
+        spec_json,
+    };
+    let outcome = workers.run(&job, &run_dir, &assignment, metrics, |event| printer.on_event(event)).await;
+    printer.finish();
+    let _ = session.leave().await;
+    cancel.cancel();
+    let summary = outcome?;
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let (_, rank0) = summary.finished.iter().find(|(r, _)| *r == 0).context("rank 0 did not finish")?;
+    for (rank, f) in &summary.finished {
+        if f.weights_digest != rank0.weights_digest {
+            return Err(anyhow!(
+                "ranks diverged: rank {rank} ends with weights {} but rank 0 with {}",
+                f.weights_digest,
+                rank0.weights_digest
+            )
+            .into());
+        }
+    }
+    let eval: BTreeMap<String, f64> = rank0.eval.clone().into_iter().collect();
+    let report = serde_json::json!({
+        "job": job,
+        "world_size": plan.world_size,
+        "steps": rank0.steps,
+        "final_loss": rank0.final_loss,
+        "eval": eval,
+        "samples_per_sec": rank0.samples_per_sec,
+        "weights_digest": rank0.weights_digest,
+        "weights": rank0.weights_path,
+        "round": plan.round,
+        "elapsed_secs": elapsed,
+        "run_dir": run_dir,
+        "metrics_addr": metrics_addr.to_string(),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "job {job}: {} workers, {} steps in {elapsed:.1} s ({:.0} samples/s), final loss {:.4}",
+            plan.world_size, rank0.steps, rank0.samples_per_sec, rank0.final_loss
+        );
+        if !eval.is_empty() {
+            let parts: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            println!("held-out: {}", parts.join(", "));
+        }
+        println!("weights: {} (sha256 {})", rank0.weights_path, rank0.weights_digest);
+    }
+    match leader.is_finished() {
+        true => match leader.await {
+            Ok(Err(e)) => bail!("rendezvous leader failed: {e}"),
+            _ => Ok(()),
+        },
+        false => Ok(()),
+    }
+    .map_err(RunError::Other)
+}
+
+/// Progress: a line per logging interval (stdout, or stderr under --json so the
+/// summary stays the last stdout line), or a bar when stdout is a terminal.
+struct Printer {
+    steps: u64,
+    log_interval: u64,
+    global_batch: usize,
+    json: bool,
+    bar: Option<indicatif::ProgressBar>,
+    last: (Instant, u64),
+}
+
+impl Printer {
+    fn new(spec: &JobSpec, json: bool) -> Self {
+        let bar = (!json && std::io::stdout().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(spec.train.steps);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]")
+                    .expect("static template"),
+            );
+            bar
+        });
+        Self {
+            steps: spec.train.steps,
+            log_interval: spec.train.log_interval.max(1),
+            global_batch: spec.train.global_batch,
+            json,
+            bar,
+            last: (Instant::now(), 0),
+        }
+    }
+
+    fn line(&self, text: String) {
+        match (&self.bar, self.json) {
+            (Some(bar), _) => bar.println(text),
+            (None, true) => eprintln!("{text}"),
+            (None, false) => println!("{text}"),
+        }
+    }
+
+    fn on_event(&mut self, event: AgentEvent) {
+        match event {
+            AgentEvent::Progress { rank: 0, progress: p } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_position(p.step);
+                    bar.set_message(format!("loss {:.4}", p.loss));
+                }
+                if p.step % self.log_interval == 0 || p.step == self.steps {
+                    let (at, step) = self.last;
+                    let secs = at.elapsed().as_secs_f64();
+                    let rate = (p.step - step) as f64 * self.global_batch as f64 / secs.max(1e-9);
+                    self.last = (Instant::now(), p.step);
+                    self.line(format!(
+                        "step {}/{}  loss {:.4}  lr {:.2e}  {:.0} samples/s",
+                        p.step, self.steps, p.loss, p.lr, rate
+                    ));
+                }
+            }
+            AgentEvent::Eval { rank: 0, eval } => {
+                let metrics: BTreeMap<_, _> = eval.metrics.into_iter().collect();
+                let parts: Vec<String> = metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                self.line(format!("eval at step {}: {}", eval.step, parts.join(", ")));
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,1222 @@
+//! A bandwidth-optimal TCP ring for CPU tensors.
+//!
+//! # Topology
+//!
+//! Rank `r` opens one connection to its *next* rank `(r + 1) % W` and accepts one
+//! from its *prev* rank `(r - 1 + W) % W`. Data only ever flows next-wards, so each
+//! connection carries one direction (for `W = 2` the pair holds two connections,
+//! one per direction). With `W = 1` there are no sockets and every operation is a
+//! local copy or a no-op.
+//!
+//! # Algorithms
+//!
+//! - all-reduce is a reduce-scatter followed by an all-gather: the buffer is cut
+//!   into `W` chunks and, over `2 (W - 1)` steps, every rank sends one chunk per
+//!   step, i.e. `2 (W - 1) / W` of the buffer in total, which is the lower bound
+//!   for any all-reduce (hence "bandwidth-optimal").
+//! - all-gather is the second half of that; broadcast is a pipelined chain from
+//!   the root around the ring; the barrier is an all-gather of one byte.
+//!
+//! # Pipelining
+//!
+//! Each chunk is cut into sub-chunks of [`SUB_CHUNK_BYTES`]. For the duration of
+//! one operation a scoped sender thread writes sub-chunks to *next* while the
+//! calling thread reads sub-chunks from *prev* and adds them into the buffer
+//! straight from a reused receive buffer (overwrite steps read directly into the
+//! caller's buffer, with no intermediate copy). The two threads synchronise per
+//! sub-chunk through two counters ([`Progress`]): a sub-chunk is forwarded as soon
+//! as it has been reduced, so transfer, reduction and forwarding overlap, and a
+//! sub-chunk is overwritten only once the sender is done reading it. Per-step
+//! threads were not needed: one spawn per operation costs a few microseconds,
+//! which is noise next to a megabyte transfer.
+//!
+//! # Wire format
+//!
+//! Little-endian throughout; floats travel as their native in-memory bytes, so the
+//! ring only builds for little-endian targets (x86-64, aarch64). A connection
+//! starts with a [`Handshake`] each way (magic, round, rank, world size); the
+//! acceptor refuses a connection from another round, another world size or a
+//! rank other than its prev, and keeps waiting for the right one. Every operation
+//! starts with an [`OpHeader`] (operation, sequence number, length, root) so that
+//! ranks calling different collectives fail with a clear error instead of
+//! silently exchanging garbage.
+//!
+//! # Failure
+//!
+//! Every read and write has the deadline given to [`RingCollective::connect`]: no
+//! progress within it is [`CollectiveError::Timeout`]; EOF or a reset is
+//! [`CollectiveError::PeerClosed`] naming the peer. An [`AbortHandle`] shuts the
+//! sockets down, which wakes a blocked read or write at once. After any failure
+//! the byte streams are out of step, so the ring shuts its sockets down (peers
+//! then fail fast instead of waiting for their deadline) and every later
+//! operation fails.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+use super::{AbortHandle, Collective, CollectiveError, Result};
+
+#[cfg(target_endian = "big")]
+compile_error!("the TCP ring sends floats as native bytes and assumes a little-endian target");
+
+/// Pipelining granularity. Small enough that the first forward starts early and
+/// the receive buffer stays in L2 while it is being reduced; large enough that
+/// the per-sub-chunk synchronisation (one mutex round trip) is negligible.
+const SUB_CHUNK_BYTES: usize = 512 * 1024;
+
+/// Socket buffer size requested on both ends of every connection: a whole
+/// sub-chunk in flight in each direction plus headroom, so that the sender rarely
+/// stalls while the receiver is busy reducing.
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+const HANDSHAKE_MAGIC: [u8; 8] = *b"KILNRNG1";
+const HANDSHAKE_LEN: usize = 40;
+const OP_HEADER_LEN: usize = 32;
+
+/// A TCP ring over the ranks of one round. See the [module docs](self).
+pub struct RingCollective {
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    /// `None` when `world == 1`.
+    links: Option<Links>,
+    abort: AbortHandle,
+    /// Operations started so far; carried in each [`OpHeader`] so that a rank that
+    /// skipped or added a collective is detected at the next one.
+    seq: u64,
+    /// Why the ring is unusable: set by the first failed operation, because the
+    /// byte streams are then out of step.
+    broken: Option<BrokenRing>,
+    /// Receive buffer for reducing steps, reused across calls; `u64` storage so
+    /// that its `f32` / `f64` views are aligned.
+    scratch: Vec<u64>,
+    /// Transfer plans, reused across calls.
+    sends: Vec<Transfer>,
+    receives: Vec<Transfer>,
+}
+
+struct Links {
+    next: TcpStream,
+    prev: TcpStream,
+    /// Clones of `next` and `prev` owned by the abort action, so that another
+    /// thread can shut the sockets down; emptied on drop so the descriptors do not
+    /// outlive the ring when an [`AbortHandle`] does.
+    abort_clones: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+/// The first failure, remembered to explain why later operations fail.
+struct BrokenRing {
+    peer: usize,
+    reason: String,
+}
+
+impl RingCollective {
+    /// Connects this rank into the ring.
+    ///
+    /// `listener` is this rank's already-bound listener; its address is
+    /// `peers[rank]`. It is switched to non-blocking mode while accepting and back
+    /// to blocking mode afterwards. `round` is a fencing token: the handshake
+    /// carries it, and connections from another round (or a wrong rank, or another
+    /// world size) are refused. Connecting retries until `timeout`, which is also
+    /// the deadline of every later read and write.
+    pub fn connect(
+        round: u64,
+        rank: usize,
+        peers: &[String],
+        listener: &TcpListener,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let world = peers.len();
+        if rank >= world {
+            return Err(CollectiveError::Unsupported(format!(
+                "rank {rank} out of range for {world} peers"
+            )));
+        }
+        // A zero duration is rejected by `set_read_timeout`; treat it as "as short as possible".
+        let timeout = timeout.max(Duration::from_millis(1));
+        let abort = AbortHandle::default();
+        let links = if world == 1 {
+            None
+        } else {
+            let hello = Handshake { kind: HandshakeKind::Hello, round, rank, world };
+            let (next, prev) = connect_links(&hello, peers, listener, timeout)?;
+            Some(Links::new(next, prev, &hello, timeout, &abort)?)
+        };
+        tracing::debug!(round, rank, world, "ring connected");
+        Ok(Self {
+            rank,
+            world,
+            timeout,
+            links,
+            abort,
+            seq: 0,
+            broken: None,
+            scratch: Vec::new(),
+            sends: Vec::new(),
+            receives: Vec::new(),
+        })
+    }
+
+    /// Sums `buf` element-wise over all ranks, in place.
+    pub fn all_reduce_sum_f32(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.all_reduce_sum(buf)
+    }
+
+    /// Sums `buf` element-wise over all ranks, in place.
+    pub fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<()> {
+        self.all_reduce_sum(buf)
+    }
+
+    /// Copies `buf` from rank `root` to every rank, in place.
+    pub fn broadcast_bytes(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
+        self.check_usable()?;
+        if root >= self.world {
+            return Err(CollectiveError::Unsupported(format!(
+                "broadcast root {root} out of range for world size {}",
+                self.world
+            )));
+        }
+        if self.world == 1 {
+            return Ok(());
+        }
+        plan_broadcast(
+            self.rank,
+            self.world,
+            root,
+            buf.len(),
+            &mut self.sends,
+            &mut self.receives,
+        );
+        let header = self.next_header(OpKind::Broadcast, buf.len(), root as u64);
+        self.run(header, buf, None)
+    }
+
+    /// Gathers every rank's `input` into `output`, in rank order;
+    /// `output.len()` must be `input.len() * world_size`.
+    pub fn all_gather_bytes(&mut self, input: &[u8], output: &mut [u8]) -> Result<()> {
+        self.check_usable()?;
+        let block = input.len();
+        if output.len() != block * self.world {
+            return Err(CollectiveError::Unsupported(format!(
+                "all-gather output holds {} bytes, expected {} x {} ranks",
+                output.len(),
+                block,
+                self.world
+            )));
+        }
+        output[self.rank * block..(self.rank + 1) * block].copy_from_slice(input);
+        if self.world == 1 {
+            return Ok(());
+        }
+        plan_all_gather(self.rank, self.world, block, &mut self.sends, &mut self.receives);
+        let header = self.next_header(OpKind::AllGather, block, u64::MAX);
+        self.run(header, output, None)
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if self.world == 1 {
+            return Ok(());
+        }
+        // An all-gather of one byte: a rank can only have received every other
+        // rank's byte once all of them have entered the barrier.
+        let mut arrivals = vec![0u8; self.world];
+        arrivals[self.rank] = 1;
+        plan_all_gather(self.rank, self.world, 1, &mut self.sends, &mut self.receives);
+        let header = self.next_header(OpKind::Barrier, 1, u64::MAX);
+        self.run(header, &mut arrivals, None)
+    }
+
+    fn all_reduce_sum<T: Summable>(&mut self, buf: &mut [T]) -> Result<()> {
+        self.check_usable()?;
+        if self.world == 1 {
+            return Ok(());
+        }
+        plan_all_reduce(
+            self.rank,
+            self.world,
+            buf.len(),
+            size_of::<T>(),
+            &mut self.sends,
+            &mut self.receives,
+        );
+        let header = self.next_header(T::OP, buf.len(), u64::MAX);
+        // SAFETY: `T` is f32 or f64: plain bytes without padding, every bit pattern
+        // valid, so viewing the exclusively borrowed buffer as bytes is sound.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), size_of_val(buf))
+        };
+        self.run(header, bytes, Some(add_into::<T>))
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.abort.is_aborted() {
+            return Err(CollectiveError::Aborted);
+        }
+        match &self.broken {
+            None => Ok(()),
+            Some(broken) => Err(CollectiveError::Io {
+                op: "collective",
+                peer: broken.peer,
+                source: io::Error::other(format!(
+                    "ring unusable after an earlier failure: {}",
+                    broken.reason
+                )),
+            }),
+        }
+    }
+
+    fn next_header(&mut self, op: OpKind, len: usize, root: u64) -> OpHeader {
+        self.seq += 1;
+        OpHeader { op, seq: self.seq, len: len as u64, root }
+    }
+
+    /// Runs the planned `self.sends` / `self.receives` over `buf`: the sends on a
+    /// scoped thread, the receives on this one.
+    fn run(&mut self, header: OpHeader, buf: &mut [u8], reduce: Option<ReduceFn>) -> Result<()> {
+        let Some(links) = &self.links else {
+            // Callers return early for world == 1, the only case without links.
+            return Ok(());
+        };
+        if reduce.is_some() && self.scratch.is_empty() {
+            self.scratch = vec![0u64; SUB_CHUNK_BYTES.div_ceil(8)];
+        }
+        let endpoint = Endpoint {
+            op: header.op.name(),
+            timeout: self.timeout,
+            abort: &self.abort,
+            next_rank: (self.rank + 1) % self.world,
+            prev_rank: (self.rank + self.world - 1) % self.world,
+            next: &links.next,
+            prev: &links.prev,
+        };
+        let shared = SharedBuf { ptr: buf.as_mut_ptr(), len: buf.len() };
+        let progress = Progress::default();
+        let sends = &self.sends;
+        let receives = &self.receives;
+        // SAFETY: `u64` storage viewed as bytes (no padding, any bit pattern valid).
+        let scratch = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.scratch.as_mut_ptr().cast::<u8>(),
+                size_of_val(self.scratch.as_slice()),
+            )
+        };
+        let (sent, received) = std::thread::scope(|scope| {
+            let sender = (!sends.is_empty()).then(|| {
+                scope.spawn(|| {
+                    let result = send_side(&endpoint, &header, shared, sends, &progress);
+                    if result.is_err() {
+                        progress.fail(Side::Send);
+                        endpoint.shutdown();
+                    }
+                    result
+                })
+            });
+            let received =
+                receive_side(&endpoint, &header, shared, receives, scratch, reduce, &progress);
+            if received.is_err() {
+                progress.fail(Side::Receive);
+                endpoint.shutdown();
+            }
+            let sent = match sender {
+                Some(handle) => handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                None => Ok(()),
+            };
+            (sent, received)
+        });
+        let error = match (sent, received) {
+            (Ok(()), Ok(())) => return Ok(()),
+            (Err(error), Ok(())) | (Ok(()), Err(error)) => error,
+            // The side that failed first holds the cause; the other one only saw
+            // the sockets being shut down.
+            (Err(send_error), Err(receive_error)) => match progress.first_failure() {
+                Some(Side::Send) => send_error,
+                _ => receive_error,
+            },
+        };
+        let error = if self.abort.is_aborted() { CollectiveError::Aborted } else { error };
+        let peer = match &error {
+            CollectiveError::Timeout { peer, .. }
+            | CollectiveError::PeerClosed { peer, .. }
+            | CollectiveError::Io { peer, .. } => *peer,
+            _ => endpoint.prev_rank,
+        };
+        tracing::debug!(rank = self.rank, %error, "ring operation failed; ring closed");
+        self.broken = Some(BrokenRing { peer, reason: error.to_string() });
+        Err(error)
+    }
+}
+
+impl Drop for RingCollective {
+    fn drop(&mut self) {
+        if let Some(links) = &self.links {
+            // Shut down rather than just close: an `AbortHandle` clone may keep
+            // duplicated descriptors alive, and peers must see EOF now.
+            let _ = links.next.shutdown(Shutdown::Both);
+            let _ = links.prev.shutdown(Shutdown::Both);
+            lock(&links.abort_clones).clear();
+        }
+    }
+}
+
+impl Collective for RingCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()> {
+        check_plain_cpu(t, "all_reduce_sum")?;
+        match t.kind() {
+            Kind::Float => {
+                // SAFETY: a defined, dense, contiguous CPU Float tensor, borrowed mutably.
+                let buf = unsafe { tensor_elements_mut::<f32>(t) };
+                self.all_reduce_sum_f32(buf)
+            }
+            Kind::Double => {
+                // SAFETY: as above, for Double.
+                let buf = unsafe { tensor_elements_mut::<f64>(t) };
+                self.all_reduce_sum_f64(buf)
+            }
+            kind => Err(CollectiveError::Unsupported(format!(
+                "all_reduce_sum on {kind:?} tensors (the ring sums Float and Double)"
+            ))),
+        }
+    }
+
+    fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
+        check_plain_cpu(t, "broadcast")?;
+        // SAFETY: a defined, dense, contiguous CPU tensor, borrowed mutably.
+        let bytes = unsafe { tensor_elements_mut::<u8>(t) };
+        self.broadcast_bytes(bytes, root)
+    }
+
+    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+        check_plain_cpu(input, "all_gather input")?;
+        check_plain_cpu(output, "all_gather output")?;
+        if input.kind() != output.kind() {
+            return Err(CollectiveError::Unsupported(format!(
+                "all_gather from {:?} into {:?}",
+                input.kind(),
+                output.kind()
+            )));
+        }
+        // SAFETY: defined, dense, contiguous CPU tensors. The input is copied out
+        // before the output is borrowed, because the two may share storage (a
+        // rank's input is commonly a view of its slot in the output).
+        let input_bytes = unsafe { tensor_bytes(input) }.to_vec();
+        // SAFETY: as above; no other slice into this storage is alive.
+        let output_bytes = unsafe { tensor_elements_mut::<u8>(output) };
+        self.all_gather_bytes(&input_bytes, output_bytes)
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        RingCollective::barrier(self)
+    }
+
+    fn abort_handle(&self) -> AbortHandle {
+        self.abort.clone()
+    }
+}
+
+/// Refuses tensors whose memory is not one dense CPU block.
+fn check_plain_cpu(t: &Tensor, what: &str) -> Result<()> {
+    if !t.defined() {
+        return Err(CollectiveError::Unsupported(format!("{what}: undefined tensor")));
+    }
+    if t.device() != Device::Cpu {
+        return Err(CollectiveError::Unsupported(format!(
+            "{what}: tensor on {:?} (the ring handles CPU tensors)",
+            t.device()
+        )));
+    }
+    if t.is_sparse() || t.is_mkldnn() || !t.is_contiguous() {
+        return Err(CollectiveError::Unsupported(format!(
+            "{what}: tensor is not dense and contiguous"
+        )));
+    }
+    Ok(())
+}
+
+/// The tensor's memory as a slice: `numel * element size` bytes from `data_ptr()`
+/// (which already includes the storage offset).
+///
+/// # Safety
+///
+/// `t` must have passed [`check_plain_cpu`], and nothing may write its storage
+/// while the slice is alive.
+unsafe fn tensor_bytes(t: &Tensor) -> &[u8] {
+    let len = t.numel() * t.kind().elt_size_in_bytes();
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: a contiguous CPU tensor's elements are `len` bytes at `data_ptr()`,
+    // kept alive by `t`; the caller excludes concurrent writers.
+    unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<u8>(), len) }
+}
+
+/// The tensor's memory as a mutable slice of `T` (`u8` for raw bytes).
+///
+/// # Safety
+///
+/// `t` must have passed [`check_plain_cpu`], its element size must be a multiple
+/// of `size_of::<T>()` (`T` = the element type, or `u8`), `T` must accept any bit
+/// pattern, and nothing else (another view of the same storage included) may
+/// touch the storage while the slice is alive.
+unsafe fn tensor_elements_mut<T>(t: &mut Tensor) -> &mut [T] {
+    let len = t.numel() * t.kind().elt_size_in_bytes() / size_of::<T>();
+    if len == 0 {
+        return &mut [];
+    }
+    let ptr = t.data_ptr().cast::<T>();
+    assert!(ptr.is_aligned(), "tensor data is not aligned for its element type");
+    // SAFETY: see the function's contract; the memory is kept alive by `t`, which
+    // is borrowed mutably for the slice's lifetime.
+    unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+}
+
+impl Links {
+    fn new(
+        next: TcpStream,
+        prev: TcpStream,
+        hello: &Handshake,
+        timeout: Duration,
+        abort: &AbortHandle,
+    ) -> Result<Self> {
+        let next_rank = (hello.rank + 1) % hello.world;
+        let prev_rank = (hello.rank + hello.world - 1) % hello.world;
+        for (stream, peer) in [(&next, next_rank), (&prev, prev_rank)] {
+            let configured = tune_socket(stream)
+                .and_then(|()| stream.set_read_timeout(Some(timeout)))
+                .and_then(|()| stream.set_write_timeout(Some(timeout)));
+            configured.map_err(|source| CollectiveError::Io { op: "connect", peer, source })?;
+        }
+        let clones = vec![next.try_clone(), prev.try_clone()]
+            .into_iter()
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|source| CollectiveError::Io { op: "connect", peer: next_rank, source })?;
+        let abort_clones = Arc::new(Mutex::new(clones));
+        let on_abort = Arc::clone(&abort_clones);
+        abort.on_abort(move || {
+            for stream in lock(&on_abort).iter() {
+                // Shutting down wakes any thread blocked on the socket; an error
+                // means it is already closed, which is what we want.
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        });
+        Ok(Self { next, prev, abort_clones })
+    }
+}
+
+/// TCP_NODELAY (sub-chunks and headers must not wait for Nagle) and large socket
+/// buffers (so a sub-chunk can be in flight while the receiver is reducing).
+fn tune_socket(stream: &TcpStream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    stream.set_nodelay(true)?;
+    let size = libc::c_int::try_from(SOCKET_BUFFER_BYTES).unwrap_or(libc::c_int::MAX);
+    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: a plain setsockopt on a descriptor we own, with a c_int value.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&raw const size).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Connecting
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HandshakeKind {
+    Hello = 0,
+    Accept = 1,
+    Refuse = 2,
+}
+
+/// The first message each way on a connection.
+#[derive(Clone, Copy, Debug)]
+struct Handshake {
+    kind: HandshakeKind,
+    round: u64,
+    rank: usize,
+    world: usize,
+}
+
+impl Handshake {
+    fn encode(&self) -> [u8; HANDSHAKE_LEN] {
+        let mut out = [0u8; HANDSHAKE_LEN];
+        out[..8].copy_from_slice(&HANDSHAKE_MAGIC);
+        out[8..16].copy_from_slice(&(self.kind as u64).to_le_bytes());
+        out[16..24].copy_from_slice(&self.round.to_le_bytes());
+        out[24..32].copy_from_slice(&(self.rank as u64).to_le_bytes());
+        out[32..40].copy_from_slice(&(self.world as u64).to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8; HANDSHAKE_LEN]) -> io::Result<Self> {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        if bytes[..8] != HANDSHAKE_MAGIC {
+            return Err(invalid_data("not a kiln ring handshake (bad magic)".into()));
+        }
+        let kind = match word(8) {
+            0 => HandshakeKind::Hello,
+            1 => HandshakeKind::Accept,
+            2 => HandshakeKind::Refuse,
+            other => return Err(invalid_data(format!("unknown handshake kind {other}"))),
+        };
+        let to_usize = |v: u64| usize::try_from(v).map_err(|_| invalid_data(format!("rank {v} too large")));
+        Ok(Self { kind, round: word(16), rank: to_usize(word(24))?, world: to_usize(word(32))? })
+    }
+}
+
+fn invalid_data(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// Connects to next and accepts prev concurrently (either may be waiting for the
+/// other rank to start), returning `(next, prev)`.
+fn connect_links(
+    hello: &Handshake,
+    peers: &[String],
+    listener: &TcpListener,
+    timeout: Duration,
+) -> Result<(TcpStream, TcpStream)> {
+    let deadline = Instant::now() + timeout;
+    let stop_accepting = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let acceptor = scope.spawn(|| accept_prev(hello, peers, listener, deadline, &stop_accepting));
+        let next = connect_next(hello, peers, deadline);
+        if next.is_err() {
+            stop_accepting.store(true, Ordering::SeqCst);
+        }
+        let prev = acceptor.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Ok((next?, prev?))
+    })
+}
+
+fn remaining(deadline: Instant) -> Option<Duration> {
+    deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+}
+
+/// Connects to `peers[next]` (retrying until the deadline: the peer may not be
+/// listening yet), sends our hello and checks the reply.
+fn connect_next(hello: &Handshake, peers: &[String], deadline: Instant) -> Result<TcpStream> {
+    let next = (hello.rank + 1) % hello.world;
+    let addr = &peers[next];
+    let connect_error = |source| CollectiveError::Connect { peer: next, addr: addr.clone(), source };
+    let mut backoff = Duration::from_millis(5);
+    let mut stream = loop {
+        let attempt = (|| {
+            let left = remaining(deadline).ok_or_else(|| io::Error::from(io::ErrorKind::TimedOut))?;
+            let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+            let mut last = io::Error::new(io::ErrorKind::AddrNotAvailable, "address resolved to nothing");
+            for socket_addr in addrs {
+                match TcpStream::connect_timeout(&socket_addr, left) {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        })();
+        match attempt {
+            Ok(stream) => break stream,
+            Err(e) => match remaining(deadline) {
+                Some(left) => std::thread::sleep(backoff.min(left)),
+                None => return Err(connect_error(e)),
+            },
+        }
+        backoff = (backoff * 2).min(Duration::from_millis(200));
+    };
+    let handshake = (|| {
+        stream.set_nodelay(true)?;
+        stream.write_all(&hello.encode())?;
+        stream.set_read_timeout(Some(remaining(deadline).unwrap_or(Duration::from_millis(1))))?;
+        let mut reply = [0u8; HANDSHAKE_LEN];
+        stream.read_exact(&mut reply)?;
+        Handshake::decode(&reply)
+    })();
+    let reply = handshake.map_err(connect_error)?;
+    let mismatch = if reply.kind == HandshakeKind::Refuse {
+        Some(format!(
+            "rank {next} refused the handshake: it is rank {} of {} in round {}, this is rank {} of {} in round {}",
+            reply.rank, reply.world, reply.round, hello.rank, hello.world, hello.round
+        ))
+    } else {
+        describe_mismatch(&reply, HandshakeKind::Accept, hello.round, next, hello.world)
+    };
+    match mismatch {
+        None => Ok(stream),
+        Some(reason) => {
+            Err(connect_error(io::Error::new(io::ErrorKind::ConnectionRefused, reason)))
+        }
+    }
+}
+
+/// Why `got` is not the handshake we expect, if it is not.
+fn describe_mismatch(
+    got: &Handshake,
+    kind: HandshakeKind,
+    round: u64,
+    rank: usize,
+    world: usize,
+) -> Option<String> {
+    if got.kind != kind {
+        Some(format!("expected a {kind:?} handshake, got {:?}", got.kind))
+    } else if got.round != round {
+        Some(format!("peer is in round {}, this rank is in round {round}", got.round))
+    } else if got.world != world {
+        Some(format!("peer has world size {}, this rank has {world}", got.world))
+    } else if got.rank != rank {
+        Some(format!("peer is rank {}, expected rank {rank}", got.rank))
+    } else {
+        None
+    }
+}
+
+/// Accepts connections until one carries prev's hello for this round; refuses
+/// (and logs) others, so a stale process from an earlier round cannot join.
+fn accept_prev(
+    hello: &Handshake,
+    peers: &[String],
+    listener: &TcpListener,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Result<TcpStream> {
+    let prev = (hello.rank + hello.world - 1) % hello.world;
+    let accept_error =
+        |source| CollectiveError::Connect { peer: prev, addr: peers[prev].clone(), source };
+    // Non-blocking so that the deadline and `stop` are honoured.
+    listener.set_nonblocking(true).map_err(accept_error)?;
+    let mut last_refusal: Option<String> = None;
+    let result = loop {
+        if stop.load(Ordering::SeqCst) {
+            break Err(io::Error::other("stopped: connecting to next failed"));
+        }
+        let Some(left) = remaining(deadline) else {
+            let why = last_refusal.take().map(|r| format!("; refused: {r}")).unwrap_or_default();
+            break Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("rank {prev} did not connect in time{why}"),
+            ));
+        };
+        let (mut stream, from) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2).min(left));
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(e),
+        };
+        let handshake = (|| {
+            stream.set_nonblocking(false)?;
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(left))?;
+            let mut bytes = [0u8; HANDSHAKE_LEN];
+            stream.read_exact(&mut bytes)?;
+            Handshake::decode(&bytes)
+        })();
+        let theirs = match handshake {
+            Ok(theirs) => theirs,
+            Err(e) => {
+                tracing::warn!(rank = hello.rank, %from, error = %e, "ring: dropped a connection with a bad handshake");
+                last_refusal = Some(format!("{from}: {e}"));
+                continue;
+            }
+        };
+        let mismatch = describe_mismatch(&theirs, HandshakeKind::Hello, hello.round, prev, hello.world);
+        let kind = if mismatch.is_some() { HandshakeKind::Refuse } else { HandshakeKind::Accept };
+        let reply = Handshake { kind, ..*hello };
+        let replied = stream.write_all(&reply.encode());
+        match (mismatch, replied) {
+            (None, Ok(())) => break Ok(stream),
+            (None, Err(e)) => last_refusal = Some(format!("{from}: reply failed: {e}")),
+            (Some(reason), _) => {
+                tracing::warn!(rank = hello.rank, round = hello.round, %from, %reason, "ring: refused a connection");
+                last_refusal = Some(format!("{from}: {reason}"));
+            }
+        }
+    };
+    // Hand the listener back in the default (blocking) mode.
+    let restored = listener.set_nonblocking(false);
+    let stream = result.map_err(accept_error)?;
+    restored.map_err(accept_error)?;
+    Ok(stream)
+}
+
+// ---------------------------------------------------------------------------
+// Operations on the wire
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OpKind {
+    AllReduceF32 = 1,
+    AllReduceF64 = 2,
+    Broadcast = 3,
+    AllGather = 4,
+    Barrier = 5,
+}
+
+impl OpKind {
+    fn name(self) -> &'static str {
+        match self {
+            OpKind::AllReduceF32 => "all_reduce_sum_f32",
+            OpKind::AllReduceF64 => "all_reduce_sum_f64",
+            OpKind::Broadcast => "broadcast",
+            OpKind::AllGather => "all_gather",
+            OpKind::Barrier => "barrier",
+        }
+    }
+}
+
+/// Sent before an operation's data on every connection it uses; the receiver
+/// checks that prev is running the same operation.
+#[derive(Clone, Copy, Debug)]
+struct OpHeader {
+    op: OpKind,
+    seq: u64,
+    /// Elements (all-reduce) or bytes (broadcast; all-gather per rank).
+    len: u64,
+    /// Broadcast root; `u64::MAX` for other operations.
+    root: u64,
+}
+
+impl OpHeader {
+    fn encode(&self) -> [u8; OP_HEADER_LEN] {
+        let mut out = [0u8; OP_HEADER_LEN];
+        out[..8].copy_from_slice(&(self.op as u64).to_le_bytes());
+        out[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        out[16..24].copy_from_slice(&self.len.to_le_bytes());
+        out[24..32].copy_from_slice(&self.root.to_le_bytes());
+        out
+    }
+
+    fn describe(bytes: &[u8; OP_HEADER_LEN]) -> String {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        let op = match word(0) {
+            1 => "all_reduce_sum_f32",
+            2 => "all_reduce_sum_f64",
+            3 => "broadcast",
+            4 => "all_gather",
+            5 => "barrier",
+            _ => "an unknown operation",
+        };
+        format!("{op} (call #{}, length {}, root {})", word(8), word(16), word(24) as i64)
+    }
+}
+
+/// One contiguous transfer of a sub-chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Transfer {
+    /// Byte offset into the operation's buffer.
+    offset: usize,
+    /// Bytes; zero for the empty sub-chunks of short chunks (kept so that the
+    /// transfer indices, and thus the dependencies, follow one formula).
+    len: usize,
+    /// The transfer may start once the other direction has completed this many
+    /// transfers: a send waits for the receive that produced its data, a receive
+    /// that overwrites waits for the send that last read that memory.
+    after: usize,
+    /// Add the received data into the buffer instead of overwriting it.
+    reduce: bool,
+}
+
+/// Elements `[start, end)` of chunk `c` when `n` elements are split into `world`
+/// chunks whose sizes differ by at most one.
+fn chunk_range(n: usize, world: usize, c: usize) -> (usize, usize) {
+    let (base, extra) = (n / world, n % world);
+    let start = |c: usize| c * base + c.min(extra);
+    (start(c), start(c + 1))
+}
+
+/// Sub-chunk `k` of elements `[start, end)`, in bytes: `(offset, len)`.
+fn sub_chunk(start: usize, end: usize, k: usize, sub: usize, elem: usize) -> (usize, usize) {
+    let from = (start + k * sub).min(end);
+    let to = (start + (k + 1) * sub).min(end);
+    (from * elem, (to - from) * elem)
+}
+
+/// Sub-chunks per chunk of `max_chunk` elements (at least one, so that the
+/// header flows even for empty buffers).
+fn sub_chunks(max_chunk: usize, sub: usize) -> usize {
+    max_chunk.div_ceil(sub).max(1)
+}
+
+/// Reduce-scatter then all-gather, as one sequence of `2 (W - 1)` steps: at step
+/// `s` rank `r` sends chunk `(r - s) mod W` and receives chunk `(r - s - 1) mod W`
+/// (reducing during the first `W - 1` steps, overwriting after), so what is sent
+/// at step `s + 1` is what was received at step `s`.
+fn plan_all_reduce(
+    rank: usize,
+    world: usize,
+    n: usize,
+    elem: usize,
+    sends: &mut Vec<Transfer>,
+    receives: &mut Vec<Transfer>,
+) {
+    sends.clear();
+    receives.clear();
+    let sub = (SUB_CHUNK_BYTES / elem).max(1);
+    let k_count = sub_chunks(n.div_ceil(world), sub);
+    for s in 0..2 * (world - 1) {
+        let send_chunk = (rank + 2 * world - s) % world;
+        let receive_chunk = (rank + 2 * world - s - 1) % world;
+        let (send_start, send_end) = chunk_range(n, world, send_chunk);
+        let (receive_start, receive_end) = chunk_range(n, world, receive_chunk);
+        for k in 0..k_count {
+            let (offset, len) = sub_chunk(send_start, send_end, k, sub, elem);
+            let after = if s == 0 { 0 } else { (s - 1) * k_count + k + 1 };
+            sends.push(Transfer { offset, len, after, reduce: false });
+            let (offset, len) = sub_chunk(receive_start, receive_end, k, sub, elem);
+            // From step W - 1 on, the chunk received was sent (read) at step s + 1 - W.
+            let after = if s + 1 >= world { (s + 1 - world) * k_count + k + 1 } else { 0 };
+            receives.push(Transfer { offset, len, after, reduce: s + 1 < world });
+        }
+    }
+}
+
+/// At step `t` rank `r` sends block `(r - t) mod W` and receives block
+/// `(r - t - 1) mod W`, which it forwards at step `t + 1`.
+fn plan_all_gather(
+    rank: usize,
+    world: usize,
+    block: usize,
+    sends: &mut Vec<Transfer>,
+    receives: &mut Vec<Transfer>,
+) {
+    sends.clear();
+    receives.clear();
+    let k_count = sub_chunks(block, SUB_CHUNK_BYTES);
+    for t in 0..world - 1 {
+        let send_block = (rank + world - t) % world;
+        let receive_block = (rank + 2 * world - t - 1) % world;
+        for k in 0..k_count {
+            let start = send_block * block;
+            let (offset, len) = sub_chunk(start, start + block, k, SUB_CHUNK_BYTES, 1);
+            let after = if t == 0 { 0 } else { (t - 1) * k_count + k + 1 };
+            sends.push(Transfer { offset, len, after, reduce: false });
+            let start = receive_block * block;
+            let (offset, len) = sub_chunk(start, start + block, k, SUB_CHUNK_BYTES, 1);
+            receives.push(Transfer { offset, len, after: 0, reduce: false });
+        }
+    }
+}
+
+/// A chain from `root` around the ring: every rank but the root receives each
+/// sub-chunk, and every rank but the root's prev forwards it once received.
+fn plan_broadcast(
+    rank: usize,
+    world: usize,
+    root: usize,
+    n: usize,
+    sends: &mut Vec<Transfer>,
+    receives: &mut Vec<Transfer>,
+) {
+    sends.clear();
+    receives.clear();
+    let distance = (rank + world - root) % world;
+    let k_count = sub_chunks(n, SUB_CHUNK_BYTES);
+    for k in 0..k_count {
+        let (offset, len) = sub_chunk(0, n, k, SUB_CHUNK_BYTES, 1);
+        if distance != 0 {
+            receives.push(Transfer { offset, len, after: 0, reduce: false });
+        }
+        if distance != world - 1 {
+            let after = if distance == 0 { 0 } else { k + 1 };
+            sends.push(Transfer { offset, len, after, reduce: false });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Running a plan
+
+/// What the two sides of one operation share about the connections.
+struct Endpoint<'a> {
+    op: &'static str,
+    timeout: Duration,
+    abort: &'a AbortHandle,
+    next_rank: usize,
+    prev_rank: usize,
+    next: &'a TcpStream,
+    prev: &'a TcpStream,
+}
+
+impl Endpoint<'_> {
+    fn error(&self, peer: usize, e: io::Error) -> CollectiveError {
+        use io::ErrorKind as K;
+        if self.abort.is_aborted() {
+            return CollectiveError::Aborted;
+        }
+        match e.kind() {
+            K::WouldBlock | K::TimedOut => CollectiveError::Timeout {
+                op: self.op,
+                peer,
+                timeout_secs: self.timeout.as_secs_f64(),
+            },
+            K::UnexpectedEof
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::BrokenPipe
+            | K::NotConnected
+            | K::WriteZero => CollectiveError::PeerClosed { op: self.op, peer },
+            _ => CollectiveError::Io { op: self.op, peer, source: e },
+        }
+    }
+
+    /// Wakes the other side if it is blocked on a socket, and makes peers fail
+    /// fast: after a failure the streams are out of step for good.
+    fn shutdown(&self) {
+        // An error here means the socket is already down.
+        let _ = self.next.shutdown(Shutdown::Both);
+        let _ = self.prev.shutdown(Shutdown::Both);
+    }
+}
+
+/// The caller's buffer, shared between the sender and the receiver of one
+/// operation. The plan guarantees that a region is never written while the other
+/// side reads it (see [`Transfer::after`]); the buffer is borrowed mutably by
+/// [`RingCollective::run`] for longer than both sides live.
+#[derive(Clone, Copy)]
+struct SharedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: access is coordinated through the plan's dependencies (see above).
+unsafe impl Send for SharedBuf {}
+// SAFETY: as above.
+unsafe impl Sync for SharedBuf {}
+
+impl SharedBuf {
+    /// # Safety
+    /// No other thread may write `[offset, offset + len)` while the slice lives.
+    unsafe fn slice(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(offset + len <= self.len, "transfer out of bounds");
+        // SAFETY: in bounds of the borrowed buffer; the caller excludes writers.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(offset), len) }
+    }
+
+    /// # Safety
+    /// No other thread may access `[offset, offset + len)` while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut(&self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset + len <= self.len, "transfer out of bounds");
+        // SAFETY: in bounds of the borrowed buffer; the caller excludes other access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Send,
+    Receive,
+}
+
+/// Completed transfers of each side of one operation, and whether one side has
+/// failed (the other must then stop waiting).
+#[derive(Default)]
+struct Progress {
+    state: Mutex<ProgressState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ProgressState {
+    sent: usize,
+    received: usize,
+    first_failure: Option<Side>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded data stays consistent even if a holder panicked.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Progress {
+    /// Waits until `count(state) >= n`; false if a side failed meanwhile.
+    fn wait(&self, n: usize, count: impl Fn(&ProgressState) -> usize) -> bool {
+        let mut state = lock(&self.state);
+        loop {
+            if state.first_failure.is_some() {
+                return false;
+            }
+            if count(&state) >= n {
+                return true;
+            }
+            state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn bump(&self, side: Side) {
+        let mut state = lock(&self.state);
+        match side {
+            Side::Send => state.sent += 1,
+            Side::Receive => state.received += 1,
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    fn fail(&self, side: Side) {
+        lock(&self.state).first_failure.get_or_insert(side);
+        self.changed.notify_all();
+    }
+
+    fn first_failure(&self) -> Option<Side> {
+        lock(&self.state).first_failure
+    }
+}
+
+/// Writes the header, then each planned sub-chunk to next once its data is ready.
+fn send_side(
+    endpoint: &Endpoint<'_>,
+    header: &OpHeader,
+    buf: SharedBuf,
+    sends: &[Transfer],
+    progress: &Progress,
+) -> Result<()> {
+    let fail = |e| endpoint.error(endpoint.next_rank, e);
+    let mut next = endpoint.next;
+    next.write_all(&header.encode()).map_err(fail)?;
+    for transfer in sends {
+        if transfer.after > 0 && !progress.wait(transfer.after, |s| s.received) {
+            // The receiver failed; its error is the one reported.
+            return Err(CollectiveError::Aborted);
+        }
+        if transfer.len > 0 {
+            // SAFETY: the receiver writes this region only at steps ordered
+            // before `after` or after this send completes (see `Transfer::after`).
+            let data = unsafe { buf.slice(transfer.offset, transfer.len) };
+            next.write_all(data).map_err(fail)?;
+        }
+        progress.bump(Side::Send);
+    }
+    Ok(())
+}
+
+type ReduceFn = fn(&mut [u8], &[u8]);
+
+/// Checks prev's header, then reads each planned sub-chunk, reducing it into the
+/// buffer or storing it in place.
+fn receive_side(
+    endpoint: &Endpoint<'_>,
+    header: &OpHeader,
+    buf: SharedBuf,
+    receives: &[Transfer],
+    scratch: &mut [u8],
+    reduce: Option<ReduceFn>,
+    progress: &Progress,
+) -> Result<()> {
+    if receives.is_empty() {
+        return Ok(());
+    }
+    let peer = endpoint.prev_rank;
+    let fail = |e| endpoint.error(peer, e);
+    let mut prev = endpoint.prev;
+    let mut theirs = [0u8; OP_HEADER_LEN];
+    read_full(&mut prev, &mut theirs).map_err(fail)?;
+    let ours = header.encode();
+    if theirs != ours {
+        return Err(CollectiveError::Io {
+            op: endpoint.op,
+            peer,
+            source: invalid_data(format!(
+                "rank {peer} runs {} while this rank runs {}: every rank must call the same \
+                 collectives in the same order",
+                OpHeader::describe(&theirs),
+                OpHeader::describe(&ours)
+            )),
+        });
+    }
+    for transfer in receives {
+        if transfer.after > 0 && !progress.wait(transfer.after, |s| s.sent) {
+            return Err(CollectiveError::Aborted);
+        }
+        if transfer.len > 0 {
+            // SAFETY: the sender reads this region only at steps that complete
+            // before `after` or that wait for this receive (see `Transfer::after`).
+            let dst = unsafe { buf.slice_mut(transfer.offset, transfer.len) };
+            match reduce {
+                Some(reduce) if transfer.reduce => {
+                    let incoming = &mut scratch[..transfer.len];
+                    read_full(&mut prev, incoming).map_err(fail)?;
+                    reduce(dst, incoming);
+                }
+                _ => read_full(&mut prev, dst).map_err(fail)?,
+            }
+        }
+        progress.bump(Side::Receive);
+    }
+    Ok(())
+}
+
+/// `read_exact`, except that EOF is reported as such even mid-buffer.
+fn read_full(stream: &mut &TcpStream, mut buf: &mut [u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match stream.read(buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Element types the ring can sum.
+trait Summable: Copy + std::ops::AddAssign + Send + Sync + 'static {
+    const OP: OpKind;
+}
+
+impl Summable for f32 {
+    const OP: OpKind = OpKind::AllReduceF32;
+}
+
+impl Summable for f64 {
+    const OP: OpKind = OpKind::AllReduceF64;
+}
+
+/// `dst += src` element-wise, both given as bytes of `T` (little-endian is native
+/// here). A plain zip loop, which the compiler vectorises.
+fn add_into<T: Summable>(dst: &mut [u8], src: &[u8]) {
+    let n = dst.len() / size_of::<T>();
+    assert!(dst.len() == src.len() && dst.len() == n * size_of::<T>());
+    assert!(dst.as_ptr().cast::<T>().is_aligned() && src.as_ptr().cast::<T>().is_aligned());
+    // SAFETY: lengths and alignment checked above; `T` (f32/f64) accepts any bit
+    // pattern; `dst` and `src` are distinct borrows, so they do not overlap.
+    let (dst, src) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<T>(), n),
+            std::slice::from_raw_parts(src.as_ptr().cast::<T>(), n),
+        )
+    };
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += *s;
+    }
+}

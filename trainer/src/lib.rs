@@ -1,0 +1,29 @@
+//! kiln-trainer: everything that runs on a training node.
+//!
+//! # Layout
+//!
+//! - [`agent`]: the node supervisor. Spawns one `kiln worker` process per device,
+//!   hands each its assignment over the local channel (`kiln_proto::worker`),
+//!   relays their reports, serves Prometheus metrics, and stops every worker
+//!   when one fails.
+//! - [`worker`]: one training rank, top-down: connect to the agent, build the
+//!   collective, the model and the data, then step until done.
+//! - [`collective`]: the `Collective` trait and its backends (TCP ring for CPU
+//!   tensors, NCCL for CUDA tensors).
+//! - [`data`]: datasets (safetensors shards, a seeded generator) and the global
+//!   sampler (seeded order per epoch, global sample cursor).
+//! - [`model`]: built-in `tch::nn` models and TorchScript modules.
+//! - [`optim`]: optimizers (SGD with momentum, AdamW) and learning-rate schedules,
+//!   written over plain tensors so their state can be saved and transferred.
+//! - [`device`]: CUDA discovery (libtorch's CUDA backend is loaded on demand).
+//! - [`metrics`]: the agent's Prometheus registry.
+
+pub mod agent;
+pub mod collective;
+pub mod data;
+pub mod device;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+// TEMP(lead): enabled once ring, nccl and spec land.
+// pub mod worker;

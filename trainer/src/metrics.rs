@@ -1,0 +1,133 @@
+//! The agent's Prometheus metrics and their HTTP endpoint (`/metrics`, `/healthz`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use anyhow::{Context, Result};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+/// Training metrics of one node, fed from its workers' progress reports.
+pub struct TrainingMetrics {
+    registry: Registry,
+    pub step_seconds: Histogram,
+    pub samples_per_second: Gauge<f64, AtomicU64>,
+    pub loss: Gauge<f64, AtomicU64>,
+    pub learning_rate: Gauge<f64, AtomicU64>,
+    pub step: Gauge<i64>,
+    pub allreduce_seconds: Counter<f64, AtomicU64>,
+    pub allreduce_bytes: Counter,
+    pub samples: Counter,
+}
+
+impl std::fmt::Debug for TrainingMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainingMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for TrainingMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kiln");
+        let step_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let samples_per_second = Gauge::<f64, AtomicU64>::default();
+        let loss = Gauge::<f64, AtomicU64>::default();
+        let learning_rate = Gauge::<f64, AtomicU64>::default();
+        let step = Gauge::<i64>::default();
+        let allreduce_seconds = Counter::<f64, AtomicU64>::default();
+        let allreduce_bytes = Counter::default();
+        let samples = Counter::default();
+        registry.register("train_step_seconds", "Wall time of one training step (rank 0)", step_seconds.clone());
+        registry.register("train_samples_per_second", "Global samples per second over the last step", samples_per_second.clone());
+        registry.register("train_loss", "Global mean loss of the last step", loss.clone());
+        registry.register("train_learning_rate", "Learning rate of the last step", learning_rate.clone());
+        registry.register("train_step", "Last completed step", step.clone());
+        registry.register("allreduce_seconds", "Seconds spent in gradient all-reduce, all local ranks", allreduce_seconds.clone());
+        registry.register("allreduce_bytes", "Gradient bytes all-reduced, all local ranks", allreduce_bytes.clone());
+        registry.register("train_samples", "Samples consumed by local ranks", samples.clone());
+        Self {
+            registry,
+            step_seconds,
+            samples_per_second,
+            loss,
+            learning_rate,
+            step,
+            allreduce_seconds,
+            allreduce_bytes,
+            samples,
+        }
+    }
+}
+
+impl TrainingMetrics {
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` until `cancel`; returns the bound address.
+pub async fn serve(
+    metrics: Arc<TrainingMetrics>,
+    addr: SocketAddr,
+    cancel: CancellationToken,
+) -> Result<SocketAddr> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind metrics endpoint {addr}"))?;
+    let bound = listener.local_addr().context("metrics endpoint address")?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        metrics.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }));
+    tokio::spawn(async move {
+        let server = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
+        if let Err(e) = server.await {
+            tracing::warn!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn endpoint_serves_what_was_recorded() {
+        let metrics = Arc::new(TrainingMetrics::default());
+        metrics.step_seconds.observe(0.02);
+        metrics.loss.set(0.5);
+        metrics.allreduce_bytes.inc_by(4096);
+        let cancel = CancellationToken::new();
+        let addr = serve(metrics.clone(), "127.0.0.1:0".parse().unwrap(), cancel.clone()).await.unwrap();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.unwrap();
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        assert!(body.contains("kiln_train_step_seconds_count 1"), "{body}");
+        assert!(body.contains("kiln_train_loss 0.5"), "{body}");
+        assert!(body.contains("kiln_allreduce_bytes_total 4096"), "{body}");
+        cancel.cancel();
+    }
+}

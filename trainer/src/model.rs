@@ -1,0 +1,192 @@
+//! Models: built-in `tch::nn` networks chosen in the spec, and TorchScript
+//! modules exported from Python (trained through `TrainableCModule`).
+//!
+//! Every model maps a batch of flat features [n, features] to logits [n, classes];
+//! its parameters live in a `VarStore`, named so that the weights digest and
+//! exported files are stable (`fc0.weight`, `conv1.bias`, ...).
+
+use anyhow::{Context, Result, bail, ensure};
+use kiln_proto::spec::{ModelKind, ModelSpec};
+use tch::nn::{self, Module, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+/// A network ready to train.
+pub enum Net {
+    Builtin(nn::Sequential),
+    Script(tch::TrainableCModule),
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Net::Builtin(_) => f.write_str("Net::Builtin"),
+            Net::Script(_) => f.write_str("Net::Script"),
+        }
+    }
+}
+
+impl Net {
+    /// Logits for a batch of flat features.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        match self {
+            Net::Builtin(seq) => seq.forward(xs),
+            Net::Script(m) => m.forward_t(xs, true),
+        }
+    }
+}
+
+/// Builds the model of `spec` for `features` inputs and `classes` outputs in `vs`.
+pub fn build(spec: &ModelSpec, features: usize, classes: usize, vs: &nn::VarStore) -> Result<Net> {
+    let root = vs.root();
+    let (f, c) = (features as i64, classes as i64);
+    match spec.kind {
+        ModelKind::Mlp => {
+            let mut seq = nn::seq();
+            let mut width = f;
+            for (i, &h) in spec.hidden.iter().enumerate() {
+                seq = seq.add(nn::linear(&root / format!("fc{i}"), width, h as i64, Default::default()));
+                seq = seq.add_fn(|x| x.relu());
+                width = h as i64;
+            }
+            let last = spec.hidden.len();
+            Ok(Net::Builtin(seq.add(nn::linear(&root / format!("fc{last}"), width, c, Default::default()))))
+        }
+        ModelKind::Cnn => {
+            let shape = input_shape(spec, features)?;
+            let (channels, mut height, mut width) = (shape[0] as i64, shape[1] as i64, shape[2] as i64);
+            let view = [-1, channels, height, width];
+            let mut seq = nn::seq().add_fn(move |x| x.view(view));
+            let mut in_channels = channels;
+            let conv = nn::ConvConfig { padding: 1, ..Default::default() };
+            for (i, &out) in spec.channels.iter().enumerate() {
+                ensure!(
+                    height >= 2 && width >= 2,
+                    "model.channels: {} pooling blocks shrink a {}x{} input below 1x1; use fewer blocks",
+                    spec.channels.len(),
+                    shape[1],
+                    shape[2]
+                );
+                seq = seq
+                    .add(nn::conv2d(&root / format!("conv{i}"), in_channels, out as i64, 3, conv))
+                    .add_fn(|x| x.relu().max_pool2d_default(2));
+                in_channels = out as i64;
+                height /= 2;
+                width /= 2;
+            }
+            let flat = in_channels * height * width;
+            let hidden = spec.hidden[0] as i64;
+            Ok(Net::Builtin(
+                seq.add_fn(|x| x.flatten(1, -1))
+                    .add(nn::linear(&root / "fc0", flat, hidden, Default::default()))
+                    .add_fn(|x| x.relu())
+                    .add(nn::linear(&root / "fc1", hidden, c, Default::default())),
+            ))
+        }
+        ModelKind::Torchscript => {
+            let path = spec.path.as_ref().context("model.path: required for a torchscript model")?;
+            let mut module = tch::TrainableCModule::load(path, root)
+                .with_context(|| format!("load TorchScript module {}", path.display()))?;
+            module.set_train();
+            // A forward on one dummy sample checks the module fits the data now,
+            // with a clear message, rather than deep inside the first step.
+            let probe = Tensor::zeros([1, f], (Kind::Float, vs.device()));
+            let out = tch::no_grad(|| module.forward_ts(&[probe]))
+                .with_context(|| format!("run TorchScript module {} on a [1, {features}] input", path.display()))?;
+            ensure!(
+                out.size() == [1, c],
+                "TorchScript module {} returns shape {:?} for a [1, {features}] input; expected [1, {classes}] logits",
+                path.display(),
+                out.size()
+            );
+            Ok(Net::Script(module))
+        }
+    }
+}
+
+/// `[channels, height, width]` of one sample for convolutional models.
+fn input_shape(spec: &ModelSpec, features: usize) -> Result<Vec<usize>> {
+    match &spec.input_shape {
+        Some(s) => {
+            ensure!(
+                s.iter().product::<usize>() == features,
+                "model.input_shape {s:?} holds {} values but the data has {features} features per sample",
+                s.iter().product::<usize>()
+            );
+            Ok(s.clone())
+        }
+        None => {
+            let side = (features as f64).sqrt().round() as usize;
+            if side * side != features {
+                bail!("model.input_shape: required for cnn since {features} features are not a square image");
+            }
+            Ok(vec![1, side, side])
+        }
+    }
+}
+
+/// Trainable parameters sorted by name: the canonical order of buckets,
+/// optimizer state, broadcasts and digests.
+pub fn named_parameters(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut params: Vec<(String, Tensor)> =
+        vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    params
+}
+
+/// Parameter bytes on the CPU, contiguous, for digests and export.
+pub fn to_host_bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.detach().to_device(Device::Cpu).contiguous();
+    let numel = t.numel();
+    let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+    t.copy_data_u8(&mut bytes, numel);
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn spec(kind: ModelKind) -> ModelSpec {
+        ModelSpec { kind, hidden: vec![16], channels: vec![4, 8], input_shape: None, path: None }
+    }
+
+    #[test]
+    fn builtin_models_map_features_to_logits() {
+        for kind in [ModelKind::Mlp, ModelKind::Cnn] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = build(&spec(kind), 64, 10, &vs).unwrap();
+            let out = net.forward(&Tensor::ones([5, 64], (Kind::Float, Device::Cpu)));
+            assert_eq!(out.size(), [5, 10], "{kind:?}");
+            let names: Vec<String> = named_parameters(&vs).into_iter().map(|(n, _)| n).collect();
+            assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted: {names:?}");
+            assert!(names.contains(&"fc0.weight".to_string()), "{names:?}");
+        }
+    }
+
+    #[test]
+    fn cnn_rejects_shapes_it_cannot_use() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let err = build(&spec(ModelKind::Cnn), 60, 10, &vs).unwrap_err().to_string();
+        assert!(err.contains("model.input_shape"), "{err}");
+        let mut s = spec(ModelKind::Cnn);
+        s.channels = vec![4, 4, 4, 4];
+        let err = build(&s, 64, 10, &vs).unwrap_err().to_string();
+        assert!(err.contains("model.channels"), "{err}");
+    }
+
+    #[test]
+    fn torchscript_fixture_trains_and_checks_its_shape() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/torchscript/model.pt");
+        let mut s = spec(ModelKind::Torchscript);
+        s.path = Some(path);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = build(&s, 64, 10, &vs).unwrap();
+        assert!(!named_parameters(&vs).is_empty());
+        let out = net.forward(&Tensor::ones([3, 64], (Kind::Float, Device::Cpu)));
+        assert_eq!(out.size(), [3, 10]);
+        let vs2 = nn::VarStore::new(Device::Cpu);
+        let err = format!("{:#}", build(&s, 64, 7, &vs2).unwrap_err());
+        assert!(err.contains("expected [1, 7] logits"), "{err}");
+    }
+}
