@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Distributed training runtime and checkpoint system")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Distributed training runtime and checkpoint system"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,7 +60,12 @@ pub struct RunArgs {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -64,7 +73,11 @@ fn main() -> ExitCode {
     init_tracing();
     match cli.command {
         Command::Run(args) => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("error: start async runtime: {e}");
@@ -83,8 +96,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Worker { agent_socket, local_rank } => {
-            let args = kiln_trainer::worker::WorkerArgs { agent_socket, local_rank };
+        Command::Worker {
+            agent_socket,
+            local_rank,
+        } => {
+            let args = kiln_trainer::worker::WorkerArgs {
+                agent_socket,
+                local_rank,
+            };
             match kiln_trainer::worker::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use kiln_coordinator::keyspace::Keyspace;
 use kiln_coordinator::membership;
 use kiln_coordinator::rendezvous::{NodeRecord, RendezvousConfig};
@@ -72,7 +72,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         max_scale_events: 0,
         cooldown: Duration::ZERO,
     };
-    let mut leader = tokio::spawn(membership::run_leader(store.clone(), ks.clone(), leader_config, cancel.clone()));
+    let mut leader = tokio::spawn(membership::run_leader(
+        store.clone(),
+        ks.clone(),
+        leader_config,
+        cancel.clone(),
+    ));
 
     let metrics = Arc::new(TrainingMetrics::default());
     let metrics_addr = metrics::serve(metrics.clone(), args.metrics_addr, cancel.clone()).await?;
@@ -85,7 +90,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         kiln_exe: std::env::current_exe().context("locate the kiln binary")?,
         start_timeout: Duration::from_secs(60),
     };
-    let workers = LocalWorkers::spawn(&agent_config).await.context("start workers")?;
+    let workers = LocalWorkers::spawn(&agent_config)
+        .await
+        .context("start workers")?;
     let record = NodeRecord {
         node: LOCAL_NODE.to_string(),
         host: "127.0.0.1".to_string(),
@@ -93,9 +100,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         devices: nproc as u32,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let mut session = membership::join(store.clone(), ks.clone(), &job, record, Duration::from_secs(5))
-        .await
-        .context("join rendezvous")?;
+    let mut session = membership::join(
+        store.clone(),
+        ks.clone(),
+        &job,
+        record,
+        Duration::from_secs(5),
+    )
+    .await
+    .context("join rendezvous")?;
     let plan = tokio::select! {
         plan = session.next_plan(0) => plan.context("wait for the rendezvous plan")?,
         res = &mut leader => return Err(anyhow!("rendezvous leader stopped before a plan: {:?}", res).into()),
@@ -105,8 +118,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         .members
         .iter()
         .find(|m| m.node == LOCAL_NODE)
-        .ok_or_else(|| anyhow!("rendezvous plan of round {} does not include this node", plan.round))?;
-    tracing::info!(job, round = plan.round, world_size = plan.world_size, "rendezvous complete");
+        .ok_or_else(|| {
+            anyhow!(
+                "rendezvous plan of round {} does not include this node",
+                plan.round
+            )
+        })?;
+    tracing::info!(
+        job,
+        round = plan.round,
+        world_size = plan.world_size,
+        "rendezvous complete"
+    );
 
     let started = Instant::now();
     let mut printer = Printer::new(&spec, args.json);
@@ -117,14 +140,28 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         peers: plan.peers.clone(),
         spec_json,
     };
-    let outcome = workers.run(&job, &run_dir, &assignment, metrics, |event| printer.on_event(event)).await;
+    let outcome = workers
+        .run(&job, &run_dir, &assignment, metrics, |event| {
+            printer.on_event(event)
+        })
+        .await;
     printer.finish();
-    let _ = session.leave().await;
+    // Stop the leader before leaving: a member leaving a live leader's round
+    // counts as a lost node.
     cancel.cancel();
+    let leader_result = leader.await;
+    let _ = session.leave().await;
     let summary = outcome?;
+    if let Ok(Err(e)) = leader_result {
+        return Err(anyhow!("rendezvous leader failed: {e}").into());
+    }
     let elapsed = started.elapsed().as_secs_f64();
 
-    let (_, rank0) = summary.finished.iter().find(|(r, _)| *r == 0).context("rank 0 did not finish")?;
+    let (_, rank0) = summary
+        .finished
+        .iter()
+        .find(|(r, _)| *r == 0)
+        .context("rank 0 did not finish")?;
     for (rank, f) in &summary.finished {
         if f.weights_digest != rank0.weights_digest {
             return Err(anyhow!(
@@ -161,16 +198,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             let parts: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
             println!("held-out: {}", parts.join(", "));
         }
-        println!("weights: {} (sha256 {})", rank0.weights_path, rank0.weights_digest);
+        println!(
+            "weights: {} (sha256 {})",
+            rank0.weights_path, rank0.weights_digest
+        );
     }
-    match leader.is_finished() {
-        true => match leader.await {
-            Ok(Err(e)) => bail!("rendezvous leader failed: {e}"),
-            _ => Ok(()),
-        },
-        false => Ok(()),
-    }
-    .map_err(RunError::Other)
+    Ok(())
 }
 
 /// Progress: a line per logging interval (stdout, or stderr under --json so the
@@ -189,8 +222,10 @@ impl Printer {
         let bar = (!json && std::io::stdout().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(spec.train.steps);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]")
-                    .expect("static template"),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]",
+                )
+                .expect("static template"),
             );
             bar
         });
@@ -214,7 +249,10 @@ impl Printer {
 
     fn on_event(&mut self, event: AgentEvent) {
         match event {
-            AgentEvent::Progress { rank: 0, progress: p } => {
+            AgentEvent::Progress {
+                rank: 0,
+                progress: p,
+            } => {
                 if let Some(bar) = &self.bar {
                     bar.set_position(p.step);
                     bar.set_message(format!("loss {:.4}", p.loss));
@@ -232,7 +270,8 @@ impl Printer {
             }
             AgentEvent::Eval { rank: 0, eval } => {
                 let metrics: BTreeMap<_, _> = eval.metrics.into_iter().collect();
-                let parts: Vec<String> = metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                let parts: Vec<String> =
+                    metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
                 self.line(format!("eval at step {}: {}", eval.step, parts.join(", ")));
             }
             _ => {}

@@ -27,7 +27,13 @@ fn kiln() -> Command {
 }
 
 fn run_ok(args: &[&str], data_dir: &Path) -> serde_json::Value {
-    let out = kiln().args(args).arg("--json").arg("--data-dir").arg(data_dir).output().unwrap();
+    let out = kiln()
+        .args(args)
+        .arg("--json")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "kiln {args:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
@@ -41,7 +47,8 @@ fn run_ok(args: &[&str], data_dir: &Path) -> serde_json::Value {
 fn summary(out: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {last}"))
+    serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {last}"))
 }
 
 /// A small synthetic job; `extra` are `--set` overrides.
@@ -91,7 +98,11 @@ fn read_weights(path: &str) -> Vec<(String, Vec<f32>)> {
         .tensors()
         .into_iter()
         .map(|(name, t)| {
-            let v = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             (name, v)
         })
         .collect();
@@ -104,7 +115,17 @@ fn digits_example_reaches_its_accuracy_with_two_workers() {
     let _guard = serial();
     let data = tempfile::tempdir().unwrap();
     let spec = repo().join("examples/digits/job.toml");
-    let s = run_ok(&["run", spec.to_str().unwrap(), "--nproc", "2", "--set", "workers.device=\"cpu\""], data.path());
+    let s = run_ok(
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--nproc",
+            "2",
+            "--set",
+            "workers.device=\"cpu\"",
+        ],
+        data.path(),
+    );
     assert_eq!(s["job"], "digits");
     assert_eq!(s["world_size"], 2);
     assert_eq!(s["steps"], 400);
@@ -113,8 +134,13 @@ fn digits_example_reaches_its_accuracy_with_two_workers() {
     assert!(s["final_loss"].as_f64().unwrap() < 0.2, "{s}");
     assert!(s["samples_per_sec"].as_f64().unwrap() > 0.0);
     assert_eq!(s["weights_digest"].as_str().unwrap().len(), 64);
-    assert!(Path::new(s["weights"].as_str().unwrap()).starts_with(data.path().canonicalize().unwrap()));
-    assert!(data.path().join("jobs/digits/logs/worker-1.log").exists(), "worker logs go under --data-dir");
+    assert!(
+        Path::new(s["weights"].as_str().unwrap()).starts_with(data.path().canonicalize().unwrap())
+    );
+    assert!(
+        data.path().join("jobs/digits/logs/worker-1.log").exists(),
+        "worker logs go under --data-dir"
+    );
 }
 
 #[test]
@@ -126,11 +152,17 @@ fn update_does_not_depend_on_world_size_and_runs_are_bit_reproducible() {
     let one = run_ok(&["run", spec, "--nproc", "1"], &dir.path().join("one"));
     let two = run_ok(&["run", spec, "--nproc", "2"], &dir.path().join("two"));
     // Micro-batching at world size 2 must not change the update either.
-    let two_micro = run_ok(&["run", spec, "--nproc", "2", "--set", "train.micro_batch=4"], &dir.path().join("micro"));
+    let two_micro = run_ok(
+        &["run", spec, "--nproc", "2", "--set", "train.micro_batch=4"],
+        &dir.path().join("micro"),
+    );
     let two_again = run_ok(&["run", spec, "--nproc", "2"], &dir.path().join("again"));
     assert_eq!(one["world_size"], 1);
     assert_eq!(two["world_size"], 2);
-    assert_eq!(two["weights_digest"], two_again["weights_digest"], "same world size: bit for bit");
+    assert_eq!(
+        two["weights_digest"], two_again["weights_digest"],
+        "same world size: bit for bit"
+    );
 
     let w1 = read_weights(one["weights"].as_str().unwrap());
     for other in [&two, &two_micro] {
@@ -143,7 +175,10 @@ fn update_does_not_depend_on_world_size_and_runs_are_bit_reproducible() {
                 worst = worst.max((x - y).abs());
             }
         }
-        assert!(worst < 1e-5, "parameters differ by {worst} between world sizes 1 and 2");
+        assert!(
+            worst < 1e-5,
+            "parameters differ by {worst} between world sizes 1 and 2"
+        );
     }
     // The training really moved the weights (the comparison is not vacuous).
     let loss = two["final_loss"].as_f64().unwrap();
@@ -155,11 +190,19 @@ fn update_does_not_depend_on_world_size_and_runs_are_bit_reproducible() {
 fn worker_pids(parent: u32) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // Field 4 (after the parenthesised command) is the parent pid.
         let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let ppid: u32 = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let ppid: u32 = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if ppid == parent && cmdline.contains("worker") {
             pids.push(pid);
@@ -174,7 +217,16 @@ fn a_worker_killed_mid_run_fails_the_run_within_seconds() {
     let dir = tempfile::tempdir().unwrap();
     let spec = synthetic_spec(dir.path(), "");
     let mut child = kiln()
-        .args(["run", spec.to_str().unwrap(), "--nproc", "2", "--set", "train.steps=1000000", "--set", "train.log_interval=1"])
+        .args([
+            "run",
+            spec.to_str().unwrap(),
+            "--nproc",
+            "2",
+            "--set",
+            "train.steps=1000000",
+            "--set",
+            "train.log_interval=1",
+        ])
         .arg("--data-dir")
         .arg(dir.path())
         .stdout(Stdio::piped())
@@ -185,7 +237,10 @@ fn a_worker_killed_mid_run_fails_the_run_within_seconds() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen = 0;
     while seen < 5 {
-        let line = lines.next().expect("kiln run ended before training started").unwrap();
+        let line = lines
+            .next()
+            .expect("kiln run ended before training started")
+            .unwrap();
         if line.starts_with("step ") {
             seen += 1;
         }
@@ -200,19 +255,28 @@ fn a_worker_killed_mid_run_fails_the_run_within_seconds() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(killed_at.elapsed() < Duration::from_secs(20), "kiln run still running 20 s after a worker was killed");
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "kiln run still running 20 s after a worker was killed"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let took = killed_at.elapsed();
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(!status.success());
-    assert!(stderr.contains(&format!("pid {victim}")) && stderr.contains("SIGKILL"), "error names the killed worker: {stderr}");
+    assert!(
+        stderr.contains(&format!("pid {victim}")) && stderr.contains("SIGKILL"),
+        "error names the killed worker: {stderr}"
+    );
     // No worker is left behind.
     std::thread::sleep(Duration::from_millis(200));
     for pid in workers {
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        assert!(state.is_empty() || state.contains(") Z"), "worker {pid} still alive after the run failed");
+        assert!(
+            state.is_empty() || state.contains(") Z"),
+            "worker {pid} still alive after the run failed"
+        );
     }
     eprintln!("kiln run exited {took:?} after the SIGKILL");
 }
@@ -227,14 +291,27 @@ fn a_worker_error_is_reported_and_stops_the_others() {
     let model = repo().join("examples/torchscript/model.pt");
     let out = kiln()
         .args(["run", spec.to_str().unwrap(), "--nproc", "2", "--json"])
-        .args(["--set", "model.kind=\"torchscript\"", "--set", &format!("model.path=\"{}\"", model.display())])
+        .args([
+            "--set",
+            "model.kind=\"torchscript\"",
+            "--set",
+            &format!("model.path=\"{}\"", model.display()),
+        ])
+        .args(["--set", "data.features=64"])
         .arg("--data-dir")
         .arg(dir.path())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("returns shape [1, 10]") && stderr.contains("[1, 20] input"), "{stderr}");
+    assert!(
+        stderr.contains("returns shape [1, 10] for a [1, 64] input; expected [1, 4] logits"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("worker rank"),
+        "the error names the failing worker: {stderr}"
+    );
 }
 
 #[test]
@@ -242,25 +319,72 @@ fn bad_specs_exit_2_with_an_error_naming_the_field() {
     let _guard = serial();
     let dir = tempfile::tempdir().unwrap();
     let cases: &[(&str, &[&str], &str)] = &[
-        ("unknown key", &["--set", "train.globl_batch=3"], "train.globl_batch"),
-        ("wrong type", &["--set", "train.steps=\"many\""], "train.steps"),
-        ("bad enum", &["--set", "optimizer.kind=adam"], "optimizer.kind"),
-        ("batch not divisible", &["--nproc", "3"], "train.global_batch"),
+        (
+            "unknown key",
+            &["--set", "train.globl_batch=3"],
+            "train.globl_batch",
+        ),
+        (
+            "wrong type",
+            &["--set", "train.steps=\"many\""],
+            "train.steps",
+        ),
+        (
+            "bad enum",
+            &["--set", "optimizer.kind=adam"],
+            "optimizer.kind",
+        ),
+        (
+            "batch not divisible",
+            &["--nproc", "3"],
+            "train.global_batch",
+        ),
         ("zero workers", &["--nproc", "0"], "workers.nproc"),
         ("bad lr", &["--set", "optimizer.lr=-1"], "optimizer.lr"),
-        ("missing dataset file", &["--set", "data.kind=\"safetensors\"", "--set", "data.train=[\"nope.safetensors\"]", "--set", "data.eval=[]"], "nope.safetensors"),
-        ("malformed override", &["--set", "train.steps"], "train.steps"),
+        (
+            "missing dataset file",
+            &[
+                "--set",
+                "data.kind=\"safetensors\"",
+                "--set",
+                "data.train=[\"nope.safetensors\"]",
+                "--set",
+                "data.eval=[]",
+            ],
+            "nope.safetensors",
+        ),
+        (
+            "malformed override",
+            &["--set", "train.steps"],
+            "train.steps",
+        ),
     ];
     let spec = synthetic_spec(dir.path(), "");
     for (what, args, needle) in cases {
-        let out = kiln().arg("run").arg(&spec).args(*args).arg("--data-dir").arg(dir.path()).output().unwrap();
+        let out = kiln()
+            .arg("run")
+            .arg(&spec)
+            .args(*args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
         assert!(stderr.starts_with("error: "), "{what}: {stderr}");
-        assert!(stderr.contains(needle), "{what}: error should name {needle}: {stderr}");
-        assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{what}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{what}: error should name {needle}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("backtrace"),
+            "{what}: {stderr}"
+        );
     }
-    let missing = kiln().args(["run", "/nonexistent/job.toml"]).output().unwrap();
+    let missing = kiln()
+        .args(["run", "/nonexistent/job.toml"])
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/job.toml"));
 }
@@ -269,13 +393,26 @@ fn bad_specs_exit_2_with_an_error_naming_the_field() {
 fn other_examples_train() {
     let _guard = serial();
     let data = tempfile::tempdir().unwrap();
-    for (example, min_accuracy) in [("examples/torchscript/job.toml", 0.9), ("examples/cnn/job.toml", 0.9)] {
+    for (example, min_accuracy) in [
+        ("examples/torchscript/job.toml", 0.9),
+        ("examples/cnn/job.toml", 0.9),
+    ] {
         let spec = repo().join(example);
         let s = run_ok(
-            &["run", spec.to_str().unwrap(), "--set", "train.steps=150", "--set", "workers.device=\"cpu\""],
+            &[
+                "run",
+                spec.to_str().unwrap(),
+                "--set",
+                "train.steps=150",
+                "--set",
+                "workers.device=\"cpu\"",
+            ],
             data.path(),
         );
         let accuracy = s["eval"]["accuracy"].as_f64().unwrap();
-        assert!(accuracy >= min_accuracy, "{example}: accuracy {accuracy}: {s}");
+        assert!(
+            accuracy >= min_accuracy,
+            "{example}: accuracy {accuracy}: {s}"
+        );
     }
 }

@@ -19,10 +19,20 @@ pub fn weights_digest(tensors: &[TensorView<'_>]) -> String {
     sorted.sort_by(|a, b| a.name.cmp(b.name));
     let mut hasher = Sha256::new();
     for pair in sorted.windows(2) {
-        assert_ne!(pair[0].name, pair[1].name, "duplicate tensor name in digest");
+        assert_ne!(
+            pair[0].name, pair[1].name,
+            "duplicate tensor name in digest"
+        );
     }
     for t in sorted {
-        assert!(t.is_consistent(), "tensor {} has {} bytes for {:?} {:?}", t.name, t.data.len(), t.dtype, t.shape);
+        assert!(
+            t.is_consistent(),
+            "tensor {} has {} bytes for {:?} {:?}",
+            t.name,
+            t.data.len(),
+            t.dtype,
+            t.shape
+        );
         let put = |h: &mut Sha256, bytes: &[u8]| {
             h.update((bytes.len() as u64).to_le_bytes());
             h.update(bytes);
@@ -44,7 +54,12 @@ mod tests {
     use crate::tensor::DType;
 
     fn view<'a>(name: &'a str, shape: &'a [usize], data: &'a [u8]) -> TensorView<'a> {
-        TensorView { name, dtype: DType::U8, shape, data }
+        TensorView {
+            name,
+            dtype: DType::U8,
+            shape,
+            data,
+        }
     }
 
     #[test]

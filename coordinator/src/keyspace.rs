@@ -114,7 +114,11 @@ impl Keyspace {
 
     /// `jobs/{job}/rounds/{round}/`: prefix of one round's keys.
     pub fn round_prefix(&self, job: &str, round: u64) -> String {
-        format!("{}{round:0width$}/", self.rounds_prefix(job), width = ROUND_DIGITS)
+        format!(
+            "{}{round:0width$}/",
+            self.rounds_prefix(job),
+            width = ROUND_DIGITS
+        )
     }
 
     /// `jobs/{job}/rounds/{round}/plan`: the round's plan, created once (the
@@ -195,7 +199,10 @@ mod tests {
         assert_eq!(ks.nodes_prefix("j"), "/kiln/jobs/j/nodes/");
         assert_eq!(ks.node("j", "n1"), "/kiln/jobs/j/nodes/n1");
         assert_eq!(ks.plan("j", 7), "/kiln/jobs/j/rounds/0000000007/plan");
-        assert_eq!(ks.ready("j", 7, "n1"), "/kiln/jobs/j/rounds/0000000007/ready/n1");
+        assert_eq!(
+            ks.ready("j", 7, "n1"),
+            "/kiln/jobs/j/rounds/0000000007/ready/n1"
+        );
         assert_eq!(ks.progress("j", 3), "/kiln/jobs/j/progress/3");
         assert_eq!(ks.checkpoint_latest("j"), "/kiln/jobs/j/checkpoints/latest");
     }
@@ -205,7 +212,10 @@ mod tests {
         let ks = Keyspace::default();
         let mut keys: Vec<String> = [10, 9, 100, 1].iter().map(|r| ks.plan("j", *r)).collect();
         keys.sort();
-        let rounds: Vec<u64> = keys.iter().map(|k| ks.parse_plan("j", k).unwrap()).collect();
+        let rounds: Vec<u64> = keys
+            .iter()
+            .map(|k| ks.parse_plan("j", k).unwrap())
+            .collect();
         assert_eq!(rounds, [1, 9, 10, 100]);
     }
 

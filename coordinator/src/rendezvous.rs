@@ -63,7 +63,10 @@ impl NodeRecord {
         if self.endpoints.is_empty() {
             return Err(Error::invalid(
                 "node record",
-                format!("node {} has no endpoints: it needs one per worker", self.node),
+                format!(
+                    "node {} has no endpoints: it needs one per worker",
+                    self.node
+                ),
             ));
         }
         Ok(())
@@ -260,10 +263,30 @@ impl Rendezvous {
 
     /// Applies an event that happened at `now`.
     pub fn on_event(&mut self, event: Event, now: Instant) -> Vec<Action> {
-        if self.failed {
-            return Vec::new();
-        }
+        self.on_events([event], now)
+    }
+
+    /// Applies events that happened together at `now` (a listing of the
+    /// store), then acts once: a round does not close on part of a snapshot.
+    pub fn on_events(
+        &mut self,
+        events: impl IntoIterator<Item = Event>,
+        now: Instant,
+    ) -> Vec<Action> {
         let mut actions = Vec::new();
+        for event in events {
+            if self.failed {
+                return actions;
+            }
+            self.apply(event, now, &mut actions);
+        }
+        if !self.failed {
+            actions.extend(self.tick(now));
+        }
+        actions
+    }
+
+    fn apply(&mut self, event: Event, now: Instant, actions: &mut Vec<Action>) {
         match event {
             Event::NodeJoined(record) => self.node_joined(record, now),
             Event::NodeLost { node } => {
@@ -272,21 +295,17 @@ impl Rendezvous {
                     self.last_change = Some(now);
                     if self.is_member(&node) {
                         let reason = format!("node {node} was lost");
-                        self.member_failed_at(&node, reason, now, &mut actions);
+                        self.member_failed_at(&node, reason, now, actions);
                     }
                 }
             }
             Event::WorkerFailed { node, error } => {
                 if self.is_member(&node) && self.present.contains_key(&node) {
                     let reason = format!("a worker on node {node} failed: {error}");
-                    self.member_failed_at(&node, reason, now, &mut actions);
+                    self.member_failed_at(&node, reason, now, actions);
                 }
             }
         }
-        if !self.failed {
-            actions.extend(self.tick(now));
-        }
-        actions
     }
 
     /// Lets time pass: admits nodes whose cooldown ended and closes the open
@@ -343,7 +362,13 @@ impl Rendezvous {
         }
     }
 
-    fn member_failed_at(&mut self, node: &str, reason: String, now: Instant, actions: &mut Vec<Action>) {
+    fn member_failed_at(
+        &mut self,
+        node: &str,
+        reason: String,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
         if !self.failed_this_round.insert(node.to_string()) {
             return;
         }
@@ -367,7 +392,8 @@ impl Rendezvous {
             );
             return;
         }
-        self.cooldown_until.insert(node.to_string(), now + self.cfg.cooldown);
+        self.cooldown_until
+            .insert(node.to_string(), now + self.cfg.cooldown);
         if let Some(record) = self.present.remove(node) {
             self.cooling.insert(node.to_string(), record);
             self.last_change = Some(now);
@@ -391,7 +417,9 @@ impl Rendezvous {
     }
 
     fn is_member(&self, node: &str) -> bool {
-        self.last_plan.as_ref().is_some_and(|plan| plan.member(node).is_some())
+        self.last_plan
+            .as_ref()
+            .is_some_and(|plan| plan.member(node).is_some())
     }
 
     /// The nodes the next plan would take, sorted by name.
@@ -423,17 +451,18 @@ impl Rendezvous {
         }
         let selection = self.selection();
         selection.len() != plan.members.len()
-            || selection
-                .iter()
-                .zip(&plan.members)
-                .any(|(record, member)| record.node != member.node || record.endpoints != member.endpoints)
+            || selection.iter().zip(&plan.members).any(|(record, member)| {
+                record.node != member.node || record.endpoints != member.endpoints
+            })
     }
 
     fn close_round(&mut self) -> Vec<Action> {
         let selection: Vec<NodeRecord> = self.selection().into_iter().cloned().collect();
         let mut actions = Vec::new();
         if let Some(previous) = &self.last_plan {
-            let grows = selection.iter().any(|record| previous.member(&record.node).is_none());
+            let grows = selection
+                .iter()
+                .any(|record| previous.member(&record.node).is_none());
             if grows {
                 self.scale_events += 1;
                 if self.scale_events > self.cfg.max_scale_events {
@@ -499,7 +528,9 @@ mod tests {
         NodeRecord {
             node: node.to_string(),
             host: format!("{node}.local"),
-            endpoints: (0..workers).map(|i| format!("{node}:{}", 7000 + i)).collect(),
+            endpoints: (0..workers)
+                .map(|i| format!("{node}:{}", 7000 + i))
+                .collect(),
             devices: workers as u32,
             version: "test".to_string(),
         }
@@ -547,8 +578,14 @@ mod tests {
     fn a_round_closes_at_once_when_max_nodes_are_present() {
         let t0 = Instant::now();
         let mut rdzv = Rendezvous::new(config(2, 3), 0);
-        assert_eq!(rdzv.on_event(joined("b"), t0), [Action::Waiting { present: 1, min: 2 }]);
-        assert!(rdzv.on_event(joined("a"), t0).is_empty(), "min reached, settle not passed");
+        assert_eq!(
+            rdzv.on_event(joined("b"), t0),
+            [Action::Waiting { present: 1, min: 2 }]
+        );
+        assert!(
+            rdzv.on_event(joined("a"), t0).is_empty(),
+            "min reached, settle not passed"
+        );
         let plan = only_plan(rdzv.on_event(joined("c"), t0));
         assert_eq!(plan.round, 1);
         assert_eq!(nodes(&plan), ["a", "b", "c"]);
@@ -565,7 +602,10 @@ mod tests {
         // Another join restarts the settle window.
         assert!(rdzv.on_event(joined("c"), t0 + 4 * SEC).is_empty());
         assert!(rdzv.tick(t0 + 6 * SEC).is_empty());
-        assert!(rdzv.tick(t0 + 9 * SEC - Duration::from_millis(1)).is_empty());
+        assert!(
+            rdzv.tick(t0 + 9 * SEC - Duration::from_millis(1))
+                .is_empty()
+        );
         let plan = only_plan(rdzv.tick(t0 + 9 * SEC));
         assert_eq!(nodes(&plan), ["a", "b", "c"]);
         // Nothing changed since: no new round, however long we wait.
@@ -579,8 +619,14 @@ mod tests {
         let mut rdzv = Rendezvous::new(config(3, 3), 0);
         assert_eq!(rdzv.tick(t0), [Action::Waiting { present: 0, min: 3 }]);
         assert!(rdzv.tick(t0 + SEC).is_empty());
-        assert_eq!(rdzv.on_event(joined("a"), t0), [Action::Waiting { present: 1, min: 3 }]);
-        assert!(rdzv.tick(t0 + 100 * SEC).is_empty(), "settle never closes a round below min");
+        assert_eq!(
+            rdzv.on_event(joined("a"), t0),
+            [Action::Waiting { present: 1, min: 3 }]
+        );
+        assert!(
+            rdzv.tick(t0 + 100 * SEC).is_empty(),
+            "settle never closes a round below min"
+        );
     }
 
     #[test]
@@ -590,10 +636,17 @@ mod tests {
         rdzv.on_event(Event::NodeJoined(record("b", 2)), t0);
         rdzv.on_event(Event::NodeJoined(record("c", 3)), t0);
         let plan = only_plan(rdzv.on_event(Event::NodeJoined(record("a", 1)), t0));
-        let ranks: Vec<(&str, u32)> = plan.members.iter().map(|m| (m.node.as_str(), m.first_rank)).collect();
+        let ranks: Vec<(&str, u32)> = plan
+            .members
+            .iter()
+            .map(|m| (m.node.as_str(), m.first_rank))
+            .collect();
         assert_eq!(ranks, [("a", 0), ("b", 1), ("c", 3)]);
         assert_eq!(plan.world_size, 6);
-        assert_eq!(plan.peers, ["a:7000", "b:7000", "b:7001", "c:7000", "c:7001", "c:7002"]);
+        assert_eq!(
+            plan.peers,
+            ["a:7000", "b:7000", "b:7001", "c:7000", "c:7001", "c:7002"]
+        );
         assert_eq!(plan.job, "job");
     }
 
@@ -639,7 +692,10 @@ mod tests {
             rdzv.on_event(joined(node), t0);
         }
         assert_eq!(rdzv.round(), 1);
-        assert!(rdzv.on_event(lost("b"), t0 + SEC).is_empty(), "settle first");
+        assert!(
+            rdzv.on_event(lost("b"), t0 + SEC).is_empty(),
+            "settle first"
+        );
         let plan = only_plan(rdzv.tick(t0 + 6 * SEC));
         assert_eq!((plan.round, nodes(&plan)), (2, vec!["a", "c"]));
         assert_eq!(plan.members[1].first_rank, 1);
@@ -675,7 +731,10 @@ mod tests {
         let actions = rdzv.on_event(worker_failed("b"), t0 + 2 * SEC);
         match actions.as_slice() {
             [Action::Failed { reason }] => {
-                assert!(reason.contains("node b") && reason.contains("max_failures 1"), "{reason}");
+                assert!(
+                    reason.contains("node b") && reason.contains("max_failures 1"),
+                    "{reason}"
+                );
             }
             other => panic!("expected Failed, got {other:?}"),
         }
@@ -717,7 +776,9 @@ mod tests {
         assert_eq!(only_plan(rdzv.on_event(joined("b"), t0 + SEC)).round, 2);
         let actions = rdzv.on_event(joined("c"), t0 + 2 * SEC);
         match actions.as_slice() {
-            [Action::Failed { reason }] => assert!(reason.contains("max_scale_events 1"), "{reason}"),
+            [Action::Failed { reason }] => {
+                assert!(reason.contains("max_scale_events 1"), "{reason}")
+            }
             other => panic!("expected Failed, got {other:?}"),
         }
         assert!(plans(&rdzv.tick(t0 + 3 * SEC)).is_empty());
@@ -777,7 +838,21 @@ mod tests {
         assert!(second.tick(t0 + 100 * SEC).is_empty());
         // A change after the takeover opens round 2 as usual.
         second.on_event(lost("b"), t0 + 101 * SEC);
-        assert_eq!(only_plan(second.on_event(joined("c"), t0 + 102 * SEC)).round, 2);
+        assert_eq!(
+            only_plan(second.on_event(joined("c"), t0 + 102 * SEC)).round,
+            2
+        );
+    }
+
+    #[test]
+    fn a_batch_of_events_is_acted_on_as_a_whole() {
+        let t0 = Instant::now();
+        let mut cfg = config(1, 3);
+        cfg.settle = Duration::ZERO;
+        let mut rdzv = Rendezvous::new(cfg, 0);
+        // One at a time, the first join would close a round of one.
+        let plan = only_plan(rdzv.on_events([joined("b"), joined("a")], t0));
+        assert_eq!(nodes(&plan), ["a", "b"]);
     }
 
     #[test]

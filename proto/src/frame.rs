@@ -61,7 +61,11 @@ mod tests {
     #[test]
     fn round_trip_and_clean_eof() {
         let msg = WorkerMessage {
-            kind: Some(Kind::Hello(Hello { local_rank: 3, pid: 42, ring_addr: "127.0.0.1:9".into() })),
+            kind: Some(Kind::Hello(Hello {
+                local_rank: 3,
+                pid: 42,
+                ring_addr: "127.0.0.1:9".into(),
+            })),
         };
         let mut buf = Vec::new();
         write(&mut buf, &msg).unwrap();

@@ -477,9 +477,9 @@ impl JobSpec {
         serde_json::to_string(self).expect("a job spec serializes to json")
     }
 
-    /// Reads [`JobSpec::to_json`]'s output, as strictly as TOML. It does not
-    /// validate: the spec was validated when it was accepted (call
-    /// [`JobSpec::validate`] to check it again here).
+    /// Reads [`JobSpec::to_json`]'s output; unknown fields are errors that name
+    /// their path. It does not validate: the spec was validated when it was
+    /// accepted (call [`JobSpec::validate`] to check it again here).
     pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
         let mut deserializer = serde_json::Deserializer::from_str(text);
         let spec: JobSpec =
@@ -554,10 +554,7 @@ impl JobSpec {
             if shape.len() != 3 {
                 return Err(invalid(
                     "model.input_shape",
-                    format!(
-                        "{shape:?} has {} dimensions, expected 3: [channels, height, width]",
-                        shape.len()
-                    ),
+                    format!("expected 3 dimensions [channels, height, width], got {shape:?}"),
                 ));
             }
             widths_at_least_one("model.input_shape", shape)?;
@@ -731,7 +728,7 @@ impl JobSpec {
         if global_batch == 0 {
             return Err(invalid("train.global_batch", "must be at least 1"));
         }
-        if global_batch % world_size != 0 {
+        if !global_batch.is_multiple_of(world_size) {
             return Err(invalid(
                 "train.global_batch",
                 format!(
@@ -747,7 +744,7 @@ impl JobSpec {
             return Ok(per_rank);
         };
         at_least_one("train.micro_batch", micro_batch)?;
-        if per_rank % micro_batch != 0 {
+        if !per_rank.is_multiple_of(micro_batch) {
             let global_batch = self.train.global_batch;
             let ranks = if world_size == 1 { "rank" } else { "ranks" };
             return Err(invalid(
@@ -838,22 +835,25 @@ fn resolve(base_dir: &Path, path: &Path, field: &str) -> Result<PathBuf, SpecErr
 
 /// Deserializes the spec from TOML text after applying `--set` overrides.
 fn parse_toml(text: &str, overrides: &[String]) -> Result<JobSpec, SpecError> {
-    if overrides.is_empty() {
-        return deserialize_text(text);
-    }
-    let mut table: toml::Table = text
+    let file_table: toml::Table = text
         .parse()
         .map_err(|error| toml_syntax_error(text, &error))?;
+    check_sections(&file_table, Some(text))?;
+    if overrides.is_empty() {
+        return deserialize_text(text, &file_table);
+    }
+    let mut table = file_table.clone();
     for arg in overrides {
         apply_override(&mut table, arg)?;
     }
-    let error = match serde_path_to_error::deserialize(table) {
+    check_sections(&table, None)?;
+    let error = match serde_path_to_error::deserialize(table.clone()) {
         Ok(spec) => return Ok(spec),
-        Err(error) => toml_field_error(None, &error),
+        Err(error) => explain_enum_type(toml_field_error(None, &error), &table),
     };
     // The table carries no positions. When the file alone fails the same way,
     // the fault is in the file, and the file knows the line.
-    match (error, deserialize_text(text)) {
+    match (error, deserialize_text(text, &file_table)) {
         (
             SpecError::Parse {
                 field,
@@ -874,11 +874,98 @@ fn parse_toml(text: &str, overrides: &[String]) -> Result<JobSpec, SpecError> {
     }
 }
 
-fn deserialize_text(text: &str) -> Result<JobSpec, SpecError> {
+/// `table` is `text` parsed, to explain some errors better.
+fn deserialize_text(text: &str, table: &toml::Table) -> Result<JobSpec, SpecError> {
     let deserializer =
         toml::Deserializer::parse(text).map_err(|error| toml_syntax_error(text, &error))?;
     serde_path_to_error::deserialize(deserializer)
-        .map_err(|error| toml_field_error(Some(text), &error))
+        .map_err(|error| explain_enum_type(toml_field_error(Some(text), &error), table))
+}
+
+/// The spec's sections, in the order a spec file usually lists them.
+const SECTIONS: [&str; 8] = [
+    "job",
+    "model",
+    "data",
+    "train",
+    "optimizer",
+    "schedule",
+    "workers",
+    "comm",
+];
+
+/// serde fills a struct from an array too (`train = [500, 32]` would set
+/// `steps` and `global_batch` by position), so sections are checked to be
+/// tables before deserializing.
+fn check_sections(table: &toml::Table, text: Option<&str>) -> Result<(), SpecError> {
+    for name in SECTIONS {
+        let Some(value) = table.get(name) else {
+            continue;
+        };
+        if value.is_table() {
+            continue;
+        }
+        return Err(SpecError::Parse {
+            field: name.to_owned(),
+            message: format!(
+                "invalid type: {}, expected a table (a [{name}] section)",
+                value.type_str()
+            ),
+            line: text.and_then(|text| top_level_line(text, name)),
+        });
+    }
+    Ok(())
+}
+
+/// Line of the top-level key `name` in `text`.
+fn top_level_line(text: &str, name: &str) -> Option<usize> {
+    let spans: std::collections::BTreeMap<String, toml::Spanned<toml::Value>> =
+        toml::from_str(text).ok()?;
+    Some(line_and_column(text, spans.get(name)?.span().start).0)
+}
+
+/// The fields whose values name a variant, with the variants allowed.
+const ENUM_FIELDS: [(&str, &str, &str); 5] = [
+    ("model", "kind", "mlp, cnn, torchscript"),
+    ("data", "kind", "safetensors, synthetic"),
+    ("optimizer", "kind", "sgd, adamw"),
+    ("schedule", "kind", "constant, cosine"),
+    ("workers", "device", "auto, cpu, cuda"),
+];
+
+/// A variant given as something other than a string gets a message from toml's
+/// internals ("wanted string or table"); say what is allowed instead.
+fn explain_enum_type(error: SpecError, table: &toml::Table) -> SpecError {
+    let SpecError::Parse {
+        field,
+        message,
+        line,
+    } = error
+    else {
+        return error;
+    };
+    for (section, key, choices) in ENUM_FIELDS {
+        if field != format!("{section}.{key}") {
+            continue;
+        }
+        let value = table.get(section).and_then(|section| section.get(key));
+        if let Some(value) = value.filter(|value| !value.is_str()) {
+            let message = format!(
+                "invalid type: {} {value}, expected one of {choices}",
+                value.type_str()
+            );
+            return SpecError::Parse {
+                field,
+                message,
+                line,
+            };
+        }
+    }
+    SpecError::Parse {
+        field,
+        message,
+        line,
+    }
 }
 
 /// Sets `key.path=value` in `table`, creating tables on the way.
@@ -960,7 +1047,16 @@ fn toml_field_error(
     let line = text
         .zip(error.inner().span())
         .map(|(text, span)| line_and_column(text, span.start).0);
-    parse_error(error.path(), error.inner().message(), line)
+    parse_error(error.path(), &toml_words(error.inner().message()), line)
+}
+
+/// serde's data model in TOML's words.
+fn toml_words(message: &str) -> String {
+    message
+        .replace("invalid type: map", "invalid type: table")
+        .replace("invalid type: sequence", "invalid type: array")
+        .replace("expected a sequence", "expected an array")
+        .replace("expected path string", "expected a path string")
 }
 
 fn json_error(error: serde_path_to_error::Error<serde_json::Error>) -> SpecError {

@@ -84,7 +84,9 @@ pub struct LocalWorkers {
 
 impl std::fmt::Debug for LocalWorkers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalWorkers").field("workers", &self.workers.len()).finish()
+        f.debug_struct("LocalWorkers")
+            .field("workers", &self.workers.len())
+            .finish()
     }
 }
 
@@ -92,19 +94,23 @@ impl LocalWorkers {
     /// Starts `cfg.nproc` workers and waits for each one's hello.
     pub async fn spawn(cfg: &AgentConfig) -> Result<Self> {
         let logs = cfg.run_dir.join("logs");
-        std::fs::create_dir_all(&logs).with_context(|| format!("create log folder {}", logs.display()))?;
+        std::fs::create_dir_all(&logs)
+            .with_context(|| format!("create log folder {}", logs.display()))?;
         let name = format!("kiln-agent-{}-{:x}", std::process::id(), rand_suffix());
         let std_listener = std::os::unix::net::UnixListener::bind_addr(
             &UnixAddr::from_abstract_name(name.as_bytes()).context("agent socket name")?,
         )
         .context("bind agent socket")?;
-        std_listener.set_nonblocking(true).context("agent socket non-blocking")?;
+        std_listener
+            .set_nonblocking(true)
+            .context("agent socket non-blocking")?;
         let listener = tokio::net::UnixListener::from_std(std_listener).context("agent socket")?;
 
         let mut children = Vec::with_capacity(cfg.nproc);
         for local_rank in 0..cfg.nproc {
             let log = logs.join(format!("worker-{local_rank}.log"));
-            let out = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+            let out =
+                std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
             let err = out.try_clone().context("clone log file")?;
             let mut cmd = Command::new(&cfg.kiln_exe);
             cmd.arg("worker")
@@ -126,13 +132,17 @@ impl LocalWorkers {
                     Ok(())
                 });
             }
-            let child = cmd
-                .spawn()
-                .with_context(|| format!("start worker {local_rank} ({} worker)", cfg.kiln_exe.display()))?;
+            let child = cmd.spawn().with_context(|| {
+                format!(
+                    "start worker {local_rank} ({} worker)",
+                    cfg.kiln_exe.display()
+                )
+            })?;
             children.push(Some((child, log)));
         }
 
-        let mut pending: Vec<Option<(Hello, OwnedReadHalf, OwnedWriteHalf)>> = (0..cfg.nproc).map(|_| None).collect();
+        let mut pending: Vec<Option<(Hello, OwnedReadHalf, OwnedWriteHalf)>> =
+            (0..cfg.nproc).map(|_| None).collect();
         let deadline = tokio::time::Instant::now() + cfg.start_timeout;
         let mut connected = 0;
         while connected < cfg.nproc {
@@ -141,23 +151,43 @@ impl LocalWorkers {
                 if let Some((child, log)) = slot
                     && let Ok(Some(status)) = child.try_wait()
                 {
-                    bail!("worker {i} exited during start-up ({status}){}", log_tail(log));
+                    bail!(
+                        "worker {i} exited during start-up ({status}){}",
+                        log_tail(log)
+                    );
                 }
             }
-            let accepted = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)), listener.accept()).await;
+            let accepted = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)),
+                listener.accept(),
+            )
+            .await;
             let (stream, _) = match accepted {
                 Ok(r) => r.context("accept worker connection")?,
                 Err(_) if tokio::time::Instant::now() >= deadline => {
-                    bail!("{} of {} workers said hello within {:?}", connected, cfg.nproc, cfg.start_timeout)
+                    bail!(
+                        "{} of {} workers said hello within {:?}",
+                        connected,
+                        cfg.nproc,
+                        cfg.start_timeout
+                    )
                 }
                 Err(_) => continue,
             };
             let (mut reader, writer) = stream.into_split();
-            let hello = match tokio::time::timeout_at(deadline, read_frame::<WorkerMessage>(&mut reader)).await {
-                Ok(Ok(Some(WorkerMessage { kind: Some(Report::Hello(h)) }))) => h,
-                Ok(other) => bail!("expected a hello from a new worker, got {other:?}"),
-                Err(_) => bail!("a worker connected but said no hello within {:?}", cfg.start_timeout),
-            };
+            let hello =
+                match tokio::time::timeout_at(deadline, read_frame::<WorkerMessage>(&mut reader))
+                    .await
+                {
+                    Ok(Ok(Some(WorkerMessage {
+                        kind: Some(Report::Hello(h)),
+                    }))) => h,
+                    Ok(other) => bail!("expected a hello from a new worker, got {other:?}"),
+                    Err(_) => bail!(
+                        "a worker connected but said no hello within {:?}",
+                        cfg.start_timeout
+                    ),
+                };
             let i = hello.local_rank as usize;
             if i >= cfg.nproc || pending[i].is_some() {
                 bail!("unexpected hello from local rank {i}");
@@ -172,7 +202,15 @@ impl LocalWorkers {
             .map(|(local_rank, (conn, child))| {
                 let (hello, reader, writer) = conn.expect("every local rank said hello");
                 let (child, log) = child.expect("every worker was started");
-                WorkerHandle { local_rank, pid: hello.pid, child, hello, reader, writer, log }
+                WorkerHandle {
+                    local_rank,
+                    pid: hello.pid,
+                    child,
+                    hello,
+                    reader,
+                    writer,
+                    log,
+                }
             })
             .collect();
         Ok(Self { workers })
@@ -180,7 +218,10 @@ impl LocalWorkers {
 
     /// Collective listener addresses of the local workers, by local rank.
     pub fn endpoints(&self) -> Vec<String> {
-        self.workers.iter().map(|w| w.hello.ring_addr.clone()).collect()
+        self.workers
+            .iter()
+            .map(|w| w.hello.ring_addr.clone())
+            .collect()
     }
 
     /// Hands out the assignment and supervises until every worker finished, or
@@ -204,7 +245,15 @@ impl LocalWorkers {
         let mut logs = Vec::new();
         let mut killers = Vec::new();
         for w in self.workers {
-            let WorkerHandle { local_rank, pid, mut child, mut reader, mut writer, log, .. } = w;
+            let WorkerHandle {
+                local_rank,
+                pid,
+                mut child,
+                mut reader,
+                mut writer,
+                log,
+                ..
+            } = w;
             let assignment = Assignment {
                 job: job.to_string(),
                 round: round.round,
@@ -215,8 +264,13 @@ impl LocalWorkers {
                 run_dir: run_dir.display().to_string(),
                 device: String::new(),
             };
-            let msg = AgentMessage { kind: Some(agent_message::Kind::Assignment(assignment)) };
-            writer.write_all(&frame::encode(&msg)).await.with_context(|| format!("send assignment to worker {local_rank}"))?;
+            let msg = AgentMessage {
+                kind: Some(agent_message::Kind::Assignment(assignment)),
+            };
+            writer
+                .write_all(&frame::encode(&msg))
+                .await
+                .with_context(|| format!("send assignment to worker {local_rank}"))?;
             writers.push(writer);
             pids.push(pid);
             logs.push(log);
@@ -229,8 +283,16 @@ impl LocalWorkers {
                                 return;
                             }
                         }
-                        Ok(None) => return drop(reports.send(Update::Closed(local_rank, None)).await),
-                        Err(e) => return drop(reports.send(Update::Closed(local_rank, Some(e.to_string()))).await),
+                        Ok(None) => {
+                            return drop(reports.send(Update::Closed(local_rank, None)).await);
+                        }
+                        Err(e) => {
+                            return drop(
+                                reports
+                                    .send(Update::Closed(local_rank, Some(e.to_string())))
+                                    .await,
+                            );
+                        }
                     }
                 }
             });
@@ -259,7 +321,10 @@ impl LocalWorkers {
         let mut failures: Vec<Failure> = Vec::new();
         let mut grace: Option<tokio::time::Instant> = None;
         loop {
-            if failures.is_empty() && exited.iter().all(Option::is_some) && finished.iter().all(Option::is_some) {
+            if failures.is_empty()
+                && exited.iter().all(Option::is_some)
+                && finished.iter().all(Option::is_some)
+            {
                 break;
             }
             let next = match grace {
@@ -280,25 +345,43 @@ impl LocalWorkers {
                             metrics.learning_rate.set(p.lr);
                             metrics.step_seconds.observe(p.step_seconds);
                             if p.step_seconds > 0.0 {
-                                metrics.samples_per_second.set(p.samples as f64 * world as f64 / p.step_seconds);
+                                metrics
+                                    .samples_per_second
+                                    .set(p.samples as f64 * world as f64 / p.step_seconds);
                             }
                         }
                         metrics.samples.inc_by(p.samples);
                         metrics.allreduce_seconds.inc_by(p.allreduce_seconds);
                         metrics.allreduce_bytes.inc_by(p.allreduce_bytes);
-                        on_event(AgentEvent::Progress { rank: rank(i), progress: p });
+                        on_event(AgentEvent::Progress {
+                            rank: rank(i),
+                            progress: p,
+                        });
                     }
-                    Report::Eval(e) => on_event(AgentEvent::Eval { rank: rank(i), eval: e }),
+                    Report::Eval(e) => on_event(AgentEvent::Eval {
+                        rank: rank(i),
+                        eval: e,
+                    }),
                     Report::Finished(f) => finished[i] = Some(f),
-                    Report::Failed(f) => failures.push(Failure::reported(rank(i), pids[i], f.error)),
-                    Report::Hello(_) => failures.push(Failure::reported(rank(i), pids[i], "said hello twice".into())),
+                    Report::Failed(f) => {
+                        failures.push(Failure::reported(rank(i), pids[i], f.error))
+                    }
+                    Report::Hello(_) => failures.push(Failure::reported(
+                        rank(i),
+                        pids[i],
+                        "said hello twice".into(),
+                    )),
                 },
                 Update::Report(..) => {}
                 Update::Closed(i, error) => {
                     if finished[i].is_none() && !failures.iter().any(|f| f.rank == rank(i)) {
                         // The process exit that follows says why; note the channel error if any.
                         if let Some(e) = error {
-                            failures.push(Failure::reported(rank(i), pids[i], format!("agent channel failed: {e}")));
+                            failures.push(Failure::reported(
+                                rank(i),
+                                pids[i],
+                                format!("agent channel failed: {e}"),
+                            ));
                         }
                     }
                 }
@@ -320,7 +403,9 @@ impl LocalWorkers {
                 let _ = k.try_send(());
             }
             // Wait for the kills to land so no worker outlives the error.
-            while let Ok(Some(update)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            while let Ok(Some(update)) =
+                tokio::time::timeout(Duration::from_secs(5), rx.recv()).await
+            {
                 if let Update::Exited(i, status) = update {
                     exited[i] = Some(status);
                 }
@@ -357,7 +442,12 @@ struct Failure {
 impl Failure {
     fn reported(rank: u32, pid: u32, error: String) -> Self {
         let echo = error.contains("closed the connection") || error.contains("collective aborted");
-        Self { rank, pid, message: format!("worker rank {rank} (pid {pid}) failed: {error}"), class: if echo { 2 } else { 1 } }
+        Self {
+            rank,
+            pid,
+            message: format!("worker rank {rank} (pid {pid}) failed: {error}"),
+            class: if echo { 2 } else { 1 },
+        }
     }
 
     fn exited(rank: u32, pid: u32, status: std::process::ExitStatus, log: &Path) -> Self {
@@ -368,7 +458,12 @@ impl Failure {
             _ => format!("ended ({status})"),
         };
         let class = if status.signal().is_some() { 0 } else { 3 };
-        Self { rank, pid, message: format!("worker rank {rank} (pid {pid}) {how}{}", log_tail(log)), class }
+        Self {
+            rank,
+            pid,
+            message: format!("worker rank {rank} (pid {pid}) {how}{}", log_tail(log)),
+            class,
+        }
     }
 
     fn severity(&self) -> u8 {
@@ -414,5 +509,7 @@ async fn read_frame<M: Message + Default>(r: &mut OwnedReadHalf) -> std::io::Res
     }
     let mut body = vec![0u8; frame::decode_len(header)?];
     r.read_exact(&mut body).await?;
-    M::decode(body.as_slice()).map(Some).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    M::decode(body.as_slice())
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

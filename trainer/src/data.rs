@@ -98,7 +98,10 @@ pub fn load(spec: &DataSpec, seed: u64) -> Result<Splits> {
                     train.features
                 );
             }
-            ensure!(!train.is_empty(), "data.train: the training shards hold no samples");
+            ensure!(
+                !train.is_empty(),
+                "data.train: the training shards hold no samples"
+            );
             let seen = train.classes().max(eval.classes());
             let classes = spec.classes.unwrap_or(seen);
             ensure!(
@@ -106,7 +109,11 @@ pub fn load(spec: &DataSpec, seed: u64) -> Result<Splits> {
                 "data.classes = {classes} but the shards hold label {}",
                 seen - 1
             );
-            Ok(Splits { train, eval, classes })
+            Ok(Splits {
+                train,
+                eval,
+                classes,
+            })
         }
         DataKind::Synthetic => {
             let classes = spec.classes.unwrap_or(10);
@@ -122,11 +129,16 @@ pub fn load(spec: &DataSpec, seed: u64) -> Result<Splits> {
 
 /// Reads one safetensors shard with `x` (F32 [N, F]) and `y` (I64 or I32 [N]).
 pub fn read_shard(path: &Path) -> Result<Dataset> {
-    let bytes = std::fs::read(path).with_context(|| format!("read data shard {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("read data shard {}", path.display()))?;
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("parse safetensors shard {}", path.display()))?;
-    let x = st.tensor("x").with_context(|| format!("shard {}: tensor `x`", path.display()))?;
-    let y = st.tensor("y").with_context(|| format!("shard {}: tensor `y`", path.display()))?;
+    let x = st
+        .tensor("x")
+        .with_context(|| format!("shard {}: tensor `x`", path.display()))?;
+    let y = st
+        .tensor("y")
+        .with_context(|| format!("shard {}: tensor `y`", path.display()))?;
     if x.dtype() != Dtype::F32 || x.shape().len() != 2 {
         bail!(
             "shard {}: `x` must be F32 [samples, features], found {:?} {:?}",
@@ -137,18 +149,41 @@ pub fn read_shard(path: &Path) -> Result<Dataset> {
     }
     let (n, features) = (x.shape()[0], x.shape()[1]);
     if y.shape() != [n] {
-        bail!("shard {}: `y` must have shape [{n}], found {:?}", path.display(), y.shape());
+        bail!(
+            "shard {}: `y` must have shape [{n}], found {:?}",
+            path.display(),
+            y.shape()
+        );
     }
-    let xs = x.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let xs = x
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
     let ys: Vec<i64> = match y.dtype() {
-        Dtype::I64 => y.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
-        Dtype::I32 => y.data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64).collect(),
-        other => bail!("shard {}: `y` must be I64 or I32, found {other:?}", path.display()),
+        Dtype::I64 => y
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect(),
+        Dtype::I32 => y
+            .data()
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
+            .collect(),
+        other => bail!(
+            "shard {}: `y` must be I64 or I32, found {other:?}",
+            path.display()
+        ),
     };
     if let Some(bad) = ys.iter().find(|&&l| l < 0) {
         bail!("shard {}: negative label {bad}", path.display());
     }
-    Ok(Dataset { x: xs, y: ys, features })
+    Ok(Dataset {
+        x: xs,
+        y: ys,
+        features,
+    })
 }
 
 /// A fixed random linear teacher: Gaussian inputs, label = argmax(x W).
@@ -162,7 +197,11 @@ impl Teacher {
     fn new(seed: u64, features: usize, classes: usize) -> Self {
         let mut rng = SplitMix64::new(seed ^ 0x7ea_c4e5);
         let weights = (0..features * classes).map(|_| rng.normal()).collect();
-        Self { weights, features, classes }
+        Self {
+            weights,
+            features,
+            classes,
+        }
     }
 
     /// `stream` separates training (0) and held-out (1) samples of one seed.
@@ -225,7 +264,7 @@ impl SplitMix64 {
 
     /// Uniform in [0, n) without modulo bias worth caring about (n < 2^32).
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() >> 32) * n as u64 >> 32) as usize
+        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
     }
 }
 
@@ -242,7 +281,12 @@ pub struct GlobalSampler {
 impl GlobalSampler {
     pub fn new(seed: u64, len: usize, global_batch: usize) -> Self {
         assert!(len > 0, "a sampler needs at least one sample");
-        Self { seed, len, global_batch, cached: None }
+        Self {
+            seed,
+            len,
+            global_batch,
+            cached: None,
+        }
     }
 
     /// The global sample cursor before `step` (0-based): samples consumed so far.
@@ -253,7 +297,8 @@ impl GlobalSampler {
     /// The order of `epoch`: a Fisher-Yates shuffle seeded by (seed, epoch).
     pub fn epoch_order(&self, epoch: u64) -> Vec<u32> {
         let mut order: Vec<u32> = (0..self.len as u32).collect();
-        let mut rng = SplitMix64::new(self.seed ^ epoch.wrapping_mul(0xd134_2543_de82_ef95) ^ 0x5a3c);
+        let mut rng =
+            SplitMix64::new(self.seed ^ epoch.wrapping_mul(0xd134_2543_de82_ef95) ^ 0x5a3c);
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i + 1));
         }
@@ -264,7 +309,9 @@ impl GlobalSampler {
     /// `[cursor + rank * per_rank, cursor + (rank + 1) * per_rank)` of the global order.
     pub fn rank_slice(&mut self, step: u64, rank: usize, per_rank: usize) -> Vec<usize> {
         let start = self.cursor(step) + (rank * per_rank) as u64;
-        (start..start + per_rank as u64).map(|p| self.at(p)).collect()
+        (start..start + per_rank as u64)
+            .map(|p| self.at(p))
+            .collect()
     }
 
     fn at(&mut self, position: u64) -> usize {
@@ -282,7 +329,6 @@ pub fn eval_slice(len: usize, rank: usize, world_size: usize) -> std::ops::Range
     (len * rank / world_size)..(len * (rank + 1) / world_size)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,7 +340,9 @@ mod tests {
             let whole = s.rank_slice(step, 0, 24);
             for world in [2usize, 3, 4] {
                 let per = 24 / world;
-                let joined: Vec<usize> = (0..world).flat_map(|r| s.rank_slice(step, r, per)).collect();
+                let joined: Vec<usize> = (0..world)
+                    .flat_map(|r| s.rank_slice(step, r, per))
+                    .collect();
                 assert_eq!(joined, whole, "step {step} world {world}");
             }
         }
@@ -308,8 +356,16 @@ mod tests {
         sorted.sort();
         assert_eq!(sorted, (0..50).collect::<Vec<u32>>());
         assert_ne!(a, b);
-        assert_eq!(a, GlobalSampler::new(1, 50, 10).epoch_order(0), "same seed, same order");
-        assert_ne!(a, GlobalSampler::new(2, 50, 10).epoch_order(0), "other seed, other order");
+        assert_eq!(
+            a,
+            GlobalSampler::new(1, 50, 10).epoch_order(0),
+            "same seed, same order"
+        );
+        assert_ne!(
+            a,
+            GlobalSampler::new(2, 50, 10).epoch_order(0),
+            "other seed, other order"
+        );
     }
 
     #[test]
@@ -318,7 +374,15 @@ mod tests {
         // Step 2 covers positions 8..12: the last two of epoch 0, the first two of epoch 1.
         let got = s.rank_slice(2, 0, 4);
         let (e0, e1) = (s.epoch_order(0), s.epoch_order(1));
-        assert_eq!(got, vec![e0[8] as usize, e0[9] as usize, e1[0] as usize, e1[1] as usize]);
+        assert_eq!(
+            got,
+            vec![
+                e0[8] as usize,
+                e0[9] as usize,
+                e1[0] as usize,
+                e1[1] as usize
+            ]
+        );
     }
 
     #[test]
@@ -337,7 +401,11 @@ mod tests {
         assert_eq!(a.train.x, b.train.x);
         assert_eq!(a.train.y, b.train.y);
         assert_eq!((a.train.len(), a.eval.len(), a.classes), (200, 50, 4));
-        assert_ne!(a.train.x[..8], a.eval.x[..8], "held-out samples are a separate stream");
+        assert_ne!(
+            a.train.x[..8],
+            a.eval.x[..8],
+            "held-out samples are a separate stream"
+        );
         // Every class appears: the teacher is not degenerate.
         assert_eq!(a.train.classes(), 4);
         let c = load(&spec, 6).unwrap();
@@ -361,11 +429,20 @@ mod tests {
     fn shards_load_and_bad_shards_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.safetensors");
-        let x: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let x: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let y: Vec<u8> = [0i64, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
         let tensors = [
-            ("x", safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 3], &x).unwrap()),
-            ("y", safetensors::tensor::TensorView::new(Dtype::I64, vec![2], &y).unwrap()),
+            (
+                "x",
+                safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 3], &x).unwrap(),
+            ),
+            (
+                "y",
+                safetensors::tensor::TensorView::new(Dtype::I64, vec![2], &y).unwrap(),
+            ),
         ];
         safetensors::serialize_to_file(tensors, None, &good).unwrap();
         let d = read_shard(&good).unwrap();
@@ -373,9 +450,15 @@ mod tests {
         assert_eq!(d.x[3..], [4.0, 5.0, 6.0]);
 
         let bad = dir.path().join("bad.safetensors");
-        let tensors = [("x", safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 3], &x).unwrap())];
+        let tensors = [(
+            "x",
+            safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 3], &x).unwrap(),
+        )];
         safetensors::serialize_to_file(tensors, None, &bad).unwrap();
         let err = format!("{:#}", read_shard(&bad).unwrap_err());
-        assert!(err.contains("bad.safetensors") && err.contains("`y`"), "{err}");
+        assert!(
+            err.contains("bad.safetensors") && err.contains("`y`"),
+            "{err}"
+        );
     }
 }

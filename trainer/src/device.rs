@@ -78,9 +78,13 @@ fn load_cuda_backend() -> Result<PathBuf, String> {
     let dir = torch_lib_dir().ok_or("libtorch_cpu.so is not mapped into this process")?;
     let path = dir.join("libtorch_cuda.so");
     if !path.exists() {
-        return Err(format!("{} does not exist (CPU-only libtorch)", path.display()));
+        return Err(format!(
+            "{} does not exist (CPU-only libtorch)",
+            path.display()
+        ));
     }
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| format!("{} contains a NUL byte", path.display()))?;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("{} contains a NUL byte", path.display()))?;
     // SAFETY: `c_path` is a valid C string. Loading runs libtorch_cuda's static
     // initialisers, which only register the CUDA backend; the handle is kept open
     // for the life of the process on purpose (never `dlclose`d).
@@ -100,7 +104,9 @@ fn last_dl_error() -> String {
         return "unknown error".to_owned();
     }
     // SAFETY: non-null and NUL-terminated (see above).
-    unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(message) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// How many CUDA devices libtorch sees; 0 when the CUDA backend cannot be loaded
@@ -132,7 +138,10 @@ pub fn resolve(kind: DeviceKind, local_rank: usize) -> Result<Device, String> {
             count => Ok(Device::Cuda(local_rank % count)),
         },
         DeviceKind::Cuda => match cuda_device_count() {
-            0 => Err(format!("workers.device = \"cuda\" but no CUDA device is visible ({})", no_device_reason())),
+            0 => Err(format!(
+                "workers.device = \"cuda\" but no CUDA device is visible ({})",
+                no_device_reason()
+            )),
             count => Ok(Device::Cuda(local_rank % count)),
         },
     }
@@ -174,14 +183,19 @@ struct TorchCudaShim {
 
 fn torch_cuda_shim() -> Result<&'static TorchCudaShim, String> {
     static SHIM: OnceLock<Result<TorchCudaShim, String>> = OnceLock::new();
-    SHIM.get_or_init(load_torch_cuda_shim).as_ref().map_err(Clone::clone)
+    SHIM.get_or_init(load_torch_cuda_shim)
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 fn load_torch_cuda_shim() -> Result<TorchCudaShim, String> {
-    let path = cuda_backend().as_ref().map_err(|reason| format!("libtorch's CUDA backend is not loaded: {reason}"))?;
+    let path = cuda_backend()
+        .as_ref()
+        .map_err(|reason| format!("libtorch's CUDA backend is not loaded: {reason}"))?;
     // SAFETY: the library is already loaded (see `load_cuda_backend`); this only
     // takes another reference to it and runs no initialiser.
-    let library = unsafe { libloading::Library::new(path) }.map_err(|e| format!("open {}: {e}", path.display()))?;
+    let library = unsafe { libloading::Library::new(path) }
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
     // SAFETY: the signatures match torch/csrc/inductor/aoti_torch/c/shim.h of
     // torch 2.11 (int32 device index, out-pointers, int32 error code); the
     // pointers are copied out and `_library` keeps them valid.
@@ -189,27 +203,46 @@ fn load_torch_cuda_shim() -> Result<TorchCudaShim, String> {
         let get_current_cuda_stream = *library
             .get(b"aoti_torch_get_current_cuda_stream\0")
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        let create_cuda_guard = *library.get(b"aoti_torch_create_cuda_guard\0").map_err(|e| format!("{}: {e}", path.display()))?;
-        let delete_cuda_guard = *library.get(b"aoti_torch_delete_cuda_guard\0").map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(TorchCudaShim { _library: library, get_current_cuda_stream, create_cuda_guard, delete_cuda_guard })
+        let create_cuda_guard = *library
+            .get(b"aoti_torch_create_cuda_guard\0")
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let delete_cuda_guard = *library
+            .get(b"aoti_torch_delete_cuda_guard\0")
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(TorchCudaShim {
+            _library: library,
+            get_current_cuda_stream,
+            create_cuda_guard,
+            delete_cuda_guard,
+        })
     }
 }
 
+/// `device` as the shim's int32 index, when it names a visible device (asking
+/// libtorch about another one makes it print an exception).
 fn device_index(device: i64) -> Result<i32, String> {
-    i32::try_from(device).ok().filter(|d| *d >= 0).ok_or_else(|| format!("invalid CUDA device index {device}"))
+    let count = cuda_device_count();
+    match i32::try_from(device) {
+        Ok(index) if index >= 0 && (index as usize) < count => Ok(index),
+        _ => Err(format!(
+            "cuda:{device} is not visible ({count} CUDA devices)"
+        )),
+    }
 }
 
 /// libtorch's current CUDA stream on `device` for the calling thread (a
 /// `cudaStream_t`): work queued on it is ordered with libtorch's own kernels.
 pub fn current_cuda_stream(device: i64) -> Result<*mut c_void, String> {
-    let shim = torch_cuda_shim()?;
     let index = device_index(device)?;
+    let shim = torch_cuda_shim()?;
     let mut stream = std::ptr::null_mut();
     // SAFETY: a valid out-pointer; the shim catches C++ exceptions and reports
     // them as a non-zero code.
     let code = unsafe { (shim.get_current_cuda_stream)(index, &mut stream) };
     if code != 0 {
-        return Err(format!("libtorch could not give the current CUDA stream of cuda:{device} (is the device visible?)"));
+        return Err(format!(
+            "libtorch could not give the current CUDA stream of cuda:{device} (is the device visible?)"
+        ));
     }
     Ok(stream)
 }
@@ -225,13 +258,15 @@ pub struct CudaDeviceGuard {
 
 impl CudaDeviceGuard {
     pub fn new(device: i64) -> Result<Self, String> {
-        let shim = torch_cuda_shim()?;
         let index = device_index(device)?;
+        let shim = torch_cuda_shim()?;
         let mut guard = std::ptr::null_mut();
         // SAFETY: a valid out-pointer; errors come back as a non-zero code.
         let code = unsafe { (shim.create_cuda_guard)(index, &mut guard) };
         if code != 0 || guard.is_null() {
-            return Err(format!("libtorch could not make cuda:{device} the current device"));
+            return Err(format!(
+                "libtorch could not make cuda:{device} the current device"
+            ));
         }
         Ok(Self { shim, guard })
     }
@@ -268,27 +303,40 @@ fn cuda_runtime() -> Result<&'static CudaRuntime, String> {
             // (cudaError_t cudaStreamQuery(cudaStream_t), const char* cudaGetErrorString(cudaError_t));
             // the global scope is never unloaded, so the pointers stay valid.
             unsafe {
-                let stream_query = *global.get(b"cudaStreamQuery\0").map_err(|e| format!("CUDA runtime: {e}"))?;
-                let error_string = *global.get(b"cudaGetErrorString\0").map_err(|e| format!("CUDA runtime: {e}"))?;
-                Ok(CudaRuntime { stream_query, error_string })
+                let stream_query = *global
+                    .get(b"cudaStreamQuery\0")
+                    .map_err(|e| format!("CUDA runtime: {e}"))?;
+                let error_string = *global
+                    .get(b"cudaGetErrorString\0")
+                    .map_err(|e| format!("CUDA runtime: {e}"))?;
+                Ok(CudaRuntime {
+                    stream_query,
+                    error_string,
+                })
             }
         })
         .as_ref()
         .map_err(Clone::clone)
 }
 
-/// Whether all work queued on `stream` (a `cudaStream_t` of this process) has
-/// completed; does not block.
-pub fn cuda_stream_done(stream: *mut c_void) -> Result<bool, String> {
+/// Whether all work queued on `stream` has completed; does not block.
+///
+/// # Safety
+/// `stream` must be a live `cudaStream_t` of this process (such as one from
+/// [`current_cuda_stream`]), or null for the legacy default stream.
+pub unsafe fn cuda_stream_done(stream: *mut c_void) -> Result<bool, String> {
     let runtime = cuda_runtime()?;
-    // SAFETY: the caller passes a live stream of this process.
+    // SAFETY: the caller's contract.
     match unsafe { (runtime.stream_query)(stream) } {
         CUDA_SUCCESS => Ok(true),
         CUDA_ERROR_NOT_READY => Ok(false),
         code => {
             // SAFETY: cudaGetErrorString returns a static NUL-terminated string.
             let message = unsafe { CStr::from_ptr((runtime.error_string)(code)) };
-            Err(format!("cudaStreamQuery: {} (CUDA error {code})", message.to_string_lossy()))
+            Err(format!(
+                "cudaStreamQuery: {} (CUDA error {code})",
+                message.to_string_lossy()
+            ))
         }
     }
 }
@@ -305,7 +353,10 @@ mod tests {
 7f04-7f05 rw-p 00000000 00:00 0 
 7f06-7f07 r--p 00000000 00:20 789    /opt/other/libtorch_cpu.so.bak
 ";
-        assert_eq!(mapped_library_dir(maps, "libtorch_cpu.so"), Some(PathBuf::from("/opt/my env/torch/lib")));
+        assert_eq!(
+            mapped_library_dir(maps, "libtorch_cpu.so"),
+            Some(PathBuf::from("/opt/my env/torch/lib"))
+        );
         assert_eq!(mapped_library_dir(maps, "libtorch_cuda.so"), None);
     }
 
@@ -324,7 +375,10 @@ mod tests {
         if count == 0 {
             assert_eq!(auto, Device::Cpu);
             let err = cuda.expect_err("no CUDA device here");
-            assert!(err.starts_with("workers.device = \"cuda\" but no CUDA device is visible"), "{err}");
+            assert!(
+                err.starts_with("workers.device = \"cuda\" but no CUDA device is visible"),
+                "{err}"
+            );
         } else {
             assert_eq!(auto, Device::Cuda(3 % count));
             assert_eq!(cuda, Ok(Device::Cuda(3 % count)));

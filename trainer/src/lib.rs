@@ -25,5 +25,4 @@ pub mod device;
 pub mod metrics;
 pub mod model;
 pub mod optim;
-// TEMP(lead): enabled once ring, nccl and spec land.
-// pub mod worker;
+pub mod worker;

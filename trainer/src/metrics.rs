@@ -42,14 +42,42 @@ impl Default for TrainingMetrics {
         let allreduce_seconds = Counter::<f64, AtomicU64>::default();
         let allreduce_bytes = Counter::default();
         let samples = Counter::default();
-        registry.register("train_step_seconds", "Wall time of one training step (rank 0)", step_seconds.clone());
-        registry.register("train_samples_per_second", "Global samples per second over the last step", samples_per_second.clone());
-        registry.register("train_loss", "Global mean loss of the last step", loss.clone());
-        registry.register("train_learning_rate", "Learning rate of the last step", learning_rate.clone());
+        registry.register(
+            "train_step_seconds",
+            "Wall time of one training step (rank 0)",
+            step_seconds.clone(),
+        );
+        registry.register(
+            "train_samples_per_second",
+            "Global samples per second over the last step",
+            samples_per_second.clone(),
+        );
+        registry.register(
+            "train_loss",
+            "Global mean loss of the last step",
+            loss.clone(),
+        );
+        registry.register(
+            "train_learning_rate",
+            "Learning rate of the last step",
+            learning_rate.clone(),
+        );
         registry.register("train_step", "Last completed step", step.clone());
-        registry.register("allreduce_seconds", "Seconds spent in gradient all-reduce, all local ranks", allreduce_seconds.clone());
-        registry.register("allreduce_bytes", "Gradient bytes all-reduced, all local ranks", allreduce_bytes.clone());
-        registry.register("train_samples", "Samples consumed by local ranks", samples.clone());
+        registry.register(
+            "allreduce_seconds",
+            "Seconds spent in gradient all-reduce, all local ranks",
+            allreduce_seconds.clone(),
+        );
+        registry.register(
+            "allreduce_bytes",
+            "Gradient bytes all-reduced, all local ranks",
+            allreduce_bytes.clone(),
+        );
+        registry.register(
+            "train_samples",
+            "Samples consumed by local ranks",
+            samples.clone(),
+        );
         Self {
             registry,
             step_seconds,
@@ -91,7 +119,10 @@ pub async fn serve(
                 let metrics = metrics.clone();
                 async move {
                     (
-                        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
                         metrics.render(),
                     )
                 }
@@ -119,9 +150,18 @@ mod tests {
         metrics.loss.set(0.5);
         metrics.allreduce_bytes.inc_by(4096);
         let cancel = CancellationToken::new();
-        let addr = serve(metrics.clone(), "127.0.0.1:0".parse().unwrap(), cancel.clone()).await.unwrap();
+        let addr = serve(
+            metrics.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            cancel.clone(),
+        )
+        .await
+        .unwrap();
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
         let mut body = String::new();
         stream.read_to_string(&mut body).await.unwrap();
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");

@@ -44,20 +44,34 @@ pub fn build(spec: &ModelSpec, features: usize, classes: usize, vs: &nn::VarStor
             let mut seq = nn::seq();
             let mut width = f;
             for (i, &h) in spec.hidden.iter().enumerate() {
-                seq = seq.add(nn::linear(&root / format!("fc{i}"), width, h as i64, Default::default()));
+                seq = seq.add(nn::linear(
+                    &root / format!("fc{i}"),
+                    width,
+                    h as i64,
+                    Default::default(),
+                ));
                 seq = seq.add_fn(|x| x.relu());
                 width = h as i64;
             }
             let last = spec.hidden.len();
-            Ok(Net::Builtin(seq.add(nn::linear(&root / format!("fc{last}"), width, c, Default::default()))))
+            Ok(Net::Builtin(seq.add(nn::linear(
+                &root / format!("fc{last}"),
+                width,
+                c,
+                Default::default(),
+            ))))
         }
         ModelKind::Cnn => {
             let shape = input_shape(spec, features)?;
-            let (channels, mut height, mut width) = (shape[0] as i64, shape[1] as i64, shape[2] as i64);
+            let (channels, mut height, mut width) =
+                (shape[0] as i64, shape[1] as i64, shape[2] as i64);
             let view = [-1, channels, height, width];
             let mut seq = nn::seq().add_fn(move |x| x.view(view));
             let mut in_channels = channels;
-            let conv = nn::ConvConfig { padding: 1, ..Default::default() };
+            let conv = nn::ConvConfig {
+                padding: 1,
+                ..Default::default()
+            };
             for (i, &out) in spec.channels.iter().enumerate() {
                 ensure!(
                     height >= 2 && width >= 2,
@@ -67,7 +81,13 @@ pub fn build(spec: &ModelSpec, features: usize, classes: usize, vs: &nn::VarStor
                     shape[2]
                 );
                 seq = seq
-                    .add(nn::conv2d(&root / format!("conv{i}"), in_channels, out as i64, 3, conv))
+                    .add(nn::conv2d(
+                        &root / format!("conv{i}"),
+                        in_channels,
+                        out as i64,
+                        3,
+                        conv,
+                    ))
                     .add_fn(|x| x.relu().max_pool2d_default(2));
                 in_channels = out as i64;
                 height /= 2;
@@ -83,15 +103,22 @@ pub fn build(spec: &ModelSpec, features: usize, classes: usize, vs: &nn::VarStor
             ))
         }
         ModelKind::Torchscript => {
-            let path = spec.path.as_ref().context("model.path: required for a torchscript model")?;
+            let path = spec
+                .path
+                .as_ref()
+                .context("model.path: required for a torchscript model")?;
             let mut module = tch::TrainableCModule::load(path, root)
                 .with_context(|| format!("load TorchScript module {}", path.display()))?;
             module.set_train();
             // A forward on one dummy sample checks the module fits the data now,
             // with a clear message, rather than deep inside the first step.
             let probe = Tensor::zeros([1, f], (Kind::Float, vs.device()));
-            let out = tch::no_grad(|| module.forward_ts(&[probe]))
-                .with_context(|| format!("run TorchScript module {} on a [1, {features}] input", path.display()))?;
+            let out = tch::no_grad(|| module.forward_ts(&[probe])).with_context(|| {
+                format!(
+                    "run TorchScript module {} on a [1, {features}] input",
+                    path.display()
+                )
+            })?;
             ensure!(
                 out.size() == [1, c],
                 "TorchScript module {} returns shape {:?} for a [1, {features}] input; expected [1, {classes}] logits",
@@ -117,7 +144,9 @@ fn input_shape(spec: &ModelSpec, features: usize) -> Result<Vec<usize>> {
         None => {
             let side = (features as f64).sqrt().round() as usize;
             if side * side != features {
-                bail!("model.input_shape: required for cnn since {features} features are not a square image");
+                bail!(
+                    "model.input_shape: required for cnn since {features} features are not a square image"
+                );
             }
             Ok(vec![1, side, side])
         }
@@ -127,8 +156,11 @@ fn input_shape(spec: &ModelSpec, features: usize) -> Result<Vec<usize>> {
 /// Trainable parameters sorted by name: the canonical order of buckets,
 /// optimizer state, broadcasts and digests.
 pub fn named_parameters(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut params: Vec<(String, Tensor)> =
-        vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    let mut params: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
     params.sort_by(|a, b| a.0.cmp(&b.0));
     params
 }
@@ -148,7 +180,13 @@ mod tests {
     use std::path::PathBuf;
 
     fn spec(kind: ModelKind) -> ModelSpec {
-        ModelSpec { kind, hidden: vec![16], channels: vec![4, 8], input_shape: None, path: None }
+        ModelSpec {
+            kind,
+            hidden: vec![16],
+            channels: vec![4, 8],
+            input_shape: None,
+            path: None,
+        }
     }
 
     #[test]
@@ -167,7 +205,9 @@ mod tests {
     #[test]
     fn cnn_rejects_shapes_it_cannot_use() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let err = build(&spec(ModelKind::Cnn), 60, 10, &vs).unwrap_err().to_string();
+        let err = build(&spec(ModelKind::Cnn), 60, 10, &vs)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("model.input_shape"), "{err}");
         let mut s = spec(ModelKind::Cnn);
         s.channels = vec![4, 4, 4, 4];
@@ -177,7 +217,8 @@ mod tests {
 
     #[test]
     fn torchscript_fixture_trains_and_checks_its_shape() {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/torchscript/model.pt");
+        let path =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/torchscript/model.pt");
         let mut s = spec(ModelKind::Torchscript);
         s.path = Some(path);
         let vs = nn::VarStore::new(Device::Cpu);

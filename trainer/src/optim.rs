@@ -23,12 +23,22 @@ pub struct Optimizer {
 
 impl Optimizer {
     pub fn new(spec: &OptimizerSpec, params: &[Tensor]) -> Self {
-        let zeros = || params.iter().map(|p| p.zeros_like().detach()).collect::<Vec<_>>();
+        let zeros = || {
+            params
+                .iter()
+                .map(|p| p.zeros_like().detach())
+                .collect::<Vec<_>>()
+        };
         let second = match spec.kind {
             OptimizerKind::Adamw => zeros(),
             OptimizerKind::Sgd => Vec::new(),
         };
-        Self { spec: spec.clone(), first: zeros(), second, steps: 0 }
+        Self {
+            spec: spec.clone(),
+            first: zeros(),
+            second,
+            steps: 0,
+        }
     }
 
     /// State tensors with stable names, for checkpoints and state transfer.
@@ -37,9 +47,18 @@ impl Optimizer {
             OptimizerKind::Sgd => "momentum",
             OptimizerKind::Adamw => "exp_avg",
         };
-        let mut out: Vec<(String, &Tensor)> =
-            self.first.iter().enumerate().map(|(i, t)| (format!("{first}.{i}"), t)).collect();
-        out.extend(self.second.iter().enumerate().map(|(i, t)| (format!("exp_avg_sq.{i}"), t)));
+        let mut out: Vec<(String, &Tensor)> = self
+            .first
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("{first}.{i}"), t))
+            .collect();
+        out.extend(
+            self.second
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (format!("exp_avg_sq.{i}"), t)),
+        );
         out
     }
 
@@ -50,13 +69,16 @@ impl Optimizer {
         tch::no_grad(|| match s.kind {
             OptimizerKind::Sgd => {
                 for (p, buf) in params.iter_mut().zip(&mut self.first) {
-                    let mut g = p.grad();
+                    let g = p.grad();
                     if !g.defined() {
                         continue;
                     }
-                    if s.weight_decay != 0.0 {
-                        g = g + &*p * s.weight_decay;
-                    }
+                    // A new tensor, not `+=`: the gradient itself stays untouched.
+                    let g = if s.weight_decay != 0.0 {
+                        g + &*p * s.weight_decay
+                    } else {
+                        g
+                    };
                     let update = if s.momentum != 0.0 {
                         if self.steps == 1 {
                             buf.copy_(&g);
@@ -106,7 +128,8 @@ pub fn learning_rate(opt: &OptimizerSpec, schedule: &ScheduleSpec, step: u64, to
         ScheduleKind::Cosine => {
             let span = total.saturating_sub(schedule.warmup_steps).max(1) as f64;
             let progress = ((step - schedule.warmup_steps) as f64 / span).min(1.0);
-            schedule.min_lr + 0.5 * (peak - schedule.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+            schedule.min_lr
+                + 0.5 * (peak - schedule.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
         }
     }
 }
@@ -136,7 +159,11 @@ mod tests {
 
     #[test]
     fn sgd_with_momentum_matches_pytorch_rule() {
-        let spec = OptimizerSpec { kind: OptimizerKind::Sgd, momentum: 0.9, ..Default::default() };
+        let spec = OptimizerSpec {
+            kind: OptimizerKind::Sgd,
+            momentum: 0.9,
+            ..Default::default()
+        };
         let mut p = params();
         let mut opt = Optimizer::new(&spec, &p);
         set_grad(&p[0], &[1.0, 1.0, 1.0]);
@@ -154,7 +181,11 @@ mod tests {
 
     #[test]
     fn adamw_first_step_moves_each_weight_by_lr_times_sign() {
-        let spec = OptimizerSpec { kind: OptimizerKind::Adamw, weight_decay: 0.0, ..Default::default() };
+        let spec = OptimizerSpec {
+            kind: OptimizerKind::Adamw,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
         let mut p = params();
         let mut opt = Optimizer::new(&spec, &p);
         set_grad(&p[0], &[0.5, -3.0, 0.0]);
@@ -168,7 +199,11 @@ mod tests {
 
     #[test]
     fn adamw_decay_is_decoupled() {
-        let spec = OptimizerSpec { kind: OptimizerKind::Adamw, weight_decay: 0.5, ..Default::default() };
+        let spec = OptimizerSpec {
+            kind: OptimizerKind::Adamw,
+            weight_decay: 0.5,
+            ..Default::default()
+        };
         let mut p = params();
         let mut opt = Optimizer::new(&spec, &p);
         set_grad(&p[0], &[0.0, 0.0, 0.0]);
@@ -179,16 +214,32 @@ mod tests {
 
     #[test]
     fn schedules() {
-        let opt = OptimizerSpec { lr: 1.0, ..Default::default() };
-        let constant = ScheduleSpec { kind: ScheduleKind::Constant, warmup_steps: 4, min_lr: 0.0 };
+        let opt = OptimizerSpec {
+            lr: 1.0,
+            ..Default::default()
+        };
+        let constant = ScheduleSpec {
+            kind: ScheduleKind::Constant,
+            warmup_steps: 4,
+            min_lr: 0.0,
+        };
         assert_eq!(learning_rate(&opt, &constant, 0, 100), 0.25);
         assert_eq!(learning_rate(&opt, &constant, 3, 100), 1.0);
         assert_eq!(learning_rate(&opt, &constant, 50, 100), 1.0);
-        let cosine = ScheduleSpec { kind: ScheduleKind::Cosine, warmup_steps: 10, min_lr: 0.1 };
+        let cosine = ScheduleSpec {
+            kind: ScheduleKind::Cosine,
+            warmup_steps: 10,
+            min_lr: 0.1,
+        };
         assert_eq!(learning_rate(&opt, &cosine, 10, 110), 1.0);
         assert!((learning_rate(&opt, &cosine, 60, 110) - 0.55).abs() < 1e-12);
         assert!((learning_rate(&opt, &cosine, 110, 110) - 0.1).abs() < 1e-12);
-        let lrs: Vec<f64> = (10..110).map(|s| learning_rate(&opt, &cosine, s, 110)).collect();
-        assert!(lrs.windows(2).all(|w| w[1] <= w[0]), "cosine decays monotonically");
+        let lrs: Vec<f64> = (10..110)
+            .map(|s| learning_rate(&opt, &cosine, s, 110))
+            .collect();
+        assert!(
+            lrs.windows(2).all(|w| w[1] <= w[0]),
+            "cosine decays monotonically"
+        );
     }
 }

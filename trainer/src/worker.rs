@@ -18,8 +18,8 @@ use kiln_checkpoint::{DType, TensorView, weights_digest};
 use kiln_proto::frame;
 use kiln_proto::spec::JobSpec;
 use kiln_proto::worker::{
-    AgentMessage, Assignment, EvalResult, Failed, Finished, Hello, Progress, WorkerMessage, agent_message,
-    worker_message::Kind as Report,
+    AgentMessage, Assignment, EvalResult, Failed, Finished, Hello, Progress, WorkerMessage,
+    agent_message, worker_message::Kind as Report,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
@@ -49,17 +49,33 @@ pub fn connect_abstract(name: &str) -> std::io::Result<UnixStream> {
 pub fn run(args: &WorkerArgs) -> Result<()> {
     let stream = connect_abstract(&args.agent_socket)
         .with_context(|| format!("connect to agent socket @{}", args.agent_socket))?;
-    let mut reporter = Reporter { stream: stream.try_clone().context("clone agent socket")? };
+    let mut reporter = Reporter {
+        stream: stream.try_clone().context("clone agent socket")?,
+    };
     let mut incoming = stream;
     // The ring listener is bound before Hello so its address can go into the plan.
     let host = std::env::var("KILN_BIND_HOST").unwrap_or_else(|_| "127.0.0.1".to_string());
-    let listener = TcpListener::bind((host.as_str(), 0)).with_context(|| format!("bind collective listener on {host}"))?;
-    let ring_addr = listener.local_addr().context("collective listener address")?.to_string();
-    reporter.send(Report::Hello(Hello { local_rank: args.local_rank, pid: std::process::id(), ring_addr }))?;
+    let listener = TcpListener::bind((host.as_str(), 0))
+        .with_context(|| format!("bind collective listener on {host}"))?;
+    let ring_addr = listener
+        .local_addr()
+        .context("collective listener address")?
+        .to_string();
+    reporter.send(Report::Hello(Hello {
+        local_rank: args.local_rank,
+        pid: std::process::id(),
+        ring_addr,
+    }))?;
 
-    let assignment = match frame::read::<AgentMessage, _>(&mut incoming).context("read assignment from agent")? {
-        Some(AgentMessage { kind: Some(agent_message::Kind::Assignment(a)) }) => a,
-        Some(AgentMessage { kind: Some(agent_message::Kind::Stop(stop)) }) => {
+    let assignment = match frame::read::<AgentMessage, _>(&mut incoming)
+        .context("read assignment from agent")?
+    {
+        Some(AgentMessage {
+            kind: Some(agent_message::Kind::Assignment(a)),
+        }) => a,
+        Some(AgentMessage {
+            kind: Some(agent_message::Kind::Stop(stop)),
+        }) => {
             tracing::info!(reason = %stop.reason, "stopped before an assignment");
             return Ok(());
         }
@@ -68,10 +84,18 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
     let abort = AbortHandle::default();
     watch_agent(incoming, abort.clone());
 
-    let result = train(&assignment, args.local_rank as usize, &listener, &abort, &mut reporter);
+    let result = train(
+        &assignment,
+        args.local_rank as usize,
+        &listener,
+        &abort,
+        &mut reporter,
+    );
     if let Err(e) = &result {
         // Best effort: the agent may already be gone.
-        let _ = reporter.send(Report::Failed(Failed { error: format!("{e:#}") }));
+        let _ = reporter.send(Report::Failed(Failed {
+            error: format!("{e:#}"),
+        }));
     }
     result
 }
@@ -83,7 +107,8 @@ struct Reporter {
 
 impl Reporter {
     fn send(&mut self, kind: Report) -> Result<()> {
-        frame::write(&mut self.stream, &WorkerMessage { kind: Some(kind) }).context("send report to agent")
+        frame::write(&mut self.stream, &WorkerMessage { kind: Some(kind) })
+            .context("send report to agent")
     }
 }
 
@@ -94,7 +119,9 @@ fn watch_agent(mut incoming: UnixStream, abort: AbortHandle) {
         .name("agent-watch".into())
         .spawn(move || {
             let reason = match frame::read::<AgentMessage, _>(&mut incoming) {
-                Ok(Some(AgentMessage { kind: Some(agent_message::Kind::Stop(s)) })) => s.reason,
+                Ok(Some(AgentMessage {
+                    kind: Some(agent_message::Kind::Stop(s)),
+                })) => s.reason,
                 Ok(_) => "agent closed the channel".to_string(),
                 Err(e) => format!("agent channel failed: {e}"),
             };
@@ -115,9 +142,16 @@ fn train(
 ) -> Result<()> {
     let spec = JobSpec::from_json(&a.spec_json).context("parse job spec from assignment")?;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
-    ensure!(rank < world && a.peers.len() == world, "inconsistent assignment: rank {rank}, world {world}, {} peers", a.peers.len());
+    ensure!(
+        rank < world && a.peers.len() == world,
+        "inconsistent assignment: rank {rank}, world {world}, {} peers",
+        a.peers.len()
+    );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = spec.train.threads_per_worker.unwrap_or((cores / spec.workers.nproc.max(1)).max(1));
+    let threads = spec
+        .train
+        .threads_per_worker
+        .unwrap_or((cores / spec.workers.nproc.max(1)).max(1));
     tch::set_num_threads(threads as i32);
     let device = device::resolve(spec.workers.device, local_rank).map_err(anyhow::Error::msg)?;
     tracing::info!(job = %a.job, round = a.round, rank, world, threads, ?device, "worker starting");
@@ -127,10 +161,21 @@ fn train(
         .with_context(|| format!("connect collective ring of round {}", a.round))?;
     let mut comm: Box<dyn Collective> = match device {
         Device::Cuda(index) => {
-            ensure!(nccl::nccl_available(), "CUDA tensors need NCCL, and no NCCL library could be loaded");
-            let mut id = if rank == 0 { NcclCollective::unique_id()? } else { [0u8; 128] };
-            ring.broadcast_bytes(&mut id, 0).context("share the NCCL id")?;
-            Box::new(NcclCollective::new(rank, world, id, index as i64).context("create NCCL communicator")?)
+            ensure!(
+                nccl::nccl_available(),
+                "CUDA tensors need NCCL, and no NCCL library could be loaded"
+            );
+            let mut id = if rank == 0 {
+                NcclCollective::unique_id()?
+            } else {
+                [0u8; 128]
+            };
+            ring.broadcast_bytes(&mut id, 0)
+                .context("share the NCCL id")?;
+            Box::new(
+                NcclCollective::new(rank, world, id, index as i64)
+                    .context("create NCCL communicator")?,
+            )
         }
         _ => Box::new(ring),
     };
@@ -140,12 +185,14 @@ fn train(
     tch::manual_seed(spec.job.seed as i64);
     let splits = data::load(&spec.data, spec.job.seed).context("load data")?;
     let vs = VarStore::new(device);
-    let net = model::build(&spec.model, splits.train.features, splits.classes, &vs).context("build model")?;
+    let net = model::build(&spec.model, splits.train.features, splits.classes, &vs)
+        .context("build model")?;
     let named = model::named_parameters(&vs);
     let mut params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     // Every rank starts from rank 0's parameters, whatever their initialisation.
     for p in &params {
-        comm.broadcast(&mut p.detach(), 0).context("broadcast initial parameters")?;
+        comm.broadcast(&mut p.detach(), 0)
+            .context("broadcast initial parameters")?;
     }
 
     let per_rank = spec.per_rank_batch(world)?;
@@ -173,16 +220,22 @@ fn train(
             let logits = net.forward(&xs);
             // Weighted by the global batch: summed over ranks, the gradient is the
             // global mean's, whatever the world size and micro-batching.
-            let l = logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0) / global_batch as f64;
+            let l = logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0)
+                / global_batch as f64;
             l.backward();
             local_loss += l.double_value(&[]);
         }
         let reduce_started = Instant::now();
-        loss = buckets.all_reduce(&params, comm.as_mut(), local_loss).context("all-reduce gradients")?;
+        loss = buckets
+            .all_reduce(&params, comm.as_mut(), local_loss)
+            .context("all-reduce gradients")?;
         let reduce_seconds = reduce_started.elapsed().as_secs_f64();
         opt.step(&mut params, lr);
         if !loss.is_finite() {
-            bail!("loss is {loss} at step {}: training diverged (lower optimizer.lr?)", step + 1);
+            bail!(
+                "loss is {loss} at step {}: training diverged (lower optimizer.lr?)",
+                step + 1
+            );
         }
         reporter.send(Report::Progress(Progress {
             step: step + 1,
@@ -198,18 +251,27 @@ fn train(
             timed_from = Some((Instant::now(), step + 1));
         }
         let interval = spec.train.eval_interval;
-        if interval > 0 && (step + 1) % interval == 0 && step + 1 < steps && !splits.eval.is_empty() {
+        if interval > 0 && (step + 1) % interval == 0 && step + 1 < steps && !splits.eval.is_empty()
+        {
             eval = evaluate(&net, &splits.eval, rank, world, device, comm.as_mut())?;
-            reporter.send(Report::Eval(EvalResult { step: step + 1, metrics: eval.clone().into_iter().collect() }))?;
+            reporter.send(Report::Eval(EvalResult {
+                step: step + 1,
+                metrics: eval.clone().into_iter().collect(),
+            }))?;
         }
     }
     let samples_per_sec = match timed_from {
-        Some((t, done)) if steps > done => ((steps - done) as usize * global_batch) as f64 / t.elapsed().as_secs_f64(),
+        Some((t, done)) if steps > done => {
+            ((steps - done) as usize * global_batch) as f64 / t.elapsed().as_secs_f64()
+        }
         _ => 0.0,
     };
     if !splits.eval.is_empty() {
         eval = evaluate(&net, &splits.eval, rank, world, device, comm.as_mut())?;
-        reporter.send(Report::Eval(EvalResult { step: steps, metrics: eval.clone().into_iter().collect() }))?;
+        reporter.send(Report::Eval(EvalResult {
+            step: steps,
+            metrics: eval.clone().into_iter().collect(),
+        }))?;
     }
 
     let host: Vec<(String, DType, Vec<usize>, Vec<u8>)> = named
@@ -220,8 +282,15 @@ fn train(
             Ok((name.clone(), dtype, shape, model::to_host_bytes(t)))
         })
         .collect::<Result<_>>()?;
-    let views: Vec<TensorView<'_>> =
-        host.iter().map(|(n, d, s, b)| TensorView { name: n, dtype: *d, shape: s, data: b }).collect();
+    let views: Vec<TensorView<'_>> = host
+        .iter()
+        .map(|(n, d, s, b)| TensorView {
+            name: n,
+            dtype: *d,
+            shape: s,
+            data: b,
+        })
+        .collect();
     let digest = weights_digest(&views);
     let weights_path = if rank == 0 {
         let path = Path::new(&a.run_dir).join("weights.safetensors");
@@ -258,15 +327,27 @@ fn evaluate(
         for chunk in indices.chunks(1024) {
             let (xs, ys) = data.batch(chunk, device);
             let logits = net.forward(&xs);
-            loss_sum += logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0).double_value(&[]);
-            correct += logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]);
+            loss_sum += logits
+                .cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0)
+                .double_value(&[]);
+            correct += logits
+                .argmax(-1, false)
+                .eq_tensor(&ys)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
         }
     });
-    let mut totals = Tensor::from_slice(&[correct as f64, loss_sum, indices.len() as f64]).to_device(device);
-    comm.all_reduce_sum(&mut totals).context("all-reduce evaluation totals")?;
-    let totals = Vec::<f64>::try_from(totals.to_device(Device::Cpu)).context("read evaluation totals")?;
+    let mut totals =
+        Tensor::from_slice(&[correct as f64, loss_sum, indices.len() as f64]).to_device(device);
+    comm.all_reduce_sum(&mut totals)
+        .context("all-reduce evaluation totals")?;
+    let totals =
+        Vec::<f64>::try_from(totals.to_device(Device::Cpu)).context("read evaluation totals")?;
     let count = totals[2].max(1.0);
-    Ok(BTreeMap::from([("accuracy".to_string(), totals[0] / count), ("loss".to_string(), totals[1] / count)]))
+    Ok(BTreeMap::from([
+        ("accuracy".to_string(), totals[0] / count),
+        ("loss".to_string(), totals[1] / count),
+    ]))
 }
 
 /// Gradients travel in flat buckets of about `bucket_bytes`, in parameter-name
@@ -287,7 +368,11 @@ impl GradBuckets {
         let mut groups: Vec<Vec<(usize, i64, i64)>> = vec![Vec::new()];
         let mut filled = 0usize;
         for (i, p) in params.iter().enumerate() {
-            ensure!(p.kind() == Kind::Float, "parameter {i} is {:?}; gradient buckets hold float32", p.kind());
+            ensure!(
+                p.kind() == Kind::Float,
+                "parameter {i} is {:?}; gradient buckets hold float32",
+                p.kind()
+            );
             let n = p.numel() as i64;
             if filled > 0 && filled + n as usize * 4 > bucket_bytes {
                 groups.push(Vec::new());
@@ -304,7 +389,10 @@ impl GradBuckets {
             .enumerate()
             .map(|(i, members)| {
                 let len = members.iter().map(|m| m.2).sum::<i64>() + i64::from(i == last);
-                Bucket { flat: Tensor::zeros([len], (Kind::Float, device)), members }
+                Bucket {
+                    flat: Tensor::zeros([len], (Kind::Float, device)),
+                    members,
+                }
             })
             .collect();
         Ok(Self { buckets })
@@ -317,7 +405,12 @@ impl GradBuckets {
 
     /// Sums every parameter's gradient over all ranks in place; returns the
     /// global loss (the sum of the ranks' weighted losses).
-    fn all_reduce(&mut self, params: &[Tensor], comm: &mut dyn Collective, local_loss: f64) -> Result<f64> {
+    fn all_reduce(
+        &mut self,
+        params: &[Tensor],
+        comm: &mut dyn Collective,
+        local_loss: f64,
+    ) -> Result<f64> {
         if comm.world_size() == 1 {
             return Ok(local_loss);
         }
@@ -335,7 +428,10 @@ impl GradBuckets {
                     }
                 }
                 if i == last {
-                    let _ = bucket.flat.narrow(0, bucket.flat.numel() as i64 - 1, 1).fill_(local_loss);
+                    let _ = bucket
+                        .flat
+                        .narrow(0, bucket.flat.numel() as i64 - 1, 1)
+                        .fill_(local_loss);
                 }
             });
             comm.all_reduce_sum(&mut bucket.flat)?;
@@ -395,7 +491,9 @@ fn write_safetensors(views: &[TensorView<'_>], path: &Path) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(st, None, &tmp).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
+    safetensors::serialize_to_file(st, None, &tmp)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }

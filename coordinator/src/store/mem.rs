@@ -162,7 +162,10 @@ impl State {
     }
 
     fn put_at(&mut self, revision: Revision, key: &str, value: Vec<u8>, lease: Option<LeaseId>) {
-        let old = self.keys.get(key).map(|old| (old.create_revision, old.lease));
+        let old = self
+            .keys
+            .get(key)
+            .map(|old| (old.create_revision, old.lease));
         let create_revision = match old {
             Some((create_revision, old_lease)) => {
                 if old_lease != lease {
@@ -210,7 +213,9 @@ impl State {
 
     fn check_lease(&self, lease: Option<LeaseId>) -> Result<()> {
         match lease {
-            Some(id) if !self.leases.contains_key(&id) => Err(Error::not_found(format!("lease {id}"))),
+            Some(id) if !self.leases.contains_key(&id) => {
+                Err(Error::not_found(format!("lease {id}")))
+            }
             _ => Ok(()),
         }
     }
@@ -312,7 +317,9 @@ async fn run_watch(
                     compacted: state.compacted,
                 })
             } else {
-                let start = state.history.partition_point(|event| event.revision() <= cursor);
+                let start = state
+                    .history
+                    .partition_point(|event| event.revision() <= cursor);
                 let batch: Vec<WatchEvent> = state
                     .history
                     .range(start..)
@@ -561,7 +568,10 @@ mod tests {
         // Jump past the deadline without letting the reaper run.
         tokio::time::advance(Duration::from_secs(3)).await;
         assert_eq!(store.get("k").await.unwrap(), None);
-        assert!(matches!(store.keep_alive(lease).await, Err(Error::NotFound { .. })));
+        assert!(matches!(
+            store.keep_alive(lease).await,
+            Err(Error::NotFound { .. })
+        ));
     }
 
     #[tokio::test]

@@ -144,8 +144,11 @@ pub trait Store: Send + Sync + 'static {
     /// Events for keys under `prefix` with revision > `from_revision` (`None`:
     /// from now), in revision order, no gaps. A `from_revision` older than the
     /// kept history is [`Error::Compacted`](crate::Error::Compacted).
-    async fn watch_prefix(&self, prefix: &str, from_revision: Option<Revision>)
-    -> Result<WatchStream>;
+    async fn watch_prefix(
+        &self,
+        prefix: &str,
+        from_revision: Option<Revision>,
+    ) -> Result<WatchStream>;
 
     /// Grants a lease that lives for `ttl` unless kept alive.
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId>;

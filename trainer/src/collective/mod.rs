@@ -22,15 +22,27 @@ use tch::Tensor;
 #[non_exhaustive]
 pub enum CollectiveError {
     #[error("{op}: no data from rank {peer} within {timeout_secs:.1}s")]
-    Timeout { op: &'static str, peer: usize, timeout_secs: f64 },
+    Timeout {
+        op: &'static str,
+        peer: usize,
+        timeout_secs: f64,
+    },
     #[error("{op}: rank {peer} closed the connection (it died or left the round)")]
     PeerClosed { op: &'static str, peer: usize },
     #[error("collective aborted")]
     Aborted,
     #[error("connect to rank {peer} at {addr}: {source}")]
-    Connect { peer: usize, addr: String, source: std::io::Error },
+    Connect {
+        peer: usize,
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("{op}: i/o with rank {peer}: {source}")]
-    Io { op: &'static str, peer: usize, source: std::io::Error },
+    Io {
+        op: &'static str,
+        peer: usize,
+        source: std::io::Error,
+    },
     #[error("unsupported: {0}")]
     Unsupported(String),
     #[error("nccl: {0}")]
@@ -61,13 +73,18 @@ pub trait Collective: Send {
 #[derive(Clone, Default)]
 pub struct AbortHandle {
     aborted: Arc<AtomicBool>,
-    on_abort: Arc<std::sync::Mutex<Vec<Box<dyn Fn() + Send + Sync>>>>,
+    on_abort: Arc<std::sync::Mutex<Vec<AbortAction>>>,
 }
+
+type AbortAction = Box<dyn Fn() + Send + Sync>;
 
 impl AbortHandle {
     /// Registers an action run once on abort (closing sockets, aborting a communicator).
     pub fn on_abort(&self, f: impl Fn() + Send + Sync + 'static) {
-        self.on_abort.lock().expect("abort actions lock").push(Box::new(f));
+        self.on_abort
+            .lock()
+            .expect("abort actions lock")
+            .push(Box::new(f));
     }
 
     pub fn abort(&self) {
