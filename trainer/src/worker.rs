@@ -173,7 +173,9 @@ fn train(
             ring.broadcast_bytes(&mut id, 0)
                 .context("share the NCCL id")?;
             Box::new(
-                NcclCollective::new(rank, world, id, index as i64)
+                // The worker's own abort handle, so the wait for peers to join
+                // can itself be aborted.
+                NcclCollective::with_abort_handle(rank, world, id, index as i64, abort.clone())
                     .context("create NCCL communicator")?,
             )
         }
