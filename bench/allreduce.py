@@ -26,13 +26,18 @@ def parse_args(argv=None):
     p.add_argument("--sizes-mib", default="1,16,64", help="comma-separated sizes in MiB (default: 1,16,64)")
     p.add_argument("--warmup", type=int, default=5, help="untimed all-reduces per size (default: 5)")
     p.add_argument("--iters", type=int, default=30, help="timed all-reduces per size (default: 30)")
-    p.add_argument("--reps", type=int, default=1, help="alternating repetitions of each side (default: 1)")
+    p.add_argument("--reps", type=int, default=3, help="alternating repetitions of each side (default: 3)")
     p.add_argument("--kiln-bin", type=Path, default=None, help="kiln's allreduce binary (default: <target>/release/allreduce)")
     p.add_argument("--python", default=sys.executable, help="Python with torch for the gloo side (default: this one)")
     p.add_argument("--peer-only", action="store_true", help="run only the gloo side (kiln not built yet)")
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line at the end")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per side and repetition (default: 600)")
     return p.parse_args(argv)
+
+
+def span(values):
+    """`min-max` of the repetitions, to show how noisy the machine was."""
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "n/a"
 
 
 def main():
@@ -65,17 +70,26 @@ def main():
     print("all-reduce bandwidth, world size 2, float32, loopback TCP, 1 intra-op thread (gloo)")
     print(f"algbw = bytes / median time over {args.iters} iterations after {args.warmup} warm-up; GB/s = 1e9 B/s; "
           f"{args.reps} repetition(s), median shown")
-    print(f"{'size':>8}  {'kiln GB/s':>10}  {'gloo GB/s':>10}  {'kiln/gloo':>10}")
+    spread = args.reps > 1
+    print(f"{'size':>8}  {'kiln GB/s':>10}  {'gloo GB/s':>10}  {'kiln/gloo':>10}"
+          + (f"  {'kiln range':>12}  {'gloo range':>12}" if spread else ""))
     summary, below = [], []
     for mib in sizes:
         size_bytes = mib << 20
-        kiln = median(gbps.get("kiln", {}).get(size_bytes, []))
-        gloo = median(gbps["gloo"].get(size_bytes, []))
+        kiln_runs = gbps.get("kiln", {}).get(size_bytes, [])
+        gloo_runs = gbps["gloo"].get(size_bytes, [])
+        kiln, gloo = median(kiln_runs), median(gloo_runs)
         ratio = kiln / gloo if kiln and gloo else None
         if ratio is not None and ratio < TARGET_RATIO:
             below.append(f"{mib} MiB")
-        print(f"{str(mib) + ' MiB':>8}  {fmt(kiln):>10}  {fmt(gloo):>10}  {fmt(ratio, '.2f') + ('x' if ratio else ''):>10}")
-        summary.append({"size_bytes": size_bytes, "kiln_gbps": kiln, "gloo_gbps": gloo, "ratio": ratio})
+        line = f"{str(mib) + ' MiB':>8}  {fmt(kiln):>10}  {fmt(gloo):>10}  {fmt(ratio) + ('x' if ratio else ''):>10}"
+        if spread:
+            line += f"  {span(kiln_runs):>12}  {span(gloo_runs):>12}"
+        print(line)
+        summary.append({
+            "size_bytes": size_bytes, "kiln_gbps": kiln, "gloo_gbps": gloo, "ratio": ratio,
+            "kiln_runs_gbps": kiln_runs, "gloo_runs_gbps": gloo_runs,
+        })
     have_ratios = all(row["ratio"] is not None for row in summary)
     if not have_ratios:
         verdict = "not measured (kiln side missing)"

@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", type=Path, default=BENCH_DIR / "mlp.toml", help="job spec (default: bench/mlp.toml)")
     p.add_argument("--nproc", type=int, default=2, help="ranks (default: 2)")
-    p.add_argument("--reps", type=int, default=2, help="alternating repetitions of each side (default: 2)")
+    p.add_argument("--reps", type=int, default=3, help="alternating repetitions of each side (default: 3)")
     p.add_argument("--kiln", type=Path, default=None, help="kiln binary (default: <target>/release/kiln)")
     p.add_argument("--python", default=sys.executable, help="Python with torch for the DDP side (default: this one)")
     p.add_argument("--peer-only", action="store_true", help="run only the DDP side (kiln not built yet)")

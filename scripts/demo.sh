@@ -3,11 +3,8 @@
 # kiln, then train the digits example on 2 local workers and print the result.
 # Extra arguments go to `kiln run` (e.g. --json, --set train.steps=100).
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$repo"
-bash scripts/bootstrap.sh
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
-export LIBTORCH="$(readlink -f .libtorch)"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KILN_CACHE/target}"
+kiln_prepare
 cargo build --release -p kiln --quiet
 exec "$CARGO_TARGET_DIR/release/kiln" run examples/digits/job.toml --nproc 2 --data-dir kiln-data "$@"
