@@ -27,6 +27,8 @@ pub struct JobSpec {
     pub workers: WorkersSpec,
     #[serde(default)]
     pub comm: CommSpec,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
 }
 
 /// `[job]`: identity and the seed everything random derives from.
@@ -346,6 +348,68 @@ impl Default for CommSpec {
     }
 }
 
+/// `[checkpoint]`: when and where training state is saved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Where checkpoints go (file:///abs/path, s3://bucket/prefix, gs://..., az://...,
+    /// memory://); default: `checkpoints/{job}` under the run's data folder.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Save every this many steps (0: only the final checkpoint).
+    #[serde(default)]
+    pub interval: u64,
+    /// Save when the job finishes.
+    #[serde(default = "default_true")]
+    pub final_checkpoint: bool,
+    /// Checkpoints kept by retention: the newest `keep_last` ...
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// ... plus every one whose step is a multiple of `keep_every` (0: none).
+    #[serde(default)]
+    pub keep_every: u64,
+    /// zstd level, 1 to 22.
+    #[serde(default = "default_compression_level")]
+    pub compression_level: i32,
+    /// Largest piece a tensor is split into, in MiB.
+    #[serde(default = "default_chunk_mb")]
+    pub chunk_mb: f64,
+    /// Background saves that may fail in a row before the job fails.
+    #[serde(default = "default_max_consecutive_failures")]
+    pub max_consecutive_failures: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_keep_last() -> usize {
+    3
+}
+fn default_compression_level() -> i32 {
+    3
+}
+fn default_chunk_mb() -> f64 {
+    8.0
+}
+fn default_max_consecutive_failures() -> usize {
+    3
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            url: None,
+            interval: 0,
+            final_checkpoint: true,
+            keep_last: default_keep_last(),
+            keep_every: 0,
+            compression_level: default_compression_level(),
+            chunk_mb: default_chunk_mb(),
+            max_consecutive_failures: default_max_consecutive_failures(),
+        }
+    }
+}
+
 /// Why a job spec was refused.
 ///
 /// `Display` is the whole message for a user (the CLI prints it after
@@ -454,7 +518,8 @@ impl JobSpec {
         self.validate_train()?;
         self.validate_optimizer()?;
         self.validate_schedule()?;
-        self.validate_comm()
+        self.validate_comm()?;
+        self.validate_checkpoint()
     }
 
     /// Samples per rank per step at `world_size`; error if `train.global_batch`
@@ -716,6 +781,32 @@ impl JobSpec {
         positive("comm.timeout_secs", self.comm.timeout_secs)
     }
 
+    fn validate_checkpoint(&self) -> Result<(), SpecError> {
+        let c = &self.checkpoint;
+        if let Some(url) = &c.url {
+            let scheme_ok = ["file://", "s3://", "gs://", "az://", "memory://", "/"]
+                .iter()
+                .any(|p| url.starts_with(p));
+            if !scheme_ok {
+                return Err(invalid(
+                    "checkpoint.url",
+                    format!(
+                        "{url:?} is not a checkpoint location; use file:///abs/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or memory://"
+                    ),
+                ));
+            }
+        }
+        at_least_one("checkpoint.keep_last", c.keep_last)?;
+        at_least_one("checkpoint.max_consecutive_failures", c.max_consecutive_failures)?;
+        if !(1..=22).contains(&c.compression_level) {
+            return Err(invalid(
+                "checkpoint.compression_level",
+                format!("{} is not a zstd level; allowed: 1 to 22", c.compression_level),
+            ));
+        }
+        positive("checkpoint.chunk_mb", c.chunk_mb)
+    }
+
     /// `ranks` names the divisor in the message (`workers.nproc = 3`, `world size 6`).
     fn per_rank_batch_over(&self, world_size: usize, ranks: &str) -> Result<usize, SpecError> {
         let global_batch = self.train.global_batch;
@@ -883,7 +974,7 @@ fn deserialize_text(text: &str, table: &toml::Table) -> Result<JobSpec, SpecErro
 }
 
 /// The spec's sections, in the order a spec file usually lists them.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "job",
     "model",
     "data",
@@ -892,6 +983,7 @@ const SECTIONS: [&str; 8] = [
     "schedule",
     "workers",
     "comm",
+    "checkpoint",
 ];
 
 /// serde fills a struct from an array too (`train = [500, 32]` would set
