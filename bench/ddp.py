@@ -93,13 +93,13 @@ def main():
           f"{train.get('threads_per_worker')} intra-op thread(s) per rank")
     print("global samples/s from the end of step 1 to the end of the last step; "
           f"{args.reps} alternating repetition(s), median shown")
-    print(f"{'':6}  {'samples/s':>10}  {'runs':>24}  {'final loss':>10}")
+    print(f"{'':6}  {'samples/s':>10}  {'final loss':>10}  runs (samples/s)")
     for side, label in (("kiln", "kiln"), ("ddp", "DDP")):
         runs = results[side]
         per_run = ", ".join(fmt(r["samples_per_sec"], ".0f") for r in runs) or "n/a"
         loss = runs[-1].get("final_loss") if runs else None
-        print(f"{label:6}  {fmt(median([r['samples_per_sec'] for r in runs]), '.0f'):>10}  {per_run:>24}  "
-              f"{fmt(loss, '.4f'):>10}")
+        print(f"{label:6}  {fmt(median([r['samples_per_sec'] for r in runs]), '.0f'):>10}  "
+              f"{fmt(loss, '.4f'):>10}  {per_run}")
     print(f"kiln/DDP: {fmt(ratio) + 'x' if ratio else 'n/a'}")
     if ratio is None:
         verdict = "not measured (kiln side missing)"

@@ -2,16 +2,60 @@
 //!
 //! Checkpoints deal in typed byte views ([`TensorView`]: name, dtype, shape,
 //! bytes); the trainer and the server convert to and from `tch::Tensor`. This
-//! keeps the storage engine fast to build, test and benchmark.
+//! keeps the storage engine fast to build, test and benchmark. The format is
+//! specified in `docs/checkpoint-format.md`.
 //!
 //! # Layout
 //!
 //! - [`tensor`]: [`DType`] and [`TensorView`].
 //! - [`digest`]: the canonical weights digest that makes two runs comparable
 //!   bit for bit.
+//! - [`error`]: the crate's one error type.
+//! - [`store`]: [`CheckpointRoot`] (a URL over an `object_store` backend), the
+//!   I/O runtime and the compare-and-swap behind `latest`.
+//! - [`codec`]: chunk encoding (byte grouping, zstd, frame, checksums).
+//! - [`plan`]: the canonical chunk list of a state and its per-rank stripes.
+//! - [`manifest`]: manifest, part and `latest` records; the key layout.
+//! - [`commit`]: the commit protocol as a pure state machine.
+//! - [`save`]: [`Checkpointer`], the asynchronous per-rank save pipeline.
+//! - [`load`]: resolve, load, verify, fall back to a verified parent, list.
+//! - [`gc`]: retention and garbage collection.
+//! - [`export`]: safetensors export and import.
+//!
+//! # A save, end to end
+//!
+//! Every rank calls [`Checkpointer::save`] with the same replicated state.
+//! Each copies its stripe (a contiguous, byte-balanced range of the canonical
+//! chunk list) and returns; the background pipeline hashes, compresses and
+//! uploads the stripe's chunks (skipping those already stored) and writes the
+//! rank's part. Rank 0 reads the other parts by key, writes the manifest with
+//! a create-only put and moves `latest` by compare-and-swap. Readers follow
+//! `latest` to the manifest and the manifest to the chunks; nothing on the
+//! load path lists.
 
+pub mod codec;
+pub mod commit;
 pub mod digest;
+pub mod error;
+pub mod export;
+mod failpoint;
+pub mod gc;
+pub mod load;
+pub mod manifest;
+pub mod plan;
+pub mod save;
+pub mod store;
 pub mod tensor;
 
 pub use digest::weights_digest;
+pub use error::{Error, Result};
+pub use export::{export_safetensors, import_safetensors};
+pub use gc::{GcReport, Retention, gc};
+pub use load::{
+    BadChunk, ManifestSummary, OwnedTensor, VerifyReport, list, load, load_latest_verified,
+    resolve, verify,
+};
+pub use manifest::{CheckpointMeta, FORMAT_VERSION, Manifest};
+pub use save::{Checkpointer, MemoryStats, SaveConfig, SaveOutcome};
+pub use store::CheckpointRoot;
 pub use tensor::{DType, TensorView};

@@ -1,0 +1,339 @@
+//! The commit protocol as a pure state machine: no I/O, no clock.
+//!
+//! The committer (rank 0) holds its own part; the machine asks for the other
+//! ranks' parts by their known keys (never listing), waits with backoff until
+//! they are all there or the timeout passes, checks that every rank saved the
+//! same layout and exactly its stripe, then asks to write the manifest
+//! (create-only) and to move `latest` by compare-and-swap, never backwards.
+//! The driver in `save.rs` performs the [`Action`]s and feeds back
+//! [`Event`]s; tests drive it with a fake clock.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+use crate::manifest::{
+    CheckpointMeta, ChunkRef, FORMAT_VERSION, LatestRecord, Manifest, PartRecord, TensorEntry,
+    Totals, manifest_key,
+};
+use crate::plan::ChunkPlan;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// Lost swaps before giving up: each loss means another writer moved
+/// `latest`, so a long streak means something is wrong.
+const MAX_SWAP_LOSSES: u32 = 64;
+
+/// What the committer knows before it starts.
+#[derive(Debug, Clone)]
+pub struct CommitInput {
+    pub step: u64,
+    pub attempt: String,
+    pub world_size: usize,
+    pub plan: Arc<ChunkPlan>,
+    pub meta: CheckpointMeta,
+    pub parent: Option<String>,
+    pub timeout: Duration,
+    pub created_at: String,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// The answer to reading one rank's part (`None`: not there yet).
+    PartRead { rank: usize, part: Option<PartRecord> },
+    /// A [`Action::WaitUntil`] deadline passed.
+    Tick,
+    /// The create-only manifest put succeeded (or found identical bytes).
+    ManifestWritten,
+    /// A different manifest already exists at the key.
+    ManifestConflict,
+    LatestRead(Option<LatestRecord>),
+    /// The result of [`Action::SwapLatest`]: `false` when another writer won.
+    LatestSwapped(bool),
+}
+
+#[derive(Debug)]
+pub enum Action {
+    /// Read these ranks' parts (concurrently), answering with one
+    /// [`Event::PartRead`] each.
+    ReadParts(Vec<usize>),
+    WaitUntil(Instant),
+    WriteManifest(Box<Manifest>),
+    ReadLatest,
+    /// Swap `latest` from the record last read to this one.
+    SwapLatest(LatestRecord),
+    Done(Box<CommitOutcome>),
+    Fail(Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct CommitOutcome {
+    pub manifest: Manifest,
+    /// False when `latest` already named this or a newer step.
+    pub latest_moved: bool,
+    pub parts: Vec<PartRecord>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    Gathering,
+    WritingManifest,
+    MovingLatest,
+    Finished,
+}
+
+/// One commit in progress.
+#[derive(Debug)]
+pub struct Commit {
+    input: CommitInput,
+    stripes: Vec<Range<usize>>,
+    deadline: Instant,
+    parts: Vec<Option<PartRecord>>,
+    outstanding: usize,
+    backoff: Duration,
+    phase: Phase,
+    swap_losses: u32,
+    manifest: Option<Manifest>,
+    /// Whether the first round of part reads went out.
+    asked: bool,
+}
+
+impl Commit {
+    /// Starts a commit with the committer's own part (rank 0).
+    pub fn new(input: CommitInput, own_part: PartRecord, now: Instant) -> (Self, Vec<Action>) {
+        let stripes = (0..input.world_size)
+            .map(|r| input.plan.stripe(r, input.world_size))
+            .collect();
+        let mut commit = Commit {
+            deadline: now + input.timeout,
+            parts: vec![None; input.world_size],
+            stripes,
+            input,
+            outstanding: 0,
+            backoff: FIRST_BACKOFF,
+            phase: Phase::Gathering,
+            swap_losses: 0,
+            manifest: None,
+            asked: false,
+        };
+        let actions = match commit.accept(0, own_part) {
+            Err(e) => commit.fail(e),
+            Ok(()) => commit.next_gather_step(now),
+        };
+        (commit, actions)
+    }
+
+    pub fn on_event(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        if self.phase == Phase::Finished {
+            return vec![];
+        }
+        match (event, &self.phase) {
+            (Event::PartRead { rank, part }, Phase::Gathering) => {
+                self.outstanding = self.outstanding.saturating_sub(1);
+                if let Some(part) = part {
+                    if let Err(e) = self.accept(rank, part) {
+                        return self.fail(e);
+                    }
+                }
+                if self.outstanding > 0 {
+                    return vec![];
+                }
+                self.next_gather_step(now)
+            }
+            (Event::Tick, Phase::Gathering) => {
+                let missing = self.missing();
+                self.outstanding = missing.len();
+                vec![Action::ReadParts(missing)]
+            }
+            (Event::ManifestWritten, Phase::WritingManifest) => {
+                self.phase = Phase::MovingLatest;
+                vec![Action::ReadLatest]
+            }
+            (Event::ManifestConflict, Phase::WritingManifest) => {
+                let key = manifest_key(self.input.step, &self.input.attempt);
+                self.fail(Error::Conflict {
+                    what: format!("a different manifest already exists at {key}"),
+                })
+            }
+            (Event::LatestRead(current), Phase::MovingLatest) => {
+                let manifest = self.manifest.as_ref().expect("manifest built before latest");
+                match current {
+                    Some(cur) if cur.step >= self.input.step => {
+                        self.finish(cur.manifest == manifest.key)
+                    }
+                    _ => vec![Action::SwapLatest(LatestRecord {
+                        format_version: FORMAT_VERSION,
+                        step: self.input.step,
+                        manifest: manifest.key.clone(),
+                        attempt: self.input.attempt.clone(),
+                        parent: manifest.parent.clone(),
+                        updated_at: self.input.created_at.clone(),
+                    })],
+                }
+            }
+            (Event::LatestSwapped(true), Phase::MovingLatest) => self.finish(true),
+            (Event::LatestSwapped(false), Phase::MovingLatest) => {
+                self.swap_losses += 1;
+                if self.swap_losses > MAX_SWAP_LOSSES {
+                    return self.fail(Error::Conflict {
+                        what: format!("lost {} swaps of latest in a row", self.swap_losses),
+                    });
+                }
+                vec![Action::ReadLatest]
+            }
+            (event, phase) => self.fail(Error::invalid(format!(
+                "commit protocol: unexpected {event:?} while {phase:?}"
+            ))),
+        }
+    }
+
+    fn missing(&self) -> Vec<usize> {
+        (0..self.input.world_size)
+            .filter(|&r| self.parts[r].is_none())
+            .collect()
+    }
+
+    fn next_gather_step(&mut self, now: Instant) -> Vec<Action> {
+        let missing = self.missing();
+        if missing.is_empty() {
+            return match self.build_manifest() {
+                Ok(m) => {
+                    self.phase = Phase::WritingManifest;
+                    self.manifest = Some(m.clone());
+                    vec![Action::WriteManifest(Box::new(m))]
+                }
+                Err(e) => self.fail(e),
+            };
+        }
+        if !self.asked {
+            // First round: ask for every other part right away.
+            self.asked = true;
+            self.outstanding = missing.len();
+            return vec![Action::ReadParts(missing)];
+        }
+        if now >= self.deadline {
+            return self.fail(Error::Timeout {
+                what: format!(
+                    "step {} attempt {}: parts of ranks {missing:?} not written within {:?}",
+                    self.input.step, self.input.attempt, self.input.timeout
+                ),
+            });
+        }
+        let wait = self.backoff.min(self.deadline - now);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        vec![Action::WaitUntil(now + wait)]
+    }
+
+    fn accept(&mut self, rank: usize, part: PartRecord) -> Result<(), Error> {
+        let i = &self.input;
+        let bad = |reason: String| Error::Conflict {
+            what: format!(
+                "part of rank {rank} for step {} attempt {}: {reason}",
+                i.step, i.attempt
+            ),
+        };
+        if part.step != i.step || part.attempt != i.attempt {
+            return Err(bad(format!("names step {} attempt {}", part.step, part.attempt)));
+        }
+        if part.rank as usize != rank || part.world_size as usize != i.world_size {
+            return Err(bad(format!(
+                "says rank {} of {}",
+                part.rank, part.world_size
+            )));
+        }
+        let layout = i.plan.layout_digest();
+        if part.layout != layout {
+            return Err(bad(format!(
+                "saved layout {} but the committer saved {layout}: ranks passed different states",
+                part.layout
+            )));
+        }
+        let stripe = &self.stripes[rank];
+        if part.first_chunk as usize != stripe.start || part.chunks.len() != stripe.len() {
+            return Err(bad(format!(
+                "holds chunks {}..{} but its stripe is {stripe:?}",
+                part.first_chunk,
+                part.first_chunk as usize + part.chunks.len()
+            )));
+        }
+        for (c, planned) in part.chunks.iter().zip(&i.plan.chunks[stripe.clone()]) {
+            if c.raw_len != planned.len as u64 {
+                return Err(bad(format!("chunk {} has the wrong length", c.key)));
+            }
+        }
+        self.parts[rank] = Some(part);
+        Ok(())
+    }
+
+    fn build_manifest(&self) -> Result<Manifest, Error> {
+        let i = &self.input;
+        let refs: Vec<&ChunkRef> = self
+            .parts
+            .iter()
+            .flat_map(|p| p.as_ref().expect("all parts present").chunks.iter())
+            .collect();
+        let plan = &i.plan;
+        let tensors: Vec<TensorEntry> = plan
+            .tensors
+            .iter()
+            .map(|t| TensorEntry {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                raw_len: t.len as u64,
+                chunks: refs[t.first_chunk..t.first_chunk + t.chunk_count]
+                    .iter()
+                    .map(|c| (*c).clone())
+                    .collect(),
+            })
+            .collect();
+        let parts = self.parts.iter().flatten();
+        let totals = Totals {
+            tensors: tensors.len() as u64,
+            chunks: refs.len() as u64,
+            raw_bytes: plan.total_bytes,
+            stored_bytes: refs.iter().map(|c| c.stored_len).sum(),
+            uploaded_bytes: parts.map(|p| p.bytes_uploaded).sum(),
+        };
+        let metrics = i
+            .meta
+            .metrics
+            .iter()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        Ok(Manifest {
+            format_version: FORMAT_VERSION,
+            job: i.meta.job.clone(),
+            step: i.step,
+            attempt: i.attempt.clone(),
+            created_at: i.created_at.clone(),
+            parent: i.parent.clone(),
+            world_size: i.world_size as u32,
+            chunk_bytes: plan.chunk_bytes as u64,
+            tensors,
+            training_state: i.meta.training_state.clone(),
+            job_spec: i.meta.job_spec.clone(),
+            code_version: i.meta.code_version.clone(),
+            dataset_fingerprint: i.meta.dataset_fingerprint.clone(),
+            metrics,
+            totals,
+            key: manifest_key(i.step, &i.attempt),
+        })
+    }
+
+    fn finish(&mut self, latest_moved: bool) -> Vec<Action> {
+        self.phase = Phase::Finished;
+        vec![Action::Done(Box::new(CommitOutcome {
+            manifest: self.manifest.take().expect("manifest built"),
+            latest_moved,
+            parts: self.parts.iter_mut().filter_map(Option::take).collect(),
+        }))]
+    }
+
+    fn fail(&mut self, e: Error) -> Vec<Action> {
+        self.phase = Phase::Finished;
+        vec![Action::Fail(e)]
+    }
+}

@@ -1,0 +1,142 @@
+//! safetensors export (so PyTorch reads kiln checkpoints) and import (to
+//! initialise a model from one).
+//!
+//! Export streams: it writes the header, then loads and writes tensors in
+//! batches of about [`EXPORT_BATCH_BYTES`], so memory stays bounded by the
+//! batch (or the largest tensor), not the checkpoint. The file is written to
+//! a temporary name, fsynced and renamed into place.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::load::{OwnedTensor, load};
+use crate::manifest::{Manifest, TensorEntry};
+use crate::store::CheckpointRoot;
+use crate::tensor::DType;
+
+/// Tensors loaded at once while exporting.
+pub const EXPORT_BATCH_BYTES: u64 = 256 << 20;
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        op,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes the tensors of `manifest` that pass `filter` to a safetensors file.
+pub fn export_safetensors(
+    root: &CheckpointRoot,
+    manifest: &Manifest,
+    filter: impl Fn(&str) -> bool,
+    out: &Path,
+) -> Result<()> {
+    let selected: Vec<&TensorEntry> = manifest.tensors.iter().filter(|t| filter(&t.name)).collect();
+    let mut header = serde_json::Map::new();
+    let mut metadata = BTreeMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    metadata.insert("kiln_step".to_string(), manifest.step.to_string());
+    metadata.insert("kiln_manifest".to_string(), manifest.key.clone());
+    metadata.insert("kiln_job".to_string(), manifest.job.clone());
+    header.insert(
+        "__metadata__".to_string(),
+        serde_json::to_value(metadata).expect("string map"),
+    );
+    let mut offset = 0u64;
+    for t in &selected {
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({
+                "dtype": t.dtype.name(),
+                "shape": t.shape,
+                "data_offsets": [offset, offset + t.raw_len],
+            }),
+        );
+        offset += t.raw_len;
+    }
+    let mut header = serde_json::to_vec(&header).expect("header serializes");
+    // The data starts 8-byte aligned, as safetensors' own writer does.
+    while (header.len() + 8) % 8 != 0 {
+        header.push(b' ');
+    }
+
+    let tmp = out.with_extension("safetensors.tmp");
+    let file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+    let result = (|| -> Result<()> {
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|_| w.write_all(&header))
+            .map_err(io("write", &tmp))?;
+        let mut batch: Vec<&str> = Vec::new();
+        let mut batch_bytes = 0u64;
+        let flush = |batch: &mut Vec<&str>, w: &mut std::io::BufWriter<std::fs::File>| -> Result<()> {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let names: std::collections::HashSet<&str> = batch.iter().copied().collect();
+            // `load` returns tensors in manifest (name) order, the order of
+            // the offsets above.
+            for t in load(root, manifest, |n| names.contains(n))? {
+                w.write_all(&t.data).map_err(io("write", &tmp))?;
+            }
+            batch.clear();
+            Ok(())
+        };
+        for t in &selected {
+            if batch_bytes + t.raw_len > EXPORT_BATCH_BYTES {
+                flush(&mut batch, &mut w)?;
+                batch_bytes = 0;
+            }
+            batch.push(&t.name);
+            batch_bytes += t.raw_len;
+        }
+        flush(&mut batch, &mut w)?;
+        let file = w.into_inner().map_err(|e| io("write", &tmp)(e.into_error()))?;
+        file.sync_all().map_err(io("sync", &tmp))?;
+        std::fs::rename(&tmp, out).map_err(io("rename", out))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Reads every tensor of a safetensors file, sorted by name.
+pub fn import_safetensors(path: &Path) -> Result<Vec<OwnedTensor>> {
+    use safetensors::Dtype as S;
+    let bytes = std::fs::read(path).map_err(io("read", path))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        Error::invalid(format!("{} is not a valid safetensors file: {e}", path.display()))
+    })?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            S::BOOL => DType::Bool,
+            S::U8 => DType::U8,
+            S::I8 => DType::I8,
+            S::I16 => DType::I16,
+            S::I32 => DType::I32,
+            S::I64 => DType::I64,
+            S::F16 => DType::F16,
+            S::BF16 => DType::BF16,
+            S::F32 => DType::F32,
+            S::F64 => DType::F64,
+            other => {
+                return Err(Error::Unsupported {
+                    what: format!("tensor {name} of {}: dtype {other:?}", path.display()),
+                });
+            }
+        };
+        out.push(OwnedTensor {
+            name,
+            dtype,
+            shape: view.shape().to_vec(),
+            data: view.data().to_vec(),
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}

@@ -1,0 +1,509 @@
+//! Reading checkpoints: resolve, load, verify, fall back, list.
+//!
+//! Loads never list: `latest` names the manifest, the manifest names every
+//! chunk. Chunks are fetched concurrently (whole objects: a chunk is at most
+//! `chunk_bytes`, so one GET per chunk already keeps many requests in flight)
+//! and decoded on parallel threads straight into the output tensors; every
+//! chunk's crc32c and sha256 are checked.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::codec::{decode_chunk, parse_chunk_key};
+use crate::error::{Error, Result};
+use crate::manifest::{LATEST_KEY, LatestRecord, Manifest, TensorEntry, manifest_key};
+use crate::store::{CheckpointRoot, block_on};
+use crate::tensor::{DType, TensorView};
+
+/// Chunk reads in flight during a load.
+const READ_CONCURRENCY: usize = 16;
+
+/// A tensor that owns its bytes (little-endian, as saved).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl OwnedTensor {
+    pub fn view(&self) -> TensorView<'_> {
+        TensorView {
+            name: &self.name,
+            dtype: self.dtype,
+            shape: &self.shape,
+            data: &self.data,
+        }
+    }
+}
+
+/// Reads and parses the manifest at `key`.
+pub async fn read_manifest(root: &CheckpointRoot, key: &str) -> Result<Manifest> {
+    let bytes = root.get(key).await.map_err(|e| match e {
+        Error::NotFound { .. } => Error::NotFound {
+            what: format!("manifest {}", root.url_of(key)),
+        },
+        e => e,
+    })?;
+    Manifest::from_json(key, &bytes)
+}
+
+/// Reads the `latest` record.
+pub async fn read_latest(root: &CheckpointRoot) -> Result<LatestRecord> {
+    match root.get_opt(LATEST_KEY).await? {
+        Some(b) => LatestRecord::from_json(&b),
+        None => Err(Error::NotFound {
+            what: format!("{} (no checkpoint committed yet)", root.url_of(LATEST_KEY)),
+        }),
+    }
+}
+
+/// Finds a checkpoint: `"latest"`, a step number, or a manifest key or URL.
+pub fn resolve(root: &CheckpointRoot, which: &str) -> Result<Manifest> {
+    block_on(resolve_async(root, which))
+}
+
+pub async fn resolve_async(root: &CheckpointRoot, which: &str) -> Result<Manifest> {
+    let which = which.trim();
+    if which == "latest" {
+        let latest = read_latest(root).await?;
+        return read_manifest(root, &latest.manifest).await;
+    }
+    if let Ok(step) = which.parse::<u64>() {
+        return resolve_step(root, step).await;
+    }
+    let key = which
+        .strip_prefix(root.url())
+        .unwrap_or(which)
+        .trim_start_matches('/');
+    if key.contains("://") {
+        return Err(Error::invalid(format!(
+            "{which} is not under the checkpoint root {}",
+            root.url()
+        )));
+    }
+    read_manifest(root, key).await
+}
+
+/// A step: walk back from `latest` through parents (reads only); a step off
+/// that chain (another attempt's) is found by listing its key prefix.
+async fn resolve_step(root: &CheckpointRoot, step: u64) -> Result<Manifest> {
+    if let Ok(latest) = read_latest(root).await {
+        let mut next = Some(latest.manifest);
+        let mut hops = 0;
+        while let Some(key) = next.take() {
+            let Ok(m) = read_manifest(root, &key).await else {
+                break;
+            };
+            if m.step == step {
+                return Ok(m);
+            }
+            hops += 1;
+            if m.step < step || hops > 10_000 {
+                break;
+            }
+            next = m.parent.clone();
+        }
+    }
+    let prefix = manifest_key(step, "");
+    let prefix = prefix.trim_end_matches(".json");
+    let mut found: Vec<_> = root
+        .list("manifests")
+        .await?
+        .into_iter()
+        .filter(|o| o.key.starts_with(prefix))
+        .collect();
+    found.sort_by_key(|o| o.last_modified);
+    match found.pop() {
+        Some(o) => {
+            tracing::warn!(step, manifest = %o.key, "step is not on latest's chain; found it by listing");
+            read_manifest(root, &o.key).await
+        }
+        None => Err(Error::NotFound {
+            what: format!("a checkpoint of step {step} under {}", root.url()),
+        }),
+    }
+}
+
+/// One chunk that failed to read or check.
+#[derive(Debug, Clone, Serialize)]
+pub struct BadChunk {
+    pub tensor: String,
+    pub index: usize,
+    pub key: String,
+    pub reason: String,
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub manifest: String,
+    pub step: u64,
+    pub tensors_checked: usize,
+    pub chunks_checked: usize,
+    pub raw_bytes_checked: u64,
+    pub bad_chunks: Vec<BadChunk>,
+    /// Tensors with at least one bad chunk.
+    pub bad_tensors: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.bad_chunks.is_empty()
+    }
+}
+
+struct ChunkJob<'a> {
+    tensor: usize,
+    index: usize,
+    entry: &'a TensorEntry,
+    offset: usize,
+}
+
+fn chunk_error(job: &ChunkJob<'_>, e: Error) -> Error {
+    let chunk = &job.entry.chunks[job.index];
+    let label = format!("#{} {}", job.index, chunk.key);
+    match e {
+        Error::NotFound { .. } => Error::Corrupt {
+            tensor: job.entry.name.clone(),
+            chunk: label,
+            reason: "missing from the store".into(),
+        },
+        Error::Unavailable { what, source } => Error::Unavailable {
+            what: format!("{what} (chunk {label} of tensor {})", job.entry.name),
+            source,
+        },
+        e => e,
+    }
+}
+
+/// Fetches and decodes the chunks of `entries`; with `outputs`, into them
+/// (one buffer per entry, of its raw length). Returns the per-chunk errors;
+/// with `stop_at_first`, stops fetching after the first.
+fn read_chunks(
+    root: &CheckpointRoot,
+    entries: &[&TensorEntry],
+    outputs: Option<&mut [Vec<u8>]>,
+    stop_at_first: bool,
+) -> Vec<(usize, usize, Error)> {
+    let mut jobs = Vec::new();
+    for (t, entry) in entries.iter().enumerate() {
+        let mut offset = 0;
+        for (index, c) in entry.chunks.iter().enumerate() {
+            jobs.push(ChunkJob {
+                tensor: t,
+                index,
+                entry,
+                offset,
+            });
+            offset += c.raw_len as usize;
+        }
+    }
+    // One disjoint output slice per job, taken by whichever thread decodes it.
+    let slots: Vec<Mutex<Option<&mut [u8]>>> = match outputs {
+        Some(outputs) => {
+            let mut slots = Vec::with_capacity(jobs.len());
+            for (entry, out) in entries.iter().zip(outputs.iter_mut()) {
+                let mut rest: &mut [u8] = out.as_mut_slice();
+                for c in &entry.chunks {
+                    let (mine, tail) = rest.split_at_mut(c.raw_len as usize);
+                    slots.push(Mutex::new(Some(mine)));
+                    rest = tail;
+                }
+            }
+            slots
+        }
+        None => Vec::new(),
+    };
+    let stop = AtomicBool::new(false);
+    let errors: Mutex<Vec<(usize, usize, Error)>> = Mutex::new(Vec::new());
+    let fail = |job: &ChunkJob<'_>, e: Error| {
+        if stop_at_first {
+            stop.store(true, Ordering::SeqCst);
+        }
+        errors
+            .lock()
+            .expect("errors")
+            .push((job.tensor, job.index, chunk_error(job, e)));
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 8);
+    let (tx, rx) = tokio::sync::mpsc::channel::<(usize, Result<Bytes>)>(READ_CONCURRENCY);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let mut scratch = Vec::new();
+                loop {
+                    let Some((j, fetched)) = rx.lock().expect("chunk queue").blocking_recv() else {
+                        break;
+                    };
+                    let job = &jobs[j];
+                    let chunk = &job.entry.chunks[job.index];
+                    let stored = match fetched {
+                        Ok(b) => b,
+                        Err(e) => {
+                            fail(job, e);
+                            continue;
+                        }
+                    };
+                    let address = parse_chunk_key(&chunk.key).map(|(a, _)| a);
+                    let mut slot_guard;
+                    let dst: &mut [u8] = if slots.is_empty() {
+                        scratch.resize(chunk.raw_len as usize, 0);
+                        &mut scratch
+                    } else {
+                        slot_guard = slots[j].lock().expect("slot").take();
+                        slot_guard.as_deref_mut().expect("each chunk decoded once")
+                    };
+                    let checked = if stored.len() as u64 != chunk.stored_len {
+                        Err(format!(
+                            "stored object is {} bytes, the manifest says {}",
+                            stored.len(),
+                            chunk.stored_len
+                        ))
+                    } else {
+                        decode_chunk(&stored, dst, address.as_deref())
+                    };
+                    if let Err(reason) = checked {
+                        fail(
+                            job,
+                            Error::Corrupt {
+                                tensor: job.entry.name.clone(),
+                                chunk: format!("#{} {}", job.index, chunk.key),
+                                reason,
+                            },
+                        );
+                    }
+                }
+            });
+        }
+        let fetch = async {
+            let tx = tx;
+            let mut reads = futures::stream::iter(0..jobs.len())
+                .take_while(|_| std::future::ready(!stop.load(Ordering::SeqCst)))
+                .map(|j| {
+                    let key = jobs[j].entry.chunks[jobs[j].index].key.clone();
+                    async move { (j, root.get(&key).await) }
+                })
+                .buffer_unordered(READ_CONCURRENCY);
+            while let Some(r) = reads.next().await {
+                if tx.send(r).await.is_err() {
+                    break;
+                }
+            }
+        };
+        block_on(fetch);
+    });
+    let mut errors = errors.into_inner().expect("errors");
+    errors.sort_by_key(|(t, i, _)| (*t, *i));
+    errors
+}
+
+/// Loads the tensors whose names pass `filter`, verifying every chunk. A
+/// corrupt or missing chunk is an [`Error::Corrupt`] naming tensor and chunk.
+pub fn load(
+    root: &CheckpointRoot,
+    manifest: &Manifest,
+    filter: impl Fn(&str) -> bool,
+) -> Result<Vec<OwnedTensor>> {
+    let selected: Vec<&TensorEntry> = manifest.tensors.iter().filter(|t| filter(&t.name)).collect();
+    let mut outputs: Vec<Vec<u8>> = selected.iter().map(|t| vec![0u8; t.raw_len as usize]).collect();
+    let errors = read_chunks(root, &selected, Some(&mut outputs), true);
+    if let Some((_, _, e)) = errors.into_iter().next() {
+        return Err(e);
+    }
+    Ok(selected
+        .into_iter()
+        .zip(outputs)
+        .map(|(t, data)| OwnedTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            data,
+        })
+        .collect())
+}
+
+/// Re-reads every chunk of `manifest` and checks it; lists every bad one.
+/// Store outages are errors, not findings.
+pub fn verify(root: &CheckpointRoot, manifest: &Manifest) -> Result<VerifyReport> {
+    let entries: Vec<&TensorEntry> = manifest.tensors.iter().collect();
+    let errors = read_chunks(root, &entries, None, false);
+    let mut bad_chunks = Vec::new();
+    for (t, index, e) in errors {
+        match e {
+            Error::Corrupt { reason, .. } => {
+                let entry = entries[t];
+                bad_chunks.push(BadChunk {
+                    tensor: entry.name.clone(),
+                    index,
+                    key: entry.chunks[index].key.clone(),
+                    reason,
+                })
+            }
+            other => return Err(other),
+        }
+    }
+    let mut bad_tensors: Vec<String> = bad_chunks.iter().map(|b| b.tensor.clone()).collect();
+    bad_tensors.dedup();
+    Ok(VerifyReport {
+        manifest: manifest.key.clone(),
+        step: manifest.step,
+        tensors_checked: entries.len(),
+        chunks_checked: entries.iter().map(|t| t.chunks.len()).sum(),
+        raw_bytes_checked: entries.iter().map(|t| t.raw_len).sum(),
+        bad_chunks,
+        bad_tensors,
+    })
+}
+
+/// Loads the newest checkpoint that verifies: `latest`, else its parent, and
+/// so on. Every skipped checkpoint is logged with `tracing::error!` and
+/// returned as a warning. Store outages are returned as errors (skipping a
+/// good checkpoint because the store hiccuped would lose progress).
+pub fn load_latest_verified(
+    root: &CheckpointRoot,
+    filter: impl Fn(&str) -> bool,
+) -> Result<(Manifest, Vec<OwnedTensor>, Vec<String>)> {
+    let latest = block_on(read_latest(root))?;
+    let mut warnings = Vec::new();
+    let mut next = Some(latest.manifest.clone());
+    // The latest record carries the parent too, for when the newest manifest
+    // itself is unreadable.
+    let mut fallback_parent = latest.parent.clone();
+    let mut hops = 0;
+    while let Some(key) = next.take() {
+        hops += 1;
+        if hops > 10_000 {
+            break;
+        }
+        let manifest = match block_on(read_manifest(root, &key)) {
+            Ok(m) => m,
+            Err(e) if e.is_data_loss() => {
+                let w = format!("checkpoint {} is unreadable, trying its parent: {e}", root.url_of(&key));
+                tracing::error!(manifest = %key, error = %e, "checkpoint manifest unreadable; falling back");
+                warnings.push(w);
+                next = fallback_parent.take();
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        fallback_parent = None;
+        match load(root, &manifest, &filter) {
+            Ok(tensors) => return Ok((manifest, tensors, warnings)),
+            Err(e) if e.is_data_loss() => {
+                tracing::error!(
+                    manifest = %key,
+                    step = manifest.step,
+                    error = %e,
+                    "checkpoint does not verify; falling back to its parent"
+                );
+                warnings.push(format!(
+                    "checkpoint {} (step {}) does not verify, trying its parent: {e}",
+                    root.url_of(&key),
+                    manifest.step
+                ));
+                next = manifest.parent.clone();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::NotFound {
+        what: format!(
+            "a checkpoint that verifies under {} ({})",
+            root.url(),
+            if warnings.is_empty() {
+                "none".to_string()
+            } else {
+                warnings.join("; ")
+            }
+        ),
+    })
+}
+
+/// One line of `kiln ckpt ls`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ManifestSummary {
+    pub key: String,
+    pub url: String,
+    pub step: Option<u64>,
+    pub attempt: Option<String>,
+    pub job: Option<String>,
+    pub created_at: Option<String>,
+    pub world_size: Option<u32>,
+    pub tensors: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    pub parent: Option<String>,
+    pub is_latest: bool,
+    /// Set when the manifest could not be read or parsed.
+    pub error: Option<String>,
+}
+
+/// Every manifest under the root, oldest step first (lists: tools only).
+pub fn list(root: &CheckpointRoot) -> Result<Vec<ManifestSummary>> {
+    block_on(list_async(root))
+}
+
+pub async fn list_async(root: &CheckpointRoot) -> Result<Vec<ManifestSummary>> {
+    let latest = match read_latest(root).await {
+        Ok(l) => Some(l.manifest),
+        Err(Error::NotFound { .. } | Error::CorruptObject { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let objects = root.list("manifests").await?;
+    let root = Arc::new(root.clone());
+    let mut out: Vec<ManifestSummary> = futures::stream::iter(objects)
+        .map(|o| {
+            let root = root.clone();
+            let latest = latest.clone();
+            async move {
+                let is_latest = latest.as_deref() == Some(o.key.as_str());
+                match read_manifest(&root, &o.key).await {
+                    Ok(m) => ManifestSummary {
+                        url: root.url_of(&o.key),
+                        key: o.key,
+                        step: Some(m.step),
+                        attempt: Some(m.attempt),
+                        job: Some(m.job),
+                        created_at: Some(m.created_at),
+                        world_size: Some(m.world_size),
+                        tensors: m.totals.tensors,
+                        raw_bytes: m.totals.raw_bytes,
+                        stored_bytes: m.totals.stored_bytes,
+                        parent: m.parent,
+                        is_latest,
+                        error: None,
+                    },
+                    Err(e) => ManifestSummary {
+                        url: root.url_of(&o.key),
+                        step: crate::manifest::step_of_manifest_key(&o.key),
+                        key: o.key,
+                        attempt: None,
+                        job: None,
+                        created_at: None,
+                        world_size: None,
+                        tensors: 0,
+                        raw_bytes: 0,
+                        stored_bytes: 0,
+                        parent: None,
+                        is_latest,
+                        error: Some(e.to_string()),
+                    },
+                }
+            }
+        })
+        .buffer_unordered(READ_CONCURRENCY)
+        .collect()
+        .await;
+    out.sort_by(|a, b| (a.step, &a.created_at, &a.key).cmp(&(b.step, &b.created_at, &b.key)));
+    Ok(out)
+}

@@ -1,0 +1,295 @@
+//! The objects that describe checkpoints: manifest, part, `latest`, and the
+//! key layout under a checkpoint root. JSON only: nothing executes on load.
+//!
+//! ```text
+//! chunks/{aa}/{sha256}.{encoding}               immutable, content-addressed
+//! parts/{step:020}-{attempt}/rank-{r:05}-of-{w:05}.json   one per rank and save
+//! manifests/{step:020}-{attempt}.json           one per checkpoint, create-only
+//! latest                                        moved by compare-and-swap
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// The version of the format this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The key of the `latest` record.
+pub const LATEST_KEY: &str = "latest";
+
+/// Trainer-supplied metadata saved with a checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, Default, PartialEq)]
+pub struct CheckpointMeta {
+    /// Step, sample cursor, RNG states, optimizer step count, schedule
+    /// position: whatever the trainer needs to continue exactly.
+    pub training_state: serde_json::Value,
+    pub job_spec: serde_json::Value,
+    pub code_version: String,
+    pub dataset_fingerprint: String,
+    pub world_size: u32,
+    pub metrics: BTreeMap<String, f64>,
+    pub job: String,
+}
+
+/// A reference to one stored chunk.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// Key relative to the root: `chunks/aa/<sha256>.<encoding>`.
+    pub key: String,
+    pub raw_len: u64,
+    pub stored_len: u64,
+}
+
+/// One tensor of a checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Bytes of the tensor (sum of its chunks' `raw_len`).
+    pub raw_len: u64,
+    /// The tensor's bytes are these chunks' decoded bytes, in order.
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// Sums over the whole checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Totals {
+    pub tensors: u64,
+    pub chunks: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    /// Stored bytes this save uploaded (the rest were already stored).
+    pub uploaded_bytes: u64,
+}
+
+/// A checkpoint: everything needed to load it, and how it came to be.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub job: String,
+    pub step: u64,
+    pub attempt: String,
+    /// RFC 3339, UTC, of the commit.
+    pub created_at: String,
+    /// Manifest key of the checkpoint this one follows (the committer's
+    /// previous commit, the one it resumed from, or the `latest` it found).
+    pub parent: Option<String>,
+    /// World size of the save (the number of stripes).
+    pub world_size: u32,
+    pub chunk_bytes: u64,
+    /// Sorted by name.
+    pub tensors: Vec<TensorEntry>,
+    pub training_state: serde_json::Value,
+    pub job_spec: serde_json::Value,
+    pub code_version: String,
+    pub dataset_fingerprint: String,
+    pub metrics: BTreeMap<String, f64>,
+    pub totals: Totals,
+    /// Where this manifest was read from or written to (not stored).
+    #[serde(skip)]
+    pub key: String,
+}
+
+impl Manifest {
+    /// The trainer's metadata as it was saved.
+    pub fn meta(&self) -> CheckpointMeta {
+        CheckpointMeta {
+            training_state: self.training_state.clone(),
+            job_spec: self.job_spec.clone(),
+            code_version: self.code_version.clone(),
+            dataset_fingerprint: self.dataset_fingerprint.clone(),
+            world_size: self.world_size,
+            metrics: self.metrics.clone(),
+            job: self.job.clone(),
+        }
+    }
+
+    /// Every chunk key the checkpoint references.
+    pub fn chunk_keys(&self) -> impl Iterator<Item = &str> {
+        self.tensors
+            .iter()
+            .flat_map(|t| t.chunks.iter().map(|c| c.key.as_str()))
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors
+            .binary_search_by(|t| t.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.tensors[i])
+    }
+
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("manifest serializes")
+    }
+
+    /// Parses and checks a manifest read from `key`.
+    pub fn from_json(key: &str, bytes: &[u8]) -> Result<Self> {
+        let corrupt = |reason: String| Error::CorruptObject {
+            key: key.to_string(),
+            reason,
+        };
+        #[derive(Deserialize)]
+        struct Version {
+            format_version: u32,
+        }
+        let v: Version = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        if v.format_version > FORMAT_VERSION {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "manifest {key} has format version {}, this build reads up to {FORMAT_VERSION}",
+                    v.format_version
+                ),
+            });
+        }
+        let mut m: Manifest = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        m.key = key.to_string();
+        for pair in m.tensors.windows(2) {
+            if pair[0].name >= pair[1].name {
+                return Err(corrupt(format!(
+                    "tensors not sorted by name at {}",
+                    pair[1].name
+                )));
+            }
+        }
+        for t in &m.tensors {
+            let numel: usize = t.shape.iter().product();
+            let sum: u64 = t.chunks.iter().map(|c| c.raw_len).sum();
+            if (numel * t.dtype.size()) as u64 != t.raw_len || sum != t.raw_len {
+                return Err(corrupt(format!(
+                    "tensor {} has shape {:?} ({} bytes) but its chunks hold {sum} bytes",
+                    t.name, t.shape, t.raw_len
+                )));
+            }
+            for c in &t.chunks {
+                if crate::codec::parse_chunk_key(&c.key).is_none() {
+                    return Err(corrupt(format!("bad chunk key {} in {}", c.key, t.name)));
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// One rank's contribution to a save: the chunks of its stripe.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PartRecord {
+    pub format_version: u32,
+    pub step: u64,
+    pub attempt: String,
+    pub rank: u32,
+    pub world_size: u32,
+    /// [`crate::plan::ChunkPlan::layout_digest`] of the state the rank saved.
+    pub layout: String,
+    /// Index of the stripe's first chunk in the canonical plan.
+    pub first_chunk: u64,
+    /// The stripe's chunks, in plan order.
+    pub chunks: Vec<ChunkRef>,
+    pub bytes_uploaded: u64,
+    pub bytes_reused: u64,
+    pub chunks_uploaded: u64,
+    pub chunks_reused: u64,
+}
+
+impl PartRecord {
+    pub fn from_json(key: &str, bytes: &[u8]) -> Result<Self> {
+        let p: PartRecord = serde_json::from_slice(bytes).map_err(|e| Error::CorruptObject {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })?;
+        if p.format_version > FORMAT_VERSION {
+            return Err(Error::Unsupported {
+                what: format!("part {key} has format version {}", p.format_version),
+            });
+        }
+        Ok(p)
+    }
+}
+
+/// The `latest` record: which manifest is the newest committed checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LatestRecord {
+    pub format_version: u32,
+    pub step: u64,
+    pub manifest: String,
+    pub attempt: String,
+    /// The manifest's parent, so a reader can fall back even when the latest
+    /// manifest itself is unreadable.
+    pub parent: Option<String>,
+    pub updated_at: String,
+}
+
+impl LatestRecord {
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| Error::CorruptObject {
+            key: LATEST_KEY.into(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Checks an attempt id: it becomes part of object keys.
+pub fn validate_attempt(attempt: &str) -> Result<()> {
+    let ok = !attempt.is_empty()
+        && attempt.len() <= 128
+        && attempt
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !attempt.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "attempt {attempt:?} must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'"
+        )))
+    }
+}
+
+pub fn manifest_key(step: u64, attempt: &str) -> String {
+    format!("manifests/{step:020}-{attempt}.json")
+}
+
+pub fn part_key(step: u64, attempt: &str, rank: usize, world_size: usize) -> String {
+    format!("parts/{step:020}-{attempt}/rank-{rank:05}-of-{world_size:05}.json")
+}
+
+/// The step a manifest key names, if it is one.
+pub fn step_of_manifest_key(key: &str) -> Option<u64> {
+    let name = key.strip_prefix("manifests/")?.strip_suffix(".json")?;
+    let (step, _attempt) = name.split_once('-')?;
+    (step.len() == 20).then(|| step.parse().ok())?
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_by_step_and_parse_back() {
+        let a = manifest_key(9, "run-a");
+        let b = manifest_key(10, "run-a");
+        assert!(a < b, "zero padding keeps lexicographic = numeric order");
+        assert_eq!(step_of_manifest_key(&b), Some(10));
+        assert_eq!(step_of_manifest_key("manifests/x.json"), None);
+        assert!(validate_attempt("run_1.2-x").is_ok());
+        for bad in ["", "a/b", "..", "a b", ".hidden"] {
+            assert!(validate_attempt(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn newer_format_versions_are_refused_not_misread() {
+        let err = Manifest::from_json("m", br#"{"format_version": 2}"#).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+        let err = Manifest::from_json("m", b"{not json").unwrap_err();
+        assert!(matches!(err, Error::CorruptObject { .. }), "{err}");
+    }
+}

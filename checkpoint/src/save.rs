@@ -1,0 +1,831 @@
+//! The save pipeline: [`Checkpointer`].
+//!
+//! `save` copies this rank's stripe into a reusable host buffer and returns.
+//! In the background, on the process-wide I/O runtime, each chunk of the
+//! stripe takes an upload permit (at most `upload_concurrency` chunks are
+//! between "start hashing" and "upload finished"), is hashed, looked up in the
+//! set of chunks already stored, and otherwise byte-grouped, compressed and
+//! framed on the checkpointer's own CPU pool, then uploaded. When every chunk
+//! is durable the rank writes its part; rank 0 then runs the commit protocol
+//! ([`crate::commit`]) and moves `latest`.
+//!
+//! Peak extra host memory: the stripe buffer (this rank's share of the state)
+//! + at most `upload_concurrency` encoded frames (each ≤ chunk_bytes + 32 +
+//!   zstd's bound slack) + one grouping scratch of chunk_bytes per CPU thread:
+//!   ≤ stripe + upload_concurrency × 2 × chunk_bytes when threads ≤
+//!   upload_concurrency. [`Checkpointer::memory_stats`] measures it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use object_store::PutMode;
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinSet;
+
+use crate::codec::{Encoding, address, chunk_key, encode_chunk};
+use crate::commit::{Action, Commit, CommitInput, Event};
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::manifest::{
+    CheckpointMeta, ChunkRef, FORMAT_VERSION, LATEST_KEY, LatestRecord, Manifest, PartRecord,
+    now_rfc3339, part_key, validate_attempt,
+};
+use crate::plan::ChunkPlan;
+use crate::store::{CheckpointRoot, io_runtime};
+use crate::tensor::TensorView;
+
+/// How a [`Checkpointer`] saves.
+#[derive(Clone, Debug)]
+pub struct SaveConfig {
+    /// zstd level (default 3).
+    pub compression_level: i32,
+    /// Largest piece of a tensor stored as one chunk (default 8 MiB).
+    pub chunk_bytes: usize,
+    /// Chunks being compressed or uploaded at once (default 8).
+    pub upload_concurrency: usize,
+    /// Objects above this many bytes go up as multipart uploads (default 16 MiB).
+    pub multipart_threshold: usize,
+    /// How long the committer waits for the other ranks' parts (default 10 min).
+    pub commit_timeout: Duration,
+    /// Compression threads (default 2).
+    pub threads: usize,
+}
+
+impl Default for SaveConfig {
+    fn default() -> Self {
+        SaveConfig {
+            compression_level: 3,
+            chunk_bytes: 8 << 20,
+            upload_concurrency: 8,
+            multipart_threshold: 16 << 20,
+            commit_timeout: Duration::from_secs(600),
+            threads: 2,
+        }
+    }
+}
+
+/// What one background save did.
+#[derive(Clone, Debug)]
+pub struct SaveOutcome {
+    pub step: u64,
+    /// The manifest URL, on the committer (rank 0); `None` on other ranks.
+    pub url: Option<String>,
+    /// Stored bytes uploaded: this rank's, or on the committer the whole
+    /// checkpoint's (from every rank's part).
+    pub bytes_uploaded: u64,
+    /// Stored bytes referenced without uploading (already stored).
+    pub bytes_reused: u64,
+    pub chunks_uploaded: usize,
+    pub chunks_reused: usize,
+    /// Time `save` blocked the caller.
+    pub blocking: Duration,
+    /// From the call to `save` until this rank's part (or, on the committer,
+    /// the commit) was durable.
+    pub durable_after: Duration,
+    pub rank: usize,
+    /// On the committer: whether `latest` now names this checkpoint (false
+    /// when it already named a newer step). Always false on other ranks.
+    pub latest_moved: bool,
+}
+
+/// Host memory the pipeline used, measured.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryStats {
+    /// Capacity of the reusable stripe buffer.
+    pub stripe_buffer_bytes: u64,
+    /// Peak bytes of encoded frames alive at once, plus the CPU threads'
+    /// grouping scratch.
+    pub peak_pipeline_bytes: u64,
+    /// The stated bound: stripe + upload_concurrency × 2 × chunk_bytes.
+    pub bound_bytes: u64,
+}
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// The checkpointer's own CPU threads (hashing, grouping, compression), so
+/// compression never competes with the I/O runtime or the caller's threads
+/// beyond `threads`.
+struct CpuPool {
+    tx: Option<mpsc::Sender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CpuPool {
+    fn new(n: usize, rank: usize) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let rx = rx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("kiln-ckpt-cpu-{rank}-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = rx.lock().expect("cpu pool queue").recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => break,
+                        }
+                    }
+                })
+                .map_err(|source| Error::Io {
+                    op: "spawn",
+                    path: "compression thread".into(),
+                    source,
+                })?;
+            threads.push(t);
+        }
+        Ok(CpuPool {
+            tx: Some(tx),
+            threads,
+        })
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> oneshot::Receiver<T> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        // A send error means the pool shut down; the dropped oneshot tells
+        // the waiting task.
+        let _ = self.tx.as_ref().expect("pool running").send(job);
+        rx
+    }
+}
+
+impl Drop for CpuPool {
+    fn drop(&mut self) {
+        self.tx.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The reusable stripe buffer while a background save reads it; it goes
+/// home to the checkpointer when the last chunk job drops it.
+struct StripeBuffer {
+    data: Vec<u8>,
+    home: mpsc::Sender<Vec<u8>>,
+}
+
+impl Drop for StripeBuffer {
+    fn drop(&mut self) {
+        let _ = self.home.send(std::mem::take(&mut self.data));
+    }
+}
+
+/// Chunks this rank knows are stored, with their stored length and the
+/// sequence number of the last save that referenced them. Only the chunks of
+/// the latest save (and of `set_parent`) are kept, so a reused chunk is
+/// always one a recent part or manifest references (see the GC rules).
+#[derive(Default)]
+struct KnownChunks {
+    map: HashMap<String, (u64, u64)>,
+}
+
+#[derive(Default)]
+struct MemoryCounter {
+    live: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl MemoryCounter {
+    fn add(&self, n: u64) {
+        let now = self.live.fetch_add(n, Ordering::SeqCst) + n;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
+    fn sub(&self, n: u64) {
+        self.live.fetch_sub(n, Ordering::SeqCst);
+    }
+}
+
+/// Per-rank, long-lived saver. See the module docs.
+pub struct Checkpointer {
+    root: CheckpointRoot,
+    cfg: SaveConfig,
+    rank: usize,
+    world_size: usize,
+    pool: Arc<CpuPool>,
+    stripe: Option<Vec<u8>>,
+    stripe_home: mpsc::Sender<Vec<u8>>,
+    stripe_returned: mpsc::Receiver<Vec<u8>>,
+    outcomes_tx: mpsc::Sender<Result<SaveOutcome>>,
+    outcomes_rx: mpsc::Receiver<Result<SaveOutcome>>,
+    in_flight: usize,
+    known: Arc<Mutex<KnownChunks>>,
+    seq: u64,
+    /// Resolves when the previous save's commit finished, so commits happen
+    /// in save order.
+    previous_commit: Option<oneshot::Receiver<()>>,
+    /// Manifest key of the last commit (or of `set_parent`): the next
+    /// manifest's parent.
+    last_committed: Arc<Mutex<Option<String>>>,
+    memory: Arc<MemoryCounter>,
+}
+
+impl Checkpointer {
+    pub fn new(root: CheckpointRoot, cfg: SaveConfig, rank: usize, world_size: usize) -> Result<Self> {
+        if world_size == 0 || rank >= world_size {
+            return Err(Error::invalid(format!(
+                "rank {rank} of world size {world_size}"
+            )));
+        }
+        if cfg.chunk_bytes < 8 || cfg.upload_concurrency == 0 || cfg.threads == 0 {
+            return Err(Error::invalid(format!(
+                "save config needs chunk_bytes >= 8, upload_concurrency >= 1, threads >= 1: {cfg:?}"
+            )));
+        }
+        let (stripe_home, stripe_returned) = mpsc::channel();
+        let (outcomes_tx, outcomes_rx) = mpsc::channel();
+        Ok(Checkpointer {
+            pool: Arc::new(CpuPool::new(cfg.threads, rank)?),
+            root,
+            cfg,
+            rank,
+            world_size,
+            stripe: Some(Vec::new()),
+            stripe_home,
+            stripe_returned,
+            outcomes_tx,
+            outcomes_rx,
+            in_flight: 0,
+            known: Default::default(),
+            seq: 0,
+            previous_commit: None,
+            last_committed: Default::default(),
+            memory: Default::default(),
+        })
+    }
+
+    pub fn root(&self) -> &CheckpointRoot {
+        &self.root
+    }
+
+    /// Saves in the background after copying this rank's stripe; see the
+    /// crate docs for the protocol.
+    pub fn save(
+        &mut self,
+        step: u64,
+        attempt: &str,
+        tensors: &[TensorView<'_>],
+        meta: &CheckpointMeta,
+    ) -> Result<()> {
+        let started = Instant::now();
+        validate_attempt(attempt)?;
+        let plan = Arc::new(ChunkPlan::new(tensors, self.cfg.chunk_bytes)?);
+        let stripe = plan.stripe(self.rank, self.world_size);
+        let by_name: HashMap<&str, &TensorView<'_>> =
+            tensors.iter().map(|t| (t.name, t)).collect();
+
+        // The only wait of a save: the previous save still compressing from
+        // the one stripe buffer.
+        let mut buffer = match self.stripe.take() {
+            Some(b) => b,
+            None => self
+                .stripe_returned
+                .recv()
+                .expect("the checkpointer holds a sender"),
+        };
+        let sources: Vec<&[u8]> = plan.chunks[stripe.clone()]
+            .iter()
+            .map(|c| {
+                let t = by_name[plan.tensors[c.tensor].name.as_str()];
+                &t.data[c.offset..c.offset + c.len]
+            })
+            .collect();
+        let stripe_len: usize = sources.iter().map(|s| s.len()).sum();
+        if buffer.len() != stripe_len {
+            // Keeps the capacity across saves; only a larger state grows it.
+            buffer.resize(stripe_len, 0);
+        }
+        copy_parallel(&sources, &mut buffer, self.cfg.threads);
+        let offsets: Vec<usize> = sources
+            .iter()
+            .scan(0, |at, s| {
+                let o = *at;
+                *at += s.len();
+                Some(o)
+            })
+            .collect();
+        let buffer = Arc::new(StripeBuffer {
+            data: buffer,
+            home: self.stripe_home.clone(),
+        });
+        let blocking = started.elapsed();
+
+        self.seq += 1;
+        let (commit_done, next_commit) = oneshot::channel();
+        let job = SaveJob {
+            seq: self.seq,
+            step,
+            attempt: attempt.to_string(),
+            rank: self.rank,
+            world_size: self.world_size,
+            plan,
+            stripe,
+            offsets,
+            buffer,
+            meta: meta.clone(),
+            cfg: self.cfg.clone(),
+            root: self.root.clone(),
+            pool: self.pool.clone(),
+            known: self.known.clone(),
+            memory: self.memory.clone(),
+            started,
+            blocking,
+            previous_commit: self.previous_commit.replace(next_commit),
+            commit_done,
+            last_committed: self.last_committed.clone(),
+        };
+        let runtime = io_runtime();
+        let task = runtime.spawn(job.run());
+        let tx = self.outcomes_tx.clone();
+        runtime.spawn(async move {
+            let outcome = match task.await {
+                Ok(r) => r,
+                Err(e) => Err(Error::Cancelled {
+                    what: format!("save of step {step}: background task failed: {e}"),
+                }),
+            };
+            let _ = tx.send(outcome);
+        });
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Outcomes of background saves finished since the last call. Never blocks.
+    pub fn poll(&mut self) -> Vec<Result<SaveOutcome>> {
+        let mut out = Vec::new();
+        while let Ok(r) = self.outcomes_rx.try_recv() {
+            self.in_flight -= 1;
+            out.push(r);
+        }
+        out
+    }
+
+    /// Waits for every in-flight save; returns their outcomes.
+    pub fn flush(&mut self) -> Vec<Result<SaveOutcome>> {
+        let mut out = self.poll();
+        while self.in_flight > 0 {
+            match self.outcomes_rx.recv() {
+                Ok(r) => {
+                    self.in_flight -= 1;
+                    out.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// Saves in flight (submitted, outcome not yet taken by poll/flush).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Seeds the set of stored chunks from a loaded manifest (at resume) and
+    /// makes it the next manifest's parent.
+    pub fn set_parent(&mut self, manifest: &Manifest) {
+        let mut known = self.known.lock().expect("known chunks");
+        for t in &manifest.tensors {
+            for c in &t.chunks {
+                known.map.insert(c.key.clone(), (c.stored_len, self.seq + 1));
+            }
+        }
+        *self.last_committed.lock().expect("last committed") = Some(manifest.key.clone());
+    }
+
+    /// Memory the pipeline used so far (see the module docs for the bound).
+    pub fn memory_stats(&self) -> MemoryStats {
+        let chunk = self.cfg.chunk_bytes as u64;
+        let stripe = self
+            .stripe
+            .as_ref()
+            .map(|b| b.capacity() as u64)
+            .unwrap_or(0);
+        MemoryStats {
+            stripe_buffer_bytes: stripe,
+            peak_pipeline_bytes: self.memory.peak.load(Ordering::SeqCst)
+                + self.cfg.threads as u64 * chunk,
+            bound_bytes: stripe + self.cfg.upload_concurrency as u64 * 2 * chunk,
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        // Saves in flight finish (or fail) before the pool goes away; their
+        // outcomes are handled here since nobody else will see them.
+        for r in self.flush() {
+            if let Err(e) = r {
+                tracing::error!(rank = self.rank, error = %e, "checkpoint save failed at shutdown");
+            }
+        }
+    }
+}
+
+/// Copies `sources` back to back into `dst`, on up to `threads` threads.
+fn copy_parallel(sources: &[&[u8]], dst: &mut [u8], threads: usize) {
+    const PARALLEL_ABOVE: usize = 32 << 20;
+    if threads <= 1 || dst.len() < PARALLEL_ABOVE {
+        let mut at = 0;
+        for s in sources {
+            dst[at..at + s.len()].copy_from_slice(s);
+            at += s.len();
+        }
+        return;
+    }
+    // Split the sources into `threads` groups of similar bytes.
+    let share = dst.len().div_ceil(threads);
+    let mut groups: Vec<(usize, usize)> = Vec::new(); // source index ranges
+    let (mut start, mut bytes) = (0, 0);
+    for (i, s) in sources.iter().enumerate() {
+        bytes += s.len();
+        if bytes >= share {
+            groups.push((start, i + 1));
+            start = i + 1;
+            bytes = 0;
+        }
+    }
+    if start < sources.len() {
+        groups.push((start, sources.len()));
+    }
+    std::thread::scope(|scope| {
+        let mut rest = dst;
+        for &(a, b) in &groups {
+            let len: usize = sources[a..b].iter().map(|s| s.len()).sum();
+            let (mine, tail) = rest.split_at_mut(len);
+            rest = tail;
+            let group = &sources[a..b];
+            scope.spawn(move || {
+                let mut at = 0;
+                for s in group {
+                    mine[at..at + s.len()].copy_from_slice(s);
+                    at += s.len();
+                }
+            });
+        }
+    });
+}
+
+/// Everything a background save needs.
+struct SaveJob {
+    seq: u64,
+    step: u64,
+    attempt: String,
+    rank: usize,
+    world_size: usize,
+    plan: Arc<ChunkPlan>,
+    stripe: std::ops::Range<usize>,
+    /// Offset of each stripe chunk in the buffer.
+    offsets: Vec<usize>,
+    buffer: Arc<StripeBuffer>,
+    meta: CheckpointMeta,
+    cfg: SaveConfig,
+    root: CheckpointRoot,
+    pool: Arc<CpuPool>,
+    known: Arc<Mutex<KnownChunks>>,
+    memory: Arc<MemoryCounter>,
+    started: Instant,
+    blocking: Duration,
+    previous_commit: Option<oneshot::Receiver<()>>,
+    commit_done: oneshot::Sender<()>,
+    last_committed: Arc<Mutex<Option<String>>>,
+}
+
+enum Prepared {
+    Reused { key: String, stored_len: u64 },
+    Encoded { key: String, frame: Vec<u8> },
+}
+
+struct ChunkDone {
+    reference: ChunkRef,
+    uploaded: bool,
+}
+
+impl SaveJob {
+    async fn run(self) -> Result<SaveOutcome> {
+        let step = self.step;
+        let SaveJob {
+            seq,
+            attempt,
+            rank,
+            world_size,
+            plan,
+            stripe,
+            offsets,
+            buffer,
+            meta,
+            cfg,
+            root,
+            pool,
+            known,
+            memory,
+            started,
+            blocking,
+            previous_commit,
+            commit_done,
+            last_committed,
+            ..
+        } = self;
+        let permits = Arc::new(Semaphore::new(cfg.upload_concurrency));
+        let mut tasks = JoinSet::new();
+        let mut chunks: Vec<Option<ChunkDone>> = (0..stripe.len()).map(|_| None).collect();
+        let mut first_error: Option<Error> = None;
+        for (i, index) in stripe.clone().enumerate() {
+            // Reap finished uploads as we go so an early failure stops the save.
+            while let Some(done) = tasks.try_join_next() {
+                record(done, &mut chunks, &mut first_error);
+            }
+            if first_error.is_some() {
+                break;
+            }
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
+            let c = plan.chunks[index];
+            let encoding = Encoding::for_dtype(plan.tensors[c.tensor].dtype);
+            let (offset, len) = (offsets[i], c.len);
+            let buffer = buffer.clone();
+            let known_for_cpu = known.clone();
+            let level = cfg.compression_level;
+            let prepared = pool.run(move || -> std::io::Result<Prepared> {
+                let raw = &buffer.data[offset..offset + len];
+                let key = chunk_key(&address(raw), encoding);
+                let stored = known_for_cpu.lock().expect("known chunks").map.get(&key).map(|e| e.0);
+                if let Some(stored_len) = stored {
+                    return Ok(Prepared::Reused { key, stored_len });
+                }
+                let frame = encode_chunk(raw, encoding, level)?;
+                Ok(Prepared::Encoded { key, frame })
+            });
+            let root = root.clone();
+            let known = known.clone();
+            let memory = memory.clone();
+            let cfg = cfg.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                let prepared = prepared
+                    .await
+                    .map_err(|_| Error::Cancelled {
+                        what: "compression pool shut down".into(),
+                    })?
+                    .map_err(|e| Error::invalid(format!("compress chunk: {e}")))?;
+                let (key, stored_len, uploaded) = match prepared {
+                    Prepared::Reused { key, stored_len } => (key, stored_len, false),
+                    Prepared::Encoded { key, frame } => {
+                        let size = frame.capacity() as u64;
+                        let stored_len = frame.len() as u64;
+                        memory.add(size);
+                        let put = root
+                            .put_object(&key, Bytes::from(frame), cfg.multipart_threshold, cfg.chunk_bytes)
+                            .await;
+                        memory.sub(size);
+                        put?;
+                        failpoint::chunk_uploaded();
+                        (key, stored_len, true)
+                    }
+                };
+                known
+                    .lock()
+                    .expect("known chunks")
+                    .map
+                    .insert(key.clone(), (stored_len, seq));
+                Ok::<_, Error>((
+                    i,
+                    ChunkDone {
+                        reference: ChunkRef {
+                            key,
+                            raw_len: len as u64,
+                            stored_len,
+                        },
+                        uploaded,
+                    },
+                ))
+            });
+        }
+        drop(buffer);
+        while let Some(done) = tasks.join_next().await {
+            record(done, &mut chunks, &mut first_error);
+            if first_error.is_some() {
+                tasks.abort_all();
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        let chunks: Vec<ChunkDone> = chunks
+            .into_iter()
+            .map(|c| c.expect("every chunk finished"))
+            .collect();
+        let count = |uploaded: bool| chunks.iter().filter(|c| c.uploaded == uploaded).count();
+        let bytes = |uploaded: bool| -> u64 {
+            chunks
+                .iter()
+                .filter(|c| c.uploaded == uploaded)
+                .map(|c| c.reference.stored_len)
+                .sum()
+        };
+        let part = PartRecord {
+            format_version: FORMAT_VERSION,
+            step,
+            attempt: attempt.clone(),
+            rank: rank as u32,
+            world_size: world_size as u32,
+            layout: plan.layout_digest(),
+            first_chunk: stripe.start as u64,
+            bytes_uploaded: bytes(true),
+            bytes_reused: bytes(false),
+            chunks_uploaded: count(true) as u64,
+            chunks_reused: count(false) as u64,
+            chunks: chunks.into_iter().map(|c| c.reference).collect(),
+        };
+        let key = part_key(step, &attempt, rank, world_size);
+        let json = serde_json::to_vec_pretty(&part).expect("part serializes");
+        root.put(&key, Bytes::from(json), PutMode::Overwrite).await?;
+        known
+            .lock()
+            .expect("known chunks")
+            .map
+            .retain(|_, (_, s)| *s >= seq);
+        failpoint::hit("after-chunks");
+
+        let mut outcome = SaveOutcome {
+            step,
+            url: None,
+            bytes_uploaded: part.bytes_uploaded,
+            bytes_reused: part.bytes_reused,
+            chunks_uploaded: part.chunks_uploaded as usize,
+            chunks_reused: part.chunks_reused as usize,
+            blocking,
+            durable_after: Duration::ZERO,
+            rank,
+            latest_moved: false,
+        };
+        if rank != 0 {
+            outcome.durable_after = started.elapsed();
+            return Ok(outcome);
+        }
+
+        // The committer: commits happen in save order.
+        if let Some(previous) = previous_commit {
+            let _ = previous.await;
+        }
+        let parent = match last_committed.lock().expect("last committed").clone() {
+            Some(p) => Some(p),
+            None => root
+                .get_opt(LATEST_KEY)
+                .await?
+                .and_then(|b| LatestRecord::from_json(&b).ok())
+                .map(|l| l.manifest),
+        };
+        let input = CommitInput {
+            step,
+            attempt: attempt.clone(),
+            world_size,
+            plan,
+            meta,
+            parent,
+            timeout: cfg.commit_timeout,
+            created_at: now_rfc3339(),
+        };
+        let committed = drive_commit(&root, input, part).await?;
+        *last_committed.lock().expect("last committed") = Some(committed.manifest.key.clone());
+        let _ = commit_done.send(());
+        if !committed.latest_moved {
+            tracing::warn!(
+                step,
+                manifest = %committed.manifest.key,
+                "checkpoint committed but latest already names a newer step; latest not moved"
+            );
+        }
+        let parts = &committed.parts;
+        outcome.url = Some(root.url_of(&committed.manifest.key));
+        outcome.bytes_uploaded = parts.iter().map(|p| p.bytes_uploaded).sum();
+        outcome.bytes_reused = parts.iter().map(|p| p.bytes_reused).sum();
+        outcome.chunks_uploaded = parts.iter().map(|p| p.chunks_uploaded as usize).sum();
+        outcome.chunks_reused = parts.iter().map(|p| p.chunks_reused as usize).sum();
+        outcome.latest_moved = committed.latest_moved;
+        outcome.durable_after = started.elapsed();
+        tracing::info!(
+            step,
+            url = outcome.url.as_deref().unwrap_or(""),
+            uploaded = outcome.bytes_uploaded,
+            reused = outcome.bytes_reused,
+            durable_ms = outcome.durable_after.as_millis() as u64,
+            "checkpoint committed"
+        );
+        Ok(outcome)
+    }
+}
+
+fn record(
+    done: std::result::Result<Result<(usize, ChunkDone)>, tokio::task::JoinError>,
+    chunks: &mut [Option<ChunkDone>],
+    first_error: &mut Option<Error>,
+) {
+    match done {
+        Ok(Ok((i, c))) => chunks[i] = Some(c),
+        Ok(Err(e)) => {
+            first_error.get_or_insert(e);
+        }
+        Err(e) if e.is_cancelled() => {}
+        Err(e) => {
+            first_error.get_or_insert(Error::Cancelled {
+                what: format!("chunk task failed: {e}"),
+            });
+        }
+    }
+}
+
+/// Performs the commit machine's actions.
+async fn drive_commit(
+    root: &CheckpointRoot,
+    input: CommitInput,
+    own_part: PartRecord,
+) -> Result<crate::commit::CommitOutcome> {
+    let (step, attempt, world) = (input.step, input.attempt.clone(), input.world_size);
+    let (mut commit, mut actions) = Commit::new(input, own_part, Instant::now());
+    let mut latest: Option<crate::store::Versioned> = None;
+    loop {
+        let mut events = Vec::new();
+        for action in actions.drain(..) {
+            match action {
+                Action::ReadParts(ranks) => {
+                    let reads = ranks.into_iter().map(|r| {
+                        let key = part_key(step, &attempt, r, world);
+                        async move {
+                            let part = match root.get_opt(&key).await? {
+                                Some(b) => Some(PartRecord::from_json(&key, &b)?),
+                                None => None,
+                            };
+                            Ok::<_, Error>(Event::PartRead { rank: r, part })
+                        }
+                    });
+                    events.extend(futures::future::try_join_all(reads).await?);
+                }
+                Action::WaitUntil(t) => {
+                    tokio::time::sleep_until(t.into()).await;
+                    events.push(Event::Tick);
+                }
+                Action::WriteManifest(m) => {
+                    let json = Bytes::from(m.to_json());
+                    let event = match root.put(&m.key, json.clone(), PutMode::Create).await {
+                        Ok(()) => Event::ManifestWritten,
+                        Err(Error::AlreadyExists { .. }) => {
+                            // Ours from a retried request, or another writer's.
+                            if root.get(&m.key).await? == json {
+                                Event::ManifestWritten
+                            } else {
+                                Event::ManifestConflict
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    failpoint::hit("after-manifest");
+                    events.push(event);
+                }
+                Action::ReadLatest => {
+                    latest = root.read_versioned(LATEST_KEY).await?;
+                    let record = match &latest {
+                        None => None,
+                        Some(v) => match LatestRecord::from_json(&v.value) {
+                            Ok(r) => Some(r),
+                            Err(e) => {
+                                // An unreadable `latest` is replaced rather
+                                // than blocking every future commit.
+                                tracing::error!(error = %e, "latest is unreadable; replacing it");
+                                None
+                            }
+                        },
+                    };
+                    events.push(Event::LatestRead(record));
+                }
+                Action::SwapLatest(record) => {
+                    let json = Bytes::from(serde_json::to_vec_pretty(&record).expect("serializes"));
+                    let swapped = root.compare_and_swap(LATEST_KEY, latest.as_ref(), json).await?;
+                    events.push(Event::LatestSwapped(swapped));
+                }
+                Action::Done(outcome) => return Ok(*outcome),
+                Action::Fail(e) => return Err(e),
+            }
+        }
+        if events.is_empty() {
+            return Err(Error::invalid("commit protocol stalled"));
+        }
+        let now = Instant::now();
+        for e in events {
+            actions.extend(commit.on_event(e, now));
+        }
+    }
+}
