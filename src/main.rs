@@ -1,6 +1,7 @@
 //! `kiln`: the command-line interface. Argument parsing and wiring only; the
 //! parts live in the workspace crates (see docs/sourcetree.md).
 
+mod ckpt;
 mod run;
 
 use std::net::SocketAddr;
@@ -25,6 +26,9 @@ enum Command {
     /// Run a job on this machine: embedded store, rendezvous leader and agent in
     /// one process, N local worker processes.
     Run(RunArgs),
+    /// Checkpoints: ls, show, verify, export, gc.
+    #[command(subcommand)]
+    Ckpt(ckpt::CkptCommand),
     /// One training rank; started by an agent, not by users.
     #[command(hide = true)]
     Worker {
@@ -52,6 +56,10 @@ pub struct RunArgs {
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     pub json: bool,
+    /// Continue from a checkpoint: `latest` (the newest that verifies), a step,
+    /// or a checkpoint URL.
+    #[arg(long, value_name = "latest|STEP|URL")]
+    pub resume: Option<String>,
     /// Address of the agent's Prometheus endpoint (/metrics); port 0 picks one.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub metrics_addr: SocketAddr,
@@ -96,6 +104,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ckpt(cmd) => match ckpt::run(cmd) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Worker {
             agent_socket,
             local_rank,

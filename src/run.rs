@@ -54,6 +54,20 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         .canonicalize()
         .context("resolve run folder")?;
     let spec_json = spec.to_json();
+    let checkpoint_url = match &spec.checkpoint.url {
+        Some(url) => url.clone(),
+        None => {
+            let dir = args.data_dir.join("checkpoints").join(&job);
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            format!("file://{}", dir.canonicalize().context("resolve checkpoint folder")?.display())
+        }
+    };
+    // Names this run's save attempts; unique per invocation.
+    let run_id = format!(
+        "{:x}{:x}",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros()),
+        std::process::id()
+    );
 
     let store: Arc<dyn Store> = MemStore::new();
     let ks = Keyspace::default();
@@ -139,6 +153,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         world_size: plan.world_size,
         peers: plan.peers.clone(),
         spec_json,
+        checkpoint_url: checkpoint_url.clone(),
+        resume: args.resume.clone().unwrap_or_default(),
+        run_id,
     };
     let outcome = workers
         .run(&job, &run_dir, &assignment, metrics, |event| {
@@ -182,6 +199,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         "samples_per_sec": rank0.samples_per_sec,
         "weights_digest": rank0.weights_digest,
         "weights": rank0.weights_path,
+        "checkpoint": rank0.checkpoint_url,
+        "checkpoint_root": checkpoint_url,
+        "resumed_from": rank0.resumed_from,
+        "start_step": rank0.start_step,
         "round": plan.round,
         "elapsed_secs": elapsed,
         "run_dir": run_dir,
@@ -268,6 +289,16 @@ impl Printer {
                     ));
                 }
             }
+            AgentEvent::Checkpoint { rank: 0, saved } => self.line(format!(
+                "checkpoint at step {} committed: {} ({:.1} MB uploaded, {:.1} MB reused, training blocked {:.1} ms, durable after {:.0} ms)",
+                saved.step,
+                saved.url,
+                saved.bytes_uploaded as f64 / 1e6,
+                saved.bytes_reused as f64 / 1e6,
+                saved.blocking_seconds * 1e3,
+                saved.durable_seconds * 1e3
+            )),
+            AgentEvent::Warning { rank, message } => self.line(format!("WARNING (rank {rank}): {message}")),
             AgentEvent::Eval { rank: 0, eval } => {
                 let metrics: BTreeMap<_, _> = eval.metrics.into_iter().collect();
                 let parts: Vec<String> =

@@ -337,3 +337,179 @@ impl Commit {
         vec![Action::Fail(e)]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::{DType, TensorView};
+
+    fn plan(world: usize) -> (Arc<ChunkPlan>, Vec<PartRecord>) {
+        let shape = [64usize];
+        let data = vec![7u8; 256];
+        let views: Vec<TensorView<'_>> = ["a", "b", "c"]
+            .iter()
+            .map(|n| TensorView {
+                name: n,
+                dtype: DType::F32,
+                shape: &shape,
+                data: &data,
+            })
+            .collect();
+        let plan = Arc::new(ChunkPlan::new(&views, 64).unwrap());
+        let parts = (0..world)
+            .map(|r| {
+                let s = plan.stripe(r, world);
+                PartRecord {
+                    format_version: FORMAT_VERSION,
+                    step: 5,
+                    attempt: "run".into(),
+                    rank: r as u32,
+                    world_size: world as u32,
+                    layout: plan.layout_digest(),
+                    first_chunk: s.start as u64,
+                    chunks: plan.chunks[s]
+                        .iter()
+                        .map(|c| ChunkRef {
+                            key: format!("chunks/00/{:064x}.bg4.zst", c.global_offset),
+                            raw_len: c.len as u64,
+                            stored_len: 10,
+                        })
+                        .collect(),
+                    bytes_uploaded: 10,
+                    bytes_reused: 0,
+                    chunks_uploaded: 1,
+                    chunks_reused: 0,
+                }
+            })
+            .collect();
+        (plan, parts)
+    }
+
+    fn input(plan: Arc<ChunkPlan>, world: usize) -> CommitInput {
+        CommitInput {
+            step: 5,
+            attempt: "run".into(),
+            world_size: world,
+            plan,
+            meta: CheckpointMeta::default(),
+            parent: Some("manifests/old.json".into()),
+            timeout: Duration::from_secs(10),
+            created_at: "now".into(),
+        }
+    }
+
+    #[test]
+    fn gathers_late_parts_then_writes_manifest_then_swaps_latest() {
+        let t0 = Instant::now();
+        let (plan, mut parts) = plan(3);
+        let (mut c, a) = Commit::new(input(plan, 3), parts.remove(0), t0);
+        assert!(matches!(&a[..], [Action::ReadParts(r)] if r == &[1, 2]));
+        // Rank 1 is there, rank 2 not yet: wait, then ask again for rank 2 only.
+        assert!(c.on_event(Event::PartRead { rank: 1, part: Some(parts.remove(0)) }, t0).is_empty());
+        let a = c.on_event(Event::PartRead { rank: 2, part: None }, t0);
+        assert!(matches!(&a[..], [Action::WaitUntil(_)]));
+        let a = c.on_event(Event::Tick, t0 + Duration::from_millis(20));
+        assert!(matches!(&a[..], [Action::ReadParts(r)] if r == &[2]));
+        let a = c.on_event(Event::PartRead { rank: 2, part: Some(parts.remove(0)) }, t0);
+        let [Action::WriteManifest(m)] = &a[..] else {
+            panic!("{a:?}")
+        };
+        assert_eq!(m.tensors.len(), 3);
+        assert_eq!(m.totals.chunks, 12);
+        assert_eq!(m.totals.uploaded_bytes, 30);
+        assert_eq!(m.parent.as_deref(), Some("manifests/old.json"));
+        // Chunk refs land in plan order: tensor b's first chunk is global chunk 4.
+        assert_eq!(m.tensors[1].chunks[0].key, format!("chunks/00/{:064x}.bg4.zst", 256));
+        let a = c.on_event(Event::ManifestWritten, t0);
+        assert!(matches!(&a[..], [Action::ReadLatest]));
+        let older = LatestRecord {
+            format_version: 1,
+            step: 4,
+            manifest: "m4".into(),
+            attempt: "run".into(),
+            parent: None,
+            updated_at: String::new(),
+        };
+        let a = c.on_event(Event::LatestRead(Some(older.clone())), t0);
+        assert!(matches!(&a[..], [Action::SwapLatest(r)] if r.step == 5));
+        // Lost the race: read again and retry.
+        let a = c.on_event(Event::LatestSwapped(false), t0);
+        assert!(matches!(&a[..], [Action::ReadLatest]));
+        let a = c.on_event(Event::LatestRead(Some(older)), t0);
+        assert!(matches!(&a[..], [Action::SwapLatest(_)]));
+        let a = c.on_event(Event::LatestSwapped(true), t0);
+        assert!(matches!(&a[..], [Action::Done(o)] if o.latest_moved && o.parts.len() == 3));
+    }
+
+    #[test]
+    fn latest_never_moves_backwards() {
+        let t0 = Instant::now();
+        let (plan, mut parts) = plan(1);
+        let (mut c, a) = Commit::new(input(plan, 1), parts.remove(0), t0);
+        assert!(matches!(&a[..], [Action::WriteManifest(_)]));
+        c.on_event(Event::ManifestWritten, t0);
+        let newer = LatestRecord {
+            format_version: 1,
+            step: 9,
+            manifest: "m9".into(),
+            attempt: "other".into(),
+            parent: None,
+            updated_at: String::new(),
+        };
+        let a = c.on_event(Event::LatestRead(Some(newer)), t0);
+        assert!(matches!(&a[..], [Action::Done(o)] if !o.latest_moved), "{a:?}");
+    }
+
+    #[test]
+    fn missing_parts_time_out_naming_the_ranks() {
+        let t0 = Instant::now();
+        let (plan, mut parts) = plan(3);
+        let (mut c, _) = Commit::new(input(plan, 3), parts.remove(0), t0);
+        c.on_event(Event::PartRead { rank: 1, part: None }, t0);
+        let mut now = t0;
+        let mut a = c.on_event(Event::PartRead { rank: 2, part: None }, t0);
+        let mut waits = 0;
+        loop {
+            match &a[..] {
+                [Action::WaitUntil(t)] => {
+                    waits += 1;
+                    now = *t;
+                    let Action::ReadParts(r) = &c.on_event(Event::Tick, now)[0] else {
+                        panic!()
+                    };
+                    let mut last = vec![];
+                    for &rank in r {
+                        last = c.on_event(Event::PartRead { rank, part: None }, now);
+                    }
+                    a = last;
+                }
+                [Action::Fail(Error::Timeout { what })] => {
+                    assert!(what.contains("[1, 2]"), "{what}");
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(now >= t0 + Duration::from_secs(10));
+        // Backoff grows: far fewer polls than 10 s / 10 ms.
+        assert!(waits < 40, "{waits} waits");
+    }
+
+    #[test]
+    fn parts_of_a_different_layout_or_stripe_are_refused() {
+        let t0 = Instant::now();
+        let (plan3, mut parts) = plan(2);
+        let mut bad = parts[1].clone();
+        bad.layout = "something else".into();
+        let (mut c, _) = Commit::new(input(plan3.clone(), 2), parts.remove(0), t0);
+        let a = c.on_event(Event::PartRead { rank: 1, part: Some(bad) }, t0);
+        assert!(matches!(&a[..], [Action::Fail(Error::Conflict { what })] if what.contains("different states")), "{a:?}");
+
+        let (_, mut parts) = plan(2);
+        let mut short = parts[1].clone();
+        short.chunks.pop();
+        let (mut c, _) = Commit::new(input(plan3, 2), parts.remove(0), t0);
+        let a = c.on_event(Event::PartRead { rank: 1, part: Some(short) }, t0);
+        assert!(matches!(&a[..], [Action::Fail(Error::Conflict { .. })]), "{a:?}");
+    }
+}

@@ -162,7 +162,6 @@ struct ChunkJob<'a> {
     tensor: usize,
     index: usize,
     entry: &'a TensorEntry,
-    offset: usize,
 }
 
 fn chunk_error(job: &ChunkJob<'_>, e: Error) -> Error {
@@ -193,15 +192,12 @@ fn read_chunks(
 ) -> Vec<(usize, usize, Error)> {
     let mut jobs = Vec::new();
     for (t, entry) in entries.iter().enumerate() {
-        let mut offset = 0;
-        for (index, c) in entry.chunks.iter().enumerate() {
+        for index in 0..entry.chunks.len() {
             jobs.push(ChunkJob {
                 tensor: t,
                 index,
                 entry,
-                offset,
             });
-            offset += c.raw_len as usize;
         }
     }
     // One disjoint output slice per job, taken by whichever thread decodes it.

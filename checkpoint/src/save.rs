@@ -229,6 +229,8 @@ pub struct Checkpointer {
     /// manifest's parent.
     last_committed: Arc<Mutex<Option<String>>>,
     memory: Arc<MemoryCounter>,
+    /// Capacity of the stripe buffer at the last save (it may be away).
+    stripe_capacity: u64,
 }
 
 impl Checkpointer {
@@ -262,6 +264,7 @@ impl Checkpointer {
             previous_commit: None,
             last_committed: Default::default(),
             memory: Default::default(),
+            stripe_capacity: 0,
         })
     }
 
@@ -307,6 +310,7 @@ impl Checkpointer {
             buffer.resize(stripe_len, 0);
         }
         copy_parallel(&sources, &mut buffer, self.cfg.threads);
+        self.stripe_capacity = buffer.capacity() as u64;
         let offsets: Vec<usize> = sources
             .iter()
             .scan(0, |at, s| {
@@ -406,11 +410,7 @@ impl Checkpointer {
     /// Memory the pipeline used so far (see the module docs for the bound).
     pub fn memory_stats(&self) -> MemoryStats {
         let chunk = self.cfg.chunk_bytes as u64;
-        let stripe = self
-            .stripe
-            .as_ref()
-            .map(|b| b.capacity() as u64)
-            .unwrap_or(0);
+        let stripe = self.stripe_capacity;
         MemoryStats {
             stripe_buffer_bytes: stripe,
             peak_pipeline_bytes: self.memory.peak.load(Ordering::SeqCst)
@@ -681,7 +681,8 @@ impl SaveJob {
         if let Some(previous) = previous_commit {
             let _ = previous.await;
         }
-        let parent = match last_committed.lock().expect("last committed").clone() {
+        let last = last_committed.lock().expect("last committed").clone();
+        let parent = match last {
             Some(p) => Some(p),
             None => root
                 .get_opt(LATEST_KEY)

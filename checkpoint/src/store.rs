@@ -421,6 +421,12 @@ impl CheckpointRoot {
     /// Replaces `key` with `new` if it still holds `expected` (absent when
     /// `None`). `Ok(false)`: someone else changed it first; re-read and decide
     /// again.
+    ///
+    /// Every write must carry a value no other writer would write (the
+    /// `latest` record names its manifest and commit time): on stores with
+    /// conditional puts a request retried after a lost response fails its
+    /// precondition although the first try succeeded, and finding exactly our
+    /// value in place is how that case counts as a success.
     pub async fn compare_and_swap(
         &self,
         key: &str,
@@ -489,7 +495,7 @@ fn local_compare_and_swap(
         Err(e) => return Err(io_error("read", &target, e)),
     };
     if current.as_deref() != expected {
-        return Ok(current.as_deref() == Some(new));
+        return Ok(false);
     }
     let n = TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{key}.tmp.{}.{n}", std::process::id()));

@@ -17,7 +17,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use kiln_proto::frame;
 use kiln_proto::worker::{
-    AgentMessage, Assignment, EvalResult, Finished, Hello, Progress, WorkerMessage, agent_message,
+    AgentMessage, Assignment, CheckpointSaved, EvalResult, Finished, Hello, Progress, WorkerMessage,
+    agent_message,
     worker_message::Kind as Report,
 };
 use prost::Message;
@@ -52,6 +53,12 @@ pub struct RoundAssignment {
     pub peers: Vec<String>,
     /// The accepted job spec, JSON.
     pub spec_json: String,
+    /// Checkpoint root URL of the job.
+    pub checkpoint_url: String,
+    /// Empty (fresh start), "latest", a step, or a manifest URL.
+    pub resume: String,
+    /// Names this run's save attempts (shared by all ranks).
+    pub run_id: String,
 }
 
 /// What the agent hears from its workers while they train.
@@ -59,6 +66,8 @@ pub struct RoundAssignment {
 pub enum AgentEvent {
     Progress { rank: u32, progress: Progress },
     Eval { rank: u32, eval: EvalResult },
+    Checkpoint { rank: u32, saved: CheckpointSaved },
+    Warning { rank: u32, message: String },
 }
 
 /// The workers' final reports, by global rank.
@@ -263,6 +272,9 @@ impl LocalWorkers {
                 spec_json: round.spec_json.clone(),
                 run_dir: run_dir.display().to_string(),
                 device: String::new(),
+                checkpoint_url: round.checkpoint_url.clone(),
+                resume: round.resume.clone(),
+                run_id: round.run_id.clone(),
             };
             let msg = AgentMessage {
                 kind: Some(agent_message::Kind::Assignment(assignment)),
@@ -362,6 +374,13 @@ impl LocalWorkers {
                         rank: rank(i),
                         eval: e,
                     }),
+                    Report::Checkpoint(saved) => {
+                        on_event(AgentEvent::Checkpoint { rank: rank(i), saved })
+                    }
+                    Report::Warning(w) => {
+                        tracing::warn!(job, rank = rank(i), "{}", w.message);
+                        on_event(AgentEvent::Warning { rank: rank(i), message: w.message });
+                    }
                     Report::Finished(f) => finished[i] = Some(f),
                     Report::Failed(f) => {
                         failures.push(Failure::reported(rank(i), pids[i], f.error))

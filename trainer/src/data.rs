@@ -78,6 +78,26 @@ pub struct Splits {
     pub classes: usize,
 }
 
+impl Splits {
+    /// sha256 over every sample and label of both splits: recorded with each
+    /// checkpoint so a resume on other data is noticed.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for d in [&self.train, &self.eval] {
+            h.update((d.features as u64).to_le_bytes());
+            h.update((d.len() as u64).to_le_bytes());
+            for v in &d.x {
+                h.update(v.to_le_bytes());
+            }
+            for l in &d.y {
+                h.update(l.to_le_bytes());
+            }
+        }
+        format!("sha256:{}", hex::encode(h.finalize()))
+    }
+}
+
 /// Loads (or generates) the job's data.
 pub fn load(spec: &DataSpec, seed: u64) -> Result<Splits> {
     match spec.kind {

@@ -25,4 +25,5 @@ pub mod device;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod state;
 pub mod worker;

@@ -41,25 +41,26 @@ impl Optimizer {
         }
     }
 
-    /// State tensors with stable names, for checkpoints and state transfer.
-    pub fn state(&self) -> Vec<(String, &Tensor)> {
-        let first = match self.spec.kind {
-            OptimizerKind::Sgd => "momentum",
-            OptimizerKind::Adamw => "exp_avg",
-        };
-        let mut out: Vec<(String, &Tensor)> = self
-            .first
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (format!("{first}.{i}"), t))
-            .collect();
-        out.extend(
-            self.second
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (format!("exp_avg_sq.{i}"), t)),
-        );
-        out
+    /// The state buffers by name (`momentum`; or `exp_avg`, `exp_avg_sq`), each
+    /// with one tensor per parameter in parameter order: what checkpoints save
+    /// and state transfer sends.
+    pub fn buffers(&self) -> Vec<(&'static str, &[Tensor])> {
+        match self.spec.kind {
+            OptimizerKind::Sgd => vec![("momentum", &self.first)],
+            OptimizerKind::Adamw => vec![("exp_avg", &self.first), ("exp_avg_sq", &self.second)],
+        }
+    }
+
+    /// [`Optimizer::buffers`], writable (restoring from a checkpoint).
+    pub fn buffers_mut(&mut self) -> Vec<(&'static str, &mut [Tensor])> {
+        match self.spec.kind {
+            OptimizerKind::Sgd => vec![("momentum", &mut self.first)],
+            OptimizerKind::Adamw => vec![("exp_avg", &mut self.first), ("exp_avg_sq", &mut self.second)],
+        }
+    }
+
+    pub fn kind(&self) -> OptimizerKind {
+        self.spec.kind
     }
 
     /// Applies one update with learning rate `lr` from the parameters' `.grad()`.
@@ -194,7 +195,7 @@ mod tests {
         for (a, b) in got.iter().zip([0.99f32, -1.99, 3.0]) {
             assert!((a - b).abs() < 1e-5, "{got:?}");
         }
-        assert_eq!(opt.state().len(), 2);
+        assert_eq!(opt.buffers().len(), 2);
     }
 
     #[test]

@@ -14,11 +14,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use kiln_checkpoint::{DType, TensorView, weights_digest};
+use kiln_checkpoint::{
+    CheckpointMeta, CheckpointRoot, Checkpointer, DType, Manifest, OwnedTensor, Retention, SaveConfig,
+    SaveOutcome, TensorView, weights_digest,
+};
 use kiln_proto::frame;
 use kiln_proto::spec::JobSpec;
 use kiln_proto::worker::{
-    AgentMessage, Assignment, EvalResult, Failed, Finished, Hello, Progress, WorkerMessage,
+    AgentMessage, Assignment, CheckpointSaved, EvalResult, Failed, Finished, Hello, Progress, Warning,
+    WorkerMessage,
     agent_message, worker_message::Kind as Report,
 };
 use tch::nn::VarStore;
@@ -31,6 +35,7 @@ use crate::data::{self, Dataset, GlobalSampler};
 use crate::device;
 use crate::model::{self, Net};
 use crate::optim::{self, Optimizer};
+use crate::state::{self, TrainingState};
 
 /// Where a worker finds its agent.
 #[derive(Debug, Clone)]
@@ -209,7 +214,42 @@ fn train(
     let mut eval = BTreeMap::new();
     let mut timed_from: Option<(Instant, u64)> = None;
 
-    for step in 0..steps {
+    let fingerprint = splits.fingerprint();
+    let mut saver = Saver::new(&spec, a, rank, world, &fingerprint)?;
+    let mut start_step = 0;
+    let mut resumed_from = String::new();
+    if !a.resume.is_empty() {
+        let (manifest, loaded, warnings) = load_for_resume(&saver.root, &a.resume)?;
+        for w in warnings {
+            reporter.send(Report::Warning(Warning { message: w }))?;
+        }
+        let state: TrainingState = serde_json::from_value(manifest.training_state.clone())
+            .with_context(|| format!("read training state of checkpoint {}", manifest.key))?;
+        ensure!(
+            state.optimizer == format!("{:?}", opt.kind()).to_lowercase(),
+            "checkpoint {} holds {} optimizer state but the spec asks for {:?}",
+            manifest.key,
+            state.optimizer,
+            opt.kind()
+        );
+        ensure!(state.step <= steps, "checkpoint {} is at step {} beyond train.steps = {steps}", manifest.key, state.step);
+        if manifest.dataset_fingerprint != fingerprint {
+            let message = format!(
+                "checkpoint {} was saved on other data (fingerprint {} != {}); the run continues, but not exactly",
+                manifest.key, manifest.dataset_fingerprint, fingerprint
+            );
+            reporter.send(Report::Warning(Warning { message }))?;
+        }
+        state::restore(&loaded, &named, &mut opt).with_context(|| format!("restore from checkpoint {}", manifest.key))?;
+        opt.steps = state.optimizer_steps;
+        start_step = state.step;
+        loss = state.loss.unwrap_or(f64::NAN);
+        resumed_from = saver.root.url_of(&manifest.key);
+        saver.resumed(&manifest);
+        tracing::info!(rank, step = start_step, checkpoint = %resumed_from, "resumed");
+    }
+
+    for step in start_step..steps {
         let started = Instant::now();
         let lr = optim::learning_rate(&spec.optimizer, &spec.schedule, step, steps);
         for p in params.iter_mut() {
@@ -252,6 +292,24 @@ fn train(
         if timed_from.is_none() {
             timed_from = Some((Instant::now(), step + 1));
         }
+        let done = step + 1;
+        let interval = spec.checkpoint.interval;
+        if (interval > 0 && done % interval == 0) || (done == steps && spec.checkpoint.final_checkpoint) {
+            let training_state = TrainingState {
+                step: done,
+                sample_cursor: sampler.cursor(done),
+                optimizer: format!("{:?}", opt.kind()).to_lowercase(),
+                optimizer_steps: opt.steps,
+                schedule_position: done,
+                schedule_total: steps,
+                seed: spec.job.seed,
+                world_size: world as u32,
+                loss: Some(loss),
+            };
+            let tensors = state::state_tensors(&named, &opt)?;
+            saver.save(done, &tensors, training_state, &eval)?;
+        }
+        saver.poll(reporter)?;
         let interval = spec.train.eval_interval;
         if interval > 0 && (step + 1) % interval == 0 && step + 1 < steps && !splits.eval.is_empty()
         {
@@ -276,10 +334,11 @@ fn train(
         }))?;
     }
 
+    let checkpoint_url = saver.finish(reporter)?;
     let host: Vec<(String, DType, Vec<usize>, Vec<u8>)> = named
         .iter()
         .map(|(name, t)| {
-            let dtype = dtype_of(t.kind())?;
+            let dtype = state::dtype_of(t.kind())?;
             let shape = t.size().iter().map(|&d| d as usize).collect();
             Ok((name.clone(), dtype, shape, model::to_host_bytes(t)))
         })
@@ -309,8 +368,169 @@ fn train(
         samples_per_sec,
         weights_digest: digest,
         weights_path,
+        checkpoint_url: if rank == 0 { checkpoint_url.unwrap_or_else(|| resumed_from.clone()) } else { String::new() },
+        resumed_from,
+        start_step,
     }))?;
     Ok(())
+}
+
+/// Loads what `--resume` names: `latest` falls back to the newest checkpoint
+/// that verifies (with warnings saying what was skipped).
+fn load_for_resume(root: &CheckpointRoot, which: &str) -> Result<(Manifest, Vec<OwnedTensor>, Vec<String>)> {
+    if which == "latest" {
+        let (m, t, warnings) = kiln_checkpoint::load_latest_verified(root, |_| true)
+            .with_context(|| format!("load the latest checkpoint that verifies under {}", root.url()))?;
+        Ok((m, t, warnings))
+    } else {
+        let m = kiln_checkpoint::resolve(root, which).with_context(|| format!("find checkpoint {which} under {}", root.url()))?;
+        let t = kiln_checkpoint::load(root, &m, |_| true).with_context(|| format!("load checkpoint {}", m.key))?;
+        Ok((m, t, Vec::new()))
+    }
+}
+
+/// The training loop's side of checkpointing: when to save, what goes with a
+/// save, and what to do with background results (report commits, count
+/// failures in a row, fail the job past the budget).
+struct Saver {
+    root: CheckpointRoot,
+    checkpointer: Checkpointer,
+    run_id: String,
+    meta: CheckpointMeta,
+    max_failures: usize,
+    failures: usize,
+    last_saved: Option<u64>,
+    last_committed: Option<String>,
+    retention: Retention,
+    rank: usize,
+}
+
+impl Saver {
+    fn new(spec: &JobSpec, a: &Assignment, rank: usize, world: usize, fingerprint: &str) -> Result<Self> {
+        let root = CheckpointRoot::open(&a.checkpoint_url).with_context(|| format!("open checkpoint root {}", a.checkpoint_url))?;
+        let cfg = SaveConfig {
+            compression_level: spec.checkpoint.compression_level,
+            chunk_bytes: ((spec.checkpoint.chunk_mb * (1 << 20) as f64) as usize).max(4096),
+            threads: 1,
+            ..SaveConfig::default()
+        };
+        let checkpointer = Checkpointer::new(root.clone(), cfg, rank, world).context("start checkpointer")?;
+        let meta = CheckpointMeta {
+            training_state: serde_json::Value::Null,
+            job_spec: serde_json::from_str(&a.spec_json).context("job spec as JSON")?,
+            code_version: concat!("kiln ", env!("CARGO_PKG_VERSION")).to_string(),
+            dataset_fingerprint: fingerprint.to_string(),
+            world_size: world as u32,
+            metrics: Default::default(),
+            job: a.job.clone(),
+        };
+        let retention = Retention {
+            keep_last: spec.checkpoint.keep_last,
+            keep_every: (spec.checkpoint.keep_every > 0).then_some(spec.checkpoint.keep_every),
+        };
+        Ok(Self {
+            root,
+            checkpointer,
+            run_id: a.run_id.clone(),
+            meta,
+            max_failures: spec.checkpoint.max_consecutive_failures,
+            failures: 0,
+            last_saved: None,
+            last_committed: None,
+            retention,
+            rank,
+        })
+    }
+
+    /// Chunks of the checkpoint resumed from are referenced, not uploaded again.
+    fn resumed(&mut self, manifest: &Manifest) {
+        self.checkpointer.set_parent(manifest);
+        self.last_saved = Some(manifest.step);
+    }
+
+    /// Starts a background save of `tensors` at `step` (blocks only while this
+    /// rank's stripe is copied).
+    fn save(
+        &mut self,
+        step: u64,
+        tensors: &[state::StateTensor],
+        training_state: TrainingState,
+        metrics: &BTreeMap<String, f64>,
+    ) -> Result<()> {
+        if self.last_saved == Some(step) {
+            return Ok(());
+        }
+        let views: Vec<TensorView<'_>> = tensors.iter().map(|t| t.view()).collect();
+        let mut meta = self.meta.clone();
+        meta.training_state = serde_json::to_value(training_state).context("training state as JSON")?;
+        meta.metrics = metrics.clone();
+        match self.checkpointer.save(step, &self.run_id, &views, &meta) {
+            Ok(()) => self.last_saved = Some(step),
+            Err(e) => self.failed(format!("checkpoint at step {step} could not start: {e}"))?,
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, reporter: &mut Reporter) -> Result<()> {
+        let outcomes = self.checkpointer.poll();
+        self.handle(outcomes, reporter)
+    }
+
+    fn handle(&mut self, outcomes: Vec<kiln_checkpoint::Result<SaveOutcome>>, reporter: &mut Reporter) -> Result<()> {
+        for outcome in outcomes {
+            match outcome {
+                Ok(o) => {
+                    self.failures = 0;
+                    if let Some(url) = o.url {
+                        reporter.send(Report::Checkpoint(CheckpointSaved {
+                            step: o.step,
+                            url: url.clone(),
+                            bytes_uploaded: o.bytes_uploaded,
+                            bytes_reused: o.bytes_reused,
+                            blocking_seconds: o.blocking.as_secs_f64(),
+                            durable_seconds: o.durable_after.as_secs_f64(),
+                        }))?;
+                        self.last_committed = Some(url);
+                    }
+                }
+                Err(e) => {
+                    let message = format!("checkpoint save failed: {e}");
+                    reporter.send(Report::Warning(Warning { message: message.clone() }))?;
+                    self.failed(message)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn failed(&mut self, message: String) -> Result<()> {
+        self.failures += 1;
+        tracing::warn!(failures = self.failures, "{message}");
+        if self.failures >= self.max_failures {
+            bail!("{} checkpoint saves failed in a row (checkpoint.max_consecutive_failures = {}); last: {message}", self.failures, self.max_failures);
+        }
+        Ok(())
+    }
+
+    /// Waits for every save in flight; the final checkpoint must land. Rank 0
+    /// then applies retention. Returns the last checkpoint this run committed.
+    fn finish(&mut self, reporter: &mut Reporter) -> Result<Option<String>> {
+        let outcomes = self.checkpointer.flush();
+        if let Some(Err(e)) = outcomes.iter().find(|o| o.is_err()) {
+            let message = format!("the last checkpoint did not land: {e}");
+            self.handle(outcomes, reporter)?;
+            bail!(message);
+        }
+        self.handle(outcomes, reporter)?;
+        if self.rank == 0 && self.last_committed.is_some() {
+            // Grace: never delete chunks a save of another run may be writing now.
+            match kiln_checkpoint::gc(&self.root, &self.retention, Duration::from_secs(300), false) {
+                Ok(report) => tracing::info!(deleted = report.manifests_deleted.len(), freed = report.bytes_freed, "retention applied"),
+                Err(e) => reporter.send(Report::Warning(Warning { message: format!("retention: {e}") }))?,
+            }
+        }
+        Ok(self.last_committed.clone())
+    }
 }
 
 /// Accuracy and mean loss over the held-out set; each rank evaluates a slice.
@@ -451,22 +671,6 @@ impl GradBuckets {
         }
         Ok(loss)
     }
-}
-
-fn dtype_of(kind: Kind) -> Result<DType> {
-    Ok(match kind {
-        Kind::Float => DType::F32,
-        Kind::Double => DType::F64,
-        Kind::Half => DType::F16,
-        Kind::BFloat16 => DType::BF16,
-        Kind::Int64 => DType::I64,
-        Kind::Int => DType::I32,
-        Kind::Int16 => DType::I16,
-        Kind::Int8 => DType::I8,
-        Kind::Uint8 => DType::U8,
-        Kind::Bool => DType::Bool,
-        other => bail!("no checkpoint dtype for {other:?}"),
-    })
 }
 
 /// Writes tensors to a safetensors file (written to a temporary name, then renamed).

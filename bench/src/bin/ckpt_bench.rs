@@ -1,0 +1,420 @@
+//! The kiln half of the checkpoint side-by-side (bench/ckpt.py runs it next
+//! to `torch.save` and PyTorch Distributed Checkpoint on the same state and
+//! prints the table; bench/ckpt_peer.py is the PyTorch half).
+//!
+//! `ckpt_bench save --state S --root R` reads the safetensors file S into
+//! memory (the training state, held before any timing starts), then saves it
+//! twice with one in-process [`Checkpointer`] at world size 1 to the local
+//! root R:
+//!
+//! 1. a warm-up save (step 1) of the state with the lowest bit of every
+//!    element flipped, so that it shares no chunk with the measured save
+//!    (kiln stores a chunk whose content is already stored only once) while
+//!    still allocating the reusable stripe buffer, as every save after a
+//!    trainer's first does. The bits are flipped back before step 2;
+//! 2. the measured save (step 2) of the exact bytes of S.
+//!
+//! Stall is the wall time of the `save` call; time to durable runs from that
+//! call until `flush` returns the outcome (the engine's `durable_after`:
+//! chunks, part, manifest and `latest` written, and fsynced, since the local
+//! backend is `object_store`'s `LocalFileSystem::with_fsync(true)`). After
+//! that, every file and directory under R is fsynced once more and timed as a
+//! check (`recheck_fsync_s`): near zero when the engine's durability is real.
+//! Peak extra memory is the process's RSS high-water mark (VmHWM, reset
+//! through /proc/self/clear_refs) over both saves, minus RSS before the first.
+//!
+//! `ckpt_bench load --root R [--state S]` times `resolve(latest)` + `load`
+//! (every chunk fetched, checksummed and decoded into fresh buffers), then,
+//! untimed, checks the loaded bytes against S.
+//!
+//! Each prints one JSON line on stdout. A benchmark, not a test: it reports
+//! timings and never judges them.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+use kiln_checkpoint::{
+    CheckpointMeta, CheckpointRoot, Checkpointer, DType, SaveConfig, TensorView, load, resolve,
+};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(about = "kiln checkpoint save/load timings on a safetensors state (world size 1)")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Save the state twice (warm-up, measured) and report the measured save.
+    Save {
+        /// The state: a safetensors file, read into memory before timing.
+        #[arg(long)]
+        state: PathBuf,
+        /// The checkpoint root, a local directory (created; should be empty).
+        #[arg(long)]
+        root: PathBuf,
+        /// Compression threads (SaveConfig::threads); default: the engine's.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// zstd level; default: the engine's.
+        #[arg(long)]
+        level: Option<i32>,
+        /// Skip the warm-up save: the measured save allocates the stripe buffer.
+        #[arg(long)]
+        no_warmup: bool,
+    },
+    /// Load the latest checkpoint under the root and report the time.
+    Load {
+        #[arg(long)]
+        root: PathBuf,
+        /// Compare the loaded tensors with this safetensors file (untimed).
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    if let Err(err) = run(Args::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    match args.command {
+        Command::Save {
+            state,
+            root,
+            threads,
+            level,
+            no_warmup,
+        } => save(&state, &root, threads, level, !no_warmup),
+        Command::Load { root, state } => load_latest(&root, state.as_deref()),
+    }
+}
+
+/// A safetensors file held in memory, with where each tensor lies in it.
+struct State {
+    bytes: Vec<u8>,
+    tensors: Vec<TensorPlace>,
+}
+
+struct TensorPlace {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    range: std::ops::Range<usize>,
+}
+
+impl State {
+    fn read(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("read state {}", path.display()))?;
+        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("parse safetensors header of {}", path.display()))?;
+        let data_start = 8 + header_len;
+        let mut tensors = Vec::new();
+        for (name, info) in metadata.tensors() {
+            let dtype = dtype_of(info.dtype)
+                .with_context(|| format!("read tensor {name} of {}", path.display()))?;
+            let (a, b) = info.data_offsets;
+            tensors.push(TensorPlace {
+                name,
+                dtype,
+                shape: info.shape.clone(),
+                range: data_start + a..data_start + b,
+            });
+        }
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(State { bytes, tensors })
+    }
+
+    fn views(&self) -> Vec<TensorView<'_>> {
+        self.tensors
+            .iter()
+            .map(|t| TensorView {
+                name: &t.name,
+                dtype: t.dtype,
+                shape: &t.shape,
+                data: &self.bytes[t.range.clone()],
+            })
+            .collect()
+    }
+
+    fn data_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.range.len() as u64).sum()
+    }
+
+    /// Flips the lowest bit of every element (little-endian: its first
+    /// byte); calling it twice restores the state.
+    fn flip_lowest_bits(&mut self) {
+        for t in &self.tensors {
+            let step = t.dtype.size();
+            for byte in self.bytes[t.range.clone()].iter_mut().step_by(step) {
+                *byte ^= 1;
+            }
+        }
+    }
+}
+
+fn dtype_of(d: safetensors::Dtype) -> Result<DType> {
+    use safetensors::Dtype as S;
+    Ok(match d {
+        S::F64 => DType::F64,
+        S::F32 => DType::F32,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::I64 => DType::I64,
+        S::I32 => DType::I32,
+        S::I16 => DType::I16,
+        S::I8 => DType::I8,
+        S::U8 => DType::U8,
+        S::BOOL => DType::Bool,
+        other => bail!("dtype {other:?} is not supported by kiln checkpoints"),
+    })
+}
+
+/// A field of /proc/self/status in bytes (`VmRSS`, `VmHWM`).
+fn proc_status_bytes(field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
+    for line in status.lines() {
+        if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
+            let kib: u64 = rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .with_context(|| format!("parse {field} in /proc/self/status"))?;
+            return Ok(kib * 1024);
+        }
+    }
+    bail!("no {field} in /proc/self/status")
+}
+
+/// Resets VmHWM to the current RSS; false where the kernel refuses.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn save(
+    state_path: &Path,
+    root_dir: &Path,
+    threads: Option<usize>,
+    level: Option<i32>,
+    warmup: bool,
+) -> Result<()> {
+    let mut state = State::read(state_path)?;
+    let root_dir = std::path::absolute(root_dir)
+        .with_context(|| format!("resolve {}", root_dir.display()))?;
+    let root = CheckpointRoot::open(&format!("file://{}", root_dir.display()))
+        .context("open checkpoint root")?;
+    let mut cfg = SaveConfig::default();
+    if let Some(t) = threads {
+        cfg.threads = t;
+    }
+    if let Some(l) = level {
+        cfg.compression_level = l;
+    }
+    let (threads, level) = (cfg.threads, cfg.compression_level);
+    let mut checkpointer =
+        Checkpointer::new(root.clone(), cfg, 0, 1).context("create checkpointer")?;
+    let meta = CheckpointMeta {
+        world_size: 1,
+        job: "ckpt-bench".into(),
+        training_state: json!({ "source": state_path.display().to_string() }),
+        ..Default::default()
+    };
+
+    let rss_before = proc_status_bytes("VmRSS")?;
+    let peak_reset = reset_peak_rss();
+
+    let mut first = None;
+    if warmup {
+        state.flip_lowest_bits();
+        let (stall, durable) = timed_save(&mut checkpointer, 1, &state, &meta)
+            .context("warm-up save (step 1)")?;
+        state.flip_lowest_bits();
+        first = Some(json!({ "stall_s": stall, "durable_s": durable }));
+    }
+    let (stall, durable, outcome) = {
+        let started = Instant::now();
+        checkpointer
+            .save(2, "bench", &state.views(), &meta)
+            .context("save step 2")?;
+        let stall = started.elapsed().as_secs_f64();
+        let outcome = flush_one(&mut checkpointer).context("save step 2")?;
+        (stall, started.elapsed().as_secs_f64(), outcome)
+    };
+    let peak_rss = proc_status_bytes("VmHWM")?;
+    let memory = checkpointer.memory_stats();
+
+    let recheck = Instant::now();
+    let synced = fsync_tree(&root_dir)?;
+    let recheck_fsync_s = recheck.elapsed().as_secs_f64();
+    let bytes_stored = stored_bytes_of_latest(&root, &root_dir)?;
+
+    println!(
+        "{}",
+        json!({
+            "system": "kiln",
+            "state_bytes": state.data_bytes(),
+            "tensors": state.tensors.len(),
+            "threads": threads,
+            "compression_level": level,
+            "stall_s": stall,
+            "durable_s": durable,
+            "engine_blocking_s": outcome.blocking.as_secs_f64(),
+            "engine_durable_after_s": outcome.durable_after.as_secs_f64(),
+            "first_save": first,
+            "recheck_fsync_s": recheck_fsync_s,
+            "recheck_fsync_entries": synced,
+            "bytes_stored": bytes_stored,
+            "bytes_uploaded": outcome.bytes_uploaded,
+            "bytes_reused": outcome.bytes_reused,
+            "chunks": outcome.chunks_uploaded + outcome.chunks_reused,
+            "rss_before": rss_before,
+            "peak_rss": peak_rss,
+            "peak_extra_bytes": if peak_reset { Some(peak_rss.saturating_sub(rss_before)) } else { None },
+            "engine_stripe_buffer_bytes": memory.stripe_buffer_bytes,
+            "engine_peak_pipeline_bytes": memory.peak_pipeline_bytes,
+            "engine_bound_bytes": memory.bound_bytes,
+            "url": outcome.url,
+        })
+    );
+    Ok(())
+}
+
+/// One save and its flush: (stall, durable) in seconds.
+fn timed_save(
+    checkpointer: &mut Checkpointer,
+    step: u64,
+    state: &State,
+    meta: &CheckpointMeta,
+) -> Result<(f64, f64)> {
+    let started = Instant::now();
+    checkpointer.save(step, "bench", &state.views(), meta)?;
+    let stall = started.elapsed().as_secs_f64();
+    flush_one(checkpointer)?;
+    Ok((stall, started.elapsed().as_secs_f64()))
+}
+
+fn flush_one(checkpointer: &mut Checkpointer) -> Result<kiln_checkpoint::SaveOutcome> {
+    let mut outcomes = checkpointer.flush();
+    ensure!(
+        outcomes.len() == 1,
+        "expected one save outcome, got {}",
+        outcomes.len()
+    );
+    Ok(outcomes.pop().expect("one outcome")?)
+}
+
+/// Bytes on disk of the checkpoint `latest` names: its chunk files (each
+/// once), manifest, parts and `latest` itself.
+fn stored_bytes_of_latest(root: &CheckpointRoot, dir: &Path) -> Result<u64> {
+    let manifest = resolve(root, "latest").context("resolve latest")?;
+    let mut keys: HashSet<String> = manifest.chunk_keys().map(str::to_string).collect();
+    keys.insert(manifest.key.clone());
+    keys.insert("latest".into());
+    let parts = dir.join(format!("parts/{:020}-{}", manifest.step, manifest.attempt));
+    for entry in std::fs::read_dir(&parts).with_context(|| format!("list {}", parts.display()))? {
+        let entry = entry.with_context(|| format!("list {}", parts.display()))?;
+        let path = entry.path();
+        let key = path
+            .strip_prefix(dir)
+            .expect("listed under the root")
+            .to_string_lossy()
+            .into_owned();
+        keys.insert(key);
+    }
+    let mut total = 0;
+    for key in keys {
+        let path = dir.join(&key);
+        total += std::fs::metadata(&path)
+            .with_context(|| format!("stat {}", path.display()))?
+            .len();
+    }
+    Ok(total)
+}
+
+/// fsyncs every file and directory under `dir` (and `dir`); returns how many.
+fn fsync_tree(dir: &Path) -> Result<usize> {
+    let mut count = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("list {}", d.display()))? {
+            let path = entry.with_context(|| format!("list {}", d.display()))?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                std::fs::File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .with_context(|| format!("fsync {}", path.display()))?;
+                count += 1;
+            }
+        }
+        std::fs::File::open(&d)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("fsync directory {}", d.display()))?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+fn load_latest(root_dir: &Path, state_path: Option<&Path>) -> Result<()> {
+    let root_dir = std::path::absolute(root_dir)
+        .with_context(|| format!("resolve {}", root_dir.display()))?;
+    let rss_before = proc_status_bytes("VmRSS")?;
+    let peak_reset = reset_peak_rss();
+    let started = Instant::now();
+    let root = CheckpointRoot::open(&format!("file://{}", root_dir.display()))
+        .context("open checkpoint root")?;
+    let manifest = resolve(&root, "latest").context("resolve latest")?;
+    let tensors = load(&root, &manifest, |_| true).context("load latest")?;
+    let load_s = started.elapsed().as_secs_f64();
+    let peak_rss = proc_status_bytes("VmHWM")?;
+    let loaded_bytes: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
+
+    let verified = match state_path {
+        None => None,
+        Some(path) => {
+            let state = State::read(path)?;
+            ensure!(
+                state.tensors.len() == tensors.len(),
+                "loaded {} tensors, the state has {}",
+                tensors.len(),
+                state.tensors.len()
+            );
+            let mut loaded: Vec<_> = tensors.iter().collect();
+            loaded.sort_by(|a, b| a.name.cmp(&b.name));
+            for (want, got) in state.views().iter().zip(loaded) {
+                ensure!(
+                    want.name == got.name
+                        && want.dtype == got.dtype
+                        && want.shape == got.shape.as_slice()
+                        && want.data == got.data.as_slice(),
+                    "loaded tensor {} differs from the state's {}",
+                    got.name,
+                    want.name
+                );
+            }
+            Some(true)
+        }
+    };
+    println!(
+        "{}",
+        json!({
+            "system": "kiln",
+            "load_s": load_s,
+            "loaded_bytes": loaded_bytes,
+            "tensors": tensors.len(),
+            "load_peak_extra_bytes": if peak_reset { Some(peak_rss.saturating_sub(rss_before)) } else { None },
+            "verified": verified,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! `kiln ckpt`: look at, check, export and collect checkpoints.
+//!
+//! A checkpoint is named by its root and a selector (`--step latest|N`), or by
+//! the URL of its manifest (`.../manifests/....json`, as `kiln run` prints it).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use kiln_checkpoint::{CheckpointRoot, Manifest, Retention};
+
+#[derive(Debug, Subcommand)]
+pub enum CkptCommand {
+    /// List the checkpoints under a root (newest last).
+    Ls {
+        /// Checkpoint root URL (file:///..., s3://bucket/prefix, ...) or folder.
+        root: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one checkpoint's manifest: tensors, training state, lineage.
+    Show {
+        /// Root URL (with --step) or a manifest URL.
+        ckpt: String,
+        #[arg(long, default_value = "latest")]
+        step: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read every chunk and check it; the exit code says the verdict (0 good, 1 corrupt).
+    Verify {
+        ckpt: String,
+        #[arg(long, default_value = "latest")]
+        step: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export a checkpoint to a file PyTorch reads.
+    Export {
+        ckpt: String,
+        /// Output file.
+        out: PathBuf,
+        #[arg(long, default_value = "latest")]
+        step: String,
+        #[arg(long, default_value = "safetensors", value_parser = ["safetensors"])]
+        format: String,
+        /// Export optimizer state too (default: model weights only).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Apply retention and delete chunks no kept checkpoint references.
+    Gc {
+        root: String,
+        #[arg(long, default_value_t = 3)]
+        keep_last: usize,
+        /// Also keep every checkpoint whose step is a multiple of this.
+        #[arg(long)]
+        keep_every: Option<u64>,
+        /// Unreferenced chunks younger than this many seconds are kept (an
+        /// in-flight save may be writing them).
+        #[arg(long, default_value_t = 600)]
+        grace_secs: u64,
+        /// Say what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Opens the root and finds the manifest a command names.
+fn open(ckpt: &str, step: &str) -> Result<(CheckpointRoot, Manifest)> {
+    let (root_url, which) = match ckpt.rsplit_once("/manifests/") {
+        Some((root, name)) if name.ends_with(".json") => (root.to_string(), format!("manifests/{name}")),
+        _ => (ckpt.to_string(), step.to_string()),
+    };
+    let root = CheckpointRoot::open(&root_url).with_context(|| format!("open checkpoint root {root_url}"))?;
+    let manifest = kiln_checkpoint::resolve(&root, &which)
+        .with_context(|| format!("find checkpoint {which} under {}", root.url()))?;
+    Ok((root, manifest))
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+pub fn run(cmd: CkptCommand) -> Result<ExitCode> {
+    match cmd {
+        CkptCommand::Ls { root, json } => {
+            let root = CheckpointRoot::open(&root).with_context(|| format!("open checkpoint root {root}"))?;
+            let list = kiln_checkpoint::list(&root).context("list checkpoints")?;
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{:>8}  {:<25}  {:>5}  {:>7}  {:>10}  {:>10}  manifest", "step", "created", "world", "tensors", "raw", "stored");
+            for m in &list {
+                let step = m.step.map_or("?".to_string(), |s| s.to_string());
+                let latest = if m.is_latest { "  (latest)" } else { "" };
+                match &m.error {
+                    Some(e) => println!("{step:>8}  unreadable: {e}  {}", m.key),
+                    None => println!(
+                        "{step:>8}  {:<25}  {:>5}  {:>7}  {:>10}  {:>10}  {}{latest}",
+                        m.created_at.as_deref().unwrap_or("?"),
+                        m.world_size.map_or("?".to_string(), |w| w.to_string()),
+                        m.tensors,
+                        mb(m.raw_bytes),
+                        mb(m.stored_bytes),
+                        m.key
+                    ),
+                }
+            }
+            if list.is_empty() {
+                println!("(no checkpoints under {})", root.url());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CkptCommand::Show { ckpt, step, json } => {
+            let (root, m) = open(&ckpt, &step)?;
+            if json {
+                println!("{}", serde_json::to_string(&m)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("checkpoint  {}", root.url_of(&m.key));
+            println!("job         {}  step {}  world size at save {}", m.job, m.step, m.world_size);
+            println!("created     {}", m.created_at);
+            println!("parent      {}", m.parent.as_deref().unwrap_or("-"));
+            println!("format      v{}  code {}", m.format_version, m.code_version);
+            println!("dataset     {}", m.dataset_fingerprint);
+            println!("state       {}", m.training_state);
+            if !m.metrics.is_empty() {
+                let parts: Vec<String> = m.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                println!("metrics     {}", parts.join(", "));
+            }
+            println!("totals      {}", serde_json::to_string(&m.totals)?);
+            println!("{:<40}  {:<5}  {:<16}  {:>7}", "tensor", "dtype", "shape", "chunks");
+            for t in &m.tensors {
+                println!("{:<40}  {:<5}  {:<16}  {:>7}", t.name, t.dtype.name(), format!("{:?}", t.shape), t.chunks.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CkptCommand::Verify { ckpt, step, json } => {
+            let (root, m) = open(&ckpt, &step)?;
+            let report = kiln_checkpoint::verify(&root, &m).context("verify checkpoint")?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else if report.ok() {
+                println!(
+                    "ok: {} (step {}): {} tensors, {} chunks, {} checked",
+                    root.url_of(&m.key),
+                    m.step,
+                    report.tensors_checked,
+                    report.chunks_checked,
+                    mb(report.raw_bytes_checked)
+                );
+            } else {
+                println!("CORRUPT: {} (step {})", root.url_of(&m.key), m.step);
+                for b in &report.bad_chunks {
+                    println!("  tensor {} chunk {} ({}): {}", b.tensor, b.index, b.key, b.reason);
+                }
+            }
+            Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        CkptCommand::Export { ckpt, out, step, format, all } => {
+            if format != "safetensors" {
+                bail!("unknown export format {format}; allowed: safetensors");
+            }
+            let (root, m) = open(&ckpt, &step)?;
+            kiln_checkpoint::export_safetensors(&root, &m, |name| all || name.starts_with("model/"), &out)
+                .with_context(|| format!("export {} to {}", m.key, out.display()))?;
+            println!("exported step {} of {} to {}", m.step, m.job, out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        CkptCommand::Gc { root, keep_last, keep_every, grace_secs, dry_run, json } => {
+            let root = CheckpointRoot::open(&root).with_context(|| format!("open checkpoint root {root}"))?;
+            let retention = Retention { keep_last, keep_every };
+            let report = kiln_checkpoint::gc(&root, &retention, Duration::from_secs(grace_secs), dry_run)
+                .context("collect garbage")?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                let verb = if dry_run { "would delete" } else { "deleted" };
+                println!(
+                    "kept {} checkpoints; {verb} {} checkpoints and {} chunks ({}); {} unreferenced chunks within the grace period",
+                    report.manifests_kept.len(),
+                    report.manifests_deleted.len(),
+                    report.chunks_deleted,
+                    mb(report.bytes_freed),
+                    report.chunks_in_grace
+                );
+                for m in &report.manifests_deleted {
+                    println!("  {verb} {m}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
