@@ -299,4 +299,21 @@ print(json.dumps({"accuracy": accuracy, "loss": loss}))
     assert!((ka - ta).abs() < 1e-9, "accuracy: kiln {ka}, PyTorch {ta}");
     assert!((kl - tl).abs() < 1e-5, "loss: kiln {kl}, PyTorch {tl}");
     assert!(ka > 0.9);
+
+    // And the exported file initialises a model (`model.init`): a run that
+    // barely moves (lr 1e-12, one step) predicts what the exported model does.
+    let init = summary(
+        &kiln()
+            .arg("run")
+            .arg(&job)
+            .args(["--nproc", "1", "--set", "train.steps=1", "--set", "optimizer.lr=1e-12", "--set", "schedule.min_lr=0", "--json"])
+            .args(["--set", "workers.device=\"cpu\"", "--set", "checkpoint.final_checkpoint=false"])
+            .args(["--set", &format!("model.init=\"{}\"", out_file.display())])
+            .arg("--data-dir")
+            .arg(dir.path().join("init"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(init["eval"]["accuracy"].as_f64().unwrap(), ka, "{init}");
+    assert!((init["eval"]["loss"].as_f64().unwrap() - kl).abs() < 1e-5, "{init}");
 }

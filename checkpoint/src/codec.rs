@@ -3,7 +3,7 @@
 //! A stored chunk is a 32-byte header followed by the payload:
 //!
 //! ```text
-//! 0  magic "KLNC"         4  frame version (1)    5  codec (0 raw, 1 zstd)
+//! 0  magic "KLNC"         4  frame version (1)    5  codec (0 raw, 1 zstd, 2 zstd per byte plane)
 //! 6  group (element size the bytes were grouped by; 1 = not grouped)
 //! 7  reserved (0)         8  raw length (u64 LE)  16 payload length (u64 LE)
 //! 24 reserved (0, 4 bytes)                         28 crc32c (u32 LE) of bytes 0..28 and the payload
@@ -145,57 +145,154 @@ thread_local! {
     // zstd contexts are costly to create (~100s of KiB); keep one per pool thread.
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    // Grouped bytes (one chunk) and one compressed plane, reused per thread.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static PACKED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 fn crc_of(header: &[u8], payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&header[..28]), payload)
 }
 
-/// Encodes `raw` into a stored chunk frame (header + payload). Falls back to
-/// storing the raw bytes when zstd does not make them smaller.
-pub fn encode_chunk(raw: &[u8], encoding: Encoding, level: i32) -> std::io::Result<Vec<u8>> {
-    let bound = zstd::zstd_safe::compress_bound(raw.len());
-    let mut out = Vec::with_capacity(HEADER_LEN + bound.max(raw.len()));
-    out.resize(HEADER_LEN + bound, 0);
-    let compressed = SCRATCH.with(|scratch| -> std::io::Result<usize> {
-        let mut scratch = scratch.borrow_mut();
-        let input: &[u8] = if encoding.group > 1 {
-            scratch.resize(raw.len(), 0);
-            byte_group(raw, encoding.group, &mut scratch);
-            &scratch
-        } else {
-            raw
-        };
+const PLANE_RAW: u8 = 0;
+const PLANE_ZSTD: u8 = 1;
+const CODEC_PLANES: u8 = 2;
+
+/// Compresses `input` into the thread's `PACKED` buffer and hands it to `f`.
+fn with_compressed<T>(
+    input: &[u8],
+    level: i32,
+    f: impl FnOnce(&[u8]) -> T,
+) -> std::io::Result<T> {
+    PACKED.with(|packed| {
+        let mut packed = packed.borrow_mut();
+        packed.clear();
+        packed.reserve(zstd::zstd_safe::compress_bound(input.len()));
         COMPRESSOR.with(|c| {
             let mut c = c.borrow_mut();
             if c.as_ref().map(|(l, _)| *l) != Some(level) {
                 *c = Some((level, zstd::bulk::Compressor::new(level)?));
             }
             let (_, compressor) = c.as_mut().expect("compressor just set");
-            compressor.compress_to_buffer(input, &mut out[HEADER_LEN..])
-        })
-    })?;
-    let (codec, group, payload_len) = if compressed < raw.len() {
-        (CODEC_ZSTD, encoding.group, compressed)
-    } else {
-        out.truncate(HEADER_LEN);
-        out.extend_from_slice(raw);
-        (CODEC_RAW, 1, raw.len())
-    };
-    out.truncate(HEADER_LEN + payload_len);
+            compressor.compress_to_buffer(input, &mut *packed)
+        })?;
+        Ok(f(&packed))
+    })
+}
+
+fn write_header(out: &mut [u8], codec: u8, group: u8, raw_len: usize) {
+    let payload_len = (out.len() - HEADER_LEN) as u64;
     let (header, payload) = out.split_at_mut(HEADER_LEN);
     header[0..4].copy_from_slice(&CHUNK_MAGIC);
     header[4] = CHUNK_FRAME_VERSION;
     header[5] = codec;
     header[6] = group;
     header[7] = 0;
-    header[8..16].copy_from_slice(&(raw.len() as u64).to_le_bytes());
-    header[16..24].copy_from_slice(&(payload_len as u64).to_le_bytes());
+    header[8..16].copy_from_slice(&(raw_len as u64).to_le_bytes());
+    header[16..24].copy_from_slice(&payload_len.to_le_bytes());
     header[24..28].fill(0);
     let crc = crc_of(header, payload);
     header[28..32].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Encodes `raw` into a stored chunk frame (header + payload).
+///
+/// Grouped data is compressed plane by plane (codec 2): each byte plane is
+/// zstd-compressed on its own and kept raw when that does not save at least
+/// 1/64 of it. The low mantissa planes of trained floats are noise, and
+/// storing them raw costs a memcpy instead of a trip through zstd; the
+/// exponent plane compresses well on its own. Ungrouped data is one zstd
+/// frame (codec 1). Either way the raw bytes are stored (codec 0) when
+/// compression does not make them smaller.
+pub fn encode_chunk(raw: &[u8], encoding: Encoding, level: i32) -> std::io::Result<Vec<u8>> {
+    let group = encoding.group as usize;
+    let mut out = Vec::with_capacity(HEADER_LEN + raw.len() + 9 * group + 64);
+    out.resize(HEADER_LEN, 0);
+    let codec = if group > 1 {
+        let n = raw.len() / group;
+        SCRATCH.with(|scratch| -> std::io::Result<()> {
+            let mut scratch = scratch.borrow_mut();
+            scratch.resize(raw.len(), 0);
+            byte_group(raw, encoding.group, &mut scratch);
+            for b in 0..group {
+                let plane = &scratch[b * n..(b + 1) * n];
+                with_compressed(plane, level, |packed| {
+                    let (mode, bytes) = if packed.len() + plane.len() / 64 < plane.len() {
+                        (PLANE_ZSTD, packed)
+                    } else {
+                        (PLANE_RAW, plane)
+                    };
+                    out.push(mode);
+                    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+                    out.extend_from_slice(bytes);
+                })?;
+            }
+            out.extend_from_slice(&scratch[n * group..]);
+            Ok(())
+        })?;
+        CODEC_PLANES
+    } else {
+        with_compressed(raw, level, |packed| out.extend_from_slice(packed))?;
+        CODEC_ZSTD
+    };
+    let (codec, group) = if out.len() - HEADER_LEN < raw.len() {
+        (codec, encoding.group)
+    } else {
+        out.truncate(HEADER_LEN);
+        out.extend_from_slice(raw);
+        (CODEC_RAW, 1)
+    };
+    write_header(&mut out, codec, group, raw.len());
     Ok(out)
+}
+
+fn decompress_into(payload: &[u8], into: &mut [u8]) -> Result<(), String> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+        }
+        let n = d
+            .as_mut()
+            .expect("decompressor just set")
+            .decompress_to_buffer(payload, into)
+            .map_err(|e| format!("zstd: {e}"))?;
+        if n != into.len() {
+            return Err(format!("decompressed {n} bytes, expected {}", into.len()));
+        }
+        Ok(())
+    })
+}
+
+/// Decodes the planes of a codec-2 payload into `grouped` (raw length).
+fn decode_planes(mut payload: &[u8], group: usize, grouped: &mut [u8]) -> Result<(), String> {
+    let n = grouped.len() / group;
+    for b in 0..group {
+        if payload.len() < 9 {
+            return Err(format!("plane {b}: truncated plane header"));
+        }
+        let mode = payload[0];
+        let len = u64::from_le_bytes(payload[1..9].try_into().expect("8 bytes")) as usize;
+        payload = &payload[9..];
+        if payload.len() < len {
+            return Err(format!("plane {b}: {len} bytes announced, {} left", payload.len()));
+        }
+        let (bytes, rest) = payload.split_at(len);
+        payload = rest;
+        let into = &mut grouped[b * n..(b + 1) * n];
+        match mode {
+            PLANE_RAW if len == n => into.copy_from_slice(bytes),
+            PLANE_RAW => return Err(format!("plane {b}: raw plane of {len} bytes, expected {n}")),
+            PLANE_ZSTD => decompress_into(bytes, into).map_err(|e| format!("plane {b}: {e}"))?,
+            other => return Err(format!("plane {b}: unknown mode {other}")),
+        }
+    }
+    let tail = &mut grouped[n * group..];
+    if payload.len() != tail.len() {
+        return Err(format!("{} trailing bytes, expected {}", payload.len(), tail.len()));
+    }
+    tail.copy_from_slice(payload);
+    Ok(())
 }
 
 /// Decodes a stored frame into `dst` (which must have the raw length the
@@ -207,7 +304,10 @@ pub fn decode_chunk(
     expected_address: Option<&str>,
 ) -> Result<(), String> {
     if stored.len() < HEADER_LEN {
-        return Err(format!("stored object is {} bytes, shorter than a header", stored.len()));
+        return Err(format!(
+            "stored object is {} bytes, shorter than a header",
+            stored.len()
+        ));
     }
     let (header, payload) = stored.split_at(HEADER_LEN);
     if header[0..4] != CHUNK_MAGIC {
@@ -227,7 +327,9 @@ pub fn decode_chunk(
     let crc = u32::from_le_bytes(header[28..32].try_into().expect("4 bytes"));
     let actual = crc_of(header, payload);
     if crc != actual {
-        return Err(format!("crc32c mismatch: stored {crc:08x}, computed {actual:08x}"));
+        return Err(format!(
+            "crc32c mismatch: stored {crc:08x}, computed {actual:08x}"
+        ));
     }
     if raw_len != dst.len() as u64 {
         return Err(format!(
@@ -236,6 +338,19 @@ pub fn decode_chunk(
         ));
     }
     let group = header[6];
+    let grouped_codec = |dst: &mut [u8], decode: &dyn Fn(&mut [u8]) -> Result<(), String>| {
+        if group > 1 {
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                scratch.resize(dst.len(), 0);
+                decode(&mut scratch)?;
+                byte_ungroup(&scratch, group, dst);
+                Ok::<_, String>(())
+            })
+        } else {
+            decode(dst)
+        }
+    };
     match header[5] {
         CODEC_RAW => {
             if payload.len() != dst.len() {
@@ -243,37 +358,11 @@ pub fn decode_chunk(
             }
             dst.copy_from_slice(payload);
         }
-        CODEC_ZSTD => {
-            let decompress = |into: &mut [u8]| -> Result<(), String> {
-                DECOMPRESSOR.with(|d| {
-                    let mut d = d.borrow_mut();
-                    if d.is_none() {
-                        *d = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
-                    }
-                    let n = d
-                        .as_mut()
-                        .expect("decompressor just set")
-                        .decompress_to_buffer(payload, into)
-                        .map_err(|e| format!("zstd: {e}"))?;
-                    if n != into.len() {
-                        return Err(format!("decompressed {n} bytes, expected {}", into.len()));
-                    }
-                    Ok(())
-                })
-            };
-            if group > 1 {
-                SCRATCH.with(|scratch| {
-                    let mut scratch = scratch.borrow_mut();
-                    scratch.resize(dst.len(), 0);
-                    decompress(&mut scratch)?;
-                    byte_ungroup(&scratch, group, dst);
-                    Ok::<_, String>(())
-                })?;
-            } else {
-                decompress(dst)?;
-            }
+        CODEC_ZSTD => grouped_codec(dst, &|into| decompress_into(payload, into))?,
+        CODEC_PLANES if group > 1 => {
+            grouped_codec(dst, &|into| decode_planes(payload, group as usize, into))?
         }
-        other => return Err(format!("unknown codec {other}")),
+        other => return Err(format!("unknown codec {other} (group {group})")),
     }
     if let Some(expected) = expected_address {
         let got = address(dst);
@@ -288,15 +377,19 @@ pub fn decode_chunk(
 mod tests {
     use super::*;
 
+    /// Roughly normal values with standard deviation 0.02, like trained weights.
     fn floats(n: usize) -> Vec<u8> {
         let mut x = 0x9e3779b97f4a7c15u64;
+        let mut uniform = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32
+        };
         (0..n)
             .flat_map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let f = ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02;
-                f.to_le_bytes()
+                let s: f32 = (0..4).map(|_| uniform()).sum();
+                ((s - 2.0) * 0.02 * 1.732).to_le_bytes()
             })
             .collect()
     }
@@ -341,6 +434,42 @@ mod tests {
         // A wrong address is caught even when the frame is intact.
         let err = decode_chunk(&stored, &mut out, Some(&address(b"other"))).unwrap_err();
         assert!(err.contains("sha256"), "{err}");
+    }
+
+    #[test]
+    fn floats_are_compressed_per_plane_with_noise_planes_kept_raw() {
+        let raw = floats(4096);
+        let stored = encode_chunk(&raw, Encoding::for_dtype(DType::F32), 3).unwrap();
+        assert_eq!(stored[5], CODEC_PLANES);
+        // Plane 0 (lowest mantissa byte) is noise: stored raw, right after
+        // the header; the top plane (sign, exponent) is compressed.
+        assert_eq!(stored[HEADER_LEN], PLANE_RAW, "{:?}", &stored[HEADER_LEN..HEADER_LEN + 9]);
+        let n = raw.len() / 4;
+        let mut at = HEADER_LEN;
+        let mut modes = vec![];
+        for _ in 0..4 {
+            modes.push(stored[at]);
+            at += 9 + u64::from_le_bytes(stored[at + 1..at + 9].try_into().unwrap()) as usize;
+        }
+        assert_eq!(modes[3], PLANE_ZSTD, "{modes:?} ({n} elements)");
+        let mut out = vec![0; raw.len()];
+        decode_chunk(&stored, &mut out, Some(&address(&raw))).unwrap();
+        assert_eq!(out, raw);
+        // Tails that are not a whole element, and every width.
+        for (group, len) in [(2u8, 1001usize), (4, 4099), (8, 8 * 300 + 5)] {
+            let raw: Vec<u8> = raw.iter().cycle().take(len).copied().collect();
+            let stored = encode_chunk(&raw, Encoding { group }, 1).unwrap();
+            let mut out = vec![0; len];
+            decode_chunk(&stored, &mut out, Some(&address(&raw))).unwrap();
+            assert_eq!(out, raw, "group {group}");
+        }
+        // Integers: one zstd frame.
+        let ints: Vec<u8> = (0..4096u32).flat_map(|i| (i % 7).to_le_bytes()).collect();
+        let stored = encode_chunk(&ints, Encoding::for_dtype(DType::I32), 3).unwrap();
+        assert_eq!(stored[5], CODEC_ZSTD);
+        let mut out = vec![0; ints.len()];
+        decode_chunk(&stored, &mut out, None).unwrap();
+        assert_eq!(out, ints);
     }
 
     #[test]

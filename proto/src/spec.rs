@@ -72,6 +72,11 @@ pub struct ModelSpec {
     /// TorchScript file (torchscript).
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// Initial weights from a safetensors file (e.g. `kiln ckpt export` output
+    /// or a PyTorch `state_dict` saved with safetensors); names may carry a
+    /// `model/` prefix.
+    #[serde(default)]
+    pub init: Option<PathBuf>,
 }
 
 fn default_hidden() -> Vec<usize> {
@@ -562,6 +567,9 @@ impl JobSpec {
         for (index, path) in self.data.eval.iter_mut().enumerate() {
             *path = resolve(base_dir, path, &format!("data.eval[{index}]"))?;
         }
+        if let Some(path) = &mut self.model.init {
+            *path = resolve(base_dir, path, "model.init")?;
+        }
         if let Some(path) = &mut self.model.path {
             *path = resolve(base_dir, path, "model.path")?;
         }
@@ -639,6 +647,9 @@ impl JobSpec {
                 ));
             }
             (ModelKind::Mlp | ModelKind::Cnn, None) => {}
+        }
+        if let Some(init) = &model.init {
+            check_file("model.init", init)?;
         }
         if model.kind == ModelKind::Cnn {
             self.validate_cnn_shape()?;

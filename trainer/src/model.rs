@@ -186,6 +186,7 @@ mod tests {
             channels: vec![4, 8],
             input_shape: None,
             path: None,
+            init: None,
         }
     }
 

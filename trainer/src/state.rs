@@ -101,18 +101,7 @@ pub fn restore(loaded: &[OwnedTensor], params: &[(String, Tensor)], opt: &mut Op
         let src = by_name.get(name).with_context(|| {
             format!("the checkpoint has no tensor {name} (was it saved by another model or optimizer?)")
         })?;
-        let shape: Vec<i64> = src.shape.iter().map(|&d| d as i64).collect();
-        ensure!(
-            shape == dst.size() && dtype_of(dst.kind())? == src.dtype,
-            "checkpoint tensor {name} is {:?} {:?}; the model expects {:?} {:?}",
-            src.dtype,
-            src.shape,
-            dst.kind(),
-            dst.size()
-        );
-        let host = Tensor::from_data_size(&src.data, &shape, dst.kind());
-        tch::no_grad(|| dst.detach().copy_(&host));
-        Ok(())
+        copy_tensor(name, src, dst).context("restore from checkpoint")
     };
     for (name, p) in params {
         copy_into(&format!("model/{name}"), p)?;
@@ -122,6 +111,45 @@ pub fn restore(loaded: &[OwnedTensor], params: &[(String, Tensor)], opt: &mut Op
             copy_into(&format!("optim/{buffer}/{name}"), t)?;
         }
     }
+    Ok(())
+}
+
+/// Initialises parameters from a safetensors file (`model.init`): every
+/// parameter must be there, named as in the model or with a `model/` prefix.
+pub fn init_from_safetensors(path: &std::path::Path, params: &[(String, Tensor)]) -> Result<()> {
+    let loaded = kiln_checkpoint::import_safetensors(path).with_context(|| format!("read {}", path.display()))?;
+    let renamed: Vec<OwnedTensor> = loaded
+        .into_iter()
+        .map(|mut t| {
+            if !t.name.starts_with("model/") {
+                t.name = format!("model/{}", t.name);
+            }
+            t
+        })
+        .collect();
+    let by_name: std::collections::HashMap<&str, &OwnedTensor> = renamed.iter().map(|t| (t.name.as_str(), t)).collect();
+    for (name, p) in params {
+        let key = format!("model/{name}");
+        let src = by_name
+            .get(key.as_str())
+            .with_context(|| format!("model.init: {} has no tensor {name} (nor model/{name})", path.display()))?;
+        copy_tensor(&key, src, p)?;
+    }
+    Ok(())
+}
+
+fn copy_tensor(name: &str, src: &OwnedTensor, dst: &Tensor) -> Result<()> {
+    let shape: Vec<i64> = src.shape.iter().map(|&d| d as i64).collect();
+    ensure!(
+        shape == dst.size() && dtype_of(dst.kind())? == src.dtype,
+        "tensor {name} is {:?} {:?}; the model expects {:?} {:?}",
+        src.dtype,
+        src.shape,
+        dst.kind(),
+        dst.size()
+    );
+    let host = Tensor::from_data_size(&src.data, &shape, dst.kind());
+    tch::no_grad(|| dst.detach().copy_(&host));
     Ok(())
 }
 

@@ -196,6 +196,9 @@ fn train(
         .context("build model")?;
     let named = model::named_parameters(&vs);
     let mut params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+    if let Some(init) = &spec.model.init {
+        state::init_from_safetensors(init, &named).context("model.init")?;
+    }
     // Every rank starts from rank 0's parameters, whatever their initialisation.
     for p in &params {
         comm.broadcast(&mut p.detach(), 0)
