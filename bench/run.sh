@@ -2,8 +2,11 @@
 # Runs kiln's side-by-side benchmarks against PyTorch (see bench/README.md):
 #   1. all-reduce bandwidth, kiln's TCP ring vs gloo   (bench/allreduce.py)
 #   2. data-parallel training throughput, kiln vs DDP  (bench/ddp.py)
+#   3. checkpoint save/load, kiln vs torch.save and DCP (bench/ckpt.py; only
+#      with `ckpt`, not part of `all`: it takes minutes and ~15 GB of disk)
 #
 # usage: bench/run.sh [all|allreduce|ddp] [--peer-only]
+#        bench/run.sh ckpt [--peer-only] [bench/ckpt.py options, e.g. --size-gb 0.2]
 #   --peer-only   skip the build and the kiln side; run only the PyTorch peers
 #
 # Builds `kiln` and `kiln-bench` in release mode first; the binaries are taken
@@ -18,12 +21,21 @@ cd "$repo"
 
 which=all
 peer_only=()
+ckpt_args=()
 for arg in "$@"; do
   case "$arg" in
-    all | allreduce | ddp) which=$arg ;;
+    all | allreduce | ddp | ckpt) which=$arg ;;
     --peer-only) peer_only=(--peer-only) ;;
     -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
-    *) echo "run.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
+    *)
+      # Anything else after `ckpt` belongs to bench/ckpt.py.
+      if [[ $which == ckpt ]]; then
+        ckpt_args+=("$arg")
+      else
+        echo "run.sh: unknown argument '$arg' (see --help)" >&2
+        exit 2
+      fi
+      ;;
   esac
 done
 
@@ -45,5 +57,8 @@ if [[ $which == all || $which == allreduce ]]; then
 fi
 if [[ $which == all || $which == ddp ]]; then
   "$python" bench/ddp.py --kiln "$release_dir/kiln" --python "$python" "${peer_only[@]}" || status=1
+fi
+if [[ $which == ckpt ]]; then
+  "$python" bench/ckpt.py --kiln-bin "$release_dir/ckpt_bench" --python "$python" "${peer_only[@]}" "${ckpt_args[@]}" || status=1
 fi
 exit "$status"

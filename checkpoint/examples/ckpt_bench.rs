@@ -91,6 +91,27 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    {
+        let mut out = vec![0u8; weights.len()];
+        let t = Instant::now();
+        kiln_checkpoint::codec::byte_group(&weights, 4, &mut out);
+        let group = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let a = kiln_checkpoint::codec::address(&weights);
+        let sha = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let c = crc32c::crc32c(&weights);
+        let crc = t.elapsed().as_secs_f64();
+        let mb = weights.len() as f64 / (1 << 20) as f64;
+        println!(
+            "\nper thread: byte grouping {:.0} MiB/s, sha256 {:.0} MiB/s, crc32c {:.0} MiB/s ({}, {c:x})",
+            mb / group,
+            mb / sha,
+            mb / crc,
+            &a[..8]
+        );
+    }
+
     println!("\n## save/load {mib} MiB float32 (64 tensors), local filesystem, defaults");
     let dir = tempfile::tempdir_in(&base).context("create temporary directory")?;
     let root = CheckpointRoot::open(dir.path().to_str().context("utf-8 path")?)?;
@@ -99,7 +120,9 @@ fn main() -> anyhow::Result<()> {
     let data: Vec<Vec<u8>> = (0..tensors)
         .map(|i| f32_bytes(per, 100 + i as u64, |r| r.normal(0.02)))
         .collect();
-    let names: Vec<String> = (0..tensors).map(|i| format!("layer{i:02}.weight")).collect();
+    let names: Vec<String> = (0..tensors)
+        .map(|i| format!("layer{i:02}.weight"))
+        .collect();
     let shape = [per];
     let views: Vec<TensorView<'_>> = (0..tensors)
         .map(|i| TensorView {
@@ -139,8 +162,15 @@ fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let loaded = load(&root, &m, |_| true)?;
     let secs = start.elapsed().as_secs_f64();
-    anyhow::ensure!(loaded.len() == tensors && loaded[5].data == data[5], "loaded bytes differ");
-    println!("load: {:.0} ms ({:.0} MiB/s)", secs * 1e3, mib as f64 / secs);
+    anyhow::ensure!(
+        loaded.len() == tensors && loaded[5].data == data[5],
+        "loaded bytes differ"
+    );
+    println!(
+        "load: {:.0} ms ({:.0} MiB/s)",
+        secs * 1e3,
+        mib as f64 / secs
+    );
     drop(loaded);
     let start = Instant::now();
     let report = verify(&root, &m)?;

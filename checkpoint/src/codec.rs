@@ -159,11 +159,7 @@ const PLANE_ZSTD: u8 = 1;
 const CODEC_PLANES: u8 = 2;
 
 /// Compresses `input` into the thread's `PACKED` buffer and hands it to `f`.
-fn with_compressed<T>(
-    input: &[u8],
-    level: i32,
-    f: impl FnOnce(&[u8]) -> T,
-) -> std::io::Result<T> {
+fn with_compressed<T>(input: &[u8], level: i32, f: impl FnOnce(&[u8]) -> T) -> std::io::Result<T> {
     PACKED.with(|packed| {
         let mut packed = packed.borrow_mut();
         packed.clear();
@@ -275,7 +271,10 @@ fn decode_planes(mut payload: &[u8], group: usize, grouped: &mut [u8]) -> Result
         let len = u64::from_le_bytes(payload[1..9].try_into().expect("8 bytes")) as usize;
         payload = &payload[9..];
         if payload.len() < len {
-            return Err(format!("plane {b}: {len} bytes announced, {} left", payload.len()));
+            return Err(format!(
+                "plane {b}: {len} bytes announced, {} left",
+                payload.len()
+            ));
         }
         let (bytes, rest) = payload.split_at(len);
         payload = rest;
@@ -289,7 +288,11 @@ fn decode_planes(mut payload: &[u8], group: usize, grouped: &mut [u8]) -> Result
     }
     let tail = &mut grouped[n * group..];
     if payload.len() != tail.len() {
-        return Err(format!("{} trailing bytes, expected {}", payload.len(), tail.len()));
+        return Err(format!(
+            "{} trailing bytes, expected {}",
+            payload.len(),
+            tail.len()
+        ));
     }
     tail.copy_from_slice(payload);
     Ok(())
@@ -443,7 +446,12 @@ mod tests {
         assert_eq!(stored[5], CODEC_PLANES);
         // Plane 0 (lowest mantissa byte) is noise: stored raw, right after
         // the header; the top plane (sign, exponent) is compressed.
-        assert_eq!(stored[HEADER_LEN], PLANE_RAW, "{:?}", &stored[HEADER_LEN..HEADER_LEN + 9]);
+        assert_eq!(
+            stored[HEADER_LEN],
+            PLANE_RAW,
+            "{:?}",
+            &stored[HEADER_LEN..HEADER_LEN + 9]
+        );
         let n = raw.len() / 4;
         let mut at = HEADER_LEN;
         let mut modes = vec![];
@@ -477,7 +485,9 @@ mod tests {
         let mut x = 1u64;
         let raw: Vec<u8> = (0..4096)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (x >> 56) as u8
             })
             .collect();

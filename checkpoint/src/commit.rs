@@ -41,7 +41,10 @@ pub struct CommitInput {
 #[derive(Debug)]
 pub enum Event {
     /// The answer to reading one rank's part (`None`: not there yet).
-    PartRead { rank: usize, part: Option<PartRecord> },
+    PartRead {
+        rank: usize,
+        part: Option<PartRecord>,
+    },
     /// A [`Action::WaitUntil`] deadline passed.
     Tick,
     /// The create-only manifest put succeeded (or found identical bytes).
@@ -131,10 +134,10 @@ impl Commit {
         match (event, &self.phase) {
             (Event::PartRead { rank, part }, Phase::Gathering) => {
                 self.outstanding = self.outstanding.saturating_sub(1);
-                if let Some(part) = part {
-                    if let Err(e) = self.accept(rank, part) {
-                        return self.fail(e);
-                    }
+                if let Some(part) = part
+                    && let Err(e) = self.accept(rank, part)
+                {
+                    return self.fail(e);
                 }
                 if self.outstanding > 0 {
                     return vec![];
@@ -157,7 +160,10 @@ impl Commit {
                 })
             }
             (Event::LatestRead(current), Phase::MovingLatest) => {
-                let manifest = self.manifest.as_ref().expect("manifest built before latest");
+                let manifest = self
+                    .manifest
+                    .as_ref()
+                    .expect("manifest built before latest");
                 match current {
                     Some(cur) if cur.step >= self.input.step => {
                         self.finish(cur.manifest == manifest.key)
@@ -234,7 +240,10 @@ impl Commit {
             ),
         };
         if part.step != i.step || part.attempt != i.attempt {
-            return Err(bad(format!("names step {} attempt {}", part.step, part.attempt)));
+            return Err(bad(format!(
+                "names step {} attempt {}",
+                part.step, part.attempt
+            )));
         }
         if part.rank as usize != rank || part.world_size as usize != i.world_size {
             return Err(bad(format!(
@@ -405,12 +414,33 @@ mod tests {
         let (mut c, a) = Commit::new(input(plan, 3), parts.remove(0), t0);
         assert!(matches!(&a[..], [Action::ReadParts(r)] if r == &[1, 2]));
         // Rank 1 is there, rank 2 not yet: wait, then ask again for rank 2 only.
-        assert!(c.on_event(Event::PartRead { rank: 1, part: Some(parts.remove(0)) }, t0).is_empty());
-        let a = c.on_event(Event::PartRead { rank: 2, part: None }, t0);
+        assert!(
+            c.on_event(
+                Event::PartRead {
+                    rank: 1,
+                    part: Some(parts.remove(0))
+                },
+                t0
+            )
+            .is_empty()
+        );
+        let a = c.on_event(
+            Event::PartRead {
+                rank: 2,
+                part: None,
+            },
+            t0,
+        );
         assert!(matches!(&a[..], [Action::WaitUntil(_)]));
         let a = c.on_event(Event::Tick, t0 + Duration::from_millis(20));
         assert!(matches!(&a[..], [Action::ReadParts(r)] if r == &[2]));
-        let a = c.on_event(Event::PartRead { rank: 2, part: Some(parts.remove(0)) }, t0);
+        let a = c.on_event(
+            Event::PartRead {
+                rank: 2,
+                part: Some(parts.remove(0)),
+            },
+            t0,
+        );
         let [Action::WriteManifest(m)] = &a[..] else {
             panic!("{a:?}")
         };
@@ -419,7 +449,10 @@ mod tests {
         assert_eq!(m.totals.uploaded_bytes, 30);
         assert_eq!(m.parent.as_deref(), Some("manifests/old.json"));
         // Chunk refs land in plan order: tensor b's first chunk is global chunk 4.
-        assert_eq!(m.tensors[1].chunks[0].key, format!("chunks/00/{:064x}.bg4.zst", 256));
+        assert_eq!(
+            m.tensors[1].chunks[0].key,
+            format!("chunks/00/{:064x}.bg4.zst", 256)
+        );
         let a = c.on_event(Event::ManifestWritten, t0);
         assert!(matches!(&a[..], [Action::ReadLatest]));
         let older = LatestRecord {
@@ -457,7 +490,10 @@ mod tests {
             updated_at: String::new(),
         };
         let a = c.on_event(Event::LatestRead(Some(newer)), t0);
-        assert!(matches!(&a[..], [Action::Done(o)] if !o.latest_moved), "{a:?}");
+        assert!(
+            matches!(&a[..], [Action::Done(o)] if !o.latest_moved),
+            "{a:?}"
+        );
     }
 
     #[test]
@@ -465,9 +501,21 @@ mod tests {
         let t0 = Instant::now();
         let (plan, mut parts) = plan(3);
         let (mut c, _) = Commit::new(input(plan, 3), parts.remove(0), t0);
-        c.on_event(Event::PartRead { rank: 1, part: None }, t0);
+        c.on_event(
+            Event::PartRead {
+                rank: 1,
+                part: None,
+            },
+            t0,
+        );
         let mut now = t0;
-        let mut a = c.on_event(Event::PartRead { rank: 2, part: None }, t0);
+        let mut a = c.on_event(
+            Event::PartRead {
+                rank: 2,
+                part: None,
+            },
+            t0,
+        );
         let mut waits = 0;
         loop {
             match &a[..] {
@@ -502,14 +550,32 @@ mod tests {
         let mut bad = parts[1].clone();
         bad.layout = "something else".into();
         let (mut c, _) = Commit::new(input(plan3.clone(), 2), parts.remove(0), t0);
-        let a = c.on_event(Event::PartRead { rank: 1, part: Some(bad) }, t0);
-        assert!(matches!(&a[..], [Action::Fail(Error::Conflict { what })] if what.contains("different states")), "{a:?}");
+        let a = c.on_event(
+            Event::PartRead {
+                rank: 1,
+                part: Some(bad),
+            },
+            t0,
+        );
+        assert!(
+            matches!(&a[..], [Action::Fail(Error::Conflict { what })] if what.contains("different states")),
+            "{a:?}"
+        );
 
         let (_, mut parts) = plan(2);
         let mut short = parts[1].clone();
         short.chunks.pop();
         let (mut c, _) = Commit::new(input(plan3, 2), parts.remove(0), t0);
-        let a = c.on_event(Event::PartRead { rank: 1, part: Some(short) }, t0);
-        assert!(matches!(&a[..], [Action::Fail(Error::Conflict { .. })]), "{a:?}");
+        let a = c.on_event(
+            Event::PartRead {
+                rank: 1,
+                part: Some(short),
+            },
+            t0,
+        );
+        assert!(
+            matches!(&a[..], [Action::Fail(Error::Conflict { .. })]),
+            "{a:?}"
+        );
     }
 }

@@ -34,7 +34,11 @@ pub fn export_safetensors(
     filter: impl Fn(&str) -> bool,
     out: &Path,
 ) -> Result<()> {
-    let selected: Vec<&TensorEntry> = manifest.tensors.iter().filter(|t| filter(&t.name)).collect();
+    let selected: Vec<&TensorEntry> = manifest
+        .tensors
+        .iter()
+        .filter(|t| filter(&t.name))
+        .collect();
     let mut header = serde_json::Map::new();
     let mut metadata = BTreeMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
@@ -59,7 +63,7 @@ pub fn export_safetensors(
     }
     let mut header = serde_json::to_vec(&header).expect("header serializes");
     // The data starts 8-byte aligned, as safetensors' own writer does.
-    while (header.len() + 8) % 8 != 0 {
+    while !(header.len() + 8).is_multiple_of(8) {
         header.push(b' ');
     }
 
@@ -72,19 +76,20 @@ pub fn export_safetensors(
             .map_err(io("write", &tmp))?;
         let mut batch: Vec<&str> = Vec::new();
         let mut batch_bytes = 0u64;
-        let flush = |batch: &mut Vec<&str>, w: &mut std::io::BufWriter<std::fs::File>| -> Result<()> {
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let names: std::collections::HashSet<&str> = batch.iter().copied().collect();
-            // `load` returns tensors in manifest (name) order, the order of
-            // the offsets above.
-            for t in load(root, manifest, |n| names.contains(n))? {
-                w.write_all(&t.data).map_err(io("write", &tmp))?;
-            }
-            batch.clear();
-            Ok(())
-        };
+        let flush =
+            |batch: &mut Vec<&str>, w: &mut std::io::BufWriter<std::fs::File>| -> Result<()> {
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                let names: std::collections::HashSet<&str> = batch.iter().copied().collect();
+                // `load` returns tensors in manifest (name) order, the order of
+                // the offsets above.
+                for t in load(root, manifest, |n| names.contains(n))? {
+                    w.write_all(&t.data).map_err(io("write", &tmp))?;
+                }
+                batch.clear();
+                Ok(())
+            };
         for t in &selected {
             if batch_bytes + t.raw_len > EXPORT_BATCH_BYTES {
                 flush(&mut batch, &mut w)?;
@@ -94,7 +99,9 @@ pub fn export_safetensors(
             batch_bytes += t.raw_len;
         }
         flush(&mut batch, &mut w)?;
-        let file = w.into_inner().map_err(|e| io("write", &tmp)(e.into_error()))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| io("write", &tmp)(e.into_error()))?;
         file.sync_all().map_err(io("sync", &tmp))?;
         std::fs::rename(&tmp, out).map_err(io("rename", out))
     })();
@@ -109,7 +116,10 @@ pub fn import_safetensors(path: &Path) -> Result<Vec<OwnedTensor>> {
     use safetensors::Dtype as S;
     let bytes = std::fs::read(path).map_err(io("read", path))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-        Error::invalid(format!("{} is not a valid safetensors file: {e}", path.display()))
+        Error::invalid(format!(
+            "{} is not a valid safetensors file: {e}",
+            path.display()
+        ))
     })?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {

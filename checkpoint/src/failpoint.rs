@@ -39,10 +39,10 @@ mod imp {
     pub fn chunk_uploaded() {
         static UPLOADED: AtomicU64 = AtomicU64::new(0);
         let n = UPLOADED.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(limit) = configured().and_then(|p| p.strip_prefix("chunk-upload:")) {
-            if limit.parse::<u64>().ok() == Some(n) {
-                crash(&format!("chunk-upload:{n}"));
-            }
+        if let Some(limit) = configured().and_then(|p| p.strip_prefix("chunk-upload:"))
+            && limit.parse::<u64>().ok() == Some(n)
+        {
+            crash(&format!("chunk-upload:{n}"));
         }
     }
 }

@@ -112,7 +112,9 @@ pub async fn gc_async(
     let mut keep = vec![false; n];
     for (i, (o, m)) in manifests.iter().enumerate() {
         keep[i] = i + retention.keep_last >= n
-            || retention.keep_every.is_some_and(|k| k > 0 && m.step % k == 0)
+            || retention
+                .keep_every
+                .is_some_and(|k| k > 0 && m.step % k == 0)
             || latest.as_deref() == Some(m.key.as_str())
             || o.last_modified > cutoff;
     }
@@ -135,12 +137,11 @@ pub async fn gc_async(
     let mut old_parts = Vec::new();
     for o in root.list("parts").await? {
         if o.last_modified > cutoff {
-            match root.get_opt(&o.key).await? {
-                Some(b) => match PartRecord::from_json(&o.key, &b) {
+            if let Some(b) = root.get_opt(&o.key).await? {
+                match PartRecord::from_json(&o.key, &b) {
                     Ok(p) => protected.extend(p.chunks.into_iter().map(|c| c.key)),
                     Err(e) => tracing::warn!(part = %o.key, error = %e, "unreadable part"),
-                },
-                None => {}
+                }
             }
         } else {
             old_parts.push(o.key);

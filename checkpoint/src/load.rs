@@ -251,13 +251,15 @@ fn read_chunks(
                         }
                     };
                     let address = parse_chunk_key(&chunk.key).map(|(a, _)| a);
-                    let mut slot_guard;
                     let dst: &mut [u8] = if slots.is_empty() {
                         scratch.resize(chunk.raw_len as usize, 0);
                         &mut scratch
                     } else {
-                        slot_guard = slots[j].lock().expect("slot").take();
-                        slot_guard.as_deref_mut().expect("each chunk decoded once")
+                        slots[j]
+                            .lock()
+                            .expect("slot")
+                            .take()
+                            .expect("each chunk decoded once")
                     };
                     let checked = if stored.len() as u64 != chunk.stored_len {
                         Err(format!(
@@ -310,8 +312,15 @@ pub fn load(
     manifest: &Manifest,
     filter: impl Fn(&str) -> bool,
 ) -> Result<Vec<OwnedTensor>> {
-    let selected: Vec<&TensorEntry> = manifest.tensors.iter().filter(|t| filter(&t.name)).collect();
-    let mut outputs: Vec<Vec<u8>> = selected.iter().map(|t| vec![0u8; t.raw_len as usize]).collect();
+    let selected: Vec<&TensorEntry> = manifest
+        .tensors
+        .iter()
+        .filter(|t| filter(&t.name))
+        .collect();
+    let mut outputs: Vec<Vec<u8>> = selected
+        .iter()
+        .map(|t| vec![0u8; t.raw_len as usize])
+        .collect();
     let errors = read_chunks(root, &selected, Some(&mut outputs), true);
     if let Some((_, _, e)) = errors.into_iter().next() {
         return Err(e);
@@ -384,7 +393,10 @@ pub fn load_latest_verified(
         let manifest = match block_on(read_manifest(root, &key)) {
             Ok(m) => m,
             Err(e) if e.is_data_loss() => {
-                let w = format!("checkpoint {} is unreadable, trying its parent: {e}", root.url_of(&key));
+                let w = format!(
+                    "checkpoint {} is unreadable, trying its parent: {e}",
+                    root.url_of(&key)
+                );
                 tracing::error!(manifest = %key, error = %e, "checkpoint manifest unreadable; falling back");
                 warnings.push(w);
                 next = fallback_parent.take();

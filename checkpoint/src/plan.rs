@@ -240,7 +240,10 @@ mod tests {
             data: &data,
         };
         assert!(ChunkPlan::new(&[v, v], 64).is_err());
-        let bad = TensorView { data: &data[..7], ..v };
+        let bad = TensorView {
+            data: &data[..7],
+            ..v
+        };
         assert!(ChunkPlan::new(&[bad], 64).is_err());
     }
 }

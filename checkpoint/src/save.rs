@@ -234,7 +234,12 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    pub fn new(root: CheckpointRoot, cfg: SaveConfig, rank: usize, world_size: usize) -> Result<Self> {
+    pub fn new(
+        root: CheckpointRoot,
+        cfg: SaveConfig,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Self> {
         if world_size == 0 || rank >= world_size {
             return Err(Error::invalid(format!(
                 "rank {rank} of world size {world_size}"
@@ -285,8 +290,7 @@ impl Checkpointer {
         validate_attempt(attempt)?;
         let plan = Arc::new(ChunkPlan::new(tensors, self.cfg.chunk_bytes)?);
         let stripe = plan.stripe(self.rank, self.world_size);
-        let by_name: HashMap<&str, &TensorView<'_>> =
-            tensors.iter().map(|t| (t.name, t)).collect();
+        let by_name: HashMap<&str, &TensorView<'_>> = tensors.iter().map(|t| (t.name, t)).collect();
 
         // The only wait of a save: the previous save still compressing from
         // the one stripe buffer.
@@ -305,8 +309,12 @@ impl Checkpointer {
             })
             .collect();
         let stripe_len: usize = sources.iter().map(|s| s.len()).sum();
-        if buffer.len() != stripe_len {
-            // Keeps the capacity across saves; only a larger state grows it.
+        if buffer.capacity() < stripe_len {
+            // A fresh zeroed allocation is lazily mapped: its pages are
+            // first touched by the parallel copy below, not by a serial fill.
+            buffer = vec![0; stripe_len];
+        } else {
+            // Keeps the capacity across saves.
             buffer.resize(stripe_len, 0);
         }
         copy_parallel(&sources, &mut buffer, self.cfg.threads);
@@ -401,7 +409,9 @@ impl Checkpointer {
         let mut known = self.known.lock().expect("known chunks");
         for t in &manifest.tensors {
             for c in &t.chunks {
-                known.map.insert(c.key.clone(), (c.stored_len, self.seq + 1));
+                known
+                    .map
+                    .insert(c.key.clone(), (c.stored_len, self.seq + 1));
             }
         }
         *self.last_committed.lock().expect("last committed") = Some(manifest.key.clone());
@@ -562,7 +572,12 @@ impl SaveJob {
             let prepared = pool.run(move || -> std::io::Result<Prepared> {
                 let raw = &buffer.data[offset..offset + len];
                 let key = chunk_key(&address(raw), encoding);
-                let stored = known_for_cpu.lock().expect("known chunks").map.get(&key).map(|e| e.0);
+                let stored = known_for_cpu
+                    .lock()
+                    .expect("known chunks")
+                    .map
+                    .get(&key)
+                    .map(|e| e.0);
                 if let Some(stored_len) = stored {
                     return Ok(Prepared::Reused { key, stored_len });
                 }
@@ -588,7 +603,12 @@ impl SaveJob {
                         let stored_len = frame.len() as u64;
                         memory.add(size);
                         let put = root
-                            .put_object(&key, Bytes::from(frame), cfg.multipart_threshold, cfg.chunk_bytes)
+                            .put_object(
+                                &key,
+                                Bytes::from(frame),
+                                cfg.multipart_threshold,
+                                cfg.chunk_bytes,
+                            )
                             .await;
                         memory.sub(size);
                         put?;
@@ -652,7 +672,8 @@ impl SaveJob {
         };
         let key = part_key(step, &attempt, rank, world_size);
         let json = serde_json::to_vec_pretty(&part).expect("part serializes");
-        root.put(&key, Bytes::from(json), PutMode::Overwrite).await?;
+        root.put(&key, Bytes::from(json), PutMode::Overwrite)
+            .await?;
         known
             .lock()
             .expect("known chunks")
@@ -814,7 +835,9 @@ async fn drive_commit(
                 }
                 Action::SwapLatest(record) => {
                     let json = Bytes::from(serde_json::to_vec_pretty(&record).expect("serializes"));
-                    let swapped = root.compare_and_swap(LATEST_KEY, latest.as_ref(), json).await?;
+                    let swapped = root
+                        .compare_and_swap(LATEST_KEY, latest.as_ref(), json)
+                        .await?;
                     events.push(Event::LatestSwapped(swapped));
                 }
                 Action::Done(outcome) => return Ok(*outcome),

@@ -21,9 +21,7 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{
-    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
-};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -172,7 +170,8 @@ impl CheckpointRoot {
             "gs" => {
                 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
                 let bucket = rest.split('/').next().unwrap_or_default();
-                let mut b = GoogleCloudStorageBuilder::from_env().with_url(format!("gs://{bucket}"));
+                let mut b =
+                    GoogleCloudStorageBuilder::from_env().with_url(format!("gs://{bucket}"));
                 for (k, v) in &options {
                     let key: GoogleConfigKey = k.parse().map_err(|e| bad_option(k, e))?;
                     b = b.with_config(key, v.clone());
@@ -329,9 +328,7 @@ impl CheckpointRoot {
             .await
             .map_err(|e| Error::store("start multipart upload", key, e))?;
         // S3 wants parts of at least 5 MiB (but the last) and at most 10000.
-        let part = part_bytes
-            .max(5 << 20)
-            .max(bytes.len().div_ceil(10_000));
+        let part = part_bytes.max(5 << 20).max(bytes.len().div_ceil(10_000));
         let mut uploads = Vec::new();
         let mut offset = 0;
         while offset < bytes.len() {

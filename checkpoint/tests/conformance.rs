@@ -33,7 +33,10 @@ async fn put_get_list_delete(root: &CheckpointRoot, backend: &str) {
         .await
         .unwrap();
     assert_eq!(root.get("a/1").await.unwrap(), Bytes::from_static(b"uno"));
-    assert!(matches!(root.get("nope").await, Err(Error::NotFound { .. })), "{backend}");
+    assert!(
+        matches!(root.get("nope").await, Err(Error::NotFound { .. })),
+        "{backend}"
+    );
     assert_eq!(root.get_opt("nope").await.unwrap(), None);
 
     let mut listed = root.list("a").await.unwrap();
@@ -41,7 +44,10 @@ async fn put_get_list_delete(root: &CheckpointRoot, backend: &str) {
     let keys: Vec<(&str, u64)> = listed.iter().map(|o| (o.key.as_str(), o.size)).collect();
     assert_eq!(keys, [("a/1", 3), ("a/2", 4)], "{backend}");
     let age = chrono::Utc::now() - listed[0].last_modified;
-    assert!(age.num_seconds().abs() < 60, "{backend}: last_modified {age}");
+    assert!(
+        age.num_seconds().abs() < 60,
+        "{backend}: last_modified {age}"
+    );
 
     assert_eq!(
         root.get_range("a/2", 1..3).await.unwrap(),
@@ -61,7 +67,11 @@ async fn create_only_race(root: &CheckpointRoot, backend: &str) {
             let root = root.clone();
             tokio::spawn(async move {
                 let r = root
-                    .put("manifests/race.json", Bytes::from(format!("writer {i}")), PutMode::Create)
+                    .put(
+                        "manifests/race.json",
+                        Bytes::from(format!("writer {i}")),
+                        PutMode::Create,
+                    )
                     .await;
                 (i, r)
             })
@@ -106,7 +116,11 @@ async fn compare_and_swap_race(root: &CheckpointRoot, backend: &str) {
                         // Let the other writers in between read and swap, even
                         // on a store that never awaits.
                         tokio::task::yield_now().await;
-                        if root.compare_and_swap("counter", cur.as_ref(), next).await.unwrap() {
+                        if root
+                            .compare_and_swap("counter", cur.as_ref(), next)
+                            .await
+                            .unwrap()
+                        {
                             break;
                         }
                         losses += 1;
@@ -121,15 +135,37 @@ async fn compare_and_swap_race(root: &CheckpointRoot, backend: &str) {
         losses += w.await.unwrap();
     }
     let v = root.read_versioned("counter").await.unwrap().unwrap();
-    let count = std::str::from_utf8(&v.value).unwrap().split(' ').next().unwrap();
-    assert_eq!(count, (WRITERS * INCREMENTS).to_string(), "{backend}: lost updates");
+    let count = std::str::from_utf8(&v.value)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    assert_eq!(
+        count,
+        (WRITERS * INCREMENTS).to_string(),
+        "{backend}: lost updates"
+    );
     eprintln!("{backend}: cas race done with {losses} lost swaps (retried)");
     // A stale expectation loses.
     let stale = v.clone();
-    assert!(root.compare_and_swap("counter", Some(&stale), Bytes::from("x")).await.unwrap());
-    assert!(!root.compare_and_swap("counter", Some(&stale), Bytes::from("y")).await.unwrap());
+    assert!(
+        root.compare_and_swap("counter", Some(&stale), Bytes::from("x"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !root
+            .compare_and_swap("counter", Some(&stale), Bytes::from("y"))
+            .await
+            .unwrap()
+    );
     // Expecting absence fails when present.
-    assert!(!root.compare_and_swap("counter", None, Bytes::from("z")).await.unwrap());
+    assert!(
+        !root
+            .compare_and_swap("counter", None, Bytes::from("z"))
+            .await
+            .unwrap()
+    );
     assert_eq!(root.get("counter").await.unwrap(), Bytes::from("x"));
 }
 
@@ -175,10 +211,25 @@ fn local_compare_and_swap_excludes_other_processes_too() {
     runtime().block_on(async {
         let a = t.root.read_versioned("latest").await.unwrap();
         assert!(a.is_none());
-        assert!(t.root.compare_and_swap("latest", None, Bytes::from("a")).await.unwrap());
-        assert!(!other.compare_and_swap("latest", None, Bytes::from("b")).await.unwrap());
+        assert!(
+            t.root
+                .compare_and_swap("latest", None, Bytes::from("a"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !other
+                .compare_and_swap("latest", None, Bytes::from("b"))
+                .await
+                .unwrap()
+        );
         let cur = other.read_versioned("latest").await.unwrap();
-        assert!(other.compare_and_swap("latest", cur.as_ref(), Bytes::from("b")).await.unwrap());
+        assert!(
+            other
+                .compare_and_swap("latest", cur.as_ref(), Bytes::from("b"))
+                .await
+                .unwrap()
+        );
         assert_eq!(t.root.get("latest").await.unwrap(), Bytes::from("b"));
     });
 }
@@ -192,10 +243,15 @@ fn urls_open_the_right_backends() {
     let m = CheckpointRoot::open("memory://shared-name/x").unwrap();
     let m2 = CheckpointRoot::open("memory://shared-name/x").unwrap();
     runtime().block_on(async {
-        m.put("k", Bytes::from("v"), PutMode::Overwrite).await.unwrap();
+        m.put("k", Bytes::from("v"), PutMode::Overwrite)
+            .await
+            .unwrap();
         assert_eq!(m2.get("k").await.unwrap(), Bytes::from("v"));
     });
-    assert!(matches!(CheckpointRoot::open("ftp://x/y"), Err(Error::Invalid { .. })));
+    assert!(matches!(
+        CheckpointRoot::open("ftp://x/y"),
+        Err(Error::Invalid { .. })
+    ));
     // Cloud roots open from URL + configuration without touching the network.
     CheckpointRoot::open_with("s3://bucket/prefix", [("aws_region", "us-east-1")]).unwrap();
     assert!(matches!(

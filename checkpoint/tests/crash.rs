@@ -59,7 +59,11 @@ fn crash_child() {
     std::process::exit(FINISHED);
 }
 
-fn run_child(root: &CheckpointRoot, failpoint: Option<&str>, env: &[(String, String)]) -> std::process::ExitStatus {
+fn run_child(
+    root: &CheckpointRoot,
+    failpoint: Option<&str>,
+    env: &[(String, String)],
+) -> std::process::ExitStatus {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, root.url())
@@ -71,14 +75,25 @@ fn run_child(root: &CheckpointRoot, failpoint: Option<&str>, env: &[(String, Str
     cmd.output()
         .map(|o| {
             if !o.status.success() {
-                eprintln!("child stderr: {}", String::from_utf8_lossy(&o.stderr).lines().filter(|l| l.contains("failpoint") || l.contains("panicked")).collect::<Vec<_>>().join(" | "));
+                eprintln!(
+                    "child stderr: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .filter(|l| l.contains("failpoint") || l.contains("panicked"))
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                );
             }
             o.status
         })
         .expect("run child")
 }
 
-fn crash_in_every_phase(make_root: impl Fn() -> CheckpointRoot, env: &[(String, String)], backend: &str) {
+fn crash_in_every_phase(
+    make_root: impl Fn() -> CheckpointRoot,
+    env: &[(String, String)],
+    backend: &str,
+) {
     let old = old_state();
     let new = new_state();
     let cases: [(Option<&str>, u64); 5] = [
@@ -96,7 +111,11 @@ fn crash_in_every_phase(make_root: impl Fn() -> CheckpointRoot, env: &[(String, 
         save_world(&root, &cfg(), 1, 1, "first", &old);
         let status = run_child(&root, failpoint, env);
         if failpoint.is_some() {
-            assert_eq!(status.signal(), Some(6), "{label}: child should abort, got {status:?}");
+            assert_eq!(
+                status.signal(),
+                Some(6),
+                "{label}: child should abort, got {status:?}"
+            );
         } else {
             assert_eq!(status.code(), Some(FINISHED), "{label}: {status:?}");
         }

@@ -49,7 +49,10 @@ fn any_world_size_saves_and_any_loads_byte_identical() {
         assert_eq!(by_url.key, m20.key);
         let m30 = resolve(&t.root, "latest").unwrap();
         assert_eq!(m30.parent.as_deref(), Some(m20.key.as_str()));
-        assert!(matches!(resolve(&t.root, "15"), Err(Error::NotFound { .. })));
+        assert!(matches!(
+            resolve(&t.root, "15"),
+            Err(Error::NotFound { .. })
+        ));
 
         // Weights only: a subset, still byte-identical.
         let weights = load(&t.root, &m30, |n| n.starts_with("model.")).unwrap();
@@ -87,7 +90,10 @@ fn resuming_at_another_world_size_reuses_every_stored_chunk() {
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
     });
     assert_eq!(outcomes[0].bytes_uploaded, 0);
     assert_eq!(outcomes[0].chunks_uploaded, 0);
@@ -130,7 +136,10 @@ fn changing_half_the_tensors_uploads_about_half_the_bytes() {
         .iter()
         .map(|o| o.size)
         .sum();
-    assert_eq!(chunk_bytes_stored, first.bytes_uploaded + second.bytes_uploaded);
+    assert_eq!(
+        chunk_bytes_stored,
+        first.bytes_uploaded + second.bytes_uploaded
+    );
     assert_same_tensors(&load(&t.root, &m, |_| true).unwrap(), &state);
 }
 
@@ -139,7 +148,14 @@ fn flip_byte(root: &CheckpointRoot, key: &str, at: usize) {
     let path = root.path(key);
     kiln_test_block_on(async move {
         use object_store::ObjectStoreExt;
-        let mut bytes = store.get(&path).await.unwrap().bytes().await.unwrap().to_vec();
+        let mut bytes = store
+            .get(&path)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
         let at = at.min(bytes.len() - 1);
         bytes[at] ^= 0x01;
         store.put(&path, bytes.into()).await.unwrap();
@@ -177,9 +193,16 @@ fn a_flipped_byte_is_caught_by_verify_and_load_and_resume_falls_back() {
         assert_eq!(report.bad_chunks[0].key, bad_key);
 
         match load(&t.root, &m, |_| true) {
-            Err(Error::Corrupt { tensor, chunk, reason }) => {
+            Err(Error::Corrupt {
+                tensor,
+                chunk,
+                reason,
+            }) => {
                 assert_eq!(tensor, "model.layer0.weight");
-                assert!(chunk.contains(&bad_key) && chunk.starts_with("#1 "), "{chunk}");
+                assert!(
+                    chunk.contains(&bad_key) && chunk.starts_with("#1 "),
+                    "{chunk}"
+                );
                 assert!(reason.contains("crc32c"), "{reason}");
             }
             other => panic!("{}: {other:?}", t.backend),
@@ -195,10 +218,16 @@ fn a_flipped_byte_is_caught_by_verify_and_load_and_resume_falls_back() {
 
         // A missing chunk names tensor and chunk too.
         let m1 = resolve(&t.root, "1").unwrap();
-        let gone = m1.tensor("model.layer1.weight").unwrap().chunks[0].key.clone();
+        let gone = m1.tensor("model.layer1.weight").unwrap().chunks[0]
+            .key
+            .clone();
         kiln_test_block_on(t.root.delete(&gone)).unwrap();
         match load(&t.root, &m1, |_| true) {
-            Err(Error::Corrupt { tensor, chunk, reason }) => {
+            Err(Error::Corrupt {
+                tensor,
+                chunk,
+                reason,
+            }) => {
                 assert_eq!(tensor, "model.layer1.weight");
                 assert!(chunk.contains(&gone));
                 assert!(reason.contains("missing"), "{reason}");
@@ -236,11 +265,20 @@ fn gc_keeps_what_kept_checkpoints_need_and_frees_the_rest() {
         assert_eq!(list(&t.root).unwrap().len(), 6, "dry run deletes nothing");
 
         let report = gc(&t.root, &retention, Duration::ZERO, false).unwrap();
-        let kept: Vec<u64> = list(&t.root).unwrap().iter().filter_map(|s| s.step).collect();
+        let kept: Vec<u64> = list(&t.root)
+            .unwrap()
+            .iter()
+            .filter_map(|s| s.step)
+            .collect();
         assert_eq!(kept, [3, 5, 6], "{}", t.backend);
         assert_eq!(report.manifests_deleted.len(), 3);
         // The steps 1, 2, 4 versions of the changing tensor are gone.
-        let per_version = resolve(&t.root, "6").unwrap().tensor(&state[0].name).unwrap().chunks.len();
+        let per_version = resolve(&t.root, "6")
+            .unwrap()
+            .tensor(&state[0].name)
+            .unwrap()
+            .chunks
+            .len();
         assert_eq!(report.chunks_deleted, 3 * per_version, "{}", t.backend);
         assert!(report.bytes_freed > 0);
         for step in ["3", "5", "6"] {
@@ -259,10 +297,10 @@ fn gc_grace_protects_chunks_of_a_save_in_progress() {
     let state = mixed_state(5);
     save_world(&t.root, &small_chunks(), 1, 1, "run", &state);
     // Chunks of an uncommitted save: uploaded, no manifest, no part yet.
-    let orphan_state = vec![weights_f32("x", &[1000], 5)];
+    let orphan = weights_f32("x", &[1000], 5);
     let plan_root = t.root.clone();
     kiln_test_block_on(async move {
-        let raw = &orphan_state[0].data;
+        let raw = &orphan.data;
         let enc = kiln_checkpoint::codec::Encoding::for_dtype(DType::F32);
         let key = kiln_checkpoint::codec::chunk_key(&kiln_checkpoint::codec::address(raw), enc);
         let frame = kiln_checkpoint::codec::encode_chunk(raw, enc, 3).unwrap();
@@ -279,7 +317,11 @@ fn gc_grace_protects_chunks_of_a_save_in_progress() {
     assert_eq!((r.chunks_deleted, r.chunks_in_grace), (0, 1));
     let r = gc(&t.root, &keep, Duration::ZERO, false).unwrap();
     assert_eq!(r.chunks_deleted, 1);
-    assert!(verify(&t.root, &resolve(&t.root, "latest").unwrap()).unwrap().ok());
+    assert!(
+        verify(&t.root, &resolve(&t.root, "latest").unwrap())
+            .unwrap()
+            .ok()
+    );
 }
 
 #[test]
@@ -355,7 +397,10 @@ impl object_store::ObjectStore for BrokenStore {
     }
     fn delete_stream(
         &self,
-        locations: futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>,
+        locations: futures::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
     ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
         self.inner.delete_stream(locations)
     }
@@ -425,7 +470,10 @@ fn a_rank_that_never_writes_its_part_times_out_the_commit() {
     let err = c.flush().pop().unwrap().unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     assert!(err.to_string().contains("[1]"), "{err}");
-    assert!(matches!(resolve(&t.root, "latest"), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        resolve(&t.root, "latest"),
+        Err(Error::NotFound { .. })
+    ));
 }
 
 #[test]
@@ -490,7 +538,10 @@ fn ranks_with_different_states_are_refused() {
     });
     let err = outcomes[0].as_ref().unwrap_err();
     assert!(matches!(err, Error::Conflict { .. }), "{err}");
-    assert!(matches!(resolve(&t.root, "latest"), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        resolve(&t.root, "latest"),
+        Err(Error::NotFound { .. })
+    ));
 }
 
 #[test]
@@ -525,7 +576,10 @@ fn host_memory_stays_within_the_stated_bound() {
     // and the limit held: at most upload_concurrency frames.
     let scratch = (cfg.threads * cfg.chunk_bytes) as u64;
     let frames = (stats.peak_pipeline_bytes - scratch) as f64 / cfg.chunk_bytes as f64;
-    assert!(frames > 3.0 && frames <= 4.1, "{frames} frames alive at the peak");
+    assert!(
+        frames > 3.0 && frames <= 4.1,
+        "{frames} frames alive at the peak"
+    );
     // A second save reuses the stripe buffer rather than growing it.
     c.save(2, "run", &views(&state), &meta(2)).unwrap();
     c.flush().pop().unwrap().unwrap();
@@ -544,7 +598,9 @@ fn large_chunks_go_up_as_multipart_uploads() {
         };
         // Incompressible bytes, so the stored frame stays above the threshold.
         let mut rng = Rng::new(3);
-        let data: Vec<u8> = (0..(13 << 20)).map(|_| (rng.next_u64() >> 56) as u8).collect();
+        let data: Vec<u8> = (0..(13 << 20))
+            .map(|_| (rng.next_u64() >> 56) as u8)
+            .collect();
         let state = vec![owned("blob", DType::U8, &[data.len()], data)];
         save_world(&t.root, &cfg, 1, 1, "run", &state);
         let m = resolve(&t.root, "latest").unwrap();

@@ -586,6 +586,9 @@ struct Bucket {
     flat: Tensor,
     /// (parameter index, offset, elements).
     members: Vec<(usize, i64, i64)>,
+    /// Whether the members' `.grad` tensors are views into `flat`: backward then
+    /// accumulates straight into the bucket and no copy is needed either way.
+    aliased: bool,
 }
 
 impl GradBuckets {
@@ -609,15 +612,26 @@ impl GradBuckets {
             filled += n as usize * 4;
         }
         let last = groups.len() - 1;
+        // Materialise every gradient (a zero backward), so that each can be
+        // re-pointed at its slot of a bucket.
+        let zero: Tensor = params.iter().map(|p| (p * 0.0).sum(Kind::Float)).sum();
+        zero.backward();
         let buckets = groups
             .into_iter()
             .enumerate()
             .map(|(i, members)| {
                 let len = members.iter().map(|m| m.2).sum::<i64>() + i64::from(i == last);
-                Bucket {
-                    flat: Tensor::zeros([len], (Kind::Float, device)),
-                    members,
-                }
+                let flat = Tensor::zeros([len], (Kind::Float, device));
+                let aliased = members.iter().all(|&(p, offset, n)| {
+                    let view = flat.narrow(0, offset, n).view(params[p].size().as_slice());
+                    let mut grad = params[p].grad();
+                    grad.set_data(&view);
+                    // libtorch accumulates into a defined gradient in place, so the
+                    // alias holds; checked, and copying stays the fallback.
+                    params[p].grad().data_ptr() == view.data_ptr()
+                });
+                tracing::debug!(bucket = i, aliased, "gradient bucket");
+                Bucket { flat, members, aliased }
             })
             .collect();
         Ok(Self { buckets })
@@ -643,7 +657,7 @@ impl GradBuckets {
         let mut loss = local_loss;
         for (i, bucket) in self.buckets.iter_mut().enumerate() {
             tch::no_grad(|| {
-                for &(p, offset, n) in &bucket.members {
+                for &(p, offset, n) in bucket.members.iter().filter(|_| !bucket.aliased) {
                     let grad = params[p].grad();
                     let mut slot = bucket.flat.narrow(0, offset, n);
                     if grad.defined() {
@@ -661,7 +675,7 @@ impl GradBuckets {
             });
             comm.all_reduce_sum(&mut bucket.flat)?;
             tch::no_grad(|| {
-                for &(p, offset, n) in &bucket.members {
+                for &(p, offset, n) in bucket.members.iter().filter(|_| !bucket.aliased) {
                     let mut grad = params[p].grad();
                     if grad.defined() {
                         grad.copy_(&bucket.flat.narrow(0, offset, n).view_as(&grad));

@@ -17,10 +17,11 @@
 //! Stall is the wall time of the `save` call; time to durable runs from that
 //! call until `flush` returns the outcome (the engine's `durable_after`:
 //! chunks, part, manifest and `latest` written, and fsynced, since the local
-//! backend is `object_store`'s `LocalFileSystem::with_fsync(true)`). After
-//! that, as a check, every file and directory under R is fsynced twice more,
-//! each pass timed (`recheck_fsync_s`, `recheck_fsync_again_s`): the first
-//! pass takes longer than the second only if the engine left data unsynced.
+//! backend is `object_store`'s `LocalFileSystem::with_fsync(true)`, which
+//! fsyncs every object before publishing it and its directory after). As a
+//! check, the pages of R's files still dirty or under writeback right after
+//! that are counted with cachestat(2) (`unsynced_pages_after_durable`, 0 when
+//! the engine's durability is real).
 //! Peak extra memory is the process's RSS high-water mark (VmHWM, reset
 //! through /proc/self/clear_refs) over both saves, minus RSS before the first.
 //!
@@ -254,16 +255,10 @@ fn save(
     let peak_rss = proc_status_bytes("VmHWM")?;
     let memory = checkpointer.memory_stats();
 
-    // Two passes: if the engine left data unsynced the first pass writes it
-    // and takes longer; otherwise both cost the same (an fsync of a clean file
-    // still flushes the device cache on ext4).
-    let mut recheck_fsync_s = [0.0; 2];
-    let mut synced = 0;
-    for pass in &mut recheck_fsync_s {
-        let started = Instant::now();
-        synced = fsync_tree(&root_dir)?;
-        *pass = started.elapsed().as_secs_f64();
-    }
+    // Right after durable_after, before anything else touches the files: any
+    // page of them still dirty or under writeback would mean durable_after
+    // came before the data was on disk.
+    let unsynced_pages = unsynced_pages_under(&root_dir)?;
     let bytes_stored = stored_bytes_of_latest(&root, &root_dir)?;
 
     println!(
@@ -279,9 +274,7 @@ fn save(
             "engine_blocking_s": outcome.blocking.as_secs_f64(),
             "engine_durable_after_s": outcome.durable_after.as_secs_f64(),
             "first_save": first,
-            "recheck_fsync_s": recheck_fsync_s[0],
-            "recheck_fsync_again_s": recheck_fsync_s[1],
-            "recheck_fsync_entries": synced,
+            "unsynced_pages_after_durable": unsynced_pages,
             "bytes_stored": bytes_stored,
             "bytes_uploaded": outcome.bytes_uploaded,
             "bytes_reused": outcome.bytes_reused,
@@ -350,28 +343,72 @@ fn stored_bytes_of_latest(root: &CheckpointRoot, dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
-/// fsyncs every file and directory under `dir` (and `dir`); returns how many.
-fn fsync_tree(dir: &Path) -> Result<usize> {
-    let mut count = 0;
+/// Pages of the files under `dir` that the page cache holds dirty or under
+/// writeback, counted with cachestat(2) (Linux 6.5+); `None` where the kernel
+/// lacks it.
+fn unsynced_pages_under(dir: &Path) -> Result<Option<u64>> {
+    let mut total = 0;
     let mut pending = vec![dir.to_path_buf()];
     while let Some(d) = pending.pop() {
         for entry in std::fs::read_dir(&d).with_context(|| format!("list {}", d.display()))? {
             let path = entry.with_context(|| format!("list {}", d.display()))?.path();
             if path.is_dir() {
                 pending.push(path);
-            } else {
-                std::fs::File::open(&path)
-                    .and_then(|f| f.sync_all())
-                    .with_context(|| format!("fsync {}", path.display()))?;
-                count += 1;
+                continue;
+            }
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("open {}", path.display()))?;
+            match cachestat(&file) {
+                Ok(stat) => total += stat.nr_dirty + stat.nr_writeback,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return Ok(None),
+                Err(e) => return Err(e).with_context(|| format!("cachestat {}", path.display())),
             }
         }
-        std::fs::File::open(&d)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("fsync directory {}", d.display()))?;
-        count += 1;
     }
-    Ok(count)
+    Ok(Some(total))
+}
+
+/// `struct cachestat_range` of linux/mman.h.
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+/// `struct cachestat` of linux/mman.h (counts in pages).
+#[repr(C)]
+#[derive(Default)]
+#[allow(dead_code)] // the kernel's layout: every field must be there, only two are read
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// cachestat(2) over the whole file (libc has no wrapper yet).
+fn cachestat(file: &std::fs::File) -> std::io::Result<Cachestat> {
+    use std::os::fd::AsRawFd;
+    const SYS_CACHESTAT: libc::c_long = 451; // the same number on every architecture
+    let range = CachestatRange { off: 0, len: 0 }; // len 0: to the end of the file
+    let mut stat = Cachestat::default();
+    // SAFETY: the pointers are to live values of the layouts the kernel
+    // expects, the kernel writes only `stat`, and flags must be 0.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0 as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        Ok(stat)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn load_latest(root_dir: &Path, state_path: Option<&Path>) -> Result<()> {

@@ -21,6 +21,9 @@ pub const BUCKET: &str = "kiln-test";
 /// with the test process (a shell watchdog kills it when we are gone).
 pub struct Moto {
     pub endpoint: String,
+    /// The watchdog shell; never waited for: it outlives the tests by design
+    /// and goes when this process goes.
+    _watchdog: std::process::Child,
 }
 
 fn moto_binary() -> Option<PathBuf> {
@@ -48,7 +51,7 @@ fn start_moto() -> Option<Moto> {
         bin.display(),
         parent = std::process::id()
     );
-    Command::new("sh")
+    let watchdog = Command::new("sh")
         .arg("-c")
         .arg(script)
         .stdin(Stdio::null())
@@ -70,11 +73,15 @@ fn start_moto() -> Option<Moto> {
                 }
             }
         }
-        assert!(Instant::now() < deadline, "moto_server did not start on port {port}");
+        assert!(
+            Instant::now() < deadline,
+            "moto_server did not start on port {port}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     Some(Moto {
         endpoint: format!("http://127.0.0.1:{port}"),
+        _watchdog: watchdog,
     })
 }
 
@@ -186,7 +193,9 @@ impl Rng {
 pub fn weights_f32(name: &str, shape: &[usize], seed: u64) -> OwnedTensor {
     let n: usize = shape.iter().product();
     let mut rng = Rng::new(seed);
-    let data = (0..n).flat_map(|_| rng.normal(0.02).to_le_bytes()).collect();
+    let data = (0..n)
+        .flat_map(|_| rng.normal(0.02).to_le_bytes())
+        .collect();
     OwnedTensor {
         name: name.into(),
         dtype: DType::F32,
@@ -230,7 +239,12 @@ pub fn mixed_state(seed: u64) -> Vec<OwnedTensor> {
         weights_f32("model.layer0.bias", &[256], seed + 1),
         weights_bf16("model.layer1.weight", &[300, 170], seed + 2),
         weights_f32("optim.layer0.weight.exp_avg", &[256, 200], seed + 3),
-        owned("optim.step", DType::I64, &[], 1234i64.to_le_bytes().to_vec()),
+        owned(
+            "optim.step",
+            DType::I64,
+            &[],
+            1234i64.to_le_bytes().to_vec(),
+        ),
         owned("model.empty", DType::F32, &[0, 5], vec![]),
         owned(
             "model.mask",
@@ -242,7 +256,9 @@ pub fn mixed_state(seed: u64) -> Vec<OwnedTensor> {
             "model.f64",
             DType::F64,
             &[100],
-            (0..100).flat_map(|i| (i as f64 * 0.5).to_le_bytes()).collect(),
+            (0..100)
+                .flat_map(|i| (i as f64 * 0.5).to_le_bytes())
+                .collect(),
         ),
     ]
 }
@@ -289,7 +305,8 @@ pub fn save_world(
                 let cfg = cfg.clone();
                 s.spawn(move || {
                     let mut c = Checkpointer::new(root, cfg, rank, world).expect("checkpointer");
-                    c.save(step, attempt, &views(state), &meta(step)).expect("save");
+                    c.save(step, attempt, &views(state), &meta(step))
+                        .expect("save");
                     let mut out = c.flush();
                     assert_eq!(out.len(), 1);
                     out.pop().unwrap().expect("background save")
