@@ -166,9 +166,9 @@ def run_system(args, system, state_path, out, dropper):
         load_cmd = [*peer, "load", *common, "--verify"]
     if args.no_warmup:
         save_cmd.append("--no-warmup")
-    row = dict(run_json_lines(save_cmd, f"{LABELS[system]} save", args.timeout)[-1])
+    row = dict(run_json_lines(save_cmd, f"{system}: save", args.timeout)[-1])
     row["cold_load"] = dropper.drop()
-    row.update(run_json_lines(load_cmd, f"{LABELS[system]} load", args.timeout)[-1])
+    row.update(run_json_lines(load_cmd, f"{system}: load", args.timeout)[-1])
     shutil.rmtree(out, ignore_errors=True)
     return row
 
@@ -211,22 +211,30 @@ def print_variant(variant, described, results, reps):
     )
     print()
     cold = all(r["cold_load"] for r in results.values())
-    reps_note = f", median of {reps}" if reps > 1 else ""
-    print(f"| system | stall s | durable s | stored GB | stored / state | load s ({'cold' if cold else 'WARM page cache'}) | peak extra GB |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| system | stall s | durable s | stored GB | stored / state | load s ({'cold' if cold else 'WARM page cache'}) "
+        "| save peak extra GB | load peak extra GB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for system in SYSTEMS:
         if system not in results:
             continue
         r = results[system]
         stored = r["bytes_stored"]
-        extra = r["peak_extra_bytes"]
+        extra, load_extra = r["peak_extra_bytes"], r["load_peak_extra_bytes"]
         print(
             f"| {LABELS[system]} | {fmt(r['stall_s'])} | {fmt(r['durable_s'])} | {fmt(stored / GB, '.3f')} | "
             f"{fmt(stored / desc['state_bytes'], '.3f')} | {fmt(r['load_s'])} | "
-            f"{fmt(None if extra is None else extra / GB, '.2f')} |"
+            f"{fmt(None if extra is None else extra / GB, '.2f')} | "
+            f"{fmt(None if load_extra is None else load_extra / GB, '.2f')} |"
         )
-    if reps_note:
-        print(f"\n(figures are medians of {reps} repetitions)")
+    if reps > 1:
+        print(f"\nMedians of {reps} repetitions; each repetition, in seconds (stall / durable / load):\n")
+        for system in SYSTEMS:
+            if system in results:
+                r = results[system]
+                runs = zip(r["stall_s_all"], r["durable_s_all"], r["load_s_all"])
+                print(f"- {LABELS[system]}: " + ", ".join(f"{a:.2f} / {b:.2f} / {c:.2f}" for a, b, c in runs))
 
     notes = []
     if "dcp_async" in results:

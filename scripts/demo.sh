@@ -14,6 +14,7 @@ data=kiln-data
 # A clean start for the demo's own job (its earlier checkpoints would do, but
 # a fresh list reads better).
 rm -rf "$data/checkpoints/digits" "$data/jobs/digits"
+mkdir -p "$data"
 
 echo "== train: digits on 2 workers"
 "$kiln" run examples/digits/job.toml --nproc 2 --data-dir "$data" "$@" | tee "$data/demo-run.txt"

@@ -270,6 +270,9 @@ impl Commit {
             if c.raw_len != planned.len as u64 {
                 return Err(bad(format!("chunk {} has the wrong length", c.key)));
             }
+            if crate::codec::parse_chunk_key(&c.key).is_none() {
+                return Err(bad(format!("{} is not a chunk key", c.key)));
+            }
         }
         self.parts[rank] = Some(part);
         Ok(())

@@ -77,6 +77,11 @@ pub async fn gc_async(
     let latest = match read_latest(root).await {
         Ok(l) => Some(l.manifest),
         Err(Error::NotFound { .. }) => None,
+        Err(e @ Error::CorruptObject { .. }) => {
+            // keep_last still keeps the newest; the next commit replaces it.
+            tracing::warn!(error = %e, "latest is unreadable; gc goes by retention alone");
+            None
+        }
         Err(e) => return Err(e),
     };
 

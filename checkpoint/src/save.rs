@@ -353,12 +353,11 @@ impl Checkpointer {
             memory: self.memory.clone(),
             started,
             blocking,
-            previous_commit: self.previous_commit.replace(next_commit),
-            commit_done,
             last_committed: self.last_committed.clone(),
         };
         let runtime = io_runtime();
-        let task = runtime.spawn(job.run());
+        let previous = self.previous_commit.replace(next_commit);
+        let task = runtime.spawn(job.run(previous, commit_done));
         let tx = self.outcomes_tx.clone();
         runtime.spawn(async move {
             let outcome = match task.await {
@@ -506,8 +505,6 @@ struct SaveJob {
     memory: Arc<MemoryCounter>,
     started: Instant,
     blocking: Duration,
-    previous_commit: Option<oneshot::Receiver<()>>,
-    commit_done: oneshot::Sender<()>,
     last_committed: Arc<Mutex<Option<String>>>,
 }
 
@@ -522,7 +519,26 @@ struct ChunkDone {
 }
 
 impl SaveJob {
-    async fn run(self) -> Result<SaveOutcome> {
+    /// Runs the save; whatever happens, signals this save's commit slot only
+    /// after the previous save's, so commits stay in save order even when a
+    /// save fails before its commit.
+    async fn run(
+        self,
+        mut previous: Option<oneshot::Receiver<()>>,
+        commit_done: oneshot::Sender<()>,
+    ) -> Result<SaveOutcome> {
+        let result = self.run_body(&mut previous).await;
+        if let Some(previous) = previous {
+            let _ = previous.await;
+        }
+        let _ = commit_done.send(());
+        result
+    }
+
+    async fn run_body(
+        self,
+        previous_commit: &mut Option<oneshot::Receiver<()>>,
+    ) -> Result<SaveOutcome> {
         let step = self.step;
         let SaveJob {
             seq,
@@ -541,8 +557,6 @@ impl SaveJob {
             memory,
             started,
             blocking,
-            previous_commit,
-            commit_done,
             last_committed,
             ..
         } = self;
@@ -699,7 +713,7 @@ impl SaveJob {
         }
 
         // The committer: commits happen in save order.
-        if let Some(previous) = previous_commit {
+        if let Some(previous) = previous_commit.take() {
             let _ = previous.await;
         }
         let last = last_committed.lock().expect("last committed").clone();
@@ -723,7 +737,6 @@ impl SaveJob {
         };
         let committed = drive_commit(&root, input, part).await?;
         *last_committed.lock().expect("last committed") = Some(committed.manifest.key.clone());
-        let _ = commit_done.send(());
         if !committed.latest_moved {
             tracing::warn!(
                 step,
