@@ -73,10 +73,13 @@ pub enum CkptCommand {
 /// Opens the root and finds the manifest a command names.
 fn open(ckpt: &str, step: &str) -> Result<(CheckpointRoot, Manifest)> {
     let (root_url, which) = match ckpt.rsplit_once("/manifests/") {
-        Some((root, name)) if name.ends_with(".json") => (root.to_string(), format!("manifests/{name}")),
+        Some((root, name)) if name.ends_with(".json") => {
+            (root.to_string(), format!("manifests/{name}"))
+        }
         _ => (ckpt.to_string(), step.to_string()),
     };
-    let root = CheckpointRoot::open(&root_url).with_context(|| format!("open checkpoint root {root_url}"))?;
+    let root = CheckpointRoot::open(&root_url)
+        .with_context(|| format!("open checkpoint root {root_url}"))?;
     let manifest = kiln_checkpoint::resolve(&root, &which)
         .with_context(|| format!("find checkpoint {which} under {}", root.url()))?;
     Ok((root, manifest))
@@ -89,13 +92,17 @@ fn mb(bytes: u64) -> String {
 pub fn run(cmd: CkptCommand) -> Result<ExitCode> {
     match cmd {
         CkptCommand::Ls { root, json } => {
-            let root = CheckpointRoot::open(&root).with_context(|| format!("open checkpoint root {root}"))?;
+            let root = CheckpointRoot::open(&root)
+                .with_context(|| format!("open checkpoint root {root}"))?;
             let list = kiln_checkpoint::list(&root).context("list checkpoints")?;
             if json {
                 println!("{}", serde_json::to_string(&list)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("{:>8}  {:<25}  {:>5}  {:>7}  {:>10}  {:>10}  manifest", "step", "created", "world", "tensors", "raw", "stored");
+            println!(
+                "{:>8}  {:<25}  {:>5}  {:>7}  {:>10}  {:>10}  manifest",
+                "step", "created", "world", "tensors", "raw", "stored"
+            );
             for m in &list {
                 let step = m.step.map_or("?".to_string(), |s| s.to_string());
                 let latest = if m.is_latest { "  (latest)" } else { "" };
@@ -124,20 +131,36 @@ pub fn run(cmd: CkptCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!("checkpoint  {}", root.url_of(&m.key));
-            println!("job         {}  step {}  world size at save {}", m.job, m.step, m.world_size);
+            println!(
+                "job         {}  step {}  world size at save {}",
+                m.job, m.step, m.world_size
+            );
             println!("created     {}", m.created_at);
             println!("parent      {}", m.parent.as_deref().unwrap_or("-"));
             println!("format      v{}  code {}", m.format_version, m.code_version);
             println!("dataset     {}", m.dataset_fingerprint);
             println!("state       {}", m.training_state);
             if !m.metrics.is_empty() {
-                let parts: Vec<String> = m.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                let parts: Vec<String> = m
+                    .metrics
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.4}"))
+                    .collect();
                 println!("metrics     {}", parts.join(", "));
             }
             println!("totals      {}", serde_json::to_string(&m.totals)?);
-            println!("{:<40}  {:<5}  {:<16}  {:>7}", "tensor", "dtype", "shape", "chunks");
+            println!(
+                "{:<40}  {:<5}  {:<16}  {:>7}",
+                "tensor", "dtype", "shape", "chunks"
+            );
             for t in &m.tensors {
-                println!("{:<40}  {:<5}  {:<16}  {:>7}", t.name, t.dtype.name(), format!("{:?}", t.shape), t.chunks.len());
+                println!(
+                    "{:<40}  {:<5}  {:<16}  {:>7}",
+                    t.name,
+                    t.dtype.name(),
+                    format!("{:?}", t.shape),
+                    t.chunks.len()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -158,26 +181,56 @@ pub fn run(cmd: CkptCommand) -> Result<ExitCode> {
             } else {
                 println!("CORRUPT: {} (step {})", root.url_of(&m.key), m.step);
                 for b in &report.bad_chunks {
-                    println!("  tensor {} chunk {} ({}): {}", b.tensor, b.index, b.key, b.reason);
+                    println!(
+                        "  tensor {} chunk {} ({}): {}",
+                        b.tensor, b.index, b.key, b.reason
+                    );
                 }
             }
-            Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        CkptCommand::Export { ckpt, out, step, format, all } => {
+        CkptCommand::Export {
+            ckpt,
+            out,
+            step,
+            format,
+            all,
+        } => {
             if format != "safetensors" {
                 bail!("unknown export format {format}; allowed: safetensors");
             }
             let (root, m) = open(&ckpt, &step)?;
-            kiln_checkpoint::export_safetensors(&root, &m, |name| all || name.starts_with("model/"), &out)
-                .with_context(|| format!("export {} to {}", m.key, out.display()))?;
+            kiln_checkpoint::export_safetensors(
+                &root,
+                &m,
+                |name| all || name.starts_with("model/"),
+                &out,
+            )
+            .with_context(|| format!("export {} to {}", m.key, out.display()))?;
             println!("exported step {} of {} to {}", m.step, m.job, out.display());
             Ok(ExitCode::SUCCESS)
         }
-        CkptCommand::Gc { root, keep_last, keep_every, grace_secs, dry_run, json } => {
-            let root = CheckpointRoot::open(&root).with_context(|| format!("open checkpoint root {root}"))?;
-            let retention = Retention { keep_last, keep_every };
-            let report = kiln_checkpoint::gc(&root, &retention, Duration::from_secs(grace_secs), dry_run)
-                .context("collect garbage")?;
+        CkptCommand::Gc {
+            root,
+            keep_last,
+            keep_every,
+            grace_secs,
+            dry_run,
+            json,
+        } => {
+            let root = CheckpointRoot::open(&root)
+                .with_context(|| format!("open checkpoint root {root}"))?;
+            let retention = Retention {
+                keep_last,
+                keep_every,
+            };
+            let report =
+                kiln_checkpoint::gc(&root, &retention, Duration::from_secs(grace_secs), dry_run)
+                    .context("collect garbage")?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

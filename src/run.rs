@@ -59,13 +59,20 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         None => {
             let dir = args.data_dir.join("checkpoints").join(&job);
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-            format!("file://{}", dir.canonicalize().context("resolve checkpoint folder")?.display())
+            format!(
+                "file://{}",
+                dir.canonicalize()
+                    .context("resolve checkpoint folder")?
+                    .display()
+            )
         }
     };
     // Names this run's save attempts; unique per invocation.
     let run_id = format!(
         "{:x}{:x}",
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros()),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros()),
         std::process::id()
     );
 

@@ -16,7 +16,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 fn kiln() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    cmd.env("KILN_LOG", "warn").env_remove("KILN_CKPT_FAILPOINT");
+    cmd.env("KILN_LOG", "warn")
+        .env_remove("KILN_CKPT_FAILPOINT");
     cmd
 }
 
@@ -71,15 +72,32 @@ fn summary(out: &Output) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {last}"))
+    serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {last}"))
 }
 
 fn run_json(spec: &Path, data: &Path, extra: &[&str]) -> serde_json::Value {
-    summary(&kiln().arg("run").arg(spec).args(extra).arg("--json").arg("--data-dir").arg(data).output().unwrap())
+    summary(
+        &kiln()
+            .arg("run")
+            .arg(spec)
+            .args(extra)
+            .arg("--json")
+            .arg("--data-dir")
+            .arg(data)
+            .output()
+            .unwrap(),
+    )
 }
 
 fn root(data: &Path) -> String {
-    format!("file://{}", data.canonicalize().unwrap().join("checkpoints/resume").display())
+    format!(
+        "file://{}",
+        data.canonicalize()
+            .unwrap()
+            .join("checkpoints/resume")
+            .display()
+    )
 }
 
 fn weights(path: &str) -> Vec<f32> {
@@ -89,15 +107,26 @@ fn weights(path: &str) -> Vec<f32> {
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     tensors
         .iter()
-        .flat_map(|(_, t)| t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect::<Vec<_>>())
+        .flat_map(|(_, t)| {
+            t.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
 /// A seed from the clock, printed so a failure can be replayed with KILN_TEST_SEED.
 fn seed() -> u64 {
-    let seed = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
-    });
+    let seed = std::env::var("KILN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as u64
+        });
     eprintln!("KILN_TEST_SEED={seed}");
     seed
 }
@@ -130,7 +159,10 @@ fn run_and_kill(spec: &Path, data: &Path, kill_at: u64) -> u64 {
         }
     }
     let status = child.wait().unwrap();
-    assert!(!status.success(), "the run ended before it could be killed (step {last_step})");
+    assert!(
+        !status.success(),
+        "the run ended before it could be killed (step {last_step})"
+    );
     last_step
 }
 
@@ -148,24 +180,47 @@ fn a_run_killed_at_a_random_step_resumes_bit_for_bit() {
     let resumed = run_json(&spec, &data, &["--resume", "latest"]);
     let start = resumed["start_step"].as_u64().unwrap();
     eprintln!("killed after step {killed_at}, resumed at step {start}");
-    assert!(start > 0 && start <= killed_at && start % 5 == 0, "resumed at {start}");
+    assert!(
+        start > 0 && start <= killed_at && start % 5 == 0,
+        "resumed at {start}"
+    );
     assert_eq!(resumed["steps"], 60);
-    assert_eq!(resumed["weights_digest"], whole["weights_digest"], "resume is bit for bit at the same world size");
+    assert_eq!(
+        resumed["weights_digest"], whole["weights_digest"],
+        "resume is bit for bit at the same world size"
+    );
     assert_eq!(resumed["final_loss"], whole["final_loss"]);
 
     // At another world size the run continues too, equal within float tolerance.
-    let one = run_json(&spec, &data, &["--resume", &start.to_string(), "--nproc", "1"]);
+    let one = run_json(
+        &spec,
+        &data,
+        &["--resume", &start.to_string(), "--nproc", "1"],
+    );
     assert_eq!(one["world_size"], 1);
-    let (a, b) = (weights(whole["weights"].as_str().unwrap()), weights(one["weights"].as_str().unwrap()));
-    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let (a, b) = (
+        weights(whole["weights"].as_str().unwrap()),
+        weights(one["weights"].as_str().unwrap()),
+    );
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(worst < 1e-4, "world size 1 resume differs by {worst}");
 }
 
 /// The stored file of the first chunk of tensor `name` in the manifest at `url`.
 fn chunk_of(root: &str, manifest_url: &str, name: &str) -> PathBuf {
     let path = manifest_url.strip_prefix("file://").unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    let tensor = manifest["tensors"].as_array().unwrap().iter().find(|t| t["name"] == name).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let tensor = manifest["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap();
     let key = tensor["chunks"][0]["key"].as_str().unwrap();
     PathBuf::from(root.strip_prefix("file://").unwrap()).join(key)
 }
@@ -182,7 +237,11 @@ fn a_flipped_byte_is_caught_by_verify_and_resume_falls_back() {
     assert!(latest.contains("00000000000000000020"), "{latest}");
 
     let ok = kiln().args(["ckpt", "verify", &root]).output().unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
 
     // fc2 is the last layer: its chunks differ from every earlier checkpoint's.
     let chunk = chunk_of(&root, &latest, "model/fc2.weight");
@@ -194,10 +253,21 @@ fn a_flipped_byte_is_caught_by_verify_and_resume_falls_back() {
     let bad = kiln().args(["ckpt", "verify", &root]).output().unwrap();
     let stdout = String::from_utf8_lossy(&bad.stdout);
     assert_eq!(bad.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("CORRUPT") && stdout.contains("model/fc2.weight"), "{stdout}");
+    assert!(
+        stdout.contains("CORRUPT") && stdout.contains("model/fc2.weight"),
+        "{stdout}"
+    );
 
     let out = kiln()
-        .args(["run", spec.to_str().unwrap(), "--resume", "latest", "--json", "--set", "train.steps=20"])
+        .args([
+            "run",
+            spec.to_str().unwrap(),
+            "--resume",
+            "latest",
+            "--json",
+            "--set",
+            "train.steps=20",
+        ])
         .arg("--data-dir")
         .arg(&data)
         .output()
@@ -205,8 +275,14 @@ fn a_flipped_byte_is_caught_by_verify_and_resume_falls_back() {
     let resumed = summary(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(resumed["start_step"], 15, "fell back to the parent");
-    assert!(stderr.contains("WARNING") && stderr.contains("00000000000000000020"), "says so loudly: {stderr}");
-    assert_eq!(resumed["weights_digest"], first["weights_digest"], "and redoes the lost steps exactly");
+    assert!(
+        stderr.contains("WARNING") && stderr.contains("00000000000000000020"),
+        "says so loudly: {stderr}"
+    );
+    assert_eq!(
+        resumed["weights_digest"], first["weights_digest"],
+        "and redoes the lost steps exactly"
+    );
 }
 
 #[test]
@@ -214,34 +290,67 @@ fn a_crash_in_every_phase_of_a_save_leaves_latest_complete() {
     let _guard = serial();
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(dir.path());
-    for phase in ["chunk-upload:3", "after-chunks", "after-manifest", "during-latest"] {
+    for phase in [
+        "chunk-upload:3",
+        "after-chunks",
+        "after-manifest",
+        "during-latest",
+    ] {
         let data = dir.path().join(phase.replace(':', "-"));
         let base = run_json(&spec, &data, &["--set", "train.steps=10"]);
-        assert!(base["checkpoint"].as_str().unwrap().contains("00000000000000000010"));
+        assert!(
+            base["checkpoint"]
+                .as_str()
+                .unwrap()
+                .contains("00000000000000000010")
+        );
         // Resume and crash inside the first save of the continued run (step 15).
         let started = Instant::now();
         let out = kiln()
             .env("KILN_CKPT_FAILPOINT", phase)
-            .args(["run", spec.to_str().unwrap(), "--resume", "latest", "--set", "train.steps=20"])
+            .args([
+                "run",
+                spec.to_str().unwrap(),
+                "--resume",
+                "latest",
+                "--set",
+                "train.steps=20",
+            ])
             .arg("--data-dir")
             .arg(&data)
             .output()
             .unwrap();
-        assert!(!out.status.success(), "{phase}: the run should have crashed");
-        assert!(started.elapsed() < Duration::from_secs(60), "{phase}: a crash must not hang the run");
+        assert!(
+            !out.status.success(),
+            "{phase}: the run should have crashed"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{phase}: a crash must not hang the run"
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("signal 6") || stderr.contains("SIGABRT"), "{phase}: {stderr}");
+        assert!(
+            stderr.contains("signal 6") || stderr.contains("SIGABRT"),
+            "{phase}: {stderr}"
+        );
 
         let root = root(&data);
         let verify = kiln().args(["ckpt", "verify", &root]).output().unwrap();
         let report = String::from_utf8_lossy(&verify.stdout);
-        assert!(verify.status.success(), "{phase}: latest must verify: {report}");
+        assert!(
+            verify.status.success(),
+            "{phase}: latest must verify: {report}"
+        );
         assert!(
             report.contains("(step 10)") || report.contains("(step 15)"),
             "{phase}: latest is the old or the new checkpoint: {report}"
         );
         // And the job goes on from it.
-        let resumed = run_json(&spec, &data, &["--resume", "latest", "--set", "train.steps=20"]);
+        let resumed = run_json(
+            &spec,
+            &data,
+            &["--resume", "latest", "--set", "train.steps=20"],
+        );
         assert_eq!(resumed["steps"], 20, "{phase}");
     }
 }
@@ -260,7 +369,15 @@ fn exported_weights_load_in_pytorch_and_give_kiln_s_predictions() {
         &kiln()
             .arg("run")
             .arg(&job)
-            .args(["--nproc", "1", "--set", "train.steps=150", "--set", "workers.device=\"cpu\"", "--json"])
+            .args([
+                "--nproc",
+                "1",
+                "--set",
+                "train.steps=150",
+                "--set",
+                "workers.device=\"cpu\"",
+                "--json",
+            ])
             .arg("--data-dir")
             .arg(&data)
             .output()
@@ -273,7 +390,11 @@ fn exported_weights_load_in_pytorch_and_give_kiln_s_predictions() {
         .args(["--format", "safetensors"])
         .output()
         .unwrap();
-    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
     let script = r#"
 import sys, json, torch
 from safetensors.torch import load_file
@@ -290,12 +411,29 @@ loss = torch.nn.functional.cross_entropy(h, y).item()
 accuracy = int((h.argmax(-1) == y).sum()) / len(y)
 print(json.dumps({"accuracy": accuracy, "loss": loss}))
 "#;
-    let eval_shard = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/digits/data/eval-00000.safetensors");
-    let py = Command::new(&python).arg("-c").arg(script).arg(&out_file).arg(&eval_shard).output().unwrap();
-    assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+    let eval_shard = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/digits/data/eval-00000.safetensors");
+    let py = Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(&out_file)
+        .arg(&eval_shard)
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
     let torch: serde_json::Value = serde_json::from_slice(py.stdout.trim_ascii()).unwrap();
-    let (ka, ta) = (run["eval"]["accuracy"].as_f64().unwrap(), torch["accuracy"].as_f64().unwrap());
-    let (kl, tl) = (run["eval"]["loss"].as_f64().unwrap(), torch["loss"].as_f64().unwrap());
+    let (ka, ta) = (
+        run["eval"]["accuracy"].as_f64().unwrap(),
+        torch["accuracy"].as_f64().unwrap(),
+    );
+    let (kl, tl) = (
+        run["eval"]["loss"].as_f64().unwrap(),
+        torch["loss"].as_f64().unwrap(),
+    );
     assert!((ka - ta).abs() < 1e-9, "accuracy: kiln {ka}, PyTorch {ta}");
     assert!((kl - tl).abs() < 1e-5, "loss: kiln {kl}, PyTorch {tl}");
     assert!(ka > 0.9);
@@ -306,8 +444,23 @@ print(json.dumps({"accuracy": accuracy, "loss": loss}))
         &kiln()
             .arg("run")
             .arg(&job)
-            .args(["--nproc", "1", "--set", "train.steps=1", "--set", "optimizer.lr=1e-12", "--set", "schedule.min_lr=0", "--json"])
-            .args(["--set", "workers.device=\"cpu\"", "--set", "checkpoint.final_checkpoint=false"])
+            .args([
+                "--nproc",
+                "1",
+                "--set",
+                "train.steps=1",
+                "--set",
+                "optimizer.lr=1e-12",
+                "--set",
+                "schedule.min_lr=0",
+                "--json",
+            ])
+            .args([
+                "--set",
+                "workers.device=\"cpu\"",
+                "--set",
+                "checkpoint.final_checkpoint=false",
+            ])
             .args(["--set", &format!("model.init=\"{}\"", out_file.display())])
             .arg("--data-dir")
             .arg(dir.path().join("init"))
@@ -315,5 +468,8 @@ print(json.dumps({"accuracy": accuracy, "loss": loss}))
             .unwrap(),
     );
     assert_eq!(init["eval"]["accuracy"].as_f64().unwrap(), ka, "{init}");
-    assert!((init["eval"]["loss"].as_f64().unwrap() - kl).abs() < 1e-5, "{init}");
+    assert!(
+        (init["eval"]["loss"].as_f64().unwrap() - kl).abs() < 1e-5,
+        "{init}"
+    );
 }

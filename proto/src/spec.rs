@@ -810,11 +810,17 @@ impl JobSpec {
             }
         }
         at_least_one("checkpoint.keep_last", c.keep_last)?;
-        at_least_one("checkpoint.max_consecutive_failures", c.max_consecutive_failures)?;
+        at_least_one(
+            "checkpoint.max_consecutive_failures",
+            c.max_consecutive_failures,
+        )?;
         if !(1..=22).contains(&c.compression_level) {
             return Err(invalid(
                 "checkpoint.compression_level",
-                format!("{} is not a zstd level; allowed: 1 to 22", c.compression_level),
+                format!(
+                    "{} is not a zstd level; allowed: 1 to 22",
+                    c.compression_level
+                ),
             ));
         }
         positive("checkpoint.chunk_mb", c.chunk_mb)

@@ -17,9 +17,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use kiln_proto::frame;
 use kiln_proto::worker::{
-    AgentMessage, Assignment, CheckpointSaved, EvalResult, Finished, Hello, Progress, WorkerMessage,
-    agent_message,
-    worker_message::Kind as Report,
+    AgentMessage, Assignment, CheckpointSaved, EvalResult, Finished, Hello, Progress,
+    WorkerMessage, agent_message, worker_message::Kind as Report,
 };
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -374,12 +373,16 @@ impl LocalWorkers {
                         rank: rank(i),
                         eval: e,
                     }),
-                    Report::Checkpoint(saved) => {
-                        on_event(AgentEvent::Checkpoint { rank: rank(i), saved })
-                    }
+                    Report::Checkpoint(saved) => on_event(AgentEvent::Checkpoint {
+                        rank: rank(i),
+                        saved,
+                    }),
                     Report::Warning(w) => {
                         tracing::warn!(job, rank = rank(i), "{}", w.message);
-                        on_event(AgentEvent::Warning { rank: rank(i), message: w.message });
+                        on_event(AgentEvent::Warning {
+                            rank: rank(i),
+                            message: w.message,
+                        });
                     }
                     Report::Finished(f) => finished[i] = Some(f),
                     Report::Failed(f) => {

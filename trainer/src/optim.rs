@@ -55,7 +55,10 @@ impl Optimizer {
     pub fn buffers_mut(&mut self) -> Vec<(&'static str, &mut [Tensor])> {
         match self.spec.kind {
             OptimizerKind::Sgd => vec![("momentum", &mut self.first)],
-            OptimizerKind::Adamw => vec![("exp_avg", &mut self.first), ("exp_avg_sq", &mut self.second)],
+            OptimizerKind::Adamw => vec![
+                ("exp_avg", &mut self.first),
+                ("exp_avg_sq", &mut self.second),
+            ],
         }
     }
 

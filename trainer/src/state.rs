@@ -54,7 +54,13 @@ impl StateTensor {
         let borrowable = t.device() == Device::Cpu && t.is_contiguous();
         let tensor = t.detach();
         let host = (!borrowable).then(|| crate::model::to_host_bytes(&tensor));
-        Ok(Self { name, dtype, shape, tensor, host })
+        Ok(Self {
+            name,
+            dtype,
+            shape,
+            tensor,
+            host,
+        })
     }
 
     /// The bytes as a view; valid while the tensor is not modified.
@@ -74,7 +80,12 @@ impl StateTensor {
                 }
             }
         };
-        TensorView { name: &self.name, dtype: self.dtype, shape: &self.shape, data }
+        TensorView {
+            name: &self.name,
+            dtype: self.dtype,
+            shape: &self.shape,
+            data,
+        }
     }
 }
 
@@ -85,7 +96,12 @@ pub fn state_tensors(params: &[(String, Tensor)], opt: &Optimizer) -> Result<Vec
         out.push(StateTensor::new(format!("model/{name}"), t)?);
     }
     for (buffer, tensors) in opt.buffers() {
-        ensure!(tensors.len() == params.len(), "optimizer buffer {buffer} has {} tensors for {} parameters", tensors.len(), params.len());
+        ensure!(
+            tensors.len() == params.len(),
+            "optimizer buffer {buffer} has {} tensors for {} parameters",
+            tensors.len(),
+            params.len()
+        );
         for ((name, _), t) in params.iter().zip(tensors) {
             out.push(StateTensor::new(format!("optim/{buffer}/{name}"), t)?);
         }
@@ -95,11 +111,18 @@ pub fn state_tensors(params: &[(String, Tensor)], opt: &Optimizer) -> Result<Vec
 
 /// Copies loaded tensors into the parameters and the optimizer state; every
 /// state tensor must be present with the same dtype and shape.
-pub fn restore(loaded: &[OwnedTensor], params: &[(String, Tensor)], opt: &mut Optimizer) -> Result<()> {
-    let by_name: std::collections::HashMap<&str, &OwnedTensor> = loaded.iter().map(|t| (t.name.as_str(), t)).collect();
+pub fn restore(
+    loaded: &[OwnedTensor],
+    params: &[(String, Tensor)],
+    opt: &mut Optimizer,
+) -> Result<()> {
+    let by_name: std::collections::HashMap<&str, &OwnedTensor> =
+        loaded.iter().map(|t| (t.name.as_str(), t)).collect();
     let copy_into = |name: &str, dst: &Tensor| -> Result<()> {
         let src = by_name.get(name).with_context(|| {
-            format!("the checkpoint has no tensor {name} (was it saved by another model or optimizer?)")
+            format!(
+                "the checkpoint has no tensor {name} (was it saved by another model or optimizer?)"
+            )
         })?;
         copy_tensor(name, src, dst).context("restore from checkpoint")
     };
@@ -117,7 +140,8 @@ pub fn restore(loaded: &[OwnedTensor], params: &[(String, Tensor)], opt: &mut Op
 /// Initialises parameters from a safetensors file (`model.init`): every
 /// parameter must be there, named as in the model or with a `model/` prefix.
 pub fn init_from_safetensors(path: &std::path::Path, params: &[(String, Tensor)]) -> Result<()> {
-    let loaded = kiln_checkpoint::import_safetensors(path).with_context(|| format!("read {}", path.display()))?;
+    let loaded = kiln_checkpoint::import_safetensors(path)
+        .with_context(|| format!("read {}", path.display()))?;
     let renamed: Vec<OwnedTensor> = loaded
         .into_iter()
         .map(|mut t| {
@@ -127,12 +151,16 @@ pub fn init_from_safetensors(path: &std::path::Path, params: &[(String, Tensor)]
             t
         })
         .collect();
-    let by_name: std::collections::HashMap<&str, &OwnedTensor> = renamed.iter().map(|t| (t.name.as_str(), t)).collect();
+    let by_name: std::collections::HashMap<&str, &OwnedTensor> =
+        renamed.iter().map(|t| (t.name.as_str(), t)).collect();
     for (name, p) in params {
         let key = format!("model/{name}");
-        let src = by_name
-            .get(key.as_str())
-            .with_context(|| format!("model.init: {} has no tensor {name} (nor model/{name})", path.display()))?;
+        let src = by_name.get(key.as_str()).with_context(|| {
+            format!(
+                "model.init: {} has no tensor {name} (nor model/{name})",
+                path.display()
+            )
+        })?;
         copy_tensor(&key, src, p)?;
     }
     Ok(())
@@ -177,10 +205,21 @@ mod tests {
     #[test]
     fn state_round_trips_through_owned_tensors() {
         let params = vec![
-            ("a".to_string(), Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]).set_requires_grad(true)),
-            ("b".to_string(), Tensor::from_slice(&[5.0f32]).set_requires_grad(true)),
+            (
+                "a".to_string(),
+                Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
+                    .view([2, 2])
+                    .set_requires_grad(true),
+            ),
+            (
+                "b".to_string(),
+                Tensor::from_slice(&[5.0f32]).set_requires_grad(true),
+            ),
         ];
-        let spec = OptimizerSpec { kind: OptimizerKind::Adamw, ..Default::default() };
+        let spec = OptimizerSpec {
+            kind: OptimizerKind::Adamw,
+            ..Default::default()
+        };
         let plain: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let mut opt = Optimizer::new(&spec, &plain);
         let _ = opt.buffers_mut()[0].1[0].fill_(0.5);
@@ -189,24 +228,56 @@ mod tests {
             .iter()
             .map(|s| {
                 let v = s.view();
-                OwnedTensor { name: v.name.to_string(), dtype: v.dtype, shape: v.shape.to_vec(), data: v.data.to_vec() }
+                OwnedTensor {
+                    name: v.name.to_string(),
+                    dtype: v.dtype,
+                    shape: v.shape.to_vec(),
+                    data: v.data.to_vec(),
+                }
             })
             .collect();
         let names: Vec<&str> = saved.iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(names, ["model/a", "model/b", "optim/exp_avg/a", "optim/exp_avg/b", "optim/exp_avg_sq/a", "optim/exp_avg_sq/b"]);
+        assert_eq!(
+            names,
+            [
+                "model/a",
+                "model/b",
+                "optim/exp_avg/a",
+                "optim/exp_avg/b",
+                "optim/exp_avg_sq/a",
+                "optim/exp_avg_sq/b"
+            ]
+        );
 
         let fresh = vec![
-            ("a".to_string(), Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true)),
-            ("b".to_string(), Tensor::zeros([1], (Kind::Float, Device::Cpu)).set_requires_grad(true)),
+            (
+                "a".to_string(),
+                Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true),
+            ),
+            (
+                "b".to_string(),
+                Tensor::zeros([1], (Kind::Float, Device::Cpu)).set_requires_grad(true),
+            ),
         ];
         let plain: Vec<Tensor> = fresh.iter().map(|(_, t)| t.shallow_clone()).collect();
         let mut opt2 = Optimizer::new(&spec, &plain);
         restore(&saved, &fresh, &mut opt2).unwrap();
-        assert_eq!(Vec::<f32>::try_from(fresh[0].1.detach().view([-1])).unwrap(), [1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(Vec::<f32>::try_from(opt2.buffers()[0].1[0].view([-1])).unwrap(), [0.5; 4]);
+        assert_eq!(
+            Vec::<f32>::try_from(fresh[0].1.detach().view([-1])).unwrap(),
+            [1.0, 2.0, 3.0, 4.0]
+        );
+        assert_eq!(
+            Vec::<f32>::try_from(opt2.buffers()[0].1[0].view([-1])).unwrap(),
+            [0.5; 4]
+        );
 
-        let partial: Vec<OwnedTensor> = saved.into_iter().filter(|t| t.name != "optim/exp_avg_sq/b").collect();
-        let err = restore(&partial, &fresh, &mut opt2).unwrap_err().to_string();
+        let partial: Vec<OwnedTensor> = saved
+            .into_iter()
+            .filter(|t| t.name != "optim/exp_avg_sq/b")
+            .collect();
+        let err = restore(&partial, &fresh, &mut opt2)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("optim/exp_avg_sq/b"), "{err}");
     }
 }

@@ -15,15 +15,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use kiln_checkpoint::{
-    CheckpointMeta, CheckpointRoot, Checkpointer, DType, Manifest, OwnedTensor, Retention, SaveConfig,
-    SaveOutcome, TensorView, weights_digest,
+    CheckpointMeta, CheckpointRoot, Checkpointer, DType, Manifest, OwnedTensor, Retention,
+    SaveConfig, SaveOutcome, TensorView, weights_digest,
 };
 use kiln_proto::frame;
 use kiln_proto::spec::JobSpec;
 use kiln_proto::worker::{
-    AgentMessage, Assignment, CheckpointSaved, EvalResult, Failed, Finished, Hello, Progress, Warning,
-    WorkerMessage,
-    agent_message, worker_message::Kind as Report,
+    AgentMessage, Assignment, CheckpointSaved, EvalResult, Failed, Finished, Hello, Progress,
+    Warning, WorkerMessage, agent_message, worker_message::Kind as Report,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
@@ -235,7 +234,12 @@ fn train(
             state.optimizer,
             opt.kind()
         );
-        ensure!(state.step <= steps, "checkpoint {} is at step {} beyond train.steps = {steps}", manifest.key, state.step);
+        ensure!(
+            state.step <= steps,
+            "checkpoint {} is at step {} beyond train.steps = {steps}",
+            manifest.key,
+            state.step
+        );
         if manifest.dataset_fingerprint != fingerprint {
             let message = format!(
                 "checkpoint {} was saved on other data (fingerprint {} != {}); the run continues, but not exactly",
@@ -243,7 +247,8 @@ fn train(
             );
             reporter.send(Report::Warning(Warning { message }))?;
         }
-        state::restore(&loaded, &named, &mut opt).with_context(|| format!("restore from checkpoint {}", manifest.key))?;
+        state::restore(&loaded, &named, &mut opt)
+            .with_context(|| format!("restore from checkpoint {}", manifest.key))?;
         opt.steps = state.optimizer_steps;
         start_step = state.step;
         loss = state.loss.unwrap_or(f64::NAN);
@@ -297,7 +302,9 @@ fn train(
         }
         let done = step + 1;
         let interval = spec.checkpoint.interval;
-        if (interval > 0 && done % interval == 0) || (done == steps && spec.checkpoint.final_checkpoint) {
+        if (interval > 0 && done % interval == 0)
+            || (done == steps && spec.checkpoint.final_checkpoint)
+        {
             let training_state = TrainingState {
                 step: done,
                 sample_cursor: sampler.cursor(done),
@@ -371,7 +378,11 @@ fn train(
         samples_per_sec,
         weights_digest: digest,
         weights_path,
-        checkpoint_url: if rank == 0 { checkpoint_url.unwrap_or_else(|| resumed_from.clone()) } else { String::new() },
+        checkpoint_url: if rank == 0 {
+            checkpoint_url.unwrap_or_else(|| resumed_from.clone())
+        } else {
+            String::new()
+        },
         resumed_from,
         start_step,
     }))?;
@@ -380,14 +391,24 @@ fn train(
 
 /// Loads what `--resume` names: `latest` falls back to the newest checkpoint
 /// that verifies (with warnings saying what was skipped).
-fn load_for_resume(root: &CheckpointRoot, which: &str) -> Result<(Manifest, Vec<OwnedTensor>, Vec<String>)> {
+fn load_for_resume(
+    root: &CheckpointRoot,
+    which: &str,
+) -> Result<(Manifest, Vec<OwnedTensor>, Vec<String>)> {
     if which == "latest" {
-        let (m, t, warnings) = kiln_checkpoint::load_latest_verified(root, |_| true)
-            .with_context(|| format!("load the latest checkpoint that verifies under {}", root.url()))?;
+        let (m, t, warnings) =
+            kiln_checkpoint::load_latest_verified(root, |_| true).with_context(|| {
+                format!(
+                    "load the latest checkpoint that verifies under {}",
+                    root.url()
+                )
+            })?;
         Ok((m, t, warnings))
     } else {
-        let m = kiln_checkpoint::resolve(root, which).with_context(|| format!("find checkpoint {which} under {}", root.url()))?;
-        let t = kiln_checkpoint::load(root, &m, |_| true).with_context(|| format!("load checkpoint {}", m.key))?;
+        let m = kiln_checkpoint::resolve(root, which)
+            .with_context(|| format!("find checkpoint {which} under {}", root.url()))?;
+        let t = kiln_checkpoint::load(root, &m, |_| true)
+            .with_context(|| format!("load checkpoint {}", m.key))?;
         Ok((m, t, Vec::new()))
     }
 }
@@ -409,15 +430,26 @@ struct Saver {
 }
 
 impl Saver {
-    fn new(spec: &JobSpec, a: &Assignment, rank: usize, world: usize, fingerprint: &str) -> Result<Self> {
-        let root = CheckpointRoot::open(&a.checkpoint_url).with_context(|| format!("open checkpoint root {}", a.checkpoint_url))?;
+    fn new(
+        spec: &JobSpec,
+        a: &Assignment,
+        rank: usize,
+        world: usize,
+        fingerprint: &str,
+    ) -> Result<Self> {
+        let root = CheckpointRoot::open(&a.checkpoint_url)
+            .with_context(|| format!("open checkpoint root {}", a.checkpoint_url))?;
         let cfg = SaveConfig {
             compression_level: spec.checkpoint.compression_level,
             chunk_bytes: ((spec.checkpoint.chunk_mb * (1 << 20) as f64) as usize).max(4096),
-            threads: 1,
+            // The node's cores are shared by its workers, as for training.
+            threads: (std::thread::available_parallelism().map_or(1, |n| n.get())
+                / spec.workers.nproc.max(1))
+            .max(1),
             ..SaveConfig::default()
         };
-        let checkpointer = Checkpointer::new(root.clone(), cfg, rank, world).context("start checkpointer")?;
+        let checkpointer =
+            Checkpointer::new(root.clone(), cfg, rank, world).context("start checkpointer")?;
         let meta = CheckpointMeta {
             training_state: serde_json::Value::Null,
             job_spec: serde_json::from_str(&a.spec_json).context("job spec as JSON")?,
@@ -465,7 +497,8 @@ impl Saver {
         }
         let views: Vec<TensorView<'_>> = tensors.iter().map(|t| t.view()).collect();
         let mut meta = self.meta.clone();
-        meta.training_state = serde_json::to_value(training_state).context("training state as JSON")?;
+        meta.training_state =
+            serde_json::to_value(training_state).context("training state as JSON")?;
         meta.metrics = metrics.clone();
         match self.checkpointer.save(step, &self.run_id, &views, &meta) {
             Ok(()) => self.last_saved = Some(step),
@@ -479,7 +512,11 @@ impl Saver {
         self.handle(outcomes, reporter)
     }
 
-    fn handle(&mut self, outcomes: Vec<kiln_checkpoint::Result<SaveOutcome>>, reporter: &mut Reporter) -> Result<()> {
+    fn handle(
+        &mut self,
+        outcomes: Vec<kiln_checkpoint::Result<SaveOutcome>>,
+        reporter: &mut Reporter,
+    ) -> Result<()> {
         for outcome in outcomes {
             match outcome {
                 Ok(o) => {
@@ -498,7 +535,9 @@ impl Saver {
                 }
                 Err(e) => {
                     let message = format!("checkpoint save failed: {e}");
-                    reporter.send(Report::Warning(Warning { message: message.clone() }))?;
+                    reporter.send(Report::Warning(Warning {
+                        message: message.clone(),
+                    }))?;
                     self.failed(message)?;
                 }
             }
@@ -510,7 +549,11 @@ impl Saver {
         self.failures += 1;
         tracing::warn!(failures = self.failures, "{message}");
         if self.failures >= self.max_failures {
-            bail!("{} checkpoint saves failed in a row (checkpoint.max_consecutive_failures = {}); last: {message}", self.failures, self.max_failures);
+            bail!(
+                "{} checkpoint saves failed in a row (checkpoint.max_consecutive_failures = {}); last: {message}",
+                self.failures,
+                self.max_failures
+            );
         }
         Ok(())
     }
@@ -527,9 +570,16 @@ impl Saver {
         self.handle(outcomes, reporter)?;
         if self.rank == 0 && self.last_committed.is_some() {
             // Grace: never delete chunks a save of another run may be writing now.
-            match kiln_checkpoint::gc(&self.root, &self.retention, Duration::from_secs(300), false) {
-                Ok(report) => tracing::info!(deleted = report.manifests_deleted.len(), freed = report.bytes_freed, "retention applied"),
-                Err(e) => reporter.send(Report::Warning(Warning { message: format!("retention: {e}") }))?,
+            match kiln_checkpoint::gc(&self.root, &self.retention, Duration::from_secs(300), false)
+            {
+                Ok(report) => tracing::info!(
+                    deleted = report.manifests_deleted.len(),
+                    freed = report.bytes_freed,
+                    "retention applied"
+                ),
+                Err(e) => reporter.send(Report::Warning(Warning {
+                    message: format!("retention: {e}"),
+                }))?,
             }
         }
         Ok(self.last_committed.clone())
@@ -631,7 +681,11 @@ impl GradBuckets {
                     params[p].grad().data_ptr() == view.data_ptr()
                 });
                 tracing::debug!(bucket = i, aliased, "gradient bucket");
-                Bucket { flat, members, aliased }
+                Bucket {
+                    flat,
+                    members,
+                    aliased,
+                }
             })
             .collect();
         Ok(Self { buckets })

@@ -211,8 +211,8 @@ fn save(
     warmup: bool,
 ) -> Result<()> {
     let mut state = State::read(state_path)?;
-    let root_dir = std::path::absolute(root_dir)
-        .with_context(|| format!("resolve {}", root_dir.display()))?;
+    let root_dir =
+        std::path::absolute(root_dir).with_context(|| format!("resolve {}", root_dir.display()))?;
     let root = CheckpointRoot::open(&format!("file://{}", root_dir.display()))
         .context("open checkpoint root")?;
     let mut cfg = SaveConfig::default();
@@ -238,8 +238,8 @@ fn save(
     let mut first = None;
     if warmup {
         state.flip_lowest_bits();
-        let (stall, durable) = timed_save(&mut checkpointer, 1, &state, &meta)
-            .context("warm-up save (step 1)")?;
+        let (stall, durable) =
+            timed_save(&mut checkpointer, 1, &state, &meta).context("warm-up save (step 1)")?;
         state.flip_lowest_bits();
         first = Some(json!({ "stall_s": stall, "durable_s": durable }));
     }
@@ -351,13 +351,15 @@ fn unsynced_pages_under(dir: &Path) -> Result<Option<u64>> {
     let mut pending = vec![dir.to_path_buf()];
     while let Some(d) = pending.pop() {
         for entry in std::fs::read_dir(&d).with_context(|| format!("list {}", d.display()))? {
-            let path = entry.with_context(|| format!("list {}", d.display()))?.path();
+            let path = entry
+                .with_context(|| format!("list {}", d.display()))?
+                .path();
             if path.is_dir() {
                 pending.push(path);
                 continue;
             }
-            let file = std::fs::File::open(&path)
-                .with_context(|| format!("open {}", path.display()))?;
+            let file =
+                std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
             match cachestat(&file) {
                 Ok(stat) => total += stat.nr_dirty + stat.nr_writeback,
                 Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return Ok(None),
@@ -412,8 +414,8 @@ fn cachestat(file: &std::fs::File) -> std::io::Result<Cachestat> {
 }
 
 fn load_latest(root_dir: &Path, state_path: Option<&Path>) -> Result<()> {
-    let root_dir = std::path::absolute(root_dir)
-        .with_context(|| format!("resolve {}", root_dir.display()))?;
+    let root_dir =
+        std::path::absolute(root_dir).with_context(|| format!("resolve {}", root_dir.display()))?;
     let rss_before = proc_status_bytes("VmRSS")?;
     let peak_reset = reset_peak_rss();
     let started = Instant::now();
