@@ -181,7 +181,7 @@ fn a_run_killed_at_a_random_step_resumes_bit_for_bit() {
     let start = resumed["start_step"].as_u64().unwrap();
     eprintln!("killed after step {killed_at}, resumed at step {start}");
     assert!(
-        start > 0 && start <= killed_at && start % 5 == 0,
+        start > 0 && start <= killed_at && start.is_multiple_of(5),
         "resumed at {start}"
     );
     assert_eq!(resumed["steps"], 60);
