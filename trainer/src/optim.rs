@@ -72,6 +72,8 @@ impl Optimizer {
         self.steps += 1;
         tch::no_grad(|| match s.kind {
             OptimizerKind::Sgd => {
+                let neg_lr = params.first().map(|p| Tensor::from(-lr).to_kind(p.kind()).to_device(p.device()));
+                let Some(neg_lr) = neg_lr else { return };
                 for (p, buf) in params.iter_mut().zip(&mut self.first) {
                     let g = p.grad();
                     if !g.defined() {
@@ -94,7 +96,9 @@ impl Optimizer {
                     } else {
                         g
                     };
-                    let _ = p.g_sub_(&(update * lr));
+                    // p += update * (-lr), fused: no parameter-sized temporary
+                    // (a fresh multi-MiB allocation per step costs page faults).
+                    let _ = p.addcmul_(&update, &neg_lr);
                 }
             }
             OptimizerKind::Adamw => {
