@@ -72,7 +72,9 @@ impl Optimizer {
         self.steps += 1;
         tch::no_grad(|| match s.kind {
             OptimizerKind::Sgd => {
-                let neg_lr = params.first().map(|p| Tensor::from(-lr).to_kind(p.kind()).to_device(p.device()));
+                let neg_lr = params
+                    .first()
+                    .map(|p| Tensor::from(-lr).to_kind(p.kind()).to_device(p.device()));
                 let Some(neg_lr) = neg_lr else { return };
                 for (p, buf) in params.iter_mut().zip(&mut self.first) {
                     let g = p.grad();
