@@ -46,7 +46,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import BENCH_DIR, REPO, fmt, log, median, release_dir, run_json_lines
+from common import BENCH_DIR, fmt, log, median, release_dir, run_json_lines
 
 SYSTEMS = ["kiln", "torch", "dcp", "dcp_async"]
 LABELS = {"kiln": "kiln", "torch": "torch.save", "dcp": "DCP save", "dcp_async": "DCP async_save"}
@@ -157,7 +157,9 @@ def run_system(args, system, state_path, out, dropper):
     """One save process and one load process; returns their merged JSON rows."""
     shutil.rmtree(out, ignore_errors=True)
     if system == "kiln":
-        save_cmd = [args.kiln_bin, "save", "--state", state_path, "--root", out]
+        save_cmd = [args.kiln_bin, "save", "--state", state_path, "--root", out, "--level", args.kiln_level]
+        if args.kiln_threads:
+            save_cmd += ["--threads", args.kiln_threads]
         load_cmd = [args.kiln_bin, "load", "--root", out, "--state", state_path]
     else:
         peer = [args.python, BENCH_DIR / "ckpt_peer.py"]
@@ -263,10 +265,14 @@ def print_variant(variant, described, results, reps):
         else:
             synced = (f"cachestat(2) right after durable_after: {unsynced} pages of its files still dirty or "
                       "under writeback, so durable_after came too early")
+        if k.get("first_stall_s") is None:
+            first_save = "With --no-warmup the measured save is the checkpointer's first (it allocates the stripe buffer)."
+        else:
+            first_save = (f"The first save of a checkpointer (which allocates its reusable stripe buffer) stalled "
+                          f"{fmt(k['first_stall_s'])} s.")
         notes.append(
-            f"kiln: world size 1, {k.get('threads')} compression threads, zstd level {k.get('compression_level')}. "
-            f"The first save of a checkpointer (which allocates its reusable stripe buffer) stalled "
-            f"{fmt(k.get('first_stall_s'))} s. Durable is the engine's durable_after (its local backend fsyncs "
+            f"kiln: world size 1, compression threads: {k.get('threads')}, zstd level {k.get('compression_level')}. "
+            f"{first_save} Durable is the engine's durable_after (its local backend fsyncs "
             f"every object and directory; {synced}). The engine's stated memory bound is "
             f"{fmt(k.get('engine_bound_bytes', 0) / GB, '.2f')} GB (stripe buffer + pipeline)."
         )
@@ -305,6 +311,9 @@ def main():
     p.add_argument("--no-drop-caches", action="store_true", help="do not drop the page cache before loads")
     p.add_argument("--no-warmup", action="store_true", help="measure each system's first save")
     p.add_argument("--kiln-bin", default=str(release_dir() / "ckpt_bench"))
+    p.add_argument("--kiln-level", type=int, default=1,
+                   help="kiln's zstd level (default 1, the job spec's [checkpoint] compression_level default)")
+    p.add_argument("--kiln-threads", type=int, help="kiln's compression threads (default: every core)")
     p.add_argument("--python", default=sys.executable, help="Python for the PyTorch peers")
     p.add_argument("--peer-only", action="store_true", help="run only the PyTorch systems")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per save or load process")

@@ -38,7 +38,6 @@ import shutil
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp

@@ -9,8 +9,8 @@
 #        bench/run.sh ckpt [--peer-only] [bench/ckpt.py options, e.g. --size-gb 0.2]
 #   --peer-only   skip the build and the kiln side; run only the PyTorch peers
 #
-# Builds `kiln` and `kiln-bench` in release mode first; the binaries are taken
-# from ${CARGO_TARGET_DIR:-target}/release. The Python side uses
+# Builds `kiln` and `kiln-bench` (for ckpt: only `ckpt_bench`) in release mode
+# first; the binaries are taken from ${CARGO_TARGET_DIR:-target}/release. The Python side uses
 # ${KILN_BENCH_PYTHON:-<repo>/.venv/bin/python} (scripts/bootstrap.sh makes it).
 # Figures and ratios are printed, never judged: the exit status is non-zero only
 # when something failed to build or run.
@@ -47,8 +47,11 @@ fi
 
 release_dir=${CARGO_TARGET_DIR:-target}/release
 if ((${#peer_only[@]} == 0)); then
-  echo "run.sh: cargo build --release -p kiln -p kiln-bench" >&2
-  cargo build --release -p kiln -p kiln-bench
+  # The checkpoint benchmark needs only its own binary (no `kiln` CLI).
+  build=(-p kiln -p kiln-bench)
+  [[ $which == ckpt ]] && build=(-p kiln-bench --bin ckpt_bench)
+  echo "run.sh: cargo build --release ${build[*]}" >&2
+  cargo build --release "${build[@]}"
 fi
 
 status=0

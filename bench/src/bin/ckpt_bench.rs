@@ -60,12 +60,14 @@ enum Command {
         /// The checkpoint root, a local directory (created; should be empty).
         #[arg(long)]
         root: PathBuf,
-        /// Compression threads (SaveConfig::threads); default: the engine's.
+        /// Compression threads; default: every core, as `kiln run` gives a
+        /// single worker per node.
         #[arg(long)]
         threads: Option<usize>,
-        /// zstd level; default: the engine's.
-        #[arg(long)]
-        level: Option<i32>,
+        /// zstd level; default 1, the job spec's `[checkpoint] compression_level`
+        /// default.
+        #[arg(long, default_value_t = 1)]
+        level: i32,
         /// Skip the warm-up save: the measured save allocates the stripe buffer.
         #[arg(long)]
         no_warmup: bool,
@@ -207,7 +209,7 @@ fn save(
     state_path: &Path,
     root_dir: &Path,
     threads: Option<usize>,
-    level: Option<i32>,
+    level: i32,
     warmup: bool,
 ) -> Result<()> {
     let mut state = State::read(state_path)?;
@@ -215,13 +217,14 @@ fn save(
         std::path::absolute(root_dir).with_context(|| format!("resolve {}", root_dir.display()))?;
     let root = CheckpointRoot::open(&format!("file://{}", root_dir.display()))
         .context("open checkpoint root")?;
-    let mut cfg = SaveConfig::default();
-    if let Some(t) = threads {
-        cfg.threads = t;
-    }
-    if let Some(l) = level {
-        cfg.compression_level = l;
-    }
+    // What `kiln run` uses with the spec's defaults at one worker per node
+    // (8 MiB chunks, zstd level 1, every core), unless told otherwise.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cfg = SaveConfig {
+        compression_level: level,
+        threads: threads.unwrap_or(cores),
+        ..SaveConfig::default()
+    };
     let (threads, level) = (cfg.threads, cfg.compression_level);
     let mut checkpointer =
         Checkpointer::new(root.clone(), cfg, 0, 1).context("create checkpointer")?;
