@@ -76,18 +76,19 @@ fn summary(out: &Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {last}"))
 }
 
+/// `kiln run SPEC EXTRA... --data-dir DATA`.
+fn run_cmd(spec: &Path, data: &Path, extra: &[&str]) -> Command {
+    let mut cmd = kiln();
+    cmd.arg("run")
+        .arg(spec)
+        .args(extra)
+        .arg("--data-dir")
+        .arg(data);
+    cmd
+}
+
 fn run_json(spec: &Path, data: &Path, extra: &[&str]) -> serde_json::Value {
-    summary(
-        &kiln()
-            .arg("run")
-            .arg(spec)
-            .args(extra)
-            .arg("--json")
-            .arg("--data-dir")
-            .arg(data)
-            .output()
-            .unwrap(),
-    )
+    summary(&run_cmd(spec, data, extra).arg("--json").output().unwrap())
 }
 
 fn root(data: &Path) -> String {
@@ -258,20 +259,13 @@ fn a_flipped_byte_is_caught_by_verify_and_resume_falls_back() {
         "{stdout}"
     );
 
-    let out = kiln()
-        .args([
-            "run",
-            spec.to_str().unwrap(),
-            "--resume",
-            "latest",
-            "--json",
-            "--set",
-            "train.steps=20",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = run_cmd(
+        &spec,
+        &data,
+        &["--resume", "latest", "--json", "--set", "train.steps=20"],
+    )
+    .output()
+    .unwrap();
     let resumed = summary(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(resumed["start_step"], 15, "fell back to the parent");
@@ -306,20 +300,14 @@ fn a_crash_in_every_phase_of_a_save_leaves_latest_complete() {
         );
         // Resume and crash inside the first save of the continued run (step 15).
         let started = Instant::now();
-        let out = kiln()
-            .env("KILN_CKPT_FAILPOINT", phase)
-            .args([
-                "run",
-                spec.to_str().unwrap(),
-                "--resume",
-                "latest",
-                "--set",
-                "train.steps=20",
-            ])
-            .arg("--data-dir")
-            .arg(&data)
-            .output()
-            .unwrap();
+        let out = run_cmd(
+            &spec,
+            &data,
+            &["--resume", "latest", "--set", "train.steps=20"],
+        )
+        .env("KILN_CKPT_FAILPOINT", phase)
+        .output()
+        .unwrap();
         assert!(
             !out.status.success(),
             "{phase}: the run should have crashed"
@@ -365,23 +353,17 @@ fn exported_weights_load_in_pytorch_and_give_kiln_s_predictions() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let job = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/digits/job.toml");
-    let run = summary(
-        &kiln()
-            .arg("run")
-            .arg(&job)
-            .args([
-                "--nproc",
-                "1",
-                "--set",
-                "train.steps=150",
-                "--set",
-                "workers.device=\"cpu\"",
-                "--json",
-            ])
-            .arg("--data-dir")
-            .arg(&data)
-            .output()
-            .unwrap(),
+    let run = run_json(
+        &job,
+        &data,
+        &[
+            "--nproc",
+            "1",
+            "--set",
+            "train.steps=150",
+            "--set",
+            "workers.device=\"cpu\"",
+        ],
     );
     let out_file = dir.path().join("digits.safetensors");
     let export = kiln()
@@ -440,32 +422,26 @@ print(json.dumps({"accuracy": accuracy, "loss": loss}))
 
     // And the exported file initialises a model (`model.init`): a run that
     // barely moves (lr 1e-12, one step) predicts what the exported model does.
-    let init = summary(
-        &kiln()
-            .arg("run")
-            .arg(&job)
-            .args([
-                "--nproc",
-                "1",
-                "--set",
-                "train.steps=1",
-                "--set",
-                "optimizer.lr=1e-12",
-                "--set",
-                "schedule.min_lr=0",
-                "--json",
-            ])
-            .args([
-                "--set",
-                "workers.device=\"cpu\"",
-                "--set",
-                "checkpoint.final_checkpoint=false",
-            ])
-            .args(["--set", &format!("model.init=\"{}\"", out_file.display())])
-            .arg("--data-dir")
-            .arg(dir.path().join("init"))
-            .output()
-            .unwrap(),
+    let init_file = format!("model.init=\"{}\"", out_file.display());
+    let init = run_json(
+        &job,
+        &dir.path().join("init"),
+        &[
+            "--nproc",
+            "1",
+            "--set",
+            "train.steps=1",
+            "--set",
+            "optimizer.lr=1e-12",
+            "--set",
+            "schedule.min_lr=0",
+            "--set",
+            "workers.device=\"cpu\"",
+            "--set",
+            "checkpoint.final_checkpoint=false",
+            "--set",
+            &init_file,
+        ],
     );
     assert_eq!(init["eval"]["accuracy"].as_f64().unwrap(), ka, "{init}");
     assert!(

@@ -109,6 +109,16 @@ impl CheckpointRoot {
             Error::invalid(format!("store option {k} for {url}: {e}"))
         };
         let build_err = |e: object_store::Error| Error::invalid(format!("open {url}: {e}"));
+        // Cloud roots: `scheme://bucket/prefix`, the bucket in the builder.
+        let cloud = |store: Arc<dyn ObjectStore>| {
+            let prefix = rest.split_once('/').map(|(_, p)| p).unwrap_or("");
+            Self::from_parts(
+                url.trim_end_matches('/').to_string(),
+                store,
+                &trim_prefix(prefix),
+                None,
+            )
+        };
         match scheme.as_str() {
             "file" => {
                 let path = PathBuf::from(rest);
@@ -159,13 +169,7 @@ impl CheckpointRoot {
                     let key: AmazonS3ConfigKey = k.parse().map_err(|e| bad_option(k, e))?;
                     b = b.with_config(key, v.clone());
                 }
-                let prefix = rest.split_once('/').map(|(_, p)| p).unwrap_or("");
-                Ok(Self::from_parts(
-                    url.trim_end_matches('/').to_string(),
-                    Arc::new(b.build().map_err(build_err)?),
-                    &trim_prefix(prefix),
-                    None,
-                ))
+                Ok(cloud(Arc::new(b.build().map_err(build_err)?)))
             }
             "gs" => {
                 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
@@ -176,13 +180,7 @@ impl CheckpointRoot {
                     let key: GoogleConfigKey = k.parse().map_err(|e| bad_option(k, e))?;
                     b = b.with_config(key, v.clone());
                 }
-                let prefix = rest.split_once('/').map(|(_, p)| p).unwrap_or("");
-                Ok(Self::from_parts(
-                    url.trim_end_matches('/').to_string(),
-                    Arc::new(b.build().map_err(build_err)?),
-                    &trim_prefix(prefix),
-                    None,
-                ))
+                Ok(cloud(Arc::new(b.build().map_err(build_err)?)))
             }
             "az" | "azure" | "abfs" | "abfss" => {
                 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
@@ -192,13 +190,7 @@ impl CheckpointRoot {
                     let key: AzureConfigKey = k.parse().map_err(|e| bad_option(k, e))?;
                     b = b.with_config(key, v.clone());
                 }
-                let prefix = rest.split_once('/').map(|(_, p)| p).unwrap_or("");
-                Ok(Self::from_parts(
-                    url.trim_end_matches('/').to_string(),
-                    Arc::new(b.build().map_err(build_err)?),
-                    &trim_prefix(prefix),
-                    None,
-                ))
+                Ok(cloud(Arc::new(b.build().map_err(build_err)?)))
             }
             other => Err(Error::invalid(format!(
                 "checkpoint root {url}: unknown scheme {other} (file, s3, gs, az, memory)"
