@@ -12,7 +12,7 @@
 //!   tensors, NCCL for CUDA tensors).
 //! - [`data`]: datasets (safetensors shards, a seeded generator) and the global
 //!   sampler (seeded order per epoch, global sample cursor).
-//! - [`model`]: built-in `tch::nn` models and TorchScript modules.
+//! - models live in the `kiln-models` crate (shared with serving).
 //! - [`optim`]: optimizers (SGD with momentum, AdamW) and learning-rate schedules,
 //!   written over plain tensors so their state can be saved and transferred.
 //! - [`device`]: CUDA discovery (libtorch's CUDA backend is loaded on demand).
@@ -23,7 +23,6 @@ pub mod collective;
 pub mod data;
 pub mod device;
 pub mod metrics;
-pub mod model;
 pub mod optim;
 pub mod state;
 pub mod worker;

@@ -53,7 +53,7 @@ impl StateTensor {
         let shape = t.size().iter().map(|&d| d as usize).collect();
         let borrowable = t.device() == Device::Cpu && t.is_contiguous();
         let tensor = t.detach();
-        let host = (!borrowable).then(|| crate::model::to_host_bytes(&tensor));
+        let host = (!borrowable).then(|| kiln_models::to_host_bytes(&tensor));
         Ok(Self {
             name,
             dtype,

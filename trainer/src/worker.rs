@@ -32,7 +32,7 @@ use crate::collective::ring::RingCollective;
 use crate::collective::{AbortHandle, Collective};
 use crate::data::{self, Dataset, GlobalSampler};
 use crate::device;
-use crate::model::{self, Net};
+use kiln_models::{self as model, Net};
 use crate::optim::{self, Optimizer};
 use crate::state::{self, TrainingState};
 

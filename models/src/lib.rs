@@ -1,4 +1,4 @@
-//! Models: built-in `tch::nn` networks chosen in the spec, and TorchScript
+//! kiln-models: built-in `tch::nn` networks chosen in the spec, and TorchScript
 //! modules exported from Python (trained through `TrainableCModule`).
 //!
 //! Every model maps a batch of flat features [n, features] to logits [n, classes];
