@@ -44,6 +44,19 @@ if [[ ! -f "$marker" ]]; then
   touch "$marker"
 fi
 
+# Packages the tests and benchmarks use beside torch. Add to this list (one
+# package a line); the venv is topped up whenever the list changes.
+extra_python=(
+  "moto[server]==5.2.5"
+)
+extra_key=$(printf '%s\n' "${extra_python[@]}" | sha256sum | cut -c1-16)
+extra_marker="$KILN_VENV/.kiln-extra-$extra_key"
+if [[ ! -f "$extra_marker" ]]; then
+  log "installing Python packages: ${extra_python[*]}"
+  "$KILN_VENV/bin/pip" install -q --disable-pip-version-check "${extra_python[@]}"
+  touch "$extra_marker"
+fi
+
 torch_dir=$("$KILN_VENV/bin/python" - <<'PY'
 import importlib.util, os
 print(os.path.dirname(importlib.util.find_spec("torch").origin))

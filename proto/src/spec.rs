@@ -29,6 +29,17 @@ pub struct JobSpec {
     pub comm: CommSpec,
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    #[serde(default)]
+    pub elastic: ElasticSpec,
+    /// Only read by `kiln launch`.
+    #[serde(default)]
+    pub launch: LaunchSpec,
+    /// Register the final model in a registry when the job finishes.
+    #[serde(default)]
+    pub register: Option<RegisterSpec>,
+    /// Where job events go (`[[hooks]]`, any number).
+    #[serde(default)]
+    pub hooks: Vec<HookSpec>,
 }
 
 /// `[job]`: identity and the seed everything random derives from.
@@ -417,6 +428,223 @@ impl Default for CheckpointSpec {
     }
 }
 
+/// `[elastic]`: how many nodes a job runs on and how it rides out failures
+/// (multi-node jobs: `kiln agent`; `kiln run` is one node).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElasticSpec {
+    /// Fewest nodes the job trains on; below it, the job waits.
+    #[serde(default = "default_nodes")]
+    pub min_nodes: usize,
+    /// Most nodes the job trains on (default: `min_nodes`); more wait as spares.
+    #[serde(default)]
+    pub max_nodes: Option<usize>,
+    /// After a membership change, how long the leader waits for more changes
+    /// before it opens the round, in seconds (once `min_nodes` are present).
+    #[serde(default = "default_settle_secs")]
+    pub settle_secs: f64,
+    /// TTL of a node's lease, in seconds: a node silent this long is lost.
+    #[serde(default = "default_lease_ttl_secs")]
+    pub lease_ttl_secs: u64,
+    /// How long a job below `min_nodes` waits for nodes before it fails, in seconds.
+    #[serde(default = "default_wait_timeout_secs")]
+    pub wait_timeout_secs: f64,
+    /// Node or worker failures the job survives before it fails.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    /// Joins (scale-up events) the job accepts.
+    #[serde(default = "default_max_scale_events")]
+    pub max_scale_events: u32,
+    /// A node that failed is kept out of rounds for this long, in seconds.
+    #[serde(default = "default_cooldown_secs")]
+    pub cooldown_secs: f64,
+}
+
+fn default_nodes() -> usize {
+    1
+}
+fn default_settle_secs() -> f64 {
+    0.5
+}
+fn default_lease_ttl_secs() -> u64 {
+    3
+}
+fn default_wait_timeout_secs() -> f64 {
+    300.0
+}
+fn default_max_failures() -> u32 {
+    10
+}
+fn default_max_scale_events() -> u32 {
+    100
+}
+fn default_cooldown_secs() -> f64 {
+    30.0
+}
+
+impl Default for ElasticSpec {
+    fn default() -> Self {
+        Self {
+            min_nodes: default_nodes(),
+            max_nodes: None,
+            settle_secs: default_settle_secs(),
+            lease_ttl_secs: default_lease_ttl_secs(),
+            wait_timeout_secs: default_wait_timeout_secs(),
+            max_failures: default_max_failures(),
+            max_scale_events: default_max_scale_events(),
+            cooldown_secs: default_cooldown_secs(),
+        }
+    }
+}
+
+impl ElasticSpec {
+    /// `max_nodes`, defaulting to `min_nodes`.
+    pub fn max_nodes(&self) -> usize {
+        self.max_nodes.unwrap_or(self.min_nodes)
+    }
+}
+
+/// `[launch]`: what `kiln launch slurm|k8s` writes into the generated files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchSpec {
+    /// Nodes to allocate (default: `elastic.max_nodes`).
+    #[serde(default)]
+    pub nodes: Option<usize>,
+    /// GPUs per node (0: CPU nodes); one worker per GPU.
+    #[serde(default)]
+    pub gpus_per_node: usize,
+    /// etcd endpoints agents join through: `etcd://host:port[,host:port...]`.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// Container image (Kubernetes).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Kubernetes namespace.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Slurm partition.
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// Slurm account.
+    #[serde(default)]
+    pub account: Option<String>,
+    /// Wall-clock limit, `HH:MM:SS` (Slurm `--time`, Kubernetes `activeDeadlineSeconds`).
+    #[serde(default)]
+    pub time_limit: Option<String>,
+    /// CPUs per node to request.
+    #[serde(default)]
+    pub cpus_per_node: Option<usize>,
+    /// Memory per node to request, in GiB.
+    #[serde(default)]
+    pub memory_gb: Option<usize>,
+    /// The kiln binary on the nodes.
+    #[serde(default = "default_kiln_bin")]
+    pub kiln_bin: String,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+fn default_kiln_bin() -> String {
+    "kiln".to_string()
+}
+
+impl Default for LaunchSpec {
+    fn default() -> Self {
+        Self {
+            nodes: None,
+            gpus_per_node: 0,
+            store: None,
+            image: None,
+            namespace: default_namespace(),
+            partition: None,
+            account: None,
+            time_limit: None,
+            cpus_per_node: None,
+            memory_gb: None,
+            kiln_bin: default_kiln_bin(),
+        }
+    }
+}
+
+/// `[register]`: register the finished job's model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterSpec {
+    /// Registry location (same forms as `checkpoint.url`); default: the
+    /// `registry` folder beside the job's checkpoint folder.
+    #[serde(default)]
+    pub registry: Option<String>,
+    /// Model name (default: `job.name`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Alias to move to the new version (`production`, `staging`, ...).
+    #[serde(default)]
+    pub alias: Option<String>,
+    /// The alias moves only when this eval metric (`eval_accuracy`, ...)...
+    #[serde(default)]
+    pub metric: Option<String>,
+    /// ... is at least this.
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    /// Rows of training inputs (and their predictions) kept as the reference
+    /// profile for drift detection.
+    #[serde(default = "default_reference_rows")]
+    pub reference_rows: usize,
+}
+
+fn default_reference_rows() -> usize {
+    1000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookSink {
+    /// One log line per event.
+    Log,
+    /// An HTTP POST of the event as JSON, signed with HMAC-SHA256.
+    Webhook,
+    /// A command run once per event, the event as JSON on its stdin.
+    Command,
+}
+
+/// `[[hooks]]`: one event sink.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookSpec {
+    pub sink: HookSink,
+    /// Webhook URL (`http://` or `https://`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Environment variable holding the webhook's HMAC key.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// File holding the webhook's HMAC key.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Command and arguments (no shell).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Event kinds delivered (`job.finished`, `checkpoint.committed`, ...); empty: all.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Deliveries retried this many times (with exponential backoff) before the
+    /// event is dropped with an error in the log.
+    #[serde(default = "default_hook_retries")]
+    pub max_retries: u32,
+    /// Per-delivery timeout, in seconds.
+    #[serde(default = "default_hook_timeout_secs")]
+    pub timeout_secs: f64,
+}
+
+fn default_hook_retries() -> u32 {
+    5
+}
+fn default_hook_timeout_secs() -> f64 {
+    10.0
+}
+
 /// Why a job spec was refused.
 ///
 /// `Display` is the whole message for a user (the CLI prints it after
@@ -526,7 +754,11 @@ impl JobSpec {
         self.validate_optimizer()?;
         self.validate_schedule()?;
         self.validate_comm()?;
-        self.validate_checkpoint()
+        self.validate_checkpoint()?;
+        self.validate_elastic()?;
+        self.validate_launch()?;
+        self.validate_register()?;
+        self.validate_hooks()
     }
 
     /// Samples per rank per step at `world_size`; error if `train.global_batch`
@@ -797,17 +1029,7 @@ impl JobSpec {
     fn validate_checkpoint(&self) -> Result<(), SpecError> {
         let c = &self.checkpoint;
         if let Some(url) = &c.url {
-            let scheme_ok = ["file://", "s3://", "gs://", "az://", "memory://", "/"]
-                .iter()
-                .any(|p| url.starts_with(p));
-            if !scheme_ok {
-                return Err(invalid(
-                    "checkpoint.url",
-                    format!(
-                        "{url:?} is not a checkpoint location; use file:///abs/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or memory://"
-                    ),
-                ));
-            }
+            validate_location("checkpoint.url", url)?;
         }
         at_least_one("checkpoint.keep_last", c.keep_last)?;
         at_least_one(
@@ -824,6 +1046,109 @@ impl JobSpec {
             ));
         }
         positive("checkpoint.chunk_mb", c.chunk_mb)
+    }
+
+    fn validate_elastic(&self) -> Result<(), SpecError> {
+        let e = &self.elastic;
+        at_least_one("elastic.min_nodes", e.min_nodes)?;
+        if let Some(max) = e.max_nodes
+            && max < e.min_nodes
+        {
+            return Err(invalid(
+                "elastic.max_nodes",
+                format!("{max} is below elastic.min_nodes = {}", e.min_nodes),
+            ));
+        }
+        if e.lease_ttl_secs < 2 {
+            return Err(invalid(
+                "elastic.lease_ttl_secs",
+                format!("{} is too short; etcd grants at least 2 seconds", e.lease_ttl_secs),
+            ));
+        }
+        non_negative("elastic.settle_secs", e.settle_secs)?;
+        positive("elastic.wait_timeout_secs", e.wait_timeout_secs)?;
+        non_negative("elastic.cooldown_secs", e.cooldown_secs)
+    }
+
+    fn validate_launch(&self) -> Result<(), SpecError> {
+        let l = &self.launch;
+        if let Some(nodes) = l.nodes {
+            at_least_one("launch.nodes", nodes)?;
+        }
+        if let Some(store) = &l.store {
+            validate_store_url("launch.store", store)?;
+        }
+        if let Some(limit) = &l.time_limit {
+            parse_time_limit(limit).ok_or_else(|| {
+                invalid(
+                    "launch.time_limit",
+                    format!("{limit:?} is not a duration; use HH:MM:SS"),
+                )
+            })?;
+        }
+        if l.kiln_bin.is_empty() {
+            return Err(invalid("launch.kiln_bin", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    fn validate_register(&self) -> Result<(), SpecError> {
+        let Some(r) = &self.register else {
+            return Ok(());
+        };
+        if let Some(url) = &r.registry {
+            validate_location("register.registry", url)?;
+        }
+        if r.threshold.is_some() && r.metric.is_none() {
+            return Err(invalid(
+                "register.threshold",
+                "needs register.metric (the eval metric it is compared with)",
+            ));
+        }
+        if r.metric.is_some() && r.alias.is_none() {
+            return Err(invalid(
+                "register.metric",
+                "gates an alias move; set register.alias too",
+            ));
+        }
+        at_least_one("register.reference_rows", r.reference_rows)
+    }
+
+    fn validate_hooks(&self) -> Result<(), SpecError> {
+        for (i, h) in self.hooks.iter().enumerate() {
+            let field = |name: &str| format!("hooks[{i}].{name}");
+            match h.sink {
+                HookSink::Log => {}
+                HookSink::Webhook => {
+                    let url = h
+                        .url
+                        .as_deref()
+                        .ok_or_else(|| invalid(field("url"), "required for a webhook sink"))?;
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return Err(invalid(
+                            field("url"),
+                            format!("{url:?} is not an http:// or https:// URL"),
+                        ));
+                    }
+                }
+                HookSink::Command => {
+                    if h.command.is_empty() {
+                        return Err(invalid(
+                            field("command"),
+                            "required for a command sink: the program and its arguments",
+                        ));
+                    }
+                }
+            }
+            if h.secret_env.is_some() && h.secret_file.is_some() {
+                return Err(invalid(
+                    field("secret_env"),
+                    "give secret_env or secret_file, not both",
+                ));
+            }
+            positive(&field("timeout_secs"), h.timeout_secs)?;
+        }
+        Ok(())
     }
 
     /// `ranks` names the divisor in the message (`workers.nproc = 3`, `world size 6`).
@@ -882,6 +1207,73 @@ fn widths_at_least_one(field: &str, values: &[usize]) -> Result<(), SpecError> {
         Some(index) => Err(invalid(format!("{field}[{index}]"), "must be at least 1")),
         None => Ok(()),
     }
+}
+
+fn non_negative(field: &str, value: f64) -> Result<(), SpecError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{value} must be a number >= 0")))
+    }
+}
+
+/// Checks an `etcd://host:port[,host:port...]` (or `mem://`) store URL.
+pub fn validate_store_url(field: &str, url: &str) -> Result<(), SpecError> {
+    if url == "mem://" {
+        return Ok(());
+    }
+    let Some(rest) = url.strip_prefix("etcd://") else {
+        return Err(invalid(
+            field,
+            format!("{url:?} is not a store URL; use etcd://host:port[,host:port...]"),
+        ));
+    };
+    for endpoint in rest.split(',') {
+        let ok = endpoint
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !ok {
+            return Err(invalid(
+                field,
+                format!("{endpoint:?} in {url:?} is not host:port"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a checkpoint or registry location (`file:///abs`, `s3://`, ...).
+pub fn validate_location(field: &str, url: &str) -> Result<(), SpecError> {
+    let scheme_ok = ["file://", "s3://", "gs://", "az://", "memory://", "/"]
+        .iter()
+        .any(|p| url.starts_with(p));
+    if scheme_ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "{url:?} is not a storage location; use file:///abs/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or memory://"
+            ),
+        ))
+    }
+}
+
+/// Seconds in an `HH:MM:SS` (or `MM:SS`, or `SS`) duration.
+pub fn parse_time_limit(text: &str) -> Option<u64> {
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.is_empty() || parts.len() > 3 {
+        return None;
+    }
+    let mut seconds = 0u64;
+    for (i, part) in parts.iter().enumerate() {
+        let value: u64 = part.parse().ok()?;
+        if i > 0 && value >= 60 {
+            return None;
+        }
+        seconds = seconds.checked_mul(60)?.checked_add(value)?;
+    }
+    Some(seconds)
 }
 
 fn positive(field: &str, value: f64) -> Result<(), SpecError> {
