@@ -76,19 +76,44 @@ fn init_tracing() {
         .init();
 }
 
+/// A multi-threaded runtime for the async commands.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start async runtime")
+}
+
+/// Runs an async command on [`runtime`] and turns its result into an exit code.
+fn block_on<F>(command: F) -> ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    report(runtime().and_then(|rt| rt.block_on(command)))
+}
+
+/// The exit code of a command's result; errors are printed with their chain.
+fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
         Command::Run(args) => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
+            let runtime = match runtime() {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("error: start async runtime: {e}");
+                    eprintln!("error: {e:#}");
                     return ExitCode::FAILURE;
                 }
             };
@@ -104,13 +129,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Ckpt(cmd) => match ckpt::run(cmd) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Ckpt(cmd) => report(ckpt::run(cmd)),
         Command::Worker {
             agent_socket,
             local_rank,
