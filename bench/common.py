@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -58,3 +60,79 @@ def median(values):
 
 def fmt(value, spec=".2f", missing="n/a"):
     return missing if value is None else format(value, spec)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_tree(root):
+    """`root` and every process descending from it (Linux: read from /proc), parents first."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # Field 4 is the parent pid; the command name before it may hold spaces and ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def kill_tree(root, also=()):
+    """SIGKILLs `root`, all its descendants, the pids in `also` and (if it leads one)
+    `root`'s process group, as a machine's loss would.
+
+    Everything is stopped (SIGSTOP) first, so that no process of the tree sees
+    another die and reacts before it dies itself. Returns the pids signalled.
+    """
+    try:
+        own_group = os.getpgid(root) == root  # started with start_new_session=True
+    except ProcessLookupError:
+        own_group = False
+    pids = process_tree(root)
+    pids += [pid for pid in also if pid not in pids]
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    if own_group:
+        try:
+            os.killpg(root, signal.SIGKILL)  # anything of its group that left the tree
+        except (ProcessLookupError, PermissionError):
+            pass
+    return pids
+
+
+def pids_with_env(name, value):
+    """Pids of this user's processes whose environment holds `name=value`.
+
+    Finds a benchmark's processes however they were re-parented (a worker whose
+    agent died, a process that started its own session).
+    """
+    needle = f"{name}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:  # gone, or another user's
+            continue
+    return found

@@ -4,12 +4,18 @@
 #   2. data-parallel training throughput, kiln vs DDP  (bench/ddp.py)
 #   3. checkpoint save/load, kiln vs torch.save and DCP (bench/ckpt.py; only
 #      with `ckpt`, not part of `all`: it takes minutes and ~15 GB of disk)
+#   4. recovery from node loss, kiln agents vs torchrun (bench/recovery.py; only
+#      with `recovery`, not part of `all`: about 6 minutes, needs etcd)
+#   5. rendezvous latency of 64/128/256 agents over etcd (src/bin/rendezvous.rs;
+#      only with `rendezvous`: no PyTorch peer, needs etcd, ~10 s)
 #
 # usage: bench/run.sh [all|allreduce|ddp] [--peer-only]
 #        bench/run.sh ckpt [--peer-only] [bench/ckpt.py options, e.g. --size-gb 0.2]
+#        bench/run.sh recovery [--peer-only] [bench/recovery.py options, e.g. --reps 1]
+#        bench/run.sh rendezvous [rendezvous options, e.g. --agents 256 --runs 9]
 #   --peer-only   skip the build and the kiln side; run only the PyTorch peers
 #
-# Builds `kiln` and `kiln-bench` (for ckpt: only `ckpt_bench`) in release mode
+# Builds `kiln` and `kiln-bench` (for ckpt: only `ckpt_bench`; for recovery: only `kiln`) in release mode
 # first; the binaries are taken from ${CARGO_TARGET_DIR:-target}/release. The Python side uses
 # ${KILN_BENCH_PYTHON:-<repo>/.venv/bin/python} (scripts/bootstrap.sh makes it).
 # Figures and ratios are printed, never judged: the exit status is non-zero only
@@ -24,12 +30,12 @@ peer_only=()
 ckpt_args=()
 for arg in "$@"; do
   case "$arg" in
-    all | allreduce | ddp | ckpt) which=$arg ;;
+    all | allreduce | ddp | ckpt | recovery | rendezvous) which=$arg ;;
     --peer-only) peer_only=(--peer-only) ;;
     -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *)
-      # Anything else after `ckpt` belongs to bench/ckpt.py.
-      if [[ $which == ckpt ]]; then
+      # Anything else after `ckpt`, `recovery` or `rendezvous` belongs to that benchmark.
+      if [[ $which == ckpt || $which == recovery || $which == rendezvous ]]; then
         ckpt_args+=("$arg")
       else
         echo "run.sh: unknown argument '$arg' (see --help)" >&2
@@ -40,7 +46,7 @@ for arg in "$@"; do
 done
 
 python=${KILN_BENCH_PYTHON:-$repo/.venv/bin/python}
-if [[ ! -x "$python" ]]; then
+if [[ $which != rendezvous && ! -x "$python" ]]; then
   echo "run.sh: no Python at $python: run scripts/bootstrap.sh first" >&2
   exit 1
 fi
@@ -50,6 +56,8 @@ if ((${#peer_only[@]} == 0)); then
   # The checkpoint benchmark needs only its own binary (no `kiln` CLI).
   build=(-p kiln -p kiln-bench)
   [[ $which == ckpt ]] && build=(-p kiln-bench --bin ckpt_bench)
+  [[ $which == recovery ]] && build=(-p kiln --bin kiln)
+  [[ $which == rendezvous ]] && build=(-p kiln-bench --bin rendezvous)
   echo "run.sh: cargo build --release ${build[*]}" >&2
   cargo build --release "${build[@]}"
 fi
@@ -63,5 +71,15 @@ if [[ $which == all || $which == ddp ]]; then
 fi
 if [[ $which == ckpt ]]; then
   "$python" bench/ckpt.py --kiln-bin "$release_dir/ckpt_bench" --python "$python" "${peer_only[@]}" "${ckpt_args[@]}" || status=1
+fi
+if [[ $which == recovery ]]; then
+  "$python" bench/recovery.py --kiln "$release_dir/kiln" --python "$python" "${peer_only[@]}" "${ckpt_args[@]}" || status=1
+fi
+if [[ $which == rendezvous ]]; then
+  if ((${#peer_only[@]})); then
+    echo "run.sh: the rendezvous benchmark has no PyTorch peer; nothing to run" >&2
+  else
+    "$release_dir/rendezvous" "${ckpt_args[@]}" || status=1
+  fi
 fi
 exit "$status"

@@ -23,6 +23,8 @@ log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
 need_apt=()
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/*.proto), imported by etcd-client's protos.
+[[ -f /usr/include/google/protobuf/descriptor.proto ]] || need_apt+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
@@ -48,6 +50,7 @@ fi
 # package a line); the venv is topped up whenever the list changes.
 extra_python=(
   "moto[server]==5.2.5"
+  "tritonclient[http,grpc]"
 )
 extra_key=$(printf '%s\n' "${extra_python[@]}" | sha256sum | cut -c1-16)
 extra_marker="$KILN_VENV/.kiln-extra-$extra_key"

@@ -1,8 +1,15 @@
 //! `kiln`: the command-line interface. Argument parsing and wiring only; the
 //! parts live in the workspace crates (see docs/sourcetree.md).
 
+mod agent;
 mod ckpt;
+mod coordinator;
+mod jobs;
+mod launch;
+mod registry;
+mod register;
 mod run;
+mod serve;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,9 +33,32 @@ enum Command {
     /// Run a job on this machine: embedded store, rendezvous leader and agent in
     /// one process, N local worker processes.
     Run(RunArgs),
+    /// One node of a multi-node job: joins the job's rendezvous over etcd,
+    /// runs this node's workers, survives the loss of other nodes.
+    Agent(agent::AgentArgs),
     /// Checkpoints: ls, show, verify, export, gc.
     #[command(subcommand)]
     Ckpt(ckpt::CkptCommand),
+    /// Model registry: ls, show, register, promote, rollback, history.
+    Registry(registry::RegistryArgs),
+    /// Serve the job API (gRPC) over a store; run several replicas against one
+    /// etcd. With --launch local, the elected replica starts submitted jobs' agents.
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Submit a job spec to a coordinator.
+    Submit(jobs::SubmitArgs),
+    /// A job's status (--watch to follow it), or a table of every job.
+    Status(jobs::StatusArgs),
+    /// Cancel a job.
+    Cancel(jobs::CancelArgs),
+    /// List the coordinator's jobs.
+    Jobs(jobs::JobsArgs),
+    /// Write launch files: an sbatch script (slurm) or Kubernetes manifests (k8s)
+    /// that start one `kiln agent` per node.
+    #[command(subcommand)]
+    Launch(launch::LaunchCommand),
+    /// Serve registry models over the Open Inference Protocol (REST + gRPC on
+    /// one port): dynamic batching, hot swap on alias moves, canaries, metrics.
+    Serve(serve::ServeArgs),
     /// One training rank; started by an agent, not by users.
     #[command(hide = true)]
     Worker {
@@ -129,7 +159,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Agent(args) => block_on(agent::run(args)),
         Command::Ckpt(cmd) => report(ckpt::run(cmd)),
+        Command::Registry(args) => block_on(registry::run(args)),
+        Command::Coordinator(args) => block_on(coordinator::run(args)),
+        Command::Submit(args) => block_on(jobs::submit(args)),
+        Command::Status(args) => block_on(jobs::status(args)),
+        Command::Cancel(args) => block_on(jobs::cancel(args)),
+        Command::Jobs(args) => block_on(jobs::jobs(args)),
+        Command::Launch(cmd) => report(launch::run(cmd)),
+        Command::Serve(args) => block_on(serve::run(args)),
         Command::Worker {
             agent_socket,
             local_rank,

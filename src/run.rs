@@ -34,6 +34,9 @@ impl From<anyhow::Error> for RunError {
     }
 }
 
+/// How long a finishing run waits for its hooks to deliver their last events.
+const HOOK_FLUSH: Duration = Duration::from_secs(10);
+
 /// The node name of `kiln run`'s single node.
 const LOCAL_NODE: &str = "local";
 
@@ -152,8 +155,22 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         "rendezvous complete"
     );
 
+    let hooks = kiln_hooks::Hooks::new(&spec.hooks).context("hooks")?;
+    hooks.emit(kiln_hooks::Event::of(
+        &job,
+        &kiln_hooks::event::JobStarted {
+            job: job.clone(),
+            round: plan.round,
+            world_size: plan.world_size,
+            step: 0,
+            resumed_from: args.resume.clone(),
+        },
+    ));
     let started = Instant::now();
     let mut printer = Printer::new(&spec, args.json);
+    let committed_hooks = hooks.clone();
+    let committed_job = job.clone();
+    let world_size = plan.world_size;
     let assignment = RoundAssignment {
         round: plan.round,
         first_rank: member.first_rank,
@@ -166,6 +183,20 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     };
     let outcome = workers
         .run(&job, &run_dir, &assignment, metrics, |event| {
+            if let AgentEvent::Checkpoint { rank: 0, saved } = &event {
+                committed_hooks.emit(kiln_hooks::Event::of(
+                    &committed_job,
+                    &kiln_hooks::event::CheckpointCommitted {
+                        job: committed_job.clone(),
+                        step: saved.step,
+                        location: saved.url.clone(),
+                        world_size,
+                        raw_bytes: saved.bytes_uploaded + saved.bytes_reused,
+                        uploaded_bytes: saved.bytes_uploaded,
+                        elapsed_secs: saved.durable_seconds,
+                    },
+                ));
+            }
             printer.on_event(event)
         })
         .await;
@@ -175,7 +206,22 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     cancel.cancel();
     let leader_result = leader.await;
     let _ = session.leave().await;
-    let summary = outcome?;
+    let summary = match outcome {
+        Ok(summary) => summary,
+        Err(e) => {
+            hooks.emit(kiln_hooks::Event::of(
+                &job,
+                &kiln_hooks::event::JobFailed {
+                    job: job.clone(),
+                    error: format!("{e:#}"),
+                    step: None,
+                    round: Some(plan.round),
+                },
+            ));
+            hooks.flush(HOOK_FLUSH).await;
+            return Err(e.into());
+        }
+    };
     if let Ok(Err(e)) = leader_result {
         return Err(anyhow!("rendezvous leader failed: {e}").into());
     }
@@ -197,7 +243,25 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
     }
     let eval: BTreeMap<String, f64> = rank0.eval.clone().into_iter().collect();
-    let report = serde_json::json!({
+    hooks.emit(kiln_hooks::Event::of(
+        &job,
+        &kiln_hooks::event::JobFinished {
+            job: job.clone(),
+            step: rank0.steps,
+            elapsed_secs: elapsed,
+            checkpoint: (!rank0.checkpoint_url.is_empty()).then(|| rank0.checkpoint_url.clone()),
+            metrics: eval.clone(),
+        },
+    ));
+    let model = match &spec.register {
+        Some(_) => Some(
+            crate::register::register_final_model(&spec, &job, &checkpoint_url, rank0, &hooks)
+                .await?,
+        ),
+        None => None,
+    };
+    hooks.flush(HOOK_FLUSH).await;
+    let mut report = serde_json::json!({
         "job": job,
         "world_size": plan.world_size,
         "steps": rank0.steps,
@@ -215,6 +279,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         "run_dir": run_dir,
         "metrics_addr": metrics_addr.to_string(),
     });
+    if let Some(model) = &model {
+        report["model"] = model.clone().into();
+        report["registry"] = crate::register::registry_url(&spec, &checkpoint_url).into();
+    }
     if args.json {
         println!("{report}");
     } else {
@@ -230,6 +298,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             "weights: {} (sha256 {})",
             rank0.weights_path, rank0.weights_digest
         );
+        if let Some(model) = &model {
+            println!(
+                "registered model {model} in {}",
+                crate::register::registry_url(&spec, &checkpoint_url)
+            );
+        }
     }
     Ok(())
 }

@@ -21,6 +21,10 @@
 //! - [`load`]: resolve, load, verify, fall back to a verified parent, list.
 //! - [`gc`]: retention and garbage collection.
 //! - [`export`]: safetensors export and import.
+//! - [`registry`]: the model registry, a catalog over checkpoints in the
+//!   same object stores (versions, aliases, audit log).
+//! - [`profile`]: a model version's reference data profile, against which the
+//!   server detects drift.
 //!
 //! # A save, end to end
 //!
@@ -43,6 +47,8 @@ pub mod gc;
 pub mod load;
 pub mod manifest;
 pub mod plan;
+pub mod profile;
+pub mod registry;
 pub mod save;
 pub mod store;
 pub mod tensor;

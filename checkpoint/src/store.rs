@@ -373,6 +373,25 @@ impl CheckpointRoot {
             .collect())
     }
 
+    /// The names of the "folders" directly under `prefix` (one delimiter
+    /// listing, not a walk of everything below): the registry's model names.
+    pub async fn list_children(&self, prefix: &str) -> Result<Vec<String>> {
+        let path = self.path(prefix);
+        let listing = self
+            .inner
+            .store
+            .list_with_delimiter(Some(&path))
+            .await
+            .map_err(|e| Error::store("list", prefix, e))?;
+        let mut names: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// Reads `key` with what a later [`Self::compare_and_swap`] needs.
     pub async fn read_versioned(&self, key: &str) -> Result<Option<Versioned>> {
         if let Some(dir) = &self.inner.local_dir {
@@ -470,7 +489,15 @@ fn local_compare_and_swap(
     use std::io::Write;
     static TMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let target = dir.join(key);
-    let lock_path = dir.join(format!("{key}.lock"));
+    // Nested keys (the registry's `models/{name}/aliases/{alias}.json`): the
+    // lock and the temporary file sit beside the target, in its folder.
+    let folder = target.parent().unwrap_or(dir).to_path_buf();
+    let file_name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::invalid(format!("compare-and-swap key {key:?} names no file")))?;
+    std::fs::create_dir_all(&folder).map_err(|e| io_error("create directory", &folder, e))?;
+    let lock_path = folder.join(format!("{file_name}.lock"));
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -487,7 +514,7 @@ fn local_compare_and_swap(
         return Ok(false);
     }
     let n = TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{key}.tmp.{}.{n}", std::process::id()));
+    let tmp = folder.join(format!(".{file_name}.tmp.{}.{n}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(new)?;
@@ -502,9 +529,9 @@ fn local_compare_and_swap(
         let _ = std::fs::remove_file(&tmp);
         return Err(io_error("rename", &target, e));
     }
-    std::fs::File::open(dir)
+    std::fs::File::open(&folder)
         .and_then(|d| d.sync_all())
-        .map_err(|e| io_error("sync directory", dir, e))?;
+        .map_err(|e| io_error("sync directory", &folder, e))?;
     drop(lock);
     Ok(true)
 }

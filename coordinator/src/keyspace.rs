@@ -9,6 +9,8 @@
 //! {root}/jobs/{job}/rounds/{round}/ready/{n}  per-node acks
 //! {root}/jobs/{job}/progress/{rank}           last completed step, throughput
 //! {root}/jobs/{job}/checkpoints/latest        last committed checkpoint
+//! {root}/jobs/{job}/cancel                    cancel request (JSON), written once
+//! {root}/coordinator/leader                   election key of the coordinator replicas
 //! ```
 //!
 //! Rounds are zero-padded to [`ROUND_DIGITS`] digits so that a listing of
@@ -161,6 +163,28 @@ impl Keyspace {
     pub fn checkpoint_latest(&self, job: &str) -> String {
         format!("{}checkpoints/latest", self.job_prefix(job))
     }
+
+    /// `jobs/{job}/cancel`: a request to cancel the job (JSON
+    /// `CancelRequest`), written once by the job API; agents watch for it.
+    pub fn job_cancel(&self, job: &str) -> String {
+        format!("{}cancel", self.job_prefix(job))
+    }
+
+    /// The job a `jobs/{job}/{leaf}` key belongs to, when the key is exactly
+    /// that leaf (`"spec"`, `"status"`): `None` for any other key.
+    pub fn parse_job_leaf<'k>(&self, key: &'k str, leaf: &str) -> Option<&'k str> {
+        let job = key
+            .strip_prefix(&self.jobs_prefix())?
+            .strip_suffix(leaf)?
+            .strip_suffix('/')?;
+        (!job.is_empty() && !job.contains('/')).then_some(job)
+    }
+
+    /// `coordinator/leader`: the election key of the coordinator replica that
+    /// does background work (launching agents).
+    pub fn coordinator_leader(&self) -> String {
+        format!("{}/coordinator/leader", self.root)
+    }
 }
 
 /// Checks that a job or node name is one key segment: non-empty, at most 253
@@ -205,6 +229,12 @@ mod tests {
         );
         assert_eq!(ks.progress("j", 3), "/kiln/jobs/j/progress/3");
         assert_eq!(ks.checkpoint_latest("j"), "/kiln/jobs/j/checkpoints/latest");
+        assert_eq!(ks.job_cancel("j"), "/kiln/jobs/j/cancel");
+        assert_eq!(ks.coordinator_leader(), "/kiln/coordinator/leader");
+        assert_eq!(ks.parse_job_leaf("/kiln/jobs/j/status", "status"), Some("j"));
+        assert_eq!(ks.parse_job_leaf("/kiln/jobs/j/spec", "status"), None);
+        assert_eq!(ks.parse_job_leaf("/kiln/jobs/j/nodes/status", "status"), None);
+        assert_eq!(ks.parse_job_leaf("/kiln/jobs//status", "status"), None);
     }
 
     #[test]

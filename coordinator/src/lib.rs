@@ -16,6 +16,11 @@
 //!   (revisions, watches without gaps, leases), [`WatchStream`](store::WatchStream).
 //!   - [`store::mem`]: [`MemStore`](store::mem::MemStore), in process, for
 //!     `kiln run` and tests.
+//!   - [`store::etcd`]: [`EtcdStore`](store::etcd::EtcdStore), an etcd
+//!     cluster, with endpoint health and retries; [`store::connect`] opens a
+//!     store from its URL (`etcd://host:port,...` or `mem://`).
+//! - [`etcd_server`]: real etcd processes (one member or a cluster) for tests
+//!   and benchmarks.
 //! - [`conformance`]: the test suite every `Store` backend passes.
 //! - [`election`]: leadership per key: [`campaign`](election::campaign),
 //!   [`LeaderGuard`](election::LeaderGuard), [`leader`](election::leader).
@@ -25,6 +30,14 @@
 //! - [`membership`]: the async driver around it: [`run_leader`](membership::run_leader)
 //!   for the leader, [`join`](membership::join) and
 //!   [`NodeSession`](membership::NodeSession) for a node.
+//! - [`status`]: the job record at `jobs/{job}/status`
+//!   ([`JobStatus`](status::JobStatus)), updated by compare-and-swap
+//!   ([`update`](status::update)), and cancel requests
+//!   ([`request_cancel`](status::request_cancel), [`watch_cancel`](status::watch_cancel)).
+//! - [`api`]: the job API (`kiln.job.v1.JobService`) over a store, with
+//!   bearer-token authentication.
+//! - [`replica`]: a coordinator replica's background work under an election
+//!   (launching the agents of submitted jobs).
 //! - [`error`]: the crate's [`Error`] and [`Result`].
 //!
 //! # Example
@@ -73,12 +86,16 @@
 //! # }
 //! ```
 
+pub mod api;
 pub mod conformance;
 pub mod election;
 pub mod error;
+pub mod etcd_server;
 pub mod keyspace;
 pub mod membership;
 pub mod rendezvous;
+pub mod replica;
+pub mod status;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -225,6 +225,68 @@ fn now() -> std::time::Instant {
     Instant::now().into_std()
 }
 
+/// The first plan after `after_round` that includes `node` (see
+/// [`NodeSession::next_plan`]).
+async fn next_plan_for(
+    store: &dyn Store,
+    ks: &Keyspace,
+    job: &str,
+    node: &str,
+    lost: &CancellationToken,
+    after_round: u64,
+) -> Result<Plan> {
+    let lease_lost =
+        || Error::not_found(format!("the lease of node {node} in job {job} (it expired)"));
+    let for_me = |kv: &KeyValue| -> Result<Option<Plan>> {
+        let plan = decode_plan(job, kv)?;
+        Ok(plan.member(node).is_some().then_some(plan))
+    };
+    let prefix = ks.rounds_prefix(job);
+    let mut after = after_round;
+    loop {
+        if lost.is_cancelled() {
+            return Err(lease_lost());
+        }
+        let (kvs, revision) = store.get_prefix(&prefix).await?;
+        let newest = kvs
+            .iter()
+            .filter_map(|kv| ks.parse_plan(job, &kv.key).map(|round| (round, kv)))
+            .filter(|(round, _)| *round > after)
+            .max_by_key(|(round, _)| *round);
+        if let Some((round, kv)) = newest {
+            if let Some(plan) = for_me(kv)? {
+                return Ok(plan);
+            }
+            after = round;
+        }
+        let mut watch = store.watch_prefix(&prefix, Some(revision)).await?;
+        loop {
+            let event = tokio::select! {
+                event = watch.try_next() => event,
+                _ = lost.cancelled() => return Err(lease_lost()),
+            };
+            match event {
+                Ok(Some(WatchEvent::Put(kv))) => {
+                    let Some(round) = ks.parse_plan(job, &kv.key) else {
+                        continue;
+                    };
+                    if round <= after {
+                        continue;
+                    }
+                    if let Some(plan) = for_me(&kv)? {
+                        return Ok(plan);
+                    }
+                    after = round;
+                }
+                Ok(Some(WatchEvent::Delete { .. })) => {}
+                Ok(None) => return Err(Error::unavailable("store closed the plan watch")),
+                Err(Error::Compacted { .. }) => break,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
+
 fn decode_record(node: &str, kv: &KeyValue) -> Result<NodeRecord> {
     let record: NodeRecord =
         serde_json::from_slice(&kv.value).map_err(|error| Error::corrupt(&kv.key, error))?;
@@ -411,52 +473,65 @@ impl NodeSession {
     /// this waits for a later one. Errors: [`Error::NotFound`] when the lease
     /// is lost meanwhile, [`Error::Corrupt`] for an unreadable plan.
     pub async fn next_plan(&mut self, after_round: u64) -> Result<Plan> {
-        let prefix = self.ks.rounds_prefix(&self.job);
-        let mut after = after_round;
-        loop {
-            self.check_lease()?;
-            let (kvs, revision) = self.store.get_prefix(&prefix).await?;
-            let newest = kvs
-                .iter()
-                .filter_map(|kv| {
-                    self.ks
-                        .parse_plan(&self.job, &kv.key)
-                        .map(|round| (round, kv))
-                })
-                .filter(|(round, _)| *round > after)
-                .max_by_key(|(round, _)| *round);
-            if let Some((round, kv)) = newest {
-                if let Some(plan) = self.plan_for_me(kv)? {
-                    return Ok(plan);
-                }
-                after = round;
-            }
-            let mut watch = self.store.watch_prefix(&prefix, Some(revision)).await?;
+        next_plan_for(
+            &*self.store,
+            &self.ks,
+            &self.job,
+            &self.node,
+            &self.lost,
+            after_round,
+        )
+        .await
+    }
+
+    /// Every later plan that includes this node, in round order, on a
+    /// channel fed by a task of its own (so the session stays free for
+    /// [`update_record`](Self::update_record)). The channel ends after the
+    /// first error (the lease was lost, the store failed).
+    pub fn watch_plans(&self, after_round: u64) -> tokio::sync::mpsc::Receiver<Result<Plan>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (store, ks, job, node, lost) = (
+            self.store.clone(),
+            self.ks.clone(),
+            self.job.clone(),
+            self.node.clone(),
+            self.lost.clone(),
+        );
+        tokio::spawn(async move {
+            let mut after = after_round;
             loop {
-                let event = tokio::select! {
-                    event = watch.try_next() => event,
-                    _ = self.lost.cancelled() => return Err(self.lease_lost()),
+                let next = tokio::select! {
+                    next = next_plan_for(&*store, &ks, &job, &node, &lost, after) => next,
+                    _ = tx.closed() => return,
                 };
-                match event {
-                    Ok(Some(WatchEvent::Put(kv))) => {
-                        let Some(round) = self.ks.parse_plan(&self.job, &kv.key) else {
-                            continue;
-                        };
-                        if round <= after {
-                            continue;
-                        }
-                        if let Some(plan) = self.plan_for_me(&kv)? {
-                            return Ok(plan);
-                        }
-                        after = round;
-                    }
-                    Ok(Some(WatchEvent::Delete { .. })) => {}
-                    Ok(None) => return Err(Error::unavailable("store closed the plan watch")),
-                    Err(Error::Compacted { .. }) => break,
-                    Err(error) => return Err(error),
+                let stop = next.is_err();
+                if let Ok(plan) = &next {
+                    after = plan.round;
+                }
+                if tx.send(next).await.is_err() || stop {
+                    return;
                 }
             }
+        });
+        rx
+    }
+
+    /// Replaces the node record (same node, same lease), e.g. when a worker
+    /// was replaced and listens on a new endpoint: the leader sees the change
+    /// and opens a new round.
+    pub async fn update_record(&self, record: &NodeRecord) -> Result<()> {
+        record.validate()?;
+        if record.node != self.node {
+            return Err(Error::invalid(
+                "node record",
+                format!("names node {} but this session is node {}", record.node, self.node),
+            ));
         }
+        self.check_lease()?;
+        let key = self.ks.node(&self.job, &self.node);
+        let value = serde_json::to_vec(record).map_err(|error| Error::corrupt(&key, error))?;
+        self.store.put(&key, value, Some(self.lease)).await?;
+        Ok(())
     }
 
     /// Removes the node record now (revokes its lease) and stops the keep-alive.
@@ -475,11 +550,6 @@ impl NodeSession {
             Err(Error::NotFound { .. }) => Ok(()),
             Err(error) => Err(error),
         }
-    }
-
-    fn plan_for_me(&self, kv: &KeyValue) -> Result<Option<Plan>> {
-        let plan = decode_plan(&self.job, kv)?;
-        Ok(plan.member(&self.node).is_some().then_some(plan))
     }
 
     fn check_lease(&self) -> Result<()> {

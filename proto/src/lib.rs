@@ -7,11 +7,25 @@
 //! - [`spec`]: the job spec (TOML), its strict validation and `--set` overrides.
 //!   It lives here because the CLI, the coordinator and the trainer all read it
 //!   and none of them may depend on another (DESIGN.md §1; see docs/job-spec.md).
+//! - [`job`]: the job API of `kiln coordinator` (gRPC server and client,
+//!   generated from `proto/kiln/job.proto`) and the mapping of its errors to
+//!   gRPC status codes ([`job::ServiceError`]).
+//! - [`inference`]: the Open Inference Protocol's gRPC service (server and
+//!   client), served by `kiln-serve`.
 
 pub mod frame;
+pub mod job;
 pub mod spec;
 
 /// Messages of the local agent <-> worker channel.
 pub mod worker {
     include!(concat!(env!("OUT_DIR"), "/kiln.worker.v1.rs"));
+}
+
+/// The Open Inference Protocol v2 (KServe v2) gRPC service that `kiln serve`
+/// implements (generated from `proto/kiln/inference.proto`; the package is
+/// `inference` because clients such as tritonclient call it by that name).
+pub mod inference {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/inference.rs"));
 }

@@ -63,10 +63,51 @@ impl From<Datatype> for DType {
     }
 }
 
+/// Every datatype, in the protocol's order.
+pub const ALL: [Datatype; 10] = [
+    Datatype::Bool,
+    Datatype::Uint8,
+    Datatype::Int8,
+    Datatype::Int16,
+    Datatype::Int32,
+    Datatype::Int64,
+    Datatype::Fp16,
+    Datatype::Bf16,
+    Datatype::Fp32,
+    Datatype::Fp64,
+];
+
 impl Datatype {
     /// Bytes per element in the binary tensor data extension.
     pub fn size(self) -> usize {
         DType::from(self).size()
+    }
+
+    /// The protocol's name (`"FP32"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Datatype::Bool => "BOOL",
+            Datatype::Uint8 => "UINT8",
+            Datatype::Int8 => "INT8",
+            Datatype::Int16 => "INT16",
+            Datatype::Int32 => "INT32",
+            Datatype::Int64 => "INT64",
+            Datatype::Fp16 => "FP16",
+            Datatype::Bf16 => "BF16",
+            Datatype::Fp32 => "FP32",
+            Datatype::Fp64 => "FP64",
+        }
+    }
+
+    /// The datatype a protocol name names, if kiln serves it.
+    pub fn parse(name: &str) -> Option<Datatype> {
+        ALL.into_iter().find(|d| d.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Datatype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -84,5 +125,10 @@ mod tests {
             assert_eq!(DType::from(Datatype::from(d)), d);
             assert_eq!(Datatype::from(d).size(), d.size());
         }
+        for d in ALL {
+            assert_eq!(Datatype::parse(d.as_str()), Some(d));
+            assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{d}\""));
+        }
+        assert_eq!(Datatype::parse("BYTES"), None);
     }
 }

@@ -1,8 +1,53 @@
-//! kiln-serve: the inference server (Open Inference Protocol v2, REST and gRPC).
+//! kiln-serve: the inference server (`kiln serve`).
 //!
-//! Today this crate holds the protocol's tensor datatypes and their mapping to
-//! checkpoint dtypes, the contract between the registry (checkpoints) and the
-//! server; the server, batching, hot swap and drift monitoring come with the
-//! registry issue (DESIGN.md §6).
+//! It serves registered model versions over the Open Inference Protocol v2
+//! (KServe v2), REST and gRPC on one port, so unmodified clients
+//! (`tritonclient`, KServe tooling) work; batches requests dynamically;
+//! follows registry aliases, swapping versions without failing a request;
+//! splits traffic between an alias's versions; and exports Prometheus
+//! metrics. See `docs/serving.md`.
+//!
+//! # Layout
+//!
+//! - [`config`]: the server's settings (TOML file + flags) and tokens.
+//! - [`server`]: shared state, the inference path both protocols use, model
+//!   (un)loading, the one listener (gRPC by content type, REST otherwise).
+//! - [`http`] and [`grpc`]: the two front ends.
+//! - [`protocol`]: protocol-neutral requests and responses; decoding inputs,
+//!   encoding outputs. [`datatype`]: the protocol's tensor datatypes.
+//! - [`signature`]: a version's inputs and outputs, checked at load time.
+//! - [`deployment`]: per model, the versions requests go to (canary weights),
+//!   and the watcher that swaps them when an alias moves.
+//! - [`model`]: loading a version's verified weights into its network.
+//! - [`batcher`]: per version, the compute thread and its dynamic batching.
+//! - [`metrics`]: Prometheus metrics. [`auth`]: bearer tokens.
+//! - [`drift`]: drift detection of served inputs and predictions against a
+//!   version's reference profile (Evidently's default tests).
+//!
+//! # A request, end to end
+//!
+//! A front end parses the request into an [`protocol::InferRequest`] and
+//! calls [`server::ServerState::infer`]: the model's [`deployment::Deployment`]
+//! picks a version (the one named, or a seeded weighted draw), the input is
+//! checked against that version's signature and decoded to `f32` rows, and
+//! the rows are queued for the version's compute thread, which batches them
+//! with others into a forward pass. The logits come back through a oneshot
+//! channel and become the requested outputs.
 
+pub mod auth;
+pub mod batcher;
+pub mod config;
 pub mod datatype;
+pub mod deployment;
+pub mod drift;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod protocol;
+pub mod server;
+pub mod signature;
+
+pub use config::ServeConfig;
+pub use server::{RunningServer, ServerState, start};

@@ -17,8 +17,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use kiln_proto::frame;
 use kiln_proto::worker::{
-    AgentMessage, Assignment, CheckpointSaved, EvalResult, Finished, Hello, Progress,
-    WorkerMessage, agent_message, worker_message::Kind as Report,
+    AgentMessage, Assignment, CheckpointSaved, EvalResult, Finished, Hello, Interrupted, Progress,
+    RoundStarted, WorkerMessage, agent_message, worker_message::Kind as Report,
 };
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -88,6 +88,10 @@ struct WorkerHandle {
 /// This node's workers, started and connected, waiting for an assignment.
 pub struct LocalWorkers {
     workers: Vec<WorkerHandle>,
+    cfg: AgentConfig,
+    /// The agent socket: kept so that a replacement worker can connect.
+    listener: tokio::net::UnixListener,
+    socket_name: String,
 }
 
 impl std::fmt::Debug for LocalWorkers {
@@ -113,115 +117,14 @@ impl LocalWorkers {
             .set_nonblocking(true)
             .context("agent socket non-blocking")?;
         let listener = tokio::net::UnixListener::from_std(std_listener).context("agent socket")?;
-
-        let mut children = Vec::with_capacity(cfg.nproc);
-        for local_rank in 0..cfg.nproc {
-            let log = logs.join(format!("worker-{local_rank}.log"));
-            let out =
-                std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-            let err = out.try_clone().context("clone log file")?;
-            let mut cmd = Command::new(&cfg.kiln_exe);
-            cmd.arg("worker")
-                .arg("--agent-socket")
-                .arg(&name)
-                .arg("--local-rank")
-                .arg(local_rank.to_string())
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .kill_on_drop(true);
-            // SAFETY: prctl is async-signal-safe; it makes the kernel SIGKILL the
-            // worker if this process dies, so no worker outlives its agent.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn().with_context(|| {
-                format!(
-                    "start worker {local_rank} ({} worker)",
-                    cfg.kiln_exe.display()
-                )
-            })?;
-            children.push(Some((child, log)));
-        }
-
-        let mut pending: Vec<Option<(Hello, OwnedReadHalf, OwnedWriteHalf)>> =
-            (0..cfg.nproc).map(|_| None).collect();
-        let deadline = tokio::time::Instant::now() + cfg.start_timeout;
-        let mut connected = 0;
-        while connected < cfg.nproc {
-            // A worker that dies before saying hello is an error now, not a timeout later.
-            for (i, slot) in children.iter_mut().enumerate() {
-                if let Some((child, log)) = slot
-                    && let Ok(Some(status)) = child.try_wait()
-                {
-                    bail!(
-                        "worker {i} exited during start-up ({status}){}",
-                        log_tail(log)
-                    );
-                }
-            }
-            let accepted = tokio::time::timeout_at(
-                deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)),
-                listener.accept(),
-            )
-            .await;
-            let (stream, _) = match accepted {
-                Ok(r) => r.context("accept worker connection")?,
-                Err(_) if tokio::time::Instant::now() >= deadline => {
-                    bail!(
-                        "{} of {} workers said hello within {:?}",
-                        connected,
-                        cfg.nproc,
-                        cfg.start_timeout
-                    )
-                }
-                Err(_) => continue,
-            };
-            let (mut reader, writer) = stream.into_split();
-            let hello =
-                match tokio::time::timeout_at(deadline, read_frame::<WorkerMessage>(&mut reader))
-                    .await
-                {
-                    Ok(Ok(Some(WorkerMessage {
-                        kind: Some(Report::Hello(h)),
-                    }))) => h,
-                    Ok(other) => bail!("expected a hello from a new worker, got {other:?}"),
-                    Err(_) => bail!(
-                        "a worker connected but said no hello within {:?}",
-                        cfg.start_timeout
-                    ),
-                };
-            let i = hello.local_rank as usize;
-            if i >= cfg.nproc || pending[i].is_some() {
-                bail!("unexpected hello from local rank {i}");
-            }
-            pending[i] = Some((hello, reader, writer));
-            connected += 1;
-        }
-        let workers = pending
-            .into_iter()
-            .zip(children)
-            .enumerate()
-            .map(|(local_rank, (conn, child))| {
-                let (hello, reader, writer) = conn.expect("every local rank said hello");
-                let (child, log) = child.expect("every worker was started");
-                WorkerHandle {
-                    local_rank,
-                    pid: hello.pid,
-                    child,
-                    hello,
-                    reader,
-                    writer,
-                    log,
-                }
-            })
-            .collect();
-        Ok(Self { workers })
+        let ranks: Vec<usize> = (0..cfg.nproc).collect();
+        let workers = start_workers(cfg, &name, &listener, &ranks).await?;
+        Ok(Self {
+            workers,
+            cfg: cfg.clone(),
+            listener,
+            socket_name: name,
+        })
     }
 
     /// Collective listener addresses of the local workers, by local rank.
@@ -242,39 +145,16 @@ impl LocalWorkers {
         metrics: Arc<TrainingMetrics>,
         mut on_event: impl FnMut(AgentEvent) + Send,
     ) -> Result<NodeSummary> {
-        enum Update {
-            Report(usize, WorkerMessage),
-            Closed(usize, Option<String>),
-            Exited(usize, std::process::ExitStatus),
-        }
         let (tx, mut rx) = mpsc::channel::<Update>(1024);
         let mut writers = Vec::new();
         let mut pids = Vec::new();
         let mut logs = Vec::new();
         let mut killers = Vec::new();
         for w in self.workers {
-            let WorkerHandle {
-                local_rank,
-                pid,
-                mut child,
-                mut reader,
-                mut writer,
-                log,
-                ..
-            } = w;
-            let assignment = Assignment {
-                job: job.to_string(),
-                round: round.round,
-                rank: round.first_rank + local_rank as u32,
-                world_size: round.world_size,
-                peers: round.peers.clone(),
-                spec_json: round.spec_json.clone(),
-                run_dir: run_dir.display().to_string(),
-                device: String::new(),
-                checkpoint_url: round.checkpoint_url.clone(),
-                resume: round.resume.clone(),
-                run_id: round.run_id.clone(),
-            };
+            let local_rank = w.local_rank;
+            let assignment = round.assignment(job, run_dir, local_rank, false);
+            let attached = attach(w, 0, tx.clone());
+            let mut writer = attached.writer;
             let msg = AgentMessage {
                 kind: Some(agent_message::Kind::Assignment(assignment)),
             };
@@ -283,45 +163,9 @@ impl LocalWorkers {
                 .await
                 .with_context(|| format!("send assignment to worker {local_rank}"))?;
             writers.push(writer);
-            pids.push(pid);
-            logs.push(log);
-            let reports = tx.clone();
-            tokio::spawn(async move {
-                loop {
-                    match read_frame::<WorkerMessage>(&mut reader).await {
-                        Ok(Some(m)) => {
-                            if reports.send(Update::Report(local_rank, m)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => {
-                            return drop(reports.send(Update::Closed(local_rank, None)).await);
-                        }
-                        Err(e) => {
-                            return drop(
-                                reports
-                                    .send(Update::Closed(local_rank, Some(e.to_string())))
-                                    .await,
-                            );
-                        }
-                    }
-                }
-            });
-            let (kill_tx, mut kill_rx) = mpsc::channel::<()>(1);
-            killers.push(kill_tx);
-            let exits = tx.clone();
-            tokio::spawn(async move {
-                let status = tokio::select! {
-                    status = child.wait() => status,
-                    _ = kill_rx.recv() => {
-                        let _ = child.start_kill();
-                        child.wait().await
-                    }
-                };
-                if let Ok(status) = status {
-                    let _ = exits.send(Update::Exited(local_rank, status)).await;
-                }
-            });
+            pids.push(attached.pid);
+            logs.push(attached.log);
+            killers.push(attached.killer);
         }
         drop(tx);
 
@@ -348,7 +192,7 @@ impl LocalWorkers {
             let Some(update) = next else { break };
             let rank = |i: usize| round.first_rank + i as u32;
             match update {
-                Update::Report(i, WorkerMessage { kind: Some(kind) }) => match kind {
+                Update::Report(i, _, WorkerMessage { kind: Some(kind) }) => match kind {
                     Report::Progress(p) => {
                         if i == 0 {
                             metrics.step.set(p.step as i64);
@@ -388,6 +232,7 @@ impl LocalWorkers {
                     Report::Failed(f) => {
                         failures.push(Failure::reported(rank(i), pids[i], f.error))
                     }
+                    Report::Interrupted(_) | Report::RoundStarted(_) => {}
                     Report::Hello(_) => failures.push(Failure::reported(
                         rank(i),
                         pids[i],
@@ -395,7 +240,7 @@ impl LocalWorkers {
                     )),
                 },
                 Update::Report(..) => {}
-                Update::Closed(i, error) => {
+                Update::Closed(i, _, error) => {
                     if finished[i].is_none() && !failures.iter().any(|f| f.rank == rank(i)) {
                         // The process exit that follows says why; note the channel error if any.
                         if let Some(e) = error {
@@ -407,7 +252,7 @@ impl LocalWorkers {
                         }
                     }
                 }
-                Update::Exited(i, status) => {
+                Update::Exited(i, _, status) => {
                     exited[i] = Some(status);
                     if !status.success() || finished[i].is_none() {
                         failures.push(Failure::exited(rank(i), pids[i], status, &logs[i]));
@@ -428,7 +273,7 @@ impl LocalWorkers {
             while let Ok(Some(update)) =
                 tokio::time::timeout(Duration::from_secs(5), rx.recv()).await
             {
-                if let Update::Exited(i, status) = update {
+                if let Update::Exited(i, _, status) = update {
                     exited[i] = Some(status);
                 }
                 if exited.iter().all(Option::is_some) {
@@ -449,6 +294,487 @@ impl LocalWorkers {
                 .collect(),
         })
     }
+}
+
+/// What the per-worker tasks tell the supervisor: (local rank, generation, ...).
+/// The generation tells a replaced worker's late news from its replacement's.
+enum Update {
+    Report(usize, u64, WorkerMessage),
+    Closed(usize, u64, Option<String>),
+    Exited(usize, u64, std::process::ExitStatus),
+}
+
+/// A worker whose reports and exit are being watched.
+struct Attached {
+    pid: u32,
+    log: PathBuf,
+    writer: OwnedWriteHalf,
+    /// Send `()` to kill the worker.
+    killer: mpsc::Sender<()>,
+}
+
+/// Starts the tasks that read a worker's reports and wait for its exit.
+fn attach(w: WorkerHandle, generation: u64, tx: mpsc::Sender<Update>) -> Attached {
+    let WorkerHandle {
+        local_rank,
+        pid,
+        mut child,
+        mut reader,
+        writer,
+        log,
+        ..
+    } = w;
+    let reports = tx.clone();
+    tokio::spawn(async move {
+        loop {
+            match read_frame::<WorkerMessage>(&mut reader).await {
+                Ok(Some(m)) => {
+                    if reports
+                        .send(Update::Report(local_rank, generation, m))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    return drop(
+                        reports
+                            .send(Update::Closed(local_rank, generation, None))
+                            .await,
+                    );
+                }
+                Err(e) => {
+                    return drop(
+                        reports
+                            .send(Update::Closed(local_rank, generation, Some(e.to_string())))
+                            .await,
+                    );
+                }
+            }
+        }
+    });
+    let (killer, mut kill_rx) = mpsc::channel::<()>(1);
+    tokio::spawn(async move {
+        let status = tokio::select! {
+            status = child.wait() => status,
+            _ = kill_rx.recv() => {
+                let _ = child.start_kill();
+                child.wait().await
+            }
+        };
+        if let Ok(status) = status {
+            let _ = tx.send(Update::Exited(local_rank, generation, status)).await;
+        }
+    });
+    Attached {
+        pid,
+        log,
+        writer,
+        killer,
+    }
+}
+
+impl RoundAssignment {
+    /// The assignment message of local worker `local_rank`.
+    fn assignment(&self, job: &str, run_dir: &Path, local_rank: usize, elastic: bool) -> Assignment {
+        Assignment {
+            job: job.to_string(),
+            round: self.round,
+            rank: self.first_rank + local_rank as u32,
+            world_size: self.world_size,
+            peers: self.peers.clone(),
+            spec_json: self.spec_json.clone(),
+            run_dir: run_dir.display().to_string(),
+            device: String::new(),
+            checkpoint_url: self.checkpoint_url.clone(),
+            resume: self.resume.clone(),
+            run_id: self.run_id.clone(),
+            elastic,
+        }
+    }
+}
+
+/// What an elastic node's workers did, as [`ElasticWorkers::next`] reports it.
+#[derive(Debug)]
+pub enum ElasticUpdate {
+    /// Progress, evaluation, checkpoints, warnings (as in [`AgentEvent`]).
+    Event(AgentEvent),
+    /// A worker joined its round and holds the training state.
+    RoundStarted { rank: u32, started: RoundStarted },
+    /// A worker's round broke (a peer died or a newer round came); it waits
+    /// for the next assignment with its state.
+    Interrupted { rank: u32, interrupted: Interrupted },
+    /// A worker finished the job.
+    Finished { rank: u32, finished: Finished },
+    /// A worker reported an error that is not a collective's: the job cannot go on.
+    Failed { rank: u32, message: String },
+    /// A worker process ended before finishing (killed, crashed): replace it
+    /// with [`ElasticWorkers::respawn`].
+    Died { local_rank: usize, message: String },
+}
+
+/// One worker slot of an elastic node.
+struct Slot {
+    generation: u64,
+    pid: u32,
+    log: PathBuf,
+    endpoint: String,
+    writer: Option<OwnedWriteHalf>,
+    killer: mpsc::Sender<()>,
+    finished: bool,
+    dead: bool,
+}
+
+/// An elastic node's workers: they live across rounds, take a newer round's
+/// assignment at any time (aborting their collective in flight), and a dead
+/// one can be replaced by a fresh process that receives the training state
+/// from its peers in the next round.
+pub struct ElasticWorkers {
+    job: String,
+    cfg: AgentConfig,
+    listener: tokio::net::UnixListener,
+    socket_name: String,
+    slots: Vec<Slot>,
+    tx: mpsc::Sender<Update>,
+    rx: mpsc::Receiver<Update>,
+    metrics: Arc<TrainingMetrics>,
+    first_rank: u32,
+    world_size: u32,
+}
+
+impl std::fmt::Debug for ElasticWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ElasticWorkers")
+            .field("job", &self.job)
+            .field("workers", &self.slots.len())
+            .finish()
+    }
+}
+
+impl LocalWorkers {
+    /// Turns the started workers into an elastic node's (see [`ElasticWorkers`]).
+    pub fn into_elastic(self, job: &str, metrics: Arc<TrainingMetrics>) -> ElasticWorkers {
+        let (tx, rx) = mpsc::channel::<Update>(4096);
+        let slots = self
+            .workers
+            .into_iter()
+            .map(|w| {
+                let endpoint = w.hello.ring_addr.clone();
+                let a = attach(w, 0, tx.clone());
+                Slot {
+                    generation: 0,
+                    pid: a.pid,
+                    log: a.log,
+                    endpoint,
+                    writer: Some(a.writer),
+                    killer: a.killer,
+                    finished: false,
+                    dead: false,
+                }
+            })
+            .collect();
+        ElasticWorkers {
+            job: job.to_string(),
+            cfg: self.cfg,
+            listener: self.listener,
+            socket_name: self.socket_name,
+            slots,
+            tx,
+            rx,
+            metrics,
+            first_rank: 0,
+            world_size: 0,
+        }
+    }
+}
+
+impl ElasticWorkers {
+    /// Collective listener addresses of the local workers, by local rank.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.slots.iter().map(|s| s.endpoint.clone()).collect()
+    }
+
+    /// Whether every local worker finished the job.
+    pub fn all_finished(&self) -> bool {
+        self.slots.iter().all(|s| s.finished)
+    }
+
+    /// Hands every live worker its part of a round (a worker in the middle of
+    /// an older round aborts it and joins this one).
+    pub async fn assign(&mut self, round: &RoundAssignment) -> Result<()> {
+        self.first_rank = round.first_rank;
+        self.world_size = round.world_size;
+        for (local_rank, slot) in self.slots.iter_mut().enumerate() {
+            if slot.dead || slot.finished {
+                continue;
+            }
+            let Some(writer) = slot.writer.as_mut() else {
+                continue;
+            };
+            let msg = AgentMessage {
+                kind: Some(agent_message::Kind::Assignment(round.assignment(
+                    &self.job,
+                    &self.cfg.run_dir,
+                    local_rank,
+                    true,
+                ))),
+            };
+            if let Err(e) = writer.write_all(&frame::encode(&msg)).await {
+                // It died; its exit arrives as an update.
+                tracing::warn!(local_rank, "send assignment: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces a dead worker with a fresh process; its new collective
+    /// endpoint goes into the node record, which opens a new round.
+    pub async fn respawn(&mut self, local_rank: usize) -> Result<()> {
+        let mut started =
+            start_workers(&self.cfg, &self.socket_name, &self.listener, &[local_rank]).await?;
+        let w = started.pop().context("a replacement worker")?;
+        let slot = &mut self.slots[local_rank];
+        slot.generation += 1;
+        slot.endpoint = w.hello.ring_addr.clone();
+        let a = attach(w, slot.generation, self.tx.clone());
+        slot.pid = a.pid;
+        slot.log = a.log;
+        slot.writer = Some(a.writer);
+        slot.killer = a.killer;
+        slot.dead = false;
+        slot.finished = false;
+        tracing::info!(job = self.job, local_rank, pid = slot.pid, "worker replaced");
+        Ok(())
+    }
+
+    /// Kills every worker and waits for them to exit (at most a few seconds).
+    pub async fn kill_all(&mut self) {
+        for slot in &self.slots {
+            let _ = slot.killer.try_send(());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.slots.iter().any(|s| !s.dead && !s.finished) {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(Update::Exited(i, generation, _))) => {
+                    if self.slots[i].generation == generation {
+                        self.slots[i].dead = true;
+                    }
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+    }
+
+    /// The next thing a worker did. Never returns `None` while a worker lives.
+    pub async fn next(&mut self) -> Option<ElasticUpdate> {
+        loop {
+            let update = self.rx.recv().await?;
+            if let Some(u) = self.apply(update) {
+                return Some(u);
+            }
+        }
+    }
+
+    fn apply(&mut self, update: Update) -> Option<ElasticUpdate> {
+        let rank = |first: u32, i: usize| first + i as u32;
+        match update {
+            Update::Report(i, g, WorkerMessage { kind: Some(kind) })
+                if self.slots[i].generation == g =>
+            {
+                let r = rank(self.first_rank, i);
+                Some(match kind {
+                    Report::Progress(p) => {
+                        if i == 0 {
+                            self.metrics.step.set(p.step as i64);
+                            self.metrics.loss.set(p.loss);
+                            self.metrics.learning_rate.set(p.lr);
+                            self.metrics.step_seconds.observe(p.step_seconds);
+                            if p.step_seconds > 0.0 {
+                                self.metrics.samples_per_second.set(
+                                    p.samples as f64 * self.world_size as f64 / p.step_seconds,
+                                );
+                            }
+                        }
+                        self.metrics.samples.inc_by(p.samples);
+                        self.metrics.allreduce_seconds.inc_by(p.allreduce_seconds);
+                        self.metrics.allreduce_bytes.inc_by(p.allreduce_bytes);
+                        ElasticUpdate::Event(AgentEvent::Progress {
+                            rank: r,
+                            progress: p,
+                        })
+                    }
+                    Report::Eval(eval) => ElasticUpdate::Event(AgentEvent::Eval { rank: r, eval }),
+                    Report::Checkpoint(saved) => {
+                        ElasticUpdate::Event(AgentEvent::Checkpoint { rank: r, saved })
+                    }
+                    Report::Warning(w) => ElasticUpdate::Event(AgentEvent::Warning {
+                        rank: r,
+                        message: w.message,
+                    }),
+                    Report::RoundStarted(started) => ElasticUpdate::RoundStarted { rank: r, started },
+                    Report::Interrupted(interrupted) => {
+                        ElasticUpdate::Interrupted { rank: r, interrupted }
+                    }
+                    Report::Finished(finished) => {
+                        self.slots[i].finished = true;
+                        ElasticUpdate::Finished { rank: r, finished }
+                    }
+                    Report::Failed(f) => ElasticUpdate::Failed {
+                        rank: r,
+                        message: format!("worker rank {r} (pid {}) failed: {}", self.slots[i].pid, f.error),
+                    },
+                    Report::Hello(_) => ElasticUpdate::Failed {
+                        rank: r,
+                        message: format!("worker rank {r} said hello twice"),
+                    },
+                })
+            }
+            Update::Closed(i, g, Some(error)) if self.slots[i].generation == g => {
+                tracing::warn!(job = self.job, local_rank = i, "worker channel failed: {error}");
+                None
+            }
+            Update::Report(..) | Update::Closed(..) => None,
+            Update::Exited(i, g, status) if self.slots[i].generation == g => {
+                let slot = &mut self.slots[i];
+                slot.writer = None;
+                if slot.finished && status.success() {
+                    return None;
+                }
+                slot.dead = true;
+                let r = rank(self.first_rank, i);
+                let failure = Failure::exited(r, slot.pid, status, &slot.log);
+                Some(ElasticUpdate::Died {
+                    local_rank: i,
+                    message: failure.message,
+                })
+            }
+            Update::Exited(..) => None,
+        }
+    }
+}
+
+/// Starts the workers of `local_ranks` (connecting to the agent socket `name`)
+/// and waits for each one's hello.
+async fn start_workers(
+    cfg: &AgentConfig,
+    name: &str,
+    listener: &tokio::net::UnixListener,
+    local_ranks: &[usize],
+) -> Result<Vec<WorkerHandle>> {
+    let logs = cfg.run_dir.join("logs");
+    let mut children = Vec::with_capacity(local_ranks.len());
+    for &local_rank in local_ranks {
+        let log = logs.join(format!("worker-{local_rank}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("create {}", log.display()))?;
+        let err = out.try_clone().context("clone log file")?;
+        let mut cmd = Command::new(&cfg.kiln_exe);
+        cmd.arg("worker")
+            .arg("--agent-socket")
+            .arg(name)
+            .arg("--local-rank")
+            .arg(local_rank.to_string())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it makes the kernel SIGKILL the
+        // worker if this process dies, so no worker outlives its agent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "start worker {local_rank} ({} worker)",
+                cfg.kiln_exe.display()
+            )
+        })?;
+        children.push(Some((local_rank, child, log)));
+    }
+
+    let mut pending: Vec<Option<(Hello, OwnedReadHalf, OwnedWriteHalf)>> =
+        local_ranks.iter().map(|_| None).collect();
+    let deadline = tokio::time::Instant::now() + cfg.start_timeout;
+    let mut connected = 0;
+    while connected < local_ranks.len() {
+        // A worker that dies before saying hello is an error now, not a timeout later.
+        for slot in children.iter_mut() {
+            if let Some((i, child, log)) = slot
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!(
+                    "worker {i} exited during start-up ({status}){}",
+                    log_tail(log)
+                );
+            }
+        }
+        let accepted = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)),
+            listener.accept(),
+        )
+        .await;
+        let (stream, _) = match accepted {
+            Ok(r) => r.context("accept worker connection")?,
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                bail!(
+                    "{} of {} workers said hello within {:?}",
+                    connected,
+                    local_ranks.len(),
+                    cfg.start_timeout
+                )
+            }
+            Err(_) => continue,
+        };
+        let (mut reader, writer) = stream.into_split();
+        let hello =
+            match tokio::time::timeout_at(deadline, read_frame::<WorkerMessage>(&mut reader)).await
+            {
+                Ok(Ok(Some(WorkerMessage {
+                    kind: Some(Report::Hello(h)),
+                }))) => h,
+                Ok(other) => bail!("expected a hello from a new worker, got {other:?}"),
+                Err(_) => bail!(
+                    "a worker connected but said no hello within {:?}",
+                    cfg.start_timeout
+                ),
+            };
+        let i = hello.local_rank as usize;
+        let Some(slot) = local_ranks.iter().position(|&r| r == i) else {
+            bail!("unexpected hello from local rank {i}");
+        };
+        if pending[slot].is_some() {
+            bail!("local rank {i} said hello twice");
+        }
+        pending[slot] = Some((hello, reader, writer));
+        connected += 1;
+    }
+    Ok(pending
+        .into_iter()
+        .zip(children)
+        .map(|(conn, child)| {
+            let (hello, reader, writer) = conn.expect("every local rank said hello");
+            let (local_rank, child, log) = child.expect("every worker was started");
+            WorkerHandle {
+                local_rank,
+                pid: hello.pid,
+                child,
+                hello,
+                reader,
+                writer,
+                log,
+            }
+        })
+        .collect())
 }
 
 /// A worker failure, ranked so that the root cause is reported, not its echoes.

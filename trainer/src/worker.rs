@@ -21,15 +21,15 @@ use kiln_checkpoint::{
 use kiln_proto::frame;
 use kiln_proto::spec::JobSpec;
 use kiln_proto::worker::{
-    AgentMessage, Assignment, CheckpointSaved, EvalResult, Failed, Finished, Hello, Progress,
-    Warning, WorkerMessage, agent_message, worker_message::Kind as Report,
+    AgentMessage, Assignment, CheckpointSaved, EvalResult, Failed, Finished, Hello, Interrupted,
+    Progress, RoundStarted, Warning, WorkerMessage, agent_message, worker_message::Kind as Report,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::collective::nccl::{self, NcclCollective};
 use crate::collective::ring::RingCollective;
-use crate::collective::{AbortHandle, Collective};
+use crate::collective::{AbortHandle, Collective, CollectiveError};
 use crate::data::{self, Dataset, GlobalSampler};
 use crate::device;
 use kiln_models::{self as model, Net};
@@ -85,14 +85,14 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         }
         other => bail!("expected an assignment from the agent, got {other:?}"),
     };
-    let abort = AbortHandle::default();
-    watch_agent(incoming, abort.clone());
+    let rounds = Rounds::default();
+    watch_agent(incoming, rounds.clone());
 
     let result = train(
-        &assignment,
+        assignment,
         args.local_rank as usize,
         &listener,
-        &abort,
+        &rounds,
         &mut reporter,
     );
     if let Err(e) = &result {
@@ -116,41 +116,143 @@ impl Reporter {
     }
 }
 
-/// Aborts the collectives and exits when the agent says stop or goes away, so a
-/// worker never outlives its round blocked on a peer.
-fn watch_agent(mut incoming: UnixStream, abort: AbortHandle) {
+/// The rounds a worker is handed: the agent-watch thread offers newer
+/// assignments (aborting the round in flight), the training loop takes them.
+#[derive(Clone, Default)]
+struct Rounds {
+    inner: std::sync::Arc<(std::sync::Mutex<RoundsState>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct RoundsState {
+    pending: Option<Assignment>,
+    current: AbortHandle,
+}
+
+impl Rounds {
+    /// A newer assignment: it replaces any pending one and aborts the round in flight.
+    fn offer(&self, a: Assignment) {
+        let (lock, ready) = &*self.inner;
+        let mut state = lock.lock().expect("rounds lock");
+        if state.pending.as_ref().is_some_and(|p| p.round >= a.round) {
+            return;
+        }
+        state.pending = Some(a);
+        state.current.abort();
+        ready.notify_all();
+    }
+
+    /// Aborts the round in flight (the agent said stop).
+    fn abort(&self) {
+        self.inner.0.lock().expect("rounds lock").current.abort();
+    }
+
+    /// The newest pending assignment, if any.
+    fn take_pending(&self) -> Option<Assignment> {
+        self.inner.0.lock().expect("rounds lock").pending.take()
+    }
+
+    /// Blocks until an assignment is pending, and takes it.
+    fn wait_next(&self) -> Assignment {
+        let (lock, ready) = &*self.inner;
+        let mut state = lock.lock().expect("rounds lock");
+        loop {
+            if let Some(a) = state.pending.take() {
+                return a;
+            }
+            state = ready.wait(state).expect("rounds lock");
+        }
+    }
+
+    /// A fresh abort handle for a round that starts now (an offer made after
+    /// this call aborts it).
+    fn begin(&self) -> AbortHandle {
+        let mut state = self.inner.0.lock().expect("rounds lock");
+        state.current = AbortHandle::default();
+        if state.pending.is_some() {
+            state.current.abort();
+        }
+        state.current.clone()
+    }
+}
+
+/// Relays the agent's later messages: a newer assignment goes to the training
+/// loop (aborting the round in flight); stop, or the agent going away, aborts
+/// the collectives and exits, so a worker never outlives its agent blocked on a peer.
+fn watch_agent(mut incoming: UnixStream, rounds: Rounds) {
     std::thread::Builder::new()
         .name("agent-watch".into())
         .spawn(move || {
-            let reason = match frame::read::<AgentMessage, _>(&mut incoming) {
-                Ok(Some(AgentMessage {
-                    kind: Some(agent_message::Kind::Stop(s)),
-                })) => s.reason,
-                Ok(_) => "agent closed the channel".to_string(),
-                Err(e) => format!("agent channel failed: {e}"),
+            let reason = loop {
+                match frame::read::<AgentMessage, _>(&mut incoming) {
+                    Ok(Some(AgentMessage {
+                        kind: Some(agent_message::Kind::Assignment(a)),
+                    })) => {
+                        tracing::info!(round = a.round, "newer round assigned");
+                        rounds.offer(a);
+                    }
+                    Ok(Some(AgentMessage {
+                        kind: Some(agent_message::Kind::Stop(s)),
+                    })) => break s.reason,
+                    Ok(_) => break "agent closed the channel".to_string(),
+                    Err(e) => break format!("agent channel failed: {e}"),
+                }
             };
             tracing::warn!(%reason, "stopping");
-            abort.abort();
+            rounds.abort();
             let _ = std::io::stderr().flush();
             std::process::exit(143);
         })
         .expect("spawn agent watcher thread");
 }
 
+/// Whether an error came from a collective (a peer died, the round was
+/// aborted): in an elastic job the worker keeps its state and waits for the
+/// next round instead of failing.
+fn is_collective_failure(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|cause| cause.downcast_ref::<CollectiveError>().is_some())
+}
+
+/// What a worker keeps across rounds: the model, the optimizer, the data and
+/// where training stands.
+struct Training {
+    spec: JobSpec,
+    device: Device,
+    splits: data::Splits,
+    net: Net,
+    /// Keeps the parameters' storage alive.
+    _vs: VarStore,
+    named: Vec<(String, Tensor)>,
+    params: Vec<Tensor>,
+    opt: Optimizer,
+    buckets: GradBuckets,
+    sampler: GlobalSampler,
+    fingerprint: String,
+    /// Steps completed; `None` until this worker holds a training state
+    /// (initialised, resumed, or received from a peer).
+    step: Option<u64>,
+    loss: f64,
+    eval: BTreeMap<String, f64>,
+    start_step: u64,
+    resumed_from: String,
+    /// The step of the checkpoint last saved (or resumed from), so that a
+    /// step is not saved twice across rounds.
+    last_saved: Option<u64>,
+    /// Savers of earlier rounds whose saves may still be in flight; dropped
+    /// on a thread of their own when replaced (a commit waiting for a dead
+    /// rank's part must not block training).
+    retired: Vec<std::thread::JoinHandle<()>>,
+}
+
 fn train(
-    a: &Assignment,
+    first: Assignment,
     local_rank: usize,
     listener: &TcpListener,
-    abort: &AbortHandle,
+    rounds: &Rounds,
     reporter: &mut Reporter,
 ) -> Result<()> {
-    let spec = JobSpec::from_json(&a.spec_json).context("parse job spec from assignment")?;
-    let (rank, world) = (a.rank as usize, a.world_size as usize);
-    ensure!(
-        rank < world && a.peers.len() == world,
-        "inconsistent assignment: rank {rank}, world {world}, {} peers",
-        a.peers.len()
-    );
+    let spec = JobSpec::from_json(&first.spec_json).context("parse job spec from assignment")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = spec
         .train
@@ -158,35 +260,7 @@ fn train(
         .unwrap_or((cores / spec.workers.nproc.max(1)).max(1));
     tch::set_num_threads(threads as i32);
     let device = device::resolve(spec.workers.device, local_rank).map_err(anyhow::Error::msg)?;
-    tracing::info!(job = %a.job, round = a.round, rank, world, threads, ?device, "worker starting");
-
-    let timeout = Duration::from_secs_f64(spec.comm.timeout_secs);
-    let mut ring = RingCollective::connect(a.round, rank, &a.peers, listener, timeout)
-        .with_context(|| format!("connect collective ring of round {}", a.round))?;
-    let mut comm: Box<dyn Collective> = match device {
-        Device::Cuda(index) => {
-            ensure!(
-                nccl::nccl_available(),
-                "CUDA tensors need NCCL, and no NCCL library could be loaded"
-            );
-            let mut id = if rank == 0 {
-                NcclCollective::unique_id()?
-            } else {
-                [0u8; 128]
-            };
-            ring.broadcast_bytes(&mut id, 0)
-                .context("share the NCCL id")?;
-            Box::new(
-                // The worker's own abort handle, so the wait for peers to join
-                // can itself be aborted.
-                NcclCollective::with_abort_handle(rank, world, id, index as i64, abort.clone())
-                    .context("create NCCL communicator")?,
-            )
-        }
-        _ => Box::new(ring),
-    };
-    let comm_abort = comm.abort_handle();
-    abort.on_abort(move || comm_abort.abort());
+    tracing::info!(job = %first.job, threads, ?device, "worker starting");
 
     tch::manual_seed(spec.job.seed as i64);
     let splits = data::load(&spec.data, spec.job.seed).context("load data")?;
@@ -194,45 +268,239 @@ fn train(
     let net = model::build(&spec.model, splits.train.features, splits.classes, &vs)
         .context("build model")?;
     let named = model::named_parameters(&vs);
-    let mut params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
-    if let Some(init) = &spec.model.init {
-        state::init_from_safetensors(init, &named).context("model.init")?;
-    }
-    // Every rank starts from rank 0's parameters, whatever their initialisation.
-    for p in &params {
-        comm.broadcast(&mut p.detach(), 0)
-            .context("broadcast initial parameters")?;
-    }
-
-    let per_rank = spec.per_rank_batch(world)?;
-    let micro = spec.micro_batch_at(world)?;
-    let global_batch = spec.train.global_batch;
+    let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let bucket_bytes = (spec.comm.bucket_mb * (1 << 20) as f64) as usize;
-    let mut buckets = GradBuckets::new(&params, bucket_bytes.max(4), device)?;
-    let mut sampler = GlobalSampler::new(spec.job.seed, splits.train.len(), global_batch);
-    let mut opt = Optimizer::new(&spec.optimizer, &params);
-    let steps = spec.train.steps;
-    let mut loss = f64::NAN;
-    let mut eval = BTreeMap::new();
-    let mut timed_from: Option<(Instant, u64)> = None;
-
+    let buckets = GradBuckets::new(&params, bucket_bytes.max(4), device)?;
+    let sampler = GlobalSampler::new(spec.job.seed, splits.train.len(), spec.train.global_batch);
+    let opt = Optimizer::new(&spec.optimizer, &params);
     let fingerprint = splits.fingerprint();
-    let mut saver = Saver::new(&spec, a, rank, world, &fingerprint)?;
-    let mut start_step = 0;
-    let mut resumed_from = String::new();
-    if !a.resume.is_empty() {
-        let (manifest, loaded, warnings) = load_for_resume(&saver.root, &a.resume)?;
+    let mut t = Training {
+        spec,
+        device,
+        splits,
+        net,
+        _vs: vs,
+        named,
+        params,
+        opt,
+        buckets,
+        sampler,
+        fingerprint,
+        step: None,
+        loss: f64::NAN,
+        eval: BTreeMap::new(),
+        start_step: 0,
+        resumed_from: String::new(),
+        last_saved: None,
+        retired: Vec::new(),
+    };
+
+    let mut assignment = first;
+    loop {
+        if let Some(newer) = rounds.take_pending() {
+            assignment = newer;
+        }
+        let abort = rounds.begin();
+        match t.run_round(&assignment, listener, &abort, reporter) {
+            Ok(()) => break,
+            Err(e) if assignment.elastic && (abort.is_aborted() || is_collective_failure(&e)) => {
+                let step = t.step.unwrap_or(0);
+                tracing::warn!(round = assignment.round, step, "round interrupted: {e:#}");
+                reporter.send(Report::Interrupted(Interrupted {
+                    round: assignment.round,
+                    step,
+                    reason: format!("{e:#}"),
+                }))?;
+                assignment = rounds.wait_next();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    for handle in t.retired.drain(..) {
+        let _ = handle.join();
+    }
+    Ok(())
+}
+
+impl Training {
+    /// Trains in one round until the job is done (`Ok`) or the round breaks.
+    fn run_round(
+        &mut self,
+        a: &Assignment,
+        listener: &TcpListener,
+        abort: &AbortHandle,
+        reporter: &mut Reporter,
+    ) -> Result<()> {
+        let setup_started = Instant::now();
+        let (rank, world) = (a.rank as usize, a.world_size as usize);
+        ensure!(
+            rank < world && a.peers.len() == world,
+            "inconsistent assignment: rank {rank}, world {world}, {} peers",
+            a.peers.len()
+        );
+        let spec = self.spec.clone();
+        let device = self.device;
+        tracing::info!(job = %a.job, round = a.round, rank, world, "joining round");
+        let timeout = Duration::from_secs_f64(spec.comm.timeout_secs);
+        let mut ring =
+            RingCollective::connect_abortable(a.round, rank, &a.peers, listener, timeout, abort.clone())
+                .with_context(|| format!("connect collective ring of round {}", a.round))?;
+        let mut comm: Box<dyn Collective> = match device {
+            Device::Cuda(index) => {
+                ensure!(
+                    nccl::nccl_available(),
+                    "CUDA tensors need NCCL, and no NCCL library could be loaded"
+                );
+                let mut id = if rank == 0 {
+                    NcclCollective::unique_id()?
+                } else {
+                    [0u8; 128]
+                };
+                ring.broadcast_bytes(&mut id, 0)
+                    .context("share the NCCL id")?;
+                Box::new(
+                    // The round's abort handle, so the wait for peers to join
+                    // can itself be aborted.
+                    NcclCollective::with_abort_handle(rank, world, id, index as i64, abort.clone())
+                        .context("create NCCL communicator")?,
+                )
+            }
+            _ => Box::new(ring),
+        };
+        let comm_abort = comm.abort_handle();
+        abort.on_abort(move || comm_abort.abort());
+
+        // A new saver per round: stripes and the committing rank follow the plan.
+        let mut saver = Saver::new(&spec, a, rank, world, &self.fingerprint)?;
+        saver.last_saved = self.last_saved;
+        let source = self.sync_state(a, rank, world, comm.as_mut(), &mut saver, reporter)?;
+        let start = self.step.expect("state synchronised");
+        if a.elastic {
+            reporter.send(Report::RoundStarted(RoundStarted {
+                round: a.round,
+                world_size: a.world_size,
+                step: start,
+                state_source: source.map_or(-1, |r| r as i32),
+                setup_seconds: setup_started.elapsed().as_secs_f64(),
+            }))?;
+        }
+        let result = self.steps(a, rank, world, comm.as_mut(), &mut saver, reporter);
+        self.last_saved = saver.last_saved;
+        if result.is_err() {
+            // Saves of this round may wait for parts that will never come.
+            self.retire(saver);
+        } else {
+            drop(saver);
+        }
+        result
+    }
+
+    /// Makes every rank hold the same training state: the ranks agree on the
+    /// highest completed step, and the rank holding it (the lowest such rank)
+    /// broadcasts parameters, optimizer state and counters to the ranks that
+    /// are behind or have none. When no rank holds a state, every rank
+    /// initialises: from a checkpoint when resuming, else from rank 0's
+    /// parameters. Returns the rank the state came from, if any.
+    fn sync_state(
+        &mut self,
+        a: &Assignment,
+        rank: usize,
+        world: usize,
+        comm: &mut dyn Collective,
+        saver: &mut Saver,
+        reporter: &mut Reporter,
+    ) -> Result<Option<usize>> {
+        let mine = self.step.map_or(-1.0, |s| s as f64);
+        let mut steps = Tensor::zeros([world as i64], (Kind::Double, self.device));
+        comm.all_gather(
+            &Tensor::from_slice(&[mine]).to_device(self.device),
+            &mut steps,
+        )
+        .context("agree on the completed step")?;
+        let steps = Vec::<f64>::try_from(steps.to_device(Device::Cpu)).context("read steps")?;
+        let best = steps.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if best < 0.0 {
+            self.initialise(a, comm, saver, reporter)?;
+            return Ok(None);
+        }
+        let source = steps
+            .iter()
+            .position(|&s| s == best)
+            .expect("the maximum is one of the steps");
+        if steps.iter().all(|&s| s == best) {
+            return Ok(Some(source));
+        }
+        let mut header = Tensor::from_slice(&[
+            self.step.unwrap_or(0) as f64,
+            self.opt.steps as f64,
+            self.loss,
+        ])
+        .to_device(self.device);
+        comm.broadcast(&mut header, source)
+            .context("broadcast the training counters")?;
+        for p in &self.params {
+            comm.broadcast(&mut p.detach(), source)
+                .context("broadcast parameters")?;
+        }
+        for (_, tensors) in self.opt.buffers() {
+            for t in tensors {
+                comm.broadcast(&mut t.detach(), source)
+                    .context("broadcast optimizer state")?;
+            }
+        }
+        let header = Vec::<f64>::try_from(header.to_device(Device::Cpu)).context("read header")?;
+        if rank != source {
+            tracing::info!(round = a.round, step = header[0], source, "received the training state");
+        }
+        self.step = Some(header[0] as u64);
+        self.opt.steps = header[1] as u64;
+        self.loss = header[2];
+        Ok(Some(source))
+    }
+
+    /// No rank holds a state: resume from a checkpoint (`resume` says which;
+    /// `auto`: the latest that verifies, if any) or start fresh from rank 0's
+    /// parameters.
+    fn initialise(
+        &mut self,
+        a: &Assignment,
+        comm: &mut dyn Collective,
+        saver: &mut Saver,
+        reporter: &mut Reporter,
+    ) -> Result<()> {
+        let which = match a.resume.as_str() {
+            "auto" => {
+                let any = kiln_checkpoint::list(&saver.root)
+                    .with_context(|| format!("list checkpoints under {}", saver.root.url()))?;
+                if any.is_empty() { "" } else { "latest" }
+            }
+            other => other,
+        };
+        if which.is_empty() {
+            if let Some(init) = &self.spec.model.init {
+                state::init_from_safetensors(init, &self.named).context("model.init")?;
+            }
+            // Every rank starts from rank 0's parameters, whatever their initialisation.
+            for p in &self.params {
+                comm.broadcast(&mut p.detach(), 0)
+                    .context("broadcast initial parameters")?;
+            }
+            self.step = Some(0);
+            return Ok(());
+        }
+        let steps = self.spec.train.steps;
+        let (manifest, loaded, warnings) = load_for_resume(&saver.root, which)?;
         for w in warnings {
             reporter.send(Report::Warning(Warning { message: w }))?;
         }
         let state: TrainingState = serde_json::from_value(manifest.training_state.clone())
             .with_context(|| format!("read training state of checkpoint {}", manifest.key))?;
         ensure!(
-            state.optimizer == format!("{:?}", opt.kind()).to_lowercase(),
+            state.optimizer == format!("{:?}", self.opt.kind()).to_lowercase(),
             "checkpoint {} holds {} optimizer state but the spec asks for {:?}",
             manifest.key,
             state.optimizer,
-            opt.kind()
+            self.opt.kind()
         );
         ensure!(
             state.step <= steps,
@@ -240,153 +508,240 @@ fn train(
             manifest.key,
             state.step
         );
-        if manifest.dataset_fingerprint != fingerprint {
+        if manifest.dataset_fingerprint != self.fingerprint {
             let message = format!(
                 "checkpoint {} was saved on other data (fingerprint {} != {}); the run continues, but not exactly",
-                manifest.key, manifest.dataset_fingerprint, fingerprint
+                manifest.key, manifest.dataset_fingerprint, self.fingerprint
             );
             reporter.send(Report::Warning(Warning { message }))?;
         }
-        state::restore(&loaded, &named, &mut opt)
+        state::restore(&loaded, &self.named, &mut self.opt)
             .with_context(|| format!("restore from checkpoint {}", manifest.key))?;
-        opt.steps = state.optimizer_steps;
-        start_step = state.step;
-        loss = state.loss.unwrap_or(f64::NAN);
-        resumed_from = saver.root.url_of(&manifest.key);
+        self.opt.steps = state.optimizer_steps;
+        self.step = Some(state.step);
+        self.start_step = state.step;
+        self.loss = state.loss.unwrap_or(f64::NAN);
+        self.resumed_from = saver.root.url_of(&manifest.key);
         saver.resumed(&manifest);
-        tracing::info!(rank, step = start_step, checkpoint = %resumed_from, "resumed");
+        self.last_saved = Some(manifest.step);
+        tracing::info!(step = state.step, checkpoint = %self.resumed_from, "resumed");
+        Ok(())
     }
 
-    for step in start_step..steps {
-        let started = Instant::now();
-        let lr = optim::learning_rate(&spec.optimizer, &spec.schedule, step, steps);
-        for p in params.iter_mut() {
-            p.zero_grad();
-        }
-        let indices = sampler.rank_slice(step, rank, per_rank);
-        let mut local_loss = 0.0;
-        for chunk in indices.chunks(micro) {
-            let (xs, ys) = splits.train.batch(chunk, device);
-            let logits = net.forward(&xs);
-            // Weighted by the global batch: summed over ranks, the gradient is the
-            // global mean's, whatever the world size and micro-batching.
-            let l = logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0)
-                / global_batch as f64;
-            l.backward();
-            local_loss += l.double_value(&[]);
-        }
-        let reduce_started = Instant::now();
-        loss = buckets
-            .all_reduce(&params, comm.as_mut(), local_loss)
-            .context("all-reduce gradients")?;
-        let reduce_seconds = reduce_started.elapsed().as_secs_f64();
-        opt.step(&mut params, lr);
-        if !loss.is_finite() {
-            bail!(
-                "loss is {loss} at step {}: training diverged (lower optimizer.lr?)",
-                step + 1
-            );
-        }
-        reporter.send(Report::Progress(Progress {
-            step: step + 1,
-            loss,
-            step_seconds: started.elapsed().as_secs_f64(),
-            samples: per_rank as u64,
-            allreduce_seconds: reduce_seconds,
-            allreduce_bytes: if world > 1 { buckets.bytes() as u64 } else { 0 },
-            lr,
-        }))?;
-        // Throughput excludes the first step (allocations, first-touch, connection warm-up).
-        if timed_from.is_none() {
-            timed_from = Some((Instant::now(), step + 1));
-        }
-        let done = step + 1;
-        let interval = spec.checkpoint.interval;
-        if (interval > 0 && done % interval == 0)
-            || (done == steps && spec.checkpoint.final_checkpoint)
+    /// Hands a saver whose saves may never commit to a thread that waits for
+    /// them (bounded by the commit timeout), so training goes on.
+    fn retire(&mut self, saver: Saver) {
+        match std::thread::Builder::new()
+            .name("retired-saver".into())
+            .spawn(move || drop(saver))
         {
-            let training_state = TrainingState {
-                step: done,
-                sample_cursor: sampler.cursor(done),
-                optimizer: format!("{:?}", opt.kind()).to_lowercase(),
-                optimizer_steps: opt.steps,
-                schedule_position: done,
-                schedule_total: steps,
-                seed: spec.job.seed,
-                world_size: world as u32,
-                loss: Some(loss),
-            };
-            let tensors = state::state_tensors(&named, &opt)?;
-            saver.save(done, &tensors, training_state, &eval)?;
+            Ok(handle) => self.retired.push(handle),
+            Err(e) => tracing::warn!("retire a checkpoint saver: {e}"),
         }
-        saver.poll(reporter)?;
-        let interval = spec.train.eval_interval;
-        if interval > 0 && (step + 1) % interval == 0 && step + 1 < steps && !splits.eval.is_empty()
-        {
-            eval = evaluate(&net, &splits.eval, rank, world, device, comm.as_mut())?;
-            reporter.send(Report::Eval(EvalResult {
+    }
+
+    /// The training loop of one round, from the synchronised step to the end.
+    fn steps(
+        &mut self,
+        a: &Assignment,
+        rank: usize,
+        world: usize,
+        comm: &mut dyn Collective,
+        saver: &mut Saver,
+        reporter: &mut Reporter,
+    ) -> Result<()> {
+        let spec = self.spec.clone();
+        let device = self.device;
+        let per_rank = spec.per_rank_batch(world)?;
+        let micro = spec.micro_batch_at(world)?;
+        let global_batch = spec.train.global_batch;
+        let steps = spec.train.steps;
+        let first = self.step.expect("state synchronised");
+        let mut timed_from: Option<(Instant, u64)> = None;
+        for step in first..steps {
+            let started = Instant::now();
+            let lr = optim::learning_rate(&spec.optimizer, &spec.schedule, step, steps);
+            for p in self.params.iter_mut() {
+                p.zero_grad();
+            }
+            let indices = self.sampler.rank_slice(step, rank, per_rank);
+            let mut local_loss = 0.0;
+            for chunk in indices.chunks(micro) {
+                let (xs, ys) = self.splits.train.batch(chunk, device);
+                let logits = self.net.forward(&xs);
+                // Weighted by the global batch: summed over ranks, the gradient is the
+                // global mean's, whatever the world size and micro-batching.
+                let l = logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0)
+                    / global_batch as f64;
+                l.backward();
+                local_loss += l.double_value(&[]);
+            }
+            let reduce_started = Instant::now();
+            let loss = self
+                .buckets
+                .all_reduce(&self.params, comm, local_loss)
+                .context("all-reduce gradients")?;
+            let reduce_seconds = reduce_started.elapsed().as_secs_f64();
+            self.opt.step(&mut self.params, lr);
+            self.loss = loss;
+            self.step = Some(step + 1);
+            if !loss.is_finite() {
+                bail!(
+                    "loss is {loss} at step {}: training diverged (lower optimizer.lr?)",
+                    step + 1
+                );
+            }
+            reporter.send(Report::Progress(Progress {
                 step: step + 1,
-                metrics: eval.clone().into_iter().collect(),
+                loss,
+                step_seconds: started.elapsed().as_secs_f64(),
+                samples: per_rank as u64,
+                allreduce_seconds: reduce_seconds,
+                allreduce_bytes: if world > 1 { self.buckets.bytes() as u64 } else { 0 },
+                lr,
+            }))?;
+            // Throughput excludes the first step (allocations, first-touch, connection warm-up).
+            if timed_from.is_none() {
+                timed_from = Some((Instant::now(), step + 1));
+            }
+            let done = step + 1;
+            let interval = spec.checkpoint.interval;
+            if (interval > 0 && done % interval == 0)
+                || (done == steps && spec.checkpoint.final_checkpoint)
+            {
+                let training_state = TrainingState {
+                    step: done,
+                    sample_cursor: self.sampler.cursor(done),
+                    optimizer: format!("{:?}", self.opt.kind()).to_lowercase(),
+                    optimizer_steps: self.opt.steps,
+                    schedule_position: done,
+                    schedule_total: steps,
+                    seed: spec.job.seed,
+                    world_size: world as u32,
+                    loss: Some(loss),
+                };
+                let tensors = state::state_tensors(&self.named, &self.opt)?;
+                saver.save(done, &tensors, training_state, &self.eval)?;
+            }
+            saver.poll(reporter)?;
+            let interval = spec.train.eval_interval;
+            if interval > 0
+                && (step + 1) % interval == 0
+                && step + 1 < steps
+                && !self.splits.eval.is_empty()
+            {
+                self.eval = evaluate(&self.net, &self.splits.eval, rank, world, device, comm)?;
+                reporter.send(Report::Eval(EvalResult {
+                    step: step + 1,
+                    metrics: self.eval.clone().into_iter().collect(),
+                }))?;
+            }
+        }
+        let samples_per_sec = match timed_from {
+            Some((t, done)) if steps > done => {
+                ((steps - done) as usize * global_batch) as f64 / t.elapsed().as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        if !self.splits.eval.is_empty() {
+            self.eval = evaluate(&self.net, &self.splits.eval, rank, world, device, comm)?;
+            reporter.send(Report::Eval(EvalResult {
+                step: steps,
+                metrics: self.eval.clone().into_iter().collect(),
             }))?;
         }
-    }
-    let samples_per_sec = match timed_from {
-        Some((t, done)) if steps > done => {
-            ((steps - done) as usize * global_batch) as f64 / t.elapsed().as_secs_f64()
-        }
-        _ => 0.0,
-    };
-    if !splits.eval.is_empty() {
-        eval = evaluate(&net, &splits.eval, rank, world, device, comm.as_mut())?;
-        reporter.send(Report::Eval(EvalResult {
-            step: steps,
-            metrics: eval.clone().into_iter().collect(),
-        }))?;
-    }
 
-    let checkpoint_url = saver.finish(reporter)?;
-    let host: Vec<(String, DType, Vec<usize>, Vec<u8>)> = named
-        .iter()
-        .map(|(name, t)| {
-            let dtype = state::dtype_of(t.kind())?;
-            let shape = t.size().iter().map(|&d| d as usize).collect();
-            Ok((name.clone(), dtype, shape, model::to_host_bytes(t)))
-        })
-        .collect::<Result<_>>()?;
-    let views: Vec<TensorView<'_>> = host
-        .iter()
-        .map(|(n, d, s, b)| TensorView {
-            name: n,
-            dtype: *d,
-            shape: s,
-            data: b,
-        })
-        .collect();
-    let digest = weights_digest(&views);
-    let weights_path = if rank == 0 {
-        let path = Path::new(&a.run_dir).join("weights.safetensors");
-        write_safetensors(&views, &path)?;
-        path.display().to_string()
-    } else {
-        String::new()
-    };
-    comm.barrier().context("final barrier")?;
-    reporter.send(Report::Finished(Finished {
-        steps,
-        final_loss: loss,
-        eval: eval.into_iter().collect(),
-        samples_per_sec,
-        weights_digest: digest,
-        weights_path,
-        checkpoint_url: if rank == 0 {
-            checkpoint_url.unwrap_or_else(|| resumed_from.clone())
+        let checkpoint_url = saver.finish(reporter)?;
+        let host: Vec<(String, DType, Vec<usize>, Vec<u8>)> = self
+            .named
+            .iter()
+            .map(|(name, t)| {
+                let dtype = state::dtype_of(t.kind())?;
+                let shape = t.size().iter().map(|&d| d as usize).collect();
+                Ok((name.clone(), dtype, shape, model::to_host_bytes(t)))
+            })
+            .collect::<Result<_>>()?;
+        let views: Vec<TensorView<'_>> = host
+            .iter()
+            .map(|(n, d, s, b)| TensorView {
+                name: n,
+                dtype: *d,
+                shape: s,
+                data: b,
+            })
+            .collect();
+        let digest = weights_digest(&views);
+        let weights_path = if rank == 0 {
+            let path = Path::new(&a.run_dir).join("weights.safetensors");
+            write_safetensors(&views, &path)?;
+            path.display().to_string()
         } else {
             String::new()
-        },
-        resumed_from,
-        start_step,
-    }))?;
-    Ok(())
+        };
+        let reference_profile_path = match (&spec.register, rank) {
+            (Some(register), 0) => {
+                let path = Path::new(&a.run_dir).join("reference-profile.json");
+                self.write_reference_profile(register.reference_rows, &path)?;
+                path.display().to_string()
+            }
+            _ => String::new(),
+        };
+        comm.barrier().context("final barrier")?;
+        reporter.send(Report::Finished(Finished {
+            steps,
+            final_loss: self.loss,
+            eval: self.eval.clone().into_iter().collect(),
+            samples_per_sec,
+            weights_digest: digest,
+            weights_path,
+            checkpoint_url: if rank == 0 {
+                checkpoint_url.unwrap_or_else(|| self.resumed_from.clone())
+            } else {
+                String::new()
+            },
+            resumed_from: self.resumed_from.clone(),
+            start_step: self.start_step,
+            features: self.splits.train.features as u32,
+            classes: self.splits.classes as u32,
+            reference_profile_path,
+        }))?;
+        Ok(())
+    }
+
+    /// The reference profile for drift detection: up to `rows` training
+    /// inputs (a seeded sample, in the first epoch's order) and the trained
+    /// model's predicted class for each, written as JSON to `path`.
+    fn write_reference_profile(&self, rows: usize, path: &Path) -> Result<()> {
+        use kiln_checkpoint::profile::{ProfileOptions, ReferenceProfile, Task};
+        let data = &self.splits.train;
+        let order = self.sampler.epoch_order(0);
+        let indices: Vec<usize> = order.iter().take(rows).map(|&i| i as usize).collect();
+        let (xs, _) = data.batch(&indices, Device::Cpu);
+        let predictions: Vec<f64> = tch::no_grad(|| {
+            let logits = self.net.forward(&xs.to_device(self.device));
+            Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))
+        })
+        .context("predictions for the reference profile")?
+        .into_iter()
+        .map(|c| c as f64)
+        .collect();
+        let inputs = Vec::<f32>::try_from(xs.view([-1])).context("reference inputs")?;
+        let options = ProfileOptions {
+            max_rows: rows.max(1),
+            seed: self.spec.job.seed,
+        };
+        let profile = ReferenceProfile::from_model_io(
+            &inputs,
+            data.features,
+            None,
+            &predictions,
+            Task::Classification,
+            &options,
+        )
+        .context("build the reference profile")?;
+        std::fs::write(path, profile.to_json_bytes())
+            .with_context(|| format!("write {}", path.display()))
+    }
 }
 
 /// Loads what `--resume` names: `latest` falls back to the newest checkpoint
@@ -446,6 +801,13 @@ impl Saver {
             threads: (std::thread::available_parallelism().map_or(1, |n| n.get())
                 / spec.workers.nproc.max(1))
             .max(1),
+            // A save of an elastic round that broke waits for parts that will
+            // never come; it gives up sooner than a save of a healthy job.
+            commit_timeout: if a.elastic {
+                Duration::from_secs(60)
+            } else {
+                SaveConfig::default().commit_timeout
+            },
             ..SaveConfig::default()
         };
         let checkpointer =
@@ -466,7 +828,13 @@ impl Saver {
         Ok(Self {
             root,
             checkpointer,
-            run_id: a.run_id.clone(),
+            // Each round of an elastic job saves under its own attempt names:
+            // a save of a broken round never mixes with a later one's.
+            run_id: if a.elastic {
+                format!("{}-r{}", a.run_id, a.round)
+            } else {
+                a.run_id.clone()
+            },
             meta,
             max_failures: spec.checkpoint.max_consecutive_failures,
             failures: 0,

@@ -3,8 +3,8 @@
 //!
 //! Everything else in this crate (election, membership) is written against
 //! [`Store`] alone, so it runs unchanged over [`mem::MemStore`] (one process)
-//! and over etcd (a cluster). Every backend must pass
-//! [`crate::conformance::run_all`].
+//! and over etcd ([`etcd::EtcdStore`], a cluster); [`connect`] opens either
+//! from a URL. Every backend must pass [`crate::conformance::run_all`].
 //!
 //! # Contract
 //!
@@ -28,8 +28,10 @@
 //! - **Keys** are non-empty UTF-8 strings compared as bytes, so listings sort
 //!   the way etcd sorts them.
 
+pub mod etcd;
 pub mod mem;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -222,6 +224,33 @@ impl WatchStream {
     pub fn ended_with(&self) -> Option<&crate::Error> {
         self.ended_with.as_ref()
     }
+}
+
+/// Opens the store a URL names: `etcd://host:port[,host:port...]` (an etcd
+/// cluster, through [`etcd::EtcdStore`]) or `mem://` (a fresh, empty
+/// [`mem::MemStore`] of this process).
+///
+/// Errors: [`Error::Invalid`](crate::Error::Invalid) for any other URL;
+/// [`Error::Unavailable`](crate::Error::Unavailable) when no etcd endpoint
+/// answers.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    kiln_proto::spec::validate_store_url("store url", url).map_err(|error| match error {
+        kiln_proto::spec::SpecError::Invalid { field, message } => {
+            crate::Error::invalid(field, message)
+        }
+        other => crate::Error::invalid("store url", other.to_string()),
+    })?;
+    if url == "mem://" {
+        return Ok(mem::MemStore::new());
+    }
+    let endpoints: Vec<String> = url
+        .strip_prefix("etcd://")
+        .unwrap_or(url)
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let store: Arc<dyn Store> = etcd::EtcdStore::connect(&endpoints).await?;
+    Ok(store)
 }
 
 /// Checks a key argument: non-empty.

@@ -132,6 +132,20 @@ impl RingCollective {
         listener: &TcpListener,
         timeout: Duration,
     ) -> Result<Self> {
+        Self::connect_abortable(round, rank, peers, listener, timeout, AbortHandle::default())
+    }
+
+    /// [`connect`](Self::connect) that `abort` can break while it waits for
+    /// peers (a newer round arrived), and that becomes the ring's own
+    /// [`abort_handle`](Collective::abort_handle).
+    pub fn connect_abortable(
+        round: u64,
+        rank: usize,
+        peers: &[String],
+        listener: &TcpListener,
+        timeout: Duration,
+        abort: AbortHandle,
+    ) -> Result<Self> {
         let world = peers.len();
         if rank >= world {
             return Err(CollectiveError::Unsupported(format!(
@@ -140,7 +154,6 @@ impl RingCollective {
         }
         // A zero duration is rejected by `set_read_timeout`; treat it as "as short as possible".
         let timeout = timeout.max(Duration::from_millis(1));
-        let abort = AbortHandle::default();
         let links = if world == 1 {
             None
         } else {
@@ -150,9 +163,17 @@ impl RingCollective {
                 rank,
                 world,
             };
-            let (next, prev) = connect_links(&hello, peers, listener, timeout)?;
+            let (next, prev) = match connect_links(&hello, peers, listener, timeout, &abort) {
+                Err(_) if abort.is_aborted() => return Err(CollectiveError::Aborted),
+                links => links?,
+            };
             Some(Links::new(next, prev, &hello, timeout, &abort)?)
         };
+        if abort.is_aborted() {
+            // Aborted while the links were being made: the abort actions ran
+            // before the links registered theirs.
+            return Err(CollectiveError::Aborted);
+        }
         tracing::debug!(round, rank, world, "ring connected");
         Ok(Self {
             rank,
@@ -655,13 +676,14 @@ fn connect_links(
     peers: &[String],
     listener: &TcpListener,
     timeout: Duration,
+    abort: &AbortHandle,
 ) -> Result<(TcpStream, TcpStream)> {
     let deadline = Instant::now() + timeout;
     let stop_accepting = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let acceptor =
-            scope.spawn(|| accept_prev(hello, peers, listener, deadline, &stop_accepting));
-        let next = connect_next(hello, peers, deadline);
+        let acceptor = scope
+            .spawn(|| accept_prev(hello, peers, listener, deadline, &stop_accepting, abort));
+        let next = connect_next(hello, peers, deadline, abort);
         if next.is_err() {
             stop_accepting.store(true, Ordering::SeqCst);
         }
@@ -680,7 +702,12 @@ fn remaining(deadline: Instant) -> Option<Duration> {
 
 /// Connects to `peers[next]` (retrying until the deadline: the peer may not be
 /// listening yet), sends our hello and checks the reply.
-fn connect_next(hello: &Handshake, peers: &[String], deadline: Instant) -> Result<TcpStream> {
+fn connect_next(
+    hello: &Handshake,
+    peers: &[String],
+    deadline: Instant,
+    abort: &AbortHandle,
+) -> Result<TcpStream> {
     let next = (hello.rank + 1) % hello.world;
     let addr = &peers[next];
     let connect_error = |source| CollectiveError::Connect {
@@ -708,6 +735,7 @@ fn connect_next(hello: &Handshake, peers: &[String], deadline: Instant) -> Resul
         })();
         match attempt {
             Ok(stream) => break stream,
+            Err(_) if abort.is_aborted() => return Err(CollectiveError::Aborted),
             Err(e) => match remaining(deadline) {
                 Some(left) => std::thread::sleep(backoff.min(left)),
                 None => return Err(connect_error(e)),
@@ -795,6 +823,7 @@ fn accept_prev(
     listener: &TcpListener,
     deadline: Instant,
     stop: &AtomicBool,
+    abort: &AbortHandle,
 ) -> Result<TcpStream> {
     let prev = (hello.rank + hello.world - 1) % hello.world;
     let accept_error = |source| CollectiveError::Connect {
@@ -807,6 +836,9 @@ fn accept_prev(
     let mut last_refusal: Option<String> = None;
     let mut abandon_at: Option<Instant> = None;
     let result = loop {
+        if abort.is_aborted() {
+            break Err(io::Error::other("aborted: a newer round was assigned"));
+        }
         if abandon_at.is_none() && stop.load(Ordering::SeqCst) {
             abandon_at = Some((Instant::now() + ABANDON_GRACE).min(deadline));
         }

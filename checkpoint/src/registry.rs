@@ -1,0 +1,1250 @@
+//! The model registry: a catalog of trained models in object storage, next to
+//! the checkpoints it points at.
+//!
+//! A registry is a URL of the same forms as a checkpoint root (`file:///abs`,
+//! `/abs`, `s3://bucket/prefix`, `gs://`, `az://`, `memory://`) and uses the
+//! same [`CheckpointRoot`] primitives: create-only puts and compare-and-swap.
+//! It never stores weights: a version names a checkpoint (root URL, step and
+//! weights digest), and the server loads the weights from there.
+//!
+//! # Layout
+//!
+//! ```text
+//! models/{name}/versions/{version:020}.json   immutable, created with a create-only put
+//! models/{name}/aliases/{alias}.json          moved by compare-and-swap
+//! models/{name}/history/{seq:020}.json        audit log: one create-only object per entry
+//! models/{name}/blobs/{sha256}.profile.json   reference data profile (content-addressed)
+//! models/{name}/blobs/{sha256}.torchscript.pt TorchScript module bytes (content-addressed)
+//! ```
+//!
+//! Every record is JSON with a `format_version`; a newer version than this
+//! build reads is refused, not misread.
+//!
+//! # Version numbers
+//!
+//! [`Registry::register`] first writes the blobs (content-addressed, so a
+//! crash leaves at most an unreferenced blob, never a version pointing at a
+//! missing one), then lists the model's versions and tries to create
+//! `versions/{max+1}` with a create-only put. The put that loses a race finds
+//! the object already there and tries the next number, so two concurrent
+//! registrations never share a number and numbers have no gaps. Each record
+//! carries a `registration_id` unique to the attempt: a put retried after a
+//! lost response finds its own bytes in place and counts as the win, and no
+//! other registration can ever match them.
+//!
+//! # Aliases
+//!
+//! An alias (`production`, `staging`, ...) holds weighted targets that sum to
+//! 100, the targets it had before (`previous`, for [`Registry::rollback`]),
+//! and a `generation` that grows by one with every move. [`Registry::set_alias`]
+//! is a compare-and-swap against the generation the caller read;
+//! [`Registry::promote`] reads, computes and swaps in a retry loop;
+//! [`Registry::rollback`] swaps once and reports a [`Error::Conflict`] when the
+//! alias moved in between (rolling back someone else's move is not what the
+//! caller asked for).
+//!
+//! # Audit log
+//!
+//! Registrations and alias moves append an entry with the next sequence
+//! number, again with a create-only put (a lost race tries the next number),
+//! never by rewriting one log object. Entries are appended after the action
+//! succeeded: a writer that dies in between leaves the action without its
+//! entry (the alias's `previous` and the version records remain), never an
+//! entry without its action. Concurrent actions are logged in the order their
+//! appends won.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use kiln_proto::spec::{ModelKind, ModelSpec};
+use object_store::PutMode;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::manifest::now_rfc3339;
+use crate::store::{CheckpointRoot, Versioned};
+
+/// The version of the registry's records this build writes and the newest it reads.
+pub const REGISTRY_FORMAT_VERSION: u32 = 1;
+
+/// Reads in flight when a command reads many records.
+const READ_CONCURRENCY: usize = 16;
+/// Lost create-only races before a registration or an audit append gives up:
+/// each loss means someone else took the number, so a streak this long means
+/// something is wrong with the store.
+const MAX_LOST_CLAIMS: u32 = 10_000;
+/// Lost compare-and-swaps before [`Registry::promote`] gives up.
+const MAX_PROMOTE_ATTEMPTS: u32 = 64;
+/// Blobs larger than this are uploaded in parts.
+const BLOB_MULTIPART_THRESHOLD: usize = 32 << 20;
+const BLOB_PART_BYTES: usize = 16 << 20;
+
+/// The datatypes of the Open Inference Protocol v2 a signature may name.
+const OIP_DATATYPES: &[&str] = &[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16",
+    "BF16", "FP32", "FP64", "BYTES",
+];
+
+// ----- public types -----
+
+/// A model registry over one object-store location. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    root: CheckpointRoot,
+}
+
+/// What to register: everything a version records, minus what the registry
+/// assigns (name, number, time, actor).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct NewVersion {
+    pub checkpoint: CheckpointRef,
+    pub model: ModelDefinition,
+    pub signature: Signature,
+    pub metrics: BTreeMap<String, f64>,
+    pub lineage: Lineage,
+    /// Reference data profile for drift detection (opaque JSON), stored as its
+    /// own object.
+    #[serde(skip)]
+    pub reference_profile: Option<Vec<u8>>,
+    /// The TorchScript module's bytes; required when `model.spec.kind` is
+    /// `torchscript` (the training machine's `model.path` is not the server's).
+    #[serde(skip)]
+    pub torchscript: Option<Vec<u8>>,
+}
+
+/// Where a version's weights are: a committed checkpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointRef {
+    /// The checkpoint root URL.
+    pub root: String,
+    /// The checkpoint's step.
+    pub step: u64,
+    /// The weights digest ([`crate::weights_digest`] of the model's parameters,
+    /// sha256 hex), so a loader can check it got the right weights.
+    pub digest: String,
+}
+
+/// How to build the network the weights belong to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ModelDefinition {
+    /// The job spec's `[model]` section.
+    pub spec: ModelSpec,
+    /// Input features per sample.
+    pub features: usize,
+    /// Output classes (logits per sample).
+    pub classes: usize,
+}
+
+/// The model's inputs and outputs, as the inference protocol describes them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Signature {
+    pub inputs: Vec<TensorSignature>,
+    pub outputs: Vec<TensorSignature>,
+}
+
+/// One named tensor of a signature.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TensorSignature {
+    pub name: String,
+    /// Open Inference Protocol datatype: `"FP32"`, `"INT64"`, ...
+    pub datatype: String,
+    /// Dimensions; `-1` means any size (the batch).
+    pub shape: Vec<i64>,
+}
+
+/// Where a version came from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Lineage {
+    pub job: String,
+    /// [`spec_hash`] of the job spec the weights were trained with.
+    pub spec_hash: String,
+    pub dataset_fingerprint: String,
+    pub code_version: String,
+}
+
+/// A registered, immutable model version.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ModelVersion {
+    pub name: String,
+    pub version: u64,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub created_by: String,
+    pub checkpoint: CheckpointRef,
+    pub model: ModelDefinition,
+    pub signature: Signature,
+    pub metrics: BTreeMap<String, f64>,
+    pub lineage: Lineage,
+    pub has_reference_profile: bool,
+    pub has_torchscript: bool,
+}
+
+/// A movable name for weighted versions of one model.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Alias {
+    pub model: String,
+    pub alias: String,
+    /// Weights sum to 100.
+    pub targets: Vec<AliasTarget>,
+    /// The targets before the last move (what a rollback restores).
+    pub previous: Option<Vec<AliasTarget>>,
+    /// 1 when created, one more with every move: what compare-and-swap compares.
+    pub generation: u64,
+    pub updated_at: String,
+    pub updated_by: String,
+}
+
+/// One version of an alias and its share of traffic (percent).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AliasTarget {
+    pub version: u64,
+    pub weight: u32,
+}
+
+/// One entry of a model's audit log.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct AuditEntry {
+    /// 1, 2, ...: the entry's place in the log.
+    pub seq: u64,
+    pub at: String,
+    pub actor: String,
+    /// `"register"` or `"alias"`.
+    pub action: String,
+    pub model: String,
+    /// The alias moved (`"alias"` entries).
+    pub alias: Option<String>,
+    /// The alias's targets before the move (`null` when it was created).
+    pub from: Option<serde_json::Value>,
+    /// The alias's new targets, or the registered version's number, checkpoint
+    /// and metrics.
+    pub to: serde_json::Value,
+}
+
+/// Which version(s) of a model: `NAME` (the latest), `NAME:3`, `NAME@production`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    pub name: String,
+    pub pick: Pick,
+}
+
+/// The part of a [`Selector`] after the name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pick {
+    Latest,
+    Version(u64),
+    Alias(String),
+}
+
+/// sha256 hex of a job spec's JSON (`JobSpec::to_json`): the lineage's spec hash.
+pub fn spec_hash(spec_json: &str) -> String {
+    hex::encode(Sha256::digest(spec_json.as_bytes()))
+}
+
+impl Signature {
+    /// The signature of kiln's classifiers: an `FP32` `input` of
+    /// `[-1, features]` and `FP32` `logits` of `[-1, classes]`.
+    pub fn classifier(features: usize, classes: usize) -> Signature {
+        Signature {
+            inputs: vec![TensorSignature {
+                name: "input".into(),
+                datatype: "FP32".into(),
+                shape: vec![-1, features as i64],
+            }],
+            outputs: vec![TensorSignature {
+                name: "logits".into(),
+                datatype: "FP32".into(),
+                shape: vec![-1, classes as i64],
+            }],
+        }
+    }
+}
+
+impl Alias {
+    /// The target with the largest weight (the first of equals): the version
+    /// a canary is split against.
+    pub fn primary(&self) -> Option<AliasTarget> {
+        primary(&self.targets)
+    }
+}
+
+fn primary(targets: &[AliasTarget]) -> Option<AliasTarget> {
+    targets
+        .iter()
+        .copied()
+        .reduce(|best, t| if t.weight > best.weight { t } else { best })
+}
+
+// ----- selectors -----
+
+impl FromStr for Selector {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(Error::invalid(
+                "empty model selector: expected NAME, NAME:VERSION or NAME@ALIAS",
+            ));
+        }
+        if s.contains('@') && s.contains(':') {
+            return Err(Error::invalid(format!(
+                "model selector {s:?} names both a version and an alias: use NAME:VERSION or NAME@ALIAS"
+            )));
+        }
+        let (name, pick) =
+            if let Some((name, alias)) = s.split_once('@') {
+                validate_segment("alias", alias)
+                    .map_err(|e| Error::invalid(format!("model selector {s:?}: {}", reason(e))))?;
+                (name, Pick::Alias(alias.to_string()))
+            } else if let Some((name, version)) = s.split_once(':') {
+                let v = version.parse::<u64>().ok().filter(|&v| v >= 1).ok_or_else(|| {
+                Error::invalid(format!(
+                    "model selector {s:?}: version {version:?} must be a whole number from 1"
+                ))
+            })?;
+                (name, Pick::Version(v))
+            } else {
+                (s, Pick::Latest)
+            };
+        validate_segment("model name", name)
+            .map_err(|e| Error::invalid(format!("model selector {s:?}: {}", reason(e))))?;
+        Ok(Selector {
+            name: name.to_string(),
+            pick,
+        })
+    }
+}
+
+fn reason(e: Error) -> String {
+    match e {
+        Error::Invalid { reason } => reason,
+        other => other.to_string(),
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.pick {
+            Pick::Latest => write!(f, "{}", self.name),
+            Pick::Version(v) => write!(f, "{}:{v}", self.name),
+            Pick::Alias(a) => write!(f, "{}@{a}", self.name),
+        }
+    }
+}
+
+// ----- validation -----
+
+/// Model names and aliases are single key segments: 1-128 characters of
+/// `[A-Za-z0-9._-]`, not starting with `.`.
+fn validate_segment(what: &str, s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !s.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{what} {s:?} must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'"
+        )))
+    }
+}
+
+fn validate_actor(actor: &str) -> Result<()> {
+    if actor.trim().is_empty() || actor.len() > 256 || actor.chars().any(char::is_control) {
+        return Err(Error::invalid(format!(
+            "actor {actor:?} must be 1-256 printable characters (who made the change)"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_new(new: &NewVersion) -> Result<()> {
+    let c = &new.checkpoint;
+    if c.root.trim().is_empty() {
+        return Err(Error::invalid(
+            "checkpoint.root: empty; give the checkpoint root URL",
+        ));
+    }
+    if c.digest.len() != 64 || !c.digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::invalid(format!(
+            "checkpoint.digest {:?} must be a sha256 in hex (64 characters)",
+            c.digest
+        )));
+    }
+    let m = &new.model;
+    if m.features == 0 || m.classes == 0 {
+        return Err(Error::invalid(format!(
+            "model: features ({}) and classes ({}) must be at least 1",
+            m.features, m.classes
+        )));
+    }
+    for (side, tensors) in [
+        ("inputs", &new.signature.inputs),
+        ("outputs", &new.signature.outputs),
+    ] {
+        if tensors.is_empty() {
+            return Err(Error::invalid(format!(
+                "signature.{side}: at least one tensor"
+            )));
+        }
+        for t in tensors {
+            if t.name.trim().is_empty() {
+                return Err(Error::invalid(format!(
+                    "signature.{side}: a tensor has no name"
+                )));
+            }
+            if !OIP_DATATYPES.contains(&t.datatype.as_str()) {
+                return Err(Error::invalid(format!(
+                    "signature.{side}.{}: datatype {:?} is not one of {}",
+                    t.name,
+                    t.datatype,
+                    OIP_DATATYPES.join(", ")
+                )));
+            }
+            if t.shape.iter().any(|&d| d < -1) {
+                return Err(Error::invalid(format!(
+                    "signature.{side}.{}: shape {:?} has a dimension below -1 (-1 means any)",
+                    t.name, t.shape
+                )));
+            }
+        }
+    }
+    for (k, v) in &new.metrics {
+        if k.trim().is_empty() {
+            return Err(Error::invalid("metrics: a metric has an empty name"));
+        }
+        if !v.is_finite() {
+            return Err(Error::invalid(format!(
+                "metrics.{k} is {v}; metrics must be finite"
+            )));
+        }
+    }
+    if let Some(profile) = &new.reference_profile
+        && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(profile)
+    {
+        return Err(Error::invalid(format!(
+            "reference profile is not JSON: {e}"
+        )));
+    }
+    let is_script = m.spec.kind == ModelKind::Torchscript;
+    match (&new.torchscript, is_script) {
+        (None, true) => Err(Error::invalid(
+            "model.kind is torchscript but no TorchScript module bytes were given",
+        )),
+        (Some(_), false) => Err(Error::invalid(format!(
+            "TorchScript module bytes were given but model.kind is {}",
+            serde_json::to_value(m.spec.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        ))),
+        (Some(b), true) if b.is_empty() => Err(Error::invalid("the TorchScript module is empty")),
+        _ => Ok(()),
+    }
+}
+
+fn validate_targets(targets: &[AliasTarget]) -> Result<()> {
+    if targets.is_empty() {
+        return Err(Error::invalid("alias targets: at least one version"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for t in targets {
+        if t.version == 0 {
+            return Err(Error::invalid("alias targets: versions start at 1"));
+        }
+        if !(1..=100).contains(&t.weight) {
+            return Err(Error::invalid(format!(
+                "alias targets: version {} has weight {}; weights are 1-100",
+                t.version, t.weight
+            )));
+        }
+        if !seen.insert(t.version) {
+            return Err(Error::invalid(format!(
+                "alias targets: version {} appears twice",
+                t.version
+            )));
+        }
+    }
+    let sum: u32 = targets.iter().map(|t| t.weight).sum();
+    if sum != 100 {
+        return Err(Error::invalid(format!(
+            "alias targets: weights sum to {sum}, they must sum to 100"
+        )));
+    }
+    Ok(())
+}
+
+// ----- stored records -----
+
+/// A content-addressed blob a version points at.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+struct BlobRef {
+    key: String,
+    sha256: String,
+    bytes: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredVersion {
+    format_version: u32,
+    #[serde(flatten)]
+    version: ModelVersion,
+    reference_profile: Option<BlobRef>,
+    torchscript: Option<BlobRef>,
+    /// Unique to one registration attempt: two registrations never write the
+    /// same bytes, which is how a retried put recognises its own.
+    registration_id: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredAlias {
+    format_version: u32,
+    #[serde(flatten)]
+    alias: Alias,
+    /// Unique to one write, as compare-and-swap requires.
+    write_id: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredAudit {
+    format_version: u32,
+    #[serde(flatten)]
+    entry: AuditEntry,
+    /// Unique to one append, so a retried put recognises its own entry.
+    entry_id: String,
+}
+
+fn versions_prefix(name: &str) -> String {
+    format!("models/{name}/versions")
+}
+fn version_key(name: &str, version: u64) -> String {
+    format!("models/{name}/versions/{version:020}.json")
+}
+fn aliases_prefix(name: &str) -> String {
+    format!("models/{name}/aliases")
+}
+fn alias_key(name: &str, alias: &str) -> String {
+    format!("models/{name}/aliases/{alias}.json")
+}
+fn history_prefix(name: &str) -> String {
+    format!("models/{name}/history")
+}
+fn history_key(name: &str, seq: u64) -> String {
+    format!("models/{name}/history/{seq:020}.json")
+}
+
+/// The number in `{prefix}/{n:020}.json`, if `key` is such a key.
+fn numbered(prefix: &str, key: &str) -> Option<u64> {
+    let n = key
+        .strip_prefix(prefix)?
+        .strip_prefix('/')?
+        .strip_suffix(".json")?;
+    (n.len() == 20 && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| n.parse().ok())
+        .flatten()
+}
+
+/// Parses a record, refusing a newer format than this build reads.
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    let corrupt = |reason: String| Error::CorruptObject {
+        key: key.to_string(),
+        reason,
+    };
+    #[derive(Deserialize)]
+    struct Version {
+        format_version: u32,
+    }
+    let v: Version = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if v.format_version > REGISTRY_FORMAT_VERSION {
+        return Err(Error::Unsupported {
+            what: format!(
+                "registry record {key} has format version {}, this build reads up to {REGISTRY_FORMAT_VERSION}",
+                v.format_version
+            ),
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))
+}
+
+fn encode<T: Serialize>(value: &T) -> Bytes {
+    // Cannot fail: string map keys, finite floats (validated), no custom
+    // serializers that error.
+    Bytes::from(serde_json::to_vec_pretty(value).expect("registry records serialize"))
+}
+
+/// An id no other writer, in this process or another, will produce.
+fn unique_id() -> String {
+    use std::hash::BuildHasher;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    // RandomState is seeded from the operating system's randomness.
+    let random = std::collections::hash_map::RandomState::new().hash_one(n);
+    let mut h = Sha256::new();
+    h.update(std::process::id().to_le_bytes());
+    h.update(nanos.to_le_bytes());
+    h.update(n.to_le_bytes());
+    h.update(random.to_le_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+fn targets_json(targets: &[AliasTarget]) -> serde_json::Value {
+    serde_json::to_value(targets).expect("alias targets serialize")
+}
+
+fn show_targets(targets: &[AliasTarget]) -> String {
+    let parts: Vec<String> = targets
+        .iter()
+        .map(|t| format!("{}:{}%", t.version, t.weight))
+        .collect();
+    parts.join(", ")
+}
+
+// ----- the registry -----
+
+impl Registry {
+    /// Opens the registry at `url` (cloud configuration from the environment,
+    /// as for checkpoint roots). Nothing is written until something is registered.
+    pub async fn open(url: &str) -> Result<Registry> {
+        Ok(Self::from_root(CheckpointRoot::open(url)?))
+    }
+
+    /// A registry over an already opened root (explicit store options, fault
+    /// injection).
+    pub fn from_root(root: CheckpointRoot) -> Registry {
+        Registry { root }
+    }
+
+    /// The registry's URL.
+    pub fn url(&self) -> &str {
+        self.root.url()
+    }
+
+    /// Registers a new version of model `name`: writes its blobs, claims the
+    /// next version number with a create-only put (losing a race moves on to
+    /// the next number), and appends an audit entry.
+    pub async fn register(&self, name: &str, new: NewVersion, actor: &str) -> Result<ModelVersion> {
+        validate_segment("model name", name)?;
+        validate_actor(actor)?;
+        validate_new(&new)?;
+        let reference_profile = match &new.reference_profile {
+            Some(b) => Some(self.put_blob(name, "profile.json", b).await?),
+            None => None,
+        };
+        let torchscript = match &new.torchscript {
+            Some(b) => Some(self.put_blob(name, "torchscript.pt", b).await?),
+            None => None,
+        };
+        let mut record = StoredVersion {
+            format_version: REGISTRY_FORMAT_VERSION,
+            version: ModelVersion {
+                name: name.to_string(),
+                version: self.last_number(&versions_prefix(name)).await? + 1,
+                created_at: now_rfc3339(),
+                created_by: actor.to_string(),
+                has_reference_profile: reference_profile.is_some(),
+                has_torchscript: torchscript.is_some(),
+                checkpoint: new.checkpoint,
+                model: new.model,
+                signature: new.signature,
+                metrics: new.metrics,
+                lineage: new.lineage,
+            },
+            reference_profile,
+            torchscript,
+            registration_id: unique_id(),
+        };
+        let mut lost = 0;
+        loop {
+            let key = version_key(name, record.version.version);
+            let bytes = encode(&record);
+            if self.create(&key, bytes).await? {
+                break;
+            }
+            lost += 1;
+            if lost > MAX_LOST_CLAIMS {
+                return Err(Error::Conflict {
+                    what: format!("model {name}: lost {lost} races for a version number in a row"),
+                });
+            }
+            record.version.version += 1;
+        }
+        let version = record.version;
+        tracing::info!(
+            model = name,
+            version = version.version,
+            actor,
+            "model version registered"
+        );
+        let to = serde_json::json!({
+            "version": version.version,
+            "checkpoint": version.checkpoint,
+            "metrics": version.metrics,
+        });
+        self.audit(name, actor, "register", None, None, to).await;
+        Ok(version)
+    }
+
+    /// One version; [`Error::NotFound`] naming it if it does not exist.
+    pub async fn version(&self, name: &str, version: u64) -> Result<ModelVersion> {
+        Ok(self.stored_version(name, version).await?.version)
+    }
+
+    /// The highest-numbered version, if any.
+    pub async fn latest(&self, name: &str) -> Result<Option<ModelVersion>> {
+        validate_segment("model name", name)?;
+        match self.last_number(&versions_prefix(name)).await? {
+            0 => Ok(None),
+            v => self.version(name, v).await.map(Some),
+        }
+    }
+
+    /// The names of the registered models, sorted.
+    pub async fn models(&self) -> Result<Vec<String>> {
+        let mut names = self.root.list_children("models").await?;
+        names.retain(|n| validate_segment("model name", n).is_ok());
+        Ok(names)
+    }
+
+    /// Every version of a model, oldest first (empty when it has none).
+    pub async fn versions(&self, name: &str) -> Result<Vec<ModelVersion>> {
+        validate_segment("model name", name)?;
+        let numbers = self.numbers(&versions_prefix(name)).await?;
+        futures::stream::iter(numbers)
+            .map(|v| self.version(name, v))
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
+    /// One alias, if it exists.
+    pub async fn alias(&self, name: &str, alias: &str) -> Result<Option<Alias>> {
+        Ok(self.read_alias(name, alias).await?.map(|(a, _)| a))
+    }
+
+    /// Every alias of a model, sorted by alias.
+    pub async fn aliases(&self, name: &str) -> Result<Vec<Alias>> {
+        validate_segment("model name", name)?;
+        let prefix = aliases_prefix(name);
+        let mut names: Vec<String> = self
+            .root
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|o| {
+                let alias = o.key.strip_prefix(&prefix)?.strip_prefix('/')?;
+                let alias = alias.strip_suffix(".json")?;
+                validate_segment("alias", alias).ok()?;
+                Some(alias.to_string())
+            })
+            .collect();
+        names.sort();
+        let found: Vec<Option<Alias>> = futures::stream::iter(names)
+            .map(|a| async move { self.alias(name, &a).await })
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(found.into_iter().flatten().collect())
+    }
+
+    /// Points `alias` at `targets` if it is still what the caller read:
+    /// `expected` `None` means it must not exist yet, otherwise its
+    /// `generation` must be unchanged. A lost race is an [`Error::Conflict`]
+    /// saying the alias moved. Every target version must exist; weights are
+    /// 1-100 and sum to 100. The old targets become `previous`.
+    pub async fn set_alias(
+        &self,
+        name: &str,
+        alias: &str,
+        targets: Vec<AliasTarget>,
+        expected: Option<&Alias>,
+        actor: &str,
+    ) -> Result<Alias> {
+        validate_segment("model name", name)?;
+        validate_segment("alias", alias)?;
+        validate_actor(actor)?;
+        validate_targets(&targets)?;
+        for t in &targets {
+            self.stored_version(name, t.version).await?;
+        }
+        let current = self.read_alias(name, alias).await?;
+        let moved = |found: String| Error::Conflict {
+            what: format!("alias {alias} of model {name} moved: {found}; read it again and retry"),
+        };
+        match (expected, &current) {
+            (None, None) => {}
+            (None, Some((cur, _))) => {
+                return Err(moved(format!(
+                    "expected it not to exist, but {} set it to [{}] at {} (generation {})",
+                    cur.updated_by,
+                    show_targets(&cur.targets),
+                    cur.updated_at,
+                    cur.generation
+                )));
+            }
+            (Some(exp), None) => {
+                return Err(moved(format!(
+                    "expected generation {}, but it no longer exists",
+                    exp.generation
+                )));
+            }
+            (Some(exp), Some((cur, _))) if exp.generation != cur.generation => {
+                return Err(moved(format!(
+                    "expected generation {}, found generation {} ([{}], set by {} at {})",
+                    exp.generation,
+                    cur.generation,
+                    show_targets(&cur.targets),
+                    cur.updated_by,
+                    cur.updated_at
+                )));
+            }
+            (Some(_), Some(_)) => {}
+        }
+        let new = Alias {
+            model: name.to_string(),
+            alias: alias.to_string(),
+            targets,
+            previous: current.as_ref().map(|(c, _)| c.targets.clone()),
+            generation: current.as_ref().map_or(1, |(c, _)| c.generation + 1),
+            updated_at: now_rfc3339(),
+            updated_by: actor.to_string(),
+        };
+        let record = StoredAlias {
+            format_version: REGISTRY_FORMAT_VERSION,
+            alias: new,
+            write_id: unique_id(),
+        };
+        let swapped = self
+            .root
+            .compare_and_swap(
+                &alias_key(name, alias),
+                current.as_ref().map(|(_, v)| v),
+                encode(&record),
+            )
+            .await?;
+        if !swapped {
+            return Err(moved(format!(
+                "another writer moved it after generation {} was read",
+                current.as_ref().map_or(0, |(c, _)| c.generation)
+            )));
+        }
+        let new = record.alias;
+        tracing::info!(
+            model = name,
+            alias,
+            targets = %show_targets(&new.targets),
+            generation = new.generation,
+            actor,
+            "alias moved"
+        );
+        let from = current.as_ref().map(|(c, _)| targets_json(&c.targets));
+        self.audit(
+            name,
+            actor,
+            "alias",
+            Some(alias),
+            from,
+            targets_json(&new.targets),
+        )
+        .await;
+        Ok(new)
+    }
+
+    /// Moves `alias` to `version`. `weight` `None` or 100: all traffic to it;
+    /// `w` below 100: a canary, `[(current primary, 100 - w), (version, w)]`.
+    /// Retries when another writer moves the alias in between; an alias that
+    /// already has exactly these targets is returned unchanged.
+    pub async fn promote(
+        &self,
+        name: &str,
+        alias: &str,
+        version: u64,
+        weight: Option<u32>,
+        actor: &str,
+    ) -> Result<Alias> {
+        validate_segment("model name", name)?;
+        validate_segment("alias", alias)?;
+        let weight = weight.unwrap_or(100);
+        if !(1..=100).contains(&weight) {
+            return Err(Error::invalid(format!(
+                "weight {weight}: a promotion takes 1-100 percent of the traffic"
+            )));
+        }
+        self.stored_version(name, version).await?;
+        let mut conflicts = 0;
+        loop {
+            let current = self.alias(name, alias).await?;
+            let targets = if weight == 100 {
+                vec![AliasTarget {
+                    version,
+                    weight: 100,
+                }]
+            } else {
+                let Some(primary) = current.as_ref().and_then(Alias::primary) else {
+                    return Err(Error::invalid(format!(
+                        "alias {alias} of model {name} does not exist yet, so there is nothing to canary against: promote a version with full weight first"
+                    )));
+                };
+                if primary.version == version {
+                    return Err(Error::invalid(format!(
+                        "version {version} is already the primary of alias {alias} of model {name}; a canary needs another version"
+                    )));
+                }
+                vec![
+                    AliasTarget {
+                        version: primary.version,
+                        weight: 100 - weight,
+                    },
+                    AliasTarget { version, weight },
+                ]
+            };
+            if let Some(cur) = &current
+                && cur.targets == targets
+            {
+                return Ok(cur.clone());
+            }
+            match self
+                .set_alias(name, alias, targets, current.as_ref(), actor)
+                .await
+            {
+                Err(Error::Conflict { what }) => {
+                    conflicts += 1;
+                    if conflicts >= MAX_PROMOTE_ATTEMPTS {
+                        return Err(Error::Conflict {
+                            what: format!("gave up after {conflicts} tries: {what}"),
+                        });
+                    }
+                    tracing::debug!(model = name, alias, "alias moved during promote; retrying");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Moves `alias` back to its previous targets (which in turn become its
+    /// previous targets, so a second rollback undoes the first). One
+    /// compare-and-swap: if the alias moves in between, an [`Error::Conflict`].
+    pub async fn rollback(&self, name: &str, alias: &str, actor: &str) -> Result<Alias> {
+        let Some(current) = self.alias(name, alias).await? else {
+            return Err(Error::NotFound {
+                what: format!("alias {alias} of model {name} in registry {}", self.url()),
+            });
+        };
+        let Some(previous) = current.previous.clone() else {
+            return Err(Error::NotFound {
+                what: format!(
+                    "previous targets of alias {alias} of model {name}: it has been set only once, so there is nothing to roll back to"
+                ),
+            });
+        };
+        self.set_alias(name, alias, previous, Some(&current), actor)
+            .await
+    }
+
+    /// The audit log of one model, oldest first.
+    pub async fn history(&self, name: &str) -> Result<Vec<AuditEntry>> {
+        validate_segment("model name", name)?;
+        let numbers = self.numbers(&history_prefix(name)).await?;
+        futures::stream::iter(numbers)
+            .map(|seq| async move {
+                let key = history_key(name, seq);
+                let stored: StoredAudit = decode(&key, &self.root.get(&key).await?)?;
+                if stored.entry.seq != seq {
+                    return Err(Error::CorruptObject {
+                        key,
+                        reason: format!("holds entry {}", stored.entry.seq),
+                    });
+                }
+                Ok(stored.entry)
+            })
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
+    /// The weighted versions a selector names: one at weight 100 for a version
+    /// or the latest, an alias's targets for an alias.
+    pub async fn resolve(&self, selector: &Selector) -> Result<Vec<(ModelVersion, u32)>> {
+        let name = &selector.name;
+        match &selector.pick {
+            Pick::Latest => match self.latest(name).await? {
+                Some(v) => Ok(vec![(v, 100)]),
+                None => Err(Error::NotFound {
+                    what: format!("model {name} (no versions) in registry {}", self.url()),
+                }),
+            },
+            Pick::Version(v) => Ok(vec![(self.version(name, *v).await?, 100)]),
+            Pick::Alias(alias) => {
+                let Some(a) = self.alias(name, alias).await? else {
+                    return Err(Error::NotFound {
+                        what: format!("alias {alias} of model {name} in registry {}", self.url()),
+                    });
+                };
+                let mut out = Vec::with_capacity(a.targets.len());
+                for t in &a.targets {
+                    out.push((self.version(name, t.version).await?, t.weight));
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// The reference data profile of a version (opaque JSON bytes), checked
+    /// against its sha256.
+    pub async fn reference_profile(&self, name: &str, version: u64) -> Result<Option<Vec<u8>>> {
+        let stored = self.stored_version(name, version).await?;
+        match &stored.reference_profile {
+            Some(blob) => self.get_blob(blob).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The TorchScript module bytes of a version, checked against their sha256.
+    pub async fn torchscript(&self, name: &str, version: u64) -> Result<Option<Vec<u8>>> {
+        let stored = self.stored_version(name, version).await?;
+        match &stored.torchscript {
+            Some(blob) => self.get_blob(blob).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    // ----- helpers -----
+
+    async fn stored_version(&self, name: &str, version: u64) -> Result<StoredVersion> {
+        validate_segment("model name", name)?;
+        let key = version_key(name, version);
+        let bytes = self.root.get(&key).await.map_err(|e| match e {
+            Error::NotFound { .. } => Error::NotFound {
+                what: format!("model {name} version {version} in registry {}", self.url()),
+            },
+            e => e,
+        })?;
+        let stored: StoredVersion = decode(&key, &bytes)?;
+        if stored.version.version != version || stored.version.name != name {
+            return Err(Error::CorruptObject {
+                key,
+                reason: format!("holds {}:{}", stored.version.name, stored.version.version),
+            });
+        }
+        Ok(stored)
+    }
+
+    async fn read_alias(&self, name: &str, alias: &str) -> Result<Option<(Alias, Versioned)>> {
+        validate_segment("model name", name)?;
+        validate_segment("alias", alias)?;
+        let key = alias_key(name, alias);
+        match self.root.read_versioned(&key).await? {
+            None => Ok(None),
+            Some(v) => {
+                let stored: StoredAlias = decode(&key, &v.value)?;
+                Ok(Some((stored.alias, v)))
+            }
+        }
+    }
+
+    /// The numbers of `{prefix}/{n:020}.json` objects, ascending.
+    async fn numbers(&self, prefix: &str) -> Result<Vec<u64>> {
+        let mut numbers: Vec<u64> = self
+            .root
+            .list(prefix)
+            .await?
+            .iter()
+            .filter_map(|o| numbered(prefix, &o.key))
+            .collect();
+        numbers.sort_unstable();
+        Ok(numbers)
+    }
+
+    async fn last_number(&self, prefix: &str) -> Result<u64> {
+        Ok(self.numbers(prefix).await?.last().copied().unwrap_or(0))
+    }
+
+    /// A create-only put; `Ok(false)` when another writer's object is there.
+    /// Finding exactly `bytes` in place (a retried request whose first try
+    /// succeeded) counts as success: every record carries a unique id.
+    async fn create(&self, key: &str, bytes: Bytes) -> Result<bool> {
+        match self.root.put(key, bytes.clone(), PutMode::Create).await {
+            Ok(()) => Ok(true),
+            Err(Error::AlreadyExists { .. }) => {
+                Ok(self.root.get_opt(key).await?.is_some_and(|b| b == bytes))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores a content-addressed blob (once: the same bytes, the same key).
+    async fn put_blob(&self, name: &str, kind: &str, bytes: &[u8]) -> Result<BlobRef> {
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let key = format!("models/{name}/blobs/{sha256}.{kind}");
+        self.root
+            .put_object(
+                &key,
+                Bytes::copy_from_slice(bytes),
+                BLOB_MULTIPART_THRESHOLD,
+                BLOB_PART_BYTES,
+            )
+            .await?;
+        Ok(BlobRef {
+            key,
+            sha256,
+            bytes: bytes.len() as u64,
+        })
+    }
+
+    async fn get_blob(&self, blob: &BlobRef) -> Result<Vec<u8>> {
+        let bytes = self.root.get(&blob.key).await.map_err(|e| match e {
+            Error::NotFound { .. } => Error::NotFound {
+                what: format!("blob {} in registry {}", blob.key, self.url()),
+            },
+            e => e,
+        })?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if sha256 != blob.sha256 || bytes.len() as u64 != blob.bytes {
+            return Err(Error::CorruptObject {
+                key: blob.key.clone(),
+                reason: format!(
+                    "{} bytes with sha256 {sha256}; the version recorded {} bytes with sha256 {}",
+                    bytes.len(),
+                    blob.bytes,
+                    blob.sha256
+                ),
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// Appends an audit entry. The action it records already happened, so a
+    /// failure here is logged rather than returned: an error would tell the
+    /// caller the action failed and invite a duplicate.
+    async fn audit(
+        &self,
+        name: &str,
+        actor: &str,
+        action: &str,
+        alias: Option<&str>,
+        from: Option<serde_json::Value>,
+        to: serde_json::Value,
+    ) {
+        let entry = AuditEntry {
+            seq: 0,
+            at: now_rfc3339(),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            model: name.to_string(),
+            alias: alias.map(str::to_string),
+            from,
+            to,
+        };
+        if let Err(e) = self.append(name, entry).await {
+            tracing::error!(model = name, action, error = %e, "audit entry not written");
+        }
+    }
+
+    async fn append(&self, name: &str, entry: AuditEntry) -> Result<u64> {
+        let prefix = history_prefix(name);
+        let mut record = StoredAudit {
+            format_version: REGISTRY_FORMAT_VERSION,
+            entry: AuditEntry {
+                seq: self.last_number(&prefix).await? + 1,
+                ..entry
+            },
+            entry_id: unique_id(),
+        };
+        let mut lost = 0;
+        loop {
+            let key = history_key(name, record.entry.seq);
+            if self.create(&key, encode(&record)).await? {
+                return Ok(record.entry.seq);
+            }
+            lost += 1;
+            if lost > MAX_LOST_CLAIMS {
+                return Err(Error::Conflict {
+                    what: format!("model {name}: lost {lost} races for an audit sequence number"),
+                });
+            }
+            record.entry.seq += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_parse_and_print_back() {
+        for (text, pick) in [
+            ("digits", Pick::Latest),
+            ("digits:3", Pick::Version(3)),
+            ("digits@production", Pick::Alias("production".into())),
+            ("a.b_c-1@x.y", Pick::Alias("x.y".into())),
+        ] {
+            let s: Selector = text.parse().unwrap();
+            assert_eq!(s.pick, pick, "{text}");
+            assert_eq!(s.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn numbered_keys_parse_only_when_exact() {
+        let p = "models/m/versions";
+        assert_eq!(numbered(p, &version_key("m", 42)), Some(42));
+        assert_eq!(numbered(p, "models/m/versions/42.json"), None);
+        assert_eq!(
+            numbered(p, "models/m/versions/00000000000000000042.json.lock"),
+            None
+        );
+        assert_eq!(
+            numbered(p, "models/mx/versions/00000000000000000042.json"),
+            None
+        );
+    }
+
+    #[test]
+    fn unique_ids_differ() {
+        let ids: std::collections::BTreeSet<String> = (0..1000).map(|_| unique_id()).collect();
+        assert_eq!(ids.len(), 1000);
+    }
+
+    #[test]
+    fn target_weights_must_sum_to_100() {
+        let t = |version, weight| AliasTarget { version, weight };
+        assert!(validate_targets(&[t(1, 90), t(2, 10)]).is_ok());
+        for (bad, says) in [
+            (vec![], "at least one"),
+            (vec![t(1, 90)], "sum to 90"),
+            (vec![t(1, 0), t(2, 100)], "weights are 1-100"),
+            (vec![t(1, 50), t(1, 50)], "twice"),
+            (vec![t(0, 100)], "start at 1"),
+        ] {
+            let e = validate_targets(&bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn primary_is_the_heaviest_then_the_first() {
+        let t = |version, weight| AliasTarget { version, weight };
+        assert_eq!(primary(&[t(1, 10), t(2, 90)]), Some(t(2, 90)));
+        assert_eq!(primary(&[t(3, 50), t(2, 50)]), Some(t(3, 50)));
+        assert_eq!(primary(&[]), None);
+    }
+
+    #[test]
+    fn spec_hash_is_sha256_hex() {
+        assert_eq!(
+            spec_hash(""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}

@@ -1,0 +1,518 @@
+//! Server settings: the TOML file of `kiln serve --config FILE`, which command
+//! line flags override, validated strictly (an unknown key or a bad value is an
+//! error naming the field and saying what is allowed).
+//!
+//! ```toml
+//! registry = "file:///srv/kiln/registry"
+//! models = ["digits@production", "fraud:3"]
+//! listen = "0.0.0.0:8000"
+//!
+//! [batching]
+//! max_batch_size = 32        # rows per forward pass
+//! max_queue_delay_us = 2000  # how long the oldest request may wait for company
+//!
+//! [swap]
+//! poll_interval_ms = 500     # how often aliases (and `latest`) are read
+//!
+//! [limits]
+//! max_request_bytes = 67108864
+//! max_request_rows = 4096
+//! request_timeout_ms = 30000
+//!
+//! [auth]
+//! token_file = "/run/secrets/kiln-infer-token"
+//!
+//! [[hooks]]                  # the job spec's [[hooks]] fields
+//! sink = "log"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use kiln_checkpoint::registry::Selector;
+use kiln_proto::spec::HookSpec;
+use serde::{Deserialize, Serialize};
+
+/// Environment variable holding the inference token.
+pub const TOKEN_ENV: &str = "KILN_SERVE_TOKEN";
+/// Environment variable holding the management token.
+pub const ADMIN_TOKEN_ENV: &str = "KILN_SERVE_ADMIN_TOKEN";
+
+/// Everything `kiln serve` needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Registry URL (same forms as checkpoint roots).
+    #[serde(default)]
+    pub registry: String,
+    /// Models to serve: `NAME` (latest version, followed as it moves),
+    /// `NAME:VERSION` (pinned) or `NAME@ALIAS` (followed as the alias moves).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Address of the one port REST and gRPC share; port 0 picks a free one.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// libtorch's intra-op threads for forward passes; 0 keeps libtorch's default.
+    #[serde(default)]
+    pub threads: usize,
+    #[serde(default)]
+    pub batching: BatchingConfig,
+    #[serde(default)]
+    pub swap: SwapConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub drift: DriftConfig,
+    /// Where `version.swapped` and `drift.detected` events go.
+    #[serde(default)]
+    pub hooks: Vec<HookSpec>,
+}
+
+/// `[batching]`: dynamic batching, per served model version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Rows of one forward pass. Requests are grouped up to this many rows;
+    /// a larger request runs in several passes.
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: usize,
+    /// How long the oldest waiting request may wait for others to join its
+    /// batch, in microseconds; 0: batch only what is already queued.
+    #[serde(default = "default_max_queue_delay_us")]
+    pub max_queue_delay_us: u64,
+    /// Requests that may wait per version; more are refused with 503.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Run every forward pass at `max_batch_size` rows (padding with zeros), so
+    /// that a request's outputs do not depend on which requests shared its
+    /// batch, bit for bit: matrix kernels pick different code paths (and
+    /// summation orders) for different row counts. Turn off to trade that
+    /// guarantee for less work on small batches.
+    #[serde(default = "default_true")]
+    pub fixed_shape: bool,
+}
+
+/// `[swap]`: following aliases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwapConfig {
+    /// How often each alias (or `latest`) is read, in milliseconds.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// Seed of the per-request weighted choice between an alias's versions;
+    /// unset: seeded from the clock.
+    #[serde(default)]
+    pub canary_seed: Option<u64>,
+}
+
+/// `[limits]`: what a request may ask for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request body (REST) or message (gRPC), in bytes.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Most rows (samples) in one request.
+    #[serde(default = "default_max_request_rows")]
+    pub max_request_rows: usize,
+    /// Time from receipt to response, in milliseconds; a request's own
+    /// `timeout` parameter (microseconds, as tritonclient sends it) may
+    /// shorten it.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+/// `[auth]`: bearer tokens. Tokens come from these files, else from the
+/// environment (`KILN_SERVE_TOKEN`, `KILN_SERVE_ADMIN_TOKEN`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File holding the token inference and metadata requests must carry.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// File holding the token management requests must carry. Without one,
+    /// management requests are accepted from loopback clients only.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// `[drift]`: drift monitoring of served inputs and predictions against each
+/// version's reference profile (where the version has one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftConfig {
+    /// Monitor drift at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How often each version's drift report is computed, in milliseconds.
+    #[serde(default = "default_drift_interval_ms")]
+    pub interval_ms: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8000))
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_batch_size() -> usize {
+    32
+}
+fn default_max_queue_delay_us() -> u64 {
+    2000
+}
+fn default_queue_capacity() -> usize {
+    1024
+}
+fn default_poll_interval_ms() -> u64 {
+    500
+}
+fn default_max_request_bytes() -> usize {
+    64 << 20
+}
+fn default_max_request_rows() -> usize {
+    4096
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_drift_interval_ms() -> u64 {
+    10_000
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            registry: String::new(),
+            models: Vec::new(),
+            listen: default_listen(),
+            threads: 0,
+            batching: BatchingConfig::default(),
+            swap: SwapConfig::default(),
+            limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
+            drift: DriftConfig::default(),
+            hooks: Vec::new(),
+        }
+    }
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_size: default_max_batch_size(),
+            max_queue_delay_us: default_max_queue_delay_us(),
+            queue_capacity: default_queue_capacity(),
+            fixed_shape: true,
+        }
+    }
+}
+
+impl Default for SwapConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: default_poll_interval_ms(),
+            canary_seed: None,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: default_max_request_bytes(),
+            max_request_rows: default_max_request_rows(),
+            request_timeout_ms: default_request_timeout_ms(),
+        }
+    }
+}
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_ms: default_drift_interval_ms(),
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Reads and checks a config file; relative token file paths are taken
+    /// from the file's folder.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read serve config {}", path.display()))?;
+        let mut config =
+            Self::from_toml(&text).with_context(|| format!("serve config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for file in [
+            &mut config.auth.token_file,
+            &mut config.auth.admin_token_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses a config from TOML text (no checks beyond the types: see
+    /// [`ServeConfig::validate`]).
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.message().trim().to_string();
+            if path.is_empty() || path == "." {
+                anyhow::anyhow!("{message}")
+            } else {
+                anyhow::anyhow!("{path}: {message}")
+            }
+        })
+    }
+
+    /// Checks every value; the error names the field and says what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            !self.registry.trim().is_empty(),
+            "registry: required (a registry URL such as file:///srv/kiln/registry or s3://bucket/registry)"
+        );
+        ensure!(
+            !self.models.is_empty(),
+            "models: name at least one model to serve (NAME, NAME:VERSION or NAME@ALIAS)"
+        );
+        let mut names = std::collections::BTreeSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let selector: Selector = m.parse().map_err(|e| anyhow::anyhow!("models[{i}]: {e}"))?;
+            if !names.insert(selector.name.clone()) {
+                bail!(
+                    "models[{i}]: model {} is named twice; serve one selector per model (an alias splits traffic between versions)",
+                    selector.name
+                );
+            }
+        }
+        let b = &self.batching;
+        ensure!(
+            (1..=65_536).contains(&b.max_batch_size),
+            "batching.max_batch_size: {} is out of range; allowed: 1 to 65536 rows",
+            b.max_batch_size
+        );
+        ensure!(
+            b.max_queue_delay_us <= 10_000_000,
+            "batching.max_queue_delay_us: {} is out of range; allowed: 0 to 10000000 (10 s)",
+            b.max_queue_delay_us
+        );
+        ensure!(
+            (1..=1_000_000).contains(&b.queue_capacity),
+            "batching.queue_capacity: {} is out of range; allowed: 1 to 1000000 requests",
+            b.queue_capacity
+        );
+        ensure!(
+            (10..=3_600_000).contains(&self.swap.poll_interval_ms),
+            "swap.poll_interval_ms: {} is out of range; allowed: 10 to 3600000",
+            self.swap.poll_interval_ms
+        );
+        let l = &self.limits;
+        ensure!(
+            (1024..=(4usize << 30)).contains(&l.max_request_bytes),
+            "limits.max_request_bytes: {} is out of range; allowed: 1024 to 4294967296",
+            l.max_request_bytes
+        );
+        ensure!(
+            l.max_request_rows >= 1,
+            "limits.max_request_rows: must be at least 1"
+        );
+        ensure!(
+            (1..=3_600_000).contains(&l.request_timeout_ms),
+            "limits.request_timeout_ms: {} is out of range; allowed: 1 to 3600000",
+            l.request_timeout_ms
+        );
+        ensure!(
+            self.threads <= 1024,
+            "threads: {} is out of range; allowed: 0 (libtorch's default) to 1024",
+            self.threads
+        );
+        ensure!(
+            (10..=86_400_000).contains(&self.drift.interval_ms),
+            "drift.interval_ms: {} is out of range; allowed: 10 to 86400000",
+            self.drift.interval_ms
+        );
+        Ok(())
+    }
+
+    /// The parsed model selectors (call after [`ServeConfig::validate`]).
+    pub fn selectors(&self) -> Result<Vec<Selector>> {
+        self.models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| m.parse().map_err(|e| anyhow::anyhow!("models[{i}]: {e}")))
+            .collect()
+    }
+
+    /// The batching delay as a duration.
+    pub fn max_queue_delay(&self) -> Duration {
+        Duration::from_micros(self.batching.max_queue_delay_us)
+    }
+
+    /// The alias polling interval as a duration.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.swap.poll_interval_ms)
+    }
+
+    /// The request time limit as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.request_timeout_ms)
+    }
+}
+
+/// The tokens in force, read once at start.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Tokens {
+    /// Required on inference and metadata requests when set.
+    pub inference: Option<String>,
+    /// Required on management requests when set (and accepted for inference).
+    pub admin: Option<String>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a secret.
+        f.debug_struct("Tokens")
+            .field("inference", &self.inference.as_ref().map(|_| "<set>"))
+            .field("admin", &self.admin.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl AuthConfig {
+    /// Reads the tokens: a configured file wins over the environment. A
+    /// token file that is missing, unreadable or empty is an error (a server
+    /// that silently ran without the token it was told to use would be open).
+    pub fn tokens(&self) -> Result<Tokens> {
+        Ok(Tokens {
+            inference: read_token("auth.token_file", self.token_file.as_deref(), TOKEN_ENV)?,
+            admin: read_token(
+                "auth.admin_token_file",
+                self.admin_token_file.as_deref(),
+                ADMIN_TOKEN_ENV,
+            )?,
+        })
+    }
+}
+
+fn read_token(field: &str, file: Option<&Path>, env: &str) -> Result<Option<String>> {
+    let token = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{field}: read {}", path.display()))?;
+            let token = text.trim().to_string();
+            ensure!(!token.is_empty(), "{field}: {} is empty", path.display());
+            token
+        }
+        None => match std::env::var(env) {
+            Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
+            _ => return Ok(None),
+        },
+    };
+    ensure!(
+        token.bytes().all(|b| b.is_ascii_graphic()),
+        "{field}: a token must be printable ASCII without spaces (it travels in an HTTP header)"
+    );
+    Ok(Some(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_file_and_rejects_unknown_keys() {
+        let c = ServeConfig::from_toml(
+            r#"
+registry = "memory://r"
+models = ["digits@production", "other:2"]
+listen = "127.0.0.1:0"
+[batching]
+max_batch_size = 8
+max_queue_delay_us = 500
+[swap]
+poll_interval_ms = 100
+canary_seed = 7
+[limits]
+max_request_rows = 64
+[[hooks]]
+sink = "log"
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.batching.max_batch_size, 8);
+        assert!(c.batching.fixed_shape);
+        assert_eq!(c.swap.canary_seed, Some(7));
+        assert_eq!(c.limits.max_request_bytes, 64 << 20);
+        assert_eq!(c.hooks.len(), 1);
+        assert_eq!(c.selectors().unwrap()[1].to_string(), "other:2");
+
+        let e = ServeConfig::from_toml("[batching]\nmax_batchsize = 3\n").unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("batching") && e.contains("max_batchsize"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c = ServeConfig {
+            registry: "memory://r".into(),
+            models: vec!["m".into()],
+            ..Default::default()
+        };
+        c.validate().unwrap();
+        c.batching.max_batch_size = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("batching.max_batch_size"), "{e}");
+        c.batching.max_batch_size = 4;
+        c.models = vec!["m@prod".into(), "m:2".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("models[1]") && e.contains("twice"), "{e}");
+        c.models = vec!["bad name".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("models[0]"), "{e}");
+        c.models = vec!["m".into()];
+        c.registry = " ".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("registry")
+        );
+    }
+
+    #[test]
+    fn token_files_win_and_must_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let auth = AuthConfig {
+            token_file: Some(f.clone()),
+            admin_token_file: None,
+        };
+        let t = auth.tokens().unwrap();
+        assert_eq!(t.inference.as_deref(), Some("s3cret"));
+        assert!(!format!("{t:?}").contains("s3cret"));
+        std::fs::write(&f, "  \n").unwrap();
+        let e = auth.tokens().unwrap_err().to_string();
+        assert!(e.contains("auth.token_file") && e.contains("empty"), "{e}");
+        let missing = AuthConfig {
+            token_file: Some(dir.path().join("nope")),
+            admin_token_file: None,
+        };
+        assert!(missing.tokens().is_err());
+    }
+}

@@ -1,0 +1,344 @@
+//! The server's Prometheus metrics (`GET /metrics`), labelled by model and
+//! version.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `kiln_serve_request_duration_seconds` | histogram | model, version, protocol |
+//! | `kiln_serve_queue_duration_seconds` | histogram | model, version |
+//! | `kiln_serve_compute_duration_seconds` | histogram | model, version |
+//! | `kiln_serve_batch_size` | histogram (rows per batch) | model, version |
+//! | `kiln_serve_requests_total` | counter (answered requests) | model, version, protocol |
+//! | `kiln_serve_errors_total` | counter (failed requests) | model, version, protocol, kind |
+//! | `kiln_serve_version_weight` | gauge (% of the model's traffic) | model, version |
+//! | `kiln_serve_swaps_total` | counter | model |
+//! | `kiln_serve_load_failures_total` | counter (new versions that failed to load) | model |
+//! | `kiln_drift_share` | gauge (share of drifted columns, 0-1) | model, version, column |
+//! | `kiln_drift_detected` | gauge (0 or 1) | model, version, column |
+//!
+//! `version` is empty on errors that happen before a version is chosen (an
+//! unknown model, a malformed body); `column` is `_all` for the version's
+//! overall drift verdict.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A served version.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub model: String,
+    pub version: String,
+}
+
+/// A request, by where it went and how it came.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    pub version: String,
+    /// `http` or `grpc`.
+    pub protocol: String,
+}
+
+/// A failed request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub model: String,
+    pub version: String,
+    pub protocol: String,
+    /// `bad_request`, `not_found`, `timeout`, ...
+    pub kind: String,
+}
+
+/// A model.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+/// One drift column of a version.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub model: String,
+    pub version: String,
+    pub column: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn seconds_histogram() -> Histogram {
+    // 50 us .. ~105 s.
+    Histogram::new(exponential_buckets(50e-6, 2.0, 22))
+}
+
+fn rows_histogram() -> Histogram {
+    // 1 .. 65536 rows.
+    Histogram::new(exponential_buckets(1.0, 2.0, 17))
+}
+
+struct Inner {
+    registry: Registry,
+    request_duration: HistogramFamily<RequestLabels>,
+    queue_duration: HistogramFamily<VersionLabels>,
+    compute_duration: HistogramFamily<VersionLabels>,
+    batch_size: HistogramFamily<VersionLabels>,
+    requests: Family<RequestLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    weight: Family<VersionLabels, Gauge>,
+    swaps: Family<ModelLabels, Counter>,
+    load_failures: Family<ModelLabels, Counter>,
+    drift_share: Family<DriftLabels, Gauge<f64, AtomicU64>>,
+    drift_detected: Family<DriftLabels, Gauge>,
+}
+
+/// The server's metrics; cheap to clone (shared).
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kiln");
+        let request_duration =
+            HistogramFamily::new_with_constructor(seconds_histogram as fn() -> _);
+        let queue_duration = HistogramFamily::new_with_constructor(seconds_histogram as fn() -> _);
+        let compute_duration =
+            HistogramFamily::new_with_constructor(seconds_histogram as fn() -> _);
+        let batch_size = HistogramFamily::new_with_constructor(rows_histogram as fn() -> _);
+        let requests = Family::<RequestLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let weight = Family::<VersionLabels, Gauge>::default();
+        let swaps = Family::<ModelLabels, Counter>::default();
+        let load_failures = Family::<ModelLabels, Counter>::default();
+        let drift_share = Family::<DriftLabels, Gauge<f64, AtomicU64>>::default();
+        let drift_detected = Family::<DriftLabels, Gauge>::default();
+        registry.register(
+            "serve_request_duration_seconds",
+            "Time from receipt to response of inference requests",
+            request_duration.clone(),
+        );
+        registry.register(
+            "serve_queue_duration_seconds",
+            "Time inference requests waited for their batch",
+            queue_duration.clone(),
+        );
+        registry.register(
+            "serve_compute_duration_seconds",
+            "Forward pass time of one batch",
+            compute_duration.clone(),
+        );
+        registry.register(
+            "serve_batch_size",
+            "Rows per batch (padding excluded)",
+            batch_size.clone(),
+        );
+        registry.register(
+            "serve_requests",
+            "Inference requests answered",
+            requests.clone(),
+        );
+        registry.register(
+            "serve_errors",
+            "Inference requests that failed, by kind",
+            errors.clone(),
+        );
+        registry.register(
+            "serve_version_weight",
+            "Share of the model's traffic routed to the version, in percent",
+            weight.clone(),
+        );
+        registry.register(
+            "serve_swaps",
+            "Times the served versions of a model changed",
+            swaps.clone(),
+        );
+        registry.register(
+            "serve_load_failures",
+            "New versions of a model that failed to load (the old ones kept serving)",
+            load_failures.clone(),
+        );
+        registry.register(
+            "drift_share",
+            "Share of drifted columns (column _all) or the column's drift statistic",
+            drift_share.clone(),
+        );
+        registry.register(
+            "drift_detected",
+            "Whether drift is detected (1) or not (0)",
+            drift_detected.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                request_duration,
+                queue_duration,
+                compute_duration,
+                batch_size,
+                requests,
+                errors,
+                weight,
+                swaps,
+                load_failures,
+                drift_share,
+                drift_detected,
+            }),
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    /// An answered request.
+    pub fn observe_request(&self, labels: &RequestLabels, took: Duration) {
+        self.inner.requests.get_or_create(labels).inc();
+        self.inner
+            .request_duration
+            .get_or_create(labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// A failed request.
+    pub fn observe_error(&self, labels: &RequestLabels, kind: &str, took: Duration) {
+        let l = ErrorLabels {
+            model: labels.model.clone(),
+            version: labels.version.clone(),
+            protocol: labels.protocol.clone(),
+            kind: kind.to_string(),
+        };
+        self.inner.errors.get_or_create(&l).inc();
+        self.inner
+            .request_duration
+            .get_or_create(labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// A request's wait for its batch.
+    pub fn observe_queue(&self, labels: &VersionLabels, waited: Duration) {
+        self.inner
+            .queue_duration
+            .get_or_create(labels)
+            .observe(waited.as_secs_f64());
+    }
+
+    /// One batch: its rows and its compute time.
+    pub fn observe_batch(&self, labels: &VersionLabels, rows: usize, took: Duration) {
+        self.inner
+            .batch_size
+            .get_or_create(labels)
+            .observe(rows as f64);
+        self.inner
+            .compute_duration
+            .get_or_create(labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// The traffic weights of a model's versions after a (re)load: versions
+    /// no longer served drop to 0.
+    pub fn set_weights(&self, model: &str, weights: &[(u64, u32)], previous: &[u64]) {
+        for v in previous {
+            self.inner
+                .weight
+                .get_or_create(&VersionLabels {
+                    model: model.to_string(),
+                    version: v.to_string(),
+                })
+                .set(0);
+        }
+        for (v, w) in weights {
+            self.inner
+                .weight
+                .get_or_create(&VersionLabels {
+                    model: model.to_string(),
+                    version: v.to_string(),
+                })
+                .set(i64::from(*w));
+        }
+    }
+
+    /// A swap of a model's versions.
+    pub fn count_swap(&self, model: &str) {
+        self.inner
+            .swaps
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc();
+    }
+
+    /// A failed load of a model's new versions.
+    pub fn count_load_failure(&self, model: &str) {
+        self.inner
+            .load_failures
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc();
+    }
+
+    /// One drift column's statistic and verdict.
+    pub fn set_drift(&self, labels: &DriftLabels, share: f64, detected: bool) {
+        self.inner.drift_share.get_or_create(labels).set(share);
+        self.inner
+            .drift_detected
+            .get_or_create(labels)
+            .set(i64::from(detected));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_labels() {
+        let m = Metrics::default();
+        let r = RequestLabels {
+            model: "digits".into(),
+            version: "2".into(),
+            protocol: "http".into(),
+        };
+        m.observe_request(&r, Duration::from_millis(3));
+        m.observe_error(&r, "bad_request", Duration::from_millis(1));
+        let v = VersionLabels {
+            model: "digits".into(),
+            version: "2".into(),
+        };
+        m.observe_batch(&v, 5, Duration::from_micros(300));
+        m.observe_queue(&v, Duration::from_micros(20));
+        m.set_weights("digits", &[(2, 100)], &[1]);
+        let text = m.encode();
+        for want in [
+            "kiln_serve_requests_total{model=\"digits\",version=\"2\",protocol=\"http\"} 1",
+            "kiln_serve_errors_total{model=\"digits\",version=\"2\",protocol=\"http\",kind=\"bad_request\"} 1",
+            "kiln_serve_batch_size_sum{model=\"digits\",version=\"2\"} 5",
+            "kiln_serve_queue_duration_seconds_count{model=\"digits\",version=\"2\"} 1",
+            "kiln_serve_compute_duration_seconds_bucket",
+            "kiln_serve_request_duration_seconds_count{model=\"digits\",version=\"2\",protocol=\"http\"} 2",
+            "kiln_serve_version_weight{model=\"digits\",version=\"1\"} 0",
+            "kiln_serve_version_weight{model=\"digits\",version=\"2\"} 100",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! A registered version made ready to serve: its weights loaded from its
+//! checkpoint (the weights-only subset, every chunk verified, then the whole
+//! set checked against the registered weights digest), copied by name into
+//! the network `kiln_models::build` makes from the version's definition, and
+//! warmed up.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result, bail, ensure};
+use kiln_checkpoint::registry::{ModelVersion, Registry};
+use kiln_checkpoint::{CheckpointRoot, DType, OwnedTensor, TensorView, weights_digest};
+use kiln_models::Net;
+use kiln_proto::spec::ModelKind;
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+/// Checkpoint tensors that hold model parameters start with this (see
+/// trainer/src/state.rs: `model/{parameter}`, `optim/{buffer}/{parameter}`).
+const MODEL_PREFIX: &str = "model/";
+
+/// A network with its weights, ready for forward passes. Owned by one
+/// compute thread (libtorch modules are `Send`, not `Sync`).
+pub struct ServingNet {
+    net: Net,
+    /// Holds the parameters the network reads.
+    _vs: nn::VarStore,
+    /// A TorchScript module's file, kept while the module lives.
+    _script: Option<tempfile::NamedTempFile>,
+    features: usize,
+    classes: usize,
+}
+
+impl std::fmt::Debug for ServingNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingNet")
+            .field("net", &self.net)
+            .field("features", &self.features)
+            .field("classes", &self.classes)
+            .finish()
+    }
+}
+
+impl ServingNet {
+    /// Builds the network of `version` and loads its verified weights.
+    /// Blocking (checkpoint reads, libtorch): call it off the async threads.
+    pub fn load(registry: &Registry, version: &ModelVersion) -> Result<ServingNet> {
+        let what = format!("{}:{}", version.name, version.version);
+        let root = CheckpointRoot::open(&version.checkpoint.root)
+            .with_context(|| format!("{what}: open checkpoint root {}", version.checkpoint.root))?;
+        let step = version.checkpoint.step;
+        let manifest = block_on(kiln_checkpoint::load::resolve_async(
+            &root,
+            &step.to_string(),
+        ))
+        .with_context(|| format!("{what}: find the checkpoint of step {step}"))?;
+        let tensors = kiln_checkpoint::load(&root, &manifest, |n| n.starts_with(MODEL_PREFIX))
+            .with_context(|| format!("{what}: load weights of step {step}"))?;
+        let weights: Vec<OwnedTensor> = tensors
+            .into_iter()
+            .map(|mut t| {
+                t.name = t.name[MODEL_PREFIX.len()..].to_string();
+                t
+            })
+            .collect();
+        ensure!(
+            !weights.is_empty(),
+            "{what}: checkpoint {} holds no model weights",
+            root.url_of(&manifest.key)
+        );
+        let views: Vec<TensorView<'_>> = weights.iter().map(|t| t.view()).collect();
+        let digest = weights_digest(&views);
+        ensure!(
+            digest == version.checkpoint.digest,
+            "{what}: the weights of checkpoint step {step} have digest {digest}, but the registry recorded {}; the checkpoint is not the one registered",
+            version.checkpoint.digest
+        );
+
+        let mut spec = version.model.spec.clone();
+        let script = if spec.kind == ModelKind::Torchscript {
+            let bytes = block_on(registry.torchscript(&version.name, version.version))
+                .with_context(|| format!("{what}: read its TorchScript module"))?;
+            let Some(bytes) = bytes else {
+                bail!("{what}: a torchscript model without a registered TorchScript module");
+            };
+            let mut file = tempfile::Builder::new()
+                .prefix("kiln-serve-")
+                .suffix(".pt")
+                .tempfile()
+                .context("create a temporary file for the TorchScript module")?;
+            std::io::Write::write_all(&mut file, &bytes).context("write the TorchScript module")?;
+            spec.path = Some(file.path().to_path_buf());
+            Some(file)
+        } else {
+            None
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let (features, classes) = (version.model.features, version.model.classes);
+        let mut net = kiln_models::build(&spec, features, classes, &vs)
+            .with_context(|| format!("{what}: build the network"))?;
+        copy_weights(&vs, &weights).with_context(|| format!("{what}: load weights"))?;
+        if let Net::Script(module) = &mut net {
+            module.set_eval();
+        }
+        let mut vs = vs;
+        vs.freeze();
+        Ok(ServingNet {
+            net,
+            _vs: vs,
+            _script: script,
+            features,
+            classes,
+        })
+    }
+
+    /// Values per sample.
+    pub fn features(&self) -> usize {
+        self.features
+    }
+
+    /// Logits per sample.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Logits of `rows` samples (`values`: rows x features, row-major), as
+    /// rows x classes values. libtorch reports some failures by panicking;
+    /// callers catch that.
+    pub fn forward(&self, rows: usize, values: &[f32]) -> Result<Vec<f32>> {
+        ensure!(
+            values.len() == rows * self.features,
+            "{} values for {rows} rows of {} features",
+            values.len(),
+            self.features
+        );
+        let x = Tensor::from_slice(values).view([rows as i64, self.features as i64]);
+        let y = tch::no_grad(|| match &self.net {
+            Net::Builtin(seq) => Ok(seq.forward(&x)),
+            Net::Script(module) => module.forward_ts(&[&x]),
+        })
+        .context("forward pass")?;
+        ensure!(
+            y.size() == [rows as i64, self.classes as i64] && y.kind() == Kind::Float,
+            "the network returned {:?} {:?} for {rows} rows; expected Float [{rows}, {}]",
+            y.kind(),
+            y.size(),
+            self.classes
+        );
+        let y = y.contiguous().view([-1]);
+        Vec::<f32>::try_from(&y).context("copy logits")
+    }
+}
+
+/// Copies every parameter of `vs` from `weights` (same names, dtype, shape);
+/// a weight the network does not have is an error too (another architecture).
+fn copy_weights(vs: &nn::VarStore, weights: &[OwnedTensor]) -> Result<()> {
+    let params = kiln_models::named_parameters(vs);
+    let by_name: HashMap<&str, &OwnedTensor> =
+        weights.iter().map(|t| (t.name.as_str(), t)).collect();
+    for (name, param) in &params {
+        let src = by_name.get(name.as_str()).with_context(|| {
+            format!("the checkpoint has no weight {name} (was it saved by another model?)")
+        })?;
+        let shape: Vec<i64> = src.shape.iter().map(|&d| d as i64).collect();
+        ensure!(
+            shape == param.size() && src.dtype == DType::F32 && param.kind() == Kind::Float,
+            "weight {name} is {:?} {:?}; the network expects F32 {:?}",
+            src.dtype,
+            src.shape,
+            param.size()
+        );
+        let host = Tensor::from_data_size(&src.data, &shape, Kind::Float);
+        tch::no_grad(|| param.detach().copy_(&host));
+    }
+    if params.len() != weights.len() {
+        let known: std::collections::HashSet<&str> =
+            params.iter().map(|(n, _)| n.as_str()).collect();
+        let extra: Vec<&str> = weights
+            .iter()
+            .map(|t| t.name.as_str())
+            .filter(|n| !known.contains(n))
+            .collect();
+        bail!(
+            "the checkpoint has weights the network does not: {} (was it saved by another model?)",
+            extra.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Runs a future to completion from blocking code (the loaders run on
+/// `spawn_blocking` threads, which may not block on the runtime itself).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.block_on(f),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("build a runtime for a model load")
+            .block_on(f),
+    }
+}
+
+/// Softmax of each row of `logits` (rows x classes), in `f32`, row by row
+/// (so a row's probabilities never depend on other rows).
+pub fn softmax_rows(logits: &[f32], classes: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks_exact(classes) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = row.iter().map(|&x| (x - max).exp()).collect();
+        let sum: f32 = exps.iter().sum();
+        out.extend(exps.iter().map(|&e| e / sum));
+    }
+    out
+}
+
+/// The index of each row's largest logit (the first of equals; NaN never wins).
+pub fn argmax_rows(logits: &[f32], classes: usize) -> Vec<i64> {
+    logits
+        .chunks_exact(classes)
+        .map(|row| {
+            let mut best = 0;
+            for (i, &x) in row.iter().enumerate() {
+                if x > row[best] || row[best].is_nan() && !x.is_nan() {
+                    best = i;
+                }
+            }
+            best as i64
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_and_softmax_are_row_wise() {
+        let logits = [1.0, 3.0, 3.0, f32::NAN, 0.5, -1.0];
+        assert_eq!(argmax_rows(&logits, 3), vec![1, 1]);
+        let p = softmax_rows(&logits[..3], 3);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(p[1], p[2]);
+        assert_eq!(softmax_rows(&[2.0, 2.0], 2), vec![0.5, 0.5]);
+    }
+}

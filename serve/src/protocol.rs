@@ -1,0 +1,544 @@
+//! The protocol-neutral form of an inference request and response, between
+//! the REST and gRPC front ends and the models; decoding of input tensor data
+//! (binary, JSON or typed lists) into the model's `f32` rows, and encoding of
+//! outputs.
+//!
+//! Decoding is strict: the input's name, datatype and shape must match the
+//! version's signature, the element count must match the shape, integers
+//! must fit their datatype, and every failure names the tensor and says what
+//! was expected.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::datatype::Datatype;
+use crate::error::{ErrorKind, RequestError};
+use crate::signature::IoSpec;
+
+/// An input tensor as received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputTensor {
+    pub name: String,
+    /// As the client spelled it; checked against the signature.
+    pub datatype: String,
+    pub shape: Vec<i64>,
+    pub data: InputData,
+}
+
+/// An input tensor's elements as they arrived.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InputData {
+    /// Little-endian bytes (the binary data extension, gRPC raw contents).
+    Raw(Bytes),
+    /// Numbers from JSON or typed gRPC lists, row-major.
+    Numbers(Vec<Number>),
+    /// Booleans from JSON or gRPC `bool_contents`.
+    Bools(Vec<bool>),
+}
+
+/// A number as a client sent it: integers stay exact.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Number {
+    Int(i64),
+    Uint(u64),
+    Float(f64),
+}
+
+/// An output the client asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestedOutput {
+    pub name: String,
+    /// REST only: send this output as binary data (`binary_data` parameter);
+    /// `None`: the request's default.
+    pub binary: Option<bool>,
+}
+
+/// A request in protocol-neutral form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferRequest {
+    pub id: Option<String>,
+    pub inputs: Vec<InputTensor>,
+    /// `None`: every output of the version.
+    pub outputs: Option<Vec<RequestedOutput>>,
+    /// REST only: outputs default to binary data (`binary_data_output`).
+    pub binary_output: bool,
+    /// The client's own time limit (`timeout` parameter).
+    pub timeout: Option<Duration>,
+}
+
+/// An output tensor's elements.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+/// One output of a response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputTensor {
+    pub name: String,
+    pub datatype: Datatype,
+    pub shape: Vec<i64>,
+    pub data: OutputData,
+    /// REST: send as binary data.
+    pub binary: bool,
+}
+
+/// A response in protocol-neutral form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferResponse {
+    pub model_name: String,
+    pub model_version: String,
+    pub id: Option<String>,
+    pub outputs: Vec<OutputTensor>,
+}
+
+impl OutputData {
+    /// Elements as little-endian bytes.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            OutputData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            OutputData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    /// Elements as a flat JSON array. `f32` values are written as their exact
+    /// `f64` value, so that a reader parsing either `f32` or `f64` gets the
+    /// same bits back (the shortest `f32` spelling, parsed as `f64` and then
+    /// rounded to `f32`, can land on a neighbour).
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            OutputData::F32(v) => v
+                .iter()
+                .map(|&x| {
+                    serde_json::Number::from_f64(f64::from(x))
+                        .map(serde_json::Value::Number)
+                        .unwrap_or(serde_json::Value::Null)
+                })
+                .collect(),
+            OutputData::I64(v) => v.iter().map(|&x| serde_json::Value::from(x)).collect(),
+        }
+    }
+
+    /// Whether every value can be written as JSON (NaN and infinities cannot).
+    pub fn json_safe(&self) -> bool {
+        match self {
+            OutputData::F32(v) => v.iter().all(|x| x.is_finite()),
+            OutputData::I64(_) => true,
+        }
+    }
+}
+
+/// A request's input decoded for the model: `rows` samples of
+/// `features` values, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedInput {
+    pub rows: usize,
+    pub values: Vec<f32>,
+}
+
+fn bad(message: String) -> RequestError {
+    RequestError::bad_request(message)
+}
+
+/// Checks `inputs` against the version's input and decodes them.
+pub fn decode_inputs(
+    io: &IoSpec,
+    inputs: &[InputTensor],
+    max_rows: usize,
+) -> Result<DecodedInput, RequestError> {
+    let want = &io.input;
+    let t = match inputs {
+        [t] => t,
+        [] => {
+            return Err(bad(format!(
+                "the request has no inputs; the model takes one: {} ({} {:?})",
+                want.name, want.datatype, want.shape
+            )));
+        }
+        more => {
+            let names: Vec<&str> = more.iter().map(|t| t.name.as_str()).collect();
+            return Err(bad(format!(
+                "the request has {} inputs ({}); the model takes one: {}",
+                more.len(),
+                names.join(", "),
+                want.name
+            )));
+        }
+    };
+    if t.name != want.name {
+        return Err(bad(format!(
+            "unexpected input {:?}; the model's input is {:?}",
+            t.name, want.name
+        )));
+    }
+    if t.datatype != want.datatype.as_str() {
+        return Err(bad(format!(
+            "input {}: datatype {:?} does not match the model's {}",
+            t.name, t.datatype, want.datatype
+        )));
+    }
+    let shape_ok = t.shape.len() == want.shape.len()
+        && t.shape.iter().all(|&d| d >= 0)
+        && t.shape[1..] == want.shape[1..];
+    if !shape_ok {
+        return Err(bad(format!(
+            "input {}: shape {:?} does not match the model's {:?} (-1: any number of rows)",
+            t.name, t.shape, want.shape
+        )));
+    }
+    let rows = t.shape[0] as usize;
+    if rows == 0 {
+        return Err(bad(format!("input {}: a batch of 0 rows", t.name)));
+    }
+    if rows > max_rows {
+        return Err(RequestError::new(
+            ErrorKind::TooLarge,
+            format!(
+                "input {}: {rows} rows is more than this server's limit of {max_rows} rows per request",
+                t.name
+            ),
+        ));
+    }
+    let numel = rows * io.features;
+    let values = match &t.data {
+        InputData::Raw(bytes) => decode_raw(&t.name, want.datatype, bytes, numel)?,
+        InputData::Numbers(numbers) => {
+            check_count(&t.name, numbers.len(), numel)?;
+            numbers
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| number_to_f32(&t.name, want.datatype, i, n))
+                .collect::<Result<_, _>>()?
+        }
+        InputData::Bools(bools) => {
+            if want.datatype != Datatype::Bool {
+                return Err(bad(format!(
+                    "input {}: booleans given for a {} tensor",
+                    t.name, want.datatype
+                )));
+            }
+            check_count(&t.name, bools.len(), numel)?;
+            bools.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect()
+        }
+    };
+    Ok(DecodedInput { rows, values })
+}
+
+fn check_count(name: &str, got: usize, want: usize) -> Result<(), RequestError> {
+    if got != want {
+        return Err(bad(format!(
+            "input {name}: {got} values for a shape that holds {want}"
+        )));
+    }
+    Ok(())
+}
+
+fn decode_raw(
+    name: &str,
+    datatype: Datatype,
+    bytes: &[u8],
+    numel: usize,
+) -> Result<Vec<f32>, RequestError> {
+    let size = datatype.size();
+    if bytes.len() != numel * size {
+        return Err(bad(format!(
+            "input {name}: {} bytes of data for {numel} {datatype} values ({} bytes)",
+            bytes.len(),
+            numel * size
+        )));
+    }
+    let out = match datatype {
+        Datatype::Fp32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Datatype::Fp64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        Datatype::Fp16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+            .collect(),
+        Datatype::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))
+            .collect(),
+        Datatype::Int64 => bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        Datatype::Int32 => bytes
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32)
+            .collect(),
+        Datatype::Int16 => bytes
+            .chunks_exact(2)
+            .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])))
+            .collect(),
+        Datatype::Int8 => bytes.iter().map(|&b| f32::from(b as i8)).collect(),
+        Datatype::Uint8 => bytes.iter().map(|&b| f32::from(b)).collect(),
+        Datatype::Bool => {
+            if let Some(i) = bytes.iter().position(|&b| b > 1) {
+                return Err(bad(format!(
+                    "input {name}: byte {i} is {}; a BOOL element is 0 or 1",
+                    bytes[i]
+                )));
+            }
+            bytes.iter().map(|&b| f32::from(b)).collect()
+        }
+    };
+    Ok(out)
+}
+
+fn number_to_f32(
+    name: &str,
+    datatype: Datatype,
+    index: usize,
+    n: Number,
+) -> Result<f32, RequestError> {
+    let int_range = |lo: i64, hi: i64| -> Result<f32, RequestError> {
+        let v: Option<i64> = match n {
+            Number::Int(i) => Some(i),
+            Number::Uint(u) => i64::try_from(u).ok(),
+            Number::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Some(f as i64),
+            Number::Float(_) => None,
+        };
+        match v {
+            Some(v) if (lo..=hi).contains(&v) => Ok(v as f32),
+            _ => Err(bad(format!(
+                "input {name}: element {index} ({}) is not a {datatype} (an integer from {lo} to {hi})",
+                show(n)
+            ))),
+        }
+    };
+    match datatype {
+        Datatype::Fp32 | Datatype::Fp64 | Datatype::Fp16 | Datatype::Bf16 => Ok(match n {
+            Number::Int(i) => i as f32,
+            Number::Uint(u) => u as f32,
+            Number::Float(f) => f as f32,
+        }),
+        Datatype::Int64 => int_range(i64::MIN, i64::MAX),
+        Datatype::Int32 => int_range(i32::MIN.into(), i32::MAX.into()),
+        Datatype::Int16 => int_range(i16::MIN.into(), i16::MAX.into()),
+        Datatype::Int8 => int_range(i8::MIN.into(), i8::MAX.into()),
+        Datatype::Uint8 => int_range(0, 255),
+        Datatype::Bool => Err(bad(format!(
+            "input {name}: element {index} ({}) is a number; BOOL elements are true or false",
+            show(n)
+        ))),
+    }
+}
+
+fn show(n: Number) -> String {
+    match n {
+        Number::Int(i) => i.to_string(),
+        Number::Uint(u) => u.to_string(),
+        Number::Float(f) => f.to_string(),
+    }
+}
+
+/// IEEE half precision to single (exact: every half is a single).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h >> 15) << 31;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let mant = u32::from(h & 0x3ff);
+    let bits = match (exp, mant) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: shift the mantissa up to an implicit leading one.
+            let mut e: u32 = 127 - 15 + 1;
+            let mut m = mant;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            sign | (e << 23) | ((m & 0x3ff) << 13)
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (mant << 13),
+        _ => sign | ((exp + 127 - 15) << 23) | (mant << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Flattens a JSON tensor (`data`: flat or nested row-major arrays) into
+/// numbers or booleans.
+pub fn json_data(name: &str, data: &serde_json::Value) -> Result<InputData, RequestError> {
+    fn walk(
+        name: &str,
+        v: &serde_json::Value,
+        numbers: &mut Vec<Number>,
+        bools: &mut Vec<bool>,
+        depth: usize,
+    ) -> Result<(), RequestError> {
+        if depth > 64 {
+            return Err(bad(format!("input {name}: data is nested too deeply")));
+        }
+        match v {
+            serde_json::Value::Array(items) => {
+                for item in items {
+                    walk(name, item, numbers, bools, depth + 1)?;
+                }
+            }
+            serde_json::Value::Number(n) => numbers.push(if let Some(i) = n.as_i64() {
+                Number::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                Number::Uint(u)
+            } else {
+                Number::Float(n.as_f64().unwrap_or(f64::NAN))
+            }),
+            serde_json::Value::Bool(b) => bools.push(*b),
+            other => {
+                return Err(bad(format!(
+                    "input {name}: data holds {other}; expected numbers or booleans in (nested) arrays"
+                )));
+            }
+        }
+        Ok(())
+    }
+    let (mut numbers, mut bools) = (Vec::new(), Vec::new());
+    walk(name, data, &mut numbers, &mut bools, 0)?;
+    match (numbers.is_empty(), bools.is_empty()) {
+        (_, true) => Ok(InputData::Numbers(numbers)),
+        (true, false) => Ok(InputData::Bools(bools)),
+        (false, false) => Err(bad(format!(
+            "input {name}: data mixes numbers and booleans"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_checkpoint::registry::Signature;
+
+    fn io() -> IoSpec {
+        IoSpec::from_signature(&Signature::classifier(3, 2), 3, 2).unwrap()
+    }
+
+    fn input(datatype: &str, shape: &[i64], data: InputData) -> InputTensor {
+        InputTensor {
+            name: "input".into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+
+    #[test]
+    fn decodes_raw_and_json_alike() {
+        let values = [1.5f32, -2.0, 3.25, 0.0, 1e-8, 7.0];
+        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let a = decode_inputs(
+            &io(),
+            &[input("FP32", &[2, 3], InputData::Raw(raw.into()))],
+            10,
+        )
+        .unwrap();
+        assert_eq!(a.rows, 2);
+        assert_eq!(a.values, values);
+        let json: serde_json::Value = serde_json::json!([[1.5, -2.0, 3.25], [0.0, 1e-8, 7]]);
+        let data = json_data("input", &json).unwrap();
+        let b = decode_inputs(&io(), &[input("FP32", &[2, 3], data)], 10).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn refuses_mismatches_with_a_reason() {
+        let io = io();
+        let err = |t: InputTensor, max: usize| decode_inputs(&io, &[t], max).unwrap_err();
+        let nums = |n: usize| InputData::Numbers(vec![Number::Float(0.5); n]);
+        let e = err(input("FP64", &[1, 3], nums(3)), 10);
+        assert!(e.message.contains("datatype \"FP64\""), "{e}");
+        let e = err(input("FP32", &[1, 4], nums(4)), 10);
+        assert!(e.message.contains("shape [1, 4]"), "{e}");
+        let e = err(input("FP32", &[2, 3], nums(5)), 10);
+        assert!(e.message.contains("5 values"), "{e}");
+        let e = err(input("FP32", &[11, 3], nums(33)), 10);
+        assert_eq!(e.kind, ErrorKind::TooLarge);
+        let e = err(
+            input("FP32", &[1, 3], InputData::Raw(vec![0u8; 11].into())),
+            10,
+        );
+        assert!(e.message.contains("11 bytes"), "{e}");
+        let e = err(input("FP32", &[0, 3], nums(0)), 10);
+        assert!(e.message.contains("0 rows"), "{e}");
+        let e = err(input("FP32", &[-1, 3], nums(3)), 10);
+        assert!(e.message.contains("shape"), "{e}");
+        let mut t = input("FP32", &[1, 3], nums(3));
+        t.name = "x".into();
+        assert!(err(t, 10).message.contains("\"input\""));
+        let e = decode_inputs(&io, &[], 10).unwrap_err();
+        assert!(e.message.contains("no inputs"), "{e}");
+        assert!(json_data("input", &serde_json::json!([1, "a"])).is_err());
+        assert!(json_data("input", &serde_json::json!([1, true])).is_err());
+    }
+
+    #[test]
+    fn integer_datatypes_are_range_checked() {
+        let sig = Signature {
+            inputs: vec![kiln_checkpoint::registry::TensorSignature {
+                name: "input".into(),
+                datatype: "UINT8".into(),
+                shape: vec![-1, 2],
+            }],
+            outputs: vec![],
+        };
+        let io = IoSpec::from_signature(&sig, 2, 2).unwrap();
+        let ok = decode_inputs(
+            &io,
+            &[input(
+                "UINT8",
+                &[1, 2],
+                InputData::Numbers(vec![Number::Int(0), Number::Int(255)]),
+            )],
+            4,
+        )
+        .unwrap();
+        assert_eq!(ok.values, [0.0, 255.0]);
+        for bad in [Number::Int(256), Number::Int(-1), Number::Float(1.5)] {
+            let e = decode_inputs(
+                &io,
+                &[input(
+                    "UINT8",
+                    &[1, 2],
+                    InputData::Numbers(vec![Number::Int(1), bad]),
+                )],
+                4,
+            )
+            .unwrap_err();
+            assert!(e.message.contains("element 1"), "{e}");
+        }
+    }
+
+    #[test]
+    fn half_precision() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x0200), 2f32.powi(-15));
+        assert_eq!(f16_to_f32(0x8000).to_bits(), (-0.0f32).to_bits());
+        assert!(f16_to_f32(0x7c00).is_infinite());
+        assert!(f16_to_f32(0x7e00).is_nan());
+    }
+
+    #[test]
+    fn outputs_round_trip_exactly_through_json() {
+        let v = vec![0.1f32, 1.0 / 3.0, -7.25e-20, 16777217.0];
+        let json = OutputData::F32(v.clone()).to_json();
+        let back: Vec<f32> = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(back, v);
+        let text = serde_json::to_string(&json).unwrap();
+        let back: Vec<f32> = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, v);
+        assert_eq!(OutputData::I64(vec![1, -2]).to_le_bytes().len(), 16);
+    }
+}

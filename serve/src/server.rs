@@ -1,0 +1,594 @@
+//! The server: shared state, the inference path both protocols use, model
+//! (un)loading, and the one listener REST and gRPC share.
+//!
+//! One port serves both protocols: hyper accepts HTTP/1.1 and HTTP/2 (h2c)
+//! on the same socket, and each request goes to the gRPC service when its
+//! `content-type` is `application/grpc` (every gRPC request carries it) and
+//! to the REST router otherwise.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::body::Body;
+use axum::http::Request;
+use axum::response::Response;
+use kiln_checkpoint::registry::{Registry, Selector};
+use kiln_hooks::Hooks;
+use kiln_hooks::event::VersionSwapped;
+use kiln_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::batcher::{BatchSettings, Job};
+use crate::config::{ServeConfig, Tokens};
+use crate::deployment::{Deployment, Deployments, Loader, Swap, watch};
+use crate::error::{ErrorKind, RequestError};
+use crate::metrics::{Metrics, RequestLabels};
+use crate::model::{argmax_rows, softmax_rows};
+use crate::protocol::{InferRequest, InferResponse, OutputData, OutputTensor, decode_inputs};
+use crate::signature::OutputKind;
+
+/// Which front end a request came through (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Grpc,
+}
+
+impl Protocol {
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
+/// State shared by every request.
+pub struct ServerState {
+    pub config: ServeConfig,
+    pub registry: Registry,
+    pub tokens: Tokens,
+    pub metrics: Metrics,
+    pub loader: Loader,
+    pub deployments: Deployments,
+    pub hooks: Hooks,
+    /// Set once every configured model is loaded.
+    pub ready: AtomicBool,
+    /// State of the splitmix64 generator behind canary draws.
+    rng: Mutex<u64>,
+    /// Stops the listener and every watcher.
+    pub cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState")
+            .field("registry", &self.registry.url())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerState {
+    /// A uniform 64-bit draw from the server's seeded generator (splitmix64).
+    pub fn draw(&self) -> u64 {
+        let mut state = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// The deployment serving `name`.
+    pub fn deployment(&self, name: &str) -> Result<Arc<Deployment>, RequestError> {
+        self.deployments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                RequestError::not_found(format!("model {name:?} is not served by this server"))
+            })
+    }
+
+    /// Every deployment, by name.
+    pub fn all_deployments(&self) -> BTreeMap<String, Arc<Deployment>> {
+        self.deployments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether the server is ready: started, and every model loaded.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && !self.cancel.is_cancelled()
+    }
+
+    /// Runs one inference request, from any front end; records its metrics.
+    /// `received` is when the request arrived.
+    pub async fn infer(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        request: InferRequest,
+        protocol: Protocol,
+        received: Instant,
+    ) -> Result<InferResponse, RequestError> {
+        let mut labels = RequestLabels {
+            model: model.to_string(),
+            version: String::new(),
+            protocol: protocol.label().to_string(),
+        };
+        let result = self
+            .infer_inner(model, version, request, &mut labels, received)
+            .await;
+        match &result {
+            Ok(_) => self.metrics.observe_request(&labels, received.elapsed()),
+            Err(e) => self.record_error(&labels, e, received),
+        }
+        result
+    }
+
+    /// Counts a failed request (also those that fail before [`Self::infer`]).
+    pub fn record_error(&self, labels: &RequestLabels, e: &RequestError, received: Instant) {
+        self.metrics
+            .observe_error(labels, e.label(), received.elapsed());
+        if e.kind == ErrorKind::Internal {
+            tracing::error!(model = %labels.model, version = %labels.version, error = %e.message, "inference failed");
+        } else {
+            tracing::debug!(model = %labels.model, error = %e.message, "request refused");
+        }
+    }
+
+    async fn infer_inner(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        request: InferRequest,
+        labels: &mut RequestLabels,
+        received: Instant,
+    ) -> Result<InferResponse, RequestError> {
+        let version = parse_version(version)?;
+        let deployment = self.deployment(model)?;
+        let served = deployment.choose(version, self.draw())?;
+        labels.version = served.labels.version.clone();
+        let io = &served.io;
+        let input = decode_inputs(io, &request.inputs, self.config.limits.max_request_rows)?;
+
+        // Which outputs, in which order, and which of them as binary data.
+        let requested: Vec<(&crate::signature::OutputSpec, bool)> = match &request.outputs {
+            None => io
+                .outputs
+                .iter()
+                .map(|o| (o, request.binary_output))
+                .collect(),
+            Some(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for r in list {
+                    let spec = io.output(&r.name).ok_or_else(|| {
+                        RequestError::bad_request(format!(
+                            "unknown output {:?}; the model's outputs are {}",
+                            r.name,
+                            io.output_names()
+                        ))
+                    })?;
+                    if out
+                        .iter()
+                        .any(|(o, _): &(&crate::signature::OutputSpec, bool)| o.name == r.name)
+                    {
+                        return Err(RequestError::bad_request(format!(
+                            "output {} is requested twice",
+                            r.name
+                        )));
+                    }
+                    out.push((spec, r.binary.unwrap_or(request.binary_output)));
+                }
+                out
+            }
+        };
+
+        let limit = self.config.request_timeout();
+        let limit = request.timeout.map_or(limit, |t| t.min(limit));
+        let deadline = received + limit;
+        let rows = input.rows;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        served.queue.submit(Job {
+            rows,
+            values: input.values,
+            enqueued: Instant::now(),
+            reply: tx,
+        })?;
+        let out = match tokio::time::timeout_at(deadline.into(), rx).await {
+            Err(_) => {
+                return Err(RequestError::new(
+                    ErrorKind::Timeout,
+                    format!("the request did not finish within {} ms", limit.as_millis()),
+                ));
+            }
+            Ok(Err(_)) => return Err(RequestError::internal("the compute thread stopped")),
+            Ok(Ok(r)) => r?,
+        };
+
+        let classes = io.classes;
+        let mut outputs = Vec::with_capacity(requested.len());
+        for (spec, binary) in requested {
+            let (shape, data) = match spec.kind {
+                OutputKind::Logits => (
+                    vec![rows as i64, classes as i64],
+                    OutputData::F32(out.logits.clone()),
+                ),
+                OutputKind::Probabilities => (
+                    vec![rows as i64, classes as i64],
+                    OutputData::F32(softmax_rows(&out.logits, classes)),
+                ),
+                OutputKind::Predictions => (
+                    vec![rows as i64],
+                    OutputData::I64(argmax_rows(&out.logits, classes)),
+                ),
+            };
+            outputs.push(OutputTensor {
+                name: spec.name.clone(),
+                datatype: spec.datatype,
+                shape,
+                data,
+                binary,
+            });
+        }
+        Ok(InferResponse {
+            model_name: model.to_string(),
+            model_version: served.version.version.to_string(),
+            id: request.id,
+            outputs,
+        })
+    }
+
+    /// Loads (or reloads) the model `selector` names and starts following it;
+    /// returns when it is ready. Replaces a deployment of the same name.
+    pub async fn load_model(self: &Arc<Self>, selector: Selector) -> Result<()> {
+        let started = Instant::now();
+        let current = self.deployment(&selector.name).ok();
+        let (key, targets) = self.loader.desired(&selector).await?;
+        let current_routing = current.as_ref().map(|d| d.routing());
+        let routing = self
+            .loader
+            .build(&selector.name, key, &targets, current_routing.as_deref())
+            .await?;
+        let deployment = Arc::new(Deployment::new(
+            selector.clone(),
+            routing,
+            self.cancel.child_token(),
+        ));
+        let swap = Swap {
+            model: selector.name.clone(),
+            selector: selector.to_string(),
+            from: current_routing.map(|r| r.weights()).unwrap_or_default(),
+            to: deployment.routing().weights(),
+        };
+        let old = self
+            .deployments
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(selector.name.clone(), deployment.clone());
+        if let Some(old) = old {
+            old.cancel.cancel();
+        }
+        self.on_swap(&swap, started.elapsed());
+        let state = Arc::downgrade(self);
+        let poll = self.config.poll_interval();
+        tokio::spawn(watch(
+            deployment,
+            self.loader.clone(),
+            poll,
+            move |swap: &Swap, took: Duration| {
+                if let Some(state) = state.upgrade() {
+                    state.on_swap(swap, took);
+                }
+            },
+        ));
+        Ok(())
+    }
+
+    /// Stops serving `name`; requests in flight finish. False if not served.
+    pub fn unload_model(&self, name: &str) -> bool {
+        let removed = self
+            .deployments
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        match removed {
+            Some(d) => {
+                d.cancel.cancel();
+                let gone: Vec<u64> = d.routing().weights().iter().map(|(v, _)| *v).collect();
+                self.metrics.set_weights(name, &[], &gone);
+                tracing::info!(model = name, "model unloaded");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Metrics and events of a change of served versions.
+    fn on_swap(&self, swap: &Swap, took: Duration) {
+        let previous: Vec<u64> = swap.from.iter().map(|(v, _)| *v).collect();
+        self.metrics.set_weights(&swap.model, &swap.to, &previous);
+        if swap.from.is_empty() {
+            return;
+        }
+        self.metrics.count_swap(&swap.model);
+        let primary = |t: &[(u64, u32)]| {
+            t.iter()
+                .copied()
+                .reduce(|a, b| if b.1 > a.1 { b } else { a })
+                .map(|(v, _)| v)
+        };
+        let alias = swap.selector.split_once('@').map(|(_, a)| a.to_string());
+        if let Some(to_version) = primary(&swap.to) {
+            self.hooks.emit(kiln_hooks::Event::of(
+                "kiln-serve",
+                &VersionSwapped {
+                    model: swap.model.clone(),
+                    alias,
+                    from_version: primary(&swap.from),
+                    to_version,
+                    load_secs: took.as_secs_f64(),
+                },
+            ));
+        }
+    }
+}
+
+/// A tensor's name, datatype and shape, as metadata lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TensorMetadata {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
+}
+
+/// What `GET /v2/models/{name}[/versions/{v}]` and gRPC `ModelMetadata` say.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub platform: String,
+    pub inputs: Vec<TensorMetadata>,
+    pub outputs: Vec<TensorMetadata>,
+}
+
+/// The `platform` of every kiln model: libtorch through kiln.
+pub const PLATFORM: &str = "kiln_libtorch";
+
+/// Protocol extensions the server implements.
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository"];
+
+impl ServerState {
+    /// Metadata of a model (its primary version's tensors, every served
+    /// version) or of one served version.
+    pub fn model_metadata(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<ModelMetadata, RequestError> {
+        let version = parse_version(version)?;
+        let deployment = self.deployment(name)?;
+        let routing = deployment.routing();
+        let (served, versions) = match version {
+            Some(_) => {
+                let s = deployment.choose(version, 0)?;
+                let v = vec![s.version.version.to_string()];
+                (s, v)
+            }
+            None => {
+                let mut v: Vec<u64> = routing.weights().iter().map(|(v, _)| *v).collect();
+                v.sort_unstable();
+                (
+                    routing.primary().clone(),
+                    v.iter().map(u64::to_string).collect(),
+                )
+            }
+        };
+        let io = &served.io;
+        Ok(ModelMetadata {
+            name: name.to_string(),
+            versions,
+            platform: PLATFORM.to_string(),
+            inputs: vec![TensorMetadata {
+                name: io.input.name.clone(),
+                datatype: io.input.datatype.to_string(),
+                shape: io.input.shape.clone(),
+            }],
+            outputs: io
+                .outputs
+                .iter()
+                .map(|o| TensorMetadata {
+                    name: o.name.clone(),
+                    datatype: o.datatype.to_string(),
+                    shape: o.shape.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Whether a model (or one version of it) is ready: served and loaded.
+    /// An unknown model is an error (404), a known one not ready is `false`.
+    pub fn model_ready(&self, name: &str, version: Option<&str>) -> Result<bool, RequestError> {
+        let version = parse_version(version)?;
+        let deployment = self.deployment(name)?;
+        Ok(match version {
+            Some(v) => deployment.routing().get(v).is_some(),
+            None => true,
+        } && !self.cancel.is_cancelled())
+    }
+}
+
+fn parse_version(version: Option<&str>) -> Result<Option<u64>, RequestError> {
+    match version.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|&v| v >= 1)
+            .map(Some)
+            .ok_or_else(|| {
+                RequestError::bad_request(format!(
+                    "model version {v:?} must be a whole number from 1"
+                ))
+            }),
+    }
+}
+
+/// A server that is listening and ready.
+pub struct RunningServer {
+    addr: SocketAddr,
+    state: Arc<ServerState>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl std::fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningServer {
+    /// The address it listens on (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state (tests, embedding).
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to 10 s), and
+    /// delivers pending hook events (up to 5 s).
+    pub async fn shutdown(self) -> Result<()> {
+        self.state.cancel.cancel();
+        self.wait().await
+    }
+
+    /// Runs until the server's cancellation token fires (see
+    /// [`ServerState::cancel`]), then shuts down as [`Self::shutdown`].
+    pub async fn wait(self) -> Result<()> {
+        self.state.cancel.cancelled().await;
+        let result = match tokio::time::timeout(Duration::from_secs(10), self.task).await {
+            Ok(Ok(r)) => r.context("serve"),
+            Ok(Err(e)) => Err(anyhow::anyhow!("server task failed: {e}")),
+            Err(_) => {
+                tracing::warn!("connections still open 10 s after shutdown began; closing");
+                Ok(())
+            }
+        };
+        self.state.hooks.flush(Duration::from_secs(5)).await;
+        result
+    }
+}
+
+/// Binds, starts serving (health answers at once), loads every configured
+/// model, and returns once all are ready. `cancel` stops the server.
+pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<RunningServer> {
+    config.validate()?;
+    let tokens = config.auth.tokens()?;
+    let selectors = config.selectors()?;
+    if config.threads > 0 {
+        tch::set_num_threads(config.threads as i32);
+    }
+    let registry = Registry::open(&config.registry)
+        .await
+        .with_context(|| format!("open registry {}", config.registry))?;
+    let hooks = Hooks::new(&config.hooks).context("hooks")?;
+    let metrics = Metrics::default();
+    let batch = BatchSettings {
+        max_batch_size: config.batching.max_batch_size,
+        max_queue_delay: config.max_queue_delay(),
+        queue_capacity: config.batching.queue_capacity,
+        fixed_shape: config.batching.fixed_shape,
+    };
+    let seed = config.swap.canary_seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("read the listening address")?;
+    let state = Arc::new(ServerState {
+        loader: Loader {
+            registry: registry.clone(),
+            batch,
+            metrics: metrics.clone(),
+        },
+        config,
+        registry,
+        tokens,
+        metrics,
+        deployments: RwLock::new(BTreeMap::new()),
+        hooks,
+        ready: AtomicBool::new(false),
+        rng: Mutex::new(seed),
+        cancel,
+    });
+    let app = app(state.clone());
+    let shutdown = state.cancel.clone();
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    });
+    let running = RunningServer {
+        addr,
+        state: state.clone(),
+        task,
+    };
+    for selector in selectors {
+        let what = selector.to_string();
+        if let Err(e) = state.load_model(selector).await {
+            state.cancel.cancel();
+            let _ = running.wait().await;
+            return Err(e.context(format!("load model {what}")));
+        }
+    }
+    state.ready.store(true, Ordering::SeqCst);
+    tracing::info!(%addr, models = state.all_deployments().len(), "serving");
+    Ok(running)
+}
+
+/// The one router of the port: gRPC by content type, REST otherwise.
+pub fn app(state: Arc<ServerState>) -> Router {
+    let rest = crate::http::router(state.clone());
+    let grpc_service =
+        GrpcInferenceServiceServer::new(crate::grpc::InferenceService::new(state.clone()))
+            .max_decoding_message_size(state.config.limits.max_request_bytes);
+    let grpc = tonic::service::Routes::new(grpc_service)
+        .prepare()
+        .into_axum_router();
+    Router::new().fallback_service(tower::service_fn(move |req: Request<Body>| {
+        let is_grpc = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let target = if is_grpc { grpc.clone() } else { rest.clone() };
+        async move {
+            Ok::<Response, Infallible>(target.oneshot(req).await.unwrap_or_else(|e| match e {}))
+        }
+    }))
+}

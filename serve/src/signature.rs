@@ -1,0 +1,305 @@
+//! What a served version takes and gives: its registered signature, checked
+//! against what the server can compute.
+//!
+//! kiln's models map a batch of flat features `[n, features]` to logits
+//! `[n, classes]`. A version's signature names its one input (name, datatype,
+//! shape with `-1` for the batch) and its outputs. The server computes three
+//! outputs, by name:
+//!
+//! - `logits`: `FP32 [-1, classes]`, the network's output;
+//! - `probabilities`: `FP32 [-1, classes]`, the softmax of the logits;
+//! - `predictions`: `INT64 [-1]`, the class with the highest logit (the first
+//!   of equals).
+//!
+//! A version serves the outputs its signature lists, plus `predictions`
+//! whether listed or not (class ids are what most callers want, and they cost
+//! nothing next to the logits). A signature naming any other output, or an
+//! input the model cannot take, is refused when the version is loaded, not
+//! when the first request arrives.
+
+use anyhow::{Result, bail, ensure};
+use kiln_checkpoint::registry::{ModelVersion, Signature, TensorSignature};
+
+use crate::datatype::Datatype;
+
+/// The one input of a served version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputSpec {
+    pub name: String,
+    pub datatype: Datatype,
+    /// As registered; `-1` (only first) is the batch dimension.
+    pub shape: Vec<i64>,
+}
+
+/// What an output holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    Logits,
+    Probabilities,
+    Predictions,
+}
+
+/// One output of a served version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSpec {
+    pub name: String,
+    pub kind: OutputKind,
+    pub datatype: Datatype,
+    pub shape: Vec<i64>,
+}
+
+/// The inputs and outputs of a served version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoSpec {
+    pub input: InputSpec,
+    pub outputs: Vec<OutputSpec>,
+    /// Values per sample the network takes (the product of the input's
+    /// non-batch dimensions).
+    pub features: usize,
+    /// Logits per sample.
+    pub classes: usize,
+}
+
+/// The name of the always-served class id output.
+pub const PREDICTIONS: &str = "predictions";
+
+impl IoSpec {
+    /// The spec of `version`: its signature checked against its model
+    /// definition; an empty signature means kiln's classifier signature.
+    pub fn of(version: &ModelVersion) -> Result<IoSpec> {
+        Self::from_signature(
+            &version.signature,
+            version.model.features,
+            version.model.classes,
+        )
+    }
+
+    /// The spec of a signature for a model of `features` inputs and `classes`
+    /// outputs.
+    pub fn from_signature(sig: &Signature, features: usize, classes: usize) -> Result<IoSpec> {
+        ensure!(
+            features >= 1 && classes >= 1,
+            "model definition: features ({features}) and classes ({classes}) must be at least 1"
+        );
+        let default;
+        let sig = if sig.inputs.is_empty() && sig.outputs.is_empty() {
+            default = Signature::classifier(features, classes);
+            &default
+        } else {
+            sig
+        };
+        ensure!(
+            sig.inputs.len() == 1,
+            "signature: kiln serves models of one input tensor; this one lists {} ({})",
+            sig.inputs.len(),
+            names(&sig.inputs)
+        );
+        let input = input_spec(&sig.inputs[0], features)?;
+        let mut outputs = Vec::new();
+        for (i, o) in sig.outputs.iter().enumerate() {
+            let spec = output_spec(i, o, classes)?;
+            ensure!(
+                !outputs.iter().any(|x: &OutputSpec| x.name == spec.name),
+                "signature.outputs[{i}]: output {} is listed twice",
+                spec.name
+            );
+            outputs.push(spec);
+        }
+        if !outputs.iter().any(|o| o.kind == OutputKind::Predictions) {
+            outputs.push(OutputSpec {
+                name: PREDICTIONS.to_string(),
+                kind: OutputKind::Predictions,
+                datatype: Datatype::Int64,
+                shape: vec![-1],
+            });
+        }
+        ensure!(
+            input.name != PREDICTIONS && !outputs.iter().any(|o| o.name == input.name),
+            "signature: input {} has the name of an output",
+            input.name
+        );
+        Ok(IoSpec {
+            input,
+            outputs,
+            features,
+            classes,
+        })
+    }
+
+    /// The output called `name`.
+    pub fn output(&self, name: &str) -> Option<&OutputSpec> {
+        self.outputs.iter().find(|o| o.name == name)
+    }
+
+    /// Output names, comma separated (for messages).
+    pub fn output_names(&self) -> String {
+        let names: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
+        names.join(", ")
+    }
+}
+
+fn names(list: &[TensorSignature]) -> String {
+    let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
+fn input_spec(t: &TensorSignature, features: usize) -> Result<InputSpec> {
+    let Some(datatype) = Datatype::parse(&t.datatype) else {
+        bail!(
+            "signature.inputs[0]: datatype {} is not served; allowed: BOOL, UINT8, INT8, INT16, INT32, INT64, FP16, BF16, FP32, FP64",
+            t.datatype
+        );
+    };
+    ensure!(
+        t.shape.len() >= 2 && t.shape[0] == -1,
+        "signature.inputs[0]: shape {:?} must start with -1 (the batch) and have at least one more dimension",
+        t.shape
+    );
+    ensure!(
+        t.shape[1..].iter().all(|&d| d >= 1),
+        "signature.inputs[0]: shape {:?}: only the first (batch) dimension may be -1; the others must be at least 1",
+        t.shape
+    );
+    let per_sample: i64 = t.shape[1..].iter().product();
+    ensure!(
+        per_sample == features as i64,
+        "signature.inputs[0]: shape {:?} holds {per_sample} values per sample but the model takes {features}",
+        t.shape
+    );
+    Ok(InputSpec {
+        name: t.name.clone(),
+        datatype,
+        shape: t.shape.clone(),
+    })
+}
+
+fn output_spec(i: usize, t: &TensorSignature, classes: usize) -> Result<OutputSpec> {
+    let (kind, datatype, shape) = match t.name.as_str() {
+        "logits" => (OutputKind::Logits, Datatype::Fp32, vec![-1, classes as i64]),
+        "probabilities" => (
+            OutputKind::Probabilities,
+            Datatype::Fp32,
+            vec![-1, classes as i64],
+        ),
+        PREDICTIONS => (OutputKind::Predictions, Datatype::Int64, vec![-1]),
+        other => bail!(
+            "signature.outputs[{i}]: kiln serves outputs logits, probabilities and predictions; {other} is none of them"
+        ),
+    };
+    ensure!(
+        t.datatype == datatype.as_str(),
+        "signature.outputs[{i}]: {} is {datatype}, not {}",
+        t.name,
+        t.datatype
+    );
+    ensure!(
+        t.shape == shape,
+        "signature.outputs[{i}]: {} has shape {shape:?} for this model, not {:?}",
+        t.name,
+        t.shape
+    );
+    Ok(OutputSpec {
+        name: t.name.clone(),
+        kind,
+        datatype,
+        shape,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(name: &str, datatype: &str, shape: &[i64]) -> TensorSignature {
+        TensorSignature {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn classifier_signature_serves_logits_and_predictions() {
+        let io = IoSpec::from_signature(&Signature::classifier(64, 10), 64, 10).unwrap();
+        assert_eq!(io.input.name, "input");
+        assert_eq!(io.input.datatype, Datatype::Fp32);
+        assert_eq!(io.output_names(), "logits, predictions");
+        assert_eq!(io.output("predictions").unwrap().shape, vec![-1]);
+        let empty = Signature {
+            inputs: vec![],
+            outputs: vec![],
+        };
+        assert_eq!(IoSpec::from_signature(&empty, 64, 10).unwrap(), io);
+    }
+
+    #[test]
+    fn image_shaped_inputs_and_probabilities() {
+        let sig = Signature {
+            inputs: vec![ts("image", "UINT8", &[-1, 1, 8, 8])],
+            outputs: vec![
+                ts("probabilities", "FP32", &[-1, 10]),
+                ts("predictions", "INT64", &[-1]),
+            ],
+        };
+        let io = IoSpec::from_signature(&sig, 64, 10).unwrap();
+        assert_eq!(io.input.datatype, Datatype::Uint8);
+        assert_eq!(io.output_names(), "probabilities, predictions");
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_serve() {
+        let check = |sig: Signature, want: &str| {
+            let e = IoSpec::from_signature(&sig, 64, 10)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e} does not contain {want}");
+        };
+        let good_out = vec![ts("logits", "FP32", &[-1, 10])];
+        check(
+            Signature {
+                inputs: vec![ts("x", "FP32", &[-1, 63])],
+                outputs: good_out.clone(),
+            },
+            "holds 63 values",
+        );
+        check(
+            Signature {
+                inputs: vec![ts("x", "BYTES", &[-1, 64])],
+                outputs: good_out.clone(),
+            },
+            "datatype BYTES",
+        );
+        check(
+            Signature {
+                inputs: vec![ts("x", "FP32", &[64])],
+                outputs: good_out.clone(),
+            },
+            "must start with -1",
+        );
+        check(
+            Signature {
+                inputs: vec![ts("x", "FP32", &[-1, 64])],
+                outputs: vec![ts("embedding", "FP32", &[-1, 10])],
+            },
+            "embedding is none",
+        );
+        check(
+            Signature {
+                inputs: vec![ts("x", "FP32", &[-1, 64])],
+                outputs: vec![ts("logits", "FP64", &[-1, 10])],
+            },
+            "logits is FP32",
+        );
+        check(
+            Signature {
+                inputs: vec![ts("a", "FP32", &[-1, 64]), ts("b", "FP32", &[-1, 64])],
+                outputs: good_out,
+            },
+            "lists 2 (a, b)",
+        );
+    }
+}

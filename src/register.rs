@@ -1,0 +1,157 @@
+//! Registering a finished job's model (`[register]` in the job spec): the
+//! final checkpoint, the model definition, its signature, eval metrics,
+//! lineage and the reference profile go into the registry as a new version;
+//! the alias moves when the gate metric passes.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, anyhow};
+use kiln_checkpoint::CheckpointRoot;
+use kiln_checkpoint::registry::{
+    CheckpointRef, Lineage, ModelDefinition, NewVersion, Registry, Signature, spec_hash,
+};
+use kiln_hooks::{Event, Hooks, event};
+use kiln_proto::spec::{JobSpec, ModelKind};
+use kiln_proto::worker::Finished;
+
+/// Where the registry of a job lives: `register.registry`, else a `registry`
+/// folder beside the job's checkpoint folder.
+pub fn registry_url(spec: &JobSpec, checkpoint_root: &str) -> String {
+    if let Some(url) = spec.register.as_ref().and_then(|r| r.registry.clone()) {
+        return url;
+    }
+    let trimmed = checkpoint_root.trim_end_matches('/');
+    match trimmed.rsplit_once('/') {
+        Some((parent, _)) if !parent.ends_with(':') && !parent.ends_with("//") => {
+            format!("{parent}/registry")
+        }
+        _ => format!("{trimmed}/registry"),
+    }
+}
+
+/// The value of the eval metric `name` (`eval_accuracy` or `accuracy`).
+fn metric(eval: &BTreeMap<String, f64>, name: &str) -> Option<f64> {
+    eval.get(name)
+        .or_else(|| eval.get(name.strip_prefix("eval_").unwrap_or(name)))
+        .copied()
+}
+
+/// Registers rank 0's final model; returns `NAME:VERSION`.
+pub async fn register_final_model(
+    spec: &JobSpec,
+    job: &str,
+    checkpoint_root: &str,
+    rank0: &Finished,
+    hooks: &Hooks,
+) -> anyhow::Result<String> {
+    let register = spec
+        .register
+        .as_ref()
+        .context("the spec has no [register] section")?;
+    let name = register.name.clone().unwrap_or_else(|| spec.job.name.clone());
+    if rank0.checkpoint_url.is_empty() {
+        anyhow::bail!(
+            "register: the job committed no checkpoint to register (set checkpoint.final_checkpoint = true)"
+        );
+    }
+    let root = CheckpointRoot::open(checkpoint_root)
+        .with_context(|| format!("open checkpoint root {checkpoint_root}"))?;
+    let manifest = kiln_checkpoint::resolve(&root, &rank0.checkpoint_url)
+        .with_context(|| format!("read the final checkpoint {}", rank0.checkpoint_url))?;
+    let eval: BTreeMap<String, f64> = rank0
+        .eval
+        .iter()
+        .map(|(k, v)| (format!("eval_{k}"), *v))
+        .chain([("final_loss".to_string(), rank0.final_loss)])
+        .collect();
+    let reference_profile = if rank0.reference_profile_path.is_empty() {
+        None
+    } else {
+        Some(
+            std::fs::read(&rank0.reference_profile_path)
+                .with_context(|| format!("read {}", rank0.reference_profile_path))?,
+        )
+    };
+    let torchscript = match (&spec.model.kind, &spec.model.path) {
+        (ModelKind::Torchscript, Some(path)) => Some(
+            std::fs::read(path).with_context(|| format!("read the TorchScript module {}", path.display()))?,
+        ),
+        _ => None,
+    };
+    let spec_json = spec.to_json();
+    let new = NewVersion {
+        checkpoint: CheckpointRef {
+            root: checkpoint_root.to_string(),
+            step: manifest.step,
+            digest: rank0.weights_digest.clone(),
+        },
+        model: ModelDefinition {
+            spec: spec.model.clone(),
+            features: rank0.features as usize,
+            classes: rank0.classes as usize,
+        },
+        signature: Signature::classifier(rank0.features as usize, rank0.classes as usize),
+        metrics: eval.clone(),
+        lineage: Lineage {
+            job: job.to_string(),
+            spec_hash: spec_hash(&spec_json),
+            dataset_fingerprint: manifest.dataset_fingerprint.clone(),
+            code_version: concat!("kiln ", env!("CARGO_PKG_VERSION")).to_string(),
+        },
+        reference_profile,
+        torchscript,
+    };
+    let registry_url = registry_url(spec, checkpoint_root);
+    let registry = Registry::open(&registry_url)
+        .await
+        .with_context(|| format!("open the registry {registry_url}"))?;
+    let actor = format!("job {job}");
+    let version = registry
+        .register(&name, new, &actor)
+        .await
+        .map_err(|e| anyhow!(e))
+        .with_context(|| format!("register model {name} in {registry_url}"))?;
+    hooks.emit(Event::of(
+        job,
+        &event::ModelRegistered {
+            model: name.clone(),
+            version: version.version,
+            checkpoint: rank0.checkpoint_url.clone(),
+            job: Some(job.to_string()),
+            metrics: eval.clone(),
+        },
+    ));
+    if let Some(alias) = &register.alias {
+        let passes = match (&register.metric, register.threshold) {
+            (Some(m), Some(threshold)) => metric(&eval, m).is_some_and(|v| v >= threshold),
+            (Some(m), None) => metric(&eval, m).is_some(),
+            _ => true,
+        };
+        if passes {
+            let before = registry.alias(&name, alias).await.ok().flatten();
+            registry
+                .promote(&name, alias, version.version, None, &actor)
+                .await
+                .map_err(|e| anyhow!(e))
+                .with_context(|| format!("move alias {alias} of {name}"))?;
+            hooks.emit(Event::of(
+                job,
+                &event::AliasMoved {
+                    model: name.clone(),
+                    alias: alias.clone(),
+                    from_version: before.and_then(|a| a.primary()).map(|t| t.version),
+                    to_version: version.version,
+                },
+            ));
+        } else {
+            tracing::warn!(
+                model = name,
+                alias,
+                "the gate metric {:?} did not reach {:?}: alias not moved",
+                register.metric,
+                register.threshold
+            );
+        }
+    }
+    Ok(format!("{name}:{}", version.version))
+}

@@ -1,0 +1,555 @@
+//! Elastic multi-node jobs, end to end: a real etcd on loopback, several
+//! `kiln agent` processes (each a "node" with its own worker process), real
+//! SIGKILL of whole nodes. Nodes are lost and join mid-run; the job goes on
+//! without a restart and ends where a fault-free run ends.
+//!
+//! Tests run one at a time (a shared lock): each starts etcd and three or four
+//! nodes, which would oversubscribe a two-core machine into timeouts.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_coordinator::etcd_server::EtcdServer;
+use serde_json::Value;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const WAIT: Duration = Duration::from_secs(180);
+
+/// A small job on the digits data: 3 nodes, 1 worker each.
+fn spec(dir: &Path, extra: &str) -> PathBuf {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/digits/data");
+    let path = dir.join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[job]
+name = "elastic"
+seed = 5
+[model]
+kind = "mlp"
+hidden = [32]
+[data]
+kind = "safetensors"
+train = ["{data}/train-00000.safetensors", "{data}/train-00001.safetensors"]
+[train]
+steps = 120
+global_batch = 48
+log_interval = 1000
+threads_per_worker = 1
+[optimizer]
+kind = "sgd"
+lr = 0.05
+momentum = 0.9
+[workers]
+nproc = 1
+device = "cpu"
+[checkpoint]
+interval = 20
+keep_last = 100
+[elastic]
+min_nodes = 2
+max_nodes = 3
+lease_ttl_secs = 2
+settle_secs = 0.3
+cooldown_secs = 1
+{extra}
+"#,
+            data = data.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// One node: a `kiln agent` in its own process group, its JSON events collected.
+struct Node {
+    name: String,
+    child: Child,
+    events: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Node {
+    fn start(etcd: &str, job: &str, spec: &Path, name: &str, data: &Path) -> Node {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args(["agent", "--store", etcd, "--job", job, "--node", name])
+            .arg("--spec")
+            .arg(spec)
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--events-json")
+            .env("KILN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::File::create(data.join(format!("{name}-{}.err", rand_tag()))).unwrap(),
+            );
+        // Its own process group, so that a node dies whole (agent and workers).
+        cmd.process_group(0);
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        Node {
+            name: name.to_string(),
+            child,
+            events,
+        }
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.events.lock().unwrap().clone()
+    }
+
+    fn of(&self, kind: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["event"] == kind)
+            .collect()
+    }
+
+    fn last_step(&self) -> u64 {
+        self.of("progress")
+            .iter()
+            .filter_map(|e| e["step"].as_u64())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn finished(&self) -> bool {
+        !self.of("finished").is_empty()
+    }
+
+    /// SIGKILL to the whole process group: the node is gone at once.
+    fn kill(&mut self) {
+        let pgid = self.child.id() as i32;
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "node {} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+fn rand_tag() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn max_step(nodes: &[Node]) -> u64 {
+    nodes.iter().map(Node::last_step).max().unwrap_or(0)
+}
+
+/// Waits until every live node reports the job finished and exits cleanly.
+fn finish(nodes: &mut [Node]) {
+    for node in nodes.iter_mut() {
+        let status = node.wait_exit(WAIT);
+        assert!(
+            status.success(),
+            "node {} ended with {status}; events: {:?}",
+            node.name,
+            node.events()
+        );
+        assert!(node.finished(), "node {} did not finish", node.name);
+    }
+}
+
+/// The final parameters written by rank 0 of a finished elastic job.
+fn final_weights(nodes: &[Node]) -> Vec<(String, Vec<f32>)> {
+    let path = nodes
+        .iter()
+        .flat_map(|n| n.of("finished"))
+        .find_map(|e| {
+            e["weights"]
+                .as_str()
+                .filter(|w| !w.is_empty())
+                .map(String::from)
+        })
+        .expect("rank 0 reports its weights");
+    read_weights(&path)
+}
+
+fn read_weights(path: &str) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The same job without faults, on one process (`kiln run`): the update does
+/// not depend on the world size, so an elastic run must end at the same
+/// parameters up to float summation order.
+fn fault_free_weights(spec: &Path, dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("run")
+        .arg(spec)
+        .args(["--nproc", "1", "--json", "--data-dir"])
+        .arg(dir.join("reference"))
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reference run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    read_weights(summary["weights"].as_str().unwrap())
+}
+
+fn assert_close(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) {
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f32;
+    for ((na, va), (nb, vb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        assert_eq!(va.len(), vb.len());
+        for (x, y) in va.iter().zip(vb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(
+        worst < 1e-4,
+        "final parameters differ from the fault-free run by up to {worst}"
+    );
+}
+
+/// Rounds each node took part in, as (round, world size).
+fn rounds(node: &Node) -> Vec<(u64, u64)> {
+    node.of("round_started")
+        .iter()
+        .map(|e| (e["round"].as_u64().unwrap(), e["world_size"].as_u64().unwrap()))
+        .collect()
+}
+
+fn leader_of(etcd: &EtcdServer, job: &str) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", etcd.endpoints().join(",")))
+        .args(["get", "--print-value-only"])
+        .arg(format!("/kiln/jobs/{job}/leader"))
+        .output()
+        .expect("run etcdctl");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Checks the recovery of survivors after `killed` died at `killed_at_step`:
+/// a new round at world size 2, the state handed over by a survivor (not a
+/// restart from a checkpoint), at most one step redone.
+fn check_recovery(survivors: &[&Node], killed_at_step: u64) {
+    for node in survivors {
+        let after: Vec<Value> = node
+            .of("round_started")
+            .into_iter()
+            .filter(|e| e["world_size"] == 2)
+            .collect();
+        let first = after
+            .first()
+            .unwrap_or_else(|| panic!("node {} never trained at world size 2", node.name));
+        assert!(
+            first["state_source"].as_i64().unwrap() >= 0,
+            "the state came from a checkpoint, not a survivor: {first}"
+        );
+        let resumed_at = first["step"].as_u64().unwrap();
+        assert!(
+            resumed_at + 1 >= killed_at_step,
+            "round at world size 2 started at step {resumed_at}, but step {killed_at_step} had been reached: more than one step redone"
+        );
+    }
+}
+
+#[test]
+fn a_node_killed_mid_run_the_job_goes_on_at_world_size_2_and_ends_as_a_fault_free_run() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start().unwrap();
+    let spec = spec(dir.path(), "");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| Node::start(&etcd.url(), "kill1", &spec, &format!("node-{i}"), &data))
+        .collect();
+    wait_until("step 40", WAIT, || max_step(&nodes) >= 40);
+    // Kill a node that does not lead the rendezvous (the leader case is its own test).
+    let leader = leader_of(&etcd, "kill1");
+    let victim = nodes.iter().position(|n| n.name != leader).unwrap();
+    let killed_at = max_step(&nodes);
+    let mut dead = nodes.remove(victim);
+    dead.kill();
+    finish(&mut nodes);
+    let survivors: Vec<&Node> = nodes.iter().collect();
+    check_recovery(&survivors, killed_at);
+    assert_close(&final_weights(&nodes), &fault_free_weights(&spec, dir.path()));
+}
+
+#[test]
+fn the_node_leading_the_rendezvous_is_killed_and_another_takes_over() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start().unwrap();
+    let spec = spec(dir.path(), "");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| Node::start(&etcd.url(), "lead", &spec, &format!("node-{i}"), &data))
+        .collect();
+    wait_until("step 30", WAIT, || max_step(&nodes) >= 30);
+    let leader = leader_of(&etcd, "lead");
+    let victim = nodes
+        .iter()
+        .position(|n| n.name == leader)
+        .unwrap_or_else(|| panic!("leader {leader:?} is not one of the nodes"));
+    let killed_at = max_step(&nodes);
+    let mut dead = nodes.remove(victim);
+    dead.kill();
+    finish(&mut nodes);
+    let new_leader = leader_of(&etcd, "lead");
+    assert_ne!(new_leader, leader, "the dead node still leads");
+    let survivors: Vec<&Node> = nodes.iter().collect();
+    check_recovery(&survivors, killed_at);
+    assert_close(&final_weights(&nodes), &fault_free_weights(&spec, dir.path()));
+}
+
+#[test]
+fn a_node_that_joins_mid_run_grows_the_world_at_the_next_round() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start().unwrap();
+    let spec = spec(dir.path(), "");
+    // Long enough that the job is still running when the third node is up.
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("steps = 120", "steps = 1500");
+    std::fs::write(&spec, text).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| Node::start(&etcd.url(), "grow", &spec, &format!("node-{i}"), &data))
+        .collect();
+    wait_until("step 30", WAIT, || max_step(&nodes) >= 30);
+    let joined_at = max_step(&nodes);
+    nodes.push(Node::start(&etcd.url(), "grow", &spec, "node-2", &data));
+    finish(&mut nodes);
+    let newcomer = rounds(&nodes[2]);
+    assert!(
+        newcomer.iter().any(|&(_, w)| w == 3),
+        "the new node never trained at world size 3: {newcomer:?}"
+    );
+    let grown = nodes[2]
+        .of("round_started")
+        .into_iter()
+        .find(|e| e["world_size"] == 3)
+        .unwrap();
+    assert!(
+        grown["step"].as_u64().unwrap() >= joined_at,
+        "the new node did not receive the state of the running job: {grown}"
+    );
+    assert!(rounds(&nodes[0]).iter().any(|&(_, w)| w == 2));
+    assert_close(&final_weights(&nodes), &fault_free_weights(&spec, dir.path()));
+}
+
+#[test]
+fn every_node_killed_then_restarted_resumes_from_the_latest_durable_checkpoint() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start().unwrap();
+    let spec = spec(dir.path(), "");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| Node::start(&etcd.url(), "restart", &spec, &format!("node-{i}"), &data))
+        .collect();
+    let committed = |nodes: &[Node]| -> u64 {
+        nodes
+            .iter()
+            .flat_map(|n| n.of("checkpoint"))
+            .filter_map(|e| e["step"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    wait_until("a checkpoint at step 40", WAIT, || committed(&nodes) >= 40);
+    let latest = committed(&nodes);
+    for node in nodes.iter_mut() {
+        node.kill();
+    }
+    let before_restart = max_step(&nodes);
+    drop(nodes);
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| Node::start(&etcd.url(), "restart", &spec, &format!("node-{i}"), &data))
+        .collect();
+    finish(&mut nodes);
+    for node in &nodes {
+        let first = node.of("round_started").into_iter().next().unwrap();
+        assert_eq!(
+            first["state_source"], -1,
+            "no survivor held state, so the state must come from a checkpoint: {first}"
+        );
+        let resumed = first["step"].as_u64().unwrap();
+        assert!(
+            resumed >= latest && resumed <= before_restart,
+            "resumed at step {resumed}; the latest checkpoint seen committed was at {latest}, training had reached {before_restart}"
+        );
+        assert_eq!(resumed % 20, 0, "resumed at step {resumed}, not a checkpoint step");
+    }
+    assert_close(&final_weights(&nodes), &fault_free_weights(&spec, dir.path()));
+}
+
+/// A seeded random schedule of kills (whole nodes, or one worker) and joins.
+/// The job completes, ends where a fault-free run ends, and every checkpoint
+/// committed on the way is still there and verifies. Replay a failure with
+/// `KILN_CHAOS_SEED=<seed printed below>`.
+#[test]
+fn chaos_kills_and_joins_lose_no_committed_checkpoint() {
+    let _serial = serial();
+    let seed: u64 = std::env::var("KILN_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand_tag() as u64);
+    println!("chaos seed: {seed} (replay with KILN_CHAOS_SEED={seed})");
+    let mut rng = seed;
+    let mut next = move |n: u64| {
+        // SplitMix64.
+        rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start().unwrap();
+    let spec = spec(
+        dir.path(),
+        "",
+    );
+    // Up to 3 nodes, down to 1.
+    let spec_text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("min_nodes = 2", "min_nodes = 1")
+        .replace("steps = 120", "steps = 160");
+    std::fs::write(&spec, spec_text).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut live: Vec<Node> = (0..3)
+        .map(|i| Node::start(&etcd.url(), "chaos", &spec, &format!("node-{i}"), &data))
+        .collect();
+    let mut gone: Vec<Node> = Vec::new();
+    let mut names = 3;
+    let mut checkpoints: BTreeMap<u64, String> = BTreeMap::new();
+    let mut threshold = 15 + next(15);
+    for event in 0..4 {
+        wait_until(&format!("step {threshold}"), WAIT, || {
+            max_step(&live) >= threshold || live.iter().any(Node::finished)
+        });
+        if live.iter().any(Node::finished) {
+            break;
+        }
+        let action = if live.len() <= 1 { 2 } else { next(3) };
+        match action {
+            0 => {
+                let i = next(live.len() as u64) as usize;
+                println!("chaos {event}: at step {} kill node {}", max_step(&live), live[i].name);
+                let mut node = live.remove(i);
+                node.kill();
+                gone.push(node);
+            }
+            1 => {
+                let i = next(live.len() as u64) as usize;
+                let agent = live[i].child.id();
+                let worker = child_pids(agent).into_iter().next();
+                println!("chaos {event}: at step {} kill the worker of node {}", max_step(&live), live[i].name);
+                if let Some(pid) = worker {
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+            _ => {
+                let name = format!("node-{names}");
+                names += 1;
+                println!("chaos {event}: at step {} start node {name}", max_step(&live));
+                live.push(Node::start(&etcd.url(), "chaos", &spec, &name, &data));
+            }
+        }
+        threshold = max_step(&live) + 10 + next(20);
+    }
+    finish(&mut live);
+    for node in live.iter().chain(&gone) {
+        for e in node.of("checkpoint") {
+            checkpoints.insert(e["step"].as_u64().unwrap(), e["url"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(!checkpoints.is_empty());
+    for (step, url) in &checkpoints {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["ckpt", "verify", url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "committed checkpoint at step {step} ({url}) is lost or corrupt (seed {seed}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_close(&final_weights(&live), &fault_free_weights(&spec, dir.path()));
+}
+
+fn child_pids(parent: u32) -> Vec<u32> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")) else {
+        return Vec::new();
+    };
+    text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
