@@ -67,6 +67,10 @@ pub struct AgentArgs {
     pub metrics_addr: std::net::SocketAddr,
 }
 
+/// How long a node whose peers reported the job done waits for its own
+/// workers' final reports.
+const FINISH_GRACE: Duration = Duration::from_secs(30);
+
 /// How long a node waits for the stored spec when it was started without one.
 const SPEC_WAIT: Duration = Duration::from_secs(60);
 
@@ -170,8 +174,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     // Set while this node's workers wait for a round (since when).
     let mut waiting_since: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut finished: BTreeMap<u32, kiln_proto::worker::Finished> = BTreeMap::new();
+    // Another node saw the job succeed while this node's workers were finishing.
+    let mut job_succeeded = false;
     let outcome: anyhow::Result<()> = loop {
-        let wait_deadline = waiting_since.map(|since| since + wait_timeout);
+        let wait_deadline = waiting_since.map(|since| {
+            since + if job_succeeded { FINISH_GRACE } else { wait_timeout }
+        });
         tokio::select! {
             plan = plans.recv() => {
                 let plan = match plan {
@@ -227,7 +235,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 let Some(update) = update else { break Err(anyhow!("the workers' channel closed")) };
                 match update {
                     ElasticUpdate::Event(AgentEvent::Progress { rank, progress }) => {
-                        waiting_since = None;
+                        if !job_succeeded {
+                            waiting_since = None;
+                        }
                         if rank == first_rank {
                             out.emit("progress", serde_json::json!({
                                 "rank": rank, "round": round, "world_size": world_size,
@@ -307,8 +317,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            end = &mut terminal => {
+            end = &mut terminal, if !job_succeeded => {
                 let phase = end.map_err(|e| anyhow!(e))??;
+                if phase == Phase::Succeeded && round > 0 && !workers.all_finished() {
+                    // Another node reported the end first; this node's workers
+                    // are past the final barrier and about to report theirs
+                    // (rank 0 registers the model): let them.
+                    job_succeeded = true;
+                    waiting_since = Some(tokio::time::Instant::now());
+                    continue;
+                }
                 out.emit("stopped", serde_json::json!({ "phase": phase.as_str() }));
                 workers.kill_all().await;
                 cancel.cancel();
@@ -330,6 +348,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
             _ = sleep_until_some(wait_deadline) => {
+                if job_succeeded {
+                    tracing::warn!(job, node, "the job succeeded but this node's workers did not report their end within {FINISH_GRACE:?}");
+                    workers.kill_all().await;
+                    cancel.cancel();
+                    let _ = leader.await;
+                    let _ = session.leave().await;
+                    return Ok(ExitCode::SUCCESS);
+                }
                 break Err(anyhow!(
                     "no round could start within elastic.wait_timeout_secs = {} s (too few nodes?)",
                     spec.elastic.wait_timeout_secs
@@ -355,7 +381,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 }));
                 if spec.register.is_some() {
                     match crate::register::register_final_model(&spec, &job, &checkpoint_url, f, &hooks).await {
-                        Ok(m) => model = Some(m),
+                        Ok(m) => model = m,
                         Err(e) => tracing::error!(job, "register the model: {e:#}"),
                     }
                 }

@@ -157,7 +157,7 @@ fn prepare(args: &LaunchArgs, image: Option<String>) -> Result<Launch, LaunchErr
     let source = std::path::absolute(&args.job)
         .with_context(|| format!("resolve {}", args.job.display()))?;
 
-    let store = match (&args.store, &spec.launch.store) {
+    let (store, store_field) = match (&args.store, &spec.launch.store) {
         (Some(url), _) => (url.clone(), "--store"),
         (None, Some(url)) => (url.clone(), "launch.store"),
         (None, None) => {
@@ -168,7 +168,6 @@ fn prepare(args: &LaunchArgs, image: Option<String>) -> Result<Launch, LaunchErr
             ));
         }
     };
-    let (store, store_field) = store;
     validate_store_url(store_field, &store).map_err(|e| input(e.to_string()))?;
     let Some(endpoints) = store.strip_prefix("etcd://") else {
         return Err(input(format!(

@@ -36,23 +36,26 @@ fn metric(eval: &BTreeMap<String, f64>, name: &str) -> Option<f64> {
         .copied()
 }
 
-/// Registers rank 0's final model; returns `NAME:VERSION`.
+/// Registers rank 0's final model; returns `NAME:VERSION`, or `None` (with a
+/// warning) when the run has no checkpoint to register.
 pub async fn register_final_model(
     spec: &JobSpec,
     job: &str,
     checkpoint_root: &str,
     rank0: &Finished,
     hooks: &Hooks,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Option<String>> {
     let register = spec
         .register
         .as_ref()
         .context("the spec has no [register] section")?;
     let name = register.name.clone().unwrap_or_else(|| spec.job.name.clone());
     if rank0.checkpoint_url.is_empty() {
-        anyhow::bail!(
-            "register: the job committed no checkpoint to register (set checkpoint.final_checkpoint = true)"
+        tracing::warn!(
+            job,
+            "not registered: the run has no checkpoint to register (set checkpoint.final_checkpoint = true)"
         );
+        return Ok(None);
     }
     let root = CheckpointRoot::open(checkpoint_root)
         .with_context(|| format!("open checkpoint root {checkpoint_root}"))?;
@@ -153,5 +156,5 @@ pub async fn register_final_model(
             );
         }
     }
-    Ok(format!("{name}:{}", version.version))
+    Ok(Some(format!("{name}:{}", version.version)))
 }

@@ -254,10 +254,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         },
     ));
     let model = match &spec.register {
-        Some(_) => Some(
+        Some(_) => {
             crate::register::register_final_model(&spec, &job, &checkpoint_url, rank0, &hooks)
-                .await?,
-        ),
+                .await?
+        }
         None => None,
     };
     hooks.flush(HOOK_FLUSH).await;

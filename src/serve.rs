@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 /// Arguments of `kiln serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Registry URL (file:///abs, /abs, s3://bucket/prefix, gs://, az://, memory://).
+    /// Registry URL (file:///abs, /abs, s3://bucket/prefix, gs://, az://);
+    /// default: the config file's, else $KILN_REGISTRY.
     #[arg(long)]
     pub registry: Option<String>,
     /// A model to serve: NAME (its latest version, followed), NAME:VERSION
@@ -67,6 +68,10 @@ impl ServeArgs {
         };
         if let Some(r) = &self.registry {
             c.registry = r.clone();
+        } else if c.registry.is_empty()
+            && let Ok(r) = std::env::var("KILN_REGISTRY")
+        {
+            c.registry = r;
         }
         if !self.models.is_empty() {
             c.models = self.models.clone();

@@ -327,7 +327,15 @@ fn replicas_share_jobs_and_hand_over_when_the_active_one_dies() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    drop(b);
+
+    // SIGTERM stops a replica cleanly (it resigns and drains its calls).
+    let mut b = b;
+    // SAFETY: plain syscall on our own child.
+    unsafe {
+        libc::kill(b.child.id() as i32, libc::SIGTERM);
+    }
+    let exit = b.child.wait().unwrap();
+    assert!(exit.success(), "{exit}: {}", b.log_text());
 }
 
 #[test]

@@ -231,6 +231,15 @@ while [[ $# -gt 0 ]]; do
 done
 "#;
 
+/// Removes a file when dropped: the spec the script writes to /tmp.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn write_executable(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -247,6 +256,9 @@ fn run_script(
 ) -> (Vec<(Vec<String>, String)>, Vec<String>) {
     let slurm_job_id = format!("t{}", std::process::id());
     let srun_log = records.join("srun.log");
+    let _spec_file = RemoveOnDrop(PathBuf::from(format!(
+        "/tmp/kiln-{slurm_job_id}-launch-test.toml"
+    )));
     let out = Command::new("bash")
         .arg(script)
         .env(
@@ -261,8 +273,6 @@ fn run_script(
         .env_remove("SLURMD_NODENAME")
         .output()
         .unwrap();
-    let spec_file = PathBuf::from(format!("/tmp/kiln-{slurm_job_id}-launch-test.toml"));
-    let _ = std::fs::remove_file(&spec_file);
     assert!(
         out.status.success(),
         "the script failed: {}\nstderr:\n{}",
@@ -846,7 +856,9 @@ fn slurm_script_starts_real_agents_that_train_together_and_a_requeue_rejoins_the
     );
 
     let slurm_job_id = format!("e{}", std::process::id());
-    let spec_file = PathBuf::from(format!("/tmp/kiln-{slurm_job_id}-launch-test.toml"));
+    let _spec_file = RemoveOnDrop(PathBuf::from(format!(
+        "/tmp/kiln-{slurm_job_id}-launch-test.toml"
+    )));
     let first = sbatch(&script, &bin, &submit, 2, &slurm_job_id);
     assert!(
         first.status.success(),
@@ -859,17 +871,18 @@ fn slurm_script_starts_real_agents_that_train_together_and_a_requeue_rejoins_the
     assert_eq!(status["phase"], "succeeded", "{status:#}");
     assert_eq!(status["world_size"], 2, "{status:#}");
     assert_eq!(status["total_steps"], 30, "{status:#}");
-    // Both agents trained, each under the identity its node gave it.
-    let nodes: std::collections::BTreeSet<&str> = status["events"]
+    // Both agents trained to the end, each under the identity its node gave it.
+    let finished: std::collections::BTreeSet<&str> = status["events"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["kind"] == "round")
+        .filter(|e| e["kind"] == "finished")
         .filter_map(|e| e["node"].as_str())
         .collect();
-    assert!(
-        nodes.contains("cn-10") && nodes.contains("cn-11"),
-        "rounds seen by {nodes:?}: {status:#}"
+    assert_eq!(
+        finished,
+        ["cn-10", "cn-11"].into(),
+        "nodes that finished: {status:#}"
     );
     for node in ["cn-10", "cn-11"] {
         let folder = submit.join("kiln-data/jobs/launch-test/nodes").join(node);
@@ -879,7 +892,6 @@ fn slurm_script_starts_real_agents_that_train_together_and_a_requeue_rejoins_the
     // A requeue runs the same script again: its agents join the same job,
     // which is over, and do nothing.
     let again = sbatch(&script, &bin, &submit, 2, &slurm_job_id);
-    let _ = std::fs::remove_file(&spec_file);
     let stdout = String::from_utf8_lossy(&again.stdout);
     assert!(
         again.status.success(),

@@ -231,9 +231,15 @@ mod tests {
         assert_eq!(ks.checkpoint_latest("j"), "/kiln/jobs/j/checkpoints/latest");
         assert_eq!(ks.job_cancel("j"), "/kiln/jobs/j/cancel");
         assert_eq!(ks.coordinator_leader(), "/kiln/coordinator/leader");
-        assert_eq!(ks.parse_job_leaf("/kiln/jobs/j/status", "status"), Some("j"));
+        assert_eq!(
+            ks.parse_job_leaf("/kiln/jobs/j/status", "status"),
+            Some("j")
+        );
         assert_eq!(ks.parse_job_leaf("/kiln/jobs/j/spec", "status"), None);
-        assert_eq!(ks.parse_job_leaf("/kiln/jobs/j/nodes/status", "status"), None);
+        assert_eq!(
+            ks.parse_job_leaf("/kiln/jobs/j/nodes/status", "status"),
+            None
+        );
         assert_eq!(ks.parse_job_leaf("/kiln/jobs//status", "status"), None);
     }
 

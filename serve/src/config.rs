@@ -141,16 +141,27 @@ pub struct AuthConfig {
 }
 
 /// `[drift]`: drift monitoring of served inputs and predictions against each
-/// version's reference profile (where the version has one).
+/// version's reference profile (where the version has one): windows of
+/// served rows, compared column by column as Evidently does by default
+/// (see `serve/src/drift.rs`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriftConfig {
     /// Monitor drift at all.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// How often each version's drift report is computed, in milliseconds.
-    #[serde(default = "default_drift_interval_ms")]
-    pub interval_ms: u64,
+    /// Served rows per window; each full window is compared with the reference.
+    #[serde(default = "default_window_rows")]
+    pub window_rows: usize,
+    /// Significance level of the p-value tests (KS, chi-square, Z).
+    #[serde(default = "default_p_value_threshold")]
+    pub p_value_threshold: f64,
+    /// Threshold of the distances (Wasserstein, Jensen-Shannon).
+    #[serde(default = "default_distance_threshold")]
+    pub distance_threshold: f64,
+    /// Share of drifted columns at which a window counts as dataset drift.
+    #[serde(default = "default_drift_share")]
+    pub drift_share: f64,
 }
 
 fn default_listen() -> SocketAddr {
@@ -180,8 +191,17 @@ fn default_max_request_rows() -> usize {
 fn default_request_timeout_ms() -> u64 {
     30_000
 }
-fn default_drift_interval_ms() -> u64 {
-    10_000
+fn default_window_rows() -> usize {
+    crate::drift::DEFAULT_WINDOW_ROWS
+}
+fn default_p_value_threshold() -> f64 {
+    crate::drift::DEFAULT_P_VALUE_THRESHOLD
+}
+fn default_distance_threshold() -> f64 {
+    crate::drift::DEFAULT_DISTANCE_THRESHOLD
+}
+fn default_drift_share() -> f64 {
+    crate::drift::DEFAULT_DRIFT_SHARE
 }
 
 impl Default for ServeConfig {
@@ -235,7 +255,10 @@ impl Default for DriftConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            interval_ms: default_drift_interval_ms(),
+            window_rows: default_window_rows(),
+            p_value_threshold: default_p_value_threshold(),
+            distance_threshold: default_distance_threshold(),
+            drift_share: default_drift_share(),
         }
     }
 }
@@ -340,11 +363,12 @@ impl ServeConfig {
             "threads: {} is out of range; allowed: 0 (libtorch's default) to 1024",
             self.threads
         );
-        ensure!(
-            (10..=86_400_000).contains(&self.drift.interval_ms),
-            "drift.interval_ms: {} is out of range; allowed: 10 to 86400000",
-            self.drift.interval_ms
-        );
+        self.drift.options().validate().map_err(|e| {
+            anyhow::anyhow!(
+                "drift.{}",
+                e.to_string().trim_start_matches("drift options: ")
+            )
+        })?;
         Ok(())
     }
 
@@ -370,6 +394,18 @@ impl ServeConfig {
     /// The request time limit as a duration.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.request_timeout_ms)
+    }
+}
+
+impl DriftConfig {
+    /// The monitor options these settings give.
+    pub fn options(&self) -> crate::drift::DriftOptions {
+        crate::drift::DriftOptions {
+            window_rows: self.window_rows,
+            p_value_threshold: self.p_value_threshold,
+            distance_threshold: self.distance_threshold,
+            drift_share: self.drift_share,
+        }
     }
 }
 
@@ -485,6 +521,10 @@ sink = "log"
         let e = c.validate().unwrap_err().to_string();
         assert!(e.starts_with("models[0]"), "{e}");
         c.models = vec!["m".into()];
+        c.drift.window_rows = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("drift.window_rows"), "{e}");
+        c.drift.window_rows = 100;
         c.registry = " ".into();
         assert!(
             c.validate()

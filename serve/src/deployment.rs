@@ -22,9 +22,11 @@ use kiln_checkpoint::registry::{ModelVersion, Pick, Registry, Selector};
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::{BatchQueue, BatchSettings, warm_up};
+use crate::drift::DriftOptions;
 use crate::error::RequestError;
 use crate::metrics::{Metrics, VersionLabels};
 use crate::model::ServingNet;
+use crate::monitor::VersionDrift;
 use crate::signature::IoSpec;
 
 /// One loaded, warmed-up version with its compute thread.
@@ -33,6 +35,8 @@ pub struct ServedVersion {
     pub io: IoSpec,
     pub queue: BatchQueue,
     pub labels: VersionLabels,
+    /// Drift monitoring, when the version has a reference profile.
+    pub drift: Option<Arc<VersionDrift>>,
 }
 
 impl std::fmt::Debug for ServedVersion {
@@ -127,6 +131,8 @@ pub struct Loader {
     pub registry: Registry,
     pub batch: BatchSettings,
     pub metrics: Metrics,
+    /// Drift options; `None`: drift monitoring is off.
+    pub drift: Option<DriftOptions>,
 }
 
 impl Loader {
@@ -145,6 +151,7 @@ impl Loader {
         })
         .await
         .context("model load task")??;
+        let drift = self.drift(&version, &io).await;
         let labels = VersionLabels {
             model: version.name.clone(),
             version: version.version.to_string(),
@@ -169,7 +176,36 @@ impl Loader {
             io,
             queue,
             labels,
+            drift,
         }))
+    }
+
+    /// The drift monitor of `version`, if monitoring is on and the version
+    /// has a usable reference profile. A profile that cannot be used is
+    /// logged and monitoring skipped: drift is advisory, serving is not.
+    async fn drift(&self, version: &ModelVersion, io: &IoSpec) -> Option<Arc<VersionDrift>> {
+        let options = self.drift?;
+        if !version.has_reference_profile {
+            return None;
+        }
+        let (name, v) = (&version.name, version.version);
+        let made = async {
+            let bytes = self
+                .registry
+                .reference_profile(name, v)
+                .await
+                .context("read the reference profile")?
+                .context("the registry lists a reference profile but has none")?;
+            VersionDrift::new(&bytes, io.features, options)
+        }
+        .await;
+        match made {
+            Ok(d) => Some(Arc::new(d)),
+            Err(e) => {
+                tracing::warn!(model = %name, version = v, error = %format!("{e:#}"), "drift monitoring off for this version");
+                None
+            }
+        }
     }
 
     /// Where `selector` points now: the routing key and `(version, weight)`

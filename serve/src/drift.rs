@@ -18,8 +18,8 @@
 //! The window is dataset-drifted when at least half of its tested columns
 //! drifted (Evidently's `drift_share = 0.5`, compared with `>=`).
 //!
-//! Non-finite served values (NaN, infinities) are dropped from a column before
-//! its test, as Evidently drops them; a column left with no values is reported
+//! Non-finite values (NaN, infinities) are dropped before every test, as
+//! Evidently drops them; a column left with no values in a window is reported
 //! in [`DriftReport::skipped`] and does not count towards the share.
 //!
 //! The statistics match scipy (`ks_2samp`, `chisquare`, `norm`,
@@ -62,7 +62,8 @@ pub const DEFAULT_DISTANCE_THRESHOLD: f64 = 0.1;
 /// Default share of drifted columns at which a window is dataset-drifted.
 pub const DEFAULT_DRIFT_SHARE: f64 = 0.5;
 
-/// Default rows per window.
+/// Default rows per window; right for references above 1000 rows, too large
+/// for smaller ones (see [`DriftOptions::for_reference_rows`]).
 pub const DEFAULT_WINDOW_ROWS: usize = 1000;
 
 // ---------------------------------------------------------------------------
@@ -160,8 +161,7 @@ pub struct KsResult {
 
 /// Two-sample, two-sided Kolmogorov-Smirnov test, as
 /// `scipy.stats.ks_2samp(a, b)` with the exact p-value (scipy's `auto` for
-/// samples of up to 10000 values). `None` when a sample is empty. Values
-/// must be finite.
+/// samples of up to 10000 values). `None` when a sample is empty.
 pub fn ks_2samp(a: &[f64], b: &[f64]) -> Option<KsResult> {
     ks_2samp_sorted(&sorted(a), &sorted(b))
 }
@@ -582,9 +582,15 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
     a
 }
 
-/// The values, sorted (`-0.0` counted as `0.0`).
+/// The finite values, sorted (`-0.0` counted as `0.0`). Every public test
+/// goes through here, so NaNs and infinities are dropped as Evidently drops
+/// them (and cannot stall the merges, which assume a total order).
 fn sorted(values: &[f64]) -> Vec<f64> {
-    let mut v: Vec<f64> = values.iter().map(|&x| x + 0.0).collect();
+    let mut v: Vec<f64> = values
+        .iter()
+        .filter(|x| x.is_finite())
+        .map(|&x| x + 0.0)
+        .collect();
     v.sort_unstable_by(f64::total_cmp);
     v
 }
@@ -665,6 +671,25 @@ impl Default for DriftOptions {
 }
 
 impl DriftOptions {
+    /// The defaults with a window suited to a reference of `reference_rows`
+    /// rows. Above 1000 rows (distances) the window is 1000 rows: smaller
+    /// windows' own sampling noise crosses the 0.1 thresholds. Up to 1000
+    /// rows (p-values) it is a tenth of the reference, at least 100 rows:
+    /// Evidently's chi-square takes the reference proportions as exact, so
+    /// its false-positive rate grows with window / reference (about 7-8% at
+    /// 0.1, 22-49% at 1.0 for 3-10 categories; docs/monitoring.md).
+    pub fn for_reference_rows(reference_rows: usize) -> Self {
+        let window_rows = if reference_rows > SMALL_REFERENCE_ROWS {
+            DEFAULT_WINDOW_ROWS
+        } else {
+            (reference_rows / 10).max(100)
+        };
+        DriftOptions {
+            window_rows,
+            ..DriftOptions::default()
+        }
+    }
+
     /// Checks every field, naming the first bad one.
     pub fn validate(&self) -> Result<(), DriftError> {
         let bad = |field: &'static str, reason: String| Err(DriftError::Options { field, reason });
@@ -1294,6 +1319,18 @@ mod tests {
         assert_eq!(default_test(Numerical, 1001, 5), JensenShannon);
         assert_eq!(default_test(Categorical, 1001, 2), JensenShannon);
         assert_eq!(default_test(Categorical, 1001, 50), JensenShannon);
+    }
+
+    #[test]
+    fn windows_suit_the_reference() {
+        assert_eq!(DriftOptions::for_reference_rows(5000).window_rows, 1000);
+        assert_eq!(DriftOptions::for_reference_rows(1001).window_rows, 1000);
+        assert_eq!(DriftOptions::for_reference_rows(1000).window_rows, 100);
+        assert_eq!(DriftOptions::for_reference_rows(300).window_rows, 100);
+        assert_eq!(
+            DriftOptions::for_reference_rows(800).p_value_threshold,
+            DEFAULT_P_VALUE_THRESHOLD
+        );
     }
 
     #[test]

@@ -21,8 +21,8 @@
 //! - [`model`]: loading a version's verified weights into its network.
 //! - [`batcher`]: per version, the compute thread and its dynamic batching.
 //! - [`metrics`]: Prometheus metrics. [`auth`]: bearer tokens.
-//! - [`drift`]: drift detection of served inputs and predictions against a
-//!   version's reference profile (Evidently's default tests).
+//! - [`drift`]: drift statistics and windows over a reference profile;
+//!   [`monitor`]: feeding served rows to it, gauges and `drift.detected` events.
 //!
 //! # A request, end to end
 //!
@@ -45,6 +45,7 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod protocol;
 pub mod server;
 pub mod signature;

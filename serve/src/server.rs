@@ -199,6 +199,8 @@ impl ServerState {
         let limit = request.timeout.map_or(limit, |t| t.min(limit));
         let deadline = received + limit;
         let rows = input.rows;
+        // Drift monitoring needs the inputs after the compute thread took them.
+        let drift_inputs = served.drift.as_ref().map(|_| input.values.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         served.queue.submit(Job {
             rows,
@@ -218,6 +220,17 @@ impl ServerState {
         };
 
         let classes = io.classes;
+        let predictions = argmax_rows(&out.logits, classes);
+        if let (Some(drift), Some(inputs)) = (&served.drift, drift_inputs) {
+            let windows = drift.observe(&inputs, &predictions);
+            crate::monitor::evaluate_in_background(
+                drift.clone(),
+                windows,
+                served.labels.clone(),
+                self.metrics.clone(),
+                self.hooks.clone(),
+            );
+        }
         let mut outputs = Vec::with_capacity(requested.len());
         for (spec, binary) in requested {
             let (shape, data) = match spec.kind {
@@ -229,10 +242,9 @@ impl ServerState {
                     vec![rows as i64, classes as i64],
                     OutputData::F32(softmax_rows(&out.logits, classes)),
                 ),
-                OutputKind::Predictions => (
-                    vec![rows as i64],
-                    OutputData::I64(argmax_rows(&out.logits, classes)),
-                ),
+                OutputKind::Predictions => {
+                    (vec![rows as i64], OutputData::I64(predictions.clone()))
+                }
             };
             outputs.push(OutputTensor {
                 name: spec.name.clone(),
@@ -532,6 +544,7 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
             registry: registry.clone(),
             batch,
             metrics: metrics.clone(),
+            drift: config.drift.enabled.then(|| config.drift.options()),
         },
         config,
         registry,

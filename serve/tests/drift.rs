@@ -410,6 +410,20 @@ fn unseen_categories_and_degenerate_samples() {
         jensenshannon_categorical(&[1.0, 2.0], &[2.0, 1.0]),
         Some(0.0)
     );
+    // Non-finite values are dropped (they would stall a merge otherwise).
+    let with_nan = [0.3, f64::NAN, 1.2, f64::INFINITY, -0.4];
+    let without = [0.3, 1.2, -0.4];
+    let other = [0.9, 2.0, 1.1, 1.7];
+    assert_eq!(ks_2samp(&with_nan, &other), ks_2samp(&without, &other));
+    assert_eq!(
+        wasserstein_normed(&with_nan, &other),
+        wasserstein_normed(&without, &other)
+    );
+    assert_eq!(
+        chisquare_vs_reference(&[0.0, 1.0, 2.0, f64::NAN], &[f64::NAN, 1.0, 2.0]),
+        chisquare_vs_reference(&[0.0, 1.0, 2.0], &[1.0, 2.0])
+    );
+    assert!(ks_2samp(&[f64::NAN], &other).is_none());
     // Disjoint categories: the largest Jensen-Shannon distance, 1 in base 2.
     let js = jensenshannon_categorical(&[0.0, 0.0], &[1.0]).unwrap();
     assert!((js - 1.0).abs() < 1e-15, "{js}");

@@ -1035,3 +1035,167 @@ fn management_loads_versions_from_loopback_without_a_token() {
     });
     f.stop(server);
 }
+
+#[test]
+fn drift_gauges_and_hook_events_for_swaps_and_drift() {
+    use kiln_checkpoint::profile::{ProfileOptions, ReferenceProfile, Task};
+    let f = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    // Version 3: version 1's weights with a reference profile of 500 rows.
+    let reference = rows(500, 77);
+    let predictions: Vec<f64> = f.weights[0]
+        .logits(&reference)
+        .iter()
+        .map(|r| argmax(r) as f64)
+        .collect();
+    let flat: Vec<f32> = reference.iter().flatten().copied().collect();
+    let profile = ReferenceProfile::from_model_io(
+        &flat,
+        FEATURES,
+        None,
+        &predictions,
+        Task::Classification,
+        &ProfileOptions::default(),
+    )
+    .unwrap();
+    f.rt.block_on(async {
+        let v1 = f.registry.version("m", 1).await.unwrap();
+        let mut new = new_version(&v1.checkpoint.root, 1, v1.checkpoint.digest.clone());
+        new.reference_profile = Some(profile.to_json_bytes());
+        let v3 = f.registry.register("m", new, "test").await.unwrap();
+        assert!(v3.has_reference_profile);
+    });
+    let config = ServeConfig::from_toml(&format!(
+        r#"
+registry = "{}"
+models = ["m@prod"]
+listen = "127.0.0.1:0"
+[batching]
+max_batch_size = {BATCH}
+[swap]
+poll_interval_ms = 50
+[drift]
+window_rows = 200
+[[hooks]]
+sink = "command"
+command = ["sh", "-c", "cat >> '{}'; echo >> '{}'"]
+"#,
+        f.registry_url,
+        events.display(),
+        events.display()
+    ))
+    .unwrap();
+    let server = f.start(config);
+    let read_events = || -> Vec<Value> {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let gauge = |name: &str, column: &str| -> Option<f64> {
+        let text = server.state().metrics.encode();
+        let prefix = format!("{name}{{model=\"m\",version=\"3\",column=\"{column}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|v| v.parse().unwrap())
+    };
+    f.rt.block_on(async {
+        let c = http();
+        let u = url(&server, "/v2/models/m/infer");
+        f.registry
+            .promote("m", "prod", 3, None, "test")
+            .await
+            .unwrap();
+        wait_for("version 3 served", || {
+            server
+                .state()
+                .deployment("m")
+                .unwrap()
+                .routing()
+                .get(3)
+                .is_some()
+        })
+        .await;
+        wait_for("a version.swapped event", || {
+            read_events().iter().any(|e| e["kind"] == "version.swapped")
+        })
+        .await;
+        let swapped = read_events()
+            .into_iter()
+            .find(|e| e["kind"] == "version.swapped")
+            .unwrap();
+        assert_eq!(swapped["payload"]["model"], "m");
+        assert_eq!(swapped["payload"]["alias"], "prod");
+        assert_eq!(swapped["payload"]["from_version"], 1);
+        assert_eq!(swapped["payload"]["to_version"], 3);
+
+        // A window like the reference: no drift.
+        for chunk in rows(200, 555).chunks(20) {
+            let (v, _, _) = infer_json(&c, &u, chunk).await;
+            assert_eq!(v, "3");
+        }
+        wait_for("the first window's report", || {
+            gauge("kiln_drift_detected", "_all").is_some()
+        })
+        .await;
+        assert_eq!(gauge("kiln_drift_detected", "_all"), Some(0.0));
+        assert!(gauge("kiln_drift_share", "x0").is_some());
+
+        // A shifted window: drift, one event for the whole window.
+        let shifted: Vec<Vec<f32>> = rows(200, 556)
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x + 2.0).collect())
+            .collect();
+        for chunk in shifted.chunks(20) {
+            infer_json(&c, &u, chunk).await;
+        }
+        wait_for("drift detected", || {
+            gauge("kiln_drift_detected", "_all") == Some(1.0)
+        })
+        .await;
+        assert!(gauge("kiln_drift_share", "_all").unwrap() >= 0.5);
+        wait_for("a drift.detected event", || {
+            read_events()
+                .iter()
+                .any(|e| e["kind"] == "drift.detected" && e["payload"]["feature"] == "_all")
+        })
+        .await;
+        let all = read_events()
+            .into_iter()
+            .find(|e| e["kind"] == "drift.detected" && e["payload"]["feature"] == "_all")
+            .unwrap();
+        assert_eq!(all["payload"]["version"], 3);
+        assert_eq!(all["payload"]["statistic"], "share_drifted");
+        assert_eq!(all["payload"]["window_rows"], 200);
+    });
+    f.stop(server);
+}
+
+#[test]
+fn requests_past_their_time_limit_get_504_and_the_server_goes_on() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    // A lone request waits 2 s for company; its limit is 100 ms.
+    config.batching.max_queue_delay_us = 2_000_000;
+    config.limits.request_timeout_ms = 100;
+    let server = f.start(config);
+    f.rt.block_on(async {
+        let c = http();
+        let u = url(&server, "/v2/models/m/infer");
+        expect_error(c.post(&u).body(json_body(&rows(1, 1))), 504, "100 ms").await;
+        // The client's own (shorter) limit: tritonclient's `timeout`, in us.
+        let body = json!({
+            "inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": rows(1, 2)}],
+            "parameters": {"timeout": 20_000},
+        });
+        expect_error(c.post(&u).body(body.to_string()), 504, "20 ms").await;
+        // A full batch does not wait: answered at once.
+        let (v, logits, _) = infer_json(&c, &u, &rows(BATCH, 3)).await;
+        assert_eq!(v, "1");
+        assert_eq!(bits(&logits), bits(&f.weights[0].logits(&rows(BATCH, 3))));
+    });
+    f.stop(server);
+}
