@@ -8,11 +8,15 @@
 #      with `recovery`, not part of `all`: about 6 minutes, needs etcd)
 #   5. rendezvous latency of 64/128/256 agents over etcd (src/bin/rendezvous.rs;
 #      only with `rendezvous`: no PyTorch peer, needs etcd, ~10 s)
+#   6. serving, `kiln serve` vs FastAPI + uvicorn + PyTorch (bench/serve.py; only
+#      with `serve`: ~3 minutes; builds `kiln` and `loadgen`, or pass --kiln PATH
+#      (e.g. target/debug/kiln) and/or --loadgen PATH to reuse binaries)
 #
 # usage: bench/run.sh [all|allreduce|ddp] [--peer-only]
 #        bench/run.sh ckpt [--peer-only] [bench/ckpt.py options, e.g. --size-gb 0.2]
 #        bench/run.sh recovery [--peer-only] [bench/recovery.py options, e.g. --reps 1]
 #        bench/run.sh rendezvous [rendezvous options, e.g. --agents 256 --runs 9]
+#        bench/run.sh serve [--peer-only] [bench/serve.py options, e.g. --kiln target/debug/kiln --reps 3]
 #   --peer-only   skip the build and the kiln side; run only the PyTorch peers
 #
 # Builds `kiln` and `kiln-bench` (for ckpt: only `ckpt_bench`; for recovery: only `kiln`) in release mode
@@ -30,12 +34,12 @@ peer_only=()
 ckpt_args=()
 for arg in "$@"; do
   case "$arg" in
-    all | allreduce | ddp | ckpt | recovery | rendezvous) which=$arg ;;
+    all | allreduce | ddp | ckpt | recovery | rendezvous | serve) which=$arg ;;
     --peer-only) peer_only=(--peer-only) ;;
     -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *)
-      # Anything else after `ckpt`, `recovery` or `rendezvous` belongs to that benchmark.
-      if [[ $which == ckpt || $which == recovery || $which == rendezvous ]]; then
+      # Anything else after `ckpt`, `recovery`, `rendezvous` or `serve` belongs to that benchmark.
+      if [[ $which == ckpt || $which == recovery || $which == rendezvous || $which == serve ]]; then
         ckpt_args+=("$arg")
       else
         echo "run.sh: unknown argument '$arg' (see --help)" >&2
@@ -52,7 +56,17 @@ if [[ $which != rendezvous && ! -x "$python" ]]; then
 fi
 
 release_dir=${CARGO_TARGET_DIR:-target}/release
-if ((${#peer_only[@]} == 0)); then
+# The serving benchmark needs `kiln` (to train and export the model) and `loadgen` even with
+# --peer-only; `--kiln PATH` / `--loadgen PATH` skip building that binary.
+serve_build=()
+if [[ $which == serve ]]; then
+  [[ " ${ckpt_args[*]} " == *" --kiln "* ]] || serve_build+=(-p kiln --bin kiln)
+  [[ " ${ckpt_args[*]} " == *" --loadgen "* ]] || serve_build+=(-p kiln-bench --bin loadgen)
+fi
+if [[ $which == serve ]] && ((${#serve_build[@]})); then
+  echo "run.sh: cargo build --release ${serve_build[*]}" >&2
+  cargo build --release "${serve_build[@]}"
+elif [[ $which != serve ]] && ((${#peer_only[@]} == 0)); then
   # The checkpoint benchmark needs only its own binary (no `kiln` CLI).
   build=(-p kiln -p kiln-bench)
   [[ $which == ckpt ]] && build=(-p kiln-bench --bin ckpt_bench)
@@ -74,6 +88,10 @@ if [[ $which == ckpt ]]; then
 fi
 if [[ $which == recovery ]]; then
   "$python" bench/recovery.py --kiln "$release_dir/kiln" --python "$python" "${peer_only[@]}" "${ckpt_args[@]}" || status=1
+fi
+if [[ $which == serve ]]; then
+  "$python" bench/serve.py --kiln "$release_dir/kiln" --loadgen "$release_dir/loadgen" --python "$python" \
+    "${peer_only[@]}" "${ckpt_args[@]}" || status=1
 fi
 if [[ $which == rendezvous ]]; then
   if ((${#peer_only[@]})); then

@@ -51,6 +51,9 @@ fi
 extra_python=(
   "moto[server]==5.2.5"
   "tritonclient[http,grpc]"
+  # bench/serve_peer.py: the FastAPI + uvicorn peer of `kiln serve` (uvloop, httptools).
+  "fastapi==0.163.2"
+  "uvicorn[standard]==0.54.0"
 )
 extra_key=$(printf '%s\n' "${extra_python[@]}" | sha256sum | cut -c1-16)
 extra_marker="$KILN_VENV/.kiln-extra-$extra_key"

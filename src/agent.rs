@@ -101,10 +101,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         None => hostname()?,
     };
     kiln_coordinator::keyspace::validate_name("node", &node)?;
-    let run_dir = args.data_dir.join("jobs").join(&job).join("nodes").join(&node);
+    let run_dir = args
+        .data_dir
+        .join("jobs")
+        .join(&job)
+        .join("nodes")
+        .join(&node);
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("create the node's folder {}", run_dir.display()))?;
-    let run_dir = run_dir.canonicalize().context("resolve the node's folder")?;
+    let run_dir = run_dir
+        .canonicalize()
+        .context("resolve the node's folder")?;
     let checkpoint_url = checkpoint_url(&spec, &args.data_dir, &job)?;
     let ttl = Duration::from_secs(spec.elastic.lease_ttl_secs);
 
@@ -163,7 +170,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     ));
     let mut plans = session.watch_plans(0);
     let mut terminal = tokio::spawn(watch_terminal(store.clone(), ks.clone(), job.clone()));
-    let mut cancel_request = tokio::spawn(status::watch_cancel(store.clone(), ks.clone(), job.clone()));
+    let mut cancel_request =
+        tokio::spawn(status::watch_cancel(store.clone(), ks.clone(), job.clone()));
 
     let hooks = kiln_hooks::Hooks::new(&spec.hooks).context("hooks")?;
     let spec_json = spec.to_json();
@@ -178,7 +186,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let mut job_succeeded = false;
     let outcome: anyhow::Result<()> = loop {
         let wait_deadline = waiting_since.map(|since| {
-            since + if job_succeeded { FINISH_GRACE } else { wait_timeout }
+            since
+                + if job_succeeded {
+                    FINISH_GRACE
+                } else {
+                    wait_timeout
+                }
         });
         tokio::select! {
             plan = plans.recv() => {
@@ -372,15 +385,27 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             let mut model = None;
             if let Some(f) = &rank0 {
                 let eval: BTreeMap<String, f64> = f.eval.clone().into_iter().collect();
-                hooks.emit(kiln_hooks::Event::of(&job, &kiln_hooks::event::JobFinished {
-                    job: job.clone(),
-                    step: f.steps,
-                    elapsed_secs: 0.0,
-                    checkpoint: (!f.checkpoint_url.is_empty()).then(|| f.checkpoint_url.clone()),
-                    metrics: eval,
-                }));
+                hooks.emit(kiln_hooks::Event::of(
+                    &job,
+                    &kiln_hooks::event::JobFinished {
+                        job: job.clone(),
+                        step: f.steps,
+                        elapsed_secs: 0.0,
+                        checkpoint: (!f.checkpoint_url.is_empty())
+                            .then(|| f.checkpoint_url.clone()),
+                        metrics: eval,
+                    },
+                ));
                 if spec.register.is_some() {
-                    match crate::register::register_final_model(&spec, &job, &checkpoint_url, f, &hooks).await {
+                    match crate::register::register_final_model(
+                        &spec,
+                        &job,
+                        &checkpoint_url,
+                        f,
+                        &hooks,
+                    )
+                    .await
+                    {
                         Ok(m) => model = m,
                         Err(e) => tracing::error!(job, "register the model: {e:#}"),
                     }
@@ -411,18 +436,23 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             if !args.events_json {
-                println!("job {job}: node {node} finished (world size {world_size}, round {round})");
+                println!(
+                    "job {job}: node {node} finished (world size {world_size}, round {round})"
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
             workers.kill_all().await;
-            hooks.emit(kiln_hooks::Event::of(&job, &kiln_hooks::event::JobFailed {
-                job: job.clone(),
-                error: format!("{e:#}"),
-                step: None,
-                round: Some(round),
-            }));
+            hooks.emit(kiln_hooks::Event::of(
+                &job,
+                &kiln_hooks::event::JobFailed {
+                    job: job.clone(),
+                    error: format!("{e:#}"),
+                    step: None,
+                    round: Some(round),
+                },
+            ));
             if !session.is_lost() {
                 let message = format!("{e:#}");
                 let _ = status::update(&*store, &ks, &job, |s| {
@@ -469,7 +499,8 @@ async fn job_spec(
         if let Some(n) = args.nproc {
             overrides.push(format!("workers.nproc={n}"));
         }
-        let spec = JobSpec::load(path, &overrides).map_err(|e| SpecFailure::Invalid(e.to_string()))?;
+        let spec =
+            JobSpec::load(path, &overrides).map_err(|e| SpecFailure::Invalid(e.to_string()))?;
         let outcome = store
             .compare_and_swap(&key, Expect::Absent, spec.to_json().into_bytes(), None)
             .await
@@ -570,11 +601,7 @@ async fn lead(
 
 /// Resolves with the job's phase once it is terminal (another node saw the
 /// job finish, fail or get cancelled).
-async fn watch_terminal(
-    store: Arc<dyn Store>,
-    ks: Keyspace,
-    job: String,
-) -> anyhow::Result<Phase> {
+async fn watch_terminal(store: Arc<dyn Store>, ks: Keyspace, job: String) -> anyhow::Result<Phase> {
     let key = ks.job_status(&job);
     loop {
         let (kvs, revision) = store.get_prefix(&key).await?;

@@ -6,8 +6,8 @@ mod ckpt;
 mod coordinator;
 mod jobs;
 mod launch;
-mod registry;
 mod register;
+mod registry;
 mod run;
 mod serve;
 

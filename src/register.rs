@@ -49,7 +49,10 @@ pub async fn register_final_model(
         .register
         .as_ref()
         .context("the spec has no [register] section")?;
-    let name = register.name.clone().unwrap_or_else(|| spec.job.name.clone());
+    let name = register
+        .name
+        .clone()
+        .unwrap_or_else(|| spec.job.name.clone());
     if rank0.checkpoint_url.is_empty() {
         tracing::warn!(
             job,
@@ -77,7 +80,8 @@ pub async fn register_final_model(
     };
     let torchscript = match (&spec.model.kind, &spec.model.path) {
         (ModelKind::Torchscript, Some(path)) => Some(
-            std::fs::read(path).with_context(|| format!("read the TorchScript module {}", path.display()))?,
+            std::fs::read(path)
+                .with_context(|| format!("read the TorchScript module {}", path.display()))?,
         ),
         _ => None,
     };

@@ -282,7 +282,12 @@ fn assert_close(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) {
 fn rounds(node: &Node) -> Vec<(u64, u64)> {
     node.of("round_started")
         .iter()
-        .map(|e| (e["round"].as_u64().unwrap(), e["world_size"].as_u64().unwrap()))
+        .map(|e| {
+            (
+                e["round"].as_u64().unwrap(),
+                e["world_size"].as_u64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -343,7 +348,10 @@ fn a_node_killed_mid_run_the_job_goes_on_at_world_size_2_and_ends_as_a_fault_fre
     finish(&mut nodes);
     let survivors: Vec<&Node> = nodes.iter().collect();
     check_recovery(&survivors, killed_at);
-    assert_close(&final_weights(&nodes), &fault_free_weights(&spec, dir.path()));
+    assert_close(
+        &final_weights(&nodes),
+        &fault_free_weights(&spec, dir.path()),
+    );
 }
 
 #[test]
@@ -371,7 +379,10 @@ fn the_node_leading_the_rendezvous_is_killed_and_another_takes_over() {
     assert_ne!(new_leader, leader, "the dead node still leads");
     let survivors: Vec<&Node> = nodes.iter().collect();
     check_recovery(&survivors, killed_at);
-    assert_close(&final_weights(&nodes), &fault_free_weights(&spec, dir.path()));
+    assert_close(
+        &final_weights(&nodes),
+        &fault_free_weights(&spec, dir.path()),
+    );
 }
 
 #[test]
@@ -409,7 +420,10 @@ fn a_node_that_joins_mid_run_grows_the_world_at_the_next_round() {
         "the new node did not receive the state of the running job: {grown}"
     );
     assert!(rounds(&nodes[0]).iter().any(|&(_, w)| w == 2));
-    assert_close(&final_weights(&nodes), &fault_free_weights(&spec, dir.path()));
+    assert_close(
+        &final_weights(&nodes),
+        &fault_free_weights(&spec, dir.path()),
+    );
 }
 
 #[test]
@@ -453,9 +467,16 @@ fn every_node_killed_then_restarted_resumes_from_the_latest_durable_checkpoint()
             resumed >= latest && resumed <= before_restart,
             "resumed at step {resumed}; the latest checkpoint seen committed was at {latest}, training had reached {before_restart}"
         );
-        assert_eq!(resumed % 20, 0, "resumed at step {resumed}, not a checkpoint step");
+        assert_eq!(
+            resumed % 20,
+            0,
+            "resumed at step {resumed}, not a checkpoint step"
+        );
     }
-    assert_close(&final_weights(&nodes), &fault_free_weights(&spec, dir.path()));
+    assert_close(
+        &final_weights(&nodes),
+        &fault_free_weights(&spec, dir.path()),
+    );
 }
 
 /// A seeded random schedule of kills (whole nodes, or one worker) and joins.
@@ -481,10 +502,7 @@ fn chaos_kills_and_joins_lose_no_committed_checkpoint() {
     };
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start().unwrap();
-    let spec = spec(
-        dir.path(),
-        "",
-    );
+    let spec = spec(dir.path(), "");
     // Up to 3 nodes, down to 1.
     let spec_text = std::fs::read_to_string(&spec)
         .unwrap()
@@ -511,7 +529,11 @@ fn chaos_kills_and_joins_lose_no_committed_checkpoint() {
         match action {
             0 => {
                 let i = next(live.len() as u64) as usize;
-                println!("chaos {event}: at step {} kill node {}", max_step(&live), live[i].name);
+                println!(
+                    "chaos {event}: at step {} kill node {}",
+                    max_step(&live),
+                    live[i].name
+                );
                 let mut node = live.remove(i);
                 node.kill();
                 gone.push(node);
@@ -520,7 +542,11 @@ fn chaos_kills_and_joins_lose_no_committed_checkpoint() {
                 let i = next(live.len() as u64) as usize;
                 let agent = live[i].child.id();
                 let worker = child_pids(agent).into_iter().next();
-                println!("chaos {event}: at step {} kill the worker of node {}", max_step(&live), live[i].name);
+                println!(
+                    "chaos {event}: at step {} kill the worker of node {}",
+                    max_step(&live),
+                    live[i].name
+                );
                 if let Some(pid) = worker {
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 }
@@ -528,7 +554,10 @@ fn chaos_kills_and_joins_lose_no_committed_checkpoint() {
             _ => {
                 let name = format!("node-{names}");
                 names += 1;
-                println!("chaos {event}: at step {} start node {name}", max_step(&live));
+                println!(
+                    "chaos {event}: at step {} start node {name}",
+                    max_step(&live)
+                );
                 live.push(Node::start(&etcd.url(), "chaos", &spec, &name, &data));
             }
         }
@@ -537,7 +566,10 @@ fn chaos_kills_and_joins_lose_no_committed_checkpoint() {
     finish(&mut live);
     for node in live.iter().chain(&gone) {
         for e in node.of("checkpoint") {
-            checkpoints.insert(e["step"].as_u64().unwrap(), e["url"].as_str().unwrap().to_string());
+            checkpoints.insert(
+                e["step"].as_u64().unwrap(),
+                e["url"].as_str().unwrap().to_string(),
+            );
         }
     }
     assert!(!checkpoints.is_empty());
@@ -553,14 +585,19 @@ fn chaos_kills_and_joins_lose_no_committed_checkpoint() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert_close(&final_weights(&live), &fault_free_weights(&spec, dir.path()));
+    assert_close(
+        &final_weights(&live),
+        &fault_free_weights(&spec, dir.path()),
+    );
 }
 
 fn child_pids(parent: u32) -> Vec<u32> {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")) else {
         return Vec::new();
     };
-    text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+    text.split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// The job's etcd is a 3-member cluster; its leader is SIGKILLed mid-run. The
@@ -595,5 +632,8 @@ fn the_etcd_leader_dies_and_the_job_keeps_training() {
             node.name
         );
     }
-    assert_close(&final_weights(&nodes), &fault_free_weights(&spec, dir.path()));
+    assert_close(
+        &final_weights(&nodes),
+        &fault_free_weights(&spec, dir.path()),
+    );
 }

@@ -235,8 +235,11 @@ async fn next_plan_for(
     lost: &CancellationToken,
     after_round: u64,
 ) -> Result<Plan> {
-    let lease_lost =
-        || Error::not_found(format!("the lease of node {node} in job {job} (it expired)"));
+    let lease_lost = || {
+        Error::not_found(format!(
+            "the lease of node {node} in job {job} (it expired)"
+        ))
+    };
     let for_me = |kv: &KeyValue| -> Result<Option<Plan>> {
         let plan = decode_plan(job, kv)?;
         Ok(plan.member(node).is_some().then_some(plan))
@@ -524,7 +527,10 @@ impl NodeSession {
         if record.node != self.node {
             return Err(Error::invalid(
                 "node record",
-                format!("names node {} but this session is node {}", record.node, self.node),
+                format!(
+                    "names node {} but this session is node {}",
+                    record.node, self.node
+                ),
             ));
         }
         self.check_lease()?;

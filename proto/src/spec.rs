@@ -1062,7 +1062,10 @@ impl JobSpec {
         if e.lease_ttl_secs < 2 {
             return Err(invalid(
                 "elastic.lease_ttl_secs",
-                format!("{} is too short; etcd grants at least 2 seconds", e.lease_ttl_secs),
+                format!(
+                    "{} is too short; etcd grants at least 2 seconds",
+                    e.lease_ttl_secs
+                ),
             ));
         }
         non_negative("elastic.settle_secs", e.settle_secs)?;

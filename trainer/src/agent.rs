@@ -364,7 +364,9 @@ fn attach(w: WorkerHandle, generation: u64, tx: mpsc::Sender<Update>) -> Attache
             }
         };
         if let Ok(status) = status {
-            let _ = tx.send(Update::Exited(local_rank, generation, status)).await;
+            let _ = tx
+                .send(Update::Exited(local_rank, generation, status))
+                .await;
         }
     });
     Attached {
@@ -377,7 +379,13 @@ fn attach(w: WorkerHandle, generation: u64, tx: mpsc::Sender<Update>) -> Attache
 
 impl RoundAssignment {
     /// The assignment message of local worker `local_rank`.
-    fn assignment(&self, job: &str, run_dir: &Path, local_rank: usize, elastic: bool) -> Assignment {
+    fn assignment(
+        &self,
+        job: &str,
+        run_dir: &Path,
+        local_rank: usize,
+        elastic: bool,
+    ) -> Assignment {
         Assignment {
             job: job.to_string(),
             round: self.round,
@@ -544,7 +552,12 @@ impl ElasticWorkers {
         slot.killer = a.killer;
         slot.dead = false;
         slot.finished = false;
-        tracing::info!(job = self.job, local_rank, pid = slot.pid, "worker replaced");
+        tracing::info!(
+            job = self.job,
+            local_rank,
+            pid = slot.pid,
+            "worker replaced"
+        );
         Ok(())
     }
 
@@ -613,17 +626,23 @@ impl ElasticWorkers {
                         rank: r,
                         message: w.message,
                     }),
-                    Report::RoundStarted(started) => ElasticUpdate::RoundStarted { rank: r, started },
-                    Report::Interrupted(interrupted) => {
-                        ElasticUpdate::Interrupted { rank: r, interrupted }
+                    Report::RoundStarted(started) => {
+                        ElasticUpdate::RoundStarted { rank: r, started }
                     }
+                    Report::Interrupted(interrupted) => ElasticUpdate::Interrupted {
+                        rank: r,
+                        interrupted,
+                    },
                     Report::Finished(finished) => {
                         self.slots[i].finished = true;
                         ElasticUpdate::Finished { rank: r, finished }
                     }
                     Report::Failed(f) => ElasticUpdate::Failed {
                         rank: r,
-                        message: format!("worker rank {r} (pid {}) failed: {}", self.slots[i].pid, f.error),
+                        message: format!(
+                            "worker rank {r} (pid {}) failed: {}",
+                            self.slots[i].pid, f.error
+                        ),
                     },
                     Report::Hello(_) => ElasticUpdate::Failed {
                         rank: r,
@@ -632,7 +651,11 @@ impl ElasticWorkers {
                 })
             }
             Update::Closed(i, g, Some(error)) if self.slots[i].generation == g => {
-                tracing::warn!(job = self.job, local_rank = i, "worker channel failed: {error}");
+                tracing::warn!(
+                    job = self.job,
+                    local_rank = i,
+                    "worker channel failed: {error}"
+                );
                 None
             }
             Update::Report(..) | Update::Closed(..) => None,

@@ -32,9 +32,9 @@ use crate::collective::ring::RingCollective;
 use crate::collective::{AbortHandle, Collective, CollectiveError};
 use crate::data::{self, Dataset, GlobalSampler};
 use crate::device;
-use kiln_models::{self as model, Net};
 use crate::optim::{self, Optimizer};
 use crate::state::{self, TrainingState};
+use kiln_models::{self as model, Net};
 
 /// Where a worker finds its agent.
 #[derive(Debug, Clone)]
@@ -342,9 +342,15 @@ impl Training {
         let device = self.device;
         tracing::info!(job = %a.job, round = a.round, rank, world, "joining round");
         let timeout = Duration::from_secs_f64(spec.comm.timeout_secs);
-        let mut ring =
-            RingCollective::connect_abortable(a.round, rank, &a.peers, listener, timeout, abort.clone())
-                .with_context(|| format!("connect collective ring of round {}", a.round))?;
+        let mut ring = RingCollective::connect_abortable(
+            a.round,
+            rank,
+            &a.peers,
+            listener,
+            timeout,
+            abort.clone(),
+        )
+        .with_context(|| format!("connect collective ring of round {}", a.round))?;
         let mut comm: Box<dyn Collective> = match device {
             Device::Cuda(index) => {
                 ensure!(
@@ -450,7 +456,12 @@ impl Training {
         }
         let header = Vec::<f64>::try_from(header.to_device(Device::Cpu)).context("read header")?;
         if rank != source {
-            tracing::info!(round = a.round, step = header[0], source, "received the training state");
+            tracing::info!(
+                round = a.round,
+                step = header[0],
+                source,
+                "received the training state"
+            );
         }
         self.step = Some(header[0] as u64);
         self.opt.steps = header[1] as u64;
@@ -597,7 +608,11 @@ impl Training {
                 step_seconds: started.elapsed().as_secs_f64(),
                 samples: per_rank as u64,
                 allreduce_seconds: reduce_seconds,
-                allreduce_bytes: if world > 1 { self.buckets.bytes() as u64 } else { 0 },
+                allreduce_bytes: if world > 1 {
+                    self.buckets.bytes() as u64
+                } else {
+                    0
+                },
                 lr,
             }))?;
             // Throughput excludes the first step (allocations, first-touch, connection warm-up).

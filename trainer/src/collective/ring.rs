@@ -132,7 +132,14 @@ impl RingCollective {
         listener: &TcpListener,
         timeout: Duration,
     ) -> Result<Self> {
-        Self::connect_abortable(round, rank, peers, listener, timeout, AbortHandle::default())
+        Self::connect_abortable(
+            round,
+            rank,
+            peers,
+            listener,
+            timeout,
+            AbortHandle::default(),
+        )
     }
 
     /// [`connect`](Self::connect) that `abort` can break while it waits for
@@ -681,8 +688,8 @@ fn connect_links(
     let deadline = Instant::now() + timeout;
     let stop_accepting = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let acceptor = scope
-            .spawn(|| accept_prev(hello, peers, listener, deadline, &stop_accepting, abort));
+        let acceptor =
+            scope.spawn(|| accept_prev(hello, peers, listener, deadline, &stop_accepting, abort));
         let next = connect_next(hello, peers, deadline, abort);
         if next.is_err() {
             stop_accepting.store(true, Ordering::SeqCst);
