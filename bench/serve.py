@@ -351,6 +351,24 @@ def run_load(args, server, model, concurrency, body_file):
     return row
 
 
+def wait_idle(servers, limit_s=30.0, window_s=0.5, max_cores=0.05):
+    """Waits until the servers together use less than `max_cores` (a server may
+    still be busy after its run: kiln evaluates drift windows in the background),
+    so that no run pays for the previous one. Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        before = sum(s.cpu_seconds() for s in servers)
+        time.sleep(window_s)
+        if sum(s.cpu_seconds() for s in servers) - before < max_cores * window_s:
+            break
+    else:
+        log(f"serve.py: servers still busy after {limit_s:.0f} s; running the next level anyway")
+    waited = time.monotonic() - started
+    if waited > 2 * window_s + 0.2:
+        log(f"serve.py: waited {waited:.1f} s for the servers to go idle")
+    return waited
+
+
 def summarise(rows, names, levels):
     """Medians over repetitions per (server, concurrency)."""
     table = []
@@ -483,6 +501,7 @@ def main():
                 # Rotate the order of the servers from one level/repetition to the next.
                 shift = (rep + args.levels.index(c)) % len(servers)
                 for server in servers[shift:] + servers[:shift]:
+                    wait_idle(servers)
                     row = run_load(args, server, model, c, body_file)
                     row["rep"] = rep
                     rows.append(row)

@@ -237,7 +237,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                         s.round = round;
                         s.world_size = world_size;
                         s.total_steps = spec.train.steps;
-                        s.set_phase(Phase::Running);
+                        if s.set_phase(Phase::Running) {
+                            s.message.clear();
+                        }
                         s.push_event("round", &node, format!("round {round}: world size {world_size}"));
                     }
                 }).await {

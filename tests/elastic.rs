@@ -637,3 +637,58 @@ fn the_etcd_leader_dies_and_the_job_keeps_training() {
         &fault_free_weights(&spec, dir.path()),
     );
 }
+
+fn phase_of(etcd: &EtcdServer, job: &str) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", etcd.endpoints().join(",")))
+        .args(["get", "--print-value-only"])
+        .arg(format!("/kiln/jobs/{job}/status"))
+        .output()
+        .expect("run etcdctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str::<Value>(text.trim())
+        .ok()
+        .and_then(|v| v["phase"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// Below `min_nodes` the job waits (its status says so) instead of failing,
+/// and goes on when a node comes back.
+#[test]
+fn below_min_nodes_the_job_waits_and_goes_on_when_a_node_returns() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start().unwrap();
+    let spec = spec(dir.path(), "");
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("steps = 120", "steps = 200")
+        .replace("max_nodes = 3", "max_nodes = 2");
+    std::fs::write(&spec, text).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| Node::start(&etcd.url(), "wait", &spec, &format!("node-{i}"), &data))
+        .collect();
+    wait_until("step 30", WAIT, || max_step(&nodes) >= 30);
+    let mut dead = nodes.remove(1);
+    dead.kill();
+    wait_until("the waiting phase", WAIT, || {
+        phase_of(&etcd, "wait") == "waiting"
+    });
+    let stalled = max_step(&nodes);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        max_step(&nodes),
+        stalled,
+        "a lone node trained below min_nodes"
+    );
+    nodes.push(Node::start(&etcd.url(), "wait", &spec, "node-1", &data));
+    finish(&mut nodes);
+    assert_eq!(phase_of(&etcd, "wait"), "succeeded");
+    assert_close(
+        &final_weights(&nodes),
+        &fault_free_weights(&spec, dir.path()),
+    );
+}

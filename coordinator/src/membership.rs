@@ -176,6 +176,17 @@ impl Leader {
                 Action::WritePlan(plan) => self.write_plan(&plan).await?,
                 Action::Waiting { present, min } => {
                     tracing::info!(job = self.job, present, min, "waiting for nodes");
+                    // Shown by `kiln status`; the next round's agents set it back to running.
+                    let recorded = crate::status::update(&*self.store, &self.ks, &self.job, |s| {
+                        if s.phase == crate::status::Phase::Running {
+                            s.set_phase(crate::status::Phase::Waiting);
+                            s.message = format!("{present} of at least {min} nodes present");
+                        }
+                    })
+                    .await;
+                    if let Err(error) = recorded {
+                        tracing::warn!(job = self.job, %error, "record the waiting phase");
+                    }
                 }
                 Action::Failed { reason } => {
                     tracing::error!(job = self.job, reason, "rendezvous failed");
