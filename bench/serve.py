@@ -27,7 +27,7 @@ something failed to start or answer wrongly.
 
 usage: python bench/serve.py [--kiln target/release/kiln] [--loadgen target/release/loadgen]
                              [--concurrency 1,8,32] [--duration-s 5] [--warmup-s 1] [--reps 3]
-                             [--peer-workers 1,2] [--rows 1] [--kiln-args FLAGS] [--json]
+                             [--peer-workers 1,2] [--rows 1] [--kiln-args FLAGS] [--kiln-env K=V] [--json]
 """
 
 import argparse
@@ -71,6 +71,13 @@ def parse_args():
         "--kiln-args", default="", help="extra `kiln serve` flags for every kiln row, e.g. '--max-queue-delay-us 500'"
     )
     p.add_argument(
+        "--kiln-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for every kiln server (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE",
+    )
+    p.add_argument(
         "--no-drift-off-row",
         action="store_true",
         help="skip the second kiln server with drift monitoring off (`[drift] enabled = false`)",
@@ -90,6 +97,9 @@ def parse_args():
         p.error("--peer-workers: every worker count must be at least 1")
     if not args.workers and args.peer_only:
         p.error("--peer-only with no --peer-workers leaves nothing to measure")
+    for pair in args.kiln_env:
+        if "=" not in pair or not pair.split("=", 1)[0]:
+            p.error(f"--kiln-env takes KEY=VALUE, got '{pair}'")
     if not 1 <= args.rows <= 359:
         p.error(f"--rows must be between 1 and 359 (the held-out digits), got {args.rows}")
     if args.reps < 1 or args.duration_s <= 0 or args.warmup_s < 0:
@@ -245,9 +255,11 @@ def start_kiln(args, registry, selector, work, servers, drift_off):
         cmd += ["--config", config]
         name, log_name = "kiln, drift off", "kiln-serve-drift-off.log"
     cmd += shlex.split(args.kiln_args)
-    if args.kiln_args:
-        name += f" ({args.kiln_args})"
-    server = Server(name, "kiln", cmd, work / log_name)
+    tweaks = " ".join(args.kiln_env + ([args.kiln_args] if args.kiln_args else []))
+    if tweaks:
+        name += f" ({tweaks})"
+    env = dict(os.environ, **dict(pair.split("=", 1) for pair in args.kiln_env))
+    server = Server(name, "kiln", cmd, work / log_name, env=env)
     servers.append(server)  # stopped by the caller, ready or not
     # `kiln serve: listening on http://ADDR` on stdout once every model is warmed up.
     deadline = time.monotonic() + 180
@@ -344,7 +356,7 @@ def run_load(args, server, model, concurrency, body_file):
     # Cores the server kept busy over warm-up + window.
     row.update(server=server.name, server_cores=cpu / elapsed, loadgen_cores=gen_cpu / elapsed, load_avg_1m=load_before)
     log(
-        f"  {server.name:<22} c={concurrency:<3} {row['rps']:8.0f} req/s  p50 {fmt(row['p50_ms'], '.3f')} ms  "
+        f"  {server.name:<24} c={concurrency:<3} {row['rps']:8.0f} req/s  p50 {fmt(row['p50_ms'], '.3f')} ms  "
         f"p99 {fmt(row['p99_ms'], '.3f')} ms  errors {row['errors']}  server cores {row['server_cores']:.2f}  "
         f"loadgen cores {row['loadgen_cores']:.2f}  load avg {load_before:.1f}"
     )
@@ -400,14 +412,15 @@ def print_table(table, reps, rows):
         f"Serving: {rows} row(s) per request; medians of {reps} run(s) each; req/s range over the runs; "
         "cores = CPU s / wall s of the server (all its processes) and of the load generator"
     )
+    w = max([len("server")] + [len(t["server"]) for t in table])
     print(
-        f"{'server':<24} {'conc':>4} {'req/s':>8} {'req/s range':>13} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
+        f"{'server':<{w}} {'conc':>4} {'req/s':>8} {'req/s range':>13} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
         f"{'srv cores':>9} {'gen cores':>9}"
     )
     for t in table:
         spread = f"{min(t['rps_runs'])}-{max(t['rps_runs'])}"
         print(
-            f"{t['server']:<24} {t['concurrency']:>4} {t['rps']:>8.0f} {spread:>13} {fmt(t['p50_ms'], '.3f'):>8} "
+            f"{t['server']:<{w}} {t['concurrency']:>4} {t['rps']:>8.0f} {spread:>13} {fmt(t['p50_ms'], '.3f'):>8} "
             f"{fmt(t['p99_ms'], '.3f'):>8} {t['errors']:>6} {t['server_cores']:>9.2f} {t['loadgen_cores']:>9.2f}"
         )
 
@@ -441,10 +454,11 @@ def ratios(table, kiln_names, peer_names, levels):
 def print_ratios(rows, top):
     print()
     print("Ratios kiln / FastAPI (req/s: above 1 favours kiln; p50, p99: below 1 favours kiln)")
-    print(f"{'kiln':<24} {'peer':<12} {'conc':>4} {'req/s':>8} {'p50':>8} {'p99':>8}")
+    w = max([len("kiln")] + [len(r["kiln"]) for r in rows])
+    print(f"{'kiln':<{w}} {'peer':<12} {'conc':>4} {'req/s':>8} {'p50':>8} {'p99':>8}")
     for r in rows:
         print(
-            f"{r['kiln']:<24} {r['peer']:<12} {r['concurrency']:>4} {fmt(r['rps_ratio'], '.2f'):>7}x "
+            f"{r['kiln']:<{w}} {r['peer']:<12} {r['concurrency']:>4} {fmt(r['rps_ratio'], '.2f'):>7}x "
             f"{fmt(r['p50_ratio'], '.2f'):>7}x {fmt(r['p99_ratio'], '.2f'):>7}x"
         )
     print()
@@ -455,7 +469,7 @@ def print_ratios(rows, top):
         rps_met = "met" if r["rps_ratio"] >= TARGET_RPS_RATIO else "not met"
         p99_met = "met" if r["p99_ratio"] <= TARGET_P99_RATIO else "not met"
         print(
-            f"  {r['kiln']:<22} vs {r['peer']:<12} req/s {r['rps_ratio']:.2f}x ({rps_met}), "
+            f"  {r['kiln']:<{w}} vs {r['peer']:<12} req/s {r['rps_ratio']:.2f}x ({rps_met}), "
             f"p99 {r['p99_ratio']:.2f}x ({p99_met})"
         )
 
@@ -535,6 +549,7 @@ def main():
                         "warmup_s": args.warmup_s,
                         "reps": args.reps,
                         "kiln_args": args.kiln_args,
+                        "kiln_env": args.kiln_env,
                     }
                 )
             )
