@@ -168,7 +168,15 @@ fn main() -> ExitCode {
         Command::Cancel(args) => block_on(jobs::cancel(args)),
         Command::Jobs(args) => block_on(jobs::jobs(args)),
         Command::Launch(cmd) => report(launch::run(cmd)),
-        Command::Serve(args) => block_on(serve::run(args)),
+        Command::Serve(args) => {
+            if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+                // SAFETY: no other thread exists yet (the async runtime starts
+                // in block_on below), so nothing reads the environment concurrently.
+                // Idle OpenMP threads then sleep instead of spinning between batches.
+                unsafe { std::env::set_var("OMP_WAIT_POLICY", "PASSIVE") };
+            }
+            block_on(serve::run(args))
+        }
         Command::Worker {
             agent_socket,
             local_rank,

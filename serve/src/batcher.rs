@@ -35,6 +35,9 @@ pub struct BatchSettings {
     pub max_queue_delay: Duration,
     pub queue_capacity: usize,
     pub fixed_shape: bool,
+    /// libtorch intra-op threads of the compute thread (0: libtorch's default).
+    /// Set on the compute thread itself: OpenMP's thread count is per thread.
+    pub threads: usize,
 }
 
 /// A request's rows waiting for a forward pass.
@@ -101,6 +104,9 @@ fn compute_loop(
     metrics: Metrics,
     labels: VersionLabels,
 ) {
+    if settings.threads > 0 {
+        tch::set_num_threads(settings.threads as i32);
+    }
     let mut carry: Option<Job> = None;
     loop {
         let first = match carry.take() {

@@ -9,7 +9,7 @@
 //!
 //! [batching]
 //! max_batch_size = 32        # rows per forward pass
-//! max_queue_delay_us = 2000  # how long the oldest request may wait for company
+//! max_queue_delay_us = 0     # how long the oldest request may wait for company
 //!
 //! [swap]
 //! poll_interval_ms = 500     # how often aliases (and `latest`) are read
@@ -54,8 +54,10 @@ pub struct ServeConfig {
     /// Address of the one port REST and gRPC share; port 0 picks a free one.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// libtorch's intra-op threads for forward passes; 0 keeps libtorch's default.
-    #[serde(default)]
+    /// libtorch's intra-op threads per model version's compute thread; 0
+    /// keeps libtorch's default. Default 1: serving batches of small models
+    /// gains nothing from intra-op threads, and idle OpenMP threads spin.
+    #[serde(default = "default_threads")]
     pub threads: usize,
     #[serde(default)]
     pub batching: BatchingConfig,
@@ -162,6 +164,11 @@ pub struct DriftConfig {
     /// Share of drifted columns at which a window counts as dataset drift.
     #[serde(default = "default_drift_share")]
     pub drift_share: f64,
+    /// At most one window per version is evaluated per this many
+    /// milliseconds; windows completed in between are skipped (counted), so
+    /// that monitoring costs a bounded share of the CPU under any load.
+    #[serde(default = "default_min_interval_ms")]
+    pub min_interval_ms: u64,
 }
 
 fn default_listen() -> SocketAddr {
@@ -173,8 +180,16 @@ fn default_true() -> bool {
 fn default_max_batch_size() -> usize {
     32
 }
+/// No waiting for company by default: requests that arrive while a batch
+/// computes are batched anyway, and a lone request is not delayed.
 fn default_max_queue_delay_us() -> u64 {
-    2000
+    0
+}
+fn default_threads() -> usize {
+    1
+}
+fn default_min_interval_ms() -> u64 {
+    5000
 }
 fn default_queue_capacity() -> usize {
     1024
@@ -210,7 +225,7 @@ impl Default for ServeConfig {
             registry: String::new(),
             models: Vec::new(),
             listen: default_listen(),
-            threads: 0,
+            threads: default_threads(),
             batching: BatchingConfig::default(),
             swap: SwapConfig::default(),
             limits: LimitsConfig::default(),
@@ -259,6 +274,7 @@ impl Default for DriftConfig {
             p_value_threshold: default_p_value_threshold(),
             distance_threshold: default_distance_threshold(),
             drift_share: default_drift_share(),
+            min_interval_ms: default_min_interval_ms(),
         }
     }
 }

@@ -133,6 +133,8 @@ pub struct Loader {
     pub metrics: Metrics,
     /// Drift options; `None`: drift monitoring is off.
     pub drift: Option<DriftOptions>,
+    /// Least time between two evaluated windows of one version.
+    pub drift_interval: std::time::Duration,
 }
 
 impl Loader {
@@ -197,6 +199,7 @@ impl Loader {
                 .context("read the reference profile")?
                 .context("the registry lists a reference profile but has none")?;
             VersionDrift::new(&bytes, io.features, options)
+                .map(|d| d.with_min_interval(self.drift_interval))
         }
         .await;
         match made {

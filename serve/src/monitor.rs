@@ -30,6 +30,12 @@ pub struct VersionDrift {
     monitor: DriftMonitor,
     /// Columns (and `_all`) drifted in the latest evaluated window.
     drifted: Mutex<BTreeSet<String>>,
+    /// Least time between two evaluations.
+    min_interval: std::time::Duration,
+    /// When the last evaluation started, and whether one is running.
+    evaluation: Mutex<(Option<std::time::Instant>, bool)>,
+    /// Completed windows not evaluated (an evaluation was running or too recent).
+    skipped: std::sync::atomic::AtomicU64,
 }
 
 impl VersionDrift {
@@ -50,7 +56,37 @@ impl VersionDrift {
         Ok(VersionDrift {
             monitor,
             drifted: Mutex::new(BTreeSet::new()),
+            min_interval: std::time::Duration::ZERO,
+            evaluation: Mutex::new((None, false)),
+            skipped: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Evaluates at most one window per `interval` (see `[drift] min_interval_ms`).
+    pub fn with_min_interval(mut self, interval: std::time::Duration) -> VersionDrift {
+        self.min_interval = interval;
+        self
+    }
+
+    /// Completed windows skipped so far to bound monitoring's CPU share.
+    pub fn skipped_windows(&self) -> u64 {
+        self.skipped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Claims the right to evaluate a window now: none running, and the last
+    /// one started at least `min_interval` ago.
+    fn try_begin(&self) -> bool {
+        let mut state = self.evaluation.lock().expect("drift evaluation lock");
+        let due = state.0.is_none_or(|at| at.elapsed() >= self.min_interval);
+        if state.1 || !due {
+            return false;
+        }
+        *state = (Some(std::time::Instant::now()), true);
+        true
+    }
+
+    fn end(&self) {
+        self.evaluation.lock().expect("drift evaluation lock").1 = false;
     }
 
     /// Records served rows; returns the windows they completed.
@@ -151,13 +187,23 @@ pub fn evaluate_in_background(
     metrics: Metrics,
     hooks: Hooks,
 ) {
-    if windows.is_empty() {
+    let completed = windows.len() as u64;
+    // The newest window speaks for the others completed with it.
+    let Some(window) = windows.into_iter().last() else {
+        return;
+    };
+    if !drift.try_begin() {
+        drift
+            .skipped
+            .fetch_add(completed, std::sync::atomic::Ordering::Relaxed);
         return;
     }
+    drift
+        .skipped
+        .fetch_add(completed - 1, std::sync::atomic::Ordering::Relaxed);
     tokio::task::spawn_blocking(move || {
-        for w in windows {
-            let report = w.evaluate();
-            drift.publish(&report, &labels, &metrics, &hooks);
-        }
+        let report = window.evaluate();
+        drift.end();
+        drift.publish(&report, &labels, &metrics, &hooks);
     });
 }

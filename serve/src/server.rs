@@ -526,6 +526,7 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
         max_queue_delay: config.max_queue_delay(),
         queue_capacity: config.batching.queue_capacity,
         fixed_shape: config.batching.fixed_shape,
+        threads: config.threads,
     };
     let seed = config.swap.canary_seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -545,6 +546,7 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
             batch,
             metrics: metrics.clone(),
             drift: config.drift.enabled.then(|| config.drift.options()),
+            drift_interval: std::time::Duration::from_millis(config.drift.min_interval_ms),
         },
         config,
         registry,

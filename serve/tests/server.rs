@@ -1077,6 +1077,7 @@ max_batch_size = {BATCH}
 poll_interval_ms = 50
 [drift]
 window_rows = 200
+min_interval_ms = 0
 [[hooks]]
 sink = "command"
 command = ["sh", "-c", "cat >> '{}'; echo >> '{}'"]
