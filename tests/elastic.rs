@@ -72,6 +72,40 @@ cooldown_secs = 1
     path
 }
 
+/// A temp folder holding the job's spec, with textual `edits` applied to the
+/// template above, and an empty data folder shared by the job's nodes.
+fn setup(edits: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), "");
+    let mut text = std::fs::read_to_string(&spec).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "the spec template has no {from:?}");
+        text = text.replace(from, to);
+    }
+    std::fs::write(&spec, text).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    (dir, spec, data)
+}
+
+/// Nodes `node-{first}` .. `node-{last}` of `job`.
+fn start_nodes(
+    store: &str,
+    job: &str,
+    spec: &Path,
+    data: &Path,
+    range: std::ops::Range<usize>,
+) -> Vec<Node> {
+    range
+        .map(|i| Node::start(store, job, spec, &format!("node-{i}"), data))
+        .collect()
+}
+
+/// The finished job's parameters equal a fault-free run's (see [`assert_close`]).
+fn assert_fault_free(nodes: &[Node], spec: &Path, dir: &Path) {
+    assert_close(&final_weights(nodes), &fault_free_weights(spec, dir));
+}
+
 /// One node: a `kiln agent` in its own process group, its JSON events collected.
 struct Node {
     name: String,
@@ -330,14 +364,9 @@ fn check_recovery(survivors: &[&Node], killed_at_step: u64) {
 #[test]
 fn a_node_killed_mid_run_the_job_goes_on_at_world_size_2_and_ends_as_a_fault_free_run() {
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, spec, data) = setup(&[]);
     let etcd = EtcdServer::start().unwrap();
-    let spec = spec(dir.path(), "");
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| Node::start(&etcd.url(), "kill1", &spec, &format!("node-{i}"), &data))
-        .collect();
+    let mut nodes = start_nodes(&etcd.url(), "kill1", &spec, &data, 0..3);
     wait_until("step 40", WAIT, || max_step(&nodes) >= 40);
     // Kill a node that does not lead the rendezvous (the leader case is its own test).
     let leader = leader_of(&etcd, "kill1");
@@ -348,23 +377,15 @@ fn a_node_killed_mid_run_the_job_goes_on_at_world_size_2_and_ends_as_a_fault_fre
     finish(&mut nodes);
     let survivors: Vec<&Node> = nodes.iter().collect();
     check_recovery(&survivors, killed_at);
-    assert_close(
-        &final_weights(&nodes),
-        &fault_free_weights(&spec, dir.path()),
-    );
+    assert_fault_free(&nodes, &spec, dir.path());
 }
 
 #[test]
 fn the_node_leading_the_rendezvous_is_killed_and_another_takes_over() {
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, spec, data) = setup(&[]);
     let etcd = EtcdServer::start().unwrap();
-    let spec = spec(dir.path(), "");
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| Node::start(&etcd.url(), "lead", &spec, &format!("node-{i}"), &data))
-        .collect();
+    let mut nodes = start_nodes(&etcd.url(), "lead", &spec, &data, 0..3);
     wait_until("step 30", WAIT, || max_step(&nodes) >= 30);
     let leader = leader_of(&etcd, "lead");
     let victim = nodes
@@ -379,28 +400,16 @@ fn the_node_leading_the_rendezvous_is_killed_and_another_takes_over() {
     assert_ne!(new_leader, leader, "the dead node still leads");
     let survivors: Vec<&Node> = nodes.iter().collect();
     check_recovery(&survivors, killed_at);
-    assert_close(
-        &final_weights(&nodes),
-        &fault_free_weights(&spec, dir.path()),
-    );
+    assert_fault_free(&nodes, &spec, dir.path());
 }
 
 #[test]
 fn a_node_that_joins_mid_run_grows_the_world_at_the_next_round() {
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = EtcdServer::start().unwrap();
-    let spec = spec(dir.path(), "");
     // Long enough that the job is still running when the third node is up.
-    let text = std::fs::read_to_string(&spec)
-        .unwrap()
-        .replace("steps = 120", "steps = 1500");
-    std::fs::write(&spec, text).unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| Node::start(&etcd.url(), "grow", &spec, &format!("node-{i}"), &data))
-        .collect();
+    let (dir, spec, data) = setup(&[("steps = 120", "steps = 1500")]);
+    let etcd = EtcdServer::start().unwrap();
+    let mut nodes = start_nodes(&etcd.url(), "grow", &spec, &data, 0..2);
     wait_until("step 30", WAIT, || max_step(&nodes) >= 30);
     let joined_at = max_step(&nodes);
     nodes.push(Node::start(&etcd.url(), "grow", &spec, "node-2", &data));
@@ -420,23 +429,15 @@ fn a_node_that_joins_mid_run_grows_the_world_at_the_next_round() {
         "the new node did not receive the state of the running job: {grown}"
     );
     assert!(rounds(&nodes[0]).iter().any(|&(_, w)| w == 2));
-    assert_close(
-        &final_weights(&nodes),
-        &fault_free_weights(&spec, dir.path()),
-    );
+    assert_fault_free(&nodes, &spec, dir.path());
 }
 
 #[test]
 fn every_node_killed_then_restarted_resumes_from_the_latest_durable_checkpoint() {
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, spec, data) = setup(&[]);
     let etcd = EtcdServer::start().unwrap();
-    let spec = spec(dir.path(), "");
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| Node::start(&etcd.url(), "restart", &spec, &format!("node-{i}"), &data))
-        .collect();
+    let mut nodes = start_nodes(&etcd.url(), "restart", &spec, &data, 0..2);
     let committed = |nodes: &[Node]| -> u64 {
         nodes
             .iter()
@@ -452,9 +453,7 @@ fn every_node_killed_then_restarted_resumes_from_the_latest_durable_checkpoint()
     }
     let before_restart = max_step(&nodes);
     drop(nodes);
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| Node::start(&etcd.url(), "restart", &spec, &format!("node-{i}"), &data))
-        .collect();
+    let mut nodes = start_nodes(&etcd.url(), "restart", &spec, &data, 0..2);
     finish(&mut nodes);
     for node in &nodes {
         let first = node.of("round_started").into_iter().next().unwrap();
@@ -473,10 +472,7 @@ fn every_node_killed_then_restarted_resumes_from_the_latest_durable_checkpoint()
             "resumed at step {resumed}, not a checkpoint step"
         );
     }
-    assert_close(
-        &final_weights(&nodes),
-        &fault_free_weights(&spec, dir.path()),
-    );
+    assert_fault_free(&nodes, &spec, dir.path());
 }
 
 /// A seeded random schedule of kills (whole nodes, or one worker) and joins.
@@ -500,20 +496,13 @@ fn chaos_kills_and_joins_lose_no_committed_checkpoint() {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         (z ^ (z >> 31)) % n
     };
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = EtcdServer::start().unwrap();
-    let spec = spec(dir.path(), "");
     // Up to 3 nodes, down to 1.
-    let spec_text = std::fs::read_to_string(&spec)
-        .unwrap()
-        .replace("min_nodes = 2", "min_nodes = 1")
-        .replace("steps = 120", "steps = 160");
-    std::fs::write(&spec, spec_text).unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut live: Vec<Node> = (0..3)
-        .map(|i| Node::start(&etcd.url(), "chaos", &spec, &format!("node-{i}"), &data))
-        .collect();
+    let (dir, spec, data) = setup(&[
+        ("min_nodes = 2", "min_nodes = 1"),
+        ("steps = 120", "steps = 160"),
+    ]);
+    let etcd = EtcdServer::start().unwrap();
+    let mut live = start_nodes(&etcd.url(), "chaos", &spec, &data, 0..3);
     let mut gone: Vec<Node> = Vec::new();
     let mut names = 3;
     let mut checkpoints: BTreeMap<u64, String> = BTreeMap::new();
@@ -585,10 +574,7 @@ fn chaos_kills_and_joins_lose_no_committed_checkpoint() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert_close(
-        &final_weights(&live),
-        &fault_free_weights(&spec, dir.path()),
-    );
+    assert_fault_free(&live, &spec, dir.path());
 }
 
 fn child_pids(parent: u32) -> Vec<u32> {
@@ -606,20 +592,13 @@ fn child_pids(parent: u32) -> Vec<u32> {
 #[test]
 fn the_etcd_leader_dies_and_the_job_keeps_training() {
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, spec, data) = setup(&[
+        ("steps = 120", "steps = 800"),
+        ("lease_ttl_secs = 2", "lease_ttl_secs = 5"),
+    ]);
     let mut cluster = kiln_coordinator::etcd_server::EtcdCluster::start(3).unwrap();
-    let spec = spec(dir.path(), "");
-    let text = std::fs::read_to_string(&spec)
-        .unwrap()
-        .replace("steps = 120", "steps = 800")
-        .replace("lease_ttl_secs = 2", "lease_ttl_secs = 5");
-    std::fs::write(&spec, text).unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
     let url = cluster.url();
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| Node::start(&url, "etcdha", &spec, &format!("node-{i}"), &data))
-        .collect();
+    let mut nodes = start_nodes(&url, "etcdha", &spec, &data, 0..2);
     wait_until("step 30", WAIT, || max_step(&nodes) >= 30);
     let leader = cluster.leader_index().unwrap();
     cluster.kill(leader).unwrap();
@@ -632,10 +611,7 @@ fn the_etcd_leader_dies_and_the_job_keeps_training() {
             node.name
         );
     }
-    assert_close(
-        &final_weights(&nodes),
-        &fault_free_weights(&spec, dir.path()),
-    );
+    assert_fault_free(&nodes, &spec, dir.path());
 }
 
 fn phase_of(etcd: &EtcdServer, job: &str) -> String {
@@ -658,19 +634,12 @@ fn phase_of(etcd: &EtcdServer, job: &str) -> String {
 #[test]
 fn below_min_nodes_the_job_waits_and_goes_on_when_a_node_returns() {
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, spec, data) = setup(&[
+        ("steps = 120", "steps = 200"),
+        ("max_nodes = 3", "max_nodes = 2"),
+    ]);
     let etcd = EtcdServer::start().unwrap();
-    let spec = spec(dir.path(), "");
-    let text = std::fs::read_to_string(&spec)
-        .unwrap()
-        .replace("steps = 120", "steps = 200")
-        .replace("max_nodes = 3", "max_nodes = 2");
-    std::fs::write(&spec, text).unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| Node::start(&etcd.url(), "wait", &spec, &format!("node-{i}"), &data))
-        .collect();
+    let mut nodes = start_nodes(&etcd.url(), "wait", &spec, &data, 0..2);
     wait_until("step 30", WAIT, || max_step(&nodes) >= 30);
     let mut dead = nodes.remove(1);
     dead.kill();
@@ -687,8 +656,5 @@ fn below_min_nodes_the_job_waits_and_goes_on_when_a_node_returns() {
     nodes.push(Node::start(&etcd.url(), "wait", &spec, "node-1", &data));
     finish(&mut nodes);
     assert_eq!(phase_of(&etcd, "wait"), "succeeded");
-    assert_close(
-        &final_weights(&nodes),
-        &fault_free_weights(&spec, dir.path()),
-    );
+    assert_fault_free(&nodes, &spec, dir.path());
 }
