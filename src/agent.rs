@@ -344,9 +344,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 }
                 out.emit("stopped", serde_json::json!({ "phase": phase.as_str() }));
                 workers.kill_all().await;
-                cancel.cancel();
-                let _ = leader.await;
-                let _ = session.leave().await;
+                leave_job(&cancel, leader, session).await;
                 return Ok(if phase == Phase::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE });
             }
             request = &mut cancel_request => {
@@ -357,18 +355,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                     s.message = format!("cancelled by {}: {}", request.by, request.reason);
                 }).await;
                 out.emit("cancelled", serde_json::json!({ "by": request.by }));
-                cancel.cancel();
-                let _ = leader.await;
-                let _ = session.leave().await;
+                leave_job(&cancel, leader, session).await;
                 return Ok(ExitCode::FAILURE);
             }
             _ = sleep_until_some(wait_deadline) => {
                 if job_succeeded {
                     tracing::warn!(job, node, "the job succeeded but this node's workers did not report their end within {FINISH_GRACE:?}");
                     workers.kill_all().await;
-                    cancel.cancel();
-                    let _ = leader.await;
-                    let _ = session.leave().await;
+                    leave_job(&cancel, leader, session).await;
                     return Ok(ExitCode::SUCCESS);
                 }
                 break Err(anyhow!(
@@ -468,10 +462,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     };
     hooks.flush(Duration::from_secs(10)).await;
+    leave_job(&cancel, leader, session).await;
+    result
+}
+
+/// Stops this node's services (metrics, the leadership campaign) and leaves
+/// the job (its record goes at once rather than a lease TTL later).
+async fn leave_job(
+    cancel: &CancellationToken,
+    leader: tokio::task::JoinHandle<()>,
+    session: membership::NodeSession,
+) {
     cancel.cancel();
     let _ = leader.await;
     let _ = session.leave().await;
-    result
 }
 
 /// Why the job spec could not be had.

@@ -6,6 +6,9 @@
 //! Tests run one at a time (a shared lock): each starts etcd and three or four
 //! nodes, which would oversubscribe a two-core machine into timeouts.
 
+mod common;
+use common::read_weights;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -253,25 +256,6 @@ fn final_weights(nodes: &[Node]) -> Vec<(String, Vec<f32>)> {
         })
         .expect("rank 0 reports its weights");
     read_weights(&path)
-}
-
-fn read_weights(path: &str) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, t)| {
-            let v = t
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, v)
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 /// The same job without faults, on one process (`kiln run`): the update does
