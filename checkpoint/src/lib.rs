@@ -58,8 +58,8 @@ pub use error::{Error, Result};
 pub use export::{export_safetensors, import_safetensors};
 pub use gc::{GcReport, Retention, gc};
 pub use load::{
-    BadChunk, ManifestSummary, OwnedTensor, VerifyReport, list, load, load_latest_verified,
-    resolve, verify,
+    BadChunk, LoadTarget, ManifestSummary, OwnedTensor, VerifyReport, list, load, load_into,
+    load_latest_verified, resolve, verify,
 };
 pub use manifest::{CheckpointMeta, FORMAT_VERSION, Manifest};
 pub use save::{Checkpointer, MemoryStats, SaveConfig, SaveOutcome};

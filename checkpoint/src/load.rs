@@ -3,8 +3,9 @@
 //! Loads never list: `latest` names the manifest, the manifest names every
 //! chunk. Chunks are fetched concurrently (whole objects: a chunk is at most
 //! `chunk_bytes`, so one GET per chunk already keeps many requests in flight)
-//! and decoded on parallel threads straight into the output tensors; every
-//! chunk's crc32c and sha256 are checked.
+//! and decoded on parallel threads straight into the output tensors (the
+//! caller's own with [`load_into`]); every chunk's crc32c and address hash
+//! are checked.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -187,7 +188,7 @@ fn chunk_error(job: &ChunkJob<'_>, e: Error) -> Error {
 fn read_chunks(
     root: &CheckpointRoot,
     entries: &[&TensorEntry],
-    outputs: Option<&mut [Vec<u8>]>,
+    outputs: Option<Vec<&mut [u8]>>,
     stop_at_first: bool,
 ) -> Vec<(usize, usize, Error)> {
     let mut jobs = Vec::new();
@@ -204,8 +205,8 @@ fn read_chunks(
     let slots: Vec<Mutex<Option<&mut [u8]>>> = match outputs {
         Some(outputs) => {
             let mut slots = Vec::with_capacity(jobs.len());
-            for (entry, out) in entries.iter().zip(outputs.iter_mut()) {
-                let mut rest: &mut [u8] = out.as_mut_slice();
+            for (entry, out) in entries.iter().zip(outputs) {
+                let mut rest: &mut [u8] = out;
                 for c in &entry.chunks {
                     let (mine, tail) = rest.split_at_mut(c.raw_len as usize);
                     slots.push(Mutex::new(Some(mine)));
@@ -227,58 +228,62 @@ fn read_chunks(
             .expect("errors")
             .push((job.tensor, job.index, chunk_error(job, e)));
     };
-    let threads = std::thread::available_parallelism()
+    // Checks and decodes one fetched chunk into its slot (or a scratch
+    // buffer when only verifying).
+    let decode = |j: usize, stored: &[u8], scratch: &mut Vec<u8>| {
+        let job = &jobs[j];
+        let chunk = &job.entry.chunks[job.index];
+        let dst: &mut [u8] = if slots.is_empty() {
+            scratch.resize(chunk.raw_len as usize, 0);
+            scratch
+        } else {
+            slots[j]
+                .lock()
+                .expect("slot")
+                .take()
+                .expect("each chunk decoded once")
+        };
+        let checked = if stored.len() as u64 != chunk.stored_len {
+            Err(format!(
+                "stored object is {} bytes, the manifest says {}",
+                stored.len(),
+                chunk.stored_len
+            ))
+        } else {
+            let id = parse_chunk_key(&chunk.key);
+            decode_chunk(
+                stored,
+                dst,
+                id.as_ref().map(|id| (id.hash, id.address.as_str())),
+            )
+        };
+        if let Err(reason) = checked {
+            fail(
+                job,
+                Error::Corrupt {
+                    tensor: job.entry.name.clone(),
+                    chunk: format!("#{} {}", job.index, chunk.key),
+                    reason,
+                },
+            );
+        }
+    };
+    let cores = std::thread::available_parallelism()
         .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(1, 8);
+        .unwrap_or(2);
     let (tx, rx) = tokio::sync::mpsc::channel::<(usize, Result<Bytes>)>(READ_CONCURRENCY);
     let rx = Mutex::new(rx);
     std::thread::scope(|scope| {
-        for _ in 0..threads {
+        for _ in 0..cores.clamp(1, 8) {
             scope.spawn(|| {
                 let mut scratch = Vec::new();
                 loop {
                     let Some((j, fetched)) = rx.lock().expect("chunk queue").blocking_recv() else {
                         break;
                     };
-                    let job = &jobs[j];
-                    let chunk = &job.entry.chunks[job.index];
-                    let stored = match fetched {
-                        Ok(b) => b,
-                        Err(e) => {
-                            fail(job, e);
-                            continue;
-                        }
-                    };
-                    let address = parse_chunk_key(&chunk.key).map(|(a, _)| a);
-                    let dst: &mut [u8] = if slots.is_empty() {
-                        scratch.resize(chunk.raw_len as usize, 0);
-                        &mut scratch
-                    } else {
-                        slots[j]
-                            .lock()
-                            .expect("slot")
-                            .take()
-                            .expect("each chunk decoded once")
-                    };
-                    let checked = if stored.len() as u64 != chunk.stored_len {
-                        Err(format!(
-                            "stored object is {} bytes, the manifest says {}",
-                            stored.len(),
-                            chunk.stored_len
-                        ))
-                    } else {
-                        decode_chunk(&stored, dst, address.as_deref())
-                    };
-                    if let Err(reason) = checked {
-                        fail(
-                            job,
-                            Error::Corrupt {
-                                tensor: job.entry.name.clone(),
-                                chunk: format!("#{} {}", job.index, chunk.key),
-                                reason,
-                            },
-                        );
+                    match fetched {
+                        Ok(stored) => decode(j, &stored, &mut scratch),
+                        Err(e) => fail(&jobs[j], e),
                     }
                 }
             });
@@ -321,7 +326,12 @@ pub fn load(
         .iter()
         .map(|t| vec![0u8; t.raw_len as usize])
         .collect();
-    let errors = read_chunks(root, &selected, Some(&mut outputs), true);
+    let errors = read_chunks(
+        root,
+        &selected,
+        Some(outputs.iter_mut().map(|o| o.as_mut_slice()).collect()),
+        true,
+    );
     if let Some((_, _, e)) = errors.into_iter().next() {
         return Err(e);
     }
@@ -335,6 +345,67 @@ pub fn load(
             data,
         })
         .collect())
+}
+
+/// Where [`load_into`] puts one tensor: the caller's buffer (a model's
+/// parameter, a preallocated state), which must match the saved dtype and
+/// shape.
+#[derive(Debug)]
+pub struct LoadTarget<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub data: &'a mut [u8],
+}
+
+/// Loads the named tensors straight into the caller's buffers, verifying
+/// every chunk like [`load`], without allocating the tensors again. A name
+/// the checkpoint lacks, or a dtype or shape that differs from the saved
+/// one, is an `Invalid` error before anything is read; on a corrupt chunk
+/// the buffers hold partial data.
+pub fn load_into(
+    root: &CheckpointRoot,
+    manifest: &Manifest,
+    targets: Vec<LoadTarget<'_>>,
+) -> Result<()> {
+    let mut entries = Vec::with_capacity(targets.len());
+    let mut outputs = Vec::with_capacity(targets.len());
+    for target in targets {
+        let entry = manifest
+            .tensors
+            .binary_search_by(|t| t.name.as_str().cmp(target.name))
+            .map(|i| &manifest.tensors[i])
+            .map_err(|_| {
+                Error::invalid(format!(
+                    "checkpoint {} has no tensor {}",
+                    manifest.key, target.name
+                ))
+            })?;
+        if entry.dtype != target.dtype
+            || entry.shape != target.shape
+            || entry.raw_len != target.data.len() as u64
+        {
+            return Err(Error::invalid(format!(
+                "tensor {} is {:?} {:?} in checkpoint {}, the destination is {:?} {:?} ({} bytes)",
+                target.name,
+                entry.dtype,
+                entry.shape,
+                manifest.key,
+                target.dtype,
+                target.shape,
+                target.data.len()
+            )));
+        }
+        entries.push(entry);
+        outputs.push(target.data);
+    }
+    match read_chunks(root, &entries, Some(outputs), true)
+        .into_iter()
+        .next()
+    {
+        Some((_, _, e)) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Re-reads every chunk of `manifest` and checks it; lists every bad one.

@@ -2,7 +2,8 @@
 //! key layout under a checkpoint root. JSON only: nothing executes on load.
 //!
 //! ```text
-//! chunks/{aa}/{sha256}.{encoding}               immutable, content-addressed
+//! chunks/{aa}/{blake3}.b3.{encoding}            immutable, content-addressed
+//!                                              (version 1: {sha256}.{encoding})
 //! parts/{step:020}-{attempt}/rank-{r:05}-of-{w:05}.json   one per rank and save
 //! manifests/{step:020}-{attempt}.json           one per checkpoint, create-only
 //! latest                                        moved by compare-and-swap
@@ -16,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::tensor::DType;
 
 /// The version of the format this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The key of the `latest` record.
 pub const LATEST_KEY: &str = "latest";
@@ -287,7 +288,7 @@ mod tests {
 
     #[test]
     fn newer_format_versions_are_refused_not_misread() {
-        let err = Manifest::from_json("m", br#"{"format_version": 2}"#).unwrap_err();
+        let err = Manifest::from_json("m", br#"{"format_version": 3}"#).unwrap_err();
         assert!(matches!(err, Error::Unsupported { .. }), "{err}");
         let err = Manifest::from_json("m", b"{not json").unwrap_err();
         assert!(matches!(err, Error::CorruptObject { .. }), "{err}");

@@ -609,3 +609,154 @@ fn large_chunks_go_up_as_multipart_uploads() {
         assert_same_tensors(&load(&t.root, &m, |_| true).unwrap(), &state);
     }
 }
+
+/// Rewrites the checkpoint `latest` names into format version 1 (sha256
+/// chunk addresses, `{sha256}.{encoding}` keys), as an older kiln wrote it.
+fn rewrite_as_version_1(root: &CheckpointRoot) {
+    use kiln_checkpoint::codec::{ChunkHash, decode_chunk, parse_chunk_key};
+    use object_store::PutMode;
+    kiln_test_block_on(async {
+        let latest: serde_json::Value =
+            serde_json::from_slice(&root.get("latest").await.unwrap()).unwrap();
+        let key = latest["manifest"].as_str().unwrap().to_string();
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&root.get(&key).await.unwrap()).unwrap();
+        manifest["format_version"] = 1.into();
+        for tensor in manifest["tensors"].as_array_mut().unwrap() {
+            for chunk in tensor["chunks"].as_array_mut().unwrap() {
+                let v2 = chunk["key"].as_str().unwrap().to_string();
+                let id = parse_chunk_key(&v2).unwrap();
+                assert_eq!(id.hash, ChunkHash::Blake3);
+                let stored = root.get(&v2).await.unwrap();
+                let mut raw = vec![0u8; chunk["raw_len"].as_u64().unwrap() as usize];
+                decode_chunk(&stored, &mut raw, None).unwrap();
+                let sha = ChunkHash::Sha256.hex(&raw);
+                let v1 = format!("chunks/{}/{sha}.{}", &sha[..2], id.encoding.key_suffix());
+                root.put(&v1, stored, PutMode::Overwrite).await.unwrap();
+                root.delete(&v2).await.unwrap();
+                chunk["key"] = v1.into();
+            }
+        }
+        let bytes = serde_json::to_vec(&manifest).unwrap();
+        root.put(&key, bytes.into(), PutMode::Overwrite)
+            .await
+            .unwrap();
+        let mut latest = latest;
+        latest["format_version"] = 1.into();
+        let bytes = serde_json::to_vec(&latest).unwrap();
+        root.put("latest", bytes.into(), PutMode::Overwrite)
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn version_1_checkpoints_still_load_and_their_sha256_addresses_are_checked() {
+    let t = memory_root();
+    let state = mixed_state(11);
+    save_world(&t.root, &small_chunks(), 1, 1, "run", &state);
+    rewrite_as_version_1(&t.root);
+    let m = resolve(&t.root, "latest").unwrap();
+    assert_eq!(m.format_version, 1);
+    let weight = m.tensor("model.layer0.weight").unwrap();
+    assert!(
+        !weight.chunks[0].key.contains(".b3."),
+        "{:?}",
+        weight.chunks
+    );
+    assert_same_tensors(&load(&t.root, &m, |_| true).unwrap(), &state);
+    assert!(verify(&t.root, &m).unwrap().ok());
+
+    // An intact frame stored under another chunk's address passes the crc
+    // but not the address check.
+    let (a, b) = (&weight.chunks[0], &weight.chunks[1]);
+    assert_eq!(a.raw_len, b.raw_len);
+    kiln_test_block_on(async {
+        let other = t.root.get(&b.key).await.unwrap();
+        t.root
+            .put(&a.key, other, object_store::PutMode::Overwrite)
+            .await
+            .unwrap();
+    });
+    let mut m = m.clone();
+    // The manifest's stored length must match for the frame to be decoded.
+    let stored_b = m.tensor("model.layer0.weight").unwrap().chunks[1].stored_len;
+    let i = m
+        .tensors
+        .iter()
+        .position(|t| t.name == "model.layer0.weight")
+        .unwrap();
+    m.tensors[i].chunks[0].stored_len = stored_b;
+    let report = verify(&t.root, &m).unwrap();
+    assert_eq!(report.bad_chunks.len(), 1, "{report:?}");
+    assert!(
+        report.bad_chunks[0].reason.contains("sha256"),
+        "{}",
+        report.bad_chunks[0].reason
+    );
+}
+
+#[test]
+fn load_into_fills_the_callers_buffers_and_refuses_mismatched_ones() {
+    use kiln_checkpoint::{LoadTarget, load_into};
+    for t in all_roots() {
+        let state = mixed_state(12);
+        save_world(&t.root, &small_chunks(), 2, 1, "run", &state);
+        let m = resolve(&t.root, "latest").unwrap();
+        let mut buffers: Vec<Vec<u8>> = state.iter().map(|s| vec![0xAA; s.data.len()]).collect();
+        let targets = state
+            .iter()
+            .zip(buffers.iter_mut())
+            .map(|(s, data)| LoadTarget {
+                name: &s.name,
+                dtype: s.dtype,
+                shape: &s.shape,
+                data,
+            })
+            .collect();
+        load_into(&t.root, &m, targets).unwrap();
+        for (s, b) in state.iter().zip(&buffers) {
+            assert!(&s.data == b, "{}: {}", t.backend, s.name);
+        }
+
+        let first = &state[0];
+        let mut short = vec![0u8; first.data.len() - first.dtype.size()];
+        let mut wrong_shape = first.shape.clone();
+        wrong_shape[0] += 1;
+        for (target, what) in [
+            (
+                LoadTarget {
+                    name: "no.such.tensor",
+                    dtype: first.dtype,
+                    shape: &first.shape,
+                    data: &mut short,
+                },
+                "has no tensor no.such.tensor",
+            ),
+            (
+                LoadTarget {
+                    name: &first.name,
+                    dtype: first.dtype,
+                    shape: &wrong_shape,
+                    data: &mut vec![0u8; first.data.len()],
+                },
+                "the destination is",
+            ),
+            (
+                LoadTarget {
+                    name: &first.name,
+                    dtype: first.dtype,
+                    shape: &first.shape,
+                    data: &mut [0u8; 4],
+                },
+                "(4 bytes)",
+            ),
+        ] {
+            let err = load_into(&t.root, &m, vec![target]).unwrap_err();
+            assert!(
+                matches!(&err, Error::Invalid { .. }) && err.to_string().contains(what),
+                "{err}"
+            );
+        }
+    }
+}

@@ -25,9 +25,12 @@
 //! Peak extra memory is the process's RSS high-water mark (VmHWM, reset
 //! through /proc/self/clear_refs) over both saves, minus RSS before the first.
 //!
-//! `ckpt_bench load --root R [--state S]` times `resolve(latest)` + `load`
-//! (every chunk fetched, checksummed and decoded into fresh buffers), then,
-//! untimed, checks the loaded bytes against S.
+//! `ckpt_bench load --root R --state S` allocates, untimed, a zero-filled
+//! resident buffer per tensor of S (names, dtypes and shapes from its header,
+//! as the DCP side preallocates its state), times `resolve(latest)` +
+//! `load_into` those buffers (every chunk fetched, checksummed and decoded in
+//! place), then, untimed, checks the loaded bytes against S unless
+//! `--no-verify`.
 //!
 //! Each prints one JSON line on stdout. A benchmark, not a test: it reports
 //! timings and never judges them.
@@ -39,7 +42,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 use kiln_checkpoint::{
-    CheckpointMeta, CheckpointRoot, Checkpointer, DType, SaveConfig, TensorView, load, resolve,
+    CheckpointMeta, CheckpointRoot, Checkpointer, DType, LoadTarget, SaveConfig, TensorView,
+    load_into, resolve,
 };
 use serde_json::json;
 
@@ -76,9 +80,13 @@ enum Command {
     Load {
         #[arg(long)]
         root: PathBuf,
-        /// Compare the loaded tensors with this safetensors file (untimed).
+        /// The saved state (safetensors): its header gives the buffers to
+        /// load into; its bytes check the loaded ones (untimed).
         #[arg(long)]
-        state: Option<PathBuf>,
+        state: PathBuf,
+        /// Skip the check against the state's bytes.
+        #[arg(long)]
+        no_verify: bool,
     },
 }
 
@@ -98,7 +106,11 @@ fn run(args: Args) -> Result<()> {
             level,
             no_warmup,
         } => save(&state, &root, threads, level, !no_warmup),
-        Command::Load { root, state } => load_latest(&root, state.as_deref()),
+        Command::Load {
+            root,
+            state,
+            no_verify,
+        } => load_latest(&root, &state, !no_verify),
     }
 }
 
@@ -416,45 +428,88 @@ fn cachestat(file: &std::fs::File) -> std::io::Result<Cachestat> {
     }
 }
 
-fn load_latest(root_dir: &Path, state_path: Option<&Path>) -> Result<()> {
+/// The tensors of a safetensors file (name, dtype, shape), sorted by name,
+/// from its header alone.
+fn state_layout(path: &Path) -> Result<Vec<(String, DType, Vec<usize>)>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)?;
+    let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
+    file.read_exact(&mut header)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .with_context(|| format!("parse safetensors header of {}", path.display()))?;
+    let mut layout = Vec::new();
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype: safetensors::Dtype = serde_json::from_value(info["dtype"].clone())
+            .with_context(|| format!("dtype of {name}"))?;
+        let shape: Vec<usize> = serde_json::from_value(info["shape"].clone())
+            .with_context(|| format!("shape of {name}"))?;
+        layout.push((name, dtype_of(dtype)?, shape));
+    }
+    layout.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(layout)
+}
+
+fn load_latest(root_dir: &Path, state_path: &Path, verify: bool) -> Result<()> {
     let root_dir =
         std::path::absolute(root_dir).with_context(|| format!("resolve {}", root_dir.display()))?;
+    let layout = state_layout(state_path)?;
+    // Zero-filled buffers with every page touched (resident, as torch.zeros'
+    // are), not calloc's untouched pages.
+    let mut buffers: Vec<Vec<u8>> = layout
+        .iter()
+        .map(|(_, dtype, shape)| {
+            let len = shape.iter().product::<usize>() * dtype.size();
+            let mut b = vec![0u8; len];
+            for page in b.chunks_mut(4096) {
+                page[0] = std::hint::black_box(0);
+            }
+            b
+        })
+        .collect();
     let rss_before = proc_status_bytes("VmRSS")?;
     let peak_reset = reset_peak_rss();
     let started = Instant::now();
     let root = CheckpointRoot::open(&format!("file://{}", root_dir.display()))
         .context("open checkpoint root")?;
     let manifest = resolve(&root, "latest").context("resolve latest")?;
-    let tensors = load(&root, &manifest, |_| true).context("load latest")?;
+    let targets = layout
+        .iter()
+        .zip(buffers.iter_mut())
+        .map(|((name, dtype, shape), data)| LoadTarget {
+            name,
+            dtype: *dtype,
+            shape,
+            data,
+        })
+        .collect();
+    load_into(&root, &manifest, targets).context("load latest")?;
     let load_s = started.elapsed().as_secs_f64();
     let peak_rss = proc_status_bytes("VmHWM")?;
-    let loaded_bytes: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
+    let loaded_bytes: u64 = buffers.iter().map(|b| b.len() as u64).sum();
+    ensure!(
+        manifest.tensors.len() == layout.len(),
+        "the checkpoint has {} tensors, the state {}",
+        manifest.tensors.len(),
+        layout.len()
+    );
 
-    let verified = match state_path {
-        None => None,
-        Some(path) => {
-            let state = State::read(path)?;
+    let verified = if verify {
+        let state = State::read(state_path)?;
+        for (want, got) in state.views().iter().zip(&buffers) {
             ensure!(
-                state.tensors.len() == tensors.len(),
-                "loaded {} tensors, the state has {}",
-                tensors.len(),
-                state.tensors.len()
+                want.data == got.as_slice(),
+                "loaded tensor {} differs from the state's",
+                want.name
             );
-            let mut loaded: Vec<_> = tensors.iter().collect();
-            loaded.sort_by(|a, b| a.name.cmp(&b.name));
-            for (want, got) in state.views().iter().zip(loaded) {
-                ensure!(
-                    want.name == got.name
-                        && want.dtype == got.dtype
-                        && want.shape == got.shape.as_slice()
-                        && want.data == got.data.as_slice(),
-                    "loaded tensor {} differs from the state's {}",
-                    got.name,
-                    want.name
-                );
-            }
-            Some(true)
         }
+        Some(true)
+    } else {
+        None
     };
     println!(
         "{}",
@@ -462,7 +517,7 @@ fn load_latest(root_dir: &Path, state_path: Option<&Path>) -> Result<()> {
             "system": "kiln",
             "load_s": load_s,
             "loaded_bytes": loaded_bytes,
-            "tensors": tensors.len(),
+            "tensors": buffers.len(),
             "load_peak_extra_bytes": if peak_reset { Some(peak_rss.saturating_sub(rss_before)) } else { None },
             "verified": verified,
         })
