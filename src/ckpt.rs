@@ -89,6 +89,32 @@ fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
+/// A progress bar on stderr for a long read (`verify`, `export`), shown only
+/// on a terminal and never with `--json`; cleared when done.
+fn transfer_bar(what: &str, quiet: bool) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    (!quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0); // draws on stderr
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{what} {{bar:40}} {{binary_bytes}}/{{binary_total_bytes}}  {{binary_bytes_per_sec}}  [{{elapsed}} < {{eta}}]"
+            ))
+            .expect("static template"),
+        );
+        bar
+    })
+}
+
+/// The callback that moves `bar` (none without a bar).
+fn bar_progress(bar: &Option<indicatif::ProgressBar>) -> Option<impl Fn(u64, u64) + Sync + '_> {
+    bar.as_ref().map(|bar| {
+        move |done: u64, total: u64| {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    })
+}
+
 pub fn run(cmd: CkptCommand) -> Result<ExitCode> {
     match cmd {
         CkptCommand::Ls { root, json } => {
@@ -166,7 +192,20 @@ pub fn run(cmd: CkptCommand) -> Result<ExitCode> {
         }
         CkptCommand::Verify { ckpt, step, json } => {
             let (root, m) = open(&ckpt, &step)?;
-            let report = kiln_checkpoint::verify(&root, &m).context("verify checkpoint")?;
+            let bar = transfer_bar("verify", json);
+            let progress = bar_progress(&bar);
+            let report = kiln_checkpoint::verify_with_progress(
+                &root,
+                &m,
+                progress
+                    .as_ref()
+                    .map(|p| p as kiln_checkpoint::Progress<'_>),
+            )
+            .context("verify checkpoint")?;
+            drop(progress);
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else if report.ok() {
@@ -204,13 +243,22 @@ pub fn run(cmd: CkptCommand) -> Result<ExitCode> {
                 bail!("unknown export format {format}; allowed: safetensors");
             }
             let (root, m) = open(&ckpt, &step)?;
-            kiln_checkpoint::export_safetensors(
+            let bar = transfer_bar("export", false);
+            let progress = bar_progress(&bar);
+            kiln_checkpoint::export_safetensors_with_progress(
                 &root,
                 &m,
                 |name| all || name.starts_with("model/"),
                 &out,
+                progress
+                    .as_ref()
+                    .map(|p| p as kiln_checkpoint::Progress<'_>),
             )
             .with_context(|| format!("export {} to {}", m.key, out.display()))?;
+            drop(progress);
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
             println!("exported step {} of {} to {}", m.step, m.job, out.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -243,6 +291,12 @@ pub fn run(cmd: CkptCommand) -> Result<ExitCode> {
                     mb(report.bytes_freed),
                     report.chunks_in_grace
                 );
+                if report.staging_files_deleted > 0 {
+                    println!(
+                        "{verb} {} staging files of interrupted writes",
+                        report.staging_files_deleted
+                    );
+                }
                 for m in &report.manifests_deleted {
                     println!("  {verb} {m}");
                 }

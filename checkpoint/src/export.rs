@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::load::{OwnedTensor, load};
+use crate::load::{OwnedTensor, Progress, load_with_progress};
 use crate::manifest::{Manifest, TensorEntry};
 use crate::store::CheckpointRoot;
 use crate::tensor::DType;
@@ -33,6 +33,18 @@ pub fn export_safetensors(
     manifest: &Manifest,
     filter: impl Fn(&str) -> bool,
     out: &Path,
+) -> Result<()> {
+    export_safetensors_with_progress(root, manifest, filter, out, None)
+}
+
+/// [`export_safetensors`], telling `progress` how many of the selected
+/// tensors' bytes have been read.
+pub fn export_safetensors_with_progress(
+    root: &CheckpointRoot,
+    manifest: &Manifest,
+    filter: impl Fn(&str) -> bool,
+    out: &Path,
+    progress: Option<Progress<'_>>,
 ) -> Result<()> {
     let selected: Vec<&TensorEntry> = manifest
         .tensors
@@ -76,16 +88,24 @@ pub fn export_safetensors(
             .map_err(io("write", &tmp))?;
         let mut batch: Vec<&str> = Vec::new();
         let mut batch_bytes = 0u64;
-        let flush =
+        let mut written = 0u64;
+        let mut flush =
             |batch: &mut Vec<&str>, w: &mut std::io::BufWriter<std::fs::File>| -> Result<()> {
                 if batch.is_empty() {
                     return Ok(());
                 }
                 let names: std::collections::HashSet<&str> = batch.iter().copied().collect();
+                let before = written;
+                let report = |done: u64, _: u64| {
+                    if let Some(progress) = progress {
+                        progress(before + done, offset);
+                    }
+                };
                 // `load` returns tensors in manifest (name) order, the order of
                 // the offsets above.
-                for t in load(root, manifest, |n| names.contains(n))? {
+                for t in load_with_progress(root, manifest, |n| names.contains(n), Some(&report))? {
                     w.write_all(&t.data).map_err(io("write", &tmp))?;
+                    written += t.data.len() as u64;
                 }
                 batch.clear();
                 Ok(())

@@ -49,6 +49,9 @@ pub struct GcReport {
     pub chunks_deleted: usize,
     pub bytes_freed: u64,
     pub parts_deleted: usize,
+    /// Local roots: staging files (`name#digits`) of writes a crash cut
+    /// short, older than the grace period; listings never show them.
+    pub staging_files_deleted: usize,
 }
 
 /// Applies `retention` under `root`; see the module docs.
@@ -172,6 +175,18 @@ pub async fn gc_async(
     if !dry_run {
         delete_all(root, &doomed_chunks).await?;
     }
+    if let Some(dir) = root.local_dir() {
+        let (count, bytes) =
+            stale_staging_files(&dir.join("chunks"), grace, dry_run).map_err(|source| {
+                Error::Io {
+                    op: "clean staging files under",
+                    path: dir.join("chunks").display().to_string(),
+                    source,
+                }
+            })?;
+        report.staging_files_deleted = count;
+        report.bytes_freed += bytes;
+    }
     tracing::info!(
         dry_run,
         manifests_deleted = report.manifests_deleted.len(),
@@ -180,6 +195,48 @@ pub async fn gc_async(
         "checkpoint gc"
     );
     Ok(report)
+}
+
+/// Finds (and unless `dry_run` deletes) the staging files under the local
+/// `chunks` folder older than `grace`: what a write killed before its rename
+/// leaves (see `crate::direct`; `object_store`'s local backend stages the same
+/// way). Returns their count and bytes.
+fn stale_staging_files(
+    chunks: &std::path::Path,
+    grace: chrono::Duration,
+    dry_run: bool,
+) -> std::io::Result<(usize, u64)> {
+    let grace = grace.to_std().unwrap_or_default();
+    let (mut count, mut bytes) = (0, 0);
+    let Ok(prefixes) = std::fs::read_dir(chunks) else {
+        return Ok((0, 0)); // no chunk written yet
+    };
+    for prefix in prefixes {
+        let prefix = prefix?;
+        if !prefix.file_type()?.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(prefix.path())? {
+            let file = file?;
+            let staging = file
+                .file_name()
+                .to_str()
+                .and_then(|n| n.split_once('#'))
+                .is_some_and(|(_, suffix)| {
+                    !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit())
+                });
+            let meta = file.metadata()?;
+            let age = meta.modified()?.elapsed().unwrap_or_default();
+            if staging && meta.is_file() && age > grace {
+                count += 1;
+                bytes += meta.len();
+                if !dry_run {
+                    std::fs::remove_file(file.path())?;
+                }
+            }
+        }
+    }
+    Ok((count, bytes))
 }
 
 async fn delete_all(root: &CheckpointRoot, keys: &[String]) -> Result<()> {

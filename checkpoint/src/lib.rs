@@ -40,6 +40,8 @@
 pub mod codec;
 pub mod commit;
 pub mod digest;
+#[cfg(target_os = "linux")]
+mod direct;
 pub mod error;
 pub mod export;
 mod failpoint;
@@ -55,11 +57,11 @@ pub mod tensor;
 
 pub use digest::weights_digest;
 pub use error::{Error, Result};
-pub use export::{export_safetensors, import_safetensors};
+pub use export::{export_safetensors, export_safetensors_with_progress, import_safetensors};
 pub use gc::{GcReport, Retention, gc};
 pub use load::{
-    BadChunk, LoadTarget, ManifestSummary, OwnedTensor, VerifyReport, list, load, load_into,
-    load_latest_verified, resolve, verify,
+    BadChunk, LoadTarget, ManifestSummary, OwnedTensor, Progress, VerifyReport, list, load,
+    load_into, load_latest_verified, load_with_progress, resolve, verify, verify_with_progress,
 };
 pub use manifest::{CheckpointMeta, FORMAT_VERSION, Manifest};
 pub use save::{Checkpointer, MemoryStats, SaveConfig, SaveOutcome};

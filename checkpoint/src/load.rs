@@ -2,7 +2,8 @@
 //!
 //! Loads never list: `latest` names the manifest, the manifest names every
 //! chunk. Chunks are fetched concurrently (whole objects: a chunk is at most
-//! `chunk_bytes`, so one GET per chunk already keeps many requests in flight)
+//! `chunk_bytes`, so one GET per chunk already keeps many requests in flight;
+//! chunks above 16 MiB as parallel ranged reads)
 //! and decoded on parallel threads straight into the output tensors (the
 //! caller's own with [`load_into`]); every chunk's crc32c and address hash
 //! are checked.
@@ -22,6 +23,37 @@ use crate::tensor::{DType, TensorView};
 
 /// Chunk reads in flight during a load.
 const READ_CONCURRENCY: usize = 16;
+
+/// Stored chunks larger than this are fetched as parallel ranged reads of
+/// [`RANGE_BYTES`] (chunks written with a large `chunk_bytes`): one stream
+/// per object caps a cloud store's throughput well below the link's.
+const RANGED_READ_ABOVE: u64 = 16 << 20;
+const RANGE_BYTES: u64 = 8 << 20;
+
+/// Fetches one stored chunk whose manifest length is `stored_len`: whole, or
+/// in parallel ranges when it is large. A ranged read that fails for any
+/// reason but absence falls back to one whole read, so a truncated or
+/// replaced object is reported by the checks on its bytes, as for small ones.
+async fn fetch_chunk(root: &CheckpointRoot, key: &str, stored_len: u64) -> Result<Bytes> {
+    if stored_len <= RANGED_READ_ABOVE {
+        return root.get(key).await;
+    }
+    let ranges = (0..stored_len)
+        .step_by(RANGE_BYTES as usize)
+        .map(|start| start..(start + RANGE_BYTES).min(stored_len));
+    let pieces = futures::future::try_join_all(ranges.map(|r| root.get_range(key, r))).await;
+    match pieces {
+        Ok(pieces) if pieces.iter().map(|p| p.len() as u64).sum::<u64>() == stored_len => {
+            let mut whole = Vec::with_capacity(stored_len as usize);
+            for p in pieces {
+                whole.extend_from_slice(&p);
+            }
+            Ok(whole.into())
+        }
+        Err(e @ Error::NotFound { .. }) => Err(e),
+        _ => root.get(key).await,
+    }
+}
 
 /// A tensor that owns its bytes (little-endian, as saved).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +214,10 @@ fn chunk_error(job: &ChunkJob<'_>, e: Error) -> Error {
     }
 }
 
+/// Told how far a read has come: called after each chunk, from whichever
+/// thread decoded it, with the raw bytes done so far and the total.
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
 /// Fetches and decodes the chunks of `entries`; with `outputs`, into them
 /// (one buffer per entry, of its raw length). Returns the per-chunk errors;
 /// with `stop_at_first`, stops fetching after the first.
@@ -190,6 +226,7 @@ fn read_chunks(
     entries: &[&TensorEntry],
     outputs: Option<Vec<&mut [u8]>>,
     stop_at_first: bool,
+    progress: Option<Progress<'_>>,
 ) -> Vec<(usize, usize, Error)> {
     let mut jobs = Vec::new();
     for (t, entry) in entries.iter().enumerate() {
@@ -228,6 +265,8 @@ fn read_chunks(
             .expect("errors")
             .push((job.tensor, job.index, chunk_error(job, e)));
     };
+    let total: u64 = entries.iter().map(|e| e.raw_len).sum();
+    let done = std::sync::atomic::AtomicU64::new(0);
     // Checks and decodes one fetched chunk into its slot (or a scratch
     // buffer when only verifying).
     let decode = |j: usize, stored: &[u8], scratch: &mut Vec<u8>| {
@@ -267,6 +306,12 @@ fn read_chunks(
                 },
             );
         }
+        if let Some(progress) = progress {
+            progress(
+                done.fetch_add(chunk.raw_len, Ordering::SeqCst) + chunk.raw_len,
+                total,
+            );
+        }
     };
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -293,8 +338,8 @@ fn read_chunks(
             let mut reads = futures::stream::iter(0..jobs.len())
                 .take_while(|_| std::future::ready(!stop.load(Ordering::SeqCst)))
                 .map(|j| {
-                    let key = jobs[j].entry.chunks[jobs[j].index].key.clone();
-                    async move { (j, root.get(&key).await) }
+                    let chunk = &jobs[j].entry.chunks[jobs[j].index];
+                    async move { (j, fetch_chunk(root, &chunk.key, chunk.stored_len).await) }
                 })
                 .buffer_unordered(READ_CONCURRENCY);
             while let Some(r) = reads.next().await {
@@ -317,6 +362,16 @@ pub fn load(
     manifest: &Manifest,
     filter: impl Fn(&str) -> bool,
 ) -> Result<Vec<OwnedTensor>> {
+    load_with_progress(root, manifest, filter, None)
+}
+
+/// [`load`], telling `progress` how far it has come.
+pub fn load_with_progress(
+    root: &CheckpointRoot,
+    manifest: &Manifest,
+    filter: impl Fn(&str) -> bool,
+    progress: Option<Progress<'_>>,
+) -> Result<Vec<OwnedTensor>> {
     let selected: Vec<&TensorEntry> = manifest
         .tensors
         .iter()
@@ -331,6 +386,7 @@ pub fn load(
         &selected,
         Some(outputs.iter_mut().map(|o| o.as_mut_slice()).collect()),
         true,
+        progress,
     );
     if let Some((_, _, e)) = errors.into_iter().next() {
         return Err(e);
@@ -399,7 +455,7 @@ pub fn load_into(
         entries.push(entry);
         outputs.push(target.data);
     }
-    match read_chunks(root, &entries, Some(outputs), true)
+    match read_chunks(root, &entries, Some(outputs), true, None)
         .into_iter()
         .next()
     {
@@ -411,8 +467,17 @@ pub fn load_into(
 /// Re-reads every chunk of `manifest` and checks it; lists every bad one.
 /// Store outages are errors, not findings.
 pub fn verify(root: &CheckpointRoot, manifest: &Manifest) -> Result<VerifyReport> {
+    verify_with_progress(root, manifest, None)
+}
+
+/// [`verify`], telling `progress` how far it has come.
+pub fn verify_with_progress(
+    root: &CheckpointRoot,
+    manifest: &Manifest,
+    progress: Option<Progress<'_>>,
+) -> Result<VerifyReport> {
     let entries: Vec<&TensorEntry> = manifest.tensors.iter().collect();
-    let errors = read_chunks(root, &entries, None, false);
+    let errors = read_chunks(root, &entries, None, false, progress);
     let mut bad_chunks = Vec::new();
     for (t, index, e) in errors {
         match e {

@@ -11,9 +11,12 @@
 //!
 //! Peak extra host memory: the stripe buffer (this rank's share of the state)
 //! + at most `upload_concurrency` encoded frames (each ≤ chunk_bytes + 32 +
-//!   zstd's bound slack) + one grouping scratch of chunk_bytes per CPU thread:
-//!   ≤ stripe + upload_concurrency × 2 × chunk_bytes when threads ≤
-//!   upload_concurrency. [`Checkpointer::memory_stats`] measures it.
+//!   zstd's bound slack; kept from one chunk and save to the next, so their
+//!   pages are faulted in once) + one grouping scratch of chunk_bytes per CPU
+//!   thread + on a local root one aligned direct-write buffer per writing
+//!   thread (at most `upload_concurrency`): ≤ stripe + upload_concurrency × 3
+//!   × chunk_bytes when threads ≤ upload_concurrency.
+//!   [`Checkpointer::memory_stats`] measures it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +29,7 @@ use object_store::PutMode;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 
-use crate::codec::{Encoding, address, chunk_key, encode_chunk};
+use crate::codec::{Encoding, address, chunk_key, encode_chunk_into};
 use crate::commit::{Action, Commit, CommitInput, Event};
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -97,10 +100,10 @@ pub struct SaveOutcome {
 pub struct MemoryStats {
     /// Capacity of the reusable stripe buffer.
     pub stripe_buffer_bytes: u64,
-    /// Peak bytes of encoded frames alive at once, plus the CPU threads'
-    /// grouping scratch.
+    /// Peak bytes of encoded frames held at once (being uploaded or kept for
+    /// reuse), plus the CPU threads' grouping scratch.
     pub peak_pipeline_bytes: u64,
-    /// The stated bound: stripe + upload_concurrency × 2 × chunk_bytes.
+    /// The stated bound: stripe + upload_concurrency × 3 × chunk_bytes.
     pub bound_bytes: u64,
 }
 
@@ -191,6 +194,31 @@ struct KnownChunks {
     map: HashMap<String, (u64, u64)>,
 }
 
+/// Frame buffers handed back after their upload, for the next chunks to
+/// encode into. At most `upload_concurrency` frames exist at once (one per
+/// permit), so the pool never holds more than that.
+#[derive(Default)]
+struct FramePool(Mutex<Vec<Vec<u8>>>);
+
+impl FramePool {
+    fn take(&self) -> Vec<u8> {
+        self.0.lock().expect("frame pool").pop().unwrap_or_default()
+    }
+
+    /// Takes back the buffer of an uploaded frame if nothing else holds it
+    /// (an HTTP client may keep a reference a little longer; then it is
+    /// simply dropped). Says whether it did.
+    fn give(&self, frame: Bytes) -> bool {
+        match frame.try_into_mut() {
+            Ok(frame) => {
+                self.0.lock().expect("frame pool").push(frame.into());
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
 #[derive(Default)]
 struct MemoryCounter {
     live: AtomicU64,
@@ -229,6 +257,7 @@ pub struct Checkpointer {
     /// manifest's parent.
     last_committed: Arc<Mutex<Option<String>>>,
     memory: Arc<MemoryCounter>,
+    frames: Arc<FramePool>,
     /// Capacity of the stripe buffer at the last save (it may be away).
     stripe_capacity: u64,
 }
@@ -269,6 +298,7 @@ impl Checkpointer {
             previous_commit: None,
             last_committed: Default::default(),
             memory: Default::default(),
+            frames: Default::default(),
             stripe_capacity: 0,
         })
     }
@@ -351,6 +381,7 @@ impl Checkpointer {
             pool: self.pool.clone(),
             known: self.known.clone(),
             memory: self.memory.clone(),
+            frames: self.frames.clone(),
             started,
             blocking,
             last_committed: self.last_committed.clone(),
@@ -423,8 +454,12 @@ impl Checkpointer {
         MemoryStats {
             stripe_buffer_bytes: stripe,
             peak_pipeline_bytes: self.memory.peak.load(Ordering::SeqCst)
-                + self.cfg.threads as u64 * chunk,
-            bound_bytes: stripe + self.cfg.upload_concurrency as u64 * 2 * chunk,
+                + self.cfg.threads as u64 * chunk
+                + match self.root.local_dir() {
+                    Some(_) => direct_buffer_bytes(),
+                    None => 0,
+                },
+            bound_bytes: stripe + self.cfg.upload_concurrency as u64 * 3 * chunk,
         }
     }
 }
@@ -439,6 +474,16 @@ impl Drop for Checkpointer {
             }
         }
     }
+}
+
+/// The process's direct-write buffers (local roots; see `crate::direct`;
+/// shared by every checkpointer of the process, so an over-estimate when
+/// several save at once).
+fn direct_buffer_bytes() -> u64 {
+    #[cfg(target_os = "linux")]
+    return crate::direct::buffer_bytes();
+    #[cfg(not(target_os = "linux"))]
+    0
 }
 
 /// Copies `sources` back to back into `dst`, on up to `threads` threads.
@@ -503,6 +548,7 @@ struct SaveJob {
     pool: Arc<CpuPool>,
     known: Arc<Mutex<KnownChunks>>,
     memory: Arc<MemoryCounter>,
+    frames: Arc<FramePool>,
     started: Instant,
     blocking: Duration,
     last_committed: Arc<Mutex<Option<String>>>,
@@ -555,6 +601,7 @@ impl SaveJob {
             pool,
             known,
             memory,
+            frames,
             started,
             blocking,
             last_committed,
@@ -583,6 +630,8 @@ impl SaveJob {
             let buffer = buffer.clone();
             let known_for_cpu = known.clone();
             let level = cfg.compression_level;
+            let frames_for_cpu = frames.clone();
+            let memory_for_cpu = memory.clone();
             let prepared = pool.run(move || -> std::io::Result<Prepared> {
                 let raw = &buffer.data[offset..offset + len];
                 let key = chunk_key(&address(raw), encoding);
@@ -595,12 +644,21 @@ impl SaveJob {
                 if let Some(stored_len) = stored {
                     return Ok(Prepared::Reused { key, stored_len });
                 }
-                let frame = encode_chunk(raw, encoding, level)?;
+                // Frame memory counts from its allocation until it is
+                // dropped, including while it waits in the pool.
+                let mut frame = frames_for_cpu.take();
+                let before = frame.capacity() as u64;
+                if let Err(e) = encode_chunk_into(raw, encoding, level, &mut frame) {
+                    memory_for_cpu.sub(before);
+                    return Err(e);
+                }
+                memory_for_cpu.add(frame.capacity() as u64 - before);
                 Ok(Prepared::Encoded { key, frame })
             });
             let root = root.clone();
             let known = known.clone();
             let memory = memory.clone();
+            let frames = frames.clone();
             let cfg = cfg.clone();
             tasks.spawn(async move {
                 let _permit = permit;
@@ -615,16 +673,18 @@ impl SaveJob {
                     Prepared::Encoded { key, frame } => {
                         let size = frame.capacity() as u64;
                         let stored_len = frame.len() as u64;
-                        memory.add(size);
+                        let frame = Bytes::from(frame);
                         let put = root
                             .put_object(
                                 &key,
-                                Bytes::from(frame),
+                                frame.clone(),
                                 cfg.multipart_threshold,
                                 cfg.chunk_bytes,
                             )
                             .await;
-                        memory.sub(size);
+                        if !frames.give(frame) {
+                            memory.sub(size);
+                        }
                         put?;
                         failpoint::chunk_uploaded();
                         (key, stored_len, true)

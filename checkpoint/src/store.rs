@@ -301,7 +301,8 @@ impl CheckpointRoot {
     }
 
     /// Writes an immutable object, as a multipart upload when it is larger
-    /// than `multipart_threshold` (parts of `part_bytes`, uploaded at once).
+    /// than `multipart_threshold` (parts of `part_bytes`, uploaded at once);
+    /// on a local root, past the page cache where the filesystem allows it.
     pub async fn put_object(
         &self,
         key: &str,
@@ -309,6 +310,28 @@ impl CheckpointRoot {
         multipart_threshold: usize,
         part_bytes: usize,
     ) -> Result<()> {
+        #[cfg(target_os = "linux")]
+        if let Some(dir) = &self.inner.local_dir {
+            // Immutable chunks skip the page cache (see `crate::direct`).
+            let path = dir.join(key);
+            let body = bytes.clone();
+            let written = tokio::task::spawn_blocking(move || crate::direct::put(&path, &body))
+                .await
+                .map_err(|e| Error::Cancelled {
+                    what: format!("direct write of {key}: {e}"),
+                })?;
+            match written {
+                Ok(true) => return Ok(()),
+                Ok(false) => {} // no direct I/O here: the buffered path below
+                Err(source) => {
+                    return Err(Error::Io {
+                        op: "write",
+                        path: dir.join(key).display().to_string(),
+                        source,
+                    });
+                }
+            }
+        }
         if bytes.len() <= multipart_threshold {
             return self.put(key, bytes, PutMode::Overwrite).await;
         }

@@ -313,10 +313,26 @@ fn gc_grace_protects_chunks_of_a_save_in_progress() {
         keep_last: 1,
         keep_every: None,
     };
+    // What a write killed before its rename leaves: a staging file, which
+    // listings skip; gc removes it once it is older than the grace period.
+    let staging = t
+        .root
+        .local_dir()
+        .unwrap()
+        .join("chunks/ab/abcd.b3.zst#4242000000000001");
+    std::fs::create_dir_all(staging.parent().unwrap()).unwrap();
+    std::fs::write(&staging, b"half a chunk").unwrap();
     let r = gc(&t.root, &keep, Duration::from_secs(600), false).unwrap();
     assert_eq!((r.chunks_deleted, r.chunks_in_grace), (0, 1));
+    assert_eq!(r.staging_files_deleted, 0);
+    assert!(staging.exists());
+    let r = gc(&t.root, &keep, Duration::ZERO, true).unwrap();
+    assert_eq!(r.staging_files_deleted, 1);
+    assert!(staging.exists(), "a dry run deletes nothing");
     let r = gc(&t.root, &keep, Duration::ZERO, false).unwrap();
     assert_eq!(r.chunks_deleted, 1);
+    assert_eq!(r.staging_files_deleted, 1);
+    assert!(!staging.exists());
     assert!(
         verify(&t.root, &resolve(&t.root, "latest").unwrap())
             .unwrap()
@@ -757,6 +773,104 @@ fn load_into_fills_the_callers_buffers_and_refuses_mismatched_ones() {
                 matches!(&err, Error::Invalid { .. }) && err.to_string().contains(what),
                 "{err}"
             );
+        }
+    }
+}
+
+#[test]
+fn verify_and_export_report_progress_up_to_the_total() {
+    use std::sync::Mutex;
+    let t = memory_root();
+    let state = mixed_state(13);
+    save_world(&t.root, &small_chunks(), 1, 1, "run", &state);
+    let m = resolve(&t.root, "latest").unwrap();
+    let total: u64 = state.iter().map(|s| s.data.len() as u64).sum();
+    let chunks: usize = m.tensors.iter().map(|t| t.chunks.len()).sum();
+
+    let seen = Mutex::new(Vec::new());
+    let record = |done: u64, all: u64| seen.lock().unwrap().push((done, all));
+    assert!(
+        kiln_checkpoint::verify_with_progress(&t.root, &m, Some(&record))
+            .unwrap()
+            .ok()
+    );
+    let mut calls = seen.lock().unwrap().clone();
+    assert_eq!(calls.len(), chunks);
+    calls.sort();
+    assert!(calls.iter().all(|&(_, all)| all == total), "{calls:?}");
+    assert_eq!(calls.last().unwrap().0, total);
+    assert!(calls.windows(2).all(|w| w[0].0 < w[1].0), "{calls:?}");
+
+    seen.lock().unwrap().clear();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("progress.safetensors");
+    kiln_checkpoint::export_safetensors_with_progress(
+        &t.root,
+        &m,
+        |n| n.starts_with("model."),
+        &out,
+        Some(&record),
+    )
+    .unwrap();
+    let model: u64 = state
+        .iter()
+        .filter(|s| s.name.starts_with("model."))
+        .map(|s| s.data.len() as u64)
+        .sum();
+    let calls = seen.lock().unwrap().clone();
+    assert!(
+        calls
+            .iter()
+            .all(|&(done, all)| all == model && done <= model)
+    );
+    assert_eq!(calls.iter().map(|c| c.0).max(), Some(model));
+}
+
+#[test]
+fn large_chunks_load_through_ranged_reads_and_damage_is_still_named() {
+    for t in all_roots() {
+        let cfg = SaveConfig {
+            chunk_bytes: 40 << 20,
+            ..SaveConfig::default()
+        };
+        // Incompressible, so the stored chunk is above the ranged-read size.
+        let mut rng = Rng::new(4);
+        let data: Vec<u8> = (0..(41 << 20))
+            .map(|_| (rng.next_u64() >> 56) as u8)
+            .collect();
+        let state = vec![owned("blob", DType::U8, &[data.len()], data)];
+        save_world(&t.root, &cfg, 1, 1, "run", &state);
+        let m = resolve(&t.root, "latest").unwrap();
+        let big = &m.tensors[0].chunks[0];
+        assert!(big.stored_len > 32 << 20, "{big:?}");
+        assert_same_tensors(&load(&t.root, &m, |_| true).unwrap(), &state);
+
+        // Truncated: the ranged read comes up short; the load says so.
+        kiln_test_block_on(async {
+            let stored = t.root.get(&big.key).await.unwrap();
+            let short = stored.slice(..stored.len() - 1000);
+            t.root
+                .put(&big.key, short, object_store::PutMode::Overwrite)
+                .await
+                .unwrap();
+        });
+        match load(&t.root, &m, |_| true) {
+            Err(Error::Corrupt { chunk, reason, .. }) => {
+                assert!(chunk.starts_with("#0 "), "{}: {chunk}", t.backend);
+                assert!(
+                    reason.contains("the manifest says"),
+                    "{}: {reason}",
+                    t.backend
+                );
+            }
+            other => panic!("{}: {other:?}", t.backend),
+        }
+        kiln_test_block_on(t.root.delete(&big.key)).unwrap();
+        match load(&t.root, &m, |_| true) {
+            Err(Error::Corrupt { reason, .. }) => {
+                assert!(reason.contains("missing"), "{}: {reason}", t.backend)
+            }
+            other => panic!("{}: {other:?}", t.backend),
         }
     }
 }

@@ -72,6 +72,9 @@ enum Command {
         /// default.
         #[arg(long, default_value_t = 1)]
         level: i32,
+        /// Chunks compressed or uploaded at once; default: the engine's.
+        #[arg(long)]
+        upload_concurrency: Option<usize>,
         /// Skip the warm-up save: the measured save allocates the stripe buffer.
         #[arg(long)]
         no_warmup: bool,
@@ -104,8 +107,16 @@ fn run(args: Args) -> Result<()> {
             root,
             threads,
             level,
+            upload_concurrency,
             no_warmup,
-        } => save(&state, &root, threads, level, !no_warmup),
+        } => save(
+            &state,
+            &root,
+            threads,
+            level,
+            upload_concurrency,
+            !no_warmup,
+        ),
         Command::Load {
             root,
             state,
@@ -222,6 +233,7 @@ fn save(
     root_dir: &Path,
     threads: Option<usize>,
     level: i32,
+    upload_concurrency: Option<usize>,
     warmup: bool,
 ) -> Result<()> {
     let mut state = State::read(state_path)?;
@@ -232,12 +244,15 @@ fn save(
     // What `kiln run` uses with the spec's defaults at one worker per node
     // (8 MiB chunks, zstd level 1, every core), unless told otherwise.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let defaults = SaveConfig::default();
     let cfg = SaveConfig {
         compression_level: level,
         threads: threads.unwrap_or(cores),
-        ..SaveConfig::default()
+        upload_concurrency: upload_concurrency.unwrap_or(defaults.upload_concurrency),
+        ..defaults
     };
-    let (threads, level) = (cfg.threads, cfg.compression_level);
+    let (threads, level, upload_concurrency) =
+        (cfg.threads, cfg.compression_level, cfg.upload_concurrency);
     let mut checkpointer =
         Checkpointer::new(root.clone(), cfg, 0, 1).context("create checkpointer")?;
     let meta = CheckpointMeta {
@@ -284,6 +299,7 @@ fn save(
             "tensors": state.tensors.len(),
             "threads": threads,
             "compression_level": level,
+            "upload_concurrency": upload_concurrency,
             "stall_s": stall,
             "durable_s": durable,
             "engine_blocking_s": outcome.blocking.as_secs_f64(),
