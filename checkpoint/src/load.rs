@@ -214,6 +214,21 @@ fn chunk_error(job: &ChunkJob<'_>, e: Error) -> Error {
     }
 }
 
+/// A whole local file read past the page cache, where the platform and
+/// filesystem allow (`None`: read it the ordinary way).
+#[cfg(target_os = "linux")]
+fn read_direct<R>(
+    path: &std::path::Path,
+    f: impl FnOnce(&[u8]) -> R,
+) -> std::io::Result<Option<R>> {
+    crate::direct::read(path, f)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_direct<R>(_: &std::path::Path, _: impl FnOnce(&[u8]) -> R) -> std::io::Result<Option<R>> {
+    Ok(None)
+}
+
 /// Told how far a read has come: called after each chunk, from whichever
 /// thread decoded it, with the raw bytes done so far and the total.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
@@ -316,40 +331,83 @@ fn read_chunks(
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
-    let (tx, rx) = tokio::sync::mpsc::channel::<(usize, Result<Bytes>)>(READ_CONCURRENCY);
-    let rx = Mutex::new(rx);
-    std::thread::scope(|scope| {
-        for _ in 0..cores.clamp(1, 8) {
-            scope.spawn(|| {
-                let mut scratch = Vec::new();
-                loop {
-                    let Some((j, fetched)) = rx.lock().expect("chunk queue").blocking_recv() else {
+    if let Some(dir) = root.local_dir() {
+        // Local files: each thread reads whole chunks past the page cache
+        // (see `crate::direct`) into its own buffer and decodes them. Four
+        // threads per core keep reads in flight while others decode.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..(4 * cores).clamp(4, 16) {
+                scope.spawn(|| {
+                    let mut scratch = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        let j = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(job) = jobs.get(j) else { break };
+                        let key = &job.entry.chunks[job.index].key;
+                        let path = dir.join(key);
+                        let read = read_direct(&path, |stored| decode(j, stored, &mut scratch))
+                            .and_then(|done| match done {
+                                Some(()) => Ok(()),
+                                None => std::fs::read(&path).map(|b| decode(j, &b, &mut scratch)),
+                            });
+                        match read {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fail(
+                                job,
+                                Error::NotFound {
+                                    what: root.url_of(key),
+                                },
+                            ),
+                            Err(e) => fail(
+                                job,
+                                Error::Io {
+                                    op: "read",
+                                    path: path.display().to_string(),
+                                    source: e,
+                                },
+                            ),
+                        }
+                    }
+                });
+            }
+        });
+    } else {
+        let (tx, rx) = tokio::sync::mpsc::channel::<(usize, Result<Bytes>)>(READ_CONCURRENCY);
+        let rx = Mutex::new(rx);
+        std::thread::scope(|scope| {
+            for _ in 0..cores.clamp(1, 8) {
+                scope.spawn(|| {
+                    let mut scratch = Vec::new();
+                    loop {
+                        let Some((j, fetched)) = rx.lock().expect("chunk queue").blocking_recv()
+                        else {
+                            break;
+                        };
+                        match fetched {
+                            Ok(stored) => decode(j, &stored, &mut scratch),
+                            Err(e) => fail(&jobs[j], e),
+                        }
+                    }
+                });
+            }
+            let fetch = async {
+                let tx = tx;
+                let mut reads = futures::stream::iter(0..jobs.len())
+                    .take_while(|_| std::future::ready(!stop.load(Ordering::SeqCst)))
+                    .map(|j| {
+                        let chunk = &jobs[j].entry.chunks[jobs[j].index];
+                        async move { (j, fetch_chunk(root, &chunk.key, chunk.stored_len).await) }
+                    })
+                    .buffer_unordered(READ_CONCURRENCY);
+                while let Some(r) = reads.next().await {
+                    if tx.send(r).await.is_err() {
                         break;
-                    };
-                    match fetched {
-                        Ok(stored) => decode(j, &stored, &mut scratch),
-                        Err(e) => fail(&jobs[j], e),
                     }
                 }
-            });
-        }
-        let fetch = async {
-            let tx = tx;
-            let mut reads = futures::stream::iter(0..jobs.len())
-                .take_while(|_| std::future::ready(!stop.load(Ordering::SeqCst)))
-                .map(|j| {
-                    let chunk = &jobs[j].entry.chunks[jobs[j].index];
-                    async move { (j, fetch_chunk(root, &chunk.key, chunk.stored_len).await) }
-                })
-                .buffer_unordered(READ_CONCURRENCY);
-            while let Some(r) = reads.next().await {
-                if tx.send(r).await.is_err() {
-                    break;
-                }
-            }
-        };
-        block_on(fetch);
-    });
+            };
+            block_on(fetch);
+        });
+    }
     let mut errors = errors.into_inner().expect("errors");
     errors.sort_by_key(|(t, i, _)| (*t, *i));
     errors
