@@ -29,9 +29,9 @@ Figures: stall = how long the save call blocks the caller; durable = from the
 call until everything the system wrote is on disk, fsync included for every
 system (torch.save: fsync of the file and the folder; DCP: fsync of every file
 and the folder after save returns / the async future completes; kiln: the
-engine's own durable_after, whose local backend fsyncs every object and its
-directory, checked by counting with cachestat(2) the pages of its files still
-dirty right after it); stored = bytes
+engine's own durable_after, whose local backend syncs every object (chunks:
+O_DIRECT writes, then fdatasync) and its directory, checked by counting with
+cachestat(2) the pages of its files still dirty right after it); stored = bytes
 of the files of the measured checkpoint; load = torch.load, DCP load into a
 preallocated state, kiln resolve + load; peak extra = RSS high-water mark over
 the warm-up and measured saves minus RSS before them.
@@ -272,8 +272,8 @@ def print_variant(variant, described, results, reps):
                           f"{fmt(k['first_stall_s'])} s.")
         notes.append(
             f"kiln: world size 1, compression threads: {k.get('threads')}, zstd level {k.get('compression_level')}. "
-            f"{first_save} Durable is the engine's durable_after (its local backend fsyncs "
-            f"every object and directory; {synced}). The engine's stated memory bound is "
+            f"{first_save} Durable is the engine's durable_after (its local backend syncs "
+            f"every object, chunks written with O_DIRECT then fdatasync, and every directory; {synced}). The engine's stated memory bound is "
             f"{fmt(k.get('engine_bound_bytes', 0) / GB, '.2f')} GB (stripe buffer + pipeline)."
         )
     if "torch" in results:

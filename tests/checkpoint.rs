@@ -346,13 +346,15 @@ fn a_crash_in_every_phase_of_a_save_leaves_latest_complete() {
 #[test]
 fn exported_weights_load_in_pytorch_and_give_kiln_s_predictions() {
     let _guard = serial();
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let python = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join(".venv/bin/python");
     if !python.exists() {
         panic!("{} is missing: run scripts/bootstrap.sh", python.display());
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let job = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/digits/job.toml");
+    let job = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("examples/digits/job.toml");
     let run = run_json(
         &job,
         &data,
@@ -393,7 +395,7 @@ loss = torch.nn.functional.cross_entropy(h, y).item()
 accuracy = int((h.argmax(-1) == y).sum()) / len(y)
 print(json.dumps({"accuracy": accuracy, "loss": loss}))
 "#;
-    let eval_shard = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let eval_shard = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
         .join("examples/digits/data/eval-00000.safetensors");
     let py = Command::new(&python)
         .arg("-c")

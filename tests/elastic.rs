@@ -30,7 +30,8 @@ const WAIT: Duration = Duration::from_secs(180);
 
 /// A small job on the digits data: 3 nodes, 1 worker each.
 fn spec(dir: &Path, extra: &str) -> PathBuf {
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/digits/data");
+    let data = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("examples/digits/data");
     let path = dir.join("job.toml");
     std::fs::write(
         &path,

@@ -13,7 +13,7 @@ use kiln_coordinator::etcd_server::EtcdServer;
 use serde::Deserialize;
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
 }
 
 fn kiln(args: &[&str]) -> Output {

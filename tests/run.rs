@@ -20,7 +20,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
 }
 
 fn kiln() -> Command {

@@ -218,8 +218,8 @@ mod tests {
 
     #[test]
     fn torchscript_fixture_trains_and_checks_its_shape() {
-        let path =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/torchscript/model.pt");
+        let path = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
+            .join("../examples/torchscript/model.pt");
         let mut s = spec(ModelKind::Torchscript);
         s.path = Some(path);
         let vs = nn::VarStore::new(Device::Cpu);

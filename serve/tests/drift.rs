@@ -191,7 +191,8 @@ json.dump(out, sys.stdout)
 "#;
 
 fn python() -> PathBuf {
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let python = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("../.venv/bin/python");
     assert!(
         python.exists(),
         "{} is missing: run scripts/bootstrap.sh",

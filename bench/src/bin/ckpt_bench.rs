@@ -16,9 +16,10 @@
 //!
 //! Stall is the wall time of the `save` call; time to durable runs from that
 //! call until `flush` returns the outcome (the engine's `durable_after`:
-//! chunks, part, manifest and `latest` written, and fsynced, since the local
-//! backend is `object_store`'s `LocalFileSystem::with_fsync(true)`, which
-//! fsyncs every object before publishing it and its directory after). As a
+//! chunks, part, manifest and `latest` written and synced: the engine writes
+//! chunks itself with `O_DIRECT`, `fdatasync`s each before renaming it into
+//! place and syncs its directory, and writes the rest through `object_store`'s
+//! `LocalFileSystem::with_fsync(true)`, which does the same). As a
 //! check, the pages of R's files still dirty or under writeback right after
 //! that are counted with cachestat(2) (`unsynced_pages_after_durable`, 0 when
 //! the engine's durability is real).

@@ -30,7 +30,8 @@ fn moto_binary() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("KILN_MOTO_SERVER") {
         return Some(PathBuf::from(p));
     }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
+    let p = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("../.venv/bin/moto_server");
     p.exists().then_some(p)
 }
 
