@@ -2,6 +2,10 @@
 //! real SIGKILL and real crashes inside a save (failpoints, compiled into the
 //! test build only), checkpoints on the local filesystem.
 
+mod common;
+
+use common::repo;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -346,15 +350,13 @@ fn a_crash_in_every_phase_of_a_save_leaves_latest_complete() {
 #[test]
 fn exported_weights_load_in_pytorch_and_give_kiln_s_predictions() {
     let _guard = serial();
-    let python = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
-        .join(".venv/bin/python");
+    let python = repo().join(".venv/bin/python");
     if !python.exists() {
         panic!("{} is missing: run scripts/bootstrap.sh", python.display());
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let job = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
-        .join("examples/digits/job.toml");
+    let job = repo().join("examples/digits/job.toml");
     let run = run_json(
         &job,
         &data,
@@ -395,8 +397,7 @@ loss = torch.nn.functional.cross_entropy(h, y).item()
 accuracy = int((h.argmax(-1) == y).sum()) / len(y)
 print(json.dumps({"accuracy": accuracy, "loss": loss}))
 "#;
-    let eval_shard = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
-        .join("examples/digits/data/eval-00000.safetensors");
+    let eval_shard = repo().join("examples/digits/data/eval-00000.safetensors");
     let py = Command::new(&python)
         .arg("-c")
         .arg(script)

@@ -2,6 +2,10 @@
 //! separate processes, the client commands, real agents launched by the
 //! elected replica, and a SIGKILL of the replica that was doing the work.
 
+mod common;
+
+use common::repo;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,10 +16,6 @@ use kiln_coordinator::etcd_server::EtcdServer;
 use serde_json::Value;
 
 const TOKEN: &str = "test-token-8d1f0c";
-
-fn repo() -> PathBuf {
-    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
-}
 
 fn kiln() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));

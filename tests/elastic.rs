@@ -7,7 +7,8 @@
 //! nodes, which would oversubscribe a two-core machine into timeouts.
 
 mod common;
-use common::read_weights;
+
+use common::{read_weights, repo};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -30,8 +31,7 @@ const WAIT: Duration = Duration::from_secs(180);
 
 /// A small job on the digits data: 3 nodes, 1 worker each.
 fn spec(dir: &Path, extra: &str) -> PathBuf {
-    let data = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
-        .join("examples/digits/data");
+    let data = repo().join("examples/digits/data");
     let path = dir.join("job.toml");
     std::fs::write(
         &path,

@@ -4,6 +4,10 @@
 //! "node", and the Kubernetes manifests are parsed as YAML (by the Rust crate
 //! and, independently, by PyYAML when the project venv is present).
 
+mod common;
+
+use common::repo;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -11,10 +15,6 @@ use std::process::{Command, Output};
 
 use kiln_coordinator::etcd_server::EtcdServer;
 use serde::Deserialize;
-
-fn repo() -> PathBuf {
-    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
-}
 
 fn kiln(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))

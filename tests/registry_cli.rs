@@ -2,12 +2,12 @@
 //! `kiln run`, then registers its checkpoints, promotes, canaries, shows,
 //! rolls back and reads the history, as a user would.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn repo() -> PathBuf {
-    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
-}
+use common::repo;
+
+use std::path::Path;
+use std::process::{Command, Output};
 
 fn kiln() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));

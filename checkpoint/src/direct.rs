@@ -71,6 +71,32 @@ thread_local! {
     static BUFFER: RefCell<Option<AlignedBuf>> = const { RefCell::new(None) };
 }
 
+/// Runs `f` on the thread's aligned buffer, grown if needed and cut to `len`
+/// rounded up to whole blocks (at least one).
+fn with_block_buffer<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    let padded = len.div_ceil(ALIGN).max(1) * ALIGN;
+    BUFFER.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        if buffer.as_ref().is_none_or(|b| b.cap < padded) {
+            *buffer = Some(AlignedBuf::with_capacity(padded));
+        }
+        f(&mut buffer.as_mut().expect("buffer just set").as_mut_slice()[..padded])
+    })
+}
+
+/// Opens `path` with `O_DIRECT` added to `options`; `None` when the
+/// filesystem refuses direct I/O.
+fn open_direct(
+    options: &mut std::fs::OpenOptions,
+    path: &Path,
+) -> std::io::Result<Option<std::fs::File>> {
+    match options.custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes `bytes` to `path` (creating its directory) with `O_DIRECT`, synced
 /// and atomically published. `Ok(false)`: the filesystem does not do direct
 /// I/O; nothing was left behind.
@@ -79,21 +105,16 @@ pub fn put(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
     let dir = path.parent().expect("an object path has a directory");
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().expect("an object path has a name");
-    let staging = dir.join(format!(
-        "{}#{}{:012}",
-        name.to_string_lossy(),
-        std::process::id(),
-        STAGING.fetch_add(1, Ordering::Relaxed)
+    let staging = dir.join(crate::store::staging_name(
+        &name.to_string_lossy(),
+        u64::from(std::process::id()) * 1_000_000_000_000 + STAGING.fetch_add(1, Ordering::Relaxed),
     ));
-    let file = match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&staging)
-    {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
-        Err(e) => return Err(e),
+    let Some(file) = open_direct(
+        std::fs::OpenOptions::new().write(true).create_new(true),
+        &staging,
+    )?
+    else {
+        return Ok(false);
     };
     let written = write_padded(file, bytes);
     let published = match written {
@@ -123,23 +144,11 @@ pub fn put(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
 /// do: filling freshly allocated page-cache pages cost more than decoding.
 pub fn read<R>(path: &Path, f: impl FnOnce(&[u8]) -> R) -> std::io::Result<Option<R>> {
     use std::io::Read;
-    let mut file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
-        Err(e) => return Err(e),
+    let Some(mut file) = open_direct(std::fs::OpenOptions::new().read(true), path)? else {
+        return Ok(None);
     };
     let len = file.metadata()?.len() as usize;
-    let padded = len.div_ceil(ALIGN).max(1) * ALIGN;
-    BUFFER.with(|buffer| {
-        let mut buffer = buffer.borrow_mut();
-        if buffer.as_ref().is_none_or(|b| b.cap < padded) {
-            *buffer = Some(AlignedBuf::with_capacity(padded));
-        }
-        let into = &mut buffer.as_mut().expect("buffer just set").as_mut_slice()[..padded];
+    with_block_buffer(len, |into| {
         let mut done = 0;
         while done < len {
             match file.read(&mut into[done..]) {
@@ -157,13 +166,7 @@ pub fn read<R>(path: &Path, f: impl FnOnce(&[u8]) -> R) -> std::io::Result<Optio
 /// Copies `bytes` into the thread's aligned buffer, zero-padded to whole
 /// blocks, writes that, then trims the file to the real length.
 fn write_padded(mut file: std::fs::File, bytes: &[u8]) -> std::io::Result<std::fs::File> {
-    let padded = bytes.len().div_ceil(ALIGN).max(1) * ALIGN;
-    BUFFER.with(|buffer| -> std::io::Result<()> {
-        let mut buffer = buffer.borrow_mut();
-        if buffer.as_ref().is_none_or(|b| b.cap < padded) {
-            *buffer = Some(AlignedBuf::with_capacity(padded));
-        }
-        let out = &mut buffer.as_mut().expect("buffer just set").as_mut_slice()[..padded];
+    with_block_buffer(bytes.len(), |out| {
         out[..bytes.len()].copy_from_slice(bytes);
         out[bytes.len()..].fill(0);
         file.write_all(out)

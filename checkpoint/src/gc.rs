@@ -199,8 +199,7 @@ pub async fn gc_async(
 
 /// Finds (and unless `dry_run` deletes) the staging files under the local
 /// `chunks` folder older than `grace`: what a write killed before its rename
-/// leaves (see `crate::direct`; `object_store`'s local backend stages the same
-/// way). Returns their count and bytes.
+/// leaves (`crate::store::staging_name`). Returns their count and bytes.
 fn stale_staging_files(
     chunks: &std::path::Path,
     grace: chrono::Duration,
@@ -221,10 +220,7 @@ fn stale_staging_files(
             let staging = file
                 .file_name()
                 .to_str()
-                .and_then(|n| n.split_once('#'))
-                .is_some_and(|(_, suffix)| {
-                    !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit())
-                });
+                .is_some_and(crate::store::is_staging_name);
             let meta = file.metadata()?;
             let age = meta.modified()?.elapsed().unwrap_or_default();
             if staging && meta.is_file() && age > grace {

@@ -314,8 +314,8 @@ impl CheckpointRoot {
         if let Some(dir) = &self.inner.local_dir {
             // Immutable chunks skip the page cache (see `crate::direct`).
             let path = dir.join(key);
-            let body = bytes.clone();
-            let written = tokio::task::spawn_blocking(move || crate::direct::put(&path, &body))
+            let (target, body) = (path.clone(), bytes.clone());
+            let written = tokio::task::spawn_blocking(move || crate::direct::put(&target, &body))
                 .await
                 .map_err(|e| Error::Cancelled {
                     what: format!("direct write of {key}: {e}"),
@@ -326,7 +326,7 @@ impl CheckpointRoot {
                 Err(source) => {
                     return Err(Error::Io {
                         op: "write",
-                        path: dir.join(key).display().to_string(),
+                        path: path.display().to_string(),
                         source,
                     });
                 }
@@ -499,6 +499,20 @@ fn io_error(op: &'static str, path: &FsPath, source: std::io::Error) -> Error {
         path: path.display().to_string(),
         source,
     }
+}
+
+/// The name an object `name` is written under on a local root before it is
+/// renamed into place: `{name}#{digits}`, `object_store`'s own staging
+/// convention, which its listings skip.
+pub(crate) fn staging_name(name: &str, id: u64) -> String {
+    format!("{name}#{id}")
+}
+
+/// Whether a local file name is a [`staging_name`] (a write in progress, or
+/// one a crash cut short).
+pub(crate) fn is_staging_name(name: &str) -> bool {
+    name.split_once('#')
+        .is_some_and(|(_, id)| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The local filesystem's swap: flock, re-read, compare, write a temporary

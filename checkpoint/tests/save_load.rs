@@ -602,6 +602,13 @@ fn host_memory_stays_within_the_stated_bound() {
     assert_eq!(c.memory_stats().stripe_buffer_bytes, 64 << 20);
 }
 
+/// One U8 tensor `blob` of `len` random (incompressible) bytes.
+fn random_blob(len: usize, seed: u64) -> kiln_checkpoint::OwnedTensor {
+    let mut rng = Rng::new(seed);
+    let data: Vec<u8> = (0..len).map(|_| (rng.next_u64() >> 56) as u8).collect();
+    owned("blob", DType::U8, &[len], data)
+}
+
 #[test]
 fn large_chunks_go_up_as_multipart_uploads() {
     let mut roots = vec![local_root()];
@@ -613,11 +620,7 @@ fn large_chunks_go_up_as_multipart_uploads() {
             ..SaveConfig::default()
         };
         // Incompressible bytes, so the stored frame stays above the threshold.
-        let mut rng = Rng::new(3);
-        let data: Vec<u8> = (0..(13 << 20))
-            .map(|_| (rng.next_u64() >> 56) as u8)
-            .collect();
-        let state = vec![owned("blob", DType::U8, &[data.len()], data)];
+        let state = vec![random_blob(13 << 20, 3)];
         save_world(&t.root, &cfg, 1, 1, "run", &state);
         let m = resolve(&t.root, "latest").unwrap();
         assert_eq!(m.tensors[0].chunks.len(), 2);
@@ -834,11 +837,7 @@ fn large_chunks_load_through_ranged_reads_and_damage_is_still_named() {
             ..SaveConfig::default()
         };
         // Incompressible, so the stored chunk is above the ranged-read size.
-        let mut rng = Rng::new(4);
-        let data: Vec<u8> = (0..(41 << 20))
-            .map(|_| (rng.next_u64() >> 56) as u8)
-            .collect();
-        let state = vec![owned("blob", DType::U8, &[data.len()], data)];
+        let state = vec![random_blob(41 << 20, 4)];
         save_world(&t.root, &cfg, 1, 1, "run", &state);
         let m = resolve(&t.root, "latest").unwrap();
         let big = &m.tensors[0].chunks[0];

@@ -1,5 +1,15 @@
 //! Helpers shared by the end-to-end tests (each `tests/*.rs` is its own crate
-//! and includes this module with `mod common;`).
+//! and includes this module with `mod common;`, using what it needs).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The repository root. Read at run time, not with `env!`: the scripts share
+/// one target folder between clones, and a test binary built in another clone
+/// (unchanged sources are not rebuilt) would carry that clone's path.
+pub fn repo() -> PathBuf {
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
+}
 
 /// The tensors of a safetensors file of float32 tensors (as `kiln run`
 /// writes the final weights), sorted by name.
