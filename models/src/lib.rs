@@ -5,6 +5,8 @@
 //! its parameters live in a `VarStore`, named so that the weights digest and
 //! exported files are stable (`fc0.weight`, `conv1.bias`, ...).
 
+pub mod gpt;
+
 use anyhow::{Context, Result, bail, ensure};
 use kiln_proto::spec::{ModelKind, ModelSpec};
 use tch::nn::{self, Module, ModuleT};

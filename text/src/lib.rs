@@ -1,0 +1,1 @@
+//! kiln-text: language-model data without libtorch (being written).
