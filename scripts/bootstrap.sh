@@ -4,7 +4,8 @@
 #
 # Installs (nothing from outside the package registries):
 #   - Debian packages: protoc (etcd-client and kiln-proto need it), etcd (server
-#     and client, started only by the tests that use them), build tools.
+#     and client, started only by the tests that use them), build tools, and
+#     `fortunes` (a corpus for examples/lm).
 #   - a Python venv with torch==2.11.0 (full install: Python `import torch`
 #     works for fixtures, interop tests and benchmarks), scikit-learn (the
 #     digits dataset), safetensors, numpy and moto[server] (the S3 test server).
@@ -28,6 +29,8 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# English text for the language-model example (examples/lm/prepare.sh).
+[[ -d /usr/share/games/fortunes ]] || need_apt+=(fortunes)
 if ((${#need_apt[@]})); then
   log "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
