@@ -4,6 +4,7 @@
 mod agent;
 mod ckpt;
 mod coordinator;
+mod data;
 mod jobs;
 mod launch;
 mod register;
@@ -39,6 +40,9 @@ enum Command {
     /// Checkpoints: ls, show, verify, export, gc.
     #[command(subcommand)]
     Ckpt(ckpt::CkptCommand),
+    /// Language-model data: prepare (text files to token files and a tokenizer).
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Model registry: ls, show, register, promote, rollback, history.
     Registry(registry::RegistryArgs),
     /// Serve the job API (gRPC) over a store; run several replicas against one
@@ -161,6 +165,7 @@ fn main() -> ExitCode {
         }
         Command::Agent(args) => block_on(agent::run(args)),
         Command::Ckpt(cmd) => report(ckpt::run(cmd)),
+        Command::Data(cmd) => report(data::run(cmd)),
         Command::Registry(args) => block_on(registry::run(args)),
         Command::Coordinator(args) => block_on(coordinator::run(args)),
         Command::Submit(args) => block_on(jobs::submit(args)),
