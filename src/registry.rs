@@ -393,6 +393,13 @@ fn describe_model(spec: &ModelSpec) -> String {
                 .as_ref()
                 .map_or("-".to_string(), |p| p.display().to_string())
         ),
+        ModelKind::Gpt => format!(
+            "gpt vocab {} layers {} heads {} width {}",
+            spec.vocab.unwrap_or(0),
+            spec.n_layer,
+            spec.n_head,
+            spec.d_model
+        ),
     }
 }
 
@@ -640,6 +647,11 @@ async fn dimensions(
             dim("fc1.weight", 0),
         ),
         ModelKind::Torchscript => (None, None),
+        // Language models register with the generate extension (not yet):
+        // no feature/class signature.
+        ModelKind::Gpt => anyhow::bail!(
+            "registering a gpt is not supported yet: kiln serve has no language-model endpoint"
+        ),
     };
     let features = features.or(from_weights_features);
     let classes = classes.or(from_weights_classes);
@@ -648,16 +660,20 @@ async fn dimensions(
     }
     let (data_features, data_classes) = match spec.data.kind {
         DataKind::Synthetic => (spec.data.features, spec.data.classes.unwrap_or(10)),
+        DataKind::Tokens => anyhow::bail!(
+            "registering a model trained on token data is not supported yet (no language-model serving)"
+        ),
         DataKind::Safetensors => {
             let data = spec.data.clone();
             let seed = spec.job.seed;
-            let splits = tokio::task::spawn_blocking(move || kiln_trainer::data::load(&data, seed))
+            let splits =
+                tokio::task::spawn_blocking(move || kiln_trainer::data::load(&data, seed, None))
                 .await
                 .context("read the training data")?
                 .context(
                     "read the spec's data to learn the features and classes (or pass --features and --classes)",
                 )?;
-            (splits.train.features, splits.classes)
+            (splits.train.features(), splits.classes)
         }
     };
     Ok((

@@ -266,6 +266,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         "world_size": plan.world_size,
         "steps": rank0.steps,
         "final_loss": rank0.final_loss,
+        "grad_norm": rank0.grad_norm.is_finite().then_some(rank0.grad_norm),
         "eval": eval,
         "samples_per_sec": rank0.samples_per_sec,
         "weights_digest": rank0.weights_digest,
@@ -364,8 +365,13 @@ impl Printer {
                     let secs = at.elapsed().as_secs_f64();
                     let rate = (p.step - step) as f64 * self.global_batch as f64 / secs.max(1e-9);
                     self.last = (Instant::now(), p.step);
+                    let norm = if p.grad_norm.is_finite() {
+                        format!("  grad norm {:.3}", p.grad_norm)
+                    } else {
+                        String::new()
+                    };
                     self.line(format!(
-                        "step {}/{}  loss {:.4}  lr {:.2e}  {:.0} samples/s",
+                        "step {}/{}  loss {:.4}  lr {:.2e}{norm}  {:.0} samples/s",
                         p.step, self.steps, p.loss, p.lr, rate
                     ));
                 }

@@ -95,12 +95,9 @@ fn register(registry_url: &str, root_url: &str, step: u64, dir: &Path) -> (u64, 
         },
         model: ModelDefinition {
             spec: ModelSpec {
-                kind: ModelKind::Mlp,
                 hidden: vec![128, 64],
                 channels: vec![],
-                input_shape: None,
-                path: None,
-                init: None,
+                ..ModelSpec::new(ModelKind::Mlp)
             },
             features: 64,
             classes: 10,

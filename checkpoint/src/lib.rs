@@ -18,9 +18,12 @@
 //! - [`manifest`]: manifest, part and `latest` records; the key layout.
 //! - [`commit`]: the commit protocol as a pure state machine.
 //! - [`save`]: [`Checkpointer`], the asynchronous per-rank save pipeline.
+//! - [`manager`]: [`CheckpointManager`], the training loop's policy around
+//!   it (when to save, the failure budget, retention at the end).
 //! - [`load`]: resolve, load, verify, fall back to a verified parent, list.
 //! - [`gc`]: retention and garbage collection.
-//! - [`export`]: safetensors export and import.
+//! - [`export`]: safetensors export and import, and writing in-memory
+//!   tensors (a run's final weights) as safetensors.
 //! - [`registry`]: the model registry, a catalog over checkpoints in the
 //!   same object stores (versions, aliases, audit log).
 //! - [`profile`]: a model version's reference data profile, against which the
@@ -47,6 +50,7 @@ pub mod export;
 mod failpoint;
 pub mod gc;
 pub mod load;
+pub mod manager;
 pub mod manifest;
 pub mod plan;
 pub mod profile;
@@ -57,12 +61,15 @@ pub mod tensor;
 
 pub use digest::weights_digest;
 pub use error::{Error, Result};
-pub use export::{export_safetensors, export_safetensors_with_progress, import_safetensors};
+pub use export::{
+    export_safetensors, export_safetensors_with_progress, import_safetensors, write_safetensors,
+};
 pub use gc::{GcReport, Retention, gc};
 pub use load::{
     BadChunk, LoadTarget, ManifestSummary, OwnedTensor, Progress, VerifyReport, list, load,
     load_into, load_latest_verified, load_with_progress, resolve, verify, verify_with_progress,
 };
+pub use manager::{CheckpointManager, CheckpointPolicy, SaveEvent};
 pub use manifest::{CheckpointMeta, FORMAT_VERSION, Manifest};
 pub use save::{Checkpointer, MemoryStats, SaveConfig, SaveOutcome};
 pub use store::CheckpointRoot;

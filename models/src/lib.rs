@@ -1,20 +1,30 @@
 //! kiln-models: built-in `tch::nn` networks chosen in the spec, and TorchScript
 //! modules exported from Python (trained through `TrainableCModule`).
 //!
-//! Every model maps a batch of flat features [n, features] to logits [n, classes];
-//! its parameters live in a `VarStore`, named so that the weights digest and
-//! exported files are stable (`fc0.weight`, `conv1.bias`, ...).
+//! Classifiers (mlp, cnn, a TorchScript module returning logits) map a batch of
+//! flat features [n, features] to logits [n, classes]; the gpt (and a
+//! TorchScript language model) maps tokens [n, t] to logits [n, t, vocab]; a
+//! TorchScript module may instead return its own loss from the batch's named
+//! tensors. Parameters live in a `VarStore`, named so that the weights digest
+//! and exported files are stable (`fc0.weight`, `h.0.attn.c_attn.weight`, ...).
+//!
+//! # Layout
+//!
+//! - this file: [`build`] (spec -> network), [`Net`], parameter helpers.
+//! - [`gpt`]: the decoder-only transformer, its KV cache and sampling.
 
 pub mod gpt;
 
 use anyhow::{Context, Result, bail, ensure};
-use kiln_proto::spec::{ModelKind, ModelSpec};
+use kiln_proto::spec::{ModelKind, ModelReturns, ModelSpec, PositionKind, Precision};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
 /// A network ready to train.
 pub enum Net {
     Builtin(nn::Sequential),
+    Gpt(gpt::Gpt),
+    /// `forward` returns logits or a loss, as the spec's `model.returns` says.
     Script(tch::TrainableCModule),
 }
 
@@ -22,26 +32,137 @@ impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Net::Builtin(_) => f.write_str("Net::Builtin"),
+            Net::Gpt(_) => f.write_str("Net::Gpt"),
             Net::Script(_) => f.write_str("Net::Script"),
         }
     }
 }
 
 impl Net {
-    /// Logits for a batch of flat features.
+    /// Logits for a batch of flat features (classifiers) or tokens (language
+    /// models); `train` turns dropout on.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Net::Builtin(seq) => Ok(seq.forward(xs)),
+            Net::Gpt(gpt) => gpt.forward_t(xs, train),
+            Net::Script(m) => m
+                .forward_ts(&[xs])
+                .context("run the TorchScript module's forward"),
+        }
+    }
+
+    /// Logits of a classifier; see [`Net::forward_t`].
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         match self {
             Net::Builtin(seq) => seq.forward(xs),
+            Net::Gpt(gpt) => gpt
+                .forward_t(xs, false)
+                .expect("tokens within the model's context"),
             Net::Script(m) => m.forward_t(xs, true),
         }
     }
+
+    /// A TorchScript module's own loss: `forward(batch)` with the batch's
+    /// named tensors as a `Dict[str, Tensor]`, returning a scalar.
+    pub fn script_loss(&self, batch: &[(String, Tensor)]) -> Result<Tensor> {
+        let Net::Script(m) = self else {
+            bail!("only a TorchScript module returns its own loss");
+        };
+        let dict = tch::IValue::GenericDict(
+            batch
+                .iter()
+                .map(|(name, t)| {
+                    (
+                        tch::IValue::String(name.clone()),
+                        tch::IValue::Tensor(t.shallow_clone()),
+                    )
+                })
+                .collect(),
+        );
+        let names: Vec<&str> = batch.iter().map(|(n, _)| n.as_str()).collect();
+        let out = m.forward_is(&[dict]).with_context(|| {
+            format!("run the TorchScript module's forward on a batch of {names:?}")
+        })?;
+        let tch::IValue::Tensor(loss) = out else {
+            bail!("the TorchScript module returned {out:?}; with model.returns = \"loss\" it must return a scalar tensor");
+        };
+        ensure!(
+            loss.numel() == 1 && loss.is_floating_point(),
+            "the TorchScript module returned a {:?} tensor of shape {:?}; with model.returns = \"loss\" it must return a scalar loss",
+            loss.kind(),
+            loss.size()
+        );
+        Ok(loss.view([]).to_kind(Kind::Float))
+    }
 }
 
-/// Builds the model of `spec` for `features` inputs and `classes` outputs in `vs`.
+/// What the data gives a model: its input width and, for classifiers, the
+/// number of classes; for language models, the context length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ModelIo {
+    /// Values per sample (classifiers).
+    pub features: usize,
+    /// Logits per sample (classifiers).
+    pub classes: usize,
+    /// Tokens per sample (language models).
+    pub context: Option<usize>,
+}
+
+/// Builds the model of `spec` for `features` inputs and `classes` outputs in `vs`
+/// (a classifier in fp32; see [`build_with`]).
 pub fn build(spec: &ModelSpec, features: usize, classes: usize, vs: &nn::VarStore) -> Result<Net> {
+    let io = ModelIo {
+        features,
+        classes,
+        context: None,
+    };
+    build_with(spec, io, Precision::Fp32, vs)
+}
+
+/// Builds the model of `spec` in `vs`.
+///
+/// `precision = bf16` is built into the gpt (its matrix products cast the fp32
+/// master weights to bfloat16, on CPU and CUDA alike). Other models refuse it:
+/// libtorch's autocast is reachable from tch only for CUDA and only at its
+/// default float16, which is not what the spec asks for.
+pub fn build_with(
+    spec: &ModelSpec,
+    io: ModelIo,
+    precision: Precision,
+    vs: &nn::VarStore,
+) -> Result<Net> {
+    if precision == Precision::Bf16 && spec.kind != ModelKind::Gpt {
+        bail!(
+            "train.precision = \"bf16\" is built into model.kind = \"gpt\" only; \
+             train {} models in fp32",
+            format!("{:?}", spec.kind).to_lowercase()
+        );
+    }
     let root = vs.root();
-    let (f, c) = (features as i64, classes as i64);
+    let (f, c) = (io.features as i64, io.classes as i64);
+    let (features, classes) = (io.features, io.classes);
     match spec.kind {
+        ModelKind::Gpt => {
+            let vocab = spec.vocab.context("model.vocab: required for a gpt")?;
+            let seq_len = spec
+                .seq_len
+                .or(io.context)
+                .context("model.seq_len: required for a gpt (or data.seq_len)")?;
+            let config = gpt::GptConfig {
+                vocab,
+                seq_len,
+                n_layer: spec.n_layer,
+                n_head: spec.n_head,
+                d_model: spec.d_model,
+                dropout: spec.dropout,
+                positions: match spec.positions {
+                    PositionKind::Learned => gpt::Positions::Learned,
+                    PositionKind::Rotary => gpt::Positions::Rotary,
+                },
+                bf16: precision == Precision::Bf16,
+            };
+            Ok(Net::Gpt(gpt::Gpt::new(&root, config)?))
+        }
         ModelKind::Mlp => {
             let mut seq = nn::seq();
             let mut width = f;
@@ -112,6 +233,11 @@ pub fn build(spec: &ModelSpec, features: usize, classes: usize, vs: &nn::VarStor
             let mut module = tch::TrainableCModule::load(path, root)
                 .with_context(|| format!("load TorchScript module {}", path.display()))?;
             module.set_train();
+            if spec.returns == ModelReturns::Loss || io.context.is_some() {
+                // Its inputs are the batch's named tensors or tokens: checked
+                // on the first step, with the batch's field names in the error.
+                return Ok(Net::Script(module));
+            }
             // A forward on one dummy sample checks the module fits the data now,
             // with a clear message, rather than deep inside the first step.
             let probe = Tensor::zeros([1, f], (Kind::Float, vs.device()));
@@ -183,12 +309,9 @@ mod tests {
 
     fn spec(kind: ModelKind) -> ModelSpec {
         ModelSpec {
-            kind,
             hidden: vec![16],
             channels: vec![4, 8],
-            input_shape: None,
-            path: None,
-            init: None,
+            ..ModelSpec::new(kind)
         }
     }
 

@@ -60,8 +60,36 @@ pub enum ModelKind {
     Mlp,
     /// Convolutions (3x3, ReLU, 2x2 max-pool) then a fully connected head.
     Cnn,
-    /// A TorchScript module exported from Python (`forward(x) -> logits`).
+    /// A TorchScript module exported from Python: `forward(x) -> logits`, or
+    /// (`returns = "loss"`) `forward(batch: Dict[str, Tensor]) -> loss`.
     Torchscript,
+    /// A decoder-only transformer language model (GPT-2 architecture) over
+    /// token data.
+    Gpt,
+}
+
+/// What a TorchScript module's `forward` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelReturns {
+    /// Logits; kiln applies the loss of the data (cross-entropy on labels or
+    /// next tokens).
+    #[default]
+    Logits,
+    /// A scalar loss: the mean over the micro-batch's samples, computed by the
+    /// module from the batch's named tensors.
+    Loss,
+}
+
+/// Position encoding of a `gpt` model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PositionKind {
+    /// A learned embedding per position (`wpe`), as GPT-2.
+    #[default]
+    Learned,
+    /// Rotary embeddings applied to queries and keys.
+    Rotary,
 }
 
 /// `[model]`: which network to train.
@@ -88,6 +116,62 @@ pub struct ModelSpec {
     /// `model/` prefix.
     #[serde(default)]
     pub init: Option<PathBuf>,
+    /// What a torchscript module's `forward` returns: `logits` or `loss`.
+    #[serde(default)]
+    pub returns: ModelReturns,
+    /// Vocabulary size (gpt; torchscript language models returning logits).
+    #[serde(default)]
+    pub vocab: Option<usize>,
+    /// Longest context of a gpt (positions); default: `data.seq_len`.
+    #[serde(default)]
+    pub seq_len: Option<usize>,
+    /// Transformer blocks (gpt).
+    #[serde(default = "default_n_layer")]
+    pub n_layer: usize,
+    /// Attention heads per block (gpt); must divide `d_model`.
+    #[serde(default = "default_n_head")]
+    pub n_head: usize,
+    /// Width of the residual stream (gpt).
+    #[serde(default = "default_d_model")]
+    pub d_model: usize,
+    /// Dropout probability while training (gpt), 0 to < 1.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Position encoding (gpt): `learned` or `rotary`.
+    #[serde(default)]
+    pub positions: PositionKind,
+}
+
+impl ModelSpec {
+    /// A spec of `kind` with every other field at its default.
+    pub fn new(kind: ModelKind) -> Self {
+        Self {
+            kind,
+            hidden: default_hidden(),
+            channels: default_channels(),
+            input_shape: None,
+            path: None,
+            init: None,
+            returns: ModelReturns::default(),
+            vocab: None,
+            seq_len: None,
+            n_layer: default_n_layer(),
+            n_head: default_n_head(),
+            d_model: default_d_model(),
+            dropout: 0.0,
+            positions: PositionKind::default(),
+        }
+    }
+}
+
+fn default_n_layer() -> usize {
+    4
+}
+fn default_n_head() -> usize {
+    4
+}
+fn default_d_model() -> usize {
+    256
 }
 
 fn default_hidden() -> Vec<usize> {
@@ -104,6 +188,18 @@ pub enum DataKind {
     Safetensors,
     /// A seeded generator: Gaussian inputs labelled by a fixed random linear teacher.
     Synthetic,
+    /// Flat token files (language models): little-endian `uint16` or `uint32`
+    /// ids, no header, as `kiln data prepare` (and nanoGPT) writes them.
+    Tokens,
+}
+
+/// Width of the ids in a token file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenDtype {
+    #[default]
+    Uint16,
+    Uint32,
 }
 
 /// `[data]`: the dataset.
@@ -130,6 +226,13 @@ pub struct DataSpec {
     /// Synthetic features per sample.
     #[serde(default = "default_features")]
     pub features: usize,
+    /// Tokens per training sample (tokens): each sample is a window of
+    /// `seq_len` inputs and the `seq_len` next tokens as targets.
+    #[serde(default)]
+    pub seq_len: Option<usize>,
+    /// Width of the token ids (tokens): `uint16` or `uint32`.
+    #[serde(default)]
+    pub token_dtype: TokenDtype,
 }
 
 fn default_samples() -> usize {
@@ -165,6 +268,23 @@ pub struct TrainSpec {
     /// Intra-op threads per worker; default: cores / workers, at least 1.
     #[serde(default)]
     pub threads_per_worker: Option<usize>,
+    /// Arithmetic of forward and backward: `fp32`, or `bf16` (matrix products
+    /// in bfloat16; master weights, gradients and optimizer state stay fp32).
+    #[serde(default)]
+    pub precision: Precision,
+    /// Clip gradients to this global L2 norm (after the all-reduce, so every
+    /// rank clips alike); none when absent.
+    #[serde(default)]
+    pub clip_grad_norm: Option<f64>,
+}
+
+/// Floating-point format of a computation or a transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
 }
 
 fn default_steps() -> u64 {
@@ -186,6 +306,8 @@ impl Default for TrainSpec {
             eval_interval: 0,
             log_interval: default_log_interval(),
             threads_per_worker: None,
+            precision: Precision::default(),
+            clip_grad_norm: None,
         }
     }
 }
@@ -346,6 +468,10 @@ pub struct CommSpec {
     /// Deadline of every collective read, in seconds.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: f64,
+    /// Format of gradients on the wire: `fp32`, or `bf16` (half the bytes;
+    /// summed in fp32 and rounded once per hop).
+    #[serde(default)]
+    pub grad_dtype: Precision,
 }
 
 fn default_bucket_mb() -> f64 {
@@ -360,6 +486,7 @@ impl Default for CommSpec {
         Self {
             bucket_mb: default_bucket_mb(),
             timeout_secs: default_timeout_secs(),
+            grad_dtype: Precision::default(),
         }
     }
 }
@@ -874,13 +1001,19 @@ impl JobSpec {
                 ));
             }
             (ModelKind::Torchscript, Some(path)) => check_file("model.path", path)?,
-            (ModelKind::Mlp | ModelKind::Cnn, Some(_)) => {
+            (ModelKind::Mlp | ModelKind::Cnn | ModelKind::Gpt, Some(_)) => {
                 return Err(invalid(
                     "model.path",
                     "only applies to model.kind = \"torchscript\"; remove it or change model.kind",
                 ));
             }
-            (ModelKind::Mlp | ModelKind::Cnn, None) => {}
+            (ModelKind::Mlp | ModelKind::Cnn | ModelKind::Gpt, None) => {}
+        }
+        if model.returns == ModelReturns::Loss && model.kind != ModelKind::Torchscript {
+            return Err(invalid(
+                "model.returns",
+                "only a torchscript module can return its own loss; built-in models return logits",
+            ));
         }
         if let Some(init) = &model.init {
             check_file("model.init", init)?;
@@ -888,7 +1021,99 @@ impl JobSpec {
         if model.kind == ModelKind::Cnn {
             self.validate_cnn_shape()?;
         }
+        if model.kind == ModelKind::Gpt {
+            self.validate_gpt()?;
+        }
+        let language_model = model.kind == ModelKind::Gpt
+            || (model.kind == ModelKind::Torchscript && model.returns == ModelReturns::Logits);
+        if self.data.kind == DataKind::Tokens
+            && !language_model
+            && model.kind != ModelKind::Torchscript
+        {
+            return Err(invalid(
+                "model.kind",
+                format!(
+                    "{:?} classifies feature vectors and cannot train on data.kind = \"tokens\"; \
+                     use \"gpt\" or a \"torchscript\" module",
+                    model.kind
+                )
+                .to_lowercase(),
+            ));
+        }
+        if let Some(vocab) = model.vocab {
+            at_least_one("model.vocab", vocab)?;
+        }
+        if self.data.kind == DataKind::Tokens
+            && model.kind == ModelKind::Torchscript
+            && model.returns == ModelReturns::Logits
+            && model.vocab.is_none()
+        {
+            return Err(invalid(
+                "model.vocab",
+                "required for a torchscript language model that returns logits (its last dimension)",
+            ));
+        }
         Ok(())
+    }
+
+    /// A gpt trains on token data, knows its vocabulary, and fits the
+    /// sequences it is given.
+    fn validate_gpt(&self) -> Result<(), SpecError> {
+        let m = &self.model;
+        if self.data.kind != DataKind::Tokens {
+            return Err(invalid(
+                "model.kind",
+                "\"gpt\" is a language model: it needs data.kind = \"tokens\"",
+            ));
+        }
+        if m.vocab.is_none() {
+            return Err(invalid(
+                "model.vocab",
+                "required for a gpt (the tokenizer's vocabulary size; `kiln data prepare` writes it to meta.json)",
+            ));
+        }
+        for (field, value) in [
+            ("model.n_layer", m.n_layer),
+            ("model.n_head", m.n_head),
+            ("model.d_model", m.d_model),
+        ] {
+            at_least_one(field, value)?;
+        }
+        if !m.d_model.is_multiple_of(m.n_head) {
+            return Err(invalid(
+                "model.n_head",
+                format!("{} does not divide model.d_model = {}", m.n_head, m.d_model),
+            ));
+        }
+        if m.positions == PositionKind::Rotary && !(m.d_model / m.n_head).is_multiple_of(2) {
+            return Err(invalid(
+                "model.positions",
+                format!(
+                    "rotary positions need an even head width; d_model / n_head = {}",
+                    m.d_model / m.n_head
+                ),
+            ));
+        }
+        if !(m.dropout.is_finite() && (0.0..1.0).contains(&m.dropout)) {
+            return Err(invalid(
+                "model.dropout",
+                format!("{} must be at least 0 and below 1", m.dropout),
+            ));
+        }
+        if let (Some(context), Some(seq_len)) = (m.seq_len, self.data.seq_len)
+            && context < seq_len
+        {
+            return Err(invalid(
+                "model.seq_len",
+                format!("{context} is shorter than data.seq_len = {seq_len}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The context length of a language model: `model.seq_len`, else `data.seq_len`.
+    pub fn context_len(&self) -> Option<usize> {
+        self.model.seq_len.or(self.data.seq_len)
     }
 
     /// A cnn needs convolution blocks and, where the number of features is known
@@ -947,6 +1172,35 @@ impl JobSpec {
                     check_file(&format!("data.eval[{index}]"), path)?;
                 }
             }
+            DataKind::Tokens => {
+                if data.train.is_empty() {
+                    return Err(invalid(
+                        "data.train",
+                        "must list at least one token file when data.kind = \"tokens\"",
+                    ));
+                }
+                for (index, path) in data.train.iter().enumerate() {
+                    check_file(&format!("data.train[{index}]"), path)?;
+                }
+                for (index, path) in data.eval.iter().enumerate() {
+                    check_file(&format!("data.eval[{index}]"), path)?;
+                }
+                match data.seq_len {
+                    None => {
+                        return Err(invalid(
+                            "data.seq_len",
+                            "required when data.kind = \"tokens\" (tokens per training sample)",
+                        ));
+                    }
+                    Some(n) => at_least_one("data.seq_len", n)?,
+                }
+                if data.classes.is_some() {
+                    return Err(invalid(
+                        "data.classes",
+                        "does not apply to token data; the vocabulary is model.vocab",
+                    ));
+                }
+            }
             DataKind::Synthetic => {
                 for (field, list) in [("data.train", &data.train), ("data.eval", &data.eval)] {
                     if !list.is_empty() {
@@ -960,6 +1214,12 @@ impl JobSpec {
                 at_least_one("data.samples", data.samples)?;
                 at_least_one("data.features", data.features)?;
             }
+        }
+        if data.kind != DataKind::Tokens && data.seq_len.is_some() {
+            return Err(invalid(
+                "data.seq_len",
+                "only applies to data.kind = \"tokens\"",
+            ));
         }
         if let Some(classes) = data.classes
             && classes < 2
@@ -986,6 +1246,9 @@ impl JobSpec {
         }
         if let Some(threads) = train.threads_per_worker {
             at_least_one("train.threads_per_worker", threads)?;
+        }
+        if let Some(norm) = train.clip_grad_norm {
+            positive("train.clip_grad_norm", norm)?;
         }
         let nproc = self.workers.nproc;
         let per_rank = self.per_rank_batch_over(nproc, &format!("workers.nproc = {nproc}"))?;

@@ -136,6 +136,9 @@ impl ServingNet {
         let y = tch::no_grad(|| match &self.net {
             Net::Builtin(seq) => Ok(seq.forward(&x)),
             Net::Script(module) => module.forward_ts(&[&x]),
+            Net::Gpt(_) => Err(tch::TchError::Kind(
+                "language models are not served through infer on features".into(),
+            )),
         })
         .context("forward pass")?;
         ensure!(

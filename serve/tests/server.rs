@@ -34,12 +34,9 @@ const BATCH: usize = 8;
 
 fn spec() -> ModelSpec {
     ModelSpec {
-        kind: ModelKind::Mlp,
         hidden: vec![16],
         channels: vec![],
-        input_shape: None,
-        path: None,
-        init: None,
+        ..ModelSpec::new(ModelKind::Mlp)
     }
 }
 

@@ -198,6 +198,9 @@ impl LocalWorkers {
                             metrics.step.set(p.step as i64);
                             metrics.loss.set(p.loss);
                             metrics.learning_rate.set(p.lr);
+                            if p.grad_norm.is_finite() {
+                                metrics.grad_norm.set(p.grad_norm);
+                            }
                             metrics.step_seconds.observe(p.step_seconds);
                             if p.step_seconds > 0.0 {
                                 metrics
@@ -603,6 +606,9 @@ impl ElasticWorkers {
                             self.metrics.step.set(p.step as i64);
                             self.metrics.loss.set(p.loss);
                             self.metrics.learning_rate.set(p.lr);
+                            if p.grad_norm.is_finite() {
+                                self.metrics.grad_norm.set(p.grad_norm);
+                            }
                             self.metrics.step_seconds.observe(p.step_seconds);
                             if p.step_seconds > 0.0 {
                                 self.metrics.samples_per_second.set(

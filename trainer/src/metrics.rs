@@ -19,6 +19,8 @@ pub struct TrainingMetrics {
     pub samples_per_second: Gauge<f64, AtomicU64>,
     pub loss: Gauge<f64, AtomicU64>,
     pub learning_rate: Gauge<f64, AtomicU64>,
+    /// Global gradient norm before clipping (set when clipping is on).
+    pub grad_norm: Gauge<f64, AtomicU64>,
     pub step: Gauge<i64>,
     pub allreduce_seconds: Counter<f64, AtomicU64>,
     pub allreduce_bytes: Counter,
@@ -38,6 +40,7 @@ impl Default for TrainingMetrics {
         let samples_per_second = Gauge::<f64, AtomicU64>::default();
         let loss = Gauge::<f64, AtomicU64>::default();
         let learning_rate = Gauge::<f64, AtomicU64>::default();
+        let grad_norm = Gauge::<f64, AtomicU64>::default();
         let step = Gauge::<i64>::default();
         let allreduce_seconds = Counter::<f64, AtomicU64>::default();
         let allreduce_bytes = Counter::default();
@@ -62,6 +65,11 @@ impl Default for TrainingMetrics {
             "Learning rate of the last step",
             learning_rate.clone(),
         );
+        registry.register(
+            "train_grad_norm",
+            "Global L2 norm of the gradients of the last step, before clipping",
+            grad_norm.clone(),
+        );
         registry.register("train_step", "Last completed step", step.clone());
         registry.register(
             "allreduce_seconds",
@@ -84,6 +92,7 @@ impl Default for TrainingMetrics {
             samples_per_second,
             loss,
             learning_rate,
+            grad_norm,
             step,
             allreduce_seconds,
             allreduce_bytes,

@@ -446,8 +446,13 @@ impl Collective for RingCollective {
                 let buf = unsafe { tensor_elements_mut::<f64>(t) }?;
                 self.all_reduce_sum_f64(buf)
             }
+            Kind::BFloat16 => {
+                // SAFETY: as above, for BFloat16 (two bytes, any bit pattern).
+                let buf = unsafe { tensor_elements_mut::<Bf16>(t) }?;
+                self.all_reduce_sum(buf)
+            }
             kind => Err(CollectiveError::Unsupported(format!(
-                "all_reduce_sum on {kind:?} tensors (the ring sums Float and Double)"
+                "all_reduce_sum on {kind:?} tensors (the ring sums Float, Double and BFloat16)"
             ))),
         }
     }
@@ -930,6 +935,7 @@ enum OpKind {
     Broadcast = 3,
     AllGather = 4,
     Barrier = 5,
+    AllReduceBf16 = 6,
 }
 
 impl OpKind {
@@ -937,6 +943,7 @@ impl OpKind {
         match self {
             OpKind::AllReduceF32 => "all_reduce_sum_f32",
             OpKind::AllReduceF64 => "all_reduce_sum_f64",
+            OpKind::AllReduceBf16 => "all_reduce_sum_bf16",
             OpKind::Broadcast => "broadcast",
             OpKind::AllGather => "all_gather",
             OpKind::Barrier => "barrier",
@@ -978,6 +985,7 @@ impl OpHeader {
             3 => "broadcast",
             4 => "all_gather",
             5 => "barrier",
+            6 => "all_reduce_sum_bf16",
             _ => "an unknown operation",
         };
         format!(
@@ -1430,14 +1438,47 @@ impl Summable for f64 {
     const OP: OpKind = OpKind::AllReduceF64;
 }
 
+/// A bfloat16 on the wire (`comm.grad_dtype = "bf16"`): half the bytes of
+/// float32. Each hop adds in float32 and rounds to nearest-even once, as
+/// NCCL's bf16 sum does.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(transparent)]
+pub struct Bf16(pub u16);
+
+impl Bf16 {
+    pub fn to_f32(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+
+    /// Round to nearest, ties to even; NaN stays NaN.
+    pub fn from_f32(x: f32) -> Self {
+        let bits = x.to_bits();
+        if x.is_nan() {
+            return Bf16(((bits >> 16) as u16) | 0x40);
+        }
+        let round = 0x7fff + ((bits >> 16) & 1);
+        Bf16((bits.wrapping_add(round) >> 16) as u16)
+    }
+}
+
+impl std::ops::AddAssign for Bf16 {
+    fn add_assign(&mut self, other: Self) {
+        *self = Bf16::from_f32(self.to_f32() + other.to_f32());
+    }
+}
+
+impl Summable for Bf16 {
+    const OP: OpKind = OpKind::AllReduceBf16;
+}
+
 /// `dst += src` element-wise, both given as bytes of `T` (little-endian is native
 /// here). A plain zip loop, which the compiler vectorises.
 fn add_into<T: Summable>(dst: &mut [u8], src: &[u8]) {
     let n = dst.len() / size_of::<T>();
     assert!(dst.len() == src.len() && dst.len() == n * size_of::<T>());
     assert!(dst.as_ptr().cast::<T>().is_aligned() && src.as_ptr().cast::<T>().is_aligned());
-    // SAFETY: lengths and alignment checked above; `T` (f32/f64) accepts any bit
-    // pattern; `dst` and `src` are distinct borrows, so they do not overlap.
+    // SAFETY: lengths and alignment checked above; `T` (f32, f64, Bf16)
+    // accepts any bit pattern; `dst` and `src` are distinct borrows, so they do not overlap.
     let (dst, src) = unsafe {
         (
             std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<T>(), n),

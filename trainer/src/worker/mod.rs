@@ -4,6 +4,22 @@
 //! The worker never talks to the store. Everything it learns comes in one
 //! `Assignment` from its agent; everything it says goes back as `WorkerMessage`
 //! frames on the same local socket.
+//!
+//! # Layout
+//!
+//! - this file: the agent channel, rounds (state synchronisation, resume) and
+//!   the training loop ([`Training::steps`]), which reads like torchtitan's
+//!   `train()`: step, let the checkpoint manager decide whether to save,
+//!   evaluate now and then, finish.
+//! - [`step`]: one training step and the loss of each objective.
+//! - [`buckets`]: gradient buckets and clipping by the global norm.
+//! - [`eval`]: held-out metrics and the reference profile.
+//! - checkpoint policy (interval, failure budget, retention) lives in
+//!   `kiln_checkpoint::CheckpointManager`.
+
+mod buckets;
+mod eval;
+mod step;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -15,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use kiln_checkpoint::{
-    CheckpointMeta, CheckpointRoot, Checkpointer, DType, Manifest, OwnedTensor, Retention,
-    SaveConfig, SaveOutcome, TensorView, weights_digest,
+    CheckpointManager, CheckpointMeta, CheckpointPolicy, CheckpointRoot, DType, Manifest,
+    OwnedTensor, Retention, SaveConfig, SaveEvent, TensorView, weights_digest,
 };
 use kiln_proto::frame;
 use kiln_proto::spec::JobSpec;
@@ -25,16 +41,18 @@ use kiln_proto::worker::{
     Progress, RoundStarted, Warning, WorkerMessage, agent_message, worker_message::Kind as Report,
 };
 use tch::nn::VarStore;
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::collective::nccl::{self, NcclCollective};
 use crate::collective::ring::RingCollective;
 use crate::collective::{AbortHandle, Collective, CollectiveError};
-use crate::data::{self, Dataset, GlobalSampler};
+use crate::data::{self, GlobalSampler};
 use crate::device;
 use crate::optim::{self, Optimizer};
 use crate::state::{self, TrainingState};
+use buckets::GradBuckets;
 use kiln_models::{self as model, Net};
+use step::{Objective, StepContext};
 
 /// Where a worker finds its agent.
 #[derive(Debug, Clone)]
@@ -228,11 +246,14 @@ struct Training {
     opt: Optimizer,
     buckets: GradBuckets,
     sampler: GlobalSampler,
+    objective: Objective,
     fingerprint: String,
     /// Steps completed; `None` until this worker holds a training state
     /// (initialised, resumed, or received from a peer).
     step: Option<u64>,
     loss: f64,
+    /// Global gradient norm of the last step (NaN when not computed).
+    grad_norm: f64,
     eval: BTreeMap<String, f64>,
     start_step: u64,
     resumed_from: String,
@@ -263,14 +284,39 @@ fn train(
     tracing::info!(job = %first.job, threads, ?device, "worker starting");
 
     tch::manual_seed(spec.job.seed as i64);
-    let splits = data::load(&spec.data, spec.job.seed).context("load data")?;
+    let splits = data::load(&spec.data, spec.job.seed, spec.model.vocab).context("load data")?;
+    let objective = Objective::of(&spec);
+    if objective == Objective::Classification {
+        let table = splits
+            .train
+            .table()
+            .context("classification needs a table")?;
+        ensure!(
+            table.features() > 0 && table.labels().is_some(),
+            "{} models classify: the data needs float features `x` and integer labels `y` \
+             (found fields {:?}); a TorchScript module with model.returns = \"loss\" takes any fields",
+            format!("{:?}", spec.model.kind).to_lowercase(),
+            table
+                .fields
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>()
+        );
+    }
     let vs = VarStore::new(device);
-    let net = model::build(&spec.model, splits.train.features, splits.classes, &vs)
-        .context("build model")?;
+    let io = model::ModelIo {
+        features: splits.train.features(),
+        classes: splits.classes,
+        context: spec.data.seq_len,
+    };
+    let net =
+        model::build_with(&spec.model, io, spec.train.precision, &vs).context("build model")?;
     let named = model::named_parameters(&vs);
     let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let bucket_bytes = (spec.comm.bucket_mb * (1 << 20) as f64) as usize;
-    let buckets = GradBuckets::new(&params, bucket_bytes.max(4), device)?;
+    let bf16_wire = spec.comm.grad_dtype == kiln_proto::spec::Precision::Bf16;
+    let buckets = GradBuckets::new(&params, bucket_bytes.max(4), device, bf16_wire)?;
+    ensure!(!splits.train.is_empty(), "data.train holds no samples");
     let sampler = GlobalSampler::new(spec.job.seed, splits.train.len(), spec.train.global_batch);
     let opt = Optimizer::new(&spec.optimizer, &params);
     let fingerprint = splits.fingerprint();
@@ -285,9 +331,11 @@ fn train(
         opt,
         buckets,
         sampler,
+        objective,
         fingerprint,
         step: None,
         loss: f64::NAN,
+        grad_norm: f64::NAN,
         eval: BTreeMap::new(),
         start_step: 0,
         resumed_from: String::new(),
@@ -376,10 +424,11 @@ impl Training {
         let comm_abort = comm.abort_handle();
         abort.on_abort(move || comm_abort.abort());
 
-        // A new saver per round: stripes and the committing rank follow the plan.
-        let mut saver = Saver::new(&spec, a, rank, world, &self.fingerprint)?;
-        saver.last_saved = self.last_saved;
-        let source = self.sync_state(a, rank, world, comm.as_mut(), &mut saver, reporter)?;
+        // A new checkpoint manager per round: stripes and the committing rank
+        // follow the plan.
+        let mut checkpoints = checkpoint_manager(&spec, a, rank, world, &self.fingerprint)?;
+        checkpoints.set_last_saved(self.last_saved);
+        let source = self.sync_state(a, rank, world, comm.as_mut(), &mut checkpoints, reporter)?;
         let start = self.step.expect("state synchronised");
         if a.elastic {
             reporter.send(Report::RoundStarted(RoundStarted {
@@ -390,13 +439,13 @@ impl Training {
                 setup_seconds: setup_started.elapsed().as_secs_f64(),
             }))?;
         }
-        let result = self.steps(a, rank, world, comm.as_mut(), &mut saver, reporter);
-        self.last_saved = saver.last_saved;
+        let result = self.steps(a, rank, world, comm.as_mut(), &mut checkpoints, reporter);
+        self.last_saved = checkpoints.last_saved();
         if result.is_err() {
             // Saves of this round may wait for parts that will never come.
-            self.retire(saver);
+            self.retire(checkpoints);
         } else {
-            drop(saver);
+            drop(checkpoints);
         }
         result
     }
@@ -413,7 +462,7 @@ impl Training {
         rank: usize,
         world: usize,
         comm: &mut dyn Collective,
-        saver: &mut Saver,
+        checkpoints: &mut CheckpointManager,
         reporter: &mut Reporter,
     ) -> Result<Option<usize>> {
         let mine = self.step.map_or(-1.0, |s| s as f64);
@@ -426,7 +475,7 @@ impl Training {
         let steps = Vec::<f64>::try_from(steps.to_device(Device::Cpu)).context("read steps")?;
         let best = steps.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         if best < 0.0 {
-            self.initialise(a, comm, saver, reporter)?;
+            self.initialise(a, comm, checkpoints, reporter)?;
             return Ok(None);
         }
         let source = steps
@@ -476,13 +525,14 @@ impl Training {
         &mut self,
         a: &Assignment,
         comm: &mut dyn Collective,
-        saver: &mut Saver,
+        checkpoints: &mut CheckpointManager,
         reporter: &mut Reporter,
     ) -> Result<()> {
+        let root = checkpoints.root().clone();
         let which = match a.resume.as_str() {
             "auto" => {
-                let any = kiln_checkpoint::list(&saver.root)
-                    .with_context(|| format!("list checkpoints under {}", saver.root.url()))?;
+                let any = kiln_checkpoint::list(&root)
+                    .with_context(|| format!("list checkpoints under {}", root.url()))?;
                 if any.is_empty() { "" } else { "latest" }
             }
             other => other,
@@ -500,7 +550,7 @@ impl Training {
             return Ok(());
         }
         let steps = self.spec.train.steps;
-        let (manifest, loaded, warnings) = load_for_resume(&saver.root, which)?;
+        let (manifest, loaded, warnings) = load_for_resume(&root, which)?;
         for w in warnings {
             reporter.send(Report::Warning(Warning { message: w }))?;
         }
@@ -532,39 +582,41 @@ impl Training {
         self.step = Some(state.step);
         self.start_step = state.step;
         self.loss = state.loss.unwrap_or(f64::NAN);
-        self.resumed_from = saver.root.url_of(&manifest.key);
-        saver.resumed(&manifest);
+        self.resumed_from = root.url_of(&manifest.key);
+        checkpoints.resumed(&manifest);
         self.last_saved = Some(manifest.step);
         tracing::info!(step = state.step, checkpoint = %self.resumed_from, "resumed");
         Ok(())
     }
 
-    /// Hands a saver whose saves may never commit to a thread that waits for
-    /// them (bounded by the commit timeout), so training goes on.
-    fn retire(&mut self, saver: Saver) {
+    /// Hands a checkpoint manager whose saves may never commit to a thread
+    /// that waits for them (bounded by the commit timeout), so training goes on.
+    fn retire(&mut self, checkpoints: CheckpointManager) {
         match std::thread::Builder::new()
             .name("retired-saver".into())
-            .spawn(move || drop(saver))
+            .spawn(move || drop(checkpoints))
         {
             Ok(handle) => self.retired.push(handle),
             Err(e) => tracing::warn!("retire a checkpoint saver: {e}"),
         }
     }
 
-    /// The training loop of one round, from the synchronised step to the end.
+    /// The training loop of one round, from the synchronised step to the end:
+    /// step, let the checkpoint manager decide whether to save, evaluate now
+    /// and then; at the end, evaluate, land the last checkpoint, write the
+    /// weights and report.
     fn steps(
         &mut self,
         a: &Assignment,
         rank: usize,
         world: usize,
         comm: &mut dyn Collective,
-        saver: &mut Saver,
+        checkpoints: &mut CheckpointManager,
         reporter: &mut Reporter,
     ) -> Result<()> {
         let spec = self.spec.clone();
-        let device = self.device;
         let per_rank = spec.per_rank_batch(world)?;
-        let micro = spec.micro_batch_at(world)?;
+        let micro_batch = spec.micro_batch_at(world)?;
         let global_batch = spec.train.global_batch;
         let steps = spec.train.steps;
         let first = self.step.expect("state synchronised");
@@ -572,84 +624,64 @@ impl Training {
         for step in first..steps {
             let started = Instant::now();
             let lr = optim::learning_rate(&spec.optimizer, &spec.schedule, step, steps);
-            for p in self.params.iter_mut() {
-                p.zero_grad();
-            }
-            let indices = self.sampler.rank_slice(step, rank, per_rank);
-            let mut local_loss = 0.0;
-            for chunk in indices.chunks(micro) {
-                let (xs, ys) = self.splits.train.batch(chunk, device);
-                let logits = self.net.forward(&xs);
-                // Weighted by the global batch: summed over ranks, the gradient is the
-                // global mean's, whatever the world size and micro-batching.
-                let l = logits.cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0)
-                    / global_batch as f64;
-                l.backward();
-                local_loss += l.double_value(&[]);
-            }
-            let reduce_started = Instant::now();
-            let loss = self
-                .buckets
-                .all_reduce(&self.params, comm, local_loss)
-                .context("all-reduce gradients")?;
-            let reduce_seconds = reduce_started.elapsed().as_secs_f64();
-            self.opt.step(&mut self.params, lr);
-            self.loss = loss;
-            self.step = Some(step + 1);
-            if !loss.is_finite() {
-                bail!(
-                    "loss is {loss} at step {}: training diverged (lower optimizer.lr?)",
-                    step + 1
-                );
-            }
+            let samples = self.sampler.rank_samples(step, rank, per_rank);
+            let first_position = self.sampler.cursor(step) + (rank * per_rank) as u64;
+            let outcome = step::train_step(
+                &self.net,
+                &mut self.params,
+                &mut self.opt,
+                &mut self.buckets,
+                &self.splits.train,
+                &samples,
+                first_position,
+                self.device,
+                StepContext {
+                    objective: self.objective,
+                    global_batch,
+                    micro_batch,
+                    lr,
+                    clip: spec.train.clip_grad_norm,
+                    seed: spec.job.seed,
+                    comm: &mut *comm,
+                },
+            )
+            .with_context(|| format!("step {}", step + 1))?;
+            let done = step + 1;
+            self.loss = outcome.loss;
+            self.grad_norm = outcome.grad_norm;
+            self.step = Some(done);
             reporter.send(Report::Progress(Progress {
-                step: step + 1,
-                loss,
+                step: done,
+                loss: outcome.loss,
                 step_seconds: started.elapsed().as_secs_f64(),
                 samples: per_rank as u64,
-                allreduce_seconds: reduce_seconds,
+                allreduce_seconds: outcome.reduce_seconds,
                 allreduce_bytes: if world > 1 {
                     self.buckets.bytes() as u64
                 } else {
                     0
                 },
                 lr,
+                grad_norm: outcome.grad_norm,
             }))?;
             // Throughput excludes the first step (allocations, first-touch, connection warm-up).
             if timed_from.is_none() {
-                timed_from = Some((Instant::now(), step + 1));
+                timed_from = Some((Instant::now(), done));
             }
-            let done = step + 1;
-            let interval = spec.checkpoint.interval;
-            if (interval > 0 && done % interval == 0)
-                || (done == steps && spec.checkpoint.final_checkpoint)
-            {
-                let training_state = TrainingState {
-                    step: done,
-                    sample_cursor: self.sampler.cursor(done),
-                    optimizer: format!("{:?}", self.opt.kind()).to_lowercase(),
-                    optimizer_steps: self.opt.steps,
-                    schedule_position: done,
-                    schedule_total: steps,
-                    seed: spec.job.seed,
-                    world_size: world as u32,
-                    loss: Some(loss),
-                };
+            if checkpoints.is_due(done) {
                 let tensors = state::state_tensors(&self.named, &self.opt)?;
-                saver.save(done, &tensors, training_state, &self.eval)?;
+                let views: Vec<TensorView<'_>> = tensors.iter().map(|t| t.view()).collect();
+                let training_state = self.training_state(done, world);
+                let training_state =
+                    serde_json::to_value(training_state).context("training state as JSON")?;
+                let events = checkpoints.save(done, &views, training_state, &self.eval)?;
+                report_saves(events, reporter)?;
             }
-            saver.poll(reporter)?;
+            report_saves(checkpoints.poll()?, reporter)?;
             let interval = spec.train.eval_interval;
-            if interval > 0
-                && (step + 1) % interval == 0
-                && step + 1 < steps
-                && !self.splits.eval.is_empty()
+            if interval > 0 && done % interval == 0 && done < steps && !self.splits.eval.is_empty()
             {
-                self.eval = evaluate(&self.net, &self.splits.eval, rank, world, device, comm)?;
-                reporter.send(Report::Eval(EvalResult {
-                    step: step + 1,
-                    metrics: self.eval.clone().into_iter().collect(),
-                }))?;
+                self.evaluate(done, rank, world, comm, reporter)?;
             }
         }
         let samples_per_sec = match timed_from {
@@ -659,14 +691,74 @@ impl Training {
             _ => 0.0,
         };
         if !self.splits.eval.is_empty() {
-            self.eval = evaluate(&self.net, &self.splits.eval, rank, world, device, comm)?;
-            reporter.send(Report::Eval(EvalResult {
-                step: steps,
-                metrics: self.eval.clone().into_iter().collect(),
-            }))?;
+            self.evaluate(steps, rank, world, comm, reporter)?;
         }
+        let (events, landed) = checkpoints.finish();
+        report_saves(events, reporter)?;
+        let checkpoint_url = landed?;
+        self.finish(
+            a,
+            rank,
+            steps,
+            samples_per_sec,
+            checkpoint_url,
+            comm,
+            reporter,
+        )
+    }
 
-        let checkpoint_url = saver.finish(reporter)?;
+    /// The scalar state saved with a checkpoint after `done` steps.
+    fn training_state(&self, done: u64, world: usize) -> TrainingState {
+        TrainingState {
+            step: done,
+            sample_cursor: self.sampler.cursor(done),
+            optimizer: format!("{:?}", self.opt.kind()).to_lowercase(),
+            optimizer_steps: self.opt.steps,
+            schedule_position: done,
+            schedule_total: self.spec.train.steps,
+            seed: self.spec.job.seed,
+            world_size: world as u32,
+            loss: Some(self.loss),
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        step: u64,
+        rank: usize,
+        world: usize,
+        comm: &mut dyn Collective,
+        reporter: &mut Reporter,
+    ) -> Result<()> {
+        self.eval = eval::evaluate(
+            &self.net,
+            self.objective,
+            &self.splits.eval,
+            rank,
+            world,
+            self.device,
+            comm,
+        )?;
+        reporter.send(Report::Eval(EvalResult {
+            step,
+            metrics: self.eval.clone().into_iter().collect(),
+        }))
+    }
+
+    /// The end of the run: the weights digest, the final weights (rank 0,
+    /// through the checkpoint crate's safetensors writer), the reference
+    /// profile when the model is registered, a last barrier, `Finished`.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        a: &Assignment,
+        rank: usize,
+        steps: u64,
+        samples_per_sec: f64,
+        checkpoint_url: Option<String>,
+        comm: &mut dyn Collective,
+        reporter: &mut Reporter,
+    ) -> Result<()> {
         let host: Vec<(String, DType, Vec<usize>, Vec<u8>)> = self
             .named
             .iter()
@@ -688,15 +780,24 @@ impl Training {
         let digest = weights_digest(&views);
         let weights_path = if rank == 0 {
             let path = Path::new(&a.run_dir).join("weights.safetensors");
-            write_safetensors(&views, &path)?;
+            kiln_checkpoint::write_safetensors(&views, &path)
+                .with_context(|| format!("write final weights {}", path.display()))?;
             path.display().to_string()
         } else {
             String::new()
         };
-        let reference_profile_path = match (&spec.register, rank) {
-            (Some(register), 0) => {
+        let reference_profile_path = match (&self.spec.register, rank, self.splits.train.table()) {
+            (Some(register), 0, Some(table)) if self.objective == Objective::Classification => {
                 let path = Path::new(&a.run_dir).join("reference-profile.json");
-                self.write_reference_profile(register.reference_rows, &path)?;
+                eval::write_reference_profile(
+                    &self.net,
+                    table,
+                    &self.sampler.epoch_order(0),
+                    register.reference_rows,
+                    self.spec.job.seed,
+                    self.device,
+                    &path,
+                )?;
                 path.display().to_string()
             }
             _ => String::new(),
@@ -716,46 +817,12 @@ impl Training {
             },
             resumed_from: self.resumed_from.clone(),
             start_step: self.start_step,
-            features: self.splits.train.features as u32,
+            features: self.splits.train.features() as u32,
             classes: self.splits.classes as u32,
             reference_profile_path,
+            grad_norm: self.grad_norm,
         }))?;
         Ok(())
-    }
-
-    /// The reference profile for drift detection: up to `rows` training
-    /// inputs (a seeded sample, in the first epoch's order) and the trained
-    /// model's predicted class for each, written as JSON to `path`.
-    fn write_reference_profile(&self, rows: usize, path: &Path) -> Result<()> {
-        use kiln_checkpoint::profile::{ProfileOptions, ReferenceProfile, Task};
-        let data = &self.splits.train;
-        let order = self.sampler.epoch_order(0);
-        let indices: Vec<usize> = order.iter().take(rows).map(|&i| i as usize).collect();
-        let (xs, _) = data.batch(&indices, Device::Cpu);
-        let predictions: Vec<f64> = tch::no_grad(|| {
-            let logits = self.net.forward(&xs.to_device(self.device));
-            Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))
-        })
-        .context("predictions for the reference profile")?
-        .into_iter()
-        .map(|c| c as f64)
-        .collect();
-        let inputs = Vec::<f32>::try_from(xs.view([-1])).context("reference inputs")?;
-        let options = ProfileOptions {
-            max_rows: rows.max(1),
-            seed: self.spec.job.seed,
-        };
-        let profile = ReferenceProfile::from_model_io(
-            &inputs,
-            data.features,
-            None,
-            &predictions,
-            Task::Classification,
-            &options,
-        )
-        .context("build the reference profile")?;
-        std::fs::write(path, profile.to_json_bytes())
-            .with_context(|| format!("write {}", path.display()))
     }
 }
 
@@ -783,377 +850,85 @@ fn load_for_resume(
     }
 }
 
-/// The training loop's side of checkpointing: when to save, what goes with a
-/// save, and what to do with background results (report commits, count
-/// failures in a row, fail the job past the budget).
-struct Saver {
-    root: CheckpointRoot,
-    checkpointer: Checkpointer,
-    run_id: String,
-    meta: CheckpointMeta,
-    max_failures: usize,
-    failures: usize,
-    last_saved: Option<u64>,
-    last_committed: Option<String>,
-    retention: Retention,
-    rank: usize,
-}
-
-impl Saver {
-    fn new(
-        spec: &JobSpec,
-        a: &Assignment,
-        rank: usize,
-        world: usize,
-        fingerprint: &str,
-    ) -> Result<Self> {
-        let root = CheckpointRoot::open(&a.checkpoint_url)
-            .with_context(|| format!("open checkpoint root {}", a.checkpoint_url))?;
-        let cfg = SaveConfig {
-            compression_level: spec.checkpoint.compression_level,
-            chunk_bytes: ((spec.checkpoint.chunk_mb * (1 << 20) as f64) as usize).max(4096),
-            // The node's cores are shared by its workers, as for training.
-            threads: (std::thread::available_parallelism().map_or(1, |n| n.get())
-                / spec.workers.nproc.max(1))
-            .max(1),
-            // A save of an elastic round that broke waits for parts that will
-            // never come; it gives up sooner than a save of a healthy job.
-            commit_timeout: if a.elastic {
-                Duration::from_secs(60)
-            } else {
-                SaveConfig::default().commit_timeout
-            },
-            ..SaveConfig::default()
-        };
-        let checkpointer =
-            Checkpointer::new(root.clone(), cfg, rank, world).context("start checkpointer")?;
-        let meta = CheckpointMeta {
-            training_state: serde_json::Value::Null,
-            job_spec: serde_json::from_str(&a.spec_json).context("job spec as JSON")?,
-            code_version: concat!("kiln ", env!("CARGO_PKG_VERSION")).to_string(),
-            dataset_fingerprint: fingerprint.to_string(),
-            world_size: world as u32,
-            metrics: Default::default(),
-            job: a.job.clone(),
-        };
-        let retention = Retention {
-            keep_last: spec.checkpoint.keep_last,
-            keep_every: (spec.checkpoint.keep_every > 0).then_some(spec.checkpoint.keep_every),
-        };
-        Ok(Self {
-            root,
-            checkpointer,
-            // Each round of an elastic job saves under its own attempt names:
-            // a save of a broken round never mixes with a later one's.
-            run_id: if a.elastic {
-                format!("{}-r{}", a.run_id, a.round)
-            } else {
-                a.run_id.clone()
-            },
-            meta,
-            max_failures: spec.checkpoint.max_consecutive_failures,
-            failures: 0,
-            last_saved: None,
-            last_committed: None,
-            retention,
-            rank,
-        })
-    }
-
-    /// Chunks of the checkpoint resumed from are referenced, not uploaded again.
-    fn resumed(&mut self, manifest: &Manifest) {
-        self.checkpointer.set_parent(manifest);
-        self.last_saved = Some(manifest.step);
-    }
-
-    /// Starts a background save of `tensors` at `step` (blocks only while this
-    /// rank's stripe is copied).
-    fn save(
-        &mut self,
-        step: u64,
-        tensors: &[state::StateTensor],
-        training_state: TrainingState,
-        metrics: &BTreeMap<String, f64>,
-    ) -> Result<()> {
-        if self.last_saved == Some(step) {
-            return Ok(());
-        }
-        let views: Vec<TensorView<'_>> = tensors.iter().map(|t| t.view()).collect();
-        let mut meta = self.meta.clone();
-        meta.training_state =
-            serde_json::to_value(training_state).context("training state as JSON")?;
-        meta.metrics = metrics.clone();
-        match self.checkpointer.save(step, &self.run_id, &views, &meta) {
-            Ok(()) => self.last_saved = Some(step),
-            Err(e) => self.failed(format!("checkpoint at step {step} could not start: {e}"))?,
-        }
-        Ok(())
-    }
-
-    fn poll(&mut self, reporter: &mut Reporter) -> Result<()> {
-        let outcomes = self.checkpointer.poll();
-        self.handle(outcomes, reporter)
-    }
-
-    fn handle(
-        &mut self,
-        outcomes: Vec<kiln_checkpoint::Result<SaveOutcome>>,
-        reporter: &mut Reporter,
-    ) -> Result<()> {
-        for outcome in outcomes {
-            match outcome {
-                Ok(o) => {
-                    self.failures = 0;
-                    if let Some(url) = o.url {
-                        reporter.send(Report::Checkpoint(CheckpointSaved {
-                            step: o.step,
-                            url: url.clone(),
-                            bytes_uploaded: o.bytes_uploaded,
-                            bytes_reused: o.bytes_reused,
-                            blocking_seconds: o.blocking.as_secs_f64(),
-                            durable_seconds: o.durable_after.as_secs_f64(),
-                        }))?;
-                        self.last_committed = Some(url);
-                    }
-                }
-                Err(e) => {
-                    let message = format!("checkpoint save failed: {e}");
-                    reporter.send(Report::Warning(Warning {
-                        message: message.clone(),
-                    }))?;
-                    self.failed(message)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn failed(&mut self, message: String) -> Result<()> {
-        self.failures += 1;
-        tracing::warn!(failures = self.failures, "{message}");
-        if self.failures >= self.max_failures {
-            bail!(
-                "{} checkpoint saves failed in a row (checkpoint.max_consecutive_failures = {}); last: {message}",
-                self.failures,
-                self.max_failures
-            );
-        }
-        Ok(())
-    }
-
-    /// Waits for every save in flight; the final checkpoint must land. Rank 0
-    /// then applies retention. Returns the last checkpoint this run committed.
-    fn finish(&mut self, reporter: &mut Reporter) -> Result<Option<String>> {
-        let outcomes = self.checkpointer.flush();
-        if let Some(Err(e)) = outcomes.iter().find(|o| o.is_err()) {
-            let message = format!("the last checkpoint did not land: {e}");
-            self.handle(outcomes, reporter)?;
-            bail!(message);
-        }
-        self.handle(outcomes, reporter)?;
-        if self.rank == 0 && self.last_committed.is_some() {
-            // Grace: never delete chunks a save of another run may be writing now.
-            match kiln_checkpoint::gc(&self.root, &self.retention, Duration::from_secs(300), false)
-            {
-                Ok(report) => tracing::info!(
-                    deleted = report.manifests_deleted.len(),
-                    freed = report.bytes_freed,
-                    "retention applied"
-                ),
-                Err(e) => reporter.send(Report::Warning(Warning {
-                    message: format!("retention: {e}"),
-                }))?,
-            }
-        }
-        Ok(self.last_committed.clone())
-    }
-}
-
-/// Accuracy and mean loss over the held-out set; each rank evaluates a slice.
-fn evaluate(
-    net: &Net,
-    data: &Dataset,
+/// The checkpoint manager of one round: where saves go, the save pipeline's
+/// settings, and the spec's policy (interval, failure budget, retention).
+fn checkpoint_manager(
+    spec: &JobSpec,
+    a: &Assignment,
     rank: usize,
     world: usize,
-    device: Device,
-    comm: &mut dyn Collective,
-) -> Result<BTreeMap<String, f64>> {
-    let range = data::eval_slice(data.len(), rank, world);
-    let indices: Vec<usize> = range.collect();
-    let (mut correct, mut loss_sum) = (0i64, 0f64);
-    tch::no_grad(|| {
-        for chunk in indices.chunks(1024) {
-            let (xs, ys) = data.batch(chunk, device);
-            let logits = net.forward(&xs);
-            loss_sum += logits
-                .cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0)
-                .double_value(&[]);
-            correct += logits
-                .argmax(-1, false)
-                .eq_tensor(&ys)
-                .sum(Kind::Int64)
-                .int64_value(&[]);
-        }
-    });
-    let mut totals =
-        Tensor::from_slice(&[correct as f64, loss_sum, indices.len() as f64]).to_device(device);
-    comm.all_reduce_sum(&mut totals)
-        .context("all-reduce evaluation totals")?;
-    let totals =
-        Vec::<f64>::try_from(totals.to_device(Device::Cpu)).context("read evaluation totals")?;
-    let count = totals[2].max(1.0);
-    Ok(BTreeMap::from([
-        ("accuracy".to_string(), totals[0] / count),
-        ("loss".to_string(), totals[1] / count),
-    ]))
+    fingerprint: &str,
+) -> Result<CheckpointManager> {
+    let root = CheckpointRoot::open(&a.checkpoint_url)
+        .with_context(|| format!("open checkpoint root {}", a.checkpoint_url))?;
+    let cfg = SaveConfig {
+        compression_level: spec.checkpoint.compression_level,
+        chunk_bytes: ((spec.checkpoint.chunk_mb * (1 << 20) as f64) as usize).max(4096),
+        // The node's cores are shared by its workers, as for training.
+        threads: (std::thread::available_parallelism().map_or(1, |n| n.get())
+            / spec.workers.nproc.max(1))
+        .max(1),
+        // A save of an elastic round that broke waits for parts that will
+        // never come; it gives up sooner than a save of a healthy job.
+        commit_timeout: if a.elastic {
+            Duration::from_secs(60)
+        } else {
+            SaveConfig::default().commit_timeout
+        },
+        ..SaveConfig::default()
+    };
+    let meta = CheckpointMeta {
+        training_state: serde_json::Value::Null,
+        job_spec: serde_json::from_str(&a.spec_json).context("job spec as JSON")?,
+        code_version: concat!("kiln ", env!("CARGO_PKG_VERSION")).to_string(),
+        dataset_fingerprint: fingerprint.to_string(),
+        world_size: world as u32,
+        metrics: Default::default(),
+        job: a.job.clone(),
+    };
+    let policy = CheckpointPolicy {
+        interval: spec.checkpoint.interval,
+        final_checkpoint: spec.checkpoint.final_checkpoint,
+        total_steps: spec.train.steps,
+        max_consecutive_failures: spec.checkpoint.max_consecutive_failures,
+        retention: Retention {
+            keep_last: spec.checkpoint.keep_last,
+            keep_every: (spec.checkpoint.keep_every > 0).then_some(spec.checkpoint.keep_every),
+        },
+        // Never delete chunks a save of another run may be writing now.
+        gc_grace: Duration::from_secs(300),
+    };
+    // Each round of an elastic job saves under its own attempt names: a save
+    // of a broken round never mixes with a later one's.
+    let attempt = if a.elastic {
+        format!("{}-r{}", a.run_id, a.round)
+    } else {
+        a.run_id.clone()
+    };
+    CheckpointManager::new(root, cfg, rank, world, attempt, meta, policy)
+        .context("start checkpointer")
 }
 
-/// Gradients travel in flat buckets of about `bucket_bytes`, in parameter-name
-/// order; the last bucket carries one extra element, the rank's weighted loss,
-/// so the global loss costs no extra collective.
-struct GradBuckets {
-    buckets: Vec<Bucket>,
-}
-
-struct Bucket {
-    flat: Tensor,
-    /// (parameter index, offset, elements).
-    members: Vec<(usize, i64, i64)>,
-    /// Whether the members' `.grad` tensors are views into `flat`: backward then
-    /// accumulates straight into the bucket and no copy is needed either way.
-    aliased: bool,
-}
-
-impl GradBuckets {
-    fn new(params: &[Tensor], bucket_bytes: usize, device: Device) -> Result<Self> {
-        let mut groups: Vec<Vec<(usize, i64, i64)>> = vec![Vec::new()];
-        let mut filled = 0usize;
-        for (i, p) in params.iter().enumerate() {
-            ensure!(
-                p.kind() == Kind::Float,
-                "parameter {i} is {:?}; gradient buckets hold float32",
-                p.kind()
-            );
-            let n = p.numel() as i64;
-            if filled > 0 && filled + n as usize * 4 > bucket_bytes {
-                groups.push(Vec::new());
-                filled = 0;
+/// Tells the agent what became of background saves.
+fn report_saves(events: Vec<SaveEvent>, reporter: &mut Reporter) -> Result<()> {
+    for event in events {
+        match event {
+            SaveEvent::Saved(o) => {
+                if let Some(url) = o.url {
+                    reporter.send(Report::Checkpoint(CheckpointSaved {
+                        step: o.step,
+                        url,
+                        bytes_uploaded: o.bytes_uploaded,
+                        bytes_reused: o.bytes_reused,
+                        blocking_seconds: o.blocking.as_secs_f64(),
+                        durable_seconds: o.durable_after.as_secs_f64(),
+                    }))?;
+                }
             }
-            let group = groups.last_mut().expect("one group at least");
-            let offset = group.last().map_or(0, |&(_, o, n)| o + n);
-            group.push((i, offset, n));
-            filled += n as usize * 4;
-        }
-        let last = groups.len() - 1;
-        // Materialise every gradient (a zero backward), so that each can be
-        // re-pointed at its slot of a bucket.
-        let zero: Tensor = params.iter().map(|p| (p * 0.0).sum(Kind::Float)).sum();
-        zero.backward();
-        let buckets = groups
-            .into_iter()
-            .enumerate()
-            .map(|(i, members)| {
-                let len = members.iter().map(|m| m.2).sum::<i64>() + i64::from(i == last);
-                let flat = Tensor::zeros([len], (Kind::Float, device));
-                let aliased = members.iter().all(|&(p, offset, n)| {
-                    let view = flat.narrow(0, offset, n).view(params[p].size().as_slice());
-                    let mut grad = params[p].grad();
-                    grad.set_data(&view);
-                    // libtorch accumulates into a defined gradient in place, so the
-                    // alias holds; checked, and copying stays the fallback.
-                    params[p].grad().data_ptr() == view.data_ptr()
-                });
-                tracing::debug!(bucket = i, aliased, "gradient bucket");
-                Bucket {
-                    flat,
-                    members,
-                    aliased,
-                }
-            })
-            .collect();
-        Ok(Self { buckets })
-    }
-
-    /// Bytes all-reduced per step.
-    fn bytes(&self) -> usize {
-        self.buckets.iter().map(|b| b.flat.numel() * 4).sum()
-    }
-
-    /// Sums every parameter's gradient over all ranks in place; returns the
-    /// global loss (the sum of the ranks' weighted losses).
-    fn all_reduce(
-        &mut self,
-        params: &[Tensor],
-        comm: &mut dyn Collective,
-        local_loss: f64,
-    ) -> Result<f64> {
-        if comm.world_size() == 1 {
-            return Ok(local_loss);
-        }
-        let last = self.buckets.len() - 1;
-        let mut loss = local_loss;
-        for (i, bucket) in self.buckets.iter_mut().enumerate() {
-            tch::no_grad(|| {
-                for &(p, offset, n) in bucket.members.iter().filter(|_| !bucket.aliased) {
-                    let grad = params[p].grad();
-                    let mut slot = bucket.flat.narrow(0, offset, n);
-                    if grad.defined() {
-                        slot.copy_(&grad.view([-1]));
-                    } else {
-                        let _ = slot.zero_();
-                    }
-                }
-                if i == last {
-                    let _ = bucket
-                        .flat
-                        .narrow(0, bucket.flat.numel() as i64 - 1, 1)
-                        .fill_(local_loss);
-                }
-            });
-            comm.all_reduce_sum(&mut bucket.flat)?;
-            tch::no_grad(|| {
-                for &(p, offset, n) in bucket.members.iter().filter(|_| !bucket.aliased) {
-                    let mut grad = params[p].grad();
-                    if grad.defined() {
-                        grad.copy_(&bucket.flat.narrow(0, offset, n).view_as(&grad));
-                    }
-                }
-            });
-            if i == last {
-                loss = bucket.flat.double_value(&[bucket.flat.numel() as i64 - 1]);
+            SaveEvent::Failed { message } | SaveEvent::RetentionFailed { message } => {
+                reporter.send(Report::Warning(Warning { message }))?;
             }
         }
-        Ok(loss)
     }
-}
-
-/// Writes tensors to a safetensors file (written to a temporary name, then renamed).
-fn write_safetensors(views: &[TensorView<'_>], path: &Path) -> Result<()> {
-    use safetensors::Dtype as S;
-    let st: Vec<(String, safetensors::tensor::TensorView<'_>)> = views
-        .iter()
-        .map(|v| {
-            let dtype = match v.dtype {
-                DType::F64 => S::F64,
-                DType::F32 => S::F32,
-                DType::F16 => S::F16,
-                DType::BF16 => S::BF16,
-                DType::I64 => S::I64,
-                DType::I32 => S::I32,
-                DType::I16 => S::I16,
-                DType::I8 => S::I8,
-                DType::U8 => S::U8,
-                DType::Bool => S::BOOL,
-            };
-            let view = safetensors::tensor::TensorView::new(dtype, v.shape.to_vec(), v.data)
-                .with_context(|| format!("tensor {} for safetensors", v.name))?;
-            Ok((v.name.to_string(), view))
-        })
-        .collect::<Result<_>>()?;
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(st, None, &tmp)
-        .with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }

@@ -1,0 +1,326 @@
+//! The training loop's checkpointer: the policy around a [`Checkpointer`].
+//!
+//! The loop asks [`CheckpointManager::is_due`] after each step and hands the
+//! state to [`CheckpointManager::save`]; the manager owns when to save (the
+//! interval and the final save), how many background failures in a row the
+//! job tolerates, and retention once the run ends. Background results come
+//! back as [`SaveEvent`]s for the caller to report; the loop never needs to
+//! know the save pipeline. torchtitan's `CheckpointManager` has the same
+//! split.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::gc::{Retention, gc};
+use crate::manifest::{CheckpointMeta, Manifest};
+use crate::save::{Checkpointer, SaveConfig, SaveOutcome};
+use crate::store::CheckpointRoot;
+use crate::tensor::TensorView;
+
+/// When to save, how many failures to ride out, what to keep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointPolicy {
+    /// Save every this many steps (0: only the final save).
+    pub interval: u64,
+    /// Save at `total_steps`.
+    pub final_checkpoint: bool,
+    /// The step the run ends at.
+    pub total_steps: u64,
+    /// Background saves that may fail in a row before [`CheckpointManager`]
+    /// gives up (at least 1).
+    pub max_consecutive_failures: usize,
+    /// Applied by rank 0 after the run's last save committed.
+    pub retention: Retention,
+    /// Saves of other runs may be writing chunks this recently: never collected.
+    pub gc_grace: Duration,
+}
+
+/// What happened to a background save, for the caller to report.
+#[derive(Debug)]
+pub enum SaveEvent {
+    /// A save finished; `outcome.url` is set on the rank that committed it.
+    Saved(SaveOutcome),
+    /// A save failed; the job goes on while the failure budget lasts.
+    Failed { message: String },
+    /// Retention could not be applied (the checkpoints are intact).
+    RetentionFailed { message: String },
+}
+
+/// See the module docs.
+pub struct CheckpointManager {
+    checkpointer: Checkpointer,
+    policy: CheckpointPolicy,
+    /// The attempt name saves go under (a broken elastic round's saves never
+    /// mix with a later round's).
+    attempt: String,
+    meta: CheckpointMeta,
+    rank: usize,
+    failures: usize,
+    last_saved: Option<u64>,
+    /// The newest checkpoint this manager committed (step, URL); results may
+    /// arrive out of step order.
+    last_committed: Option<(u64, String)>,
+}
+
+impl CheckpointManager {
+    pub fn new(
+        root: CheckpointRoot,
+        cfg: SaveConfig,
+        rank: usize,
+        world_size: usize,
+        attempt: String,
+        meta: CheckpointMeta,
+        policy: CheckpointPolicy,
+    ) -> Result<Self> {
+        if policy.max_consecutive_failures == 0 {
+            return Err(Error::invalid(
+                "max_consecutive_failures must be at least 1",
+            ));
+        }
+        Ok(Self {
+            checkpointer: Checkpointer::new(root, cfg, rank, world_size)?,
+            policy,
+            attempt,
+            meta,
+            rank,
+            failures: 0,
+            last_saved: None,
+            last_committed: None,
+        })
+    }
+
+    pub fn root(&self) -> &CheckpointRoot {
+        self.checkpointer.root()
+    }
+
+    /// The step last saved (or resumed from): it is not saved again.
+    pub fn last_saved(&self) -> Option<u64> {
+        self.last_saved
+    }
+
+    /// Carries the last saved step over from an earlier manager of this run.
+    pub fn set_last_saved(&mut self, step: Option<u64>) {
+        self.last_saved = step;
+    }
+
+    /// The run resumed from `manifest`: its chunks are referenced, not
+    /// uploaded again, and its step is not saved again.
+    pub fn resumed(&mut self, manifest: &Manifest) {
+        self.checkpointer.set_parent(manifest);
+        self.last_saved = Some(manifest.step);
+    }
+
+    /// Whether the state after `step` completed steps should be saved.
+    pub fn is_due(&self, step: u64) -> bool {
+        let p = &self.policy;
+        let periodic = p.interval > 0 && step.is_multiple_of(p.interval);
+        let last = step == p.total_steps && p.final_checkpoint;
+        (periodic || last) && self.last_saved != Some(step)
+    }
+
+    /// Starts a background save of `tensors` at `step` (blocks only while
+    /// this rank's stripe is copied). A save that cannot start counts as a
+    /// failure; past the budget the error is returned.
+    pub fn save(
+        &mut self,
+        step: u64,
+        tensors: &[TensorView<'_>],
+        training_state: serde_json::Value,
+        metrics: &BTreeMap<String, f64>,
+    ) -> Result<Vec<SaveEvent>> {
+        if self.last_saved == Some(step) {
+            return Ok(Vec::new());
+        }
+        let mut meta = self.meta.clone();
+        meta.training_state = training_state;
+        meta.metrics = metrics.clone();
+        match self.checkpointer.save(step, &self.attempt, tensors, &meta) {
+            Ok(()) => {
+                self.last_saved = Some(step);
+                Ok(Vec::new())
+            }
+            Err(e) => {
+                let message = format!("checkpoint at step {step} could not start: {e}");
+                self.failed(&message)?;
+                Ok(vec![SaveEvent::Failed { message }])
+            }
+        }
+    }
+
+    /// Results of saves that finished since the last call. Past the failure
+    /// budget, the error says how many failed and the last cause.
+    pub fn poll(&mut self) -> Result<Vec<SaveEvent>> {
+        let outcomes = self.checkpointer.poll();
+        self.account(outcomes)
+    }
+
+    /// Waits for every save in flight: the final checkpoint must land. Rank 0
+    /// then applies retention. Returns the events and the last checkpoint
+    /// this run committed (rank 0; `None` elsewhere or when nothing was saved).
+    pub fn finish(&mut self) -> (Vec<SaveEvent>, Result<Option<String>>) {
+        let outcomes = self.checkpointer.flush();
+        let last_failed = outcomes
+            .iter()
+            .rev()
+            .find_map(|o| o.as_ref().err())
+            .map(|e| e.to_string());
+        let mut events = match self.account(outcomes) {
+            Ok(events) => events,
+            Err(e) => return (Vec::new(), Err(e)),
+        };
+        if let Some(message) = last_failed {
+            return (
+                events,
+                Err(Error::Conflict {
+                    what: format!("the last checkpoint did not land: {message}"),
+                }),
+            );
+        }
+        if self.rank == 0 && self.last_committed.is_some() {
+            match gc(
+                self.checkpointer.root(),
+                &self.policy.retention,
+                self.policy.gc_grace,
+                false,
+            ) {
+                Ok(report) => tracing::info!(
+                    deleted = report.manifests_deleted.len(),
+                    freed = report.bytes_freed,
+                    "retention applied"
+                ),
+                Err(e) => events.push(SaveEvent::RetentionFailed {
+                    message: format!("retention: {e}"),
+                }),
+            }
+        }
+        (
+            events,
+            Ok(self.last_committed.as_ref().map(|(_, url)| url.clone())),
+        )
+    }
+
+    fn account(&mut self, outcomes: Vec<Result<SaveOutcome>>) -> Result<Vec<SaveEvent>> {
+        let mut events = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            match outcome {
+                Ok(o) => {
+                    self.failures = 0;
+                    if let Some(url) = &o.url
+                        && self
+                            .last_committed
+                            .as_ref()
+                            .is_none_or(|(step, _)| *step < o.step)
+                    {
+                        self.last_committed = Some((o.step, url.clone()));
+                    }
+                    events.push(SaveEvent::Saved(o));
+                }
+                Err(e) => {
+                    let message = format!("checkpoint save failed: {e}");
+                    self.failed(&message)?;
+                    events.push(SaveEvent::Failed { message });
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    fn failed(&mut self, message: &str) -> Result<()> {
+        self.failures += 1;
+        tracing::warn!(failures = self.failures, "{message}");
+        if self.failures >= self.policy.max_consecutive_failures {
+            return Err(Error::Conflict {
+                what: format!(
+                    "{} checkpoint saves failed in a row (checkpoint.max_consecutive_failures = {}); last: {message}",
+                    self.failures, self.policy.max_consecutive_failures
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manager(interval: u64, total: u64, final_checkpoint: bool) -> CheckpointManager {
+        let root = CheckpointRoot::open("memory://manager-test/ckpt").unwrap();
+        let meta = CheckpointMeta {
+            training_state: serde_json::Value::Null,
+            job_spec: serde_json::Value::Null,
+            code_version: "test".into(),
+            dataset_fingerprint: String::new(),
+            world_size: 1,
+            metrics: Default::default(),
+            job: "j".into(),
+        };
+        let policy = CheckpointPolicy {
+            interval,
+            final_checkpoint,
+            total_steps: total,
+            max_consecutive_failures: 2,
+            retention: Retention {
+                keep_last: 1,
+                keep_every: None,
+            },
+            gc_grace: Duration::ZERO,
+        };
+        CheckpointManager::new(
+            root,
+            SaveConfig::default(),
+            0,
+            1,
+            "run".into(),
+            meta,
+            policy,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn saves_are_due_at_the_interval_and_the_end_but_never_twice() {
+        let mut m = manager(4, 10, true);
+        let due: Vec<u64> = (1..=10).filter(|&s| m.is_due(s)).collect();
+        assert_eq!(due, [4, 8, 10]);
+        m.set_last_saved(Some(8));
+        assert!(!m.is_due(8), "a step already saved is not saved again");
+        let m = manager(0, 10, false);
+        assert!((1..=10).all(|s| !m.is_due(s)));
+    }
+
+    #[test]
+    fn saves_commit_and_retention_keeps_the_newest() {
+        let mut m = manager(1, 3, true);
+        let data = vec![7u8; 64];
+        let shape = [16usize];
+        let view = TensorView {
+            name: "model/w",
+            dtype: crate::tensor::DType::F32,
+            shape: &shape,
+            data: &data,
+        };
+        for step in 1..=3 {
+            assert!(m.is_due(step));
+            m.save(
+                step,
+                &[view],
+                serde_json::json!({ "step": step }),
+                &BTreeMap::new(),
+            )
+            .unwrap();
+        }
+        let (events, last) = m.finish();
+        let last = last.unwrap().expect("rank 0 committed");
+        let latest = crate::resolve(m.root(), "latest").unwrap();
+        assert_eq!(latest.step, 3);
+        assert_eq!(last, m.root().url_of(&latest.key));
+        let saved = events
+            .iter()
+            .filter(|e| matches!(e, SaveEvent::Saved(o) if o.url.is_some()))
+            .count();
+        assert!(saved >= 1, "{events:?}");
+        assert_eq!(crate::list(m.root()).unwrap().len(), 1, "keep_last = 1");
+    }
+}

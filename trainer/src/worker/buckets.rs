@@ -1,0 +1,184 @@
+//! Gradient buckets: every parameter's gradient lives in a slot of a flat
+//! float32 bucket (backward accumulates straight into it), so a bucket is
+//! all-reduced as one contiguous tensor; and clipping by the global norm.
+
+use anyhow::{Result, ensure};
+use tch::{Device, Kind, Tensor};
+
+use crate::collective::Collective;
+
+/// Gradients travel in flat buckets of about `bucket_bytes`, in parameter-name
+/// order; the last bucket carries one extra element, the rank's weighted loss,
+/// so the global loss costs no extra collective.
+pub(super) struct GradBuckets {
+    buckets: Vec<Bucket>,
+    /// Gradients travel as bfloat16 (`comm.grad_dtype = "bf16"`): half the
+    /// bytes; the loss then travels apart, in float64, so its report keeps
+    /// full precision.
+    bf16_wire: bool,
+}
+
+struct Bucket {
+    flat: Tensor,
+    /// (parameter index, offset, elements).
+    members: Vec<(usize, i64, i64)>,
+    /// Whether the members' `.grad` tensors are views into `flat`: backward then
+    /// accumulates straight into the bucket and no copy is needed either way.
+    aliased: bool,
+}
+
+impl GradBuckets {
+    pub(super) fn new(
+        params: &[Tensor],
+        bucket_bytes: usize,
+        device: Device,
+        bf16_wire: bool,
+    ) -> Result<Self> {
+        let mut groups: Vec<Vec<(usize, i64, i64)>> = vec![Vec::new()];
+        let mut filled = 0usize;
+        for (i, p) in params.iter().enumerate() {
+            ensure!(
+                p.kind() == Kind::Float,
+                "parameter {i} is {:?}; gradient buckets hold float32",
+                p.kind()
+            );
+            let n = p.numel() as i64;
+            if filled > 0 && filled + n as usize * 4 > bucket_bytes {
+                groups.push(Vec::new());
+                filled = 0;
+            }
+            let group = groups.last_mut().expect("one group at least");
+            let offset = group.last().map_or(0, |&(_, o, n)| o + n);
+            group.push((i, offset, n));
+            filled += n as usize * 4;
+        }
+        let last = groups.len() - 1;
+        // Materialise every gradient (a zero backward), so that each can be
+        // re-pointed at its slot of a bucket.
+        let zero: Tensor = params.iter().map(|p| (p * 0.0).sum(Kind::Float)).sum();
+        zero.backward();
+        let buckets = groups
+            .into_iter()
+            .enumerate()
+            .map(|(i, members)| {
+                let len = members.iter().map(|m| m.2).sum::<i64>() + i64::from(i == last);
+                let flat = Tensor::zeros([len], (Kind::Float, device));
+                let aliased = members.iter().all(|&(p, offset, n)| {
+                    let view = flat.narrow(0, offset, n).view(params[p].size().as_slice());
+                    let mut grad = params[p].grad();
+                    grad.set_data(&view);
+                    // libtorch accumulates into a defined gradient in place, so the
+                    // alias holds; checked, and copying stays the fallback.
+                    params[p].grad().data_ptr() == view.data_ptr()
+                });
+                tracing::debug!(bucket = i, aliased, "gradient bucket");
+                Bucket {
+                    flat,
+                    members,
+                    aliased,
+                }
+            })
+            .collect();
+        Ok(Self { buckets, bf16_wire })
+    }
+
+    /// Bytes all-reduced per step.
+    pub(super) fn bytes(&self) -> usize {
+        let width = if self.bf16_wire { 2 } else { 4 };
+        self.buckets.iter().map(|b| b.flat.numel() * width).sum()
+    }
+
+    /// Sums every parameter's gradient over all ranks in place; returns the
+    /// global loss (the sum of the ranks' weighted losses).
+    pub(super) fn all_reduce(
+        &mut self,
+        params: &[Tensor],
+        comm: &mut dyn Collective,
+        local_loss: f64,
+    ) -> Result<f64> {
+        if comm.world_size() == 1 {
+            return Ok(local_loss);
+        }
+        let last = self.buckets.len() - 1;
+        let mut loss = local_loss;
+        for (i, bucket) in self.buckets.iter_mut().enumerate() {
+            tch::no_grad(|| {
+                for &(p, offset, n) in bucket.members.iter().filter(|_| !bucket.aliased) {
+                    let grad = params[p].grad();
+                    let mut slot = bucket.flat.narrow(0, offset, n);
+                    if grad.defined() {
+                        slot.copy_(&grad.view([-1]));
+                    } else {
+                        let _ = slot.zero_();
+                    }
+                }
+                if i == last && !self.bf16_wire {
+                    let _ = bucket
+                        .flat
+                        .narrow(0, bucket.flat.numel() as i64 - 1, 1)
+                        .fill_(local_loss);
+                }
+            });
+            if self.bf16_wire {
+                let mut wire = tch::no_grad(|| bucket.flat.to_kind(Kind::BFloat16));
+                comm.all_reduce_sum(&mut wire)?;
+                tch::no_grad(|| bucket.flat.copy_(&wire));
+            } else {
+                comm.all_reduce_sum(&mut bucket.flat)?;
+            }
+            tch::no_grad(|| {
+                for &(p, offset, n) in bucket.members.iter().filter(|_| !bucket.aliased) {
+                    let mut grad = params[p].grad();
+                    if grad.defined() {
+                        grad.copy_(&bucket.flat.narrow(0, offset, n).view_as(&grad));
+                    }
+                }
+            });
+            if i == last && !self.bf16_wire {
+                loss = bucket.flat.double_value(&[bucket.flat.numel() as i64 - 1]);
+            }
+        }
+        if self.bf16_wire {
+            let device = self.buckets[0].flat.device();
+            let mut total = Tensor::from_slice(&[local_loss]).to_device(device);
+            comm.all_reduce_sum(&mut total)?;
+            loss = total.double_value(&[0]);
+        }
+        Ok(loss)
+    }
+}
+
+/// The global L2 norm of the parameters' gradients, computed as PyTorch's
+/// `clip_grad_norm_` does (the norm of the per-parameter norms), and, with
+/// `max_norm`, the gradients scaled by `min(1, max_norm / (norm + 1e-6))`.
+/// Run after the all-reduce, every rank sees the same gradients and clips
+/// alike. Returns the norm before clipping.
+pub(super) fn clip_grad_norm(params: &[Tensor], max_norm: Option<f64>) -> f64 {
+    tch::no_grad(|| {
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(Tensor::grad)
+            .filter(Tensor::defined)
+            .collect();
+        if grads.is_empty() {
+            return 0.0;
+        }
+        let norms: Vec<Tensor> = grads.iter().map(|g| vector_norm(&g.view([-1]))).collect();
+        let total = vector_norm(&Tensor::stack(&norms, 0));
+        if let Some(max_norm) = max_norm {
+            // PyTorch's `max_norm / (total + 1e-6)` is `reciprocal() * max_norm`
+            // (Tensor.__rtruediv__); the same order gives the same bits.
+            let coef = ((&total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+            for mut g in grads {
+                let _ = g.g_mul_(&coef);
+            }
+        }
+        total.double_value(&[])
+    })
+}
+
+/// The L2 norm of a 1-D tensor (`linalg_norm` of a vector is
+/// `linalg.vector_norm`, the kernel `clip_grad_norm_` uses).
+fn vector_norm(v: &Tensor) -> Tensor {
+    v.linalg_norm(2.0, None::<&[i64]>, false, None::<Kind>)
+}
