@@ -5,6 +5,7 @@ mod agent;
 mod ckpt;
 mod coordinator;
 mod data;
+mod generate;
 mod jobs;
 mod launch;
 mod register;
@@ -43,6 +44,8 @@ enum Command {
     /// Language-model data: prepare (text files to token files and a tokenizer).
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Continue a prompt with a trained language model (a gpt's weights).
+    Generate(generate::GenerateArgs),
     /// Model registry: ls, show, register, promote, rollback, history.
     Registry(registry::RegistryArgs),
     /// Serve the job API (gRPC) over a store; run several replicas against one
@@ -166,6 +169,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => block_on(agent::run(args)),
         Command::Ckpt(cmd) => report(ckpt::run(cmd)),
         Command::Data(cmd) => report(data::run(cmd)),
+        Command::Generate(args) => report(generate::run(args)),
         Command::Registry(args) => block_on(registry::run(args)),
         Command::Coordinator(args) => block_on(coordinator::run(args)),
         Command::Submit(args) => block_on(jobs::submit(args)),

@@ -84,7 +84,9 @@ impl Net {
             format!("run the TorchScript module's forward on a batch of {names:?}")
         })?;
         let tch::IValue::Tensor(loss) = out else {
-            bail!("the TorchScript module returned {out:?}; with model.returns = \"loss\" it must return a scalar tensor");
+            bail!(
+                "the TorchScript module returned {out:?}; with model.returns = \"loss\" it must return a scalar tensor"
+            );
         };
         ensure!(
             loss.numel() == 1 && loss.is_floating_point(),

@@ -182,3 +182,85 @@ pub(super) fn clip_grad_norm(params: &[Tensor], max_norm: Option<f64>) -> f64 {
 fn vector_norm(v: &Tensor) -> Tensor {
     v.linalg_norm(2.0, None::<&[i64]>, false, None::<Kind>)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same gradients clipped here and by PyTorch's `clip_grad_norm_`
+    /// (run by the project's venv) come out bit for bit equal, with the
+    /// same total norm.
+    #[test]
+    fn clipping_matches_pytorch_clip_grad_norm_bit_for_bit() {
+        let repo =
+            std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("..");
+        let python = repo.join(".venv/bin/python");
+        assert!(
+            python.exists(),
+            "{} missing: run scripts/bootstrap.sh",
+            python.display()
+        );
+        tch::manual_seed(3);
+        let shapes: [&[i64]; 3] = [&[7, 5], &[5], &[3, 4, 2]];
+        let params: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| Tensor::zeros(*s, (Kind::Float, Device::Cpu)).set_requires_grad(true))
+            .collect();
+        let grads: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)) * 3.0)
+            .collect();
+        // Materialise each .grad as the chosen values.
+        let loss: Tensor = params
+            .iter()
+            .zip(&grads)
+            .map(|(p, g)| (p * g).sum(Kind::Float))
+            .sum();
+        loss.backward();
+        let dir = tempfile::tempdir().unwrap();
+        let before = dir.path().join("before.safetensors");
+        let named: Vec<(String, Tensor)> = grads
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (format!("g{i}"), g.shallow_clone()))
+            .collect();
+        Tensor::write_safetensors(&named, &before).unwrap();
+        let norm = clip_grad_norm(&params, Some(1.5));
+        let after = dir.path().join("after.safetensors");
+        let clipped: Vec<(String, Tensor)> = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("g{i}"), p.grad().copy()))
+            .collect();
+        Tensor::write_safetensors(&clipped, &after).unwrap();
+        let script = r#"
+import sys, torch
+from safetensors.torch import load_file
+before, after = load_file(sys.argv[1]), load_file(sys.argv[2])
+params = []
+for name in sorted(before):
+    p = torch.zeros_like(before[name], requires_grad=True)
+    p.grad = before[name].clone()
+    params.append((name, p))
+total = torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.5)
+for name, p in params:
+    assert torch.equal(p.grad, after[name]), (name, (p.grad - after[name]).abs().max())
+print(repr(total.item()))
+"#;
+        let out = std::process::Command::new(&python)
+            .arg("-c")
+            .arg(script)
+            .arg(&before)
+            .arg(&after)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "PyTorch disagrees: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let torch_norm: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert_eq!(norm, torch_norm, "total norm");
+        assert!(norm > 1.5, "the test clips: norm {norm}");
+    }
+}
