@@ -331,3 +331,33 @@ with torch.no_grad():
         "PyTorch {torch_loss} vs kiln {kiln_loss}"
     );
 }
+
+#[test]
+fn the_overlapped_all_reduce_gives_the_same_weights_as_the_one_after_backward() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = lm_spec(dir.path(), "");
+    // Three ranks (sums whose order matters), small buckets (several in
+    // flight during backward), and two micro-batches (accumulation first).
+    let common = [
+        "--nproc",
+        "3",
+        "--set",
+        "train.global_batch=12",
+        "--set",
+        "train.micro_batch=2",
+        "--set",
+        "comm.bucket_mb=0.01",
+        "--set",
+        "train.clip_grad_norm=1.0",
+    ];
+    let mut after = common.to_vec();
+    after.extend(["--set", "comm.overlap=false"]);
+    let mut overlapped = common.to_vec();
+    overlapped.extend(["--set", "comm.overlap=true"]);
+    let a = run_ok(&spec, &dir.path().join("after"), &after);
+    let b = run_ok(&spec, &dir.path().join("overlapped"), &overlapped);
+    assert_eq!(a["weights_digest"], b["weights_digest"]);
+    assert_eq!(a["final_loss"], b["final_loss"]);
+    assert_eq!(a["grad_norm"], b["grad_norm"]);
+}

@@ -472,6 +472,10 @@ pub struct CommSpec {
     /// summed in fp32 and rounded once per hop).
     #[serde(default)]
     pub grad_dtype: Precision,
+    /// All-reduce each gradient bucket as soon as backward has completed it,
+    /// overlapped with the rest of backward (results are identical either way).
+    #[serde(default = "default_true")]
+    pub overlap: bool,
 }
 
 fn default_bucket_mb() -> f64 {
@@ -487,6 +491,7 @@ impl Default for CommSpec {
             bucket_mb: default_bucket_mb(),
             timeout_secs: default_timeout_secs(),
             grad_dtype: Precision::default(),
+            overlap: true,
         }
     }
 }

@@ -1,21 +1,36 @@
 //! Gradient buckets: every parameter's gradient lives in a slot of a flat
 //! float32 bucket (backward accumulates straight into it), so a bucket is
-//! all-reduced as one contiguous tensor; and clipping by the global norm.
+//! all-reduced as one contiguous tensor, after backward or overlapped with
+//! it; and clipping by the global norm.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use anyhow::{Result, ensure};
 use tch::{Device, Kind, Tensor};
 
+use super::hooks::GradReadyHooks;
 use crate::collective::Collective;
 
-/// Gradients travel in flat buckets of about `bucket_bytes`, in parameter-name
-/// order; the last bucket carries one extra element, the rank's weighted loss,
-/// so the global loss costs no extra collective.
+/// Gradients travel in flat buckets of about `bucket_bytes`, laid out in the
+/// order backward makes them ready; the last bucket carries one extra
+/// element, the rank's weighted loss, so the global loss costs no extra
+/// collective.
+///
+/// Overlapped (`comm.overlap`), a bucket is all-reduced by a communication
+/// thread as soon as backward has accumulated all its gradients, while
+/// backward goes on with earlier layers. Each bucket is reduced by the same
+/// collective call either way, so the result is bit for bit the same.
 pub(super) struct GradBuckets {
     buckets: Vec<Bucket>,
     /// Gradients travel as bfloat16 (`comm.grad_dtype = "bf16"`): half the
     /// bytes; the loss then travels apart, in float64, so its report keeps
     /// full precision.
     bf16_wire: bool,
+    /// The hooks and readiness of the overlapped mode; `None` when the
+    /// all-reduce runs after backward.
+    overlap: Option<Overlap>,
 }
 
 struct Bucket {
@@ -27,16 +42,47 @@ struct Bucket {
     aliased: bool,
 }
 
+/// Which buckets backward has completed, shared with the gradient hooks.
+struct Readiness {
+    /// Hooks count only while armed: during the last micro-batch's backward.
+    armed: AtomicBool,
+    /// The bucket of each parameter.
+    bucket_of: Vec<usize>,
+    /// Gradients each bucket still waits for.
+    remaining: Vec<AtomicUsize>,
+    /// Per bucket, whether it is complete; and whether backward has ended
+    /// (then every bucket is: parameters that got no gradient keep zeros).
+    ready: Mutex<(Vec<bool>, bool)>,
+    changed: Condvar,
+}
+
+struct Overlap {
+    readiness: Arc<Readiness>,
+    _hooks: GradReadyHooks,
+}
+
 impl GradBuckets {
+    /// `order` lists the parameter indices in the order backward readies them
+    /// ([`hooks::ready_order`]); `overlap` asks for the overlapped all-reduce,
+    /// which needs every bucket to alias its gradients (else it is off).
     pub(super) fn new(
         params: &[Tensor],
+        order: &[usize],
         bucket_bytes: usize,
         device: Device,
         bf16_wire: bool,
+        overlap: bool,
     ) -> Result<Self> {
+        ensure!(
+            order.len() == params.len(),
+            "bucket order names {} parameters of {}",
+            order.len(),
+            params.len()
+        );
         let mut groups: Vec<Vec<(usize, i64, i64)>> = vec![Vec::new()];
         let mut filled = 0usize;
-        for (i, p) in params.iter().enumerate() {
+        for &i in order {
+            let p = &params[i];
             ensure!(
                 p.kind() == Kind::Float,
                 "parameter {i} is {:?}; gradient buckets hold float32",
@@ -57,7 +103,7 @@ impl GradBuckets {
         // re-pointed at its slot of a bucket.
         let zero: Tensor = params.iter().map(|p| (p * 0.0).sum(Kind::Float)).sum();
         zero.backward();
-        let buckets = groups
+        let buckets: Vec<Bucket> = groups
             .into_iter()
             .enumerate()
             .map(|(i, members)| {
@@ -79,7 +125,41 @@ impl GradBuckets {
                 }
             })
             .collect();
-        Ok(Self { buckets, bf16_wire })
+        let overlap = if overlap && buckets.iter().all(|b| b.aliased) {
+            let mut bucket_of = vec![0; params.len()];
+            for (b, bucket) in buckets.iter().enumerate() {
+                for &(p, _, _) in &bucket.members {
+                    bucket_of[p] = b;
+                }
+            }
+            let readiness = Arc::new(Readiness {
+                armed: AtomicBool::new(false),
+                bucket_of,
+                remaining: buckets.iter().map(|_| AtomicUsize::new(0)).collect(),
+                ready: Mutex::new((vec![false; buckets.len()], false)),
+                changed: Condvar::new(),
+            });
+            let hooks = {
+                let readiness = readiness.clone();
+                GradReadyHooks::install(params, move |p| readiness.gradient_ready(p))?
+            };
+            Some(Overlap {
+                readiness,
+                _hooks: hooks,
+            })
+        } else {
+            if overlap {
+                tracing::warn!(
+                    "gradients could not be aliased into buckets: all-reduce after backward"
+                );
+            }
+            None
+        };
+        Ok(Self {
+            buckets,
+            bf16_wire,
+            overlap,
+        })
     }
 
     /// Bytes all-reduced per step.
@@ -88,9 +168,85 @@ impl GradBuckets {
         self.buckets.iter().map(|b| b.flat.numel() * width).sum()
     }
 
-    /// Sums every parameter's gradient over all ranks in place; returns the
-    /// global loss (the sum of the ranks' weighted losses).
-    pub(super) fn all_reduce(
+    /// Whether [`GradBuckets::backward_and_reduce`] overlaps.
+    pub(super) fn overlapped(&self) -> bool {
+        self.overlap.is_some()
+    }
+
+    /// Runs the last micro-batch's `backward` and sums every parameter's
+    /// gradient over all ranks in place; returns the global loss (the sum of
+    /// the ranks' weighted losses, `local_loss` here) and the seconds the
+    /// reduction kept the step waiting after backward.
+    ///
+    /// Overlapped, a communication thread reduces bucket after bucket as
+    /// backward completes them, in bucket order (the same on every rank).
+    pub(super) fn backward_and_reduce(
+        &mut self,
+        params: &[Tensor],
+        comm: &mut dyn Collective,
+        local_loss: f64,
+        backward: impl FnOnce(),
+    ) -> Result<(f64, f64)> {
+        let Some(overlap) = &self.overlap else {
+            backward();
+            let started = Instant::now();
+            let loss = self.all_reduce(params, comm, local_loss)?;
+            return Ok((loss, started.elapsed().as_secs_f64()));
+        };
+        if comm.world_size() == 1 {
+            backward();
+            return Ok((local_loss, 0.0));
+        }
+        let readiness = overlap.readiness.clone();
+        readiness.arm(&self.buckets);
+        let bf16_wire = self.bf16_wire;
+        let buckets = &mut self.buckets;
+        let last = buckets.len() - 1;
+        let (result, waited) = std::thread::scope(|scope| {
+            let reducer = std::thread::Builder::new()
+                .name("grad-allreduce".into())
+                .spawn_scoped(scope, || -> Result<f64> {
+                    let mut loss = local_loss;
+                    for (i, bucket) in buckets.iter_mut().enumerate() {
+                        readiness.wait(i);
+                        if i == last && !bf16_wire {
+                            let _ = bucket
+                                .flat
+                                .narrow(0, bucket.flat.numel() as i64 - 1, 1)
+                                .fill_(local_loss);
+                        }
+                        reduce(bucket, comm, bf16_wire)?;
+                        if i == last && !bf16_wire {
+                            loss = bucket.flat.double_value(&[bucket.flat.numel() as i64 - 1]);
+                        }
+                    }
+                    if bf16_wire {
+                        loss = reduce_loss(comm, local_loss, buckets_device(buckets))?;
+                    }
+                    Ok(loss)
+                });
+            // Whatever backward does, the reducer must learn that it ended.
+            let backward_outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(backward));
+            let backward_done = Instant::now();
+            readiness.finish();
+            let result = match reducer {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the all-reduce thread panicked"))),
+                Err(e) => Err(anyhow::anyhow!("start the all-reduce thread: {e}")),
+            };
+            if let Err(panic) = backward_outcome {
+                std::panic::resume_unwind(panic);
+            }
+            (result, backward_done.elapsed().as_secs_f64())
+        });
+        readiness.disarm();
+        Ok((result?, waited))
+    }
+
+    /// Sums every parameter's gradient over all ranks in place, after
+    /// backward; returns the global loss.
+    fn all_reduce(
         &mut self,
         params: &[Tensor],
         comm: &mut dyn Collective,
@@ -119,13 +275,7 @@ impl GradBuckets {
                         .fill_(local_loss);
                 }
             });
-            if self.bf16_wire {
-                let mut wire = tch::no_grad(|| bucket.flat.to_kind(Kind::BFloat16));
-                comm.all_reduce_sum(&mut wire)?;
-                tch::no_grad(|| bucket.flat.copy_(&wire));
-            } else {
-                comm.all_reduce_sum(&mut bucket.flat)?;
-            }
+            reduce(bucket, comm, self.bf16_wire)?;
             tch::no_grad(|| {
                 for &(p, offset, n) in bucket.members.iter().filter(|_| !bucket.aliased) {
                     let mut grad = params[p].grad();
@@ -139,12 +289,78 @@ impl GradBuckets {
             }
         }
         if self.bf16_wire {
-            let device = self.buckets[0].flat.device();
-            let mut total = Tensor::from_slice(&[local_loss]).to_device(device);
-            comm.all_reduce_sum(&mut total)?;
-            loss = total.double_value(&[0]);
+            loss = reduce_loss(comm, local_loss, buckets_device(&self.buckets))?;
         }
         Ok(loss)
+    }
+}
+
+fn buckets_device(buckets: &[Bucket]) -> Device {
+    buckets[0].flat.device()
+}
+
+/// All-reduces one bucket, in bfloat16 on the wire when asked.
+fn reduce(bucket: &mut Bucket, comm: &mut dyn Collective, bf16_wire: bool) -> Result<()> {
+    if bf16_wire {
+        let mut wire = tch::no_grad(|| bucket.flat.to_kind(Kind::BFloat16));
+        comm.all_reduce_sum(&mut wire)?;
+        tch::no_grad(|| bucket.flat.copy_(&wire));
+    } else {
+        comm.all_reduce_sum(&mut bucket.flat)?;
+    }
+    Ok(())
+}
+
+/// The global loss, summed in float64 apart from a bfloat16 wire.
+fn reduce_loss(comm: &mut dyn Collective, local_loss: f64, device: Device) -> Result<f64> {
+    let mut total = Tensor::from_slice(&[local_loss]).to_device(device);
+    comm.all_reduce_sum(&mut total)?;
+    Ok(total.double_value(&[0]))
+}
+
+impl Readiness {
+    /// Called by the hook of parameter `p` on the backward thread.
+    fn gradient_ready(&self, p: usize) {
+        if !self.armed.load(Ordering::Acquire) {
+            return;
+        }
+        let b = self.bucket_of[p];
+        if self.remaining[b].fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.ready.lock().expect("readiness lock").0[b] = true;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Before the last micro-batch's backward: every bucket waits for all
+    /// its members.
+    fn arm(&self, buckets: &[Bucket]) {
+        let mut ready = self.ready.lock().expect("readiness lock");
+        for (b, bucket) in buckets.iter().enumerate() {
+            self.remaining[b].store(bucket.members.len(), Ordering::Release);
+            ready.0[b] = false;
+        }
+        ready.1 = false;
+        drop(ready);
+        self.armed.store(true, Ordering::Release);
+    }
+
+    /// Backward has returned: buckets still waiting (parameters that got no
+    /// gradient this step) are complete too.
+    fn finish(&self) {
+        self.ready.lock().expect("readiness lock").1 = true;
+        self.changed.notify_all();
+    }
+
+    fn disarm(&self) {
+        self.armed.store(false, Ordering::Release);
+    }
+
+    /// Blocks until bucket `b` is complete (or backward has returned).
+    fn wait(&self, b: usize) {
+        let mut ready = self.ready.lock().expect("readiness lock");
+        while !(ready.0[b] || ready.1) {
+            ready = self.changed.wait(ready).expect("readiness lock");
+        }
     }
 }
 

@@ -19,6 +19,7 @@
 
 mod buckets;
 mod eval;
+mod hooks;
 mod step;
 
 use std::collections::BTreeMap;
@@ -314,9 +315,27 @@ fn train(
     let named = model::named_parameters(&vs);
     let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let bucket_bytes = (spec.comm.bucket_mb * (1 << 20) as f64) as usize;
-    let bf16_wire = spec.comm.grad_dtype == kiln_proto::spec::Precision::Bf16;
-    let buckets = GradBuckets::new(&params, bucket_bytes.max(4), device, bf16_wire)?;
     ensure!(!splits.train.is_empty(), "data.train holds no samples");
+    // Buckets follow the order backward readies gradients, seen on one
+    // backward of the first training sample (the same on every rank, whatever
+    // the step a run starts at), so the first bucket is complete first.
+    let order = hooks::ready_order(&params, || {
+        tch::manual_seed(spec.job.seed as i64);
+        let batch = splits.train.batch(&[(None, 0)], device)?;
+        objective.loss_sum(&net, &batch, true)?.backward();
+        Ok(())
+    })
+    .context("find the order backward readies gradients in")?;
+    let bf16_wire = spec.comm.grad_dtype == kiln_proto::spec::Precision::Bf16;
+    let buckets = GradBuckets::new(
+        &params,
+        &order,
+        bucket_bytes.max(4),
+        device,
+        bf16_wire,
+        spec.comm.overlap,
+    )?;
+    tracing::info!(overlap = buckets.overlapped(), "gradient buckets");
     let sampler = GlobalSampler::new(spec.job.seed, splits.train.len(), spec.train.global_batch);
     let opt = Optimizer::new(&spec.optimizer, &params);
     let fingerprint = splits.fingerprint();

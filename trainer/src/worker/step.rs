@@ -105,6 +105,8 @@ pub struct StepOutcome {
     pub loss: f64,
     /// Global gradient norm before clipping (NaN when clipping is off).
     pub grad_norm: f64,
+    /// Seconds the step waited for the all-reduce after backward (all of
+    /// it without overlap; what the overlap did not hide with it).
     pub reduce_seconds: f64,
 }
 
@@ -139,21 +141,29 @@ pub fn train_step(
         p.zero_grad();
     }
     let mut local_loss = 0.0;
-    for (i, chunk) in samples.chunks(cx.micro_batch).enumerate() {
+    let chunks: Vec<&[Sample]> = samples.chunks(cx.micro_batch).collect();
+    let mut result = None;
+    for (i, chunk) in chunks.iter().enumerate() {
         let position = first_position + (i * cx.micro_batch) as u64;
         tch::manual_seed((cx.seed ^ position.wrapping_mul(0x9e37_79b9_7f4a_7c15)) as i64);
         let batch = data.batch(chunk, device)?;
         // Weighted by the global batch: summed over ranks, the gradient is the
         // global mean's, whatever the world size and micro-batching.
         let l = cx.objective.loss_sum(net, &batch, true)? / cx.global_batch as f64;
-        l.backward();
         local_loss += l.double_value(&[]);
+        if i + 1 < chunks.len() {
+            l.backward();
+        } else {
+            // The last backward: buckets are all-reduced as it completes them
+            // (or after it, without overlap).
+            result = Some(
+                buckets
+                    .backward_and_reduce(params, cx.comm, local_loss, || l.backward())
+                    .context("all-reduce gradients")?,
+            );
+        }
     }
-    let reduce_started = std::time::Instant::now();
-    let loss = buckets
-        .all_reduce(params, cx.comm, local_loss)
-        .context("all-reduce gradients")?;
-    let reduce_seconds = reduce_started.elapsed().as_secs_f64();
+    let (loss, reduce_seconds) = result.context("a step needs at least one sample")?;
     if !loss.is_finite() {
         bail!("loss is {loss}: training diverged (lower optimizer.lr?)");
     }
