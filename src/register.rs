@@ -1,11 +1,12 @@
 //! Registering a finished job's model (`[register]` in the job spec): the
 //! final checkpoint, the model definition, its signature, eval metrics,
-//! lineage and the reference profile go into the registry as a new version;
-//! the alias moves when the gate metric passes.
+//! lineage and the reference profile (classifiers) or the tokenizer (language
+//! models) go into the registry as a new version; the alias moves when the
+//! gate metric passes.
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
 use kiln_checkpoint::CheckpointRoot;
 use kiln_checkpoint::registry::{
     CheckpointRef, Lineage, ModelDefinition, NewVersion, Registry, Signature, spec_hash,
@@ -27,6 +28,60 @@ pub fn registry_url(spec: &JobSpec, checkpoint_root: &str) -> String {
         }
         _ => format!("{trimmed}/registry"),
     }
+}
+
+/// What a language model (`model.kind = "gpt"`) registers: its definition
+/// (context and vocabulary), its token signature and its tokenizer, the
+/// `tokenizer.json` beside the spec's first training file when there is one
+/// (where `kiln data prepare` writes it).
+pub struct LanguageModelParts {
+    pub model: ModelDefinition,
+    pub signature: Signature,
+    pub tokenizer: Option<Vec<u8>>,
+}
+
+/// The [`LanguageModelParts`] of `spec`, a gpt job.
+pub fn language_model_parts(spec: &JobSpec) -> anyhow::Result<LanguageModelParts> {
+    let m = &spec.model;
+    if m.kind != ModelKind::Gpt {
+        bail!("model.kind must be gpt for a language model");
+    }
+    let vocab = m.vocab.context("model.vocab: required for a gpt")?;
+    let context = m
+        .seq_len
+        .or(spec.data.seq_len)
+        .context("model.seq_len (or data.seq_len): required for a gpt")?;
+    let path = spec
+        .data
+        .train
+        .first()
+        .and_then(|p| p.parent())
+        .map(|dir| dir.join(kiln_text::TOKENIZER_FILE))
+        .filter(|p| p.is_file());
+    let tokenizer = match &path {
+        None => None,
+        Some(path) => Some(read_tokenizer(path, vocab)?),
+    };
+    Ok(LanguageModelParts {
+        model: ModelDefinition::language_model(m.clone(), context, vocab),
+        signature: Signature::language_model(vocab),
+        tokenizer,
+    })
+}
+
+/// The bytes of the tokenizer file `path`, checked to load and to make only
+/// ids below the model's vocabulary `vocab`.
+pub fn read_tokenizer(path: &std::path::Path, vocab: usize) -> anyhow::Result<Vec<u8>> {
+    let tokenizer = kiln_text::Tokenizer::from_file(path)
+        .with_context(|| format!("load the tokenizer {}", path.display()))?;
+    if tokenizer.vocab_size() > vocab {
+        bail!(
+            "the tokenizer {} makes {} ids but the model's vocabulary is {vocab}: the model could not take every prompt",
+            path.display(),
+            tokenizer.vocab_size()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("read {}", path.display()))
 }
 
 /// The value of the eval metric `name` (`eval_accuracy` or `accuracy`).
@@ -86,18 +141,31 @@ pub async fn register_final_model(
         _ => None,
     };
     let spec_json = spec.to_json();
+    let (model, signature, tokenizer) = if spec.model.kind == ModelKind::Gpt {
+        let parts = language_model_parts(spec)?;
+        if parts.tokenizer.is_none() {
+            tracing::warn!(
+                job,
+                "registering a language model without a tokenizer (no tokenizer.json beside the first training file): kiln serve answers infer on token ids but not generate"
+            );
+        }
+        (parts.model, parts.signature, parts.tokenizer)
+    } else {
+        let (features, classes) = (rank0.features as usize, rank0.classes as usize);
+        (
+            ModelDefinition::classifier(spec.model.clone(), features, classes),
+            Signature::classifier(features, classes),
+            None,
+        )
+    };
     let new = NewVersion {
         checkpoint: CheckpointRef {
             root: checkpoint_root.to_string(),
             step: manifest.step,
             digest: rank0.weights_digest.clone(),
         },
-        model: ModelDefinition {
-            spec: spec.model.clone(),
-            features: rank0.features as usize,
-            classes: rank0.classes as usize,
-        },
-        signature: Signature::classifier(rank0.features as usize, rank0.classes as usize),
+        model,
+        signature,
         metrics: eval.clone(),
         lineage: Lineage {
             job: job.to_string(),
@@ -107,6 +175,7 @@ pub async fn register_final_model(
         },
         reference_profile,
         torchscript,
+        tokenizer,
     };
     let registry_url = registry_url(spec, checkpoint_root);
     let registry = Registry::open(&registry_url)

@@ -68,6 +68,10 @@ pub enum RegistryCommand {
         /// A reference data profile (JSON) for drift detection.
         #[arg(long, value_name = "FILE")]
         reference_profile: Option<PathBuf>,
+        /// A language model's tokenizer (tokenizer.json); default: the one
+        /// beside the spec's first training file, if there is one.
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
     },
     /// Point an alias at a version; with --weight below 100, as a canary
     /// beside the alias's current primary version.
@@ -114,6 +118,7 @@ pub async fn run(args: RegistryArgs) -> Result<ExitCode> {
             features,
             classes,
             reference_profile,
+            tokenizer,
         } => {
             let new = new_version(&Registration {
                 checkpoint,
@@ -123,6 +128,7 @@ pub async fn run(args: RegistryArgs) -> Result<ExitCode> {
                 features,
                 classes,
                 reference_profile,
+                tokenizer,
             })
             .await?;
             let v = registry
@@ -343,12 +349,20 @@ fn print_version(v: &ModelVersion, weight: u32) {
         v.checkpoint.root, v.checkpoint.step
     );
     println!("weights     sha256 {}", v.checkpoint.digest);
-    println!(
-        "model       {}  features {}  classes {}",
-        describe_model(&v.model.spec),
-        v.model.features,
-        v.model.classes
-    );
+    if v.model.is_language_model() {
+        println!(
+            "model       {}  context {}  (language model)",
+            describe_model(&v.model.spec),
+            v.model.features
+        );
+    } else {
+        println!(
+            "model       {}  features {}  classes {}",
+            describe_model(&v.model.spec),
+            v.model.features,
+            v.model.classes
+        );
+    }
     let side = |ts: &[kiln_checkpoint::registry::TensorSignature]| {
         let parts: Vec<String> = ts
             .iter()
@@ -370,9 +384,10 @@ fn print_version(v: &ModelVersion, weight: u32) {
         or_dash(&v.lineage.code_version)
     );
     println!(
-        "extras      reference profile: {}  torchscript: {}",
+        "extras      reference profile: {}  torchscript: {}  tokenizer: {}",
         yes_no(v.has_reference_profile),
-        yes_no(v.has_torchscript)
+        yes_no(v.has_torchscript),
+        yes_no(v.has_tokenizer)
     );
 }
 
@@ -491,6 +506,7 @@ struct Registration {
     features: Option<usize>,
     classes: Option<usize>,
     reference_profile: Option<PathBuf>,
+    tokenizer: Option<PathBuf>,
 }
 
 /// Builds a version from a committed checkpoint: its manifest gives the step,
@@ -562,8 +578,32 @@ async fn new_version(r: &Registration) -> Result<NewVersion> {
         .iter()
         .map(|t| (t.name.clone(), t.shape.clone()))
         .collect();
-    let (features, classes) = dimensions(&spec, &shapes, r.features, r.classes).await?;
-    check_fit(&spec.model, features, classes, shapes).await?;
+    let (model, signature, tokenizer) = if spec.model.kind == ModelKind::Gpt {
+        ensure!(
+            r.features.is_none() && r.classes.is_none(),
+            "--features and --classes do not apply to a gpt: its context and vocabulary come from the spec"
+        );
+        let parts = crate::register::language_model_parts(&spec)?;
+        let tokenizer = match &r.tokenizer {
+            Some(path) => Some(crate::register::read_tokenizer(path, parts.model.classes)?),
+            None => parts.tokenizer,
+        };
+        let m = &parts.model;
+        check_fit(&m.spec, m.features, m.classes, shapes).await?;
+        (parts.model, parts.signature, tokenizer)
+    } else {
+        ensure!(
+            r.tokenizer.is_none(),
+            "--tokenizer: only a language model (model.kind = \"gpt\") carries a tokenizer"
+        );
+        let (features, classes) = dimensions(&spec, &shapes, r.features, r.classes).await?;
+        check_fit(&spec.model, features, classes, shapes).await?;
+        (
+            ModelDefinition::classifier(spec.model.clone(), features, classes),
+            Signature::classifier(features, classes),
+            None,
+        )
+    };
 
     let torchscript = match spec.model.kind {
         ModelKind::Torchscript => {
@@ -593,12 +633,8 @@ async fn new_version(r: &Registration) -> Result<NewVersion> {
             step: manifest.step,
             digest,
         },
-        model: ModelDefinition {
-            spec: spec.model.clone(),
-            features,
-            classes,
-        },
-        signature: Signature::classifier(features, classes),
+        model,
+        signature,
         metrics,
         lineage: Lineage {
             job: manifest.job.clone(),
@@ -608,6 +644,7 @@ async fn new_version(r: &Registration) -> Result<NewVersion> {
         },
         reference_profile,
         torchscript,
+        tokenizer,
     })
 }
 
@@ -647,11 +684,8 @@ async fn dimensions(
             dim("fc1.weight", 0),
         ),
         ModelKind::Torchscript => (None, None),
-        // Language models register with the generate extension (not yet):
-        // no feature/class signature.
-        ModelKind::Gpt => anyhow::bail!(
-            "registering a gpt is not supported yet: kiln serve has no language-model endpoint"
-        ),
+        // Registered as a language model (see `new_version`).
+        ModelKind::Gpt => bail!("a gpt has a context and a vocabulary, not features and classes"),
     };
     let features = features.or(from_weights_features);
     let classes = classes.or(from_weights_classes);
@@ -660,8 +694,8 @@ async fn dimensions(
     }
     let (data_features, data_classes) = match spec.data.kind {
         DataKind::Synthetic => (spec.data.features, spec.data.classes.unwrap_or(10)),
-        DataKind::Tokens => anyhow::bail!(
-            "registering a model trained on token data is not supported yet (no language-model serving)"
+        DataKind::Tokens => bail!(
+            "on token data, only a gpt registers (as a language model); pass --features and --classes for another model"
         ),
         DataKind::Safetensors => {
             let data = spec.data.clone();

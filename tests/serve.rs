@@ -93,15 +93,15 @@ fn register(registry_url: &str, root_url: &str, step: u64, dir: &Path) -> (u64, 
             step,
             digest,
         },
-        model: ModelDefinition {
-            spec: ModelSpec {
+        model: ModelDefinition::classifier(
+            ModelSpec {
                 hidden: vec![128, 64],
                 channels: vec![],
                 ..ModelSpec::new(ModelKind::Mlp)
             },
-            features: 64,
-            classes: 10,
-        },
+            64,
+            10,
+        ),
         signature: Signature::classifier(64, 10),
         metrics: Default::default(),
         lineage: Lineage {
@@ -112,6 +112,7 @@ fn register(registry_url: &str, root_url: &str, step: u64, dir: &Path) -> (u64, 
         },
         reference_profile: None,
         torchscript: None,
+        tokenizer: None,
     };
     let version = runtime().block_on(async {
         let registry = Registry::open(registry_url).await.unwrap();

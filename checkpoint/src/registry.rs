@@ -15,10 +15,14 @@
 //! models/{name}/history/{seq:020}.json        audit log: one create-only object per entry
 //! models/{name}/blobs/{sha256}.profile.json   reference data profile (content-addressed)
 //! models/{name}/blobs/{sha256}.torchscript.pt TorchScript module bytes (content-addressed)
+//! models/{name}/blobs/{sha256}.tokenizer.json a language model's tokenizer (content-addressed)
 //! ```
 //!
 //! Every record is JSON with a `format_version`; a newer version than this
-//! build reads is refused, not misread.
+//! build reads is refused, not misread. Version records of classifiers are
+//! written at format 1, as before; those of language models at format 2
+//! (their `model.task`, signature and tokenizer mean something a format-1
+//! reader would misread as a classifier), so an older build refuses them.
 //!
 //! # Version numbers
 //!
@@ -70,8 +74,14 @@ use crate::error::{Error, Result};
 use crate::manifest::now_rfc3339;
 use crate::store::{CheckpointRoot, Versioned};
 
-/// The version of the registry's records this build writes and the newest it reads.
-pub const REGISTRY_FORMAT_VERSION: u32 = 1;
+/// The newest version of the registry's records this build reads.
+pub const REGISTRY_FORMAT_VERSION: u32 = 2;
+/// The format of aliases, audit entries and classifier versions: unchanged
+/// since format 1, so that builds that read only format 1 still read them.
+const BASE_FORMAT_VERSION: u32 = 1;
+/// The format of a language model's version record (`model.task`,
+/// a token signature, a tokenizer blob).
+const LANGUAGE_MODEL_FORMAT_VERSION: u32 = 2;
 
 /// Reads in flight when a command reads many records.
 const READ_CONCURRENCY: usize = 16;
@@ -116,6 +126,11 @@ pub struct NewVersion {
     /// `torchscript` (the training machine's `model.path` is not the server's).
     #[serde(skip)]
     pub torchscript: Option<Vec<u8>>,
+    /// A language model's tokenizer (a Hugging Face `tokenizer.json`), stored
+    /// as its own object so that a server turns text into ids exactly as
+    /// training did; language models only.
+    #[serde(skip)]
+    pub tokenizer: Option<Vec<u8>>,
 }
 
 /// Where a version's weights are: a committed checkpoint.
@@ -135,10 +150,58 @@ pub struct CheckpointRef {
 pub struct ModelDefinition {
     /// The job spec's `[model]` section.
     pub spec: ModelSpec,
-    /// Input features per sample.
+    /// Input features per sample; for a language model, its context length
+    /// (most tokens it sees, `seq_len`).
     pub features: usize,
-    /// Output classes (logits per sample).
+    /// Output classes (logits per sample); for a language model, its
+    /// vocabulary size (logits per position).
     pub classes: usize,
+    /// What the network does with its input; records written before language
+    /// models existed have none and are classifiers.
+    #[serde(default)]
+    pub task: ModelTask,
+}
+
+/// What a registered network computes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelTask {
+    /// Flat features `[n, features]` to logits `[n, classes]`.
+    #[default]
+    Classifier,
+    /// Token ids `[n, t]` (t <= `features`, the context) to next-token logits
+    /// over `classes` ids.
+    LanguageModel,
+}
+
+impl ModelDefinition {
+    /// A classifier of `features` inputs and `classes` outputs.
+    pub fn classifier(spec: ModelSpec, features: usize, classes: usize) -> ModelDefinition {
+        ModelDefinition {
+            spec,
+            features,
+            classes,
+            task: ModelTask::Classifier,
+        }
+    }
+
+    /// A language model with a context of `context` tokens over `vocab` ids.
+    /// The spec's `seq_len` is set to the context, so that the definition
+    /// builds the same network without the job's data section.
+    pub fn language_model(mut spec: ModelSpec, context: usize, vocab: usize) -> ModelDefinition {
+        spec.seq_len = Some(context);
+        ModelDefinition {
+            spec,
+            features: context,
+            classes: vocab,
+            task: ModelTask::LanguageModel,
+        }
+    }
+
+    /// Whether this is a language model.
+    pub fn is_language_model(&self) -> bool {
+        self.task == ModelTask::LanguageModel
+    }
 }
 
 /// The model's inputs and outputs, as the inference protocol describes them.
@@ -183,6 +246,9 @@ pub struct ModelVersion {
     pub lineage: Lineage,
     pub has_reference_profile: bool,
     pub has_torchscript: bool,
+    /// Whether a tokenizer is stored with the version (language models).
+    #[serde(default)]
+    pub has_tokenizer: bool,
 }
 
 /// A movable name for weighted versions of one model.
@@ -260,6 +326,25 @@ impl Signature {
                 name: "logits".into(),
                 datatype: "FP32".into(),
                 shape: vec![-1, classes as i64],
+            }],
+        }
+    }
+
+    /// The signature of kiln's language models: `INT64` `input_ids` of
+    /// `[-1, -1]` (a batch of sequences of up to the context's length) and
+    /// `FP32` `logits` of `[-1, vocab]`: the next token's logits, after each
+    /// sequence's last position.
+    pub fn language_model(vocab: usize) -> Signature {
+        Signature {
+            inputs: vec![TensorSignature {
+                name: "input_ids".into(),
+                datatype: "INT64".into(),
+                shape: vec![-1, -1],
+            }],
+            outputs: vec![TensorSignature {
+                name: "logits".into(),
+                datatype: "FP32".into(),
+                shape: vec![-1, vocab as i64],
             }],
         }
     }
@@ -434,6 +519,24 @@ fn validate_new(new: &NewVersion) -> Result<()> {
             "reference profile is not JSON: {e}"
         )));
     }
+    if let Some(tokenizer) = &new.tokenizer {
+        if !m.is_language_model() {
+            return Err(Error::invalid(
+                "a tokenizer was given but model.task is classifier; only language models carry one",
+            ));
+        }
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(tokenizer) {
+            return Err(Error::invalid(format!(
+                "the tokenizer is not JSON (a tokenizer.json): {e}"
+            )));
+        }
+    }
+    if m.is_language_model() && m.spec.kind != ModelKind::Gpt {
+        return Err(Error::invalid(format!(
+            "model.task is language_model but model.kind is {}; kiln's language models are gpt",
+            kind_name(m.spec.kind)
+        )));
+    }
     let is_script = m.spec.kind == ModelKind::Torchscript;
     match (&new.torchscript, is_script) {
         (None, true) => Err(Error::invalid(
@@ -441,14 +544,18 @@ fn validate_new(new: &NewVersion) -> Result<()> {
         )),
         (Some(_), false) => Err(Error::invalid(format!(
             "TorchScript module bytes were given but model.kind is {}",
-            serde_json::to_value(m.spec.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
+            kind_name(m.spec.kind)
         ))),
         (Some(b), true) if b.is_empty() => Err(Error::invalid("the TorchScript module is empty")),
         _ => Ok(()),
     }
+}
+
+fn kind_name(kind: ModelKind) -> String {
+    serde_json::to_value(kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn validate_targets(targets: &[AliasTarget]) -> Result<()> {
@@ -499,6 +606,9 @@ struct StoredVersion {
     version: ModelVersion,
     reference_profile: Option<BlobRef>,
     torchscript: Option<BlobRef>,
+    /// A language model's tokenizer; absent from records of format 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tokenizer: Option<BlobRef>,
     /// Unique to one registration attempt: two registrations never write the
     /// same bytes, which is how a retried put recognises its own.
     registration_id: String,
@@ -645,8 +755,17 @@ impl Registry {
             Some(b) => Some(self.put_blob(name, "torchscript.pt", b).await?),
             None => None,
         };
+        let tokenizer = match &new.tokenizer {
+            Some(b) => Some(self.put_blob(name, "tokenizer.json", b).await?),
+            None => None,
+        };
+        let format_version = if new.model.is_language_model() {
+            LANGUAGE_MODEL_FORMAT_VERSION
+        } else {
+            BASE_FORMAT_VERSION
+        };
         let mut record = StoredVersion {
-            format_version: REGISTRY_FORMAT_VERSION,
+            format_version,
             version: ModelVersion {
                 name: name.to_string(),
                 version: self.last_number(&versions_prefix(name)).await? + 1,
@@ -654,6 +773,7 @@ impl Registry {
                 created_by: actor.to_string(),
                 has_reference_profile: reference_profile.is_some(),
                 has_torchscript: torchscript.is_some(),
+                has_tokenizer: tokenizer.is_some(),
                 checkpoint: new.checkpoint,
                 model: new.model,
                 signature: new.signature,
@@ -662,6 +782,7 @@ impl Registry {
             },
             reference_profile,
             torchscript,
+            tokenizer,
             registration_id: unique_id(),
         };
         let mut lost = 0;
@@ -820,7 +941,7 @@ impl Registry {
             updated_by: actor.to_string(),
         };
         let record = StoredAlias {
-            format_version: REGISTRY_FORMAT_VERSION,
+            format_version: BASE_FORMAT_VERSION,
             alias: new,
             write_id: unique_id(),
         };
@@ -1018,6 +1139,16 @@ impl Registry {
         }
     }
 
+    /// The tokenizer (`tokenizer.json` bytes) of a language model's version,
+    /// checked against its sha256.
+    pub async fn tokenizer(&self, name: &str, version: u64) -> Result<Option<Vec<u8>>> {
+        let stored = self.stored_version(name, version).await?;
+        match &stored.tokenizer {
+            Some(blob) => self.get_blob(blob).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     // ----- helpers -----
 
     async fn stored_version(&self, name: &str, version: u64) -> Result<StoredVersion> {
@@ -1153,7 +1284,7 @@ impl Registry {
     async fn append(&self, name: &str, entry: AuditEntry) -> Result<u64> {
         let prefix = history_prefix(name);
         let mut record = StoredAudit {
-            format_version: REGISTRY_FORMAT_VERSION,
+            format_version: BASE_FORMAT_VERSION,
             entry: AuditEntry {
                 seq: self.last_number(&prefix).await? + 1,
                 ..entry

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use futures::future::join_all;
 use kiln_checkpoint::Error;
 use kiln_checkpoint::registry::{
-    AliasTarget, CheckpointRef, Lineage, ModelDefinition, NewVersion, Pick, Registry, Selector,
-    Signature, spec_hash,
+    AliasTarget, CheckpointRef, Lineage, ModelDefinition, ModelTask, NewVersion, Pick, Registry,
+    Selector, Signature, spec_hash,
 };
 use kiln_checkpoint::store::CheckpointRoot;
 use sha2::{Digest, Sha256};
@@ -36,11 +36,7 @@ fn new_version(i: u64) -> NewVersion {
             step: 100 + i,
             digest: hex::encode(Sha256::digest(i.to_le_bytes())),
         },
-        model: ModelDefinition {
-            spec: serde_json::from_value(spec).unwrap(),
-            features: 20,
-            classes: 4,
-        },
+        model: ModelDefinition::classifier(serde_json::from_value(spec).unwrap(), 20, 4),
         signature: Signature::classifier(20, 4),
         metrics: BTreeMap::from([("eval_accuracy".to_string(), i as f64 / 100.0)]),
         lineage: Lineage {
@@ -51,6 +47,7 @@ fn new_version(i: u64) -> NewVersion {
         },
         reference_profile: None,
         torchscript: None,
+        tokenizer: None,
     }
 }
 
@@ -577,6 +574,89 @@ fn blobs_lookups_and_listing() {
     });
 }
 
+/// A language model's version: a gpt with its token signature and tokenizer.
+fn language_model(i: u64) -> NewVersion {
+    let spec = serde_json::json!({ "kind": "gpt", "vocab": 256, "n_layer": 1 + i as usize });
+    NewVersion {
+        model: ModelDefinition::language_model(serde_json::from_value(spec).unwrap(), 32, 256),
+        signature: Signature::language_model(256),
+        tokenizer: Some(br#"{"version": "1.0", "model": {"type": "BPE"}}"#.to_vec()),
+        ..new_version(i)
+    }
+}
+
+#[test]
+fn language_models_store_their_tokenizer_at_format_2_and_old_records_stay_readable() {
+    let t = common::local_root();
+    let registry = Registry::from_root(t.root.clone());
+    runtime().block_on(async {
+        let new = language_model(1);
+        let v = registry.register("lm", new.clone(), "me").await.unwrap();
+        assert!(v.has_tokenizer && !v.has_torchscript);
+        assert_eq!(v.model.task, ModelTask::LanguageModel);
+        assert_eq!(v.model.spec.seq_len, Some(32), "the context is in the spec");
+        assert_eq!((v.model.features, v.model.classes), (32, 256));
+        assert_eq!(v.signature.inputs[0].name, "input_ids");
+        assert_eq!(v.signature.inputs[0].shape, [-1, -1]);
+        assert_eq!(registry.version("lm", 1).await.unwrap(), v);
+        assert_eq!(registry.tokenizer("lm", 1).await.unwrap(), new.tokenizer);
+
+        // On disk: format 2 with a tokenizer blob, so that a build reading
+        // only format 1 refuses it rather than serve it as a classifier.
+        let dir = t.root.local_dir().unwrap();
+        let read = |key: &str| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(dir.join(key)).unwrap()).unwrap()
+        };
+        let record = read(&format!("models/lm/versions/{:020}.json", 1));
+        assert_eq!(record["format_version"], 2);
+        assert_eq!(record["model"]["task"], "language_model");
+        assert!(
+            record["tokenizer"]["key"]
+                .as_str()
+                .unwrap()
+                .ends_with(".tokenizer.json"),
+            "{record}"
+        );
+        // Classifiers (and aliases) are still written at format 1.
+        registry
+            .register("plain", new_version(2), "me")
+            .await
+            .unwrap();
+        let plain = read(&format!("models/plain/versions/{:020}.json", 1));
+        assert_eq!(plain["format_version"], 1);
+        assert!(plain.get("tokenizer").is_none(), "{plain}");
+        registry.promote("lm", "prod", 1, None, "me").await.unwrap();
+        assert_eq!(read("models/lm/aliases/prod.json")["format_version"], 1);
+
+        // A record written before language models existed (no task, no
+        // has_tokenizer, no tokenizer) reads as a classifier without one.
+        let mut old = plain.clone();
+        let obj = old.as_object_mut().unwrap();
+        obj.remove("has_tokenizer");
+        obj["model"].as_object_mut().unwrap().remove("task");
+        obj["version"] = 2.into();
+        std::fs::write(
+            dir.join(format!("models/plain/versions/{:020}.json", 2)),
+            serde_json::to_vec(&old).unwrap(),
+        )
+        .unwrap();
+        let v = registry.version("plain", 2).await.unwrap();
+        assert_eq!(v.model.task, ModelTask::Classifier);
+        assert!(!v.has_tokenizer);
+        assert_eq!(registry.tokenizer("plain", 2).await.unwrap(), None);
+
+        // A damaged tokenizer is caught.
+        let blobs = t.root.list("models/lm/blobs").await.unwrap();
+        let blob = blobs
+            .iter()
+            .find(|o| o.key.ends_with(".tokenizer.json"))
+            .unwrap();
+        std::fs::write(dir.join(&blob.key), b"{}").unwrap();
+        let err = registry.tokenizer("lm", 1).await.unwrap_err();
+        assert!(matches!(err, Error::CorruptObject { .. }), "{err}");
+    });
+}
+
 #[test]
 fn bad_input_is_refused_with_the_field_named() {
     let t = common::memory_root();
@@ -618,6 +698,24 @@ fn bad_input_is_refused_with_the_field_named() {
                 "m",
                 Box::new(|n| n.torchscript = Some(vec![1])),
                 "model.kind is mlp",
+            ),
+            (
+                "m",
+                Box::new(|n| n.tokenizer = Some(b"{}".to_vec())),
+                "only language models carry one",
+            ),
+            (
+                "m",
+                Box::new(|n| n.model.task = ModelTask::LanguageModel),
+                "model.kind is mlp; kiln's language models are gpt",
+            ),
+            (
+                "m",
+                Box::new(|n| {
+                    *n = language_model(0);
+                    n.tokenizer = Some(b"not json".to_vec());
+                }),
+                "the tokenizer is not JSON",
             ),
         ];
         for (name, change, says) in cases {

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batcher::{BatchQueue, BatchSettings, warm_up};
 use crate::drift::DriftOptions;
 use crate::error::RequestError;
+use crate::lm::LmQueue;
 use crate::metrics::{Metrics, VersionLabels};
 use crate::model::ServingNet;
 use crate::monitor::VersionDrift;
@@ -33,10 +34,22 @@ use crate::signature::IoSpec;
 pub struct ServedVersion {
     pub version: ModelVersion,
     pub io: IoSpec,
-    pub queue: BatchQueue,
+    pub engine: Engine,
     pub labels: VersionLabels,
     /// Drift monitoring, when the version has a reference profile.
     pub drift: Option<Arc<VersionDrift>>,
+}
+
+/// The compute thread of a version and how requests reach it.
+pub enum Engine {
+    /// A classifier: rows of features, dynamically batched.
+    Batched(BatchQueue),
+    /// A language model: token ids and generations, one at a time; with its
+    /// tokenizer when the version has one (generate needs it).
+    Language {
+        queue: LmQueue,
+        tokenizer: Option<Arc<kiln_text::Tokenizer>>,
+    },
 }
 
 impl std::fmt::Debug for ServedVersion {
@@ -146,11 +159,20 @@ impl Loader {
         let registry = self.registry.clone();
         let batch = self.batch;
         let v = version.clone();
-        let net = tokio::task::spawn_blocking(move || -> Result<ServingNet> {
-            let net = ServingNet::load(&registry, &v)?;
-            warm_up(&net, &batch).context("warm up")?;
-            Ok(net)
-        })
+        let language = io.is_language_model();
+        let (net, tokenizer) = tokio::task::spawn_blocking(
+            move || -> Result<(ServingNet, Option<kiln_text::Tokenizer>)> {
+                let net = ServingNet::load(&registry, &v)?;
+                if language {
+                    let tokenizer = crate::model::load_tokenizer(&registry, &v)?;
+                    crate::lm::warm_up(&net).context("warm up")?;
+                    Ok((net, tokenizer))
+                } else {
+                    warm_up(&net, &batch).context("warm up")?;
+                    Ok((net, None))
+                }
+            },
+        )
         .await
         .context("model load task")??;
         let drift = self.drift(&version, &io).await;
@@ -158,14 +180,35 @@ impl Loader {
             model: version.name.clone(),
             version: version.version.to_string(),
         };
-        let queue = BatchQueue::start(
-            net,
-            self.batch,
-            self.metrics.clone(),
-            labels.clone(),
-            format!("serve-{}", version.version),
-        )
-        .context("start the compute thread")?;
+        let thread = format!("serve-{}", version.version);
+        let engine = if language {
+            if tokenizer.is_none() {
+                tracing::warn!(model = %version.name, version = version.version, "language model without a tokenizer: infer on token ids only, no generate");
+            }
+            Engine::Language {
+                queue: LmQueue::start(
+                    net,
+                    self.batch.queue_capacity,
+                    self.batch.threads,
+                    self.metrics.clone(),
+                    labels.clone(),
+                    thread,
+                )
+                .context("start the compute thread")?,
+                tokenizer: tokenizer.map(Arc::new),
+            }
+        } else {
+            Engine::Batched(
+                BatchQueue::start(
+                    net,
+                    self.batch,
+                    self.metrics.clone(),
+                    labels.clone(),
+                    thread,
+                )
+                .context("start the compute thread")?,
+            )
+        };
         tracing::info!(
             model = %version.name,
             version = version.version,
@@ -176,7 +219,7 @@ impl Loader {
         Ok(Arc::new(ServedVersion {
             version,
             io,
-            queue,
+            engine,
             labels,
             drift,
         }))

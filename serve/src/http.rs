@@ -11,6 +11,9 @@
 //! `Inference-Header-Content-Length` too, and each binary output its
 //! `binary_data_size`.
 //!
+//! Language models also answer Triton's generate extension
+//! (`.../generate`, `.../generate_stream`; see [`crate::generate`]).
+//!
 //! Every error is the protocol's `{"error": "..."}` with a 4xx or 5xx status.
 
 use std::net::SocketAddr;
@@ -62,6 +65,16 @@ pub fn router(state: Arc<ServerState>) -> Router {
             "/v2/models/{name}/versions/{version}/infer",
             post(infer_version),
         )
+        .route("/v2/models/{name}/generate", post(generate))
+        .route(
+            "/v2/models/{name}/versions/{version}/generate",
+            post(generate_version),
+        )
+        .route("/v2/models/{name}/generate_stream", post(generate_stream))
+        .route(
+            "/v2/models/{name}/versions/{version}/generate_stream",
+            post(generate_stream_version),
+        )
         .route("/v2/repository/index", post(index).get(index))
         .route("/v2/repository/models/{name}/load", post(load))
         .route("/v2/repository/models/{name}/unload", post(unload))
@@ -73,7 +86,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
 
 async fn not_found() -> RequestError {
     RequestError::not_found(
-        "no such endpoint; see /v2, /v2/models/{name}, /v2/models/{name}/infer, /v2/health/live, /metrics",
+        "no such endpoint; see /v2, /v2/models/{name}, /v2/models/{name}/infer, /v2/models/{name}/generate, /v2/health/live, /metrics",
     )
 }
 
@@ -257,6 +270,176 @@ async fn infer_common(
     }
 }
 
+// ----- generate extension (language models) -----
+
+async fn generate(
+    state: Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate_common(state, name, None, headers, body, false).await
+}
+
+async fn generate_version(
+    state: Shared,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate_common(state, name, Some(version), headers, body, false).await
+}
+
+async fn generate_stream(
+    state: Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate_common(state, name, None, headers, body, true).await
+}
+
+async fn generate_stream_version(
+    state: Shared,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate_common(state, name, Some(version), headers, body, true).await
+}
+
+async fn generate_common(
+    State(state): Shared,
+    name: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+    stream: bool,
+) -> Response {
+    let received = Instant::now();
+    let limit = state.config.request_timeout();
+    let prepared = tokio::time::timeout(limit, async {
+        auth::check_inference(&state.tokens, authorization(&headers))?;
+        let body = read_body(&headers, body, state.config.limits.max_request_bytes).await?;
+        crate::generate::parse_request(&body)
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(RequestError::new(
+            ErrorKind::Timeout,
+            format!(
+                "the request body did not arrive within {} ms",
+                limit.as_millis()
+            ),
+        ))
+    });
+    let request = match prepared {
+        Ok(r) => r,
+        Err(e) => {
+            let labels = RequestLabels {
+                model: name,
+                version: String::new(),
+                protocol: "http".to_string(),
+            };
+            state.record_error(&labels, &e, received);
+            return e.into_response();
+        }
+    };
+    let generation = match state
+        .generate(&name, version.as_deref(), request, received)
+        .await
+    {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
+    if stream {
+        stream_response(state, generation, received)
+    } else {
+        whole_response(&state, generation, received).await
+    }
+}
+
+/// `/generate`: waits for the whole text.
+async fn whole_response(
+    state: &ServerState,
+    mut generation: crate::server::Generation,
+    received: Instant,
+) -> Response {
+    use crate::lm::GenerateEvent;
+    let deadline = generation.deadline;
+    let outcome = tokio::time::timeout_at(deadline.into(), async {
+        loop {
+            match generation.events.recv().await {
+                Some(GenerateEvent::Piece(_)) => {}
+                Some(GenerateEvent::Done { text, .. }) => return Ok(text),
+                Some(GenerateEvent::Failed(e)) => return Err(e),
+                None => return Err(RequestError::internal("the compute thread stopped")),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(RequestError::new(
+            ErrorKind::Timeout,
+            "the generation did not finish within the request's time limit",
+        ))
+    });
+    match outcome {
+        Ok(text) => {
+            state.record_success(&generation.labels, received);
+            json_response(crate::generate::response_json(
+                &generation.model_name,
+                &generation.model_version,
+                &text,
+            ))
+        }
+        Err(e) => {
+            state.record_error(&generation.labels, &e, received);
+            e.into_response()
+        }
+    }
+}
+
+/// `/generate_stream`: one server-sent event per generated token; an error
+/// after the start is a last event `{"error": "..."}`.
+fn stream_response(
+    state: Arc<ServerState>,
+    generation: crate::server::Generation,
+    received: Instant,
+) -> Response {
+    use crate::lm::GenerateEvent;
+    let events = futures::stream::unfold(Some((state, generation)), move |open| async move {
+        let (state, mut g) = open?;
+        let event = match g.events.recv().await {
+            Some(GenerateEvent::Piece(piece)) => {
+                let v = crate::generate::response_json(&g.model_name, &g.model_version, &piece);
+                let chunk = Bytes::from(crate::generate::sse_event(&v));
+                return Some((
+                    Ok::<Bytes, std::convert::Infallible>(chunk),
+                    Some((state, g)),
+                ));
+            }
+            Some(GenerateEvent::Done { .. }) => {
+                state.record_success(&g.labels, received);
+                return None;
+            }
+            Some(GenerateEvent::Failed(e)) => e,
+            None => RequestError::internal("the compute thread stopped"),
+        };
+        state.record_error(&g.labels, &event, received);
+        let chunk = crate::generate::sse_event(&json!({ "error": event.message }));
+        Some((Ok(Bytes::from(chunk)), None))
+    });
+    let mut response = Response::new(Body::from_stream(events));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
 /// The JSON part of an inference request.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -300,6 +483,37 @@ async fn read_request(
     body: Body,
     max_bytes: usize,
 ) -> Result<InferRequest, RequestError> {
+    let body = read_body(headers, body, max_bytes).await?;
+    let json_len = match headers.get(HEADER_LENGTH) {
+        None => body.len(),
+        Some(v) => {
+            let n = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "header Inference-Header-Content-Length: {v:?} is not a byte count"
+                    ))
+                })?;
+            if n > body.len() {
+                return Err(bad(format!(
+                    "header Inference-Header-Content-Length is {n} but the body has {} bytes",
+                    body.len()
+                )));
+            }
+            n
+        }
+    };
+    parse_request(&body[..json_len], body.slice(json_len..))
+}
+
+/// Reads a body of at most `max_bytes`, uncompressed.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    max_bytes: usize,
+) -> Result<Bytes, RequestError> {
     if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
         let enc = enc.to_str().unwrap_or("?").trim().to_ascii_lowercase();
         if enc != "identity" {
@@ -334,29 +548,7 @@ async fn read_request(
         }
         buf.extend_from_slice(&chunk);
     }
-    let body = buf.freeze();
-    let json_len = match headers.get(HEADER_LENGTH) {
-        None => body.len(),
-        Some(v) => {
-            let n = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or_else(|| {
-                    bad(format!(
-                        "header Inference-Header-Content-Length: {v:?} is not a byte count"
-                    ))
-                })?;
-            if n > body.len() {
-                return Err(bad(format!(
-                    "header Inference-Header-Content-Length is {n} but the body has {} bytes",
-                    body.len()
-                )));
-            }
-            n
-        }
-    };
-    parse_request(&body[..json_len], body.slice(json_len..))
+    Ok(buf.freeze())
 }
 
 fn parse_request(json: &[u8], mut binary: Bytes) -> Result<InferRequest, RequestError> {

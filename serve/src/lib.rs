@@ -4,8 +4,9 @@
 //! (KServe v2), REST and gRPC on one port, so unmodified clients
 //! (`tritonclient`, KServe tooling) work; batches requests dynamically;
 //! follows registry aliases, swapping versions without failing a request;
-//! splits traffic between an alias's versions; and exports Prometheus
-//! metrics. See `docs/serving.md`.
+//! splits traffic between an alias's versions; exports Prometheus metrics;
+//! and gives language models Triton's generate extension (text in, text out,
+//! streamed as server-sent events). See `docs/serving.md`.
 //!
 //! # Layout
 //!
@@ -20,6 +21,9 @@
 //!   and the watcher that swaps them when an alias moves.
 //! - [`model`]: loading a version's verified weights into its network.
 //! - [`batcher`]: per version, the compute thread and its dynamic batching.
+//! - [`lm`]: a language model's compute thread: next-token logits and
+//!   generation (KV cache, seeded sampling), text streamed piece by piece;
+//!   [`generate`]: Triton's generate extension (request, parameters, events).
 //! - [`metrics`]: Prometheus metrics. [`auth`]: bearer tokens.
 //! - [`drift`]: drift statistics and windows over a reference profile;
 //!   [`monitor`]: feeding served rows to it, gauges and `drift.detected` events.
@@ -33,6 +37,13 @@
 //! the rows are queued for the version's compute thread, which batches them
 //! with others into a forward pass. The logits come back through a oneshot
 //! channel and become the requested outputs.
+//!
+//! A language model's version takes `input_ids` instead (decoded to token
+//! ids, one forward pass per request on its own compute thread, no dynamic
+//! batching) and also answers `/generate` and `/generate_stream`
+//! ([`server::ServerState::generate`]): the prompt is tokenized with the
+//! version's registered tokenizer on the blocking pool, generated on the
+//! compute thread, and each token's text comes back through a channel.
 
 pub mod auth;
 pub mod batcher;
@@ -41,8 +52,10 @@ pub mod datatype;
 pub mod deployment;
 pub mod drift;
 pub mod error;
+pub mod generate;
 pub mod grpc;
 pub mod http;
+pub mod lm;
 pub mod metrics;
 pub mod model;
 pub mod monitor;

@@ -2,12 +2,13 @@
 //! checkpoint (the weights-only subset, every chunk verified, then the whole
 //! set checked against the registered weights digest), copied by name into
 //! the network `kiln_models::build` makes from the version's definition, and
-//! warmed up.
+//! warmed up. A language model's tokenizer comes from the registry too
+//! ([`load_tokenizer`]).
 
 use std::collections::HashMap;
 
 use anyhow::{Context, Result, bail, ensure};
-use kiln_checkpoint::registry::{ModelVersion, Registry};
+use kiln_checkpoint::registry::{ModelTask, ModelVersion, Registry};
 use kiln_checkpoint::{CheckpointRoot, DType, OwnedTensor, TensorView, weights_digest};
 use kiln_models::Net;
 use kiln_proto::spec::ModelKind;
@@ -95,8 +96,30 @@ impl ServingNet {
         };
         let vs = nn::VarStore::new(Device::Cpu);
         let (features, classes) = (version.model.features, version.model.classes);
-        let mut net = kiln_models::build(&spec, features, classes, &vs)
+        let io = kiln_models::ModelIo {
+            features,
+            classes,
+            context: (version.model.task == ModelTask::LanguageModel).then_some(features),
+        };
+        let mut net = kiln_models::build_with(&spec, io, kiln_proto::spec::Precision::Fp32, &vs)
             .with_context(|| format!("{what}: build the network"))?;
+        if let Net::Gpt(gpt) = &net {
+            let cfg = gpt.config();
+            ensure!(
+                version.model.task == ModelTask::LanguageModel
+                    && cfg.seq_len == features
+                    && cfg.vocab == classes,
+                "{what}: the registry describes a {:?} of {features} features and {classes} classes, but the spec builds a gpt of context {} and vocabulary {}",
+                version.model.task,
+                cfg.seq_len,
+                cfg.vocab
+            );
+        } else {
+            ensure!(
+                version.model.task == ModelTask::Classifier,
+                "{what}: registered as a language model, but model.kind is not gpt"
+            );
+        }
         copy_weights(&vs, &weights).with_context(|| format!("{what}: load weights"))?;
         if let Net::Script(module) = &mut net {
             module.set_eval();
@@ -120,6 +143,39 @@ impl ServingNet {
     /// Logits per sample.
     pub fn classes(&self) -> usize {
         self.classes
+    }
+
+    /// The language model, if this is one.
+    pub fn gpt(&self) -> Option<&kiln_models::gpt::Gpt> {
+        match &self.net {
+            Net::Gpt(gpt) => Some(gpt),
+            _ => None,
+        }
+    }
+
+    /// A language model's next-token logits after each of `rows` sequences
+    /// of `len` ids (`ids`: row-major, checked against the vocabulary by the
+    /// caller), as rows x vocab values: the logits of each sequence's last
+    /// position.
+    pub fn next_token_logits(&self, rows: usize, len: usize, ids: &[i64]) -> Result<Vec<f32>> {
+        let gpt = self
+            .gpt()
+            .context("next-token logits of a model that is not a language model")?;
+        ensure!(
+            ids.len() == rows * len,
+            "{} ids for {rows} sequences of {len}",
+            ids.len()
+        );
+        let x = Tensor::from_slice(ids).view([rows as i64, len as i64]);
+        let y = tch::no_grad(|| gpt.forward_t(&x, false)).context("forward pass")?;
+        let last = y.select(1, -1).to_kind(Kind::Float).contiguous();
+        ensure!(
+            last.size() == [rows as i64, self.classes as i64],
+            "the language model returned {:?} for {rows} sequences; expected [{rows}, {}]",
+            last.size(),
+            self.classes
+        );
+        Vec::<f32>::try_from(&last.view([-1])).context("copy logits")
     }
 
     /// Logits of `rows` samples (`values`: rows x features, row-major), as
@@ -188,6 +244,38 @@ fn copy_weights(vs: &nn::VarStore, weights: &[OwnedTensor]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The tokenizer of a language model's `version`, from the registry; `None`
+/// when the version has none. It must not make ids beyond the model's
+/// vocabulary. Blocking: call it off the async threads.
+pub fn load_tokenizer(
+    registry: &Registry,
+    version: &ModelVersion,
+) -> Result<Option<kiln_text::Tokenizer>> {
+    if !version.has_tokenizer {
+        return Ok(None);
+    }
+    let what = format!("{}:{}", version.name, version.version);
+    let bytes = block_on(registry.tokenizer(&version.name, version.version))
+        .with_context(|| format!("{what}: read its tokenizer"))?
+        .with_context(|| format!("{what}: the registry lists a tokenizer but has none"))?;
+    // kiln_text reads tokenizers from files.
+    let mut file = tempfile::Builder::new()
+        .prefix("kiln-serve-")
+        .suffix(".tokenizer.json")
+        .tempfile()
+        .context("create a temporary file for the tokenizer")?;
+    std::io::Write::write_all(&mut file, &bytes).context("write the tokenizer")?;
+    let tokenizer = kiln_text::Tokenizer::from_file(file.path())
+        .with_context(|| format!("{what}: load its tokenizer"))?;
+    ensure!(
+        tokenizer.vocab_size() <= version.model.classes,
+        "{what}: the tokenizer makes {} ids but the model's vocabulary is {}",
+        tokenizer.vocab_size(),
+        version.model.classes
+    );
+    Ok(Some(tokenizer))
 }
 
 /// Runs a future to completion from blocking code (the loaders run on

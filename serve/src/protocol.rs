@@ -142,12 +142,17 @@ fn bad(message: String) -> RequestError {
     RequestError::bad_request(message)
 }
 
-/// Checks `inputs` against the version's input and decodes them.
-pub fn decode_inputs(
-    io: &IoSpec,
-    inputs: &[InputTensor],
-    max_rows: usize,
-) -> Result<DecodedInput, RequestError> {
+/// A language model request's token ids: `rows` sequences of `len` ids each,
+/// row-major, every id below the vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInput {
+    pub rows: usize,
+    pub len: usize,
+    pub ids: Vec<i64>,
+}
+
+/// The one input of a request, checked for the version's name and datatype.
+fn the_input<'a>(io: &IoSpec, inputs: &'a [InputTensor]) -> Result<&'a InputTensor, RequestError> {
     let want = &io.input;
     let t = match inputs {
         [t] => t,
@@ -179,6 +184,32 @@ pub fn decode_inputs(
             t.name, t.datatype, want.datatype
         )));
     }
+    Ok(t)
+}
+
+fn check_rows(name: &str, rows: usize, max_rows: usize) -> Result<(), RequestError> {
+    if rows == 0 {
+        return Err(bad(format!("input {name}: a batch of 0 rows")));
+    }
+    if rows > max_rows {
+        return Err(RequestError::new(
+            ErrorKind::TooLarge,
+            format!(
+                "input {name}: {rows} rows is more than this server's limit of {max_rows} rows per request"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `inputs` against the version's input and decodes them.
+pub fn decode_inputs(
+    io: &IoSpec,
+    inputs: &[InputTensor],
+    max_rows: usize,
+) -> Result<DecodedInput, RequestError> {
+    let want = &io.input;
+    let t = the_input(io, inputs)?;
     let shape_ok = t.shape.len() == want.shape.len()
         && t.shape.iter().all(|&d| d >= 0)
         && t.shape[1..] == want.shape[1..];
@@ -189,18 +220,7 @@ pub fn decode_inputs(
         )));
     }
     let rows = t.shape[0] as usize;
-    if rows == 0 {
-        return Err(bad(format!("input {}: a batch of 0 rows", t.name)));
-    }
-    if rows > max_rows {
-        return Err(RequestError::new(
-            ErrorKind::TooLarge,
-            format!(
-                "input {}: {rows} rows is more than this server's limit of {max_rows} rows per request",
-                t.name
-            ),
-        ));
-    }
+    check_rows(&t.name, rows, max_rows)?;
     let numel = rows * io.features;
     let values = match &t.data {
         InputData::Raw(bytes) => decode_raw(&t.name, want.datatype, bytes, numel)?,
@@ -224,6 +244,106 @@ pub fn decode_inputs(
         }
     };
     Ok(DecodedInput { rows, values })
+}
+
+/// Checks `inputs` against a language model's input (`[batch, t]` integer
+/// ids, `1 <= t <= context`, every id below the vocabulary) and decodes them.
+pub fn decode_token_ids(
+    io: &IoSpec,
+    inputs: &[InputTensor],
+    max_rows: usize,
+) -> Result<TokenInput, RequestError> {
+    let t = the_input(io, inputs)?;
+    let (context, vocab) = (io.features, io.classes);
+    let (rows, len) = match t.shape.as_slice() {
+        &[rows, len] if rows >= 0 && len >= 0 => (rows as usize, len as usize),
+        shape => {
+            return Err(bad(format!(
+                "input {}: shape {shape:?} must be [batch, tokens] (the model's is {:?})",
+                t.name, io.input.shape
+            )));
+        }
+    };
+    check_rows(&t.name, rows, max_rows)?;
+    if len == 0 {
+        return Err(bad(format!("input {}: sequences of 0 tokens", t.name)));
+    }
+    if len > context {
+        return Err(bad(format!(
+            "input {}: sequences of {len} tokens are longer than the model's context of {context}",
+            t.name
+        )));
+    }
+    if let Some(fixed) = io.input.shape.get(1).filter(|&&d| d != -1)
+        && len as i64 != *fixed
+    {
+        return Err(bad(format!(
+            "input {}: shape {:?} does not match the model's {:?}",
+            t.name, t.shape, io.input.shape
+        )));
+    }
+    let numel = rows * len;
+    let ids: Vec<i64> = match &t.data {
+        InputData::Raw(bytes) => {
+            let size = io.input.datatype.size();
+            if bytes.len() != numel * size {
+                return Err(bad(format!(
+                    "input {}: {} bytes of data for {numel} {} values ({} bytes)",
+                    t.name,
+                    bytes.len(),
+                    io.input.datatype,
+                    numel * size
+                )));
+            }
+            match io.input.datatype {
+                Datatype::Int32 => bytes
+                    .chunks_exact(4)
+                    .map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                    .collect(),
+                _ => bytes
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .collect(),
+            }
+        }
+        InputData::Numbers(numbers) => {
+            check_count(&t.name, numbers.len(), numel)?;
+            numbers
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    match n {
+                        Number::Int(v) => Ok(v),
+                        Number::Uint(u) => i64::try_from(u).map_err(|_| u64::MAX as i64),
+                        Number::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
+                        Number::Float(_) => Err(-1),
+                    }
+                    .map_err(|_| {
+                        bad(format!(
+                            "input {}: element {i} ({}) is not a token id (a whole number)",
+                            t.name,
+                            show(n)
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        }
+        InputData::Bools(_) => {
+            return Err(bad(format!(
+                "input {}: booleans given for token ids",
+                t.name
+            )));
+        }
+    };
+    if let Some(i) = ids.iter().position(|&id| id < 0 || id >= vocab as i64) {
+        return Err(bad(format!(
+            "input {}: element {i} is token {}, outside the vocabulary of {vocab} ids (0 to {})",
+            t.name,
+            ids[i],
+            vocab - 1
+        )));
+    }
+    Ok(TokenInput { rows, len, ids })
 }
 
 fn check_count(name: &str, got: usize, want: usize) -> Result<(), RequestError> {
@@ -511,6 +631,55 @@ mod tests {
             .unwrap_err();
             assert!(e.message.contains("element 1"), "{e}");
         }
+    }
+
+    #[test]
+    fn token_ids_are_checked_against_the_context_and_the_vocabulary() {
+        let sig = kiln_checkpoint::registry::Signature::language_model(10);
+        let io = IoSpec::language_model(&sig, 4, 10).unwrap();
+        let ids = |shape: &[i64], data: InputData| InputTensor {
+            name: "input_ids".into(),
+            datatype: "INT64".into(),
+            shape: shape.to_vec(),
+            data,
+        };
+        let raw: Vec<u8> = [1i64, 2, 3, 9, 0, 5]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let a = decode_token_ids(&io, &[ids(&[2, 3], InputData::Raw(raw.into()))], 8).unwrap();
+        assert_eq!((a.rows, a.len), (2, 3));
+        assert_eq!(a.ids, [1, 2, 3, 9, 0, 5]);
+        let json = json_data("input_ids", &serde_json::json!([[1, 2, 3], [9, 0, 5]])).unwrap();
+        assert_eq!(decode_token_ids(&io, &[ids(&[2, 3], json)], 8).unwrap(), a);
+        let err = |t: InputTensor| decode_token_ids(&io, &[t], 8).unwrap_err();
+        let nums = |v: &[i64]| InputData::Numbers(v.iter().map(|&x| Number::Int(x)).collect());
+        let e = err(ids(&[1, 5], nums(&[1; 5])));
+        assert!(
+            e.message.contains("longer than the model's context of 4"),
+            "{e}"
+        );
+        let e = err(ids(&[1, 2], nums(&[1, 10])));
+        assert!(
+            e.message.contains("token 10, outside the vocabulary"),
+            "{e}"
+        );
+        let e = err(ids(&[1, 2], nums(&[-1, 1])));
+        assert!(e.message.contains("token -1"), "{e}");
+        let e = err(ids(&[1, 0], nums(&[])));
+        assert!(e.message.contains("0 tokens"), "{e}");
+        let e = err(ids(&[2], nums(&[1, 2])));
+        assert!(e.message.contains("[batch, tokens]"), "{e}");
+        let e = err(ids(
+            &[1, 2],
+            InputData::Numbers(vec![Number::Float(1.5), Number::Int(1)]),
+        ));
+        assert!(e.message.contains("not a token id"), "{e}");
+        let mut t = ids(&[1, 2], nums(&[1, 2]));
+        t.datatype = "FP32".into();
+        assert!(err(t).message.contains("datatype"));
+        let e = decode_token_ids(&io, &[ids(&[9, 1], nums(&[1; 9]))], 8).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::TooLarge);
     }
 
     #[test]

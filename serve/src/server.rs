@@ -26,13 +26,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::batcher::{BatchSettings, Job};
+use crate::batcher::{BatchSettings, Job, JobOutput};
 use crate::config::{ServeConfig, Tokens};
-use crate::deployment::{Deployment, Deployments, Loader, Swap, watch};
+use crate::deployment::{Deployment, Deployments, Engine, Loader, Swap, watch};
 use crate::error::{ErrorKind, RequestError};
+use crate::generate::GenerateRequest;
+use crate::lm::{GenerateEvent, GenerateJob, LmJob};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::model::{argmax_rows, softmax_rows};
-use crate::protocol::{InferRequest, InferResponse, OutputData, OutputTensor, decode_inputs};
+use crate::protocol::{
+    InferRequest, InferResponse, OutputData, OutputTensor, decode_inputs, decode_token_ids,
+};
 use crate::signature::OutputKind;
 
 /// Which front end a request came through (a metrics label).
@@ -161,7 +165,6 @@ impl ServerState {
         let served = deployment.choose(version, self.draw())?;
         labels.version = served.labels.version.clone();
         let io = &served.io;
-        let input = decode_inputs(io, &request.inputs, self.config.limits.max_request_rows)?;
 
         // Which outputs, in which order, and which of them as binary data.
         let requested: Vec<(&crate::signature::OutputSpec, bool)> = match &request.outputs {
@@ -198,16 +201,33 @@ impl ServerState {
         let limit = self.config.request_timeout();
         let limit = request.timeout.map_or(limit, |t| t.min(limit));
         let deadline = received + limit;
-        let rows = input.rows;
-        // Drift monitoring needs the inputs after the compute thread took them.
-        let drift_inputs = served.drift.as_ref().map(|_| input.values.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        served.queue.submit(Job {
-            rows,
-            values: input.values,
-            enqueued: Instant::now(),
-            reply: tx,
-        })?;
+        let max_rows = self.config.limits.max_request_rows;
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<JobOutput, RequestError>>();
+        let (rows, drift_inputs) = match &served.engine {
+            Engine::Batched(queue) => {
+                let input = decode_inputs(io, &request.inputs, max_rows)?;
+                let rows = input.rows;
+                // Drift monitoring needs the inputs after the compute thread took them.
+                let drift_inputs = served.drift.as_ref().map(|_| input.values.clone());
+                queue.submit(Job {
+                    rows,
+                    values: input.values,
+                    enqueued: Instant::now(),
+                    reply: tx,
+                })?;
+                (rows, drift_inputs)
+            }
+            Engine::Language { queue, .. } => {
+                let tokens = decode_token_ids(io, &request.inputs, max_rows)?;
+                let rows = tokens.rows;
+                queue.submit(LmJob::Logits {
+                    tokens,
+                    enqueued: Instant::now(),
+                    reply: tx,
+                })?;
+                (rows, None)
+            }
+        };
         let out = match tokio::time::timeout_at(deadline.into(), rx).await {
             Err(_) => {
                 return Err(RequestError::new(
@@ -260,6 +280,104 @@ impl ServerState {
             id: request.id,
             outputs,
         })
+    }
+
+    /// Starts a generation (Triton's generate extension) on a language model:
+    /// checks the parameters, tokenizes the prompt on the blocking pool and
+    /// queues the generation for the version's compute thread. Errors before
+    /// generation starts are counted here; the caller reports how the
+    /// generation ended with [`Self::record_success`] or [`Self::record_error`]
+    /// on the returned labels.
+    pub async fn generate(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        request: GenerateRequest,
+        received: Instant,
+    ) -> Result<Generation, RequestError> {
+        let mut labels = RequestLabels {
+            model: model.to_string(),
+            version: String::new(),
+            protocol: Protocol::Http.label().to_string(),
+        };
+        let result = self
+            .generate_inner(model, version, request, &mut labels, received)
+            .await;
+        if let Err(e) = &result {
+            self.record_error(&labels, e, received);
+        }
+        result
+    }
+
+    async fn generate_inner(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        request: GenerateRequest,
+        labels: &mut RequestLabels,
+        received: Instant,
+    ) -> Result<Generation, RequestError> {
+        let version = parse_version(version)?;
+        let deployment = self.deployment(model)?;
+        let served = deployment.choose(version, self.draw())?;
+        labels.version = served.labels.version.clone();
+        let what = format!("model {model} version {}", served.version.version);
+        let Engine::Language { queue, tokenizer } = &served.engine else {
+            return Err(RequestError::bad_request(format!(
+                "{what} is not a language model; generate serves language models (use infer)"
+            )));
+        };
+        let Some(tokenizer) = tokenizer.clone() else {
+            return Err(RequestError::bad_request(format!(
+                "{what} was registered without a tokenizer, so it cannot turn text into tokens; use infer on input_ids"
+            )));
+        };
+        let (context, vocab) = (served.io.features, served.io.classes);
+        let params = request.params(context, vocab, self.draw())?;
+        if request.text_input.is_empty() {
+            return Err(RequestError::bad_request(
+                "text_input is empty; give the text to continue",
+            ));
+        }
+        let text = request.text_input;
+        let encoder = tokenizer.clone();
+        let ids = tokio::task::spawn_blocking(move || encoder.encode(&text))
+            .await
+            .map_err(|e| RequestError::internal(format!("tokenizer task: {e}")))?
+            .map_err(|e| RequestError::bad_request(format!("tokenize text_input: {e}")))?;
+        if ids.is_empty() {
+            return Err(RequestError::bad_request(
+                "text_input makes no tokens; give the text to continue",
+            ));
+        }
+        if ids.len() > context {
+            return Err(RequestError::bad_request(format!(
+                "text_input is {} tokens; the model's context is {context} tokens (and generation needs room after the prompt)",
+                ids.len()
+            )));
+        }
+        let deadline = received + self.config.request_timeout();
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        queue.submit(LmJob::Generate(GenerateJob {
+            prompt: ids.into_iter().map(i64::from).collect(),
+            params,
+            tokenizer,
+            deadline,
+            enqueued: Instant::now(),
+            events,
+        }))?;
+        Ok(Generation {
+            model_name: model.to_string(),
+            model_version: served.version.version.to_string(),
+            labels: labels.clone(),
+            deadline,
+            events: rx,
+        })
+    }
+
+    /// Counts an answered request.
+    pub fn record_success(&self, labels: &RequestLabels, received: Instant) {
+        self.metrics.observe_request(labels, received.elapsed());
     }
 
     /// Loads (or reloads) the model `selector` names and starts following it;
@@ -357,6 +475,19 @@ impl ServerState {
     }
 }
 
+/// A generation under way: its version and the events its compute thread
+/// sends (pieces, then `Done` or `Failed`).
+#[derive(Debug)]
+pub struct Generation {
+    pub model_name: String,
+    pub model_version: String,
+    /// For the request's metrics when it ends.
+    pub labels: RequestLabels,
+    /// When the request's time limit passes.
+    pub deadline: Instant,
+    pub events: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>,
+}
+
 /// A tensor's name, datatype and shape, as metadata lists it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TensorMetadata {
@@ -379,7 +510,7 @@ pub struct ModelMetadata {
 pub const PLATFORM: &str = "kiln_libtorch";
 
 /// Protocol extensions the server implements.
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository"];
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository", "generate"];
 
 impl ServerState {
     /// Metadata of a model (its primary version's tensors, every served

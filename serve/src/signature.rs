@@ -16,9 +16,14 @@
 //! nothing next to the logits). A signature naming any other output, or an
 //! input the model cannot take, is refused when the version is loaded, not
 //! when the first request arrives.
+//!
+//! Language models take token ids instead: one integer input (`input_ids`,
+//! `INT64 [-1, -1]`: a batch of sequences of 1 to `context` tokens) and give
+//! the same three outputs for the position after each sequence's last token
+//! (`logits` `[-1, vocab]`, `predictions`: the most likely next token).
 
 use anyhow::{Result, bail, ensure};
-use kiln_checkpoint::registry::{ModelVersion, Signature, TensorSignature};
+use kiln_checkpoint::registry::{ModelTask, ModelVersion, Signature, TensorSignature};
 
 use crate::datatype::Datatype;
 
@@ -54,10 +59,13 @@ pub struct IoSpec {
     pub input: InputSpec,
     pub outputs: Vec<OutputSpec>,
     /// Values per sample the network takes (the product of the input's
-    /// non-batch dimensions).
+    /// non-batch dimensions); for a language model, its context: the most
+    /// tokens per sequence.
     pub features: usize,
-    /// Logits per sample.
+    /// Logits per sample (a language model's vocabulary).
     pub classes: usize,
+    /// Classifier (features in) or language model (token ids in).
+    pub task: ModelTask,
 }
 
 /// The name of the always-served class id output.
@@ -67,11 +75,55 @@ impl IoSpec {
     /// The spec of `version`: its signature checked against its model
     /// definition; an empty signature means kiln's classifier signature.
     pub fn of(version: &ModelVersion) -> Result<IoSpec> {
-        Self::from_signature(
-            &version.signature,
-            version.model.features,
-            version.model.classes,
-        )
+        let (features, classes) = (version.model.features, version.model.classes);
+        match version.model.task {
+            ModelTask::Classifier => Self::from_signature(&version.signature, features, classes),
+            ModelTask::LanguageModel => Self::language_model(&version.signature, features, classes),
+        }
+    }
+
+    /// The spec of a language model's signature: a context of `context`
+    /// tokens over `vocab` ids. An empty signature means kiln's
+    /// (`Signature::language_model`).
+    pub fn language_model(sig: &Signature, context: usize, vocab: usize) -> Result<IoSpec> {
+        ensure!(
+            context >= 1 && vocab >= 1,
+            "model definition: the context ({context}) and the vocabulary ({vocab}) must be at least 1"
+        );
+        let default;
+        let sig = if sig.inputs.is_empty() && sig.outputs.is_empty() {
+            default = Signature::language_model(vocab);
+            &default
+        } else {
+            sig
+        };
+        ensure!(
+            sig.inputs.len() == 1,
+            "signature: a language model takes one input tensor (token ids); this one lists {} ({})",
+            sig.inputs.len(),
+            names(&sig.inputs)
+        );
+        let t = &sig.inputs[0];
+        let datatype = match Datatype::parse(&t.datatype) {
+            Some(d @ (Datatype::Int64 | Datatype::Int32)) => d,
+            _ => bail!(
+                "signature.inputs[0]: a language model's token ids are INT64 or INT32, not {}",
+                t.datatype
+            ),
+        };
+        ensure!(
+            t.shape.len() == 2
+                && t.shape[0] == -1
+                && (t.shape[1] == -1 || (1..=context as i64).contains(&t.shape[1])),
+            "signature.inputs[0]: shape {:?} must be [-1, -1] (a batch of sequences of up to {context} tokens)",
+            t.shape
+        );
+        let input = InputSpec {
+            name: t.name.clone(),
+            datatype,
+            shape: t.shape.clone(),
+        };
+        Self::finish(input, sig, context, vocab, ModelTask::LanguageModel)
     }
 
     /// The spec of a signature for a model of `features` inputs and `classes`
@@ -95,6 +147,17 @@ impl IoSpec {
             names(&sig.inputs)
         );
         let input = input_spec(&sig.inputs[0], features)?;
+        Self::finish(input, sig, features, classes, ModelTask::Classifier)
+    }
+
+    /// The outputs of `sig` (plus `predictions`) beside `input`.
+    fn finish(
+        input: InputSpec,
+        sig: &Signature,
+        features: usize,
+        classes: usize,
+        task: ModelTask,
+    ) -> Result<IoSpec> {
         let mut outputs = Vec::new();
         for (i, o) in sig.outputs.iter().enumerate() {
             let spec = output_spec(i, o, classes)?;
@@ -123,7 +186,13 @@ impl IoSpec {
             outputs,
             features,
             classes,
+            task,
         })
+    }
+
+    /// Whether the version is a language model (token ids in).
+    pub fn is_language_model(&self) -> bool {
+        self.task == ModelTask::LanguageModel
     }
 
     /// The output called `name`.
@@ -248,6 +317,46 @@ mod tests {
         let io = IoSpec::from_signature(&sig, 64, 10).unwrap();
         assert_eq!(io.input.datatype, Datatype::Uint8);
         assert_eq!(io.output_names(), "probabilities, predictions");
+    }
+
+    #[test]
+    fn language_models_take_token_ids_of_any_length_up_to_the_context() {
+        let io = IoSpec::language_model(&Signature::language_model(256), 32, 256).unwrap();
+        assert!(io.is_language_model());
+        assert_eq!(io.input.name, "input_ids");
+        assert_eq!(io.input.datatype, Datatype::Int64);
+        assert_eq!(io.input.shape, [-1, -1]);
+        assert_eq!(io.output_names(), "logits, predictions");
+        assert_eq!(io.output("logits").unwrap().shape, [-1, 256]);
+        assert_eq!((io.features, io.classes), (32, 256));
+        let bad = |sig: Signature, want: &str| {
+            let e = IoSpec::language_model(&sig, 32, 256)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e} does not contain {want}");
+        };
+        let logits = vec![ts("logits", "FP32", &[-1, 256])];
+        bad(
+            Signature {
+                inputs: vec![ts("input_ids", "FP32", &[-1, -1])],
+                outputs: logits.clone(),
+            },
+            "INT64 or INT32, not FP32",
+        );
+        bad(
+            Signature {
+                inputs: vec![ts("input_ids", "INT64", &[-1, 33])],
+                outputs: logits.clone(),
+            },
+            "up to 32 tokens",
+        );
+        bad(
+            Signature {
+                inputs: vec![ts("input_ids", "INT64", &[-1, -1])],
+                outputs: vec![ts("logits", "FP32", &[-1, 255])],
+            },
+            "logits has shape [-1, 256]",
+        );
     }
 
     #[test]

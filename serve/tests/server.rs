@@ -153,11 +153,7 @@ fn new_version(root: &str, step: u64, digest: String) -> NewVersion {
             step,
             digest,
         },
-        model: ModelDefinition {
-            spec: spec(),
-            features: FEATURES,
-            classes: CLASSES,
-        },
+        model: ModelDefinition::classifier(spec(), FEATURES, CLASSES),
         signature: Signature::classifier(FEATURES, CLASSES),
         metrics: BTreeMap::new(),
         lineage: Lineage {
@@ -168,6 +164,7 @@ fn new_version(root: &str, step: u64, digest: String) -> NewVersion {
         },
         reference_profile: None,
         torchscript: None,
+        tokenizer: None,
     }
 }
 
