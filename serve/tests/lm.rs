@@ -1,0 +1,551 @@
+//! Language models served in process: a small gpt with seeded random
+//! weights, saved with the checkpoint engine and registered with a byte-level
+//! tokenizer; the server on loopback, driven over HTTP and gRPC.
+//!
+//! Expected answers come from the same network code (`kiln_models::gpt`) in
+//! this process: next-token logits bit for bit, generated text exactly (the
+//! server runs `Gpt::generate`, seeded), streamed pieces that add up to it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kiln_checkpoint::registry::{
+    CheckpointRef, Lineage, ModelDefinition, NewVersion, Registry, Signature,
+};
+use kiln_checkpoint::{
+    CheckpointMeta, CheckpointRoot, Checkpointer, DType, SaveConfig, TensorView,
+};
+use kiln_models::gpt::Gpt;
+use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use kiln_proto::inference::model_infer_request::InferInputTensor;
+use kiln_proto::inference::{InferTensorContents, ModelInferRequest};
+use kiln_proto::spec::{ModelKind, ModelSpec};
+use kiln_serve::{RunningServer, ServeConfig};
+use serde_json::{Value, json};
+use tch::nn;
+use tch::{Device, Kind, Tensor};
+use tokio_util::sync::CancellationToken;
+
+const VOCAB: usize = 256;
+const CONTEXT: usize = 16;
+
+fn spec() -> ModelSpec {
+    ModelSpec {
+        vocab: Some(VOCAB),
+        n_layer: 1,
+        n_head: 2,
+        d_model: 16,
+        ..ModelSpec::new(ModelKind::Gpt)
+    }
+}
+
+/// A gpt with seeded random weights, and its parameters as saved.
+struct Model {
+    gpt: Gpt,
+    _vs: nn::VarStore,
+    params: Vec<(String, Vec<usize>, Vec<u8>)>,
+}
+
+fn model(seed: i64) -> Model {
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let io = kiln_models::ModelIo {
+        context: Some(CONTEXT),
+        ..Default::default()
+    };
+    let net = kiln_models::build_with(&spec(), io, kiln_proto::spec::Precision::Fp32, &vs).unwrap();
+    let kiln_models::Net::Gpt(gpt) = net else {
+        unreachable!()
+    };
+    let params = kiln_models::named_parameters(&vs)
+        .into_iter()
+        .map(|(n, t)| {
+            let shape = t.size().iter().map(|&d| d as usize).collect();
+            let v = Vec::<f32>::try_from(&t.detach().contiguous().view([-1])).unwrap();
+            (n, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        })
+        .collect();
+    Model {
+        gpt,
+        _vs: vs,
+        params,
+    }
+}
+
+impl Model {
+    fn next_token_logits(&self, rows: &[Vec<i64>]) -> Vec<Vec<f32>> {
+        let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+        let x = Tensor::from_slice(&flat).view([rows.len() as i64, rows[0].len() as i64]);
+        let y = tch::no_grad(|| self.gpt.forward_t(&x, false)).unwrap();
+        let last = y.select(1, -1).to_kind(Kind::Float).contiguous();
+        let v = Vec::<f32>::try_from(&last.view([-1])).unwrap();
+        v.chunks(VOCAB).map(<[f32]>::to_vec).collect()
+    }
+
+    fn generate(
+        &self,
+        prompt: &str,
+        max_tokens: usize,
+        t: f64,
+        k: Option<usize>,
+        seed: u64,
+    ) -> String {
+        let tokenizer = kiln_text::Tokenizer::byte_level();
+        let ids: Vec<i64> = tokenizer
+            .encode(prompt)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        let out = self
+            .gpt
+            .generate(&ids, max_tokens, t, k, seed, |_| true)
+            .unwrap();
+        let out: Vec<u32> = out.iter().map(|&t| t as u32).collect();
+        tokenizer.decode(&out).unwrap()
+    }
+
+    /// Saves the parameters as checkpoint `step`; returns the weights digest.
+    fn save(&self, root: &CheckpointRoot, step: u64) -> String {
+        let names: Vec<String> = self
+            .params
+            .iter()
+            .map(|p| format!("model/{}", p.0))
+            .collect();
+        let views: Vec<TensorView<'_>> = self
+            .params
+            .iter()
+            .zip(&names)
+            .map(|((_, s, b), n)| TensorView {
+                name: n,
+                dtype: DType::F32,
+                shape: s,
+                data: b,
+            })
+            .collect();
+        let mut c = Checkpointer::new(root.clone(), SaveConfig::default(), 0, 1).unwrap();
+        let meta = CheckpointMeta {
+            training_state: json!({}),
+            job_spec: json!({}),
+            code_version: "test".into(),
+            dataset_fingerprint: "none".into(),
+            world_size: 1,
+            metrics: BTreeMap::new(),
+            job: "serve-lm-test".into(),
+        };
+        c.save(step, "a", &views, &meta).unwrap();
+        for r in c.flush() {
+            r.unwrap();
+        }
+        let plain: Vec<TensorView<'_>> = views
+            .iter()
+            .map(|v| TensorView {
+                name: &v.name["model/".len()..],
+                ..*v
+            })
+            .collect();
+        kiln_checkpoint::weights_digest(&plain)
+    }
+}
+
+fn new_version(root: &str, step: u64, digest: String, tokenizer: Option<Vec<u8>>) -> NewVersion {
+    NewVersion {
+        checkpoint: CheckpointRef {
+            root: root.to_string(),
+            step,
+            digest,
+        },
+        model: ModelDefinition::language_model(spec(), CONTEXT, VOCAB),
+        signature: Signature::language_model(VOCAB),
+        metrics: BTreeMap::from([("eval_loss".to_string(), 5.0)]),
+        lineage: Lineage {
+            job: "serve-lm-test".into(),
+            spec_hash: "0".repeat(64),
+            dataset_fingerprint: "none".into(),
+            code_version: "test".into(),
+        },
+        reference_profile: None,
+        torchscript: None,
+        tokenizer,
+    }
+}
+
+/// `lm` versions 1 and 2 (different weights, byte-level tokenizer) with
+/// `lm@prod` -> 1, and `bare` version 1 (no tokenizer).
+struct Fixture {
+    dir: tempfile::TempDir,
+    registry: Registry,
+    models: Vec<Model>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = format!("file://{}", dir.path().join("ckpt").display());
+        let root = CheckpointRoot::open(&ckpt).unwrap();
+        let models = vec![model(1), model(2)];
+        let digests: Vec<String> = models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| m.save(&root, i as u64 + 1))
+            .collect();
+        let tokenizer_path = dir.path().join("tokenizer.json");
+        kiln_text::Tokenizer::byte_level()
+            .save(&tokenizer_path)
+            .unwrap();
+        let tokenizer = std::fs::read(&tokenizer_path).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = format!("file://{}", dir.path().join("registry").display());
+        let registry = rt.block_on(Registry::open(&url)).unwrap();
+        rt.block_on(async {
+            for (i, d) in digests.iter().enumerate() {
+                let new = new_version(&ckpt, i as u64 + 1, d.clone(), Some(tokenizer.clone()));
+                registry.register("lm", new, "test").await.unwrap();
+            }
+            let bare = new_version(&ckpt, 1, digests[0].clone(), None);
+            registry.register("bare", bare, "test").await.unwrap();
+            registry
+                .promote("lm", "prod", 1, None, "test")
+                .await
+                .unwrap();
+        });
+        Fixture {
+            dir,
+            registry,
+            models,
+            rt,
+        }
+    }
+
+    fn start(&self, models: &[&str]) -> RunningServer {
+        let mut c = ServeConfig {
+            registry: format!("file://{}", self.dir.path().join("registry").display()),
+            models: models.iter().map(|m| m.to_string()).collect(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
+        c.swap.poll_interval_ms = 50;
+        self.rt
+            .block_on(kiln_serve::start(c, CancellationToken::new()))
+            .unwrap()
+    }
+}
+
+fn url(server: &RunningServer, path: &str) -> String {
+    format!("http://{}{path}", server.local_addr())
+}
+
+async fn post(url: &str, body: Value) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
+    v.iter()
+        .map(|r| r.iter().map(|x| x.to_bits()).collect())
+        .collect()
+}
+
+/// The `text_output` pieces of a `/generate_stream` body, and an error event if any.
+fn sse_pieces(body: &str) -> (Vec<String>, Option<String>) {
+    let mut pieces = Vec::new();
+    let mut error = None;
+    for event in body.split("\n\n").filter(|e| !e.is_empty()) {
+        let data = event
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("{event:?}"));
+        let v: Value = serde_json::from_str(data).unwrap();
+        match v.get("text_output") {
+            Some(t) => {
+                assert_eq!(v["model_name"], "lm");
+                pieces.push(t.as_str().unwrap().to_string());
+            }
+            None => error = Some(v["error"].as_str().unwrap().to_string()),
+        }
+    }
+    (pieces, error)
+}
+
+#[test]
+fn next_token_logits_over_http_and_grpc_equal_the_network_bit_for_bit() {
+    let f = Fixture::new();
+    let server = f.start(&["lm@prod"]);
+    let rows: Vec<Vec<i64>> = vec![vec![84, 104, 101, 32, 107], vec![0, 255, 7, 7, 1]];
+    let expected = f.models[0].next_token_logits(&rows);
+    let full: Vec<Vec<i64>> = vec![(0..CONTEXT as i64).collect()];
+    let expected_full = f.models[0].next_token_logits(&full);
+    f.rt.block_on(async {
+        let body = json!({"inputs": [{"name": "input_ids", "shape": [2, 5], "datatype": "INT64", "data": rows}]});
+        let (status, text) = post(&url(&server, "/v2/models/lm/infer"), body).await;
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["model_version"], "1");
+        let logits = v["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == "logits")
+            .unwrap();
+        assert_eq!(logits["shape"], json!([2, VOCAB]));
+        let got: Vec<Vec<f32>> = logits["data"]
+            .as_array()
+            .unwrap()
+            .chunks(VOCAB)
+            .map(|r| r.iter().map(|x| x.as_f64().unwrap() as f32).collect())
+            .collect();
+        assert_eq!(bits(&got), bits(&expected));
+
+        // A full context; binary in.
+        let raw: Vec<u8> = full[0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let head = json!({"inputs": [{"name": "input_ids", "shape": [1, CONTEXT], "datatype": "INT64",
+            "parameters": {"binary_data_size": raw.len()}}]})
+        .to_string();
+        let mut body = head.clone().into_bytes();
+        body.extend_from_slice(&raw);
+        let r = reqwest::Client::new()
+            .post(url(&server, "/v2/models/lm/infer"))
+            .header("Inference-Header-Content-Length", head.len())
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        let got: Vec<f32> = v["outputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(bits(&[got]), bits(&expected_full));
+
+        // gRPC: raw contents and typed contents.
+        let mut g = GrpcInferenceServiceClient::connect(url(&server, ""))
+            .await
+            .unwrap();
+        let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+        for typed in [false, true] {
+            let req = ModelInferRequest {
+                model_name: "lm".into(),
+                inputs: vec![InferInputTensor {
+                    name: "input_ids".into(),
+                    datatype: "INT64".into(),
+                    shape: vec![2, 5],
+                    parameters: Default::default(),
+                    contents: typed.then(|| InferTensorContents {
+                        int64_contents: flat.clone(),
+                        ..Default::default()
+                    }),
+                }],
+                raw_input_contents: if typed {
+                    vec![]
+                } else {
+                    vec![flat.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into()]
+                },
+                ..Default::default()
+            };
+            let r = g.model_infer(req).await.unwrap().into_inner();
+            let i = r.outputs.iter().position(|o| o.name == "logits").unwrap();
+            assert_eq!(r.outputs[i].shape, [2, VOCAB as i64]);
+            let got: Vec<Vec<f32>> = r.raw_output_contents[i]
+                .chunks(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect::<Vec<f32>>()
+                .chunks(VOCAB)
+                .map(<[f32]>::to_vec)
+                .collect();
+            assert_eq!(bits(&got), bits(&expected));
+            let p = r.outputs.iter().position(|o| o.name == "predictions").unwrap();
+            let argmax: Vec<i64> = r.raw_output_contents[p]
+                .chunks(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            assert_eq!(argmax.len(), 2);
+        }
+
+        // Refused: too long, out of the vocabulary, features to a language model.
+        let long = json!({"inputs": [{"name": "input_ids", "shape": [1, CONTEXT + 1], "datatype": "INT64",
+            "data": vec![1; CONTEXT + 1]}]});
+        let (status, text) = post(&url(&server, "/v2/models/lm/infer"), long).await;
+        assert_eq!(status, 400);
+        assert!(text.contains("context of 16"), "{text}");
+        let oov = json!({"inputs": [{"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": [256]}]});
+        let (status, text) = post(&url(&server, "/v2/models/lm/infer"), oov).await;
+        assert_eq!(status, 400);
+        assert!(text.contains("outside the vocabulary"), "{text}");
+        let meta: Value = serde_json::from_str(
+            &reqwest::get(url(&server, "/v2/models/lm"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            meta["inputs"],
+            json!([{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]}])
+        );
+    });
+    f.rt.block_on(server.shutdown()).unwrap();
+}
+
+#[test]
+fn generate_equals_the_networks_seeded_generation_and_streams_the_same_text() {
+    let f = Fixture::new();
+    let server = f.start(&["lm@prod", "bare"]);
+    f.rt.block_on(async {
+        let generate = url(&server, "/v2/models/lm/generate");
+        let ask = |seed: u64| {
+            json!({"text_input": "The kiln", "parameters":
+                {"max_tokens": 6, "temperature": 0.9, "top_k": 50, "seed": seed}})
+        };
+        let (status, text) = post(&generate, ask(5)).await;
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["model_name"], "lm");
+        assert_eq!(v["model_version"], "1");
+        let want = f.models[0].generate("The kiln", 6, 0.9, Some(50), 5);
+        assert_eq!(v["text_output"], want.as_str());
+        assert_eq!(v.as_object().unwrap().len(), 3, "{v}");
+
+        // The stream: one event per token, adding up to the same text.
+        let r = reqwest::Client::new()
+            .post(url(&server, "/v2/models/lm/generate_stream"))
+            .body(ask(5).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-type"],
+            "text/event-stream; charset=utf-8"
+        );
+        let (pieces, error) = sse_pieces(&r.text().await.unwrap());
+        assert_eq!(error, None);
+        // One event per token, and one more when the last token ended inside
+        // a character (random weights emit any byte).
+        assert!((6..=7).contains(&pieces.len()), "{pieces:?}");
+        assert_eq!(pieces.concat(), want);
+
+        // The context bounds the length: a 15-token prompt leaves room for 2.
+        let (status, text) = post(
+            &generate,
+            json!({"text_input": "a".repeat(15), "parameters": {"max_tokens": 16, "temperature": 0}}),
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v["text_output"],
+            f.models[0].generate(&"a".repeat(15), 16, 0.0, None, 0).as_str()
+        );
+
+        // Refusals, each a 400 naming the problem.
+        for (body, says) in [
+            (json!({"text_input": ""}), "text_input is empty"),
+            (json!({"text_input": "a".repeat(17)}), "context is 16 tokens"),
+            (json!({"text_input": "a", "parameters": {"max_tokens": 0}}), "1 to 16"),
+            (json!({"text_input": "a", "parameters": {"temperature": -1}}), ">= 0"),
+            (json!({"text_input": "a", "parameters": {"top_k": 0}}), "at least 1"),
+            (json!({"text_input": "a", "parameters": {"beam_width": 2}}), "beam_width"),
+            (json!({"prompt": "a"}), "prompt"),
+        ] {
+            let (status, text) = post(&generate, body.clone()).await;
+            assert_eq!(status, 400, "{body}: {text}");
+            assert!(text.contains(says), "{body}: {text} lacks {says}");
+        }
+        let (status, text) = post(
+            &url(&server, "/v2/models/bare/generate"),
+            json!({"text_input": "a"}),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert!(text.contains("without a tokenizer"), "{text}");
+        let (status, _) = post(
+            &url(&server, "/v2/models/nothing/generate"),
+            json!({"text_input": "a"}),
+        )
+        .await;
+        assert_eq!(status, 404);
+
+        // Counted by model and version.
+        let metrics = reqwest::get(url(&server, "/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |prefix: &str| -> f64 {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .and_then(|l| l.rsplit(' ').next())
+                .map_or(0.0, |v| v.parse().unwrap())
+        };
+        assert_eq!(
+            value(r#"kiln_serve_requests_total{model="lm",version="1",protocol="http"}"#),
+            3.0,
+            "{metrics}"
+        );
+        assert_eq!(
+            value(r#"kiln_serve_errors_total{model="lm",version="1",protocol="http",kind="bad_request"}"#),
+            // Five refusals after the version was chosen; the two malformed
+            // bodies were refused before (version "").
+            5.0,
+            "{metrics}"
+        );
+    });
+    f.rt.block_on(server.shutdown()).unwrap();
+}
+
+#[test]
+fn an_alias_move_swaps_the_language_model_without_failing_a_generation() {
+    let f = Fixture::new();
+    let server = f.start(&["lm@prod"]);
+    let want = [
+        f.models[0].generate("kiln", 8, 0.0, None, 0),
+        f.models[1].generate("kiln", 8, 0.0, None, 0),
+    ];
+    assert_ne!(want[0], want[1], "two random models should not agree");
+    f.rt.block_on(async {
+        let generate = url(&server, "/v2/models/lm/generate");
+        let body = json!({"text_input": "kiln", "parameters": {"max_tokens": 8, "temperature": 0}});
+        let ask = || async {
+            let (status, text) = post(&generate, body.clone()).await;
+            assert_eq!(status, 200, "{text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let version: usize = v["model_version"].as_str().unwrap().parse().unwrap();
+            // Every answer is the text of the version it names.
+            assert_eq!(v["text_output"], want[version - 1].as_str());
+            version
+        };
+        assert_eq!(ask().await, 1);
+        f.registry
+            .promote("lm", "prod", 2, None, "test")
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while ask().await != 2 {
+            assert!(std::time::Instant::now() < deadline, "no swap to version 2");
+        }
+        f.registry.rollback("lm", "prod", "test").await.unwrap();
+        while ask().await != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no rollback to version 1"
+            );
+        }
+    });
+    f.rt.block_on(server.shutdown()).unwrap();
+}
