@@ -59,7 +59,7 @@ libraries() {
 }
 step "shared libraries resolve" libraries
 
-step "NCCL GPU tests" timeout 300 "$bin_dir/nccl_gpu" --test-threads=1 --nocapture
+step "NCCL GPU tests" timeout 300 "$bin_dir/nccl_gpu" --include-ignored --test-threads=1 --nocapture
 
 step "kiln --version" timeout 60 "$bin_dir/kiln" --version
 

@@ -841,6 +841,19 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
 
 /// Longest accepted `job.name`; it names folders and store keys.
 const MAX_JOB_NAME_CHARS: usize = 64;
+/// Longest accepted duration, in seconds (30 days): far above any real
+/// timeout, far below what `Duration::from_secs_f64` cannot represent.
+const MAX_SECS: f64 = 30.0 * 24.0 * 3600.0;
+/// Bounds on sizes, so a typo fails at validation with the field's name
+/// rather than as an allocation failure or overflow deep inside a worker.
+const MAX_NPROC: usize = 1024;
+const MAX_WIDTH: usize = 1 << 20;
+const MAX_LAYERS: usize = 4096;
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_SEQ_LEN: usize = 1 << 20;
+const MAX_GLOBAL_BATCH: usize = 1 << 24;
+const MAX_MB: f64 = 65536.0;
+const MAX_SYNTHETIC_VALUES: usize = 1 << 30;
 
 impl JobSpec {
     /// Reads a TOML file, applies `--set key.path=value` overrides, deserializes
@@ -976,7 +989,8 @@ impl JobSpec {
     }
 
     fn validate_workers(&self) -> Result<(), SpecError> {
-        at_least_one("workers.nproc", self.workers.nproc)
+        at_least_one("workers.nproc", self.workers.nproc)?;
+        at_most("workers.nproc", self.workers.nproc, MAX_NPROC)
     }
 
     fn validate_model(&self) -> Result<(), SpecError> {
@@ -989,6 +1003,20 @@ impl JobSpec {
         }
         widths_at_least_one("model.hidden", &model.hidden)?;
         widths_at_least_one("model.channels", &model.channels)?;
+        widths_at_most("model.hidden", &model.hidden, MAX_WIDTH)?;
+        widths_at_most("model.channels", &model.channels, MAX_WIDTH)?;
+        at_most("model.hidden (layers)", model.hidden.len(), MAX_LAYERS)?;
+        at_most("model.channels (blocks)", model.channels.len(), MAX_LAYERS)?;
+        at_most("model.n_layer", model.n_layer, MAX_LAYERS)?;
+        at_most("model.n_head", model.n_head, MAX_WIDTH)?;
+        at_most("model.d_model", model.d_model, MAX_WIDTH)?;
+        if let Some(vocab) = model.vocab {
+            at_most("model.vocab", vocab, MAX_VOCAB)?;
+        }
+        if let Some(context) = model.seq_len {
+            at_least_one("model.seq_len", context)?;
+            at_most("model.seq_len", context, MAX_SEQ_LEN)?;
+        }
         if let Some(shape) = &model.input_shape {
             if shape.len() != 3 {
                 return Err(invalid(
@@ -1178,6 +1206,18 @@ impl JobSpec {
                 }
             }
             DataKind::Tokens => {
+                match data.seq_len {
+                    None => {
+                        return Err(invalid(
+                            "data.seq_len",
+                            "required when data.kind = \"tokens\" (tokens per training sample)",
+                        ));
+                    }
+                    Some(n) => {
+                        at_least_one("data.seq_len", n)?;
+                        at_most("data.seq_len", n, MAX_SEQ_LEN)?;
+                    }
+                }
                 if data.train.is_empty() {
                     return Err(invalid(
                         "data.train",
@@ -1189,15 +1229,6 @@ impl JobSpec {
                 }
                 for (index, path) in data.eval.iter().enumerate() {
                     check_file(&format!("data.eval[{index}]"), path)?;
-                }
-                match data.seq_len {
-                    None => {
-                        return Err(invalid(
-                            "data.seq_len",
-                            "required when data.kind = \"tokens\" (tokens per training sample)",
-                        ));
-                    }
-                    Some(n) => at_least_one("data.seq_len", n)?,
                 }
                 if data.classes.is_some() {
                     return Err(invalid(
@@ -1218,6 +1249,17 @@ impl JobSpec {
                 }
                 at_least_one("data.samples", data.samples)?;
                 at_least_one("data.features", data.features)?;
+                let values =
+                    (data.samples as u128 + data.eval_samples as u128) * data.features as u128;
+                if values > MAX_SYNTHETIC_VALUES as u128 {
+                    return Err(invalid(
+                        "data.samples",
+                        format!(
+                            "(data.samples + data.eval_samples) x data.features = {values} values; \
+                             synthetic data is held in memory, at most {MAX_SYNTHETIC_VALUES} (4 GiB)"
+                        ),
+                    ));
+                }
             }
         }
         if data.kind != DataKind::Tokens && data.seq_len.is_some() {
@@ -1243,6 +1285,7 @@ impl JobSpec {
             return Err(invalid("train.steps", "must be at least 1"));
         }
         at_least_one("train.global_batch", train.global_batch)?;
+        at_most("train.global_batch", train.global_batch, MAX_GLOBAL_BATCH)?;
         if let Some(micro_batch) = train.micro_batch {
             at_least_one("train.micro_batch", micro_batch)?;
         }
@@ -1291,7 +1334,9 @@ impl JobSpec {
 
     fn validate_comm(&self) -> Result<(), SpecError> {
         positive("comm.bucket_mb", self.comm.bucket_mb)?;
-        positive("comm.timeout_secs", self.comm.timeout_secs)
+        at_most_f64("comm.bucket_mb", self.comm.bucket_mb, MAX_MB)?;
+        positive("comm.timeout_secs", self.comm.timeout_secs)?;
+        duration("comm.timeout_secs", self.comm.timeout_secs)
     }
 
     fn validate_checkpoint(&self) -> Result<(), SpecError> {
@@ -1313,7 +1358,8 @@ impl JobSpec {
                 ),
             ));
         }
-        positive("checkpoint.chunk_mb", c.chunk_mb)
+        positive("checkpoint.chunk_mb", c.chunk_mb)?;
+        at_most_f64("checkpoint.chunk_mb", c.chunk_mb, MAX_MB)
     }
 
     fn validate_elastic(&self) -> Result<(), SpecError> {
@@ -1336,9 +1382,18 @@ impl JobSpec {
                 ),
             ));
         }
+        if e.lease_ttl_secs > MAX_SECS as u64 {
+            return Err(invalid(
+                "elastic.lease_ttl_secs",
+                format!("{} is longer than {MAX_SECS} s (30 days)", e.lease_ttl_secs),
+            ));
+        }
         non_negative("elastic.settle_secs", e.settle_secs)?;
+        duration("elastic.settle_secs", e.settle_secs)?;
         positive("elastic.wait_timeout_secs", e.wait_timeout_secs)?;
-        non_negative("elastic.cooldown_secs", e.cooldown_secs)
+        duration("elastic.wait_timeout_secs", e.wait_timeout_secs)?;
+        non_negative("elastic.cooldown_secs", e.cooldown_secs)?;
+        duration("elastic.cooldown_secs", e.cooldown_secs)
     }
 
     fn validate_launch(&self) -> Result<(), SpecError> {
@@ -1418,6 +1473,7 @@ impl JobSpec {
                 ));
             }
             positive(&field("timeout_secs"), h.timeout_secs)?;
+            duration(&field("timeout_secs"), h.timeout_secs)?;
         }
         Ok(())
     }
@@ -1477,6 +1533,47 @@ fn widths_at_least_one(field: &str, values: &[usize]) -> Result<(), SpecError> {
     match values.iter().position(|&value| value < 1) {
         Some(index) => Err(invalid(format!("{field}[{index}]"), "must be at least 1")),
         None => Ok(()),
+    }
+}
+
+fn at_most(field: &str, value: usize, max: usize) -> Result<(), SpecError> {
+    if value > max {
+        Err(invalid(
+            field,
+            format!("{value} is above the limit of {max}"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn widths_at_most(field: &str, values: &[usize], max: usize) -> Result<(), SpecError> {
+    match values.iter().position(|&value| value > max) {
+        Some(index) => at_most(&format!("{field}[{index}]"), values[index], max),
+        None => Ok(()),
+    }
+}
+
+fn at_most_f64(field: &str, value: f64, max: f64) -> Result<(), SpecError> {
+    if value > max {
+        Err(invalid(
+            field,
+            format!("{value} is above the limit of {max}"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A number of seconds a `Duration` can hold: at most [`MAX_SECS`].
+fn duration(field: &str, secs: f64) -> Result<(), SpecError> {
+    if secs > MAX_SECS {
+        Err(invalid(
+            field,
+            format!("{secs} s is longer than {MAX_SECS} s (30 days)"),
+        ))
+    } else {
+        Ok(())
     }
 }
 

@@ -792,3 +792,99 @@ fn the_examples_in_the_docs_load() {
             .unwrap_or_else(|error| panic!("{error}\nin\n{example}"));
     }
 }
+
+#[test]
+fn huge_values_are_refused_naming_the_field_before_anything_panics() {
+    for (arg, field) in [
+        ("elastic.settle_secs=1e20", "elastic.settle_secs"),
+        (
+            "elastic.wait_timeout_secs=1e300",
+            "elastic.wait_timeout_secs",
+        ),
+        ("elastic.cooldown_secs=1e12", "elastic.cooldown_secs"),
+        (
+            "elastic.lease_ttl_secs=99999999999",
+            "elastic.lease_ttl_secs",
+        ),
+        ("comm.timeout_secs=1e20", "comm.timeout_secs"),
+        ("comm.bucket_mb=1e12", "comm.bucket_mb"),
+        ("checkpoint.chunk_mb=1e12", "checkpoint.chunk_mb"),
+        ("workers.nproc=100000", "workers.nproc"),
+        ("model.hidden=[10000000]", "model.hidden[0]"),
+        ("data.samples=100000000000", "data.samples"),
+        ("train.global_batch=1000000000000", "train.global_batch"),
+    ] {
+        let message = error_of(MINIMAL, &[arg]);
+        assert_contains(&message, field);
+    }
+    // A language model's sizes too.
+    let lm = r#"
+[job]
+name = "lm"
+[model]
+kind = "gpt"
+vocab = 256
+[data]
+kind = "tokens"
+train = []
+seq_len = 16
+"#;
+    for (arg, field) in [
+        ("model.vocab=100000000000", "model.vocab"),
+        ("model.n_layer=100000", "model.n_layer"),
+        ("data.seq_len=100000000000", "data.seq_len"),
+    ] {
+        assert_contains(&error_of(lm, &[arg]), field);
+    }
+}
+
+#[test]
+fn language_model_fields_are_checked_together() {
+    let lm = r#"
+[job]
+name = "lm"
+[model]
+kind = "gpt"
+vocab = 256
+d_model = 64
+n_head = 4
+[data]
+kind = "synthetic"
+"#;
+    assert_contains(&error_of(lm, &[]), "data.kind = \"tokens\"");
+    let tokens = lm.replace(
+        "kind = \"synthetic\"",
+        "kind = \"tokens\"\ntrain = [\"x.bin\"]\nseq_len = 8",
+    );
+    assert_contains(&error_of(&tokens, &[]), "data.train[0]");
+    assert_contains(&error_of(&tokens, &["model.n_head=5"]), "model.n_head");
+    assert_contains(&error_of(&tokens, &["model.dropout=1.0"]), "model.dropout");
+    assert_contains(
+        &error_of(
+            &tokens,
+            &[
+                "model.positions=\"rotary\"",
+                "model.d_model=12",
+                "model.n_head=4",
+            ],
+        ),
+        "model.positions",
+    );
+    assert_contains(
+        &error_of(MINIMAL, &["model.returns=\"loss\""]),
+        "model.returns",
+    );
+    assert_contains(&error_of(MINIMAL, &["data.seq_len=8"]), "data.seq_len");
+    assert_contains(
+        &error_of(MINIMAL, &["train.clip_grad_norm=0"]),
+        "train.clip_grad_norm",
+    );
+    assert_contains(
+        &error_of(MINIMAL, &["train.precision=\"fp8\""]),
+        "train.precision",
+    );
+    assert_contains(
+        &error_of(MINIMAL, &["comm.grad_dtype=\"fp16\""]),
+        "comm.grad_dtype",
+    );
+}

@@ -474,20 +474,32 @@ impl Collective for RingCollective {
                 output.kind()
             )));
         }
-        // SAFETY: defined, dense, contiguous CPU tensors. When the two overlap (a
-        // rank's input is commonly a view of its slot in the output) the input is
-        // copied out first, so that no shared and mutable slices alias.
-        let input_bytes = unsafe { tensor_bytes(input) };
-        // SAFETY: as above.
-        let output_bytes = unsafe { tensor_elements_mut::<u8>(output) }?;
-        if input_bytes.as_ptr_range().start < output_bytes.as_ptr_range().end
-            && output_bytes.as_ptr_range().start < input_bytes.as_ptr_range().end
-        {
-            let input_copy = input_bytes.to_vec();
-            self.all_gather_bytes(&input_copy, output_bytes)
+        // The two may overlap (a rank's input is commonly a view of its slot in
+        // the output): compare the address ranges before any slice exists, and
+        // copy an overlapping input out first, so that a shared and a mutable
+        // slice of the same bytes never live at once.
+        let range = |t: &Tensor| {
+            let start = t.data_ptr() as usize;
+            start..start + t.numel() * t.kind().elt_size_in_bytes()
+        };
+        let (input_range, output_range) = (range(input), range(&*output));
+        let overlap = !input_range.is_empty()
+            && input_range.start < output_range.end
+            && output_range.start < input_range.end;
+        let input_copy;
+        let input_bytes: &[u8] = if overlap {
+            // SAFETY: a defined, dense, contiguous CPU tensor; the slice is
+            // dropped (copied out) before the output is borrowed mutably.
+            input_copy = unsafe { tensor_bytes(input) }.to_vec();
+            &input_copy
         } else {
-            self.all_gather_bytes(input_bytes, output_bytes)
-        }
+            // SAFETY: as above; the ranges do not overlap, so the mutable
+            // output slice below aliases none of these bytes.
+            unsafe { tensor_bytes(input) }
+        };
+        // SAFETY: a defined, dense, contiguous CPU tensor, borrowed mutably.
+        let output_bytes = unsafe { tensor_elements_mut::<u8>(output) }?;
+        self.all_gather_bytes(input_bytes, output_bytes)
     }
 
     fn barrier(&mut self) -> Result<()> {
