@@ -69,8 +69,9 @@ enum Command {
     /// One training rank; started by an agent, not by users.
     #[command(hide = true)]
     Worker {
+        /// The inherited descriptor of this worker's end of its agent's socket pair.
         #[arg(long)]
-        agent_socket: String,
+        agent_fd: i32,
         #[arg(long)]
         local_rank: u32,
     },
@@ -187,11 +188,11 @@ fn main() -> ExitCode {
             block_on(serve::run(args))
         }
         Command::Worker {
-            agent_socket,
+            agent_fd,
             local_rank,
         } => {
             let args = kiln_trainer::worker::WorkerArgs {
-                agent_socket,
+                agent_fd,
                 local_rank,
             };
             match kiln_trainer::worker::run(&args) {

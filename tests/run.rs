@@ -397,3 +397,62 @@ fn other_examples_train() {
         );
     }
 }
+
+#[test]
+fn workers_talk_to_their_agent_over_inherited_socket_pairs_that_nobody_else_can_reach() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = synthetic_spec(dir.path(), "");
+    let mut child = kiln()
+        .args([
+            "run",
+            spec.to_str().unwrap(),
+            "--nproc",
+            "2",
+            "--set",
+            "train.steps=1000000",
+            "--set",
+            "train.log_interval=1",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while !lines
+        .next()
+        .expect("kiln run ended before training started")
+        .unwrap()
+        .starts_with("step ")
+    {}
+    let workers = worker_pids(child.id());
+    assert_eq!(workers.len(), 2, "expected 2 workers, found {workers:?}");
+    // No listening socket a local process could connect to and pose as a
+    // worker (kiln used to bind `@kiln-agent-{agent pid}-…` in the abstract
+    // namespace).
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let agent_socket = format!("@kiln-agent-{}-", child.id());
+    let listening: Vec<&str> = unix.lines().filter(|l| l.contains(&agent_socket)).collect();
+    assert!(
+        listening.is_empty(),
+        "kiln sockets others can reach: {listening:?}"
+    );
+    for pid in &workers {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(cmdline.contains("--agent-fd"), "{cmdline}");
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    // A worker started by hand, without its agent's descriptor, refuses.
+    let out = kiln()
+        .args(["worker", "--agent-fd", "0", "--local-rank", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("not a socket"), "{stderr}");
+}

@@ -7,14 +7,13 @@
 //! later `kiln agent`) joins the rendezvous with [`LocalWorkers::endpoints`] and
 //! passes the resulting plan to [`LocalWorkers::run`].
 
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::SocketAddr as UnixAddr;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use kiln_proto::frame;
 use kiln_proto::worker::{
     AgentMessage, Assignment, CheckpointSaved, EvalResult, Finished, Hello, Interrupted, Progress,
@@ -89,9 +88,6 @@ struct WorkerHandle {
 pub struct LocalWorkers {
     workers: Vec<WorkerHandle>,
     cfg: AgentConfig,
-    /// The agent socket: kept so that a replacement worker can connect.
-    listener: tokio::net::UnixListener,
-    socket_name: String,
 }
 
 impl std::fmt::Debug for LocalWorkers {
@@ -108,22 +104,11 @@ impl LocalWorkers {
         let logs = cfg.run_dir.join("logs");
         std::fs::create_dir_all(&logs)
             .with_context(|| format!("create log folder {}", logs.display()))?;
-        let name = format!("kiln-agent-{}-{:x}", std::process::id(), rand_suffix());
-        let std_listener = std::os::unix::net::UnixListener::bind_addr(
-            &UnixAddr::from_abstract_name(name.as_bytes()).context("agent socket name")?,
-        )
-        .context("bind agent socket")?;
-        std_listener
-            .set_nonblocking(true)
-            .context("agent socket non-blocking")?;
-        let listener = tokio::net::UnixListener::from_std(std_listener).context("agent socket")?;
         let ranks: Vec<usize> = (0..cfg.nproc).collect();
-        let workers = start_workers(cfg, &name, &listener, &ranks).await?;
+        let workers = start_workers(cfg, &ranks).await?;
         Ok(Self {
             workers,
             cfg: cfg.clone(),
-            listener,
-            socket_name: name,
         })
     }
 
@@ -444,8 +429,6 @@ struct Slot {
 pub struct ElasticWorkers {
     job: String,
     cfg: AgentConfig,
-    listener: tokio::net::UnixListener,
-    socket_name: String,
     slots: Vec<Slot>,
     tx: mpsc::Sender<Update>,
     rx: mpsc::Receiver<Update>,
@@ -488,8 +471,6 @@ impl LocalWorkers {
         ElasticWorkers {
             job: job.to_string(),
             cfg: self.cfg,
-            listener: self.listener,
-            socket_name: self.socket_name,
             slots,
             tx,
             rx,
@@ -542,8 +523,7 @@ impl ElasticWorkers {
     /// Replaces a dead worker with a fresh process; its new collective
     /// endpoint goes into the node record, which opens a new round.
     pub async fn respawn(&mut self, local_rank: usize) -> Result<()> {
-        let mut started =
-            start_workers(&self.cfg, &self.socket_name, &self.listener, &[local_rank]).await?;
+        let mut started = start_workers(&self.cfg, &[local_rank]).await?;
         let w = started.pop().context("a replacement worker")?;
         let slot = &mut self.slots[local_rank];
         slot.generation += 1;
@@ -684,16 +664,16 @@ impl ElasticWorkers {
     }
 }
 
-/// Starts the workers of `local_ranks` (connecting to the agent socket `name`)
-/// and waits for each one's hello.
-async fn start_workers(
-    cfg: &AgentConfig,
-    name: &str,
-    listener: &tokio::net::UnixListener,
-    local_ranks: &[usize],
-) -> Result<Vec<WorkerHandle>> {
+/// Starts the workers of `local_ranks` and waits for each one's hello.
+///
+/// Each worker talks to the agent over its own end of a socket pair that it
+/// inherits as a file descriptor (`--agent-fd`): nothing is bound where
+/// another local process could connect and pose as a worker, and a worker's
+/// hello is only believed when its pid is the child's.
+async fn start_workers(cfg: &AgentConfig, local_ranks: &[usize]) -> Result<Vec<WorkerHandle>> {
     let logs = cfg.run_dir.join("logs");
     let mut children = Vec::with_capacity(local_ranks.len());
+    let mut channels = Vec::with_capacity(local_ranks.len());
     for &local_rank in local_ranks {
         let log = logs.join(format!("worker-{local_rank}.log"));
         let out = std::fs::OpenOptions::new()
@@ -702,21 +682,30 @@ async fn start_workers(
             .open(&log)
             .with_context(|| format!("create {}", log.display()))?;
         let err = out.try_clone().context("clone log file")?;
+        // Both ends are close-on-exec; the child clears it on its own end.
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().context("create the worker's socket pair")?;
+        let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(&cfg.kiln_exe);
         cmd.arg("worker")
-            .arg("--agent-socket")
-            .arg(name)
+            .arg("--agent-fd")
+            .arg(fd.to_string())
             .arg("--local-rank")
             .arg(local_rank.to_string())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; it makes the kernel SIGKILL the
-        // worker if this process dies, so no worker outlives its agent.
+        // SAFETY: prctl and fcntl are async-signal-safe. PR_SET_PDEATHSIG makes
+        // the kernel SIGKILL the worker if this process dies, so no worker
+        // outlives its agent; clearing FD_CLOEXEC on the worker's end of the
+        // pair (and only that descriptor) lets it survive the exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -728,64 +717,51 @@ async fn start_workers(
                 cfg.kiln_exe.display()
             )
         })?;
+        // The child holds its end now.
+        drop(theirs);
+        ours.set_nonblocking(true)
+            .context("worker channel non-blocking")?;
+        let stream = tokio::net::UnixStream::from_std(ours).context("worker channel")?;
         children.push(Some((local_rank, child, log)));
+        channels.push(stream);
     }
 
-    let mut pending: Vec<Option<(Hello, OwnedReadHalf, OwnedWriteHalf)>> =
-        local_ranks.iter().map(|_| None).collect();
     let deadline = tokio::time::Instant::now() + cfg.start_timeout;
-    let mut connected = 0;
-    while connected < local_ranks.len() {
-        // A worker that dies before saying hello is an error now, not a timeout later.
-        for slot in children.iter_mut() {
-            if let Some((i, child, log)) = slot
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                bail!(
-                    "worker {i} exited during start-up ({status}){}",
-                    log_tail(log)
-                );
-            }
-        }
-        let accepted = tokio::time::timeout_at(
-            deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)),
-            listener.accept(),
-        )
-        .await;
-        let (stream, _) = match accepted {
-            Ok(r) => r.context("accept worker connection")?,
-            Err(_) if tokio::time::Instant::now() >= deadline => {
-                bail!(
-                    "{} of {} workers said hello within {:?}",
-                    connected,
-                    local_ranks.len(),
-                    cfg.start_timeout
-                )
-            }
-            Err(_) => continue,
-        };
+    let mut pending: Vec<Option<(Hello, OwnedReadHalf, OwnedWriteHalf)>> =
+        Vec::with_capacity(local_ranks.len());
+    for ((slot, stream), &expected) in children.iter_mut().zip(channels).zip(local_ranks) {
+        let (i, child, log) = slot.as_mut().expect("started above");
         let (mut reader, writer) = stream.into_split();
-        let hello =
-            match tokio::time::timeout_at(deadline, read_frame::<WorkerMessage>(&mut reader)).await
-            {
+        // A worker that dies before saying hello is an error now, not a timeout later.
+        let hello = tokio::select! {
+            read = tokio::time::timeout_at(deadline, read_frame::<WorkerMessage>(&mut reader)) => match read {
                 Ok(Ok(Some(WorkerMessage {
                     kind: Some(Report::Hello(h)),
                 }))) => h,
-                Ok(other) => bail!("expected a hello from a new worker, got {other:?}"),
+                Ok(Ok(None)) | Ok(Err(_)) => {
+                    let status = child.wait().await.context("wait for worker")?;
+                    bail!("worker {i} exited during start-up ({status}){}", log_tail(log));
+                }
+                Ok(other) => bail!("expected a hello from worker {i}, got {other:?}"),
                 Err(_) => bail!(
-                    "a worker connected but said no hello within {:?}",
-                    cfg.start_timeout
+                    "worker {i} said no hello within {:?}{}",
+                    cfg.start_timeout,
+                    log_tail(log)
                 ),
-            };
-        let i = hello.local_rank as usize;
-        let Some(slot) = local_ranks.iter().position(|&r| r == i) else {
-            bail!("unexpected hello from local rank {i}");
+            },
+            status = child.wait() => {
+                let status = status.context("wait for worker")?;
+                bail!("worker {i} exited during start-up ({status}){}", log_tail(log));
+            }
         };
-        if pending[slot].is_some() {
-            bail!("local rank {i} said hello twice");
-        }
-        pending[slot] = Some((hello, reader, writer));
-        connected += 1;
+        ensure!(
+            hello.local_rank as usize == expected && Some(hello.pid) == child.id(),
+            "worker {i}'s channel said hello as local rank {} pid {}; expected local rank {expected} pid {:?}",
+            hello.local_rank,
+            hello.pid,
+            child.id()
+        );
+        pending.push(Some((hello, reader, writer)));
     }
     Ok(pending
         .into_iter()
@@ -868,13 +844,6 @@ fn log_tail(log: &Path) -> String {
     }
     let tail = lines[lines.len().saturating_sub(5)..].join("\n  ");
     format!("; last lines of {}:\n  {tail}", log.display())
-}
-
-fn rand_suffix() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::process::id() as u64);
-    h.finish()
 }
 
 async fn read_frame<M: Message + Default>(r: &mut OwnedReadHalf) -> std::io::Result<Option<M>> {

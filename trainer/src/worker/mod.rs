@@ -25,8 +25,7 @@ mod step;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::TcpListener;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -58,20 +57,41 @@ use step::{Objective, StepContext};
 /// Where a worker finds its agent.
 #[derive(Debug, Clone)]
 pub struct WorkerArgs {
-    /// Abstract Unix socket name of the agent.
-    pub agent_socket: String,
+    /// The inherited file descriptor of this worker's end of the socket pair
+    /// its agent made for it (nothing else can connect to it).
+    pub agent_fd: i32,
     pub local_rank: u32,
 }
 
-/// Connects an abstract-namespace Unix socket (no file to clean up, no path length issue).
-pub fn connect_abstract(name: &str) -> std::io::Result<UnixStream> {
-    UnixStream::connect_addr(&UnixAddr::from_abstract_name(name.as_bytes())?)
+/// Takes ownership of the inherited agent channel `fd`, after checking it is
+/// an open Unix stream socket.
+fn agent_channel(fd: i32) -> Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fstat only writes the struct we pass.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `fd` is only read.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        bail!(
+            "agent channel: file descriptor {fd} is not open ({}); workers are started by an agent",
+            std::io::Error::last_os_error()
+        );
+    }
+    ensure!(
+        st.st_mode & libc::S_IFMT == libc::S_IFSOCK,
+        "agent channel: file descriptor {fd} is not a socket; workers are started by an agent"
+    );
+    // SAFETY: an open socket descriptor inherited from the agent for this
+    // purpose only; nothing else in this process owns it.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // It must not leak into processes this worker might start.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(stream)
 }
 
 /// Runs one worker to completion. Errors are also reported to the agent.
 pub fn run(args: &WorkerArgs) -> Result<()> {
-    let stream = connect_abstract(&args.agent_socket)
-        .with_context(|| format!("connect to agent socket @{}", args.agent_socket))?;
+    let stream = agent_channel(args.agent_fd)?;
     let mut reporter = Reporter {
         stream: stream.try_clone().context("clone agent socket")?,
     };
