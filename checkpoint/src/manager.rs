@@ -104,6 +104,19 @@ impl CheckpointManager {
         self.last_saved = step;
     }
 
+    /// Readies the save pipeline for `tensors` (the training state, as it
+    /// will be saved) so that the first save blocks the loop no longer than
+    /// later ones: call it once the state is built, before training.
+    /// Nothing is reserved when the policy never saves.
+    pub fn reserve<'a>(&mut self, tensors: impl IntoIterator<Item = TensorView<'a>>) -> Result<()> {
+        let p = &self.policy;
+        if p.interval == 0 && !p.final_checkpoint {
+            return Ok(());
+        }
+        let views: Vec<TensorView<'a>> = tensors.into_iter().collect();
+        self.checkpointer.prepare(&views)
+    }
+
     /// The run resumed from `manifest`: its chunks are referenced, not
     /// uploaded again, and its step is not saved again.
     pub fn resumed(&mut self, manifest: &Manifest) {

@@ -307,6 +307,35 @@ impl Checkpointer {
         &self.root
     }
 
+    /// Makes the first save of `tensors` cost what later ones do: sizes this
+    /// rank's stripe buffer for them and faults its pages in now, before
+    /// training, on `threads` threads. Without it the first save's copy
+    /// page-faults a fresh buffer of the stripe's size (measured through
+    /// `kiln run` on a 1.2 GB state: 368 ms against 89 ms for later saves).
+    /// Only the tensors' names, dtypes and shapes matter; a later save of a
+    /// larger state grows the buffer again.
+    pub fn prepare(&mut self, tensors: &[TensorView<'_>]) -> Result<()> {
+        let plan = ChunkPlan::new(tensors, self.cfg.chunk_bytes)?;
+        let stripe = plan.stripe(self.rank, self.world_size);
+        let stripe_len: usize = plan.chunks[stripe].iter().map(|c| c.len).sum();
+        let buffer = match self.stripe.take() {
+            Some(b) => b,
+            None => self
+                .stripe_returned
+                .recv()
+                .expect("the checkpointer holds a sender"),
+        };
+        let buffer = if buffer.capacity() < stripe_len {
+            drop(buffer);
+            resident_zeroed(stripe_len, self.cfg.threads)
+        } else {
+            buffer
+        };
+        self.stripe_capacity = buffer.capacity() as u64;
+        self.stripe = Some(buffer);
+        Ok(())
+    }
+
     /// Saves in the background after copying this rank's stripe; see the
     /// crate docs for the protocol.
     pub fn save(
@@ -484,6 +513,59 @@ fn direct_buffer_bytes() -> u64 {
     return crate::direct::buffer_bytes();
     #[cfg(not(target_os = "linux"))]
     0
+}
+
+/// A zeroed buffer of `len` bytes whose pages are resident (faulted in on
+/// up to `threads` threads), so that the first copy into it runs at memory
+/// speed instead of taking a page fault every 4 KiB.
+fn resident_zeroed(len: usize, threads: usize) -> Vec<u8> {
+    // A large zeroed allocation is a fresh anonymous mapping: nothing is
+    // resident until written.
+    let mut buffer = vec![0u8; len];
+    const PAGE: usize = 4096;
+    let share = len.div_ceil(threads.max(1)).div_ceil(PAGE) * PAGE;
+    if share == 0 {
+        return buffer;
+    }
+    std::thread::scope(|scope| {
+        for part in buffer.chunks_mut(share) {
+            scope.spawn(move || populate(part));
+        }
+    });
+    buffer
+}
+
+/// Faults in the pages of `part`: one `madvise(MADV_POPULATE_WRITE)` where
+/// the kernel has it (Linux 5.14), else a write to every page.
+fn populate(part: &mut [u8]) {
+    const PAGE: usize = 4096;
+    #[cfg(target_os = "linux")]
+    {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        let start = part.as_mut_ptr() as usize;
+        let aligned = start.next_multiple_of(PAGE);
+        let end = (start + part.len()) / PAGE * PAGE;
+        if end > aligned {
+            // SAFETY: [aligned, end) lies inside `part`, which we borrow
+            // mutably; populating writes nothing visible (the pages stay zero).
+            let r = unsafe {
+                libc::madvise(
+                    aligned as *mut libc::c_void,
+                    end - aligned,
+                    MADV_POPULATE_WRITE,
+                )
+            };
+            if r == 0 {
+                return;
+            }
+        }
+    }
+    for page in part.chunks_mut(PAGE) {
+        // A volatile write, so the store of the zero that is already there
+        // is not optimised away.
+        // SAFETY: `page` is a valid, exclusively borrowed, non-empty slice.
+        unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) };
+    }
 }
 
 /// Copies `sources` back to back into `dst`, on up to `threads` threads.

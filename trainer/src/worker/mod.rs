@@ -468,6 +468,13 @@ impl Training {
         let mut checkpoints = checkpoint_manager(&spec, a, rank, world, &self.fingerprint)?;
         checkpoints.set_last_saved(self.last_saved);
         let source = self.sync_state(a, rank, world, comm.as_mut(), &mut checkpoints, reporter)?;
+        checkpoints
+            .reserve(
+                state::state_tensors(&self.named, &self.opt)?
+                    .iter()
+                    .map(|t| t.view()),
+            )
+            .context("reserve checkpoint buffers")?;
         let start = self.step.expect("state synchronised");
         if a.elastic {
             reporter.send(Report::RoundStarted(RoundStarted {
