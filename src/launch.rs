@@ -362,11 +362,13 @@ fn slurm_time(secs: u64) -> String {
 
 /// The per-task program `srun` runs on every node, under `bash -c`. It is
 /// constant text (every value comes through the environment or `"$@"`), so no
-/// user value needs quoting twice: it writes the spec to the node-local file
-/// named by `KILN_SPEC` (through a rename, so that tasks sharing a `/tmp`
-/// never read a half-written file), then runs the agent command given as
-/// arguments with the node's identity appended, evaluated on that node.
-const SLURM_TASK: &str = r#"cat <<<"$KILN_SPEC_TOML" > "$KILN_SPEC.$$" && mv -f "$KILN_SPEC.$$" "$KILN_SPEC" && exec "$@" --node "${SLURMD_NODENAME:-node-$SLURM_NODEID}""#;
+/// user value needs quoting twice: it writes the spec into a private folder
+/// that `mktemp -d` makes under the node's `$TMPDIR` (mode 0700, a name no
+/// other user can predict or pre-create), then runs the agent command given
+/// as arguments with that spec and the node's identity appended, evaluated on
+/// that node. The folder is left for the job's temporary space to be cleaned
+/// with it (the agent replaces this shell).
+const SLURM_TASK: &str = r#"umask 077 && KILN_SPEC_DIR=$(mktemp -d "${TMPDIR:-/tmp}/kiln-$SLURM_JOB_ID.XXXXXXXXXX") && cat <<<"$KILN_SPEC_TOML" > "$KILN_SPEC_DIR/job.toml" && exec "$@" --spec "$KILN_SPEC_DIR/job.toml" --node "${SLURMD_NODENAME:-node-$SLURM_NODEID}""#;
 
 /// Largest spec the script passes through the environment: Linux refuses a
 /// single environment string over 128 KiB (`MAX_ARG_STRLEN`).
@@ -452,8 +454,6 @@ fn render_slurm(l: &Launch) -> Result<String, LaunchError> {
         shell_quote(&l.store),
         "--job".to_string(),
         shell_quote(job),
-        "--spec".to_string(),
-        "\"$KILN_SPEC\"".to_string(),
         "--nproc".to_string(),
         l.nproc.to_string(),
     ];
@@ -500,9 +500,8 @@ fn render_slurm(l: &Launch) -> Result<String, LaunchError> {
     let _ = writeln!(w);
     let _ = writeln!(
         w,
-        "# The effective job spec; each task writes it to a node-local file."
+        "# The effective job spec; each task writes it to a private node-local folder."
     );
-    let _ = writeln!(w, "export KILN_SPEC=\"/tmp/kiln-$SLURM_JOB_ID-{job}.toml\"");
     let _ = writeln!(w, "export KILN_SPEC_TOML={}", shell_quote(&l.spec_toml));
     let _ = writeln!(w);
     let _ = writeln!(

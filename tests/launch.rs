@@ -151,7 +151,7 @@ fn slurm_script_has_the_requested_allocation_and_one_srun_of_kiln_agent() {
         "kiln agent",
         "--store etcd://10.1.0.1:2379,10.1.0.2:2379",
         "--job launch-test",
-        "--spec \"$KILN_SPEC\"",
+        "--spec \"$KILN_SPEC_DIR/job.toml\"",
         "--nproc 4",
         "SLURMD_NODENAME",
     ] {
@@ -231,15 +231,6 @@ while [[ $# -gt 0 ]]; do
 done
 "#;
 
-/// Removes a file when dropped: the spec the script writes to /tmp.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn write_executable(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -256,9 +247,9 @@ fn run_script(
 ) -> (Vec<(Vec<String>, String)>, Vec<String>) {
     let slurm_job_id = format!("t{}", std::process::id());
     let srun_log = records.join("srun.log");
-    let _spec_file = RemoveOnDrop(PathBuf::from(format!(
-        "/tmp/kiln-{slurm_job_id}-launch-test.toml"
-    )));
+    // The node-local temporary space the tasks write the spec into.
+    let tmp = records.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
     let out = Command::new("bash")
         .arg(script)
         .env(
@@ -270,6 +261,7 @@ fn run_script(
         .env("FAKE_SRUN_LOG", &srun_log)
         .env("FAKE_SRUN_NODENAMES", if nodenames { "1" } else { "0" })
         .env("RECORD_DIR", records)
+        .env("TMPDIR", &tmp)
         .env_remove("SLURMD_NODENAME")
         .output()
         .unwrap();
@@ -344,17 +336,35 @@ fn slurm_script_runs_one_agent_per_node_with_that_nodes_identity() {
             } else {
                 format!("node-{i}")
             };
-            let spec_path = format!("/tmp/kiln-t{}-launch-test.toml", std::process::id());
+            // The spec is in a private folder of the node's $TMPDIR, under a
+            // name nobody can predict: `kiln-{slurm job}.{random}/job.toml`.
+            let spec_at = args
+                .iter()
+                .position(|a| a == "--spec")
+                .expect("the agent gets --spec");
+            let spec_path = PathBuf::from(&args[spec_at + 1]);
+            let folder = spec_path.parent().unwrap();
+            let name = folder.file_name().unwrap().to_string_lossy().to_string();
+            assert!(
+                folder.parent() == Some(records.path().join("tmp").as_path())
+                    && name.starts_with(&format!("kiln-t{}.", std::process::id()))
+                    && name.len() > format!("kiln-t{}.", std::process::id()).len() + 8,
+                "spec at {}",
+                spec_path.display()
+            );
+            let mode = std::fs::metadata(folder).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", folder.display());
+            let spec_path = spec_path.display().to_string();
             let expected = [
                 "agent",
                 "--store",
                 "etcd://127.0.0.1:2379",
                 "--job",
                 "launch-test",
-                "--spec",
-                &spec_path,
                 "--nproc",
                 "2",
+                "--spec",
+                &spec_path,
                 "--node",
                 &node,
             ];
@@ -760,6 +770,7 @@ fn sbatch(
         .env("SLURM_JOB_NUM_NODES", nodes.to_string())
         .env("FAKE_SRUN_LOG", &logs)
         .env("KILN_LOG", "warn")
+        .env("TMPDIR", submit_dir)
         .env_remove("SLURMD_NODENAME")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -856,9 +867,6 @@ fn slurm_script_starts_real_agents_that_train_together_and_a_requeue_rejoins_the
     );
 
     let slurm_job_id = format!("e{}", std::process::id());
-    let _spec_file = RemoveOnDrop(PathBuf::from(format!(
-        "/tmp/kiln-{slurm_job_id}-launch-test.toml"
-    )));
     let first = sbatch(&script, &bin, &submit, 2, &slurm_job_id);
     assert!(
         first.status.success(),
