@@ -398,7 +398,10 @@ fn a_registered_gpt_serves_generate_and_infer_to_curl_and_python_clients() {
 
     // `kiln generate` on the run's final weights writes the same text.
     let final_weights = Path::new(summary["weights"].as_str().unwrap());
-    assert_eq!(cli_generate(&spec, final_weights, prompt, 24, 1.0, 1), first);
+    assert_eq!(
+        cli_generate(&spec, final_weights, prompt, 24, 1.0, 1),
+        first
+    );
 
     // Bad requests: 400 with the protocol's error object, naming the problem.
     for (body, says) in [
