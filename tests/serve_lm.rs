@@ -316,6 +316,26 @@ fn cli_generate(
     text.strip_prefix(prompt).unwrap().to_string()
 }
 
+/// A `[[hooks]]` section (TOML) whose command appends each event of `kinds`
+/// to `file`, one JSON object a line.
+fn event_hook(file: &Path, kinds: &[&str]) -> String {
+    let script = format!("cat >> '{0}' && echo >> '{0}'", file.display());
+    format!(
+        "[[hooks]]\nsink = \"command\"\ncommand = [\"sh\", \"-c\", {}]\nevents = {}\n",
+        serde_json::to_string(&script).unwrap(),
+        serde_json::to_string(kinds).unwrap()
+    )
+}
+
+fn read_events(file: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn metric(server: &Server, prefix: &str) -> f64 {
     let out = Command::new("curl")
         .args(["-sS", &server.url("/metrics")])
@@ -334,10 +354,34 @@ fn a_registered_gpt_serves_generate_and_infer_to_curl_and_python_clients() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     prepare(dir);
-    let spec = job(dir, "[register]\nalias = \"production\"\n");
+    let events = dir.join("events.jsonl");
+    let spec = job(
+        dir,
+        &format!(
+            "[register]\nalias = \"production\"\n{}",
+            event_hook(&events, &["model.registered", "alias.moved"])
+        ),
+    );
     let summary = train(&spec, dir);
     assert_eq!(summary["model"], "tiny-lm:1", "{summary}");
     let registry = summary["registry"].as_str().unwrap().to_string();
+
+    // Hooks hear of the registration (with the language model's metrics)
+    // and of the alias move.
+    let events = read_events(&events);
+    let registered = events
+        .iter()
+        .find(|e| e["kind"] == "model.registered")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(registered["payload"]["model"], "tiny-lm");
+    assert_eq!(registered["payload"]["version"], 1);
+    assert!(registered["payload"]["metrics"]["eval_perplexity"].is_number());
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "alias.moved" && e["payload"]["to_version"] == 1),
+        "{events:?}"
+    );
 
     // What the registry holds: a language model with its tokenizer.
     let show = last_json(&ok(
@@ -538,8 +582,20 @@ fn kiln_registry_register_takes_a_gpt_checkpoint_and_the_server_follows_its_alia
         "kiln registry promote",
     );
 
+    // The server's hooks hear of the swap.
+    let events = dir.join("serve-events.jsonl");
+    let config = dir.join("serve.toml");
+    std::fs::write(&config, event_hook(&events, &["version.swapped"])).unwrap();
+    let config = config.display().to_string();
     let server = Server::start(
-        &["--registry", &registry, "--model", "tiny-lm@prod"],
+        &[
+            "--registry",
+            &registry,
+            "--model",
+            "tiny-lm@prod",
+            "--config",
+            &config,
+        ],
         &[],
         dir,
     );
@@ -569,4 +625,12 @@ fn kiln_registry_register_takes_a_gpt_checkpoint_and_the_server_follows_its_alia
     let final_weights = Path::new(summary["weights"].as_str().unwrap());
     assert_eq!(cli_generate(&spec, final_weights, "The", 20, 0.0, 0), text);
     assert!(server.stop().success());
+    let swapped = read_events(&events);
+    assert!(
+        swapped.iter().any(|e| e["kind"] == "version.swapped"
+            && e["payload"]["from_version"] == 1
+            && e["payload"]["to_version"] == 2
+            && e["payload"]["alias"] == "prod"),
+        "{swapped:?}"
+    );
 }
