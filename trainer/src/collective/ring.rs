@@ -785,8 +785,8 @@ fn connect_next(
         ))
     } else if reply.kind == HandshakeKind::Refuse {
         Some(format!(
-            "rank {next} refused the handshake: it is rank {} of {} in round {}, this is rank {} of {} in round {}",
-            reply.rank, reply.world, reply.round, hello.rank, hello.world, hello.round
+            "rank {next} refused the handshake of rank {} of {} in round {} (it is in another round or expects another rank; its log says which)",
+            hello.rank, hello.world, hello.round
         ))
     } else {
         describe_mismatch(
@@ -837,6 +837,23 @@ fn describe_mismatch(
 /// that a peer waiting for our reply learns why at once instead of at its deadline.
 const ABANDON_GRACE: Duration = Duration::from_millis(200);
 
+/// How long an accepted connection has to send its hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Accepted connections whose hello is still being read; more are dropped.
+const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// Reads the hello of an accepted connection within `limit`.
+fn read_handshake(stream: &mut TcpStream, limit: Duration) -> io::Result<Handshake> {
+    // Accepted sockets do not inherit O_NONBLOCK on Linux; be explicit anyway.
+    stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(limit))?;
+    let mut bytes = [0u8; HANDSHAKE_LEN];
+    stream.read_exact(&mut bytes)?;
+    Handshake::decode(&bytes)
+}
+
 /// Accepts connections until one carries prev's hello for this round; refuses
 /// (and logs) others, so a stale process from an earlier round cannot join.
 /// Once `stop` is set (connecting to next failed) it answers pending connections
@@ -857,6 +874,8 @@ fn accept_prev(
     };
     // Non-blocking so that the deadline and `stop` are honoured.
     listener.set_nonblocking(true).map_err(accept_error)?;
+    let handshakes = std::sync::mpsc::channel::<(TcpStream, SocketAddr, io::Result<Handshake>)>();
+    let mut reading = 0usize;
     let mut last_refusal: Option<String> = None;
     let mut abandon_at: Option<Instant> = None;
     let result = loop {
@@ -880,24 +899,39 @@ fn accept_prev(
                 format!("rank {prev} did not connect in time{why}"),
             ));
         };
-        let (mut stream, from) = match listener.accept() {
-            Ok(accepted) => accepted,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(2).min(left));
+        // Handshakes are read on their own threads, each with a short
+        // deadline, so a connection that never speaks (or speaks slowly)
+        // cannot hold up the one from prev.
+        let (mut stream, from, handshake) = match handshakes.1.try_recv() {
+            Ok(read) => {
+                reading -= 1;
+                read
+            }
+            Err(_) => {
+                match listener.accept() {
+                    Ok((stream, from)) => {
+                        if reading >= MAX_PENDING_HANDSHAKES {
+                            tracing::warn!(rank = hello.rank, %from, "ring: too many connections waiting to say hello; dropped one");
+                            continue;
+                        }
+                        reading += 1;
+                        let done = handshakes.0.clone();
+                        let limit = HANDSHAKE_TIMEOUT.min(left);
+                        std::thread::spawn(move || {
+                            let mut stream = stream;
+                            let handshake = read_handshake(&mut stream, limit);
+                            let _ = done.send((stream, from, handshake));
+                        });
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2).min(left));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
                 continue;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => break Err(e),
         };
-        let handshake = (|| {
-            // Accepted sockets do not inherit O_NONBLOCK on Linux; be explicit anyway.
-            stream.set_nonblocking(false)?;
-            stream.set_nodelay(true)?;
-            stream.set_read_timeout(Some(left))?;
-            let mut bytes = [0u8; HANDSHAKE_LEN];
-            stream.read_exact(&mut bytes)?;
-            Handshake::decode(&bytes)
-        })();
         let theirs = match handshake {
             Ok(theirs) => theirs,
             Err(e) => {
@@ -918,7 +952,17 @@ fn accept_prev(
             (None, Some(_)) => HandshakeKind::Abandon,
             (None, None) => HandshakeKind::Accept,
         };
-        let reply = Handshake { kind, ..*hello };
+        // A refusal says only that it is one: who and where this rank is is
+        // nobody's business but the ring's (the reason is logged here).
+        let reply = match kind {
+            HandshakeKind::Refuse => Handshake {
+                kind,
+                round: 0,
+                rank: 0,
+                world: 0,
+            },
+            _ => Handshake { kind, ..*hello },
+        };
         let replied = stream.write_all(&reply.encode());
         match (mismatch, replied) {
             (Some(reason), _) => {
@@ -930,6 +974,25 @@ fn accept_prev(
             (None, Err(e)) => last_refusal = Some(format!("{from}: reply failed: {e}")),
         }
     };
+    // Hellos still being read get their refusal from a thread of their own,
+    // which ends when the last of them has been answered (or timed out).
+    let (done, read) = handshakes;
+    drop(done);
+    if reading > 0 {
+        let _ = std::thread::Builder::new()
+            .name("ring-refuser".into())
+            .spawn(move || {
+                for (mut stream, _, _) in read {
+                    let refusal = Handshake {
+                        kind: HandshakeKind::Refuse,
+                        round: 0,
+                        rank: 0,
+                        world: 0,
+                    };
+                    let _ = stream.write_all(&refusal.encode());
+                }
+            });
+    }
     // Hand the listener back in the default (blocking) mode.
     let restored = listener.set_nonblocking(false);
     let stream = result.map_err(accept_error)?;
@@ -1948,7 +2011,52 @@ mod tests {
         let mut reply = [0u8; HANDSHAKE_LEN];
         stale.read_exact(&mut reply).expect("refusal reply");
         let reply = Handshake::decode(&reply).expect("decode");
-        assert_eq!((reply.kind, reply.round), (HandshakeKind::Refuse, ROUND));
+        // A refusal reveals nothing of the refusing rank.
+        assert_eq!(
+            (reply.kind, reply.round, reply.rank, reply.world),
+            (HandshakeKind::Refuse, 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn idle_connections_do_not_hold_up_the_ring() {
+        let listeners: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr").to_string())
+            .collect();
+        // Connections that never say hello, to both ranks, before the ring forms.
+        let idle: Vec<TcpStream> = (0..10)
+            .map(|i| TcpStream::connect(&peers[i % 2]).expect("idle connect"))
+            .collect();
+        let started = Instant::now();
+        thread::scope(|scope| {
+            let ranks: Vec<_> = listeners
+                .iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let peers = &peers;
+                    scope.spawn(move || {
+                        let mut ring = RingCollective::connect(ROUND, rank, peers, listener, LONG)
+                            .expect("connect");
+                        ring.barrier().expect("barrier");
+                    })
+                })
+                .collect();
+            for rank in ranks {
+                rank.join().expect("rank thread");
+            }
+        });
+        // Without concurrent handshakes each idle connection held the
+        // acceptor for the whole collective deadline (LONG = 20 s).
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the ring formed after {:?}",
+            started.elapsed()
+        );
+        drop(idle);
     }
 
     #[test]
