@@ -18,39 +18,38 @@
 //!   `kiln_checkpoint::CheckpointManager`.
 
 mod buckets;
+mod channel;
+mod checkpointing;
 mod eval;
 mod hooks;
 mod step;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use kiln_checkpoint::{
-    CheckpointManager, CheckpointMeta, CheckpointPolicy, CheckpointRoot, DType, Manifest,
-    OwnedTensor, Retention, SaveConfig, SaveEvent, TensorView, weights_digest,
-};
+use kiln_checkpoint::{CheckpointManager, DType, TensorView, weights_digest};
 use kiln_proto::frame;
 use kiln_proto::spec::JobSpec;
 use kiln_proto::worker::{
-    AgentMessage, Assignment, CheckpointSaved, EvalResult, Failed, Finished, Hello, Interrupted,
-    Progress, RoundStarted, Warning, WorkerMessage, agent_message, worker_message::Kind as Report,
+    AgentMessage, Assignment, EvalResult, Failed, Finished, Hello, Interrupted, Progress,
+    RoundStarted, Warning, agent_message, worker_message::Kind as Report,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::collective::nccl::{self, NcclCollective};
 use crate::collective::ring::RingCollective;
-use crate::collective::{AbortHandle, Collective, CollectiveError};
+use crate::collective::{AbortHandle, Collective};
 use crate::data::{self, GlobalSampler};
 use crate::device;
 use crate::optim::{self, Optimizer};
 use crate::state::{self, TrainingState};
 use buckets::GradBuckets;
+use channel::{Reporter, Rounds, agent_channel, is_collective_failure, watch_agent};
+use checkpointing::{checkpoint_manager, load_for_resume, report_saves};
 use kiln_models::{self as model, Net};
 use step::{Objective, StepContext};
 
@@ -61,32 +60,6 @@ pub struct WorkerArgs {
     /// its agent made for it (nothing else can connect to it).
     pub agent_fd: i32,
     pub local_rank: u32,
-}
-
-/// Takes ownership of the inherited agent channel `fd`, after checking it is
-/// an open Unix stream socket.
-fn agent_channel(fd: i32) -> Result<UnixStream> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: fstat only writes the struct we pass.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; `fd` is only read.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        bail!(
-            "agent channel: file descriptor {fd} is not open ({}); workers are started by an agent",
-            std::io::Error::last_os_error()
-        );
-    }
-    ensure!(
-        st.st_mode & libc::S_IFMT == libc::S_IFSOCK,
-        "agent channel: file descriptor {fd} is not a socket; workers are started by an agent"
-    );
-    // SAFETY: an open socket descriptor inherited from the agent for this
-    // purpose only; nothing else in this process owns it.
-    let stream = unsafe { UnixStream::from_raw_fd(fd) };
-    // It must not leak into processes this worker might start.
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    Ok(stream)
 }
 
 /// Runs one worker to completion. Errors are also reported to the agent.
@@ -141,116 +114,6 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         }));
     }
     result
-}
-
-/// Reports to the agent.
-struct Reporter {
-    stream: UnixStream,
-}
-
-impl Reporter {
-    fn send(&mut self, kind: Report) -> Result<()> {
-        frame::write(&mut self.stream, &WorkerMessage { kind: Some(kind) })
-            .context("send report to agent")
-    }
-}
-
-/// The rounds a worker is handed: the agent-watch thread offers newer
-/// assignments (aborting the round in flight), the training loop takes them.
-#[derive(Clone, Default)]
-struct Rounds {
-    inner: std::sync::Arc<(std::sync::Mutex<RoundsState>, std::sync::Condvar)>,
-}
-
-#[derive(Default)]
-struct RoundsState {
-    pending: Option<Assignment>,
-    current: AbortHandle,
-}
-
-impl Rounds {
-    /// A newer assignment: it replaces any pending one and aborts the round in flight.
-    fn offer(&self, a: Assignment) {
-        let (lock, ready) = &*self.inner;
-        let mut state = lock.lock().expect("rounds lock");
-        if state.pending.as_ref().is_some_and(|p| p.round >= a.round) {
-            return;
-        }
-        state.pending = Some(a);
-        state.current.abort();
-        ready.notify_all();
-    }
-
-    /// Aborts the round in flight (the agent said stop).
-    fn abort(&self) {
-        self.inner.0.lock().expect("rounds lock").current.abort();
-    }
-
-    /// The newest pending assignment, if any.
-    fn take_pending(&self) -> Option<Assignment> {
-        self.inner.0.lock().expect("rounds lock").pending.take()
-    }
-
-    /// Blocks until an assignment is pending, and takes it.
-    fn wait_next(&self) -> Assignment {
-        let (lock, ready) = &*self.inner;
-        let mut state = lock.lock().expect("rounds lock");
-        loop {
-            if let Some(a) = state.pending.take() {
-                return a;
-            }
-            state = ready.wait(state).expect("rounds lock");
-        }
-    }
-
-    /// A fresh abort handle for a round that starts now (an offer made after
-    /// this call aborts it).
-    fn begin(&self) -> AbortHandle {
-        let mut state = self.inner.0.lock().expect("rounds lock");
-        state.current = AbortHandle::default();
-        if state.pending.is_some() {
-            state.current.abort();
-        }
-        state.current.clone()
-    }
-}
-
-/// Relays the agent's later messages: a newer assignment goes to the training
-/// loop (aborting the round in flight); stop, or the agent going away, aborts
-/// the collectives and exits, so a worker never outlives its agent blocked on a peer.
-fn watch_agent(mut incoming: UnixStream, rounds: Rounds) {
-    std::thread::Builder::new()
-        .name("agent-watch".into())
-        .spawn(move || {
-            let reason = loop {
-                match frame::read::<AgentMessage, _>(&mut incoming) {
-                    Ok(Some(AgentMessage {
-                        kind: Some(agent_message::Kind::Assignment(a)),
-                    })) => {
-                        tracing::info!(round = a.round, "newer round assigned");
-                        rounds.offer(a);
-                    }
-                    Ok(Some(AgentMessage {
-                        kind: Some(agent_message::Kind::Stop(s)),
-                    })) => break s.reason,
-                    Ok(_) => break "agent closed the channel".to_string(),
-                    Err(e) => break format!("agent channel failed: {e}"),
-                }
-            };
-            tracing::warn!(%reason, "stopping");
-            rounds.abort();
-            let _ = std::io::stderr().flush();
-            std::process::exit(143);
-        })
-        .expect("spawn agent watcher thread");
-}
-
-/// Whether an error came from a collective (a peer died, the round was
-/// aborted): in an elastic job the worker keeps its state and waits for the
-/// next round instead of failing.
-fn is_collective_failure(e: &anyhow::Error) -> bool {
-    e.chain()
-        .any(|cause| cause.downcast_ref::<CollectiveError>().is_some())
 }
 
 /// What a worker keeps across rounds: the model, the optimizer, the data and
@@ -870,111 +733,4 @@ impl Training {
         }))?;
         Ok(())
     }
-}
-
-/// Loads what `--resume` names: `latest` falls back to the newest checkpoint
-/// that verifies (with warnings saying what was skipped).
-fn load_for_resume(
-    root: &CheckpointRoot,
-    which: &str,
-) -> Result<(Manifest, Vec<OwnedTensor>, Vec<String>)> {
-    if which == "latest" {
-        let (m, t, warnings) =
-            kiln_checkpoint::load_latest_verified(root, |_| true).with_context(|| {
-                format!(
-                    "load the latest checkpoint that verifies under {}",
-                    root.url()
-                )
-            })?;
-        Ok((m, t, warnings))
-    } else {
-        let m = kiln_checkpoint::resolve(root, which)
-            .with_context(|| format!("find checkpoint {which} under {}", root.url()))?;
-        let t = kiln_checkpoint::load(root, &m, |_| true)
-            .with_context(|| format!("load checkpoint {}", m.key))?;
-        Ok((m, t, Vec::new()))
-    }
-}
-
-/// The checkpoint manager of one round: where saves go, the save pipeline's
-/// settings, and the spec's policy (interval, failure budget, retention).
-fn checkpoint_manager(
-    spec: &JobSpec,
-    a: &Assignment,
-    rank: usize,
-    world: usize,
-    fingerprint: &str,
-) -> Result<CheckpointManager> {
-    let root = CheckpointRoot::open(&a.checkpoint_url)
-        .with_context(|| format!("open checkpoint root {}", a.checkpoint_url))?;
-    let cfg = SaveConfig {
-        compression_level: spec.checkpoint.compression_level,
-        chunk_bytes: ((spec.checkpoint.chunk_mb * (1 << 20) as f64) as usize).max(4096),
-        // The node's cores are shared by its workers, as for training.
-        threads: (std::thread::available_parallelism().map_or(1, |n| n.get())
-            / spec.workers.nproc.max(1))
-        .max(1),
-        // A save of an elastic round that broke waits for parts that will
-        // never come; it gives up sooner than a save of a healthy job.
-        commit_timeout: if a.elastic {
-            Duration::from_secs(60)
-        } else {
-            SaveConfig::default().commit_timeout
-        },
-        ..SaveConfig::default()
-    };
-    let meta = CheckpointMeta {
-        training_state: serde_json::Value::Null,
-        job_spec: serde_json::from_str(&a.spec_json).context("job spec as JSON")?,
-        code_version: concat!("kiln ", env!("CARGO_PKG_VERSION")).to_string(),
-        dataset_fingerprint: fingerprint.to_string(),
-        world_size: world as u32,
-        metrics: Default::default(),
-        job: a.job.clone(),
-    };
-    let policy = CheckpointPolicy {
-        interval: spec.checkpoint.interval,
-        final_checkpoint: spec.checkpoint.final_checkpoint,
-        total_steps: spec.train.steps,
-        max_consecutive_failures: spec.checkpoint.max_consecutive_failures,
-        retention: Retention {
-            keep_last: spec.checkpoint.keep_last,
-            keep_every: (spec.checkpoint.keep_every > 0).then_some(spec.checkpoint.keep_every),
-        },
-        // Never delete chunks a save of another run may be writing now.
-        gc_grace: Duration::from_secs(300),
-    };
-    // Each round of an elastic job saves under its own attempt names: a save
-    // of a broken round never mixes with a later one's.
-    let attempt = if a.elastic {
-        format!("{}-r{}", a.run_id, a.round)
-    } else {
-        a.run_id.clone()
-    };
-    CheckpointManager::new(root, cfg, rank, world, attempt, meta, policy)
-        .context("start checkpointer")
-}
-
-/// Tells the agent what became of background saves.
-fn report_saves(events: Vec<SaveEvent>, reporter: &mut Reporter) -> Result<()> {
-    for event in events {
-        match event {
-            SaveEvent::Saved(o) => {
-                if let Some(url) = o.url {
-                    reporter.send(Report::Checkpoint(CheckpointSaved {
-                        step: o.step,
-                        url,
-                        bytes_uploaded: o.bytes_uploaded,
-                        bytes_reused: o.bytes_reused,
-                        blocking_seconds: o.blocking.as_secs_f64(),
-                        durable_seconds: o.durable_after.as_secs_f64(),
-                    }))?;
-                }
-            }
-            SaveEvent::Failed { message } | SaveEvent::RetentionFailed { message } => {
-                reporter.send(Report::Warning(Warning { message }))?;
-            }
-        }
-    }
-    Ok(())
 }
