@@ -12,11 +12,24 @@
 //!
 //! `text_output` is the generated continuation, without the prompt.
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::error::RequestError;
-use crate::lm::GenerateParams;
+use crate::error::{ErrorKind, RequestError};
+use crate::lm::{GenerateEvent, GenerateParams};
+use crate::metrics::RequestLabels;
+use crate::server::{Generation, ServerState};
+use crate::{auth, http};
+
+type Shared = State<Arc<ServerState>>;
 
 /// Tokens generated when the request does not say, at most the context.
 pub const DEFAULT_MAX_TOKENS: usize = 64;
@@ -170,6 +183,176 @@ pub fn response_json(model_name: &str, model_version: &str, text_output: &str) -
 pub fn sse_event(value: &Value) -> String {
     // serde_json escapes line breaks inside strings, so the JSON is one line.
     format!("data: {value}\n\n")
+}
+
+// ----- the HTTP endpoints -----
+
+/// `POST /v2/models/{name}/generate`.
+pub async fn generate(
+    state: Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate_common(state, name, None, headers, body, false).await
+}
+
+/// `POST /v2/models/{name}/versions/{version}/generate`.
+pub async fn generate_version(
+    state: Shared,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate_common(state, name, Some(version), headers, body, false).await
+}
+
+/// `POST /v2/models/{name}/generate_stream`.
+pub async fn generate_stream(
+    state: Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate_common(state, name, None, headers, body, true).await
+}
+
+/// `POST /v2/models/{name}/versions/{version}/generate_stream`.
+pub async fn generate_stream_version(
+    state: Shared,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate_common(state, name, Some(version), headers, body, true).await
+}
+
+/// Checks the token, reads and parses the body, starts the generation, and
+/// answers whole or streamed; every outcome is counted in the metrics.
+async fn generate_common(
+    State(state): Shared,
+    name: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+    stream: bool,
+) -> Response {
+    let received = Instant::now();
+    let limit = state.config.request_timeout();
+    let prepared = tokio::time::timeout(limit, async {
+        auth::check_inference(&state.tokens, http::authorization(&headers))?;
+        let body = http::read_body(&headers, body, state.config.limits.max_request_bytes).await?;
+        parse_request(&body)
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(RequestError::new(
+            ErrorKind::Timeout,
+            format!(
+                "the request body did not arrive within {} ms",
+                limit.as_millis()
+            ),
+        ))
+    });
+    let request = match prepared {
+        Ok(r) => r,
+        Err(e) => {
+            let labels = RequestLabels {
+                model: name,
+                version: String::new(),
+                protocol: "http".to_string(),
+            };
+            state.record_error(&labels, &e, received);
+            return e.into_response();
+        }
+    };
+    let generation = match state
+        .generate(&name, version.as_deref(), request, received)
+        .await
+    {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
+    if stream {
+        stream_response(state, generation, received)
+    } else {
+        whole_response(&state, generation, received).await
+    }
+}
+
+/// `/generate`: waits for the whole text.
+async fn whole_response(
+    state: &ServerState,
+    mut generation: Generation,
+    received: Instant,
+) -> Response {
+    let deadline = generation.deadline;
+    let outcome = tokio::time::timeout_at(deadline.into(), async {
+        loop {
+            match generation.events.recv().await {
+                Some(GenerateEvent::Piece(_)) => {}
+                Some(GenerateEvent::Done { text, .. }) => return Ok(text),
+                Some(GenerateEvent::Failed(e)) => return Err(e),
+                None => return Err(RequestError::internal("the compute thread stopped")),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(RequestError::new(
+            ErrorKind::Timeout,
+            "the generation did not finish within the request's time limit",
+        ))
+    });
+    match outcome {
+        Ok(text) => {
+            state.record_success(&generation.labels, received);
+            http::json_response(response_json(
+                &generation.model_name,
+                &generation.model_version,
+                &text,
+            ))
+        }
+        Err(e) => {
+            state.record_error(&generation.labels, &e, received);
+            e.into_response()
+        }
+    }
+}
+
+/// `/generate_stream`: one server-sent event per generated token; an error
+/// after the start is a last event `{"error": "..."}`.
+fn stream_response(state: Arc<ServerState>, generation: Generation, received: Instant) -> Response {
+    let events = futures::stream::unfold(Some((state, generation)), move |open| async move {
+        let (state, mut g) = open?;
+        let event = match g.events.recv().await {
+            Some(GenerateEvent::Piece(piece)) => {
+                let v = response_json(&g.model_name, &g.model_version, &piece);
+                let chunk = Bytes::from(sse_event(&v));
+                return Some((
+                    Ok::<Bytes, std::convert::Infallible>(chunk),
+                    Some((state, g)),
+                ));
+            }
+            Some(GenerateEvent::Done { .. }) => {
+                state.record_success(&g.labels, received);
+                return None;
+            }
+            Some(GenerateEvent::Failed(e)) => e,
+            None => RequestError::internal("the compute thread stopped"),
+        };
+        state.record_error(&g.labels, &event, received);
+        let chunk = sse_event(&json!({ "error": event.message }));
+        Some((Ok(Bytes::from(chunk)), None))
+    });
+    let mut response = Response::new(Body::from_stream(events));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 #[cfg(test)]

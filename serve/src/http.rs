@@ -33,6 +33,7 @@ use serde_json::{Map, Value, json};
 
 use crate::auth;
 use crate::error::{ErrorKind, RequestError};
+use crate::generate;
 use crate::metrics::RequestLabels;
 use crate::protocol::{
     InferRequest, InferResponse, InputData, InputTensor, RequestedOutput, json_data,
@@ -65,15 +66,18 @@ pub fn router(state: Arc<ServerState>) -> Router {
             "/v2/models/{name}/versions/{version}/infer",
             post(infer_version),
         )
-        .route("/v2/models/{name}/generate", post(generate))
+        .route("/v2/models/{name}/generate", post(generate::generate))
         .route(
             "/v2/models/{name}/versions/{version}/generate",
-            post(generate_version),
+            post(generate::generate_version),
         )
-        .route("/v2/models/{name}/generate_stream", post(generate_stream))
+        .route(
+            "/v2/models/{name}/generate_stream",
+            post(generate::generate_stream),
+        )
         .route(
             "/v2/models/{name}/versions/{version}/generate_stream",
-            post(generate_stream_version),
+            post(generate::generate_stream_version),
         )
         .route("/v2/repository/index", post(index).get(index))
         .route("/v2/repository/models/{name}/load", post(load))
@@ -100,13 +104,13 @@ async fn method_not_allowed() -> Response {
         .into_response()
 }
 
-fn authorization(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
 }
 
-fn json_response(value: Value) -> Response {
+pub(crate) fn json_response(value: Value) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
@@ -270,176 +274,6 @@ async fn infer_common(
     }
 }
 
-// ----- generate extension (language models) -----
-
-async fn generate(
-    state: Shared,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    generate_common(state, name, None, headers, body, false).await
-}
-
-async fn generate_version(
-    state: Shared,
-    Path((name, version)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    generate_common(state, name, Some(version), headers, body, false).await
-}
-
-async fn generate_stream(
-    state: Shared,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    generate_common(state, name, None, headers, body, true).await
-}
-
-async fn generate_stream_version(
-    state: Shared,
-    Path((name, version)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    generate_common(state, name, Some(version), headers, body, true).await
-}
-
-async fn generate_common(
-    State(state): Shared,
-    name: String,
-    version: Option<String>,
-    headers: HeaderMap,
-    body: Body,
-    stream: bool,
-) -> Response {
-    let received = Instant::now();
-    let limit = state.config.request_timeout();
-    let prepared = tokio::time::timeout(limit, async {
-        auth::check_inference(&state.tokens, authorization(&headers))?;
-        let body = read_body(&headers, body, state.config.limits.max_request_bytes).await?;
-        crate::generate::parse_request(&body)
-    })
-    .await
-    .unwrap_or_else(|_| {
-        Err(RequestError::new(
-            ErrorKind::Timeout,
-            format!(
-                "the request body did not arrive within {} ms",
-                limit.as_millis()
-            ),
-        ))
-    });
-    let request = match prepared {
-        Ok(r) => r,
-        Err(e) => {
-            let labels = RequestLabels {
-                model: name,
-                version: String::new(),
-                protocol: "http".to_string(),
-            };
-            state.record_error(&labels, &e, received);
-            return e.into_response();
-        }
-    };
-    let generation = match state
-        .generate(&name, version.as_deref(), request, received)
-        .await
-    {
-        Ok(g) => g,
-        Err(e) => return e.into_response(),
-    };
-    if stream {
-        stream_response(state, generation, received)
-    } else {
-        whole_response(&state, generation, received).await
-    }
-}
-
-/// `/generate`: waits for the whole text.
-async fn whole_response(
-    state: &ServerState,
-    mut generation: crate::server::Generation,
-    received: Instant,
-) -> Response {
-    use crate::lm::GenerateEvent;
-    let deadline = generation.deadline;
-    let outcome = tokio::time::timeout_at(deadline.into(), async {
-        loop {
-            match generation.events.recv().await {
-                Some(GenerateEvent::Piece(_)) => {}
-                Some(GenerateEvent::Done { text, .. }) => return Ok(text),
-                Some(GenerateEvent::Failed(e)) => return Err(e),
-                None => return Err(RequestError::internal("the compute thread stopped")),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        Err(RequestError::new(
-            ErrorKind::Timeout,
-            "the generation did not finish within the request's time limit",
-        ))
-    });
-    match outcome {
-        Ok(text) => {
-            state.record_success(&generation.labels, received);
-            json_response(crate::generate::response_json(
-                &generation.model_name,
-                &generation.model_version,
-                &text,
-            ))
-        }
-        Err(e) => {
-            state.record_error(&generation.labels, &e, received);
-            e.into_response()
-        }
-    }
-}
-
-/// `/generate_stream`: one server-sent event per generated token; an error
-/// after the start is a last event `{"error": "..."}`.
-fn stream_response(
-    state: Arc<ServerState>,
-    generation: crate::server::Generation,
-    received: Instant,
-) -> Response {
-    use crate::lm::GenerateEvent;
-    let events = futures::stream::unfold(Some((state, generation)), move |open| async move {
-        let (state, mut g) = open?;
-        let event = match g.events.recv().await {
-            Some(GenerateEvent::Piece(piece)) => {
-                let v = crate::generate::response_json(&g.model_name, &g.model_version, &piece);
-                let chunk = Bytes::from(crate::generate::sse_event(&v));
-                return Some((
-                    Ok::<Bytes, std::convert::Infallible>(chunk),
-                    Some((state, g)),
-                ));
-            }
-            Some(GenerateEvent::Done { .. }) => {
-                state.record_success(&g.labels, received);
-                return None;
-            }
-            Some(GenerateEvent::Failed(e)) => e,
-            None => RequestError::internal("the compute thread stopped"),
-        };
-        state.record_error(&g.labels, &event, received);
-        let chunk = crate::generate::sse_event(&json!({ "error": event.message }));
-        Some((Ok(Bytes::from(chunk)), None))
-    });
-    let mut response = Response::new(Body::from_stream(events));
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
-}
-
 /// The JSON part of an inference request.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -509,7 +343,7 @@ async fn read_request(
 }
 
 /// Reads a body of at most `max_bytes`, uncompressed.
-async fn read_body(
+pub(crate) async fn read_body(
     headers: &HeaderMap,
     body: Body,
     max_bytes: usize,
