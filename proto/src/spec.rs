@@ -525,6 +525,11 @@ pub struct CheckpointSpec {
     /// Background saves that may fail in a row before the job fails.
     #[serde(default = "default_max_consecutive_failures")]
     pub max_consecutive_failures: usize,
+    /// Whether chunks are compressed: "auto" (per save, whichever is faster
+    /// here, from the measured CPU training leaves and the destination's
+    /// write speed), "zstd" (always) or "none" (never).
+    #[serde(default = "default_compression")]
+    pub compression: String,
 }
 
 fn default_true() -> bool {
@@ -544,6 +549,9 @@ fn default_chunk_mb() -> f64 {
 fn default_max_consecutive_failures() -> usize {
     3
 }
+fn default_compression() -> String {
+    "auto".into()
+}
 
 impl Default for CheckpointSpec {
     fn default() -> Self {
@@ -556,6 +564,7 @@ impl Default for CheckpointSpec {
             compression_level: default_compression_level(),
             chunk_mb: default_chunk_mb(),
             max_consecutive_failures: default_max_consecutive_failures(),
+            compression: default_compression(),
         }
     }
 }
@@ -1355,6 +1364,15 @@ impl JobSpec {
                 format!(
                     "{} is not a zstd level; allowed: 1 to 22",
                     c.compression_level
+                ),
+            ));
+        }
+        if !["auto", "zstd", "none"].contains(&c.compression.as_str()) {
+            return Err(invalid(
+                "checkpoint.compression",
+                format!(
+                    "{:?} is not a codec policy; allowed: \"auto\", \"zstd\", \"none\"",
+                    c.compression
                 ),
             ));
         }
