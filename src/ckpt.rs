@@ -85,6 +85,33 @@ fn open(ckpt: &str, step: &str) -> Result<(CheckpointRoot, Manifest)> {
     Ok((root, manifest))
 }
 
+/// What `kiln ckpt show` says of each rank's codec choice: every rank's
+/// when there are a few, else rank 0's and how many ranks stored raw.
+fn compression_lines(records: &[kiln_checkpoint::CompressionRecord]) -> Vec<String> {
+    const EVERY_RANK_UP_TO: usize = 4;
+    if records.is_empty() {
+        return vec!["(not recorded: written before the codec policy)".into()];
+    }
+    if records.len() <= EVERY_RANK_UP_TO {
+        return records
+            .iter()
+            .map(|r| format!("rank {}: {}", r.rank, r.summary()))
+            .collect();
+    }
+    let raw = records
+        .iter()
+        .filter(|r| r.codec == kiln_checkpoint::Codec::None)
+        .count();
+    vec![
+        format!("rank {}: {}", records[0].rank, records[0].summary()),
+        format!(
+            "{raw} of {} ranks stored raw, {} compressed",
+            records.len(),
+            records.len() - raw
+        ),
+    ]
+}
+
 fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
@@ -175,6 +202,9 @@ pub fn run(cmd: CkptCommand) -> Result<ExitCode> {
                 println!("metrics     {}", parts.join(", "));
             }
             println!("totals      {}", serde_json::to_string(&m.totals)?);
+            for line in compression_lines(&m.compression) {
+                println!("compression {line}");
+            }
             println!(
                 "{:<40}  {:<5}  {:<16}  {:>7}",
                 "tensor", "dtype", "shape", "chunks"

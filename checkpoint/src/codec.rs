@@ -367,6 +367,18 @@ pub fn encode_chunk_into(
     Ok(())
 }
 
+/// Frames `raw` as it is (codec 0) into `out` (cleared first, allocation
+/// reused): what a save stores when the codec policy finds compression would
+/// make it slower ([`crate::compression`]). Readers need nothing new: codec 0
+/// is the frame zstd falls back to when it does not shrink a chunk.
+pub fn encode_raw_into(raw: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(HEADER_LEN + raw.len());
+    out.resize(HEADER_LEN, 0);
+    out.extend_from_slice(raw);
+    write_header(out, CODEC_RAW, 1, raw.len());
+}
+
 fn decompress_into(payload: &[u8], into: &mut [u8]) -> Result<(), String> {
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
@@ -643,6 +655,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, raw);
+    }
+
+    #[test]
+    fn raw_frames_decode_and_are_checked_like_any_other() {
+        let raw = floats(1000);
+        let mut stored = vec![1, 2, 3];
+        encode_raw_into(&raw, &mut stored);
+        assert_eq!((stored[5], stored[6]), (CODEC_RAW, 1));
+        assert_eq!(stored.len(), HEADER_LEN + raw.len());
+        let addr = address(&raw);
+        let mut out = vec![0; raw.len()];
+        decode_chunk(&stored, &mut out, Some((ChunkHash::CURRENT, &addr))).unwrap();
+        assert_eq!(out, raw);
+        stored[HEADER_LEN + 7] ^= 1;
+        assert!(decode_chunk(&stored, &mut out, Some((ChunkHash::CURRENT, &addr))).is_err());
     }
 
     #[test]

@@ -331,6 +331,12 @@ impl Commit {
             dataset_fingerprint: i.meta.dataset_fingerprint.clone(),
             metrics,
             totals,
+            compression: self
+                .parts
+                .iter()
+                .flatten()
+                .filter_map(|p| p.compression.clone())
+                .collect(),
             key: manifest_key(i.step, &i.attempt),
         })
     }
@@ -391,6 +397,7 @@ mod tests {
                     bytes_reused: 0,
                     chunks_uploaded: 1,
                     chunks_reused: 0,
+                    compression: None,
                 }
             })
             .collect();

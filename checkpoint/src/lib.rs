@@ -14,6 +14,9 @@
 //! - [`store`]: [`CheckpointRoot`] (a URL over an `object_store` backend), the
 //!   I/O runtime and the compare-and-swap behind `latest`.
 //! - [`codec`]: chunk encoding (byte grouping, zstd, frame, checksums).
+//! - [`compression`]: the codec policy: per save, compress or store raw,
+//!   from measured CPU, idle cores and write throughput.
+//! - [`sys`]: thread CPU time, idle CPU time and thread priority (Linux).
 //! - [`plan`]: the canonical chunk list of a state and its per-rank stripes.
 //! - [`manifest`]: manifest, part and `latest` records; the key layout.
 //! - [`commit`]: the commit protocol as a pure state machine.
@@ -42,6 +45,7 @@
 
 pub mod codec;
 pub mod commit;
+pub mod compression;
 pub mod digest;
 #[cfg(target_os = "linux")]
 mod direct;
@@ -57,8 +61,10 @@ pub mod profile;
 pub mod registry;
 pub mod save;
 pub mod store;
+pub mod sys;
 pub mod tensor;
 
+pub use compression::{Codec, Compression, CompressionRecord};
 pub use digest::weights_digest;
 pub use error::{Error, Result};
 pub use export::{

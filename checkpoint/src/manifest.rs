@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::compression::CompressionRecord;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -91,6 +92,10 @@ pub struct Manifest {
     pub dataset_fingerprint: String,
     pub metrics: BTreeMap<String, f64>,
     pub totals: Totals,
+    /// Each rank's codec choice for this save and what it rested on (from
+    /// the parts; empty in manifests written before the codec policy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compression: Vec<CompressionRecord>,
     /// Where this manifest was read from or written to (not stored).
     #[serde(skip)]
     pub key: String,
@@ -194,6 +199,9 @@ pub struct PartRecord {
     pub bytes_reused: u64,
     pub chunks_uploaded: u64,
     pub chunks_reused: u64,
+    /// The rank's codec choice (absent in parts written before the policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionRecord>,
 }
 
 impl PartRecord {

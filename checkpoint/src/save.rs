@@ -29,8 +29,11 @@ use object_store::PutMode;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 
-use crate::codec::{Encoding, address, chunk_key, encode_chunk_into};
+use crate::codec::{Encoding, address, chunk_key, encode_chunk_into, encode_raw_into};
 use crate::commit::{Action, Commit, CommitInput, Event};
+use crate::compression::{
+    CodecPolicy, Compression, CompressionRecord, Decision, Observation, Throughput,
+};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::manifest::{
@@ -39,6 +42,7 @@ use crate::manifest::{
 };
 use crate::plan::ChunkPlan;
 use crate::store::{CheckpointRoot, io_runtime};
+use crate::sys;
 use crate::tensor::TensorView;
 
 /// How a [`Checkpointer`] saves.
@@ -56,6 +60,16 @@ pub struct SaveConfig {
     pub commit_timeout: Duration,
     /// Compression threads (default 2).
     pub threads: usize,
+    /// Whether chunks are compressed: per save by measurement (`Auto`, the
+    /// default), always, or never. See [`crate::compression`].
+    pub compression: Compression,
+    /// Run hashing and compression at the lowest CPU priority (`SCHED_IDLE`
+    /// on Linux), on cores the caller leaves idle, so that a save slows the
+    /// training step as little as it can. While the caller waits for a save
+    /// (the next `save` needs the stripe buffer back, `flush`),
+    /// normal-priority helper threads take over. Default off; the trainer
+    /// turns it on.
+    pub low_priority: bool,
 }
 
 impl Default for SaveConfig {
@@ -67,6 +81,8 @@ impl Default for SaveConfig {
             multipart_threshold: 16 << 20,
             commit_timeout: Duration::from_secs(600),
             threads: 2,
+            compression: Compression::Auto,
+            low_priority: false,
         }
     }
 }
@@ -93,6 +109,9 @@ pub struct SaveOutcome {
     /// On the committer: whether `latest` now names this checkpoint (false
     /// when it already named a newer step). Always false on other ranks.
     pub latest_moved: bool,
+    /// This rank's codec choice and what it rested on (boxed: it is most
+    /// of the outcome's size).
+    pub compression: Box<CompressionRecord>,
 }
 
 /// Host memory the pipeline used, measured.
@@ -112,28 +131,55 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 /// The checkpointer's own CPU threads (hashing, grouping, compression), so
 /// compression never competes with the I/O runtime or the caller's threads
 /// beyond `threads`.
+///
+/// With `low_priority`, its `threads` workers run at idle priority, and as
+/// many helpers at normal priority take jobs only while the pool is boosted:
+/// when the caller waits for the save. A thread cannot leave idle priority
+/// again without privileges (`RLIMIT_NICE`), hence two sets of threads
+/// rather than one whose priority changes.
 struct CpuPool {
-    tx: Option<mpsc::Sender<Job>>,
+    shared: Arc<PoolShared>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+struct PoolShared {
+    queue: Mutex<PoolQueue>,
+    ready: std::sync::Condvar,
+    /// Whether a helper ever ran a job (its scratch buffers then exist).
+    helpers_ran: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct PoolQueue {
+    jobs: std::collections::VecDeque<Job>,
+    boosted: bool,
+    closed: bool,
+}
+
 impl CpuPool {
-    fn new(n: usize, rank: usize) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        let mut threads = Vec::with_capacity(n);
-        for i in 0..n {
-            let rx = rx.clone();
+    fn new(n: usize, rank: usize, low_priority: bool) -> Result<Self> {
+        let shared = Arc::new(PoolShared {
+            queue: Mutex::new(PoolQueue::default()),
+            ready: std::sync::Condvar::new(),
+            helpers_ran: Default::default(),
+        });
+        let helpers = if low_priority { n } else { 0 };
+        let mut threads = Vec::with_capacity(n + helpers);
+        for i in 0..n + helpers {
+            let helper = i >= n;
+            let shared = shared.clone();
+            let name = if helper {
+                format!("kiln-ckpt-help-{rank}-{}", i - n)
+            } else {
+                format!("kiln-ckpt-cpu-{rank}-{i}")
+            };
             let t = std::thread::Builder::new()
-                .name(format!("kiln-ckpt-cpu-{rank}-{i}"))
+                .name(name)
                 .spawn(move || {
-                    loop {
-                        let job = rx.lock().expect("cpu pool queue").recv();
-                        match job {
-                            Ok(job) => job(),
-                            Err(_) => break,
-                        }
+                    if low_priority && !helper && !sys::lower_current_thread_priority() {
+                        tracing::debug!("checkpoint threads keep normal priority");
                     }
+                    shared.work(helper)
                 })
                 .map_err(|source| Error::Io {
                     op: "spawn",
@@ -142,10 +188,7 @@ impl CpuPool {
                 })?;
             threads.push(t);
         }
-        Ok(CpuPool {
-            tx: Some(tx),
-            threads,
-        })
+        Ok(CpuPool { shared, threads })
     }
 
     fn run<T: Send + 'static>(
@@ -156,18 +199,133 @@ impl CpuPool {
         let job: Job = Box::new(move || {
             let _ = tx.send(f());
         });
-        // A send error means the pool shut down; the dropped oneshot tells
-        // the waiting task.
-        let _ = self.tx.as_ref().expect("pool running").send(job);
+        let mut q = self.shared.queue.lock().expect("cpu pool queue");
+        // After shutdown the job is dropped; the dropped oneshot tells the
+        // waiting task.
+        if !q.closed {
+            q.jobs.push_back(job);
+        }
+        drop(q);
+        self.shared.ready.notify_all();
         rx
+    }
+
+    /// While boosted, the helpers (normal priority) take jobs too.
+    fn boost(&self, on: bool) {
+        let mut q = self.shared.queue.lock().expect("cpu pool queue");
+        if q.boosted != on {
+            q.boosted = on;
+            drop(q);
+            self.shared.ready.notify_all();
+        }
+    }
+
+    fn helpers_ran(&self) -> bool {
+        self.shared.helpers_ran.load(Ordering::Relaxed)
+    }
+}
+
+impl PoolShared {
+    fn work(&self, helper: bool) {
+        let mut q = self.queue.lock().expect("cpu pool queue");
+        loop {
+            let may_take = !helper || q.boosted;
+            if may_take && let Some(job) = q.jobs.pop_front() {
+                drop(q);
+                if helper {
+                    self.helpers_ran.store(true, Ordering::Relaxed);
+                }
+                job();
+                q = self.queue.lock().expect("cpu pool queue");
+                continue;
+            }
+            if q.closed && (q.jobs.is_empty() || helper) {
+                return;
+            }
+            q = self.ready.wait(q).expect("cpu pool queue");
+        }
     }
 }
 
 impl Drop for CpuPool {
     fn drop(&mut self) {
-        self.tx.take();
+        self.shared.queue.lock().expect("cpu pool queue").closed = true;
+        self.shared.ready.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+/// The machine's idle CPU between saves: what training leaves to a save.
+/// Marked when a save (or `prepare`) ends with no other save running, read
+/// when the next one starts.
+#[derive(Default)]
+struct IdleClock {
+    mark: Mutex<Option<(Instant, f64)>>,
+    active: std::sync::atomic::AtomicUsize,
+}
+
+impl IdleClock {
+    fn mark(&self) {
+        if let Some(idle) = sys::idle_cpu_seconds() {
+            *self.mark.lock().expect("idle mark") = Some((Instant::now(), idle));
+        }
+    }
+
+    /// A save starts: the cores left idle since the mark, when there is one
+    /// at least 50 ms old (else the policy keeps its estimate).
+    fn save_starts(&self) -> Option<f64> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let (at, idle) = self.mark.lock().expect("idle mark").take()?;
+        let dt = at.elapsed().as_secs_f64();
+        if dt < 0.05 {
+            return None;
+        }
+        Some(((sys::idle_cpu_seconds()? - idle) / dt).max(0.0))
+    }
+
+    fn save_ends(&self) {
+        if self.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.mark();
+        }
+    }
+}
+
+/// Seconds on the calling thread's CPU clock (wall clock where there is none).
+fn cpu_clock() -> f64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    sys::thread_cpu_seconds()
+        .unwrap_or_else(|| START.get_or_init(Instant::now).elapsed().as_secs_f64())
+}
+
+/// Time during which at least one chunk write was in flight, and the bytes
+/// written: the destination's throughput as a save saw it.
+#[derive(Default)]
+struct WriteMeter {
+    in_flight: usize,
+    since: Option<Instant>,
+    busy: Duration,
+    bytes: u64,
+}
+
+impl WriteMeter {
+    fn begin(meter: &Mutex<WriteMeter>) {
+        let mut m = meter.lock().expect("write meter");
+        if m.in_flight == 0 {
+            m.since = Some(Instant::now());
+        }
+        m.in_flight += 1;
+    }
+
+    fn end(meter: &Mutex<WriteMeter>, bytes: u64) {
+        let mut m = meter.lock().expect("write meter");
+        m.in_flight -= 1;
+        m.bytes += bytes;
+        if m.in_flight == 0
+            && let Some(since) = m.since.take()
+        {
+            m.busy += since.elapsed();
         }
     }
 }
@@ -260,6 +418,9 @@ pub struct Checkpointer {
     frames: Arc<FramePool>,
     /// Capacity of the stripe buffer at the last save (it may be away).
     stripe_capacity: u64,
+    /// Whether the next save compresses; fed by every save's measurements.
+    policy: Arc<Mutex<CodecPolicy>>,
+    idle: Arc<IdleClock>,
 }
 
 impl Checkpointer {
@@ -282,7 +443,9 @@ impl Checkpointer {
         let (stripe_home, stripe_returned) = mpsc::channel();
         let (outcomes_tx, outcomes_rx) = mpsc::channel();
         Ok(Checkpointer {
-            pool: Arc::new(CpuPool::new(cfg.threads, rank)?),
+            pool: Arc::new(CpuPool::new(cfg.threads, rank, cfg.low_priority)?),
+            policy: Arc::new(Mutex::new(CodecPolicy::new(cfg.compression, rank))),
+            idle: Default::default(),
             root,
             cfg,
             rank,
@@ -314,17 +477,18 @@ impl Checkpointer {
     /// `kiln run` on a 1.2 GB state: 368 ms against 89 ms for later saves).
     /// Only the tensors' names, dtypes and shapes matter; a later save of a
     /// larger state grows the buffer again.
+    ///
+    /// With `compression = Auto` it also measures, for the first save's
+    /// codec choice, this machine's hashing and compression speed (one
+    /// synthetic chunk) and, in the background, the destination's write
+    /// throughput (`upload_concurrency` chunk-sized objects, at least 1 MiB
+    /// each, written at once under `chunks/probe/`, then deleted). From here on the idle CPU
+    /// between saves is measured: what training leaves to a save.
     pub fn prepare(&mut self, tensors: &[TensorView<'_>]) -> Result<()> {
         let plan = ChunkPlan::new(tensors, self.cfg.chunk_bytes)?;
         let stripe = plan.stripe(self.rank, self.world_size);
         let stripe_len: usize = plan.chunks[stripe].iter().map(|c| c.len).sum();
-        let buffer = match self.stripe.take() {
-            Some(b) => b,
-            None => self
-                .stripe_returned
-                .recv()
-                .expect("the checkpointer holds a sender"),
-        };
+        let buffer = self.take_stripe_buffer();
         let buffer = if buffer.capacity() < stripe_len {
             drop(buffer);
             resident_zeroed(stripe_len, self.cfg.threads)
@@ -333,7 +497,54 @@ impl Checkpointer {
         };
         self.stripe_capacity = buffer.capacity() as u64;
         self.stripe = Some(buffer);
+        if self.cfg.compression == Compression::Auto {
+            let probe = probe_cpu(
+                self.cfg.chunk_bytes.min(8 << 20),
+                self.cfg.compression_level,
+            );
+            self.policy.lock().expect("codec policy").observe(&probe);
+            if self
+                .policy
+                .lock()
+                .expect("codec policy")
+                .estimates()
+                .write
+                .is_none()
+            {
+                let (root, policy) = (self.root.clone(), self.policy.clone());
+                // At least 1 MiB an object: smaller writes measure latency.
+                let (bytes, n) = (
+                    self.cfg.chunk_bytes.max(1 << 20),
+                    self.cfg.upload_concurrency,
+                );
+                io_runtime().spawn(async move {
+                    match probe_write(&root, bytes, n).await {
+                        Ok(written) => policy.lock().expect("codec policy").observe(&Observation {
+                            written,
+                            ..Observation::default()
+                        }),
+                        Err(e) => tracing::warn!(error = %e, "checkpoint write probe failed"),
+                    }
+                });
+            }
+        }
+        self.idle.mark();
         Ok(())
+    }
+
+    /// The stripe buffer, waiting (with the pool boosted) while the previous
+    /// save still reads it.
+    fn take_stripe_buffer(&mut self) -> Vec<u8> {
+        if let Some(b) = self.stripe.take() {
+            return b;
+        }
+        self.pool.boost(true);
+        let b = self
+            .stripe_returned
+            .recv()
+            .expect("the checkpointer holds a sender");
+        self.pool.boost(false);
+        b
     }
 
     /// Saves in the background after copying this rank's stripe; see the
@@ -353,13 +564,7 @@ impl Checkpointer {
 
         // The only wait of a save: the previous save still compressing from
         // the one stripe buffer.
-        let mut buffer = match self.stripe.take() {
-            Some(b) => b,
-            None => self
-                .stripe_returned
-                .recv()
-                .expect("the checkpointer holds a sender"),
-        };
+        let mut buffer = self.take_stripe_buffer();
         let sources: Vec<&[u8]> = plan.chunks[stripe.clone()]
             .iter()
             .map(|c| {
@@ -392,6 +597,15 @@ impl Checkpointer {
         });
         let blocking = started.elapsed();
 
+        let spare_cores = self.idle.save_starts();
+        let decision = {
+            let mut policy = self.policy.lock().expect("codec policy");
+            policy.observe(&Observation {
+                spare_cores,
+                ..Observation::default()
+            });
+            policy.decide(stripe_len as u64, self.cfg.threads)
+        };
         self.seq += 1;
         let (commit_done, next_commit) = oneshot::channel();
         let job = SaveJob {
@@ -414,6 +628,9 @@ impl Checkpointer {
             started,
             blocking,
             last_committed: self.last_committed.clone(),
+            decision,
+            policy: self.policy.clone(),
+            idle: self.idle.clone(),
         };
         let runtime = io_runtime();
         let previous = self.previous_commit.replace(next_commit);
@@ -442,9 +659,13 @@ impl Checkpointer {
         out
     }
 
-    /// Waits for every in-flight save; returns their outcomes.
+    /// Waits for every in-flight save; returns their outcomes. The caller
+    /// waits, so the pool's normal-priority helpers join in meanwhile.
     pub fn flush(&mut self) -> Vec<Result<SaveOutcome>> {
         let mut out = self.poll();
+        if self.in_flight > 0 {
+            self.pool.boost(true);
+        }
         while self.in_flight > 0 {
             match self.outcomes_rx.recv() {
                 Ok(r) => {
@@ -454,6 +675,7 @@ impl Checkpointer {
                 Err(_) => break,
             }
         }
+        self.pool.boost(false);
         out
     }
 
@@ -476,6 +698,15 @@ impl Checkpointer {
         *self.last_committed.lock().expect("last committed") = Some(manifest.key.clone());
     }
 
+    /// What the codec policy has measured so far (see [`crate::compression`]).
+    pub fn codec_estimates(&self) -> crate::compression::Estimates {
+        self.policy
+            .lock()
+            .expect("codec policy")
+            .estimates()
+            .clone()
+    }
+
     /// Memory the pipeline used so far (see the module docs for the bound).
     pub fn memory_stats(&self) -> MemoryStats {
         let chunk = self.cfg.chunk_bytes as u64;
@@ -483,7 +714,7 @@ impl Checkpointer {
         MemoryStats {
             stripe_buffer_bytes: stripe,
             peak_pipeline_bytes: self.memory.peak.load(Ordering::SeqCst)
-                + self.cfg.threads as u64 * chunk
+                + self.cfg.threads as u64 * chunk * if self.pool.helpers_ran() { 2 } else { 1 }
                 + match self.root.local_dir() {
                     Some(_) => direct_buffer_bytes(),
                     None => 0,
@@ -513,6 +744,76 @@ fn direct_buffer_bytes() -> u64 {
     return crate::direct::buffer_bytes();
     #[cfg(not(target_os = "linux"))]
     0
+}
+
+/// Hashing, compression and raw framing speed of this machine on one
+/// synthetic chunk of `len` bytes (float32 values spread like trained
+/// weights), on the calling thread.
+fn probe_cpu(len: usize, level: i32) -> Observation {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let raw: Vec<u8> = (0..len / 4)
+        .flat_map(|_| {
+            // A sum of four uniforms: roughly normal, scaled to 0.02.
+            let s: f32 = (0..4)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 40) as f32 / (1u64 << 24) as f32
+                })
+                .sum();
+            ((s - 2.0) * 0.0346).to_le_bytes()
+        })
+        .collect();
+    let mut o = Observation::default();
+    let mut frame = Vec::new();
+    let t0 = cpu_clock();
+    let _ = address(&raw);
+    let t1 = cpu_clock();
+    if encode_chunk_into(&raw, Encoding { group: 4 }, level, &mut frame).is_err() {
+        return o;
+    }
+    let t2 = cpu_clock();
+    o.compressed_stored_bytes = frame.len() as u64;
+    encode_raw_into(&raw, &mut frame);
+    let t3 = cpu_clock();
+    let n = raw.len() as u64;
+    o.hashed.add(n, t1 - t0);
+    o.compressed.add(n, t2 - t1);
+    o.framed_raw.add(n, t3 - t2);
+    o
+}
+
+/// Writes `n` objects of `bytes` bytes at once to `root` (under
+/// `chunks/probe/`, which gc collects should a crash leave them), deletes
+/// them, and returns the bytes written and the time the writes took.
+async fn probe_write(root: &CheckpointRoot, bytes: usize, n: usize) -> Result<Throughput> {
+    let body = Bytes::from(
+        (0..bytes as u64)
+            .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let keys: Vec<String> = (0..n)
+        .map(|i| format!("chunks/probe/{}-{nanos}-{i}", std::process::id()))
+        .collect();
+    let started = Instant::now();
+    let written = futures::future::try_join_all(
+        keys.iter()
+            .map(|k| root.put_object(k, body.clone(), usize::MAX, bytes)),
+    )
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    for k in &keys {
+        let _ = root.delete(k).await;
+    }
+    written?;
+    Ok(Throughput {
+        bytes: (bytes * n) as u64,
+        seconds,
+    })
 }
 
 /// A zeroed buffer of `len` bytes whose pages are resident (faulted in on
@@ -634,16 +935,38 @@ struct SaveJob {
     started: Instant,
     blocking: Duration,
     last_committed: Arc<Mutex<Option<String>>>,
+    /// This save's codec, and the policy its measurements go back to.
+    decision: Decision,
+    policy: Arc<Mutex<CodecPolicy>>,
+    idle: Arc<IdleClock>,
+}
+
+/// What one chunk cost on its CPU thread (seconds of that thread's CPU).
+#[derive(Clone, Copy, Default)]
+struct ChunkCost {
+    hash_s: f64,
+    encode_s: f64,
+    /// `Some(true)`: through zstd; `Some(false)`: framed raw; `None`: reused.
+    compressed: Option<bool>,
 }
 
 enum Prepared {
-    Reused { key: String, stored_len: u64 },
-    Encoded { key: String, frame: Vec<u8> },
+    Reused {
+        key: String,
+        stored_len: u64,
+        cost: ChunkCost,
+    },
+    Encoded {
+        key: String,
+        frame: Vec<u8>,
+        cost: ChunkCost,
+    },
 }
 
 struct ChunkDone {
     reference: ChunkRef,
     uploaded: bool,
+    cost: ChunkCost,
 }
 
 impl SaveJob {
@@ -655,7 +978,9 @@ impl SaveJob {
         mut previous: Option<oneshot::Receiver<()>>,
         commit_done: oneshot::Sender<()>,
     ) -> Result<SaveOutcome> {
+        let idle = self.idle.clone();
         let result = self.run_body(&mut previous).await;
+        idle.save_ends();
         if let Some(previous) = previous {
             let _ = previous.await;
         }
@@ -687,8 +1012,11 @@ impl SaveJob {
             started,
             blocking,
             last_committed,
+            decision,
+            policy,
             ..
         } = self;
+        let meter = Arc::new(Mutex::new(WriteMeter::default()));
         let permits = Arc::new(Semaphore::new(cfg.upload_concurrency));
         let mut tasks = JoinSet::new();
         let mut chunks: Vec<Option<ChunkDone>> = (0..stripe.len()).map(|_| None).collect();
@@ -712,11 +1040,17 @@ impl SaveJob {
             let buffer = buffer.clone();
             let known_for_cpu = known.clone();
             let level = cfg.compression_level;
+            let compress = decision.compresses(i);
             let frames_for_cpu = frames.clone();
             let memory_for_cpu = memory.clone();
             let prepared = pool.run(move || -> std::io::Result<Prepared> {
                 let raw = &buffer.data[offset..offset + len];
+                let t0 = cpu_clock();
                 let key = chunk_key(&address(raw), encoding);
+                let mut cost = ChunkCost {
+                    hash_s: cpu_clock() - t0,
+                    ..ChunkCost::default()
+                };
                 let stored = known_for_cpu
                     .lock()
                     .expect("known chunks")
@@ -724,24 +1058,36 @@ impl SaveJob {
                     .get(&key)
                     .map(|e| e.0);
                 if let Some(stored_len) = stored {
-                    return Ok(Prepared::Reused { key, stored_len });
+                    return Ok(Prepared::Reused {
+                        key,
+                        stored_len,
+                        cost,
+                    });
                 }
                 // Frame memory counts from its allocation until it is
                 // dropped, including while it waits in the pool.
                 let mut frame = frames_for_cpu.take();
                 let before = frame.capacity() as u64;
-                if let Err(e) = encode_chunk_into(raw, encoding, level, &mut frame) {
-                    memory_for_cpu.sub(before);
-                    return Err(e);
+                let t1 = cpu_clock();
+                if compress {
+                    if let Err(e) = encode_chunk_into(raw, encoding, level, &mut frame) {
+                        memory_for_cpu.sub(before);
+                        return Err(e);
+                    }
+                } else {
+                    encode_raw_into(raw, &mut frame);
                 }
+                cost.encode_s = cpu_clock() - t1;
+                cost.compressed = Some(compress);
                 memory_for_cpu.add(frame.capacity() as u64 - before);
-                Ok(Prepared::Encoded { key, frame })
+                Ok(Prepared::Encoded { key, frame, cost })
             });
             let root = root.clone();
             let known = known.clone();
             let memory = memory.clone();
             let frames = frames.clone();
             let cfg = cfg.clone();
+            let meter = meter.clone();
             tasks.spawn(async move {
                 let _permit = permit;
                 let prepared = prepared
@@ -750,12 +1096,17 @@ impl SaveJob {
                         what: "compression pool shut down".into(),
                     })?
                     .map_err(|e| Error::invalid(format!("compress chunk: {e}")))?;
-                let (key, stored_len, uploaded) = match prepared {
-                    Prepared::Reused { key, stored_len } => (key, stored_len, false),
-                    Prepared::Encoded { key, frame } => {
+                let (key, stored_len, uploaded, cost) = match prepared {
+                    Prepared::Reused {
+                        key,
+                        stored_len,
+                        cost,
+                    } => (key, stored_len, false, cost),
+                    Prepared::Encoded { key, frame, cost } => {
                         let size = frame.capacity() as u64;
                         let stored_len = frame.len() as u64;
                         let frame = Bytes::from(frame);
+                        WriteMeter::begin(&meter);
                         let put = root
                             .put_object(
                                 &key,
@@ -764,12 +1115,13 @@ impl SaveJob {
                                 cfg.chunk_bytes,
                             )
                             .await;
+                        WriteMeter::end(&meter, if put.is_ok() { stored_len } else { 0 });
                         if !frames.give(frame) {
                             memory.sub(size);
                         }
                         put?;
                         failpoint::chunk_uploaded();
-                        (key, stored_len, true)
+                        (key, stored_len, true, cost)
                     }
                 };
                 known
@@ -786,6 +1138,7 @@ impl SaveJob {
                             stored_len,
                         },
                         uploaded,
+                        cost,
                     },
                 ))
             });
@@ -804,6 +1157,30 @@ impl SaveJob {
             .into_iter()
             .map(|c| c.expect("every chunk finished"))
             .collect();
+        let mut observed = Observation::default();
+        let mut record = decision.record;
+        for c in &chunks {
+            let (raw, cost) = (c.reference.raw_len, c.cost);
+            observed.hashed.add(raw, cost.hash_s);
+            match cost.compressed {
+                Some(true) => {
+                    observed.compressed.add(raw, cost.encode_s);
+                    observed.compressed_stored_bytes += c.reference.stored_len;
+                    record.chunks_compressed += 1;
+                }
+                Some(false) => observed.framed_raw.add(raw, cost.encode_s),
+                None => {}
+            }
+            record.chunks_uploaded += u64::from(c.uploaded);
+        }
+        {
+            let m = meter.lock().expect("write meter");
+            observed.written = Throughput {
+                bytes: m.bytes,
+                seconds: m.busy.as_secs_f64(),
+            };
+        }
+        policy.lock().expect("codec policy").observe(&observed);
         let count = |uploaded: bool| chunks.iter().filter(|c| c.uploaded == uploaded).count();
         let bytes = |uploaded: bool| -> u64 {
             chunks
@@ -825,6 +1202,7 @@ impl SaveJob {
             chunks_uploaded: count(true) as u64,
             chunks_reused: count(false) as u64,
             chunks: chunks.into_iter().map(|c| c.reference).collect(),
+            compression: Some(record.clone()),
         };
         let key = part_key(step, &attempt, rank, world_size);
         let json = serde_json::to_vec_pretty(&part).expect("part serializes");
@@ -848,6 +1226,7 @@ impl SaveJob {
             durable_after: Duration::ZERO,
             rank,
             latest_moved: false,
+            compression: Box::new(record),
         };
         if rank != 0 {
             outcome.durable_after = started.elapsed();
@@ -900,6 +1279,7 @@ impl SaveJob {
             uploaded = outcome.bytes_uploaded,
             reused = outcome.bytes_reused,
             durable_ms = outcome.durable_after.as_millis() as u64,
+            codec = outcome.compression.codec.as_str(),
             "checkpoint committed"
         );
         Ok(outcome)
@@ -1006,5 +1386,71 @@ async fn drive_commit(
         for e in events {
             actions.extend(commit.on_event(e, now));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_low_priority_pool_hands_work_to_its_helpers_only_while_boosted() {
+        let pool = CpuPool::new(1, 0, true).unwrap();
+        // The one idle-priority worker holds a job until told.
+        let (release, held) = mpsc::channel::<()>();
+        let first = pool.run(move || {
+            let _ = held.recv();
+            sys::current_thread_is_idle_priority()
+        });
+        let mut second = pool.run(sys::current_thread_is_idle_priority);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            second.try_recv().is_err(),
+            "a helper took a job while the caller was not waiting"
+        );
+        pool.boost(true);
+        assert!(
+            !second.blocking_recv().unwrap(),
+            "boosted, a normal-priority helper runs the queued job"
+        );
+        release.send(()).unwrap();
+        assert!(
+            first.blocking_recv().unwrap(),
+            "the pool's own worker runs at idle priority"
+        );
+        // Without low priority there are no helpers and no idle threads.
+        let normal = CpuPool::new(1, 0, false).unwrap();
+        assert!(
+            !normal
+                .run(sys::current_thread_is_idle_priority)
+                .blocking_recv()
+                .unwrap()
+        );
+        assert_eq!(normal.threads.len(), 1);
+    }
+
+    #[test]
+    fn the_write_meter_counts_time_with_any_write_in_flight_once() {
+        let meter = Mutex::new(WriteMeter::default());
+        let started = Instant::now();
+        WriteMeter::begin(&meter);
+        WriteMeter::begin(&meter);
+        std::thread::sleep(Duration::from_millis(30));
+        WriteMeter::end(&meter, 100);
+        WriteMeter::end(&meter, 100);
+        let span = started.elapsed();
+        let busy = meter.lock().unwrap().busy;
+        assert!(
+            busy >= Duration::from_millis(30) && busy <= span,
+            "two overlapping writes over {span:?} counted as {busy:?}"
+        );
+        // Time with nothing in flight does not count.
+        std::thread::sleep(Duration::from_millis(30));
+        WriteMeter::begin(&meter);
+        WriteMeter::end(&meter, 1);
+        let m = meter.lock().unwrap();
+        assert_eq!(m.bytes, 201);
+        assert!(m.busy < busy + Duration::from_millis(20), "{:?}", m.busy);
     }
 }

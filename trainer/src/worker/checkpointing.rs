@@ -56,6 +56,13 @@ pub(super) fn checkpoint_manager(
         threads: (std::thread::available_parallelism().map_or(1, |n| n.get())
             / spec.workers.nproc.max(1))
         .max(1),
+        compression: spec
+            .checkpoint
+            .compression
+            .parse()
+            .context("checkpoint.compression")?,
+        // Hashing and compression use only the cores training leaves idle.
+        low_priority: true,
         // A save of an elastic round that broke waits for parts that will
         // never come; it gives up sooner than a save of a healthy job.
         commit_timeout: if a.elastic {
