@@ -69,6 +69,49 @@ pub fn language_model_parts(spec: &JobSpec) -> anyhow::Result<LanguageModelParts
     })
 }
 
+/// The name of a language model's drift column: one token of a prompt a row.
+pub const TOKEN_COLUMN: &str = "token";
+
+/// A language model's reference profile for drift detection: the token
+/// distribution of its held-out data (else its training data), as one
+/// categorical column ([`TOKEN_COLUMN`]) of at most `rows` tokens drawn with
+/// the profile's seeded selection. The server compares the tokens of served
+/// prompts with it. `None` when the spec names no token file.
+pub fn token_reference_profile(spec: &JobSpec, rows: usize) -> anyhow::Result<Option<Vec<u8>>> {
+    use kiln_checkpoint::profile::{
+        ColumnKind, ColumnSpec, ProfileOptions, ReferenceProfile, Task, sample_rows,
+    };
+    let Some(path) = spec.data.eval.first().or(spec.data.train.first()) else {
+        return Ok(None);
+    };
+    let dtype = match spec.data.token_dtype {
+        kiln_proto::spec::TokenDtype::Uint16 => kiln_text::TokenDtype::U16,
+        kiln_proto::spec::TokenDtype::Uint32 => kiln_text::TokenDtype::U32,
+    };
+    let file = kiln_text::TokenFile::open(path, dtype)
+        .with_context(|| format!("open token file {}", path.display()))?;
+    if file.is_empty() || rows == 0 {
+        return Ok(None);
+    }
+    let seed = spec.job.seed;
+    let tokens: Vec<f64> = sample_rows(file.len(), rows, seed)
+        .into_iter()
+        .map(|i| f64::from(file.get(i)))
+        .collect();
+    let options = ProfileOptions {
+        max_rows: rows,
+        seed,
+    };
+    let profile = ReferenceProfile::from_columns(
+        vec![ColumnSpec::feature(TOKEN_COLUMN).with_kind(ColumnKind::Categorical)],
+        vec![tokens],
+        Task::Unspecified,
+        &options,
+    )
+    .context("build the token reference profile")?;
+    Ok(Some(profile.to_json_bytes()))
+}
+
 /// The bytes of the tokenizer file `path`, checked to load and to make only
 /// ids below the model's vocabulary `vocab`.
 pub fn read_tokenizer(path: &std::path::Path, vocab: usize) -> anyhow::Result<Vec<u8>> {
@@ -125,7 +168,9 @@ pub async fn register_final_model(
         .map(|(k, v)| (format!("eval_{k}"), *v))
         .chain([("final_loss".to_string(), rank0.final_loss)])
         .collect();
-    let reference_profile = if rank0.reference_profile_path.is_empty() {
+    let reference_profile = if spec.model.kind == ModelKind::Gpt {
+        token_reference_profile(spec, register.reference_rows)?
+    } else if rank0.reference_profile_path.is_empty() {
         None
     } else {
         Some(

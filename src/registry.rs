@@ -65,7 +65,9 @@ pub enum RegistryCommand {
         /// Output classes; default: read from the weights, else from the spec's data.
         #[arg(long)]
         classes: Option<usize>,
-        /// A reference data profile (JSON) for drift detection.
+        /// A reference data profile (JSON) for drift detection; default for
+        /// a gpt: the token distribution of the spec's held-out (else
+        /// training) token file.
         #[arg(long, value_name = "FILE")]
         reference_profile: Option<PathBuf>,
         /// A language model's tokenizer (tokenizer.json); default: the one
@@ -623,6 +625,11 @@ async fn new_version(r: &Registration) -> Result<NewVersion> {
             std::fs::read(path)
                 .with_context(|| format!("read reference profile {}", path.display()))?,
         ),
+        // A language model's profile is the token distribution of its data.
+        None if spec.model.kind == ModelKind::Gpt => {
+            let rows = spec.register.as_ref().map_or(1000, |r| r.reference_rows);
+            crate::register::token_reference_profile(&spec, rows)?
+        }
         None => None,
     };
     let mut metrics = manifest.metrics.clone();

@@ -397,6 +397,7 @@ fn a_registered_gpt_serves_generate_and_infer_to_curl_and_python_clients() {
     assert_eq!(v["model"]["features"], SEQ_LEN);
     assert_eq!(v["model"]["classes"], VOCAB);
     assert_eq!(v["has_tokenizer"], true);
+    assert_eq!(v["has_reference_profile"], true, "the token profile: {v}");
     assert_eq!(v["signature"]["inputs"][0]["name"], "input_ids");
     assert_eq!(v["signature"]["inputs"][0]["datatype"], "INT64");
     assert_eq!(
@@ -575,6 +576,7 @@ fn kiln_registry_register_takes_a_gpt_checkpoint_and_the_server_follows_its_alia
         assert_eq!(v["version"], version, "{v}");
         assert_eq!(v["model"]["task"], "language_model");
         assert_eq!(v["has_tokenizer"], true);
+        assert_eq!(v["has_reference_profile"], true);
         assert_eq!(v["checkpoint"]["step"].to_string(), step);
     }
     ok(

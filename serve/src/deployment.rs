@@ -241,7 +241,13 @@ impl Loader {
                 .await
                 .context("read the reference profile")?
                 .context("the registry lists a reference profile but has none")?;
-            VersionDrift::new(&bytes, io.features, options)
+            // A language model's profile has one column: a prompt token a row.
+            let columns = if io.is_language_model() {
+                1
+            } else {
+                io.features
+            };
+            VersionDrift::new(&bytes, columns, options)
                 .map(|d| d.with_min_interval(self.drift_interval))
         }
         .await;

@@ -220,12 +220,17 @@ impl ServerState {
             Engine::Language { queue, .. } => {
                 let tokens = decode_token_ids(io, &request.inputs, max_rows)?;
                 let rows = tokens.rows;
+                // A language model's drift column is the token: every id a row.
+                let drift_inputs = served
+                    .drift
+                    .as_ref()
+                    .map(|_| tokens.ids.iter().map(|&t| t as f32).collect());
                 queue.submit(LmJob::Logits {
                     tokens,
                     enqueued: Instant::now(),
                     reply: tx,
                 })?;
-                (rows, None)
+                (rows, drift_inputs)
             }
         };
         let out = match tokio::time::timeout_at(deadline.into(), rx).await {
@@ -355,6 +360,17 @@ impl ServerState {
                 "text_input is {} tokens; the model's context is {context} tokens (and generation needs room after the prompt)",
                 ids.len()
             )));
+        }
+        if let Some(drift) = &served.drift {
+            let tokens: Vec<f32> = ids.iter().map(|&t| t as f32).collect();
+            let windows = drift.observe(&tokens, &[]);
+            crate::monitor::evaluate_in_background(
+                drift.clone(),
+                windows,
+                served.labels.clone(),
+                self.metrics.clone(),
+                self.hooks.clone(),
+            );
         }
         let deadline = received + self.config.request_timeout();
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -223,6 +223,10 @@ impl Fixture {
     }
 
     fn start(&self, models: &[&str]) -> RunningServer {
+        self.start_with(models, |_| {})
+    }
+
+    fn start_with(&self, models: &[&str], change: impl FnOnce(&mut ServeConfig)) -> RunningServer {
         let mut c = ServeConfig {
             registry: format!("file://{}", self.dir.path().join("registry").display()),
             models: models.iter().map(|m| m.to_string()).collect(),
@@ -230,6 +234,7 @@ impl Fixture {
             ..Default::default()
         };
         c.swap.poll_interval_ms = 50;
+        change(&mut c);
         self.rt
             .block_on(kiln_serve::start(c, CancellationToken::new()))
             .unwrap()
@@ -546,6 +551,87 @@ fn an_alias_move_swaps_the_language_model_without_failing_a_generation() {
                 "no rollback to version 1"
             );
         }
+    });
+    f.rt.block_on(server.shutdown()).unwrap();
+}
+
+#[test]
+fn prompt_tokens_feed_drift_monitoring_against_the_token_profile() {
+    use kiln_checkpoint::profile::{
+        ColumnKind, ColumnSpec, ProfileOptions, ReferenceProfile, Task,
+    };
+    let f = Fixture::new();
+    // The reference: a 10-byte text, 100 times (what `[register]` makes from
+    // held-out tokens: one categorical column, a token a row).
+    let text = "the kiln. ";
+    let tokens: Vec<f64> = text.repeat(100).bytes().map(f64::from).collect();
+    let profile = ReferenceProfile::from_columns(
+        vec![ColumnSpec::feature("token").with_kind(ColumnKind::Categorical)],
+        vec![tokens],
+        Task::Unspecified,
+        &ProfileOptions::default(),
+    )
+    .unwrap();
+    f.rt.block_on(async {
+        let v = f.registry.version("lm", 1).await.unwrap();
+        let tokenizer = f.registry.tokenizer("lm", 1).await.unwrap();
+        let mut new = new_version(&v.checkpoint.root, 1, v.checkpoint.digest, tokenizer);
+        new.reference_profile = Some(profile.to_json_bytes());
+        f.registry.register("watched", new, "test").await.unwrap();
+    });
+    let server = f.start_with(&["watched"], |c| {
+        c.drift.window_rows = 100;
+        c.drift.min_interval_ms = 0;
+    });
+    f.rt.block_on(async {
+        let generate = url(&server, "/v2/models/watched/generate");
+        let gauge = |column: &'static str| {
+            let server = &server;
+            async move {
+                let metrics = reqwest::get(url(server, "/metrics"))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                let prefix = format!(
+                    "kiln_drift_detected{{model=\"watched\",version=\"1\",column=\"{column}\"}}"
+                );
+                metrics
+                    .lines()
+                    .find(|l| l.starts_with(&prefix))
+                    .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            }
+        };
+        let wait_for = |want: f64| async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while gauge("_all").await != Some(want) {
+                assert!(std::time::Instant::now() < deadline, "drift gauge never {want}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        // Ten prompts of the reference's text fill a window of 100 tokens
+        // with exactly its distribution: no drift.
+        for _ in 0..10 {
+            let (status, body) = post(
+                &generate,
+                json!({"text_input": text, "parameters": {"max_tokens": 1}}),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        wait_for(0.0).await;
+        assert_eq!(gauge("token").await, Some(0.0));
+        // Tokens the reference never saw, by infer on ids this time: drift.
+        let ids = vec![vec![90i64; 10]; 10];
+        let (status, body) = post(
+            &url(&server, "/v2/models/watched/infer"),
+            json!({"inputs": [{"name": "input_ids", "shape": [10, 10], "datatype": "INT64", "data": ids}]}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        wait_for(1.0).await;
+        assert_eq!(gauge("token").await, Some(1.0));
     });
     f.rt.block_on(server.shutdown()).unwrap();
 }
