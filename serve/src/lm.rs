@@ -183,6 +183,9 @@ fn compute_loop(
                     )))
                 });
                 metrics.observe_batch(&labels, 1, started.elapsed());
+                if let GenerateEvent::Done { tokens, .. } = &last {
+                    metrics.observe_generated(&labels, *tokens);
+                }
                 let _ = events.send(last);
             }
         }

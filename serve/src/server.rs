@@ -361,6 +361,7 @@ impl ServerState {
                 ids.len()
             )));
         }
+        self.metrics.observe_prompt(&served.labels, ids.len());
         if let Some(drift) = &served.drift {
             let tokens: Vec<f32> = ids.iter().map(|&t| t as f32).collect();
             let windows = drift.observe(&tokens, &[]);

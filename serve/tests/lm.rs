@@ -503,6 +503,17 @@ fn generate_equals_the_networks_seeded_generation_and_streams_the_same_text() {
             3.0,
             "{metrics}"
         );
+        // Prompts of 8, 8 and 15 tokens; generations of 6, 6 and 2.
+        assert_eq!(
+            value(r#"kiln_serve_prompt_tokens_sum{model="lm",version="1"}"#),
+            31.0,
+            "{metrics}"
+        );
+        assert_eq!(
+            value(r#"kiln_serve_generated_tokens_sum{model="lm",version="1"}"#),
+            14.0,
+            "{metrics}"
+        );
         assert_eq!(
             value(r#"kiln_serve_errors_total{model="lm",version="1",protocol="http",kind="bad_request"}"#),
             // Five refusals after the version was chosen; the two malformed
