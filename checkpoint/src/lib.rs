@@ -20,7 +20,10 @@
 //! - [`plan`]: the canonical chunk list of a state and its per-rank stripes.
 //! - [`manifest`]: manifest, part and `latest` records; the key layout.
 //! - [`commit`]: the commit protocol as a pure state machine.
-//! - [`save`]: [`Checkpointer`], the asynchronous per-rank save pipeline.
+//! - [`save`]: [`Checkpointer`], the asynchronous per-rank save pipeline;
+//!   beside it `stripe` (the reusable host copy a save works from), `pool`
+//!   (its CPU threads, at idle priority when asked) and `measure` (what the
+//!   codec policy is fed: idle CPU, CPU time per chunk, write throughput).
 //! - [`manager`]: [`CheckpointManager`], the training loop's policy around
 //!   it (when to save, the failure budget, retention at the end).
 //! - [`load`]: resolve, load, verify, fall back to a verified parent, list.
@@ -56,11 +59,14 @@ pub mod gc;
 pub mod load;
 pub mod manager;
 pub mod manifest;
+mod measure;
 pub mod plan;
+mod pool;
 pub mod profile;
 pub mod registry;
 pub mod save;
 pub mod store;
+mod stripe;
 pub mod sys;
 pub mod tensor;
 
