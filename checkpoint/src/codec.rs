@@ -285,18 +285,28 @@ fn with_compressed<T>(
 }
 
 fn write_header(out: &mut [u8], codec: u8, group: u8, raw_len: usize) {
-    let payload_len = (out.len() - HEADER_LEN) as u64;
     let (header, payload) = out.split_at_mut(HEADER_LEN);
+    header.copy_from_slice(&header_for(codec, group, raw_len, payload));
+}
+
+fn header_for(codec: u8, group: u8, raw_len: usize, payload: &[u8]) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(&CHUNK_MAGIC);
     header[4] = CHUNK_FRAME_VERSION;
     header[5] = codec;
     header[6] = group;
-    header[7] = 0;
     header[8..16].copy_from_slice(&(raw_len as u64).to_le_bytes());
-    header[16..24].copy_from_slice(&payload_len.to_le_bytes());
-    header[24..28].fill(0);
-    let crc = crc_of(header, payload);
+    header[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    let crc = crc_of(&header, payload);
     header[28..32].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+/// The header of `raw`'s raw frame (codec 0): the stored chunk is this
+/// header followed by `raw` itself, so a writer can send both from where
+/// they are without assembling the frame ([`encode_raw_into`] does).
+pub fn raw_frame_header(raw: &[u8]) -> [u8; HEADER_LEN] {
+    header_for(CODEC_RAW, 1, raw.len(), raw)
 }
 
 /// Encodes `raw` into a stored chunk frame (header + payload).
@@ -668,6 +678,7 @@ mod tests {
         let mut out = vec![0; raw.len()];
         decode_chunk(&stored, &mut out, Some((ChunkHash::CURRENT, &addr))).unwrap();
         assert_eq!(out, raw);
+        assert_eq!(stored[..HEADER_LEN], raw_frame_header(&raw));
         stored[HEADER_LEN + 7] ^= 1;
         assert!(decode_chunk(&stored, &mut out, Some((ChunkHash::CURRENT, &addr))).is_err());
     }

@@ -101,6 +101,51 @@ fn open_direct(
 /// and atomically published. `Ok(false)`: the filesystem does not do direct
 /// I/O; nothing was left behind.
 pub fn put(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
+    publish(path, |file| write_padded(file, bytes))
+}
+
+/// Writes the frame `header` + `body` to `path` as [`put`] does, straight
+/// from `body` when its address is `header.len()` bytes past a block
+/// boundary (the save pipeline lays raw chunks out so in its stripe buffer):
+/// only the first block (the header and the body's first bytes) and the
+/// last partial block are copied into the thread's aligned buffer. Any other
+/// body is copied whole, as by [`put`].
+pub fn put_framed(path: &Path, header: &[u8], body: &[u8]) -> std::io::Result<bool> {
+    let head = ALIGN - header.len();
+    if body.len() < head || !(body.as_ptr() as usize + head).is_multiple_of(ALIGN) {
+        let mut frame = Vec::with_capacity(header.len() + body.len());
+        frame.extend_from_slice(header);
+        frame.extend_from_slice(body);
+        return put(path, &frame);
+    }
+    publish(path, |file| {
+        use std::os::unix::fs::FileExt;
+        with_block_buffer(ALIGN, |block| {
+            block[..header.len()].copy_from_slice(header);
+            block[header.len()..].copy_from_slice(&body[..head]);
+            file.write_all_at(block, 0)
+        })?;
+        let middle = (body.len() - head) / ALIGN * ALIGN;
+        file.write_all_at(&body[head..head + middle], ALIGN as u64)?;
+        let tail = &body[head + middle..];
+        if !tail.is_empty() {
+            with_block_buffer(tail.len(), |block| {
+                block[..tail.len()].copy_from_slice(tail);
+                block[tail.len()..].fill(0);
+                file.write_all_at(block, (ALIGN + middle) as u64)
+            })?;
+        }
+        file.set_len((header.len() + body.len()) as u64)
+    })
+}
+
+/// Creates a staging file beside `path` with `O_DIRECT`, lets `write` fill
+/// it, syncs it, renames it into place and syncs the directory. `Ok(false)`:
+/// the filesystem (or device) refuses direct I/O; nothing is left behind.
+fn publish(
+    path: &Path,
+    write: impl FnOnce(&std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<bool> {
     static STAGING: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().expect("an object path has a directory");
     std::fs::create_dir_all(dir)?;
@@ -116,14 +161,10 @@ pub fn put(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
     else {
         return Ok(false);
     };
-    let written = write_padded(file, bytes);
-    let published = match written {
-        Ok(file) => file
-            .sync_data()
-            .and_then(|()| std::fs::rename(&staging, path))
-            .and_then(|()| std::fs::File::open(dir)?.sync_all()),
-        Err(e) => Err(e),
-    };
+    let published = write(&file)
+        .and_then(|()| file.sync_data())
+        .and_then(|()| std::fs::rename(&staging, path))
+        .and_then(|()| std::fs::File::open(dir)?.sync_all());
     match published {
         Ok(()) => Ok(true),
         Err(e) => {
@@ -165,14 +206,13 @@ pub fn read<R>(path: &Path, f: impl FnOnce(&[u8]) -> R) -> std::io::Result<Optio
 
 /// Copies `bytes` into the thread's aligned buffer, zero-padded to whole
 /// blocks, writes that, then trims the file to the real length.
-fn write_padded(mut file: std::fs::File, bytes: &[u8]) -> std::io::Result<std::fs::File> {
+fn write_padded(mut file: &std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
     with_block_buffer(bytes.len(), |out| {
         out[..bytes.len()].copy_from_slice(bytes);
         out[bytes.len()..].fill(0);
         file.write_all(out)
     })?;
-    file.set_len(bytes.len() as u64)?;
-    Ok(file)
+    file.set_len(bytes.len() as u64)
 }
 
 #[cfg(test)]
@@ -200,6 +240,38 @@ mod tests {
             if path.exists() {
                 let back = read(&path, |b| b.to_vec()).unwrap();
                 assert_eq!(back, Some(std::fs::read(&path).unwrap()), "length {len}");
+            }
+        }
+        // Framed writes from a body laid out for direct I/O (and from one
+        // that is not) store exactly header + body.
+        let header = [7u8; 32];
+        let mut buffer = vec![0u8; 4 << 20];
+        let start = (32 + 4096 - buffer.as_ptr() as usize % 4096) % 4096;
+        for (len, shift) in [
+            (0usize, 0usize),
+            (100, 0),
+            (4064, 0),
+            (4065, 0),
+            (3 << 20, 0),
+            ((3 << 20) + 17, 0),
+            (70_000, 1),
+        ] {
+            let at = start + shift;
+            for (i, b) in buffer[at..at + len].iter_mut().enumerate() {
+                *b = (i * 13 % 251) as u8;
+            }
+            let body = &buffer[at..at + len];
+            let path = dir
+                .path()
+                .join("chunks/ab")
+                .join(format!("framed-{len}-{shift}"));
+            if put_framed(&path, &header, body).unwrap() {
+                let stored = std::fs::read(&path).unwrap();
+                assert_eq!(stored.len(), 32 + len, "length {len}");
+                assert!(
+                    stored[..32] == header && stored[32..] == *body,
+                    "length {len} shift {shift}"
+                );
             }
         }
         let left: Vec<_> = std::fs::read_dir(dir.path().join("chunks/ab"))

@@ -29,7 +29,9 @@ use object_store::PutMode;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 
-use crate::codec::{Encoding, address, chunk_key, encode_chunk_into, encode_raw_into};
+use crate::codec::{
+    Encoding, HEADER_LEN, address, chunk_key, encode_chunk_into, encode_raw_into, raw_frame_header,
+};
 use crate::commit::{Action, Commit, CommitInput, Event};
 use crate::compression::{CodecPolicy, Compression, CompressionRecord, Decision, Observation};
 use crate::error::{Error, Result};
@@ -42,8 +44,12 @@ use crate::measure::{IdleClock, WriteMeter, cpu_clock, probe_cpu, probe_write};
 use crate::plan::ChunkPlan;
 use crate::pool::CpuPool;
 use crate::store::{CheckpointRoot, io_runtime};
-use crate::stripe::{StripeBuffer, copy_parallel, resident_zeroed};
+use crate::stripe::{StripeBuffer, capacity_for, chunk_offsets, copy_parallel, resident_zeroed};
 use crate::tensor::TensorView;
+
+/// Chunks at least this large are laid out in the stripe buffer for direct
+/// writes from it (see [`crate::stripe::chunk_offsets`]).
+const IN_PLACE_MIN_CHUNK: usize = 256 << 10;
 
 /// How a [`Checkpointer`] saves.
 #[derive(Clone, Debug)]
@@ -270,11 +276,12 @@ impl Checkpointer {
     pub fn prepare(&mut self, tensors: &[TensorView<'_>]) -> Result<()> {
         let plan = ChunkPlan::new(tensors, self.cfg.chunk_bytes)?;
         let stripe = plan.stripe(self.rank, self.world_size);
-        let stripe_len: usize = plan.chunks[stripe].iter().map(|c| c.len).sum();
+        let lens: Vec<usize> = plan.chunks[stripe].iter().map(|c| c.len).collect();
+        let needed = capacity_for(&lens, self.in_place());
         let buffer = self.take_stripe_buffer();
-        let buffer = if buffer.capacity() < stripe_len {
+        let buffer = if buffer.capacity() < needed {
             drop(buffer);
-            resident_zeroed(stripe_len, self.cfg.threads)
+            resident_zeroed(needed, self.cfg.threads)
         } else {
             buffer
         };
@@ -313,6 +320,15 @@ impl Checkpointer {
         }
         self.idle.mark();
         Ok(())
+    }
+
+    /// Whether raw chunks are written straight from the stripe buffer: on a
+    /// local root (direct I/O), with chunks large enough that a block of
+    /// padding per chunk is nothing.
+    fn in_place(&self) -> bool {
+        cfg!(target_os = "linux")
+            && self.root.local_dir().is_some()
+            && self.cfg.chunk_bytes >= IN_PLACE_MIN_CHUNK
     }
 
     /// The stripe buffer, waiting (with the pool boosted) while the previous
@@ -355,25 +371,22 @@ impl Checkpointer {
                 &t.data[c.offset..c.offset + c.len]
             })
             .collect();
-        let stripe_len: usize = sources.iter().map(|s| s.len()).sum();
-        if buffer.capacity() < stripe_len {
+        let lens: Vec<usize> = sources.iter().map(|s| s.len()).collect();
+        let stripe_len: usize = lens.iter().sum();
+        let in_place = self.in_place();
+        let needed = capacity_for(&lens, in_place);
+        if buffer.capacity() < needed {
             // A fresh zeroed allocation is lazily mapped: its pages are
             // first touched by the parallel copy below, not by a serial fill.
-            buffer = vec![0; stripe_len];
+            // (`prepare` faults them in before training instead.)
+            buffer = vec![0; needed];
         } else {
-            // Keeps the capacity across saves.
-            buffer.resize(stripe_len, 0);
+            // Keeps the capacity (and the address) across saves.
+            buffer.resize(needed, 0);
         }
-        copy_parallel(&sources, &mut buffer, self.cfg.threads);
+        let offsets = chunk_offsets(&lens, buffer.as_ptr() as usize, in_place, HEADER_LEN);
+        copy_parallel(&sources, &offsets, &mut buffer, self.cfg.threads);
         self.stripe_capacity = buffer.capacity() as u64;
-        let offsets: Vec<usize> = sources
-            .iter()
-            .scan(0, |at, s| {
-                let o = *at;
-                *at += s.len();
-                Some(o)
-            })
-            .collect();
         let buffer = Arc::new(StripeBuffer {
             data: buffer,
             home: self.stripe_home.clone(),
@@ -400,6 +413,7 @@ impl Checkpointer {
             plan,
             stripe,
             offsets,
+            in_place,
             buffer,
             meta: meta.clone(),
             cfg: self.cfg.clone(),
@@ -540,6 +554,8 @@ struct SaveJob {
     stripe: std::ops::Range<usize>,
     /// Offset of each stripe chunk in the buffer.
     offsets: Vec<usize>,
+    /// Raw chunks are written from the buffer (laid out for it).
+    in_place: bool,
     buffer: Arc<StripeBuffer>,
     meta: CheckpointMeta,
     cfg: SaveConfig,
@@ -577,6 +593,25 @@ enum Prepared {
         frame: Vec<u8>,
         cost: ChunkCost,
     },
+    /// A raw frame whose body is the chunk where it lies in the stripe
+    /// buffer (local roots: written from there with direct I/O).
+    RawInPlace {
+        key: String,
+        header: [u8; HEADER_LEN],
+        cost: ChunkCost,
+    },
+}
+
+/// One chunk's bytes in the stripe buffer, kept alive while it is written.
+struct StripeSlice {
+    buffer: Arc<StripeBuffer>,
+    range: std::ops::Range<usize>,
+}
+
+impl AsRef<[u8]> for StripeSlice {
+    fn as_ref(&self) -> &[u8] {
+        &self.buffer.data[self.range.clone()]
+    }
 }
 
 struct ChunkDone {
@@ -617,6 +652,7 @@ impl SaveJob {
             plan,
             stripe,
             offsets,
+            in_place,
             buffer,
             meta,
             cfg,
@@ -653,14 +689,17 @@ impl SaveJob {
             let c = plan.chunks[index];
             let encoding = Encoding::for_dtype(plan.tensors[c.tensor].dtype);
             let (offset, len) = (offsets[i], c.len);
-            let buffer = buffer.clone();
+            let buffer_for_cpu = buffer.clone();
             let known_for_cpu = known.clone();
             let level = cfg.compression_level;
             let compress = decision.compresses(i);
+            // Only a chunk written from the stripe buffer keeps it from going
+            // home once the CPU work is done.
+            let buffer_for_write = (in_place && !compress).then(|| buffer.clone());
             let frames_for_cpu = frames.clone();
             let memory_for_cpu = memory.clone();
             let prepared = pool.run(move || -> std::io::Result<Prepared> {
-                let raw = &buffer.data[offset..offset + len];
+                let raw = &buffer_for_cpu.data[offset..offset + len];
                 let t0 = cpu_clock();
                 let key = chunk_key(&address(raw), encoding);
                 let mut cost = ChunkCost {
@@ -679,6 +718,15 @@ impl SaveJob {
                         stored_len,
                         cost,
                     });
+                }
+                if in_place && !compress {
+                    // Written from the stripe buffer itself: only the
+                    // header is made here.
+                    let t1 = cpu_clock();
+                    let header = raw_frame_header(raw);
+                    cost.encode_s = cpu_clock() - t1;
+                    cost.compressed = Some(false);
+                    return Ok(Prepared::RawInPlace { key, header, cost });
                 }
                 // Frame memory counts from its allocation until it is
                 // dropped, including while it waits in the pool.
@@ -718,6 +766,27 @@ impl SaveJob {
                         stored_len,
                         cost,
                     } => (key, stored_len, false, cost),
+                    Prepared::RawInPlace { key, header, cost } => {
+                        let stored_len = (HEADER_LEN + len) as u64;
+                        let body = StripeSlice {
+                            buffer: buffer_for_write.expect("kept for an in-place chunk"),
+                            range: offset..offset + len,
+                        };
+                        WriteMeter::begin(&meter);
+                        let put = root
+                            .put_frame_parts(
+                                &key,
+                                header,
+                                body,
+                                cfg.multipart_threshold,
+                                cfg.chunk_bytes,
+                            )
+                            .await;
+                        WriteMeter::end(&meter, if put.is_ok() { stored_len } else { 0 });
+                        put?;
+                        failpoint::chunk_uploaded();
+                        (key, stored_len, true, cost)
+                    }
                     Prepared::Encoded { key, frame, cost } => {
                         let size = frame.capacity() as u64;
                         let stored_len = frame.len() as u64;

@@ -300,6 +300,57 @@ impl CheckpointRoot {
         Ok(())
     }
 
+    /// Writes a raw chunk frame given as its header and body (see
+    /// [`crate::codec::raw_frame_header`]). On a local root the frame goes
+    /// to disk straight from `body` with `O_DIRECT` (no copy when the body
+    /// is laid out for it, see `crate::direct::put_framed`); elsewhere, or
+    /// where the filesystem refuses direct I/O, it is assembled (on a
+    /// blocking thread) and written as [`Self::put_object`] does.
+    pub(crate) async fn put_frame_parts<B>(
+        &self,
+        key: &str,
+        header: [u8; crate::codec::HEADER_LEN],
+        body: B,
+        multipart_threshold: usize,
+        part_bytes: usize,
+    ) -> Result<()>
+    where
+        B: AsRef<[u8]> + Send + 'static,
+    {
+        let local = self.inner.local_dir.as_ref().map(|dir| dir.join(key));
+        let frame = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Bytes>> {
+            #[cfg(target_os = "linux")]
+            if let Some(path) = &local
+                && crate::direct::put_framed(path, &header, body.as_ref())?
+            {
+                return Ok(None);
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = &local;
+            let body = body.as_ref();
+            let mut frame = Vec::with_capacity(header.len() + body.len());
+            frame.extend_from_slice(&header);
+            frame.extend_from_slice(body);
+            Ok(Some(Bytes::from(frame)))
+        })
+        .await
+        .map_err(|e| Error::Cancelled {
+            what: format!("direct write of {key}: {e}"),
+        })?
+        .map_err(|source| Error::Io {
+            op: "write",
+            path: self.url_of(key),
+            source,
+        })?;
+        match frame {
+            None => Ok(()),
+            Some(frame) => {
+                self.put_buffered_object(key, frame, multipart_threshold, part_bytes)
+                    .await
+            }
+        }
+    }
+
     /// Writes an immutable object, as a multipart upload when it is larger
     /// than `multipart_threshold` (parts of `part_bytes`, uploaded at once);
     /// on a local root, past the page cache where the filesystem allows it.
@@ -332,6 +383,19 @@ impl CheckpointRoot {
                 }
             }
         }
+        self.put_buffered_object(key, bytes, multipart_threshold, part_bytes)
+            .await
+    }
+
+    /// [`Self::put_object`] through `object_store`, without the local
+    /// direct-write path.
+    async fn put_buffered_object(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        multipart_threshold: usize,
+        part_bytes: usize,
+    ) -> Result<()> {
         if bytes.len() <= multipart_threshold {
             return self.put(key, bytes, PutMode::Overwrite).await;
         }

@@ -70,19 +70,60 @@ fn populate(part: &mut [u8]) {
     }
 }
 
-/// Copies `sources` back to back into `dst`, on up to `threads` threads.
-pub(crate) fn copy_parallel(sources: &[&[u8]], dst: &mut [u8], threads: usize) {
+/// Block size of direct I/O (see `crate::direct`).
+const BLOCK: usize = 4096;
+
+/// Bytes the stripe buffer needs for chunks of `lens`: back to back, or
+/// with room to place each chunk where [`chunk_offsets`] puts it.
+pub(crate) fn capacity_for(lens: &[usize], aligned: bool) -> usize {
+    let sum: usize = lens.iter().sum();
+    if aligned {
+        sum + (lens.len() + 1) * BLOCK
+    } else {
+        sum
+    }
+}
+
+/// Where each chunk goes in a stripe buffer starting at address `base`:
+/// back to back, or (`aligned`) each `header` bytes past a block boundary.
+/// Then a chunk's raw frame (its `header`-byte header followed by the
+/// chunk) is written with `O_DIRECT` from the buffer itself: only the first
+/// and last block are copied (`crate::direct::put_framed`). The gaps cost
+/// less than a block per chunk.
+pub(crate) fn chunk_offsets(
+    lens: &[usize],
+    base: usize,
+    aligned: bool,
+    header: usize,
+) -> Vec<usize> {
+    let mut at = 0;
+    lens.iter()
+        .map(|&len| {
+            if aligned {
+                // The next offset whose address is `header` past a boundary.
+                let address = base + at;
+                at += (header % BLOCK + BLOCK - address % BLOCK) % BLOCK;
+            }
+            let offset = at;
+            at += len;
+            offset
+        })
+        .collect()
+}
+
+/// Copies each of `sources` to its offset in `dst` (increasing, not
+/// overlapping), on up to `threads` threads.
+pub(crate) fn copy_parallel(sources: &[&[u8]], offsets: &[usize], dst: &mut [u8], threads: usize) {
     const PARALLEL_ABOVE: usize = 32 << 20;
-    if threads <= 1 || dst.len() < PARALLEL_ABOVE {
-        let mut at = 0;
-        for s in sources {
-            dst[at..at + s.len()].copy_from_slice(s);
-            at += s.len();
+    let total: usize = sources.iter().map(|s| s.len()).sum();
+    if threads <= 1 || total < PARALLEL_ABOVE {
+        for (s, &o) in sources.iter().zip(offsets) {
+            dst[o..o + s.len()].copy_from_slice(s);
         }
         return;
     }
     // Split the sources into `threads` groups of similar bytes.
-    let share = dst.len().div_ceil(threads);
+    let share = total.div_ceil(threads);
     let mut groups: Vec<(usize, usize)> = Vec::new(); // source index ranges
     let (mut start, mut bytes) = (0, 0);
     for (i, s) in sources.iter().enumerate() {
@@ -97,19 +138,79 @@ pub(crate) fn copy_parallel(sources: &[&[u8]], dst: &mut [u8], threads: usize) {
         groups.push((start, sources.len()));
     }
     std::thread::scope(|scope| {
-        let mut rest = dst;
+        // `rest` starts at `consumed` in `dst`.
+        let (mut rest, mut consumed) = (dst, 0);
         for &(a, b) in &groups {
-            let len: usize = sources[a..b].iter().map(|s| s.len()).sum();
-            let (mine, tail) = rest.split_at_mut(len);
+            let end = offsets[b - 1] + sources[b - 1].len();
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(end - consumed);
+            let base = consumed;
             rest = tail;
-            let group = &sources[a..b];
+            consumed = end;
+            let (group, at) = (&sources[a..b], &offsets[a..b]);
             scope.spawn(move || {
-                let mut at = 0;
-                for s in group {
-                    mine[at..at + s.len()].copy_from_slice(s);
-                    at += s.len();
+                for (s, &o) in group.iter().zip(at) {
+                    mine[o - base..o - base + s.len()].copy_from_slice(s);
                 }
             });
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_chunks_sit_a_header_past_a_block_and_fit_the_capacity() {
+        let lens = [8 << 20, 3, 4096, 5000, 1 << 20];
+        for base in [0usize, 16, 4064, 4080, 123_456] {
+            let offsets = chunk_offsets(&lens, base, true, 32);
+            let mut end = 0;
+            for (&o, &len) in offsets.iter().zip(&lens) {
+                assert_eq!((base + o) % BLOCK, 32, "base {base}");
+                assert!(o >= end, "chunks overlap");
+                assert!(o - end < BLOCK, "gap of a block or more");
+                end = o + len;
+            }
+            assert!(end <= capacity_for(&lens, true), "base {base}");
+        }
+        let packed = chunk_offsets(&lens, 16, false, 32);
+        assert_eq!(
+            packed,
+            [
+                0,
+                8 << 20,
+                (8 << 20) + 3,
+                (8 << 20) + 4099,
+                (8 << 20) + 9099
+            ]
+        );
+        assert_eq!(capacity_for(&lens, false), lens.iter().sum::<usize>());
+    }
+
+    #[test]
+    fn the_parallel_copy_puts_every_source_at_its_offset() {
+        let data: Vec<Vec<u8>> = (0..7u8)
+            .map(|i| vec![i + 1; (9 << 20) + i as usize * 77])
+            .collect();
+        let sources: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
+        let lens: Vec<usize> = data.iter().map(|d| d.len()).collect();
+        for (aligned, threads) in [(true, 3), (false, 2), (true, 1)] {
+            let mut dst = vec![0u8; capacity_for(&lens, aligned)];
+            let offsets = chunk_offsets(&lens, dst.as_ptr() as usize, aligned, 32);
+            copy_parallel(&sources, &offsets, &mut dst, threads);
+            for (s, &o) in sources.iter().zip(&offsets) {
+                assert!(
+                    dst[o..o + s.len()] == **s,
+                    "aligned {aligned} threads {threads}"
+                );
+            }
+            let copied: usize = dst.iter().filter(|&&b| b != 0).count();
+            assert_eq!(
+                copied,
+                lens.iter().sum::<usize>(),
+                "nothing outside the chunks"
+            );
+        }
+    }
 }
