@@ -289,17 +289,63 @@ fn write_header(out: &mut [u8], codec: u8, group: u8, raw_len: usize) {
     header.copy_from_slice(&header_for(codec, group, raw_len, payload));
 }
 
-fn header_for(codec: u8, group: u8, raw_len: usize, payload: &[u8]) -> [u8; HEADER_LEN] {
+/// A header without its crc (bytes 28..32 zero).
+fn header_prefix(codec: u8, group: u8, raw_len: usize, payload_len: usize) -> [u8; HEADER_LEN] {
     let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(&CHUNK_MAGIC);
     header[4] = CHUNK_FRAME_VERSION;
     header[5] = codec;
     header[6] = group;
     header[8..16].copy_from_slice(&(raw_len as u64).to_le_bytes());
-    header[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    header[16..24].copy_from_slice(&(payload_len as u64).to_le_bytes());
+    header
+}
+
+fn header_for(codec: u8, group: u8, raw_len: usize, payload: &[u8]) -> [u8; HEADER_LEN] {
+    let mut header = header_prefix(codec, group, raw_len, payload.len());
     let crc = crc_of(&header, payload);
     header[28..32].copy_from_slice(&crc.to_le_bytes());
     header
+}
+
+/// A chunk's [`address`] and its raw frame's header
+/// ([`raw_frame_header`]), computed piece by piece as the bytes go by: the
+/// save pipeline digests each piece while it is still in cache from being
+/// copied, instead of reading the whole chunk twice more later.
+pub struct RawFrameDigest {
+    hasher: blake3::Hasher,
+    header: [u8; HEADER_LEN],
+    crc: u32,
+    remaining: usize,
+}
+
+impl RawFrameDigest {
+    /// For a chunk of `len` bytes.
+    pub fn new(len: usize) -> Self {
+        // The address is the current hash, which this digest computes.
+        const { assert!(matches!(ChunkHash::CURRENT, ChunkHash::Blake3)) };
+        let header = header_prefix(CODEC_RAW, 1, len, len);
+        RawFrameDigest {
+            hasher: blake3::Hasher::new(),
+            crc: crc32c::crc32c(&header[..28]),
+            header,
+            remaining: len,
+        }
+    }
+
+    /// The chunk's next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.crc = crc32c::crc32c_append(self.crc, bytes);
+        self.remaining -= bytes.len();
+    }
+
+    /// The address and the raw frame header, once every byte went by.
+    pub fn finish(mut self) -> (String, [u8; HEADER_LEN]) {
+        assert_eq!(self.remaining, 0, "digest of a chunk not seen whole");
+        self.header[28..32].copy_from_slice(&self.crc.to_le_bytes());
+        (self.hasher.finalize().to_hex().to_string(), self.header)
+    }
 }
 
 /// The header of `raw`'s raw frame (codec 0): the stored chunk is this
@@ -681,6 +727,24 @@ mod tests {
         assert_eq!(stored[..HEADER_LEN], raw_frame_header(&raw));
         stored[HEADER_LEN + 7] ^= 1;
         assert!(decode_chunk(&stored, &mut out, Some((ChunkHash::CURRENT, &addr))).is_err());
+    }
+
+    #[test]
+    fn a_digest_piece_by_piece_equals_the_address_and_header_of_the_whole() {
+        for len in [0usize, 1, 1000, 4096, 100_003] {
+            let raw: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+            for piece in [1usize, 64, 4096, 1 << 20] {
+                let mut d = RawFrameDigest::new(len);
+                for p in raw.chunks(piece) {
+                    d.update(p);
+                }
+                assert_eq!(
+                    d.finish(),
+                    (address(&raw), raw_frame_header(&raw)),
+                    "{len} by {piece}"
+                );
+            }
+        }
     }
 
     #[test]

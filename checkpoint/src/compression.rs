@@ -195,6 +195,11 @@ pub struct CompressionRecord {
     pub predicted_none_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted_zstd_s: Option<f64>,
+    /// Whether chunks were hashed (and checksummed) during the copy that
+    /// blocks training, rather than in the background: chosen when the
+    /// background would get too little CPU (see [`Decision`]).
+    #[serde(default)]
+    pub hashed_while_copying: bool,
     /// Chunks of this rank's stripe that went through zstd, of all uploaded.
     #[serde(default)]
     pub chunks_compressed: u64,
@@ -223,6 +228,14 @@ pub struct Decision {
     /// With [`Codec::None`]: compress chunk `i` when `i % sample_every ==
     /// sample_every / 2` (0: none).
     pub sample_every: usize,
+    /// Hash and checksum the chunks while copying them (the blocking part
+    /// of the save, on every save thread at full speed) instead of in the
+    /// background. Chosen when hashing on the cores training leaves idle
+    /// would take longer than writing: then the background would compete
+    /// with training for its cores, and training threads kept in step by
+    /// barriers lose about twice what a competitor takes from one of them,
+    /// where hashing during the copy costs them only its own length.
+    pub digest_while_copying: bool,
     pub record: CompressionRecord,
 }
 
@@ -298,15 +311,29 @@ impl CodecPolicy {
             ratio: e.ratio.map(round3),
             predicted_none_s: None,
             predicted_zstd_s: None,
+            hashed_while_copying: false,
             chunks_compressed: 0,
             chunks_uploaded: 0,
         };
+        let cores = e
+            .spare_cores
+            .unwrap_or(threads as f64)
+            .clamp(MIN_CORES, threads.max(1) as f64);
+        let s = raw_bytes as f64;
+        let hash = e.hash_per_core.unwrap_or(PRIOR_HASH);
+        // The machine is busy (less than half the save threads' cores left
+        // idle) and hashing on what is left would take longer than writing:
+        // hash while copying (see `Decision::digest_while_copying`).
+        let digest_while_copying = cores < threads as f64 / 2.0
+            && e.write.is_some_and(|write| s / (hash * cores) > s / write);
+        record.hashed_while_copying = digest_while_copying;
         let fixed = |codec: Codec, mut record: CompressionRecord| {
             record.codec = codec;
             record.reason = format!("checkpoint.compression = \"{}\"", codec.as_str());
             Decision {
                 codec,
                 sample_every: 0,
+                digest_while_copying,
                 record,
             }
         };
@@ -322,20 +349,21 @@ impl CodecPolicy {
             return Decision {
                 codec: Codec::Zstd,
                 sample_every: 0,
+                digest_while_copying,
                 record,
             };
         };
-        let cores = e
-            .spare_cores
-            .unwrap_or(threads as f64)
-            .clamp(MIN_CORES, threads.max(1) as f64);
-        let s = raw_bytes as f64;
-        let hash = e.hash_per_core.unwrap_or(PRIOR_HASH);
         let zstd = e.zstd_per_core.unwrap_or(PRIOR_ZSTD);
         let frame = e.raw_frame_per_core.unwrap_or(PRIOR_RAW_FRAME);
         let ratio = e.ratio.unwrap_or(PRIOR_RATIO);
-        let cpu_none = s * (1.0 / hash + 1.0 / frame) / cores;
-        let cpu_zstd = s * (1.0 / hash + 1.0 / zstd) / cores;
+        // What is left for the background once the copy hashed.
+        let hashing = if digest_while_copying {
+            0.0
+        } else {
+            1.0 / hash
+        };
+        let cpu_none = s * (hashing + 1.0 / frame) / cores;
+        let cpu_zstd = s * (hashing + 1.0 / zstd) / cores;
         let none = cpu_none.max(s / write);
         let compressed = cpu_zstd.max(ratio * s / write);
         record.predicted_none_s = Some(round3(none));
@@ -358,11 +386,13 @@ impl CodecPolicy {
         );
         Decision {
             codec,
-            sample_every: if codec == Codec::None {
+            // Samples compressed on starved cores would hold the save up.
+            sample_every: if codec == Codec::None && !digest_while_copying {
                 SAMPLE_EVERY
             } else {
                 0
             },
+            digest_while_copying,
             record,
         }
     }
@@ -406,8 +436,12 @@ mod tests {
     #[test]
     fn busy_cores_next_to_a_fast_disk_store_raw() {
         // The machine: 2 cores mostly training, a 1.5 GB/s disk.
-        let d = measured(0.3, 1.5).decide(1_200_000_000, 2);
+        let d = measured(0.6, 1.5).decide(1_200_000_000, 2);
         assert_eq!(d.codec, Codec::None, "{}", d.record.reason);
+        assert!(
+            !d.digest_while_copying,
+            "0.6 cores hash 3 GB/s, faster than the disk"
+        );
         assert_eq!(d.sample_every, SAMPLE_EVERY);
         let (none, zstd) = (
             d.record.predicted_none_s.unwrap(),
@@ -417,6 +451,47 @@ mod tests {
         // A few chunks are still compressed, to keep measuring.
         let sampled = (0..160).filter(|&i| d.compresses(i)).count();
         assert_eq!(sampled, 10);
+    }
+
+    #[test]
+    fn starved_cores_hash_while_copying_and_sample_nothing() {
+        // Training leaves 0.1 core: hashing would take 2.4 s, writing 0.8.
+        let d = measured(0.1, 1.5).decide(1_200_000_000, 2);
+        assert!(d.digest_while_copying && d.record.hashed_while_copying);
+        assert_eq!(
+            (d.codec, d.sample_every),
+            (Codec::None, 0),
+            "{}",
+            d.record.reason
+        );
+        assert!(!(0..1000).any(|i| d.compresses(i)));
+        // The prediction counts no background hashing then: framing alone
+        // (8 GB/s per core) on 0.1 core.
+        let raw = d.record.predicted_none_s.unwrap();
+        assert!((raw - 1.5).abs() < 0.01, "{raw}");
+        // With idle cores the background hashes, however fast the store.
+        assert!(
+            !measured(2.0, 1.5)
+                .decide(1_200_000_000, 2)
+                .digest_while_copying
+        );
+        assert!(
+            !measured(1.0, 100.0)
+                .decide(1_200_000_000, 2)
+                .digest_while_copying
+        );
+        // Busy cores next to a slow store: the background hides behind writes.
+        assert!(
+            !measured(0.3, 0.1)
+                .decide(1_200_000_000, 2)
+                .digest_while_copying
+        );
+        // Nothing known of the destination: nothing to weigh against.
+        assert!(
+            !CodecPolicy::new(Compression::Auto, 0)
+                .decide(1 << 30, 2)
+                .digest_while_copying
+        );
     }
 
     #[test]

@@ -44,7 +44,9 @@ use crate::measure::{IdleClock, WriteMeter, cpu_clock, probe_cpu, probe_write};
 use crate::plan::ChunkPlan;
 use crate::pool::CpuPool;
 use crate::store::{CheckpointRoot, io_runtime};
-use crate::stripe::{StripeBuffer, capacity_for, chunk_offsets, copy_parallel, resident_zeroed};
+use crate::stripe::{
+    ChunkDigest, StripeBuffer, capacity_for, chunk_offsets, copy_parallel, resident_zeroed,
+};
 use crate::tensor::TensorView;
 
 /// Chunks at least this large are laid out in the stripe buffer for direct
@@ -384,15 +386,6 @@ impl Checkpointer {
             // Keeps the capacity (and the address) across saves.
             buffer.resize(needed, 0);
         }
-        let offsets = chunk_offsets(&lens, buffer.as_ptr() as usize, in_place, HEADER_LEN);
-        copy_parallel(&sources, &offsets, &mut buffer, self.cfg.threads);
-        self.stripe_capacity = buffer.capacity() as u64;
-        let buffer = Arc::new(StripeBuffer {
-            data: buffer,
-            home: self.stripe_home.clone(),
-        });
-        let blocking = started.elapsed();
-
         let spare_cores = self.idle.save_starts();
         let decision = {
             let mut policy = self.policy.lock().expect("codec policy");
@@ -402,6 +395,20 @@ impl Checkpointer {
             });
             policy.decide(stripe_len as u64, self.cfg.threads)
         };
+        let offsets = chunk_offsets(&lens, buffer.as_ptr() as usize, in_place, HEADER_LEN);
+        let digests = copy_parallel(
+            &sources,
+            &offsets,
+            &mut buffer,
+            self.cfg.threads,
+            decision.digest_while_copying,
+        );
+        self.stripe_capacity = buffer.capacity() as u64;
+        let buffer = Arc::new(StripeBuffer {
+            data: buffer,
+            home: self.stripe_home.clone(),
+        });
+        let blocking = started.elapsed();
         self.seq += 1;
         let (commit_done, next_commit) = oneshot::channel();
         let job = SaveJob {
@@ -414,6 +421,7 @@ impl Checkpointer {
             stripe,
             offsets,
             in_place,
+            digests,
             buffer,
             meta: meta.clone(),
             cfg: self.cfg.clone(),
@@ -556,6 +564,9 @@ struct SaveJob {
     offsets: Vec<usize>,
     /// Raw chunks are written from the buffer (laid out for it).
     in_place: bool,
+    /// Each chunk's address and raw frame header, when the copy computed
+    /// them (`Decision::digest_while_copying`).
+    digests: Vec<Option<ChunkDigest>>,
     buffer: Arc<StripeBuffer>,
     meta: CheckpointMeta,
     cfg: SaveConfig,
@@ -576,7 +587,8 @@ struct SaveJob {
 /// What one chunk cost on its CPU thread (seconds of that thread's CPU).
 #[derive(Clone, Copy, Default)]
 struct ChunkCost {
-    hash_s: f64,
+    /// `None`: hashed while copying.
+    hash_s: Option<f64>,
     encode_s: f64,
     /// `Some(true)`: through zstd; `Some(false)`: framed raw; `None`: reused.
     compressed: Option<bool>,
@@ -600,6 +612,90 @@ enum Prepared {
         header: [u8; HEADER_LEN],
         cost: ChunkCost,
     },
+}
+
+/// A chunk's preparation: done at once, or on the CPU pool.
+enum PreparedChunk {
+    Ready(std::io::Result<Prepared>),
+    Pool(oneshot::Receiver<std::io::Result<Prepared>>),
+}
+
+/// What it takes to prepare one chunk for upload: hash it (unless the copy
+/// did), look it up among the stored chunks, and frame it (compressed, raw,
+/// or only a header when it is written from the stripe buffer).
+struct ChunkWork {
+    buffer: Arc<StripeBuffer>,
+    offset: usize,
+    len: usize,
+    digest: Option<ChunkDigest>,
+    encoding: Encoding,
+    compress: bool,
+    in_place: bool,
+    level: i32,
+    known: Arc<Mutex<KnownChunks>>,
+    frames: Arc<FramePool>,
+    memory: Arc<MemoryCounter>,
+}
+
+impl ChunkWork {
+    fn needs_cpu(&self) -> bool {
+        self.digest.is_none() || self.compress || !self.in_place
+    }
+
+    fn run(self) -> std::io::Result<Prepared> {
+        let raw = &self.buffer.data[self.offset..self.offset + self.len];
+        let mut cost = ChunkCost::default();
+        let (address, header) = match self.digest {
+            Some((address, header)) => (address, Some(header)),
+            None => {
+                let t0 = cpu_clock();
+                let a = address(raw);
+                cost.hash_s = Some(cpu_clock() - t0);
+                (a, None)
+            }
+        };
+        let key = chunk_key(&address, self.encoding);
+        let stored = self
+            .known
+            .lock()
+            .expect("known chunks")
+            .map
+            .get(&key)
+            .map(|e| e.0);
+        if let Some(stored_len) = stored {
+            return Ok(Prepared::Reused {
+                key,
+                stored_len,
+                cost,
+            });
+        }
+        if self.in_place && !self.compress {
+            // Written from the stripe buffer itself: only the header is
+            // made here.
+            let t1 = cpu_clock();
+            let header = header.unwrap_or_else(|| raw_frame_header(raw));
+            cost.encode_s = cpu_clock() - t1;
+            cost.compressed = Some(false);
+            return Ok(Prepared::RawInPlace { key, header, cost });
+        }
+        // Frame memory counts from its allocation until it is dropped,
+        // including while it waits in the pool.
+        let mut frame = self.frames.take();
+        let before = frame.capacity() as u64;
+        let t1 = cpu_clock();
+        if self.compress {
+            if let Err(e) = encode_chunk_into(raw, self.encoding, self.level, &mut frame) {
+                self.memory.sub(before);
+                return Err(e);
+            }
+        } else {
+            encode_raw_into(raw, &mut frame);
+        }
+        cost.encode_s = cpu_clock() - t1;
+        cost.compressed = Some(self.compress);
+        self.memory.add(frame.capacity() as u64 - before);
+        Ok(Prepared::Encoded { key, frame, cost })
+    }
 }
 
 /// One chunk's bytes in the stripe buffer, kept alive while it is written.
@@ -653,6 +749,7 @@ impl SaveJob {
             stripe,
             offsets,
             in_place,
+            mut digests,
             buffer,
             meta,
             cfg,
@@ -696,56 +793,28 @@ impl SaveJob {
             // Only a chunk written from the stripe buffer keeps it from going
             // home once the CPU work is done.
             let buffer_for_write = (in_place && !compress).then(|| buffer.clone());
-            let frames_for_cpu = frames.clone();
-            let memory_for_cpu = memory.clone();
-            let prepared = pool.run(move || -> std::io::Result<Prepared> {
-                let raw = &buffer_for_cpu.data[offset..offset + len];
-                let t0 = cpu_clock();
-                let key = chunk_key(&address(raw), encoding);
-                let mut cost = ChunkCost {
-                    hash_s: cpu_clock() - t0,
-                    ..ChunkCost::default()
-                };
-                let stored = known_for_cpu
-                    .lock()
-                    .expect("known chunks")
-                    .map
-                    .get(&key)
-                    .map(|e| e.0);
-                if let Some(stored_len) = stored {
-                    return Ok(Prepared::Reused {
-                        key,
-                        stored_len,
-                        cost,
-                    });
-                }
-                if in_place && !compress {
-                    // Written from the stripe buffer itself: only the
-                    // header is made here.
-                    let t1 = cpu_clock();
-                    let header = raw_frame_header(raw);
-                    cost.encode_s = cpu_clock() - t1;
-                    cost.compressed = Some(false);
-                    return Ok(Prepared::RawInPlace { key, header, cost });
-                }
-                // Frame memory counts from its allocation until it is
-                // dropped, including while it waits in the pool.
-                let mut frame = frames_for_cpu.take();
-                let before = frame.capacity() as u64;
-                let t1 = cpu_clock();
-                if compress {
-                    if let Err(e) = encode_chunk_into(raw, encoding, level, &mut frame) {
-                        memory_for_cpu.sub(before);
-                        return Err(e);
-                    }
-                } else {
-                    encode_raw_into(raw, &mut frame);
-                }
-                cost.encode_s = cpu_clock() - t1;
-                cost.compressed = Some(compress);
-                memory_for_cpu.add(frame.capacity() as u64 - before);
-                Ok(Prepared::Encoded { key, frame, cost })
-            });
+            let digest = digests[i].take();
+            let work = ChunkWork {
+                buffer: buffer_for_cpu,
+                offset,
+                len,
+                digest,
+                encoding,
+                compress,
+                in_place,
+                level,
+                known: known_for_cpu,
+                frames: frames.clone(),
+                memory: memory.clone(),
+            };
+            // A raw chunk hashed while copying and written in place leaves
+            // no CPU work: it need not wait for a (maybe idle-priority)
+            // pool thread.
+            let prepared = if work.needs_cpu() {
+                PreparedChunk::Pool(pool.run(move || work.run()))
+            } else {
+                PreparedChunk::Ready(work.run())
+            };
             let root = root.clone();
             let known = known.clone();
             let memory = memory.clone();
@@ -754,12 +823,13 @@ impl SaveJob {
             let meter = meter.clone();
             tasks.spawn(async move {
                 let _permit = permit;
-                let prepared = prepared
-                    .await
-                    .map_err(|_| Error::Cancelled {
+                let prepared = match prepared {
+                    PreparedChunk::Ready(p) => p,
+                    PreparedChunk::Pool(p) => p.await.map_err(|_| Error::Cancelled {
                         what: "compression pool shut down".into(),
-                    })?
-                    .map_err(|e| Error::invalid(format!("compress chunk: {e}")))?;
+                    })?,
+                }
+                .map_err(|e| Error::invalid(format!("compress chunk: {e}")))?;
                 let (key, stored_len, uploaded, cost) = match prepared {
                     Prepared::Reused {
                         key,
@@ -846,7 +916,9 @@ impl SaveJob {
         let mut record = decision.record;
         for c in &chunks {
             let (raw, cost) = (c.reference.raw_len, c.cost);
-            observed.hashed.add(raw, cost.hash_s);
+            if let Some(hash_s) = cost.hash_s {
+                observed.hashed.add(raw, hash_s);
+            }
             match cost.compressed {
                 Some(true) => {
                     observed.compressed.add(raw, cost.encode_s);
@@ -1064,6 +1136,82 @@ async fn drive_commit(
         let now = Instant::now();
         for e in events {
             actions.extend(commit.on_event(e, now));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compression::Throughput;
+    use crate::tensor::DType;
+
+    /// A checkpointer whose policy believes the machine is busy training
+    /// next to a fast disk, so that saves hash while copying.
+    fn starved(root: &CheckpointRoot) -> Checkpointer {
+        let cfg = SaveConfig {
+            chunk_bytes: 1 << 20,
+            compression: Compression::None,
+            ..SaveConfig::default()
+        };
+        let c = Checkpointer::new(root.clone(), cfg, 0, 1).unwrap();
+        c.policy.lock().unwrap().observe(&Observation {
+            spare_cores: Some(0.01),
+            written: Throughput {
+                bytes: 1 << 30,
+                seconds: 1.0,
+            },
+            ..Observation::default()
+        });
+        c
+    }
+
+    #[test]
+    fn chunks_hashed_while_copying_store_and_load_like_any_other() {
+        let data: Vec<Vec<u8>> = [(3 << 20) + 12, 4096, 8]
+            .iter()
+            .enumerate()
+            .map(|(t, &n)| (0..n).map(|i| ((i * 31 + t * 7) % 251) as u8).collect())
+            .collect();
+        let shapes: Vec<[usize; 1]> = data.iter().map(|d| [d.len() / 4]).collect();
+        let names = ["a", "b", "c"];
+        let views: Vec<TensorView<'_>> = data
+            .iter()
+            .zip(&shapes)
+            .zip(names)
+            .map(|((d, shape), name)| TensorView {
+                name,
+                dtype: DType::F32,
+                shape,
+                data: d,
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        // A local root (raw chunks written from the buffer) and a store.
+        for root in [
+            CheckpointRoot::open(dir.path().to_str().unwrap()).unwrap(),
+            CheckpointRoot::open("memory://hashed-while-copying/x").unwrap(),
+        ] {
+            let mut c = starved(&root);
+            c.save(1, "run", &views, &CheckpointMeta::default())
+                .unwrap();
+            let outcome = c.flush().pop().unwrap().unwrap();
+            assert!(
+                outcome.compression.hashed_while_copying,
+                "{:?}",
+                outcome.compression
+            );
+            let m = crate::resolve(&root, "1").unwrap();
+            let loaded = crate::load(&root, &m, |_| true).unwrap();
+            for (got, want) in loaded.iter().zip(&data) {
+                assert!(got.data == *want, "{} on {}", got.name, root.url());
+            }
+            assert!(crate::verify(&root, &m).unwrap().ok());
+            // Unchanged, the next save references every chunk.
+            c.save(2, "run", &views, &CheckpointMeta::default())
+                .unwrap();
+            let again = c.flush().pop().unwrap().unwrap();
+            assert_eq!(again.chunks_uploaded, 0, "{again:?}");
         }
     }
 }

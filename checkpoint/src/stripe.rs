@@ -4,6 +4,8 @@
 
 use std::sync::mpsc;
 
+use crate::codec::{HEADER_LEN, RawFrameDigest};
+
 /// The reusable stripe buffer while a background save reads it; it goes
 /// home to the checkpointer when the last chunk job drops it.
 pub(crate) struct StripeBuffer {
@@ -111,16 +113,47 @@ pub(crate) fn chunk_offsets(
         .collect()
 }
 
+/// A chunk's address and raw frame header, computed while it was copied.
+pub(crate) type ChunkDigest = (String, [u8; HEADER_LEN]);
+
+/// Pieces a chunk is copied (and digested) in: small enough that a piece
+/// is still in the core's cache when it is hashed, large enough for the
+/// hash's SIMD lanes.
+const PIECE: usize = 128 << 10;
+
+/// Copies `src` into `dst`; with `digest`, hashes and checksums each piece
+/// right after copying it.
+fn copy_chunk(src: &[u8], dst: &mut [u8], digest: bool) -> Option<ChunkDigest> {
+    if !digest {
+        dst.copy_from_slice(src);
+        return None;
+    }
+    let mut d = RawFrameDigest::new(src.len());
+    for (s, t) in src.chunks(PIECE).zip(dst.chunks_mut(PIECE)) {
+        t.copy_from_slice(s);
+        d.update(t);
+    }
+    Some(d.finish())
+}
+
 /// Copies each of `sources` to its offset in `dst` (increasing, not
-/// overlapping), on up to `threads` threads.
-pub(crate) fn copy_parallel(sources: &[&[u8]], offsets: &[usize], dst: &mut [u8], threads: usize) {
+/// overlapping), on up to `threads` threads. With `digest`, also returns
+/// each chunk's [`ChunkDigest`] (else `None`s).
+pub(crate) fn copy_parallel(
+    sources: &[&[u8]],
+    offsets: &[usize],
+    dst: &mut [u8],
+    threads: usize,
+    digest: bool,
+) -> Vec<Option<ChunkDigest>> {
     const PARALLEL_ABOVE: usize = 32 << 20;
     let total: usize = sources.iter().map(|s| s.len()).sum();
     if threads <= 1 || total < PARALLEL_ABOVE {
-        for (s, &o) in sources.iter().zip(offsets) {
-            dst[o..o + s.len()].copy_from_slice(s);
-        }
-        return;
+        return sources
+            .iter()
+            .zip(offsets)
+            .map(|(s, &o)| copy_chunk(s, &mut dst[o..o + s.len()], digest))
+            .collect();
     }
     // Split the sources into `threads` groups of similar bytes.
     let share = total.div_ceil(threads);
@@ -140,6 +173,7 @@ pub(crate) fn copy_parallel(sources: &[&[u8]], offsets: &[usize], dst: &mut [u8]
     std::thread::scope(|scope| {
         // `rest` starts at `consumed` in `dst`.
         let (mut rest, mut consumed) = (dst, 0);
+        let mut handles = Vec::with_capacity(groups.len());
         for &(a, b) in &groups {
             let end = offsets[b - 1] + sources[b - 1].len();
             let (mine, tail) = std::mem::take(&mut rest).split_at_mut(end - consumed);
@@ -147,13 +181,19 @@ pub(crate) fn copy_parallel(sources: &[&[u8]], offsets: &[usize], dst: &mut [u8]
             rest = tail;
             consumed = end;
             let (group, at) = (&sources[a..b], &offsets[a..b]);
-            scope.spawn(move || {
-                for (s, &o) in group.iter().zip(at) {
-                    mine[o - base..o - base + s.len()].copy_from_slice(s);
-                }
-            });
+            handles.push(scope.spawn(move || {
+                group
+                    .iter()
+                    .zip(at)
+                    .map(|(s, &o)| copy_chunk(s, &mut mine[o - base..o - base + s.len()], digest))
+                    .collect::<Vec<_>>()
+            }));
         }
-    });
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("copy thread"))
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -198,12 +238,19 @@ mod tests {
         for (aligned, threads) in [(true, 3), (false, 2), (true, 1)] {
             let mut dst = vec![0u8; capacity_for(&lens, aligned)];
             let offsets = chunk_offsets(&lens, dst.as_ptr() as usize, aligned, 32);
-            copy_parallel(&sources, &offsets, &mut dst, threads);
-            for (s, &o) in sources.iter().zip(&offsets) {
+            let digests = copy_parallel(&sources, &offsets, &mut dst, threads, aligned);
+            for ((s, &o), d) in sources.iter().zip(&offsets).zip(&digests) {
                 assert!(
                     dst[o..o + s.len()] == **s,
                     "aligned {aligned} threads {threads}"
                 );
+                match d {
+                    Some(d) => assert_eq!(
+                        *d,
+                        (crate::codec::address(s), crate::codec::raw_frame_header(s))
+                    ),
+                    None => assert!(!aligned, "digests asked for"),
+                }
             }
             let copied: usize = dst.iter().filter(|&&b| b != 0).count();
             assert_eq!(
