@@ -211,11 +211,16 @@ impl CompressionRecord {
     /// One line for people: `auto -> none: <reason>`.
     pub fn summary(&self) -> String {
         format!(
-            "{} -> {} ({} of {} uploaded chunks through zstd): {}",
+            "{} -> {} ({} of {} uploaded chunks through zstd{}): {}",
             self.policy,
             self.codec.as_str(),
             self.chunks_compressed,
             self.chunks_uploaded,
+            if self.hashed_while_copying {
+                "; hashed while copying: the cores were busy"
+            } else {
+                ""
+            },
             self.reason
         )
     }
