@@ -11,12 +11,17 @@
 #   6. serving, `kiln serve` vs FastAPI + uvicorn + PyTorch (bench/serve.py; only
 #      with `serve`: ~3 minutes; builds `kiln` and `loadgen`, or pass --kiln PATH
 #      (e.g. target/debug/kiln) and/or --loadgen PATH to reuse binaries)
+#   8. checkpoint cost through `kiln run` with training running, kiln vs
+#      torch.save, DCP save and DCP async_save on the same state, and dd
+#      (bench/ckpt_user.py; only with `ckpt-user`: ~13 minutes at 1.2 and 3.6 GB,
+#      ~10 GB of memory and ~8 GB of disk; builds only `kiln`; no --peer-only)
 #
 # usage: bench/run.sh [all|allreduce|ddp] [--peer-only]
 #        bench/run.sh ckpt [--peer-only] [bench/ckpt.py options, e.g. --size-gb 0.2]
 #        bench/run.sh recovery [--peer-only] [bench/recovery.py options, e.g. --reps 1]
 #        bench/run.sh rendezvous [rendezvous options, e.g. --agents 256 --runs 9]
 #        bench/run.sh serve [--peer-only] [bench/serve.py options, e.g. --kiln target/debug/kiln --reps 3]
+#        bench/run.sh ckpt-user [bench/ckpt_user.py options, e.g. --sizes 1.2 --steps 16]
 #   --peer-only   skip the build and the kiln side; run only the PyTorch peers
 #
 # Builds `kiln` and `kiln-bench` (for ckpt: only `ckpt_bench`; for recovery: only `kiln`) in release mode
@@ -34,12 +39,13 @@ peer_only=()
 ckpt_args=()
 for arg in "$@"; do
   case "$arg" in
+    ckpt-user) which=$arg ;;
     all | allreduce | ddp | ckpt | recovery | rendezvous | serve) which=$arg ;;
     --peer-only) peer_only=(--peer-only) ;;
     -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *)
       # Anything else after `ckpt`, `recovery`, `rendezvous` or `serve` belongs to that benchmark.
-      if [[ $which == ckpt || $which == recovery || $which == rendezvous || $which == serve ]]; then
+      if [[ $which == ckpt || $which == ckpt-user || $which == recovery || $which == rendezvous || $which == serve ]]; then
         ckpt_args+=("$arg")
       else
         echo "run.sh: unknown argument '$arg' (see --help)" >&2
@@ -70,6 +76,7 @@ elif [[ $which != serve ]] && ((${#peer_only[@]} == 0)); then
   # The checkpoint benchmark needs only its own binary (no `kiln` CLI).
   build=(-p kiln -p kiln-bench)
   [[ $which == ckpt ]] && build=(-p kiln-bench --bin ckpt_bench)
+  [[ $which == ckpt-user ]] && build=(-p kiln --bin kiln)
   [[ $which == recovery ]] && build=(-p kiln --bin kiln)
   [[ $which == rendezvous ]] && build=(-p kiln-bench --bin rendezvous)
   echo "run.sh: cargo build --release ${build[*]}" >&2
@@ -85,6 +92,9 @@ if [[ $which == all || $which == ddp ]]; then
 fi
 if [[ $which == ckpt ]]; then
   "$python" bench/ckpt.py --kiln-bin "$release_dir/ckpt_bench" --python "$python" "${peer_only[@]}" "${ckpt_args[@]}" || status=1
+fi
+if [[ $which == ckpt-user ]]; then
+  "$python" bench/ckpt_user.py --kiln "$release_dir/kiln" --python "$python" "${ckpt_args[@]}" || status=1
 fi
 if [[ $which == recovery ]]; then
   "$python" bench/recovery.py --kiln "$release_dir/kiln" --python "$python" "${peer_only[@]}" "${ckpt_args[@]}" || status=1
