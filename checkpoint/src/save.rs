@@ -1,13 +1,20 @@
 //! The save pipeline: [`Checkpointer`].
 //!
-//! `save` copies this rank's stripe into a reusable host buffer and returns.
-//! In the background, on the process-wide I/O runtime, each chunk of the
-//! stripe takes an upload permit (at most `upload_concurrency` chunks are
-//! between "start hashing" and "upload finished"), is hashed, looked up in the
-//! set of chunks already stored, and otherwise byte-grouped, compressed and
-//! framed on the checkpointer's own CPU pool, then uploaded. When every chunk
-//! is durable the rank writes its part; rank 0 then runs the commit protocol
-//! ([`crate::commit`]) and moves `latest`.
+//! `prepare` (once, before training) makes the reusable host buffer resident
+//! and probes the machine for the codec policy ([`crate::compression`]).
+//! `save` asks the policy how to save, copies this rank's stripe into the
+//! buffer (hashing each chunk on the way when the machine is too busy to do
+//! it in the background) and returns. In the background, on the
+//! process-wide I/O runtime, each chunk of the stripe takes an upload permit
+//! (at most `upload_concurrency` chunks are between "start hashing" and
+//! "upload finished"), is hashed unless the copy did, looked up in the set
+//! of chunks already stored, and otherwise framed on the checkpointer's own
+//! CPU pool (byte-grouped and compressed, or raw), then uploaded; on a local
+//! root a raw chunk is written from the buffer itself. The pool runs at idle
+//! priority when asked (`low_priority`). When every chunk is durable the
+//! rank writes its part; rank 0 then runs the commit protocol
+//! ([`crate::commit`]) and moves `latest`. What each save measured goes back
+//! to the policy.
 //!
 //! Peak extra host memory: the stripe buffer (this rank's share of the state)
 //! + at most `upload_concurrency` encoded frames (each ≤ chunk_bytes + 32 +
