@@ -7,18 +7,34 @@ size, kiln GB/s, gloo GB/s, kiln/gloo. Both sides report algbw = bytes / median
 time of one all-reduce (GB/s = 1e9 bytes/s). With --reps > 1 each cell is the
 median over repetitions.
 
-The stated target (kiln/gloo >= 1.0x at every size) is reported, never enforced:
-the exit status says only whether both sides ran.
+Beside them, once per repetition, the loopback TCP bandwidth of one iperf3
+stream, measured as `iperf3 -c 127.0.0.1 -t 4 -l 512K` (Debian's `iperf3`;
+scripts/bootstrap.sh installs it; skipped with a note when it is missing or
+with --no-iperf3): the received bytes/s, in the same GB/s. The table adds each
+side's algbw as a fraction of it.
+
+A second iperf3 figure, one stream each way at once (`--bidir`, the mean of the
+two directions), shows what loopback gives when both directions are busy, as
+they are in a ring of two ranks.
+
+The stated targets (kiln/gloo >= 1.0x at every size; kiln >= 80% of the iperf3
+loopback figure at 16 and 64 MiB) are reported, never enforced: the exit status
+says only whether both sides ran.
 """
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-from common import BENCH_DIR, fmt, log, median, release_dir, run_json_lines
+from common import BENCH_DIR, fmt, free_port, log, median, release_dir, run_json_lines
 
 TARGET_RATIO = 1.0
+TARGET_OF_LOOPBACK = 0.8
+LOOPBACK_TARGET_SIZES_MIB = (16, 64)
 
 
 def parse_args(argv=None):
@@ -30,9 +46,45 @@ def parse_args(argv=None):
     p.add_argument("--kiln-bin", type=Path, default=None, help="kiln's allreduce binary (default: <target>/release/allreduce)")
     p.add_argument("--python", default=sys.executable, help="Python with torch for the gloo side (default: this one)")
     p.add_argument("--peer-only", action="store_true", help="run only the gloo side (kiln not built yet)")
+    p.add_argument("--iperf3", default=shutil.which("iperf3"), help="iperf3 binary (default: the one on PATH)")
+    p.add_argument("--no-iperf3", action="store_true", help="skip the iperf3 loopback reference")
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line at the end")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per side and repetition (default: 600)")
     return p.parse_args(argv)
+
+
+def iperf3_gbps(binary, bidir=False, timeout=30):
+    """One iperf3 stream over loopback, `-t 4 -l 512K`: received bytes/s in GB/s (1e9 B/s).
+
+    With `bidir`, one stream each way at once (`--bidir`), as a ring of two
+    ranks sends and receives at once: the mean of the two directions."""
+    port = str(free_port())
+    server = subprocess.Popen([binary, "-s", "-1", "-B", "127.0.0.1", "-p", port],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):  # the server needs a moment to listen
+            client = subprocess.run([binary, "-c", "127.0.0.1", "-p", port, "-t", "4", "-l", "512K", "-J"]
+                                    + (["--bidir"] if bidir else []), capture_output=True, text=True, timeout=timeout)
+            try:
+                result = json.loads(client.stdout)
+            except ValueError:
+                result = {}
+            end = result.get("end", {})
+            received = [end.get(k, {}).get("bits_per_second")
+                        for k in (("sum_received", "sum_received_bidir_reverse") if bidir else ("sum_received",))]
+            if client.returncode == 0 and all(received):
+                return sum(received) / len(received) / 8e9
+            if server.poll() is not None:  # the one-off server is gone: start another
+                server = subprocess.Popen([binary, "-s", "-1", "-B", "127.0.0.1", "-p", port],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.2)
+        raise RuntimeError(f"iperf3: exit status {client.returncode}: {result.get('error') or client.stderr[-300:]}")
+    finally:
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def span(values):
@@ -54,8 +106,20 @@ def main():
 
     # gbps[side][size_bytes] = [algbw of each repetition]
     gbps = {side: {} for side in sides}
+    loopback_runs, bidir_runs = [], []
+    use_iperf3 = bool(args.iperf3) and not args.no_iperf3
+    if not use_iperf3 and not args.no_iperf3:
+        log("allreduce: iperf3 not found (scripts/bootstrap.sh installs it): no loopback reference")
     failures = []
     for rep in range(args.reps):
+        if use_iperf3:
+            log(f"allreduce iperf3 (rep {rep + 1}/{args.reps}): {args.iperf3} -c 127.0.0.1 -t 4 -l 512K")
+            try:
+                loopback_runs.append(iperf3_gbps(args.iperf3))
+                bidir_runs.append(iperf3_gbps(args.iperf3, bidir=True))
+            except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError, KeyError) as err:
+                log(f"error: iperf3: {err}")
+                failures.append("iperf3")
         for side, cmd in sides.items():
             try:
                 rows = run_json_lines(cmd, f"allreduce {side} (rep {rep + 1}/{args.reps})", args.timeout)
@@ -71,9 +135,18 @@ def main():
     print(f"algbw = bytes / median time over {args.iters} iterations after {args.warmup} warm-up; GB/s = 1e9 B/s; "
           f"{args.reps} repetition(s), median shown")
     spread = args.reps > 1
-    print(f"{'size':>8}  {'kiln GB/s':>10}  {'gloo GB/s':>10}  {'kiln/gloo':>10}"
+    loopback = median(loopback_runs)
+    if loopback:
+        print(f"loopback TCP, one iperf3 stream (-t 4 -l 512K): {loopback:.2f} GB/s"
+              + (f" (range {span(loopback_runs)})" if spread else "") + " = 'lo' below")
+    bidir = median(bidir_runs)
+    if bidir:
+        print(f"  the same with a stream each way at once (--bidir), as a 2-rank ring sends: {bidir:.2f} GB/s "
+              "per direction" + (f" (range {span(bidir_runs)})" if spread else ""))
+    lb = f"  {'kiln/lo':>8}  {'gloo/lo':>8}" if loopback else ""
+    print(f"{'size':>8}  {'kiln GB/s':>10}  {'gloo GB/s':>10}  {'kiln/gloo':>10}" + lb
           + (f"  {'kiln range':>12}  {'gloo range':>12}" if spread else ""))
-    summary, below = [], []
+    summary, below, below_lo = [], [], []
     for mib in sizes:
         size_bytes = mib << 20
         kiln_runs = gbps.get("kiln", {}).get(size_bytes, [])
@@ -83,12 +156,18 @@ def main():
         if ratio is not None and ratio < TARGET_RATIO:
             below.append(f"{mib} MiB")
         line = f"{str(mib) + ' MiB':>8}  {fmt(kiln):>10}  {fmt(gloo):>10}  {fmt(ratio) + ('x' if ratio else ''):>10}"
+        of_lo = {k: (v / loopback if v and loopback else None) for k, v in (("kiln", kiln), ("gloo", gloo))}
+        if loopback:
+            line += "".join(f"  {fmt(of_lo[k] and 100 * of_lo[k], '.0f') + '%':>8}" for k in ("kiln", "gloo"))
+        if mib in LOOPBACK_TARGET_SIZES_MIB and of_lo["kiln"] is not None and of_lo["kiln"] < TARGET_OF_LOOPBACK:
+            below_lo.append(f"{mib} MiB")
         if spread:
             line += f"  {span(kiln_runs):>12}  {span(gloo_runs):>12}"
         print(line)
         summary.append({
             "size_bytes": size_bytes, "kiln_gbps": kiln, "gloo_gbps": gloo, "ratio": ratio,
             "kiln_runs_gbps": kiln_runs, "gloo_runs_gbps": gloo_runs,
+            "kiln_of_loopback": of_lo["kiln"], "gloo_of_loopback": of_lo["gloo"],
         })
     have_ratios = all(row["ratio"] is not None for row in summary)
     if not have_ratios:
@@ -98,8 +177,18 @@ def main():
     else:
         verdict = "met"
     print(f"target: kiln/gloo >= {TARGET_RATIO:.1f}x at every size -> {verdict}")
+    sizes_lo = " and ".join(f"{m} MiB" for m in LOOPBACK_TARGET_SIZES_MIB)
+    if not loopback or "kiln" not in sides:
+        verdict_lo = "not measured"
+    elif below_lo:
+        verdict_lo = "not met at " + ", ".join(below_lo)
+    else:
+        verdict_lo = "met"
+    print(f"target: kiln >= {100 * TARGET_OF_LOOPBACK:.0f}% of loopback (iperf3) at {sizes_lo} -> {verdict_lo}")
     if args.json:
-        print(json.dumps({"bench": "allreduce", "target_ratio": TARGET_RATIO, "rows": summary}))
+        print(json.dumps({"bench": "allreduce", "target_ratio": TARGET_RATIO, "loopback_gbps": loopback,
+                          "loopback_runs_gbps": loopback_runs, "loopback_bidir_gbps": bidir,
+                          "loopback_bidir_runs_gbps": bidir_runs, "rows": summary}))
     return 1 if failures else 0
 
 

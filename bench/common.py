@@ -54,6 +54,15 @@ def run_json_lines(cmd, what, timeout, env=None):
     return rows
 
 
+def cpu_busy_seconds():
+    """CPU seconds the whole machine has been busy since boot (all cores; user,
+    nice, system, irq, softirq and steal from /proc/stat; Linux)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def median(values):
     return statistics.median(values) if values else None
 

@@ -145,6 +145,9 @@ def worker(rank, port, cfg):
                 ),
                 flush=True,
             )
+        # Tearing gloo down while the peer may still be in its last collective
+        # sometimes aborts a rank ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -11,6 +11,9 @@
 #   6. serving, `kiln serve` vs FastAPI + uvicorn + PyTorch (bench/serve.py; only
 #      with `serve`: ~3 minutes; builds `kiln` and `loadgen`, or pass --kiln PATH
 #      (e.g. target/debug/kiln) and/or --loadgen PATH to reuse binaries)
+#   7. language-model training throughput, kiln vs DDP on the same GPT, plus both
+#      at world size 1 with 2 threads (bench/lm.py; only with `lm`, not part of
+#      `all`: about 10 minutes with the default 3 repetitions)
 #   8. checkpoint cost through `kiln run` with training running, kiln vs
 #      torch.save, DCP save and DCP async_save on the same state, and dd
 #      (bench/ckpt_user.py; only with `ckpt-user`: ~13 minutes at 1.2 and 3.6 GB,
@@ -21,10 +24,11 @@
 #        bench/run.sh recovery [--peer-only] [bench/recovery.py options, e.g. --reps 1]
 #        bench/run.sh rendezvous [rendezvous options, e.g. --agents 256 --runs 9]
 #        bench/run.sh serve [--peer-only] [bench/serve.py options, e.g. --kiln target/debug/kiln --reps 3]
+#        bench/run.sh lm [--peer-only] [bench/lm.py options, e.g. --reps 5 --steps 40]
 #        bench/run.sh ckpt-user [bench/ckpt_user.py options, e.g. --sizes 1.2 --steps 16]
 #   --peer-only   skip the build and the kiln side; run only the PyTorch peers
 #
-# Builds `kiln` and `kiln-bench` (for ckpt: only `ckpt_bench`; for recovery: only `kiln`) in release mode
+# Builds `kiln` and `kiln-bench` (for ckpt: only `ckpt_bench`; for recovery and lm: only `kiln`) in release mode
 # first; the binaries are taken from ${CARGO_TARGET_DIR:-target}/release. The Python side uses
 # ${KILN_BENCH_PYTHON:-<repo>/.venv/bin/python} (scripts/bootstrap.sh makes it).
 # Figures and ratios are printed, never judged: the exit status is non-zero only
@@ -40,12 +44,12 @@ ckpt_args=()
 for arg in "$@"; do
   case "$arg" in
     ckpt-user) which=$arg ;;
-    all | allreduce | ddp | ckpt | recovery | rendezvous | serve) which=$arg ;;
+    all | allreduce | ddp | ckpt | recovery | rendezvous | serve | lm) which=$arg ;;
     --peer-only) peer_only=(--peer-only) ;;
     -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *)
-      # Anything else after `ckpt`, `recovery`, `rendezvous` or `serve` belongs to that benchmark.
-      if [[ $which == ckpt || $which == ckpt-user || $which == recovery || $which == rendezvous || $which == serve ]]; then
+      # Anything else after `ckpt`, `recovery`, `rendezvous`, `serve` or `lm` belongs to that benchmark.
+      if [[ $which == ckpt || $which == ckpt-user || $which == recovery || $which == rendezvous || $which == serve || $which == lm ]]; then
         ckpt_args+=("$arg")
       else
         echo "run.sh: unknown argument '$arg' (see --help)" >&2
@@ -77,7 +81,7 @@ elif [[ $which != serve ]] && ((${#peer_only[@]} == 0)); then
   build=(-p kiln -p kiln-bench)
   [[ $which == ckpt ]] && build=(-p kiln-bench --bin ckpt_bench)
   [[ $which == ckpt-user ]] && build=(-p kiln --bin kiln)
-  [[ $which == recovery ]] && build=(-p kiln --bin kiln)
+  [[ $which == recovery || $which == lm ]] && build=(-p kiln --bin kiln)
   [[ $which == rendezvous ]] && build=(-p kiln-bench --bin rendezvous)
   echo "run.sh: cargo build --release ${build[*]}" >&2
   cargo build --release "${build[@]}"
@@ -98,6 +102,9 @@ if [[ $which == ckpt-user ]]; then
 fi
 if [[ $which == recovery ]]; then
   "$python" bench/recovery.py --kiln "$release_dir/kiln" --python "$python" "${peer_only[@]}" "${ckpt_args[@]}" || status=1
+fi
+if [[ $which == lm ]]; then
+  "$python" bench/lm.py --kiln "$release_dir/kiln" --python "$python" "${peer_only[@]}" "${ckpt_args[@]}" || status=1
 fi
 if [[ $which == serve ]]; then
   "$python" bench/serve.py --kiln "$release_dir/kiln" --loadgen "$release_dir/loadgen" --python "$python" \

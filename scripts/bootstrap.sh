@@ -29,6 +29,7 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)  # loopback TCP bandwidth beside bench/allreduce.py
 # English text for the language-model example (examples/lm/prepare.sh).
 [[ -d /usr/share/games/fortunes ]] || need_apt+=(fortunes)
 if ((${#need_apt[@]})); then
