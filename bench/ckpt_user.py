@@ -48,6 +48,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -98,9 +99,24 @@ def competing_processes():
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        if re.search(r"(^|/)(cargo|rustc|clippy-driver|cc1|ld) |bench/", cmd) and "ckpt_user.py" not in cmd:
+        ours = "ckpt_user.py" in cmd or "ckpt-user" in cmd
+        if re.search(r"(^|/)(cargo|rustc|clippy-driver|cc1|ld) |bench/", cmd) and not ours:
             found.append(cmd[:100])
     return found
+
+
+def cpu_busy_seconds():
+    """CPU seconds the whole machine spent busy (not idle or iowait), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds():
+    """CPU seconds of this process and its finished children."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 # ---------------------------------------------------------------- kiln side
@@ -357,6 +373,7 @@ def bench_size(size_gb, args, kiln, python, work):
     gbs = nbytes / GB
     row = {"size_gb": gbs, "layers": layers, "state_bytes": nbytes}
     log(f"ckpt-user: {gbs:.2f} GB of state ({layers} hidden layers of {WIDTH})")
+    busy0, own0, t0 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()
 
     # kiln: once without checkpoints, once with.
     for label, interval in (("plain", 0), ("saving", args.interval)):
@@ -396,6 +413,9 @@ def bench_size(size_gb, args, kiln, python, work):
         r = run_peer(python, system, layers, args, out, args.timeout)
         shutil.rmtree(out, ignore_errors=True)
         row["peers"][system] = r
+    # Cores other processes kept busy meanwhile: noise in every figure.
+    wall = time.perf_counter() - t0
+    row["others_cores"] = max(0.0, cpu_busy_seconds() - busy0 - (own_cpu_seconds() - own0)) / wall
     return row
 
 
@@ -405,6 +425,7 @@ def report(row, args):
     peers = row["peers"]
     print(f"\n### {gbs:.2f} GB of state (MLP {WIDTH} x {row['layers']} + AdamW, fp32), "
           f"saves at every {args.interval}th of {args.steps} steps, {args.threads} threads\n")
+    print(f"Other processes kept {row['others_cores']:.2f} cores busy on average meanwhile.\n")
     print("| | training blocked s | durable s | stored GB | codec |")
     print("|---|---|---|---|---|")
     for i, s in enumerate(saves):
