@@ -21,7 +21,9 @@
 //! - [`manifest`]: manifest, part and `latest` records; the key layout.
 //! - [`commit`]: the commit protocol as a pure state machine.
 //! - [`save`]: [`Checkpointer`], the asynchronous per-rank save pipeline;
-//!   beside it `stripe` (the reusable host copy a save works from), `pool`
+//!   beside it `upload` (a save's background half: chunks framed and
+//!   uploaded, the part, the commit), `stripe` (the reusable host copy a
+//!   save works from), `pool`
 //!   (its CPU threads, at idle priority when asked) and `measure` (what the
 //!   codec policy is fed: idle CPU, CPU time per chunk, write throughput).
 //! - [`manager`]: [`CheckpointManager`], the training loop's policy around
@@ -69,6 +71,7 @@ pub mod store;
 mod stripe;
 pub mod sys;
 pub mod tensor;
+mod upload;
 
 pub use compression::{Codec, Compression, CompressionRecord};
 pub use digest::weights_digest;
