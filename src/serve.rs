@@ -30,7 +30,13 @@ pub struct ServeArgs {
     /// Rows of one forward pass (dynamic batching) [default: 32].
     #[arg(long)]
     pub max_batch_size: Option<usize>,
-    /// How long a request may wait for others to batch with, in microseconds [default: 2000].
+    /// Row counts forward passes run at, comma-separated (e.g. 1,4,16,32); a
+    /// batch runs at the smallest that holds it [default: powers of two up to
+    /// --max-batch-size]. `--batch-shapes N` with N = --max-batch-size makes
+    /// answers independent of batching, bit for bit.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub batch_shapes: Option<Vec<usize>>,
+    /// How long a request may wait for others to batch with, in microseconds [default: 0].
     #[arg(long)]
     pub max_queue_delay_us: Option<u64>,
     /// How often aliases are checked for moves, in milliseconds [default: 500].
@@ -48,9 +54,13 @@ pub struct ServeArgs {
     /// Time limit of a request, in milliseconds [default: 30000].
     #[arg(long)]
     pub request_timeout_ms: Option<u64>,
-    /// libtorch threads per forward pass (0: libtorch's default).
+    /// libtorch intra-op threads of each model instance (0: libtorch's default) [default: 1].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Compute threads per model version, each with its own copy of the
+    /// network (0: one per core this process may use, divided by --threads) [default: 0].
+    #[arg(long)]
+    pub instances: Option<usize>,
     /// File with the inference token (else KILN_SERVE_TOKEN).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -82,6 +92,9 @@ impl ServeArgs {
         if let Some(v) = self.max_batch_size {
             c.batching.max_batch_size = v;
         }
+        if let Some(v) = &self.batch_shapes {
+            c.batching.batch_shapes = v.clone();
+        }
         if let Some(v) = self.max_queue_delay_us {
             c.batching.max_queue_delay_us = v;
         }
@@ -102,6 +115,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.threads {
             c.threads = v;
+        }
+        if let Some(v) = self.instances {
+            c.instances = v;
         }
         if self.token_file.is_some() {
             c.auth.token_file = self.token_file.clone();

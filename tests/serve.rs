@@ -334,6 +334,10 @@ fn tritonclient_http_and_grpc_answers_match_pytorch_bit_for_bit() {
             "digits@production",
             "--max-batch-size",
             "16",
+            // One shape: answers independent of batching, bit for bit
+            // (the client compares with passes of exactly this many rows).
+            "--batch-shapes",
+            "16",
             "--threads",
             "1",
         ],
@@ -409,6 +413,10 @@ fn swap_rollback_and_canary_under_load_fail_no_request() {
             "--model",
             "digits@production",
             "--max-batch-size",
+            "8",
+            // One shape: answers independent of batching, bit for bit
+            // (the client compares with passes of exactly this many rows).
+            "--batch-shapes",
             "8",
             "--threads",
             "1",
@@ -521,6 +529,10 @@ fn limits_tokens_and_bad_requests_over_the_wire() {
             "--model",
             "digits",
             "--max-batch-size",
+            "16",
+            // One shape: answers independent of batching, bit for bit
+            // (the client compares with passes of exactly this many rows).
+            "--batch-shapes",
             "16",
             "--threads",
             "1",

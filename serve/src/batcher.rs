@@ -1,43 +1,76 @@
-//! Dynamic batching: one compute thread per served version, owning its
-//! network, draining a bounded queue of requests into forward passes.
+//! Dynamic batching: per served version, a bounded queue of requests and
+//! one or more compute threads (instances), each owning a copy of the
+//! network, draining it into forward passes.
 //!
-//! The thread takes the oldest request, then waits until either the batch
-//! holds `max_batch_size` rows or the oldest request has waited
-//! `max_queue_delay`, whichever comes first; a request that would overflow
-//! the batch starts the next one. A request larger than a batch runs alone,
-//! in several passes.
+//! A free instance takes the oldest request, then waits until either the
+//! batch holds `max_batch_size` rows or the oldest request has waited
+//! `max_queue_delay` (0 by default: only what is already queued joins),
+//! whichever comes first; a request that would overflow the batch starts the
+//! next one. A request larger than a batch runs alone, in several passes.
+//! While one instance computes, the next takes the next batch.
 //!
-//! Outputs do not depend on batch composition: with `fixed_shape` (the
-//! default) every pass runs at exactly `max_batch_size` rows, padding with
-//! zeros, because matrix kernels pick different code paths (and summation
-//! orders) for different row counts, which changes the last bits of a
-//! sample's logits; at a fixed shape each row's result depends only on that
-//! row. The tests check batched against unbatched results bit for bit.
+//! Passes run at a few fixed row counts (`shapes`: by default the powers of
+//! two up to `max_batch_size`), each the smallest that holds the batch,
+//! padded with zeros: a lone request costs one row's work, not a full
+//! batch's. Matrix kernels pick different code paths (and summation orders)
+//! for different row counts, which changes the last bits of a sample's
+//! logits; at a given shape each row's result depends only on that row. So
+//! an answer is a function of its rows and the shape of its pass, bit for
+//! bit; between shapes answers agree to float rounding (see docs/serving.md,
+//! "The numerical contract"; tests check both). `shapes = [max_batch_size]`
+//! makes answers independent of batching altogether.
+//!
+//! The queue is bounded in requests and in bytes; past either bound a
+//! request is refused at once (503 with `Retry-After`), never buffered.
 //!
 //! When the last sender is dropped (the version was swapped out and its
-//! in-flight requests are done) the thread drains what is queued and exits,
-//! freeing the network.
+//! in-flight requests are done) the instances drain what is queued and exit,
+//! freeing their networks.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::error::RequestError;
+use crate::error::{ErrorKind, RequestError};
 use crate::metrics::{Metrics, VersionLabels};
 use crate::model::ServingNet;
 
 /// Batching settings of one version.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BatchSettings {
     pub max_batch_size: usize,
+    /// Row counts passes run at (with `fixed_shape`): ascending, the last
+    /// one `max_batch_size`.
+    pub shapes: Vec<usize>,
     pub max_queue_delay: Duration,
     pub queue_capacity: usize,
+    /// Input bytes that may wait.
+    pub max_queue_bytes: usize,
     pub fixed_shape: bool,
-    /// libtorch intra-op threads of the compute thread (0: libtorch's default).
-    /// Set on the compute thread itself: OpenMP's thread count is per thread.
+    /// libtorch intra-op threads of each compute thread (0: libtorch's
+    /// default). Set on the compute thread itself: OpenMP's thread count is
+    /// per thread.
     pub threads: usize,
+    /// Compute threads, each with its own copy of the network.
+    pub instances: usize,
+}
+
+impl BatchSettings {
+    /// The row count a pass of `rows` rows runs at.
+    pub fn shape_for(&self, rows: usize) -> usize {
+        if !self.fixed_shape {
+            return rows;
+        }
+        self.shapes
+            .iter()
+            .copied()
+            .find(|&s| s >= rows)
+            .unwrap_or(self.max_batch_size)
+    }
 }
 
 /// A request's rows waiting for a forward pass.
@@ -47,6 +80,12 @@ pub struct Job {
     pub values: Vec<f32>,
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Result<JobOutput, RequestError>>,
+}
+
+impl Job {
+    fn bytes(&self) -> usize {
+        self.values.len() * std::mem::size_of::<f32>()
+    }
 }
 
 /// A request's logits and how it was served.
@@ -61,90 +100,153 @@ pub struct JobOutput {
 }
 
 /// The sending side of a version's queue. Dropping every clone stops the
-/// compute thread once the queue is drained.
+/// compute threads once the queue is drained.
 #[derive(Clone)]
 pub struct BatchQueue {
     tx: SyncSender<Job>,
+    /// Input bytes queued and not yet taken by a compute thread.
+    queued_bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// What the instances of a version share: the receiving end, and a request
+/// taken but left for the next batch (it would have overflowed the last).
+struct Intake {
+    rx: Receiver<Job>,
+    carry: Option<Job>,
 }
 
 impl BatchQueue {
-    /// Starts the compute thread of `net`; `name` names the thread.
+    /// Starts one compute thread per network of `nets` (a version's
+    /// instances); `name` names the threads.
     pub fn start(
-        net: ServingNet,
+        nets: Vec<ServingNet>,
         settings: BatchSettings,
         metrics: Metrics,
         labels: VersionLabels,
         name: String,
     ) -> std::io::Result<BatchQueue> {
         let (tx, rx) = std::sync::mpsc::sync_channel(settings.queue_capacity);
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || compute_loop(net, rx, settings, metrics, labels))?;
-        Ok(BatchQueue { tx })
+        let intake = Arc::new(Mutex::new(Intake { rx, carry: None }));
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let count = nets.len();
+        for (i, net) in nets.into_iter().enumerate() {
+            let (intake, queued, settings) =
+                (intake.clone(), queued_bytes.clone(), settings.clone());
+            let (metrics, labels) = (metrics.clone(), labels.clone());
+            let thread = if count > 1 {
+                format!("{name}.{i}")
+            } else {
+                name.clone()
+            };
+            std::thread::Builder::new()
+                .name(thread)
+                .spawn(move || compute_loop(net, &intake, &queued, &settings, &metrics, &labels))?;
+        }
+        Ok(BatchQueue {
+            tx,
+            queued_bytes,
+            max_bytes: settings.max_queue_bytes,
+        })
     }
 
-    /// Queues a job; refuses at once when the queue is full.
+    /// Queues a job; refuses at once when the queue is full (in requests or
+    /// in bytes).
     pub fn submit(&self, job: Job) -> Result<(), RequestError> {
-        match self.tx.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(RequestError::unavailable(
-                "the model's request queue is full; retry later",
-            )),
-            Err(TrySendError::Disconnected(_)) => Err(RequestError::unavailable(
-                "the model version stopped; retry",
-            )),
+        let bytes = job.bytes();
+        if bytes > self.max_bytes {
+            return Err(RequestError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "the request's inputs take {bytes} bytes as f32; this server queues at most {} bytes per model (batching.max_queue_bytes)",
+                    self.max_bytes
+                ),
+            ));
         }
+        let before = self.queued_bytes.fetch_add(bytes, Ordering::SeqCst);
+        if before + bytes > self.max_bytes {
+            self.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+            return Err(RequestError::unavailable(
+                "the model's request queue is full (bytes); retry later",
+            ));
+        }
+        let refused = match self.tx.try_send(job) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Full(_)) => {
+                RequestError::unavailable("the model's request queue is full; retry later")
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                RequestError::unavailable("the model version stopped; retry")
+            }
+        };
+        self.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        Err(refused)
     }
 }
 
 fn compute_loop(
     net: ServingNet,
-    rx: Receiver<Job>,
-    settings: BatchSettings,
-    metrics: Metrics,
-    labels: VersionLabels,
+    intake: &Mutex<Intake>,
+    queued_bytes: &AtomicUsize,
+    settings: &BatchSettings,
+    metrics: &Metrics,
+    labels: &VersionLabels,
 ) {
     if settings.threads > 0 {
         tch::set_num_threads(settings.threads as i32);
     }
-    let mut carry: Option<Job> = None;
     loop {
-        let first = match carry.take() {
-            Some(job) => job,
-            None => match rx.recv() {
-                Ok(job) => job,
-                Err(_) => break,
-            },
-        };
-        let deadline = first.enqueued + settings.max_queue_delay;
-        let mut rows = first.rows;
-        let mut batch = vec![first];
-        while rows < settings.max_batch_size {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            let next = if wait.is_zero() {
-                rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
-            } else {
-                rx.recv_timeout(wait)
+        let batch = {
+            let mut intake = intake.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(batch) = next_batch(&mut intake, settings) else {
+                break;
             };
-            match next {
-                Ok(job) if rows + job.rows > settings.max_batch_size => {
-                    carry = Some(job);
-                    break;
-                }
-                Ok(job) => {
-                    rows += job.rows;
-                    batch.push(job);
-                }
-                Err(_) => break,
-            }
-        }
+            batch
+        };
+        let taken: usize = batch.iter().map(Job::bytes).sum();
+        queued_bytes.fetch_sub(taken, Ordering::SeqCst);
         // Requests whose caller gave up (timed out, disconnected) are skipped.
-        batch.retain(|job| !job.reply.is_closed());
+        let batch: Vec<Job> = batch
+            .into_iter()
+            .filter(|job| !job.reply.is_closed())
+            .collect();
         if !batch.is_empty() {
-            run_batch(&net, batch, &settings, &metrics, &labels);
+            run_batch(&net, batch, settings, metrics, labels);
         }
     }
     tracing::debug!(model = %labels.model, version = %labels.version, "compute thread stopped");
+}
+
+/// The next batch: the oldest request and those that join it (see the
+/// module doc); `None` once every sender is gone and the queue is empty.
+fn next_batch(intake: &mut Intake, settings: &BatchSettings) -> Option<Vec<Job>> {
+    let first = match intake.carry.take() {
+        Some(job) => job,
+        None => intake.rx.recv().ok()?,
+    };
+    let deadline = first.enqueued + settings.max_queue_delay;
+    let mut rows = first.rows;
+    let mut batch = vec![first];
+    while rows < settings.max_batch_size {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let next = if wait.is_zero() {
+            intake.rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
+        } else {
+            intake.rx.recv_timeout(wait)
+        };
+        match next {
+            Ok(job) if rows + job.rows > settings.max_batch_size => {
+                intake.carry = Some(job);
+                break;
+            }
+            Ok(job) => {
+                rows += job.rows;
+                batch.push(job);
+            }
+            Err(_) => break,
+        }
+    }
+    Some(batch)
 }
 
 fn run_batch(
@@ -202,7 +304,8 @@ fn run_batch(
 }
 
 /// Logits of `rows` rows, computed in passes of at most `max_batch_size`
-/// rows (exactly that many, zero-padded, with `fixed_shape`).
+/// rows, each run at its shape (see [`BatchSettings::shape_for`]),
+/// zero-padded.
 fn forward_in_passes(
     net: &ServingNet,
     rows: usize,
@@ -216,11 +319,12 @@ fn forward_in_passes(
     for start in (0..rows).step_by(pass) {
         let n = pass.min(rows - start);
         let chunk = &values[start * features..(start + n) * features];
-        if settings.fixed_shape && n < pass {
+        let shape = settings.shape_for(n);
+        if shape > n {
             padded.clear();
             padded.extend_from_slice(chunk);
-            padded.resize(pass * features, 0.0);
-            let out = net.forward(pass, &padded)?;
+            padded.resize(shape * features, 0.0);
+            let out = net.forward(shape, &padded)?;
             logits.extend_from_slice(&out[..n * classes]);
         } else {
             logits.extend(net.forward(n, chunk)?);
@@ -229,16 +333,51 @@ fn forward_in_passes(
     Ok(logits)
 }
 
-/// Runs a few passes so the first real request does not pay for libtorch's
-/// lazy initialisation (kernel selection, allocator growth).
+/// Runs a few passes at every shape so the first real request does not pay
+/// for libtorch's lazy initialisation (kernel selection, allocator growth).
 pub fn warm_up(net: &ServingNet, settings: &BatchSettings) -> anyhow::Result<()> {
     let rows = settings.max_batch_size;
     let zeros = vec![0.0f32; rows * net.features()];
-    for _ in 0..3 {
-        forward_in_passes(net, rows, &zeros, settings)?;
-        if !settings.fixed_shape {
-            forward_in_passes(net, 1, &zeros[..net.features()], settings)?;
+    let mut shapes = settings.shapes.clone();
+    if !settings.fixed_shape {
+        shapes.insert(0, 1);
+    }
+    for _ in 0..2 {
+        for &shape in &shapes {
+            forward_in_passes(net, shape, &zeros[..shape * net.features()], settings)?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(shapes: &[usize], fixed: bool) -> BatchSettings {
+        BatchSettings {
+            max_batch_size: *shapes.last().unwrap(),
+            shapes: shapes.to_vec(),
+            max_queue_delay: Duration::ZERO,
+            queue_capacity: 4,
+            max_queue_bytes: 1 << 20,
+            fixed_shape: fixed,
+            threads: 1,
+            instances: 1,
+        }
+    }
+
+    #[test]
+    fn a_pass_runs_at_the_smallest_shape_that_holds_it() {
+        let s = settings(&[1, 2, 4, 8, 16, 24], true);
+        let got: Vec<usize> = [1, 2, 3, 5, 8, 9, 17, 24]
+            .iter()
+            .map(|&n| s.shape_for(n))
+            .collect();
+        assert_eq!(got, vec![1, 2, 4, 8, 8, 16, 24, 24]);
+        let s = settings(&[32], true);
+        assert_eq!(s.shape_for(1), 32);
+        let s = settings(&[1, 2, 4], false);
+        assert_eq!(s.shape_for(3), 3);
+    }
 }

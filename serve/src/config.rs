@@ -7,9 +7,15 @@
 //! models = ["digits@production", "fraud:3"]
 //! listen = "0.0.0.0:8000"
 //!
+//! threads = 1                # libtorch intra-op threads per model instance
+//! instances = 0              # compute threads (each its own copy of the network) per version; 0: one per core
+//!
 //! [batching]
 //! max_batch_size = 32        # rows per forward pass
+//! batch_shapes = [1, 2, 4, 8, 16, 32]  # row counts passes run at (default: powers of two up to max_batch_size)
 //! max_queue_delay_us = 0     # how long the oldest request may wait for company
+//! queue_capacity = 1024      # requests waiting per version
+//! max_queue_bytes = 268435456  # input bytes waiting per version
 //!
 //! [swap]
 //! poll_interval_ms = 500     # how often aliases (and `latest`) are read
@@ -59,6 +65,12 @@ pub struct ServeConfig {
     /// gains nothing from intra-op threads, and idle OpenMP threads spin.
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// Compute threads per served version (Triton's instance group), each
+    /// with its own copy of the network, all draining the version's one
+    /// queue; 0: one per core this process may run on, divided by `threads`.
+    /// Language models always run one.
+    #[serde(default)]
+    pub instances: usize,
     #[serde(default)]
     pub batching: BatchingConfig,
     #[serde(default)]
@@ -82,6 +94,13 @@ pub struct BatchingConfig {
     /// a larger request runs in several passes.
     #[serde(default = "default_max_batch_size")]
     pub max_batch_size: usize,
+    /// The row counts forward passes run at: a batch of n rows runs at the
+    /// smallest shape of at least n, padded with zeros (with `fixed_shape`).
+    /// Empty (the default): the powers of two below `max_batch_size`, and
+    /// `max_batch_size`. `[max_batch_size]` alone makes every answer
+    /// independent of batching, bit for bit, at the price of padding work.
+    #[serde(default)]
+    pub batch_shapes: Vec<usize>,
     /// How long the oldest waiting request may wait for others to join its
     /// batch, in microseconds; 0: batch only what is already queued.
     #[serde(default = "default_max_queue_delay_us")]
@@ -89,11 +108,16 @@ pub struct BatchingConfig {
     /// Requests that may wait per version; more are refused with 503.
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
-    /// Run every forward pass at `max_batch_size` rows (padding with zeros), so
-    /// that a request's outputs do not depend on which requests shared its
-    /// batch, bit for bit: matrix kernels pick different code paths (and
-    /// summation orders) for different row counts. Turn off to trade that
-    /// guarantee for less work on small batches.
+    /// Input bytes (as f32 rows) that may wait per version; a request that
+    /// would pass it is refused with 503 and `Retry-After`.
+    #[serde(default = "default_max_queue_bytes")]
+    pub max_queue_bytes: usize,
+    /// Run every forward pass at one of `batch_shapes` (padding with zeros),
+    /// so that a request's outputs depend only on its rows and the shape of
+    /// its pass, bit for bit: matrix kernels pick different code paths (and
+    /// summation orders) for different row counts. Off: passes run at
+    /// exactly the rows they hold, and answers may change in their last bits
+    /// with whatever else shared the pass.
     #[serde(default = "default_true")]
     pub fixed_shape: bool,
 }
@@ -194,6 +218,9 @@ fn default_min_interval_ms() -> u64 {
 fn default_queue_capacity() -> usize {
     1024
 }
+fn default_max_queue_bytes() -> usize {
+    256 << 20
+}
 fn default_poll_interval_ms() -> u64 {
     500
 }
@@ -226,6 +253,7 @@ impl Default for ServeConfig {
             models: Vec::new(),
             listen: default_listen(),
             threads: default_threads(),
+            instances: 0,
             batching: BatchingConfig::default(),
             swap: SwapConfig::default(),
             limits: LimitsConfig::default(),
@@ -240,8 +268,10 @@ impl Default for BatchingConfig {
     fn default() -> Self {
         Self {
             max_batch_size: default_max_batch_size(),
+            batch_shapes: Vec::new(),
             max_queue_delay_us: default_max_queue_delay_us(),
             queue_capacity: default_queue_capacity(),
+            max_queue_bytes: default_max_queue_bytes(),
             fixed_shape: true,
         }
     }
@@ -349,6 +379,23 @@ impl ServeConfig {
             "batching.max_queue_delay_us: {} is out of range; allowed: 0 to 10000000 (10 s)",
             b.max_queue_delay_us
         );
+        for (i, &shape) in b.batch_shapes.iter().enumerate() {
+            ensure!(
+                (1..=b.max_batch_size).contains(&shape),
+                "batching.batch_shapes[{i}]: {shape} is out of range; allowed: 1 to max_batch_size ({})",
+                b.max_batch_size
+            );
+        }
+        ensure!(
+            b.batch_shapes.len() <= 64,
+            "batching.batch_shapes: {} shapes; at most 64 (each is warmed up when a version loads)",
+            b.batch_shapes.len()
+        );
+        ensure!(
+            (1..=(64usize << 30)).contains(&b.max_queue_bytes),
+            "batching.max_queue_bytes: {} is out of range; allowed: 1 to 68719476736 (64 GiB)",
+            b.max_queue_bytes
+        );
         ensure!(
             (1..=1_000_000).contains(&b.queue_capacity),
             "batching.queue_capacity: {} is out of range; allowed: 1 to 1000000 requests",
@@ -379,6 +426,11 @@ impl ServeConfig {
             "threads: {} is out of range; allowed: 0 (libtorch's default) to 1024",
             self.threads
         );
+        ensure!(
+            self.instances <= 256,
+            "instances: {} is out of range; allowed: 0 (one per core) to 256",
+            self.instances
+        );
         self.drift.options().validate().map_err(|e| {
             anyhow::anyhow!(
                 "drift.{}",
@@ -395,6 +447,33 @@ impl ServeConfig {
             .enumerate()
             .map(|(i, m)| m.parse().map_err(|e| anyhow::anyhow!("models[{i}]: {e}")))
             .collect()
+    }
+
+    /// The row counts forward passes run at, ascending, ending with
+    /// `max_batch_size` (call after [`ServeConfig::validate`]).
+    pub fn batch_shapes(&self) -> Vec<usize> {
+        let max = self.batching.max_batch_size;
+        let mut shapes = if self.batching.batch_shapes.is_empty() {
+            std::iter::successors(Some(1usize), |s| s.checked_mul(2))
+                .take_while(|&s| s < max)
+                .collect()
+        } else {
+            self.batching.batch_shapes.clone()
+        };
+        shapes.push(max);
+        shapes.sort_unstable();
+        shapes.dedup();
+        shapes
+    }
+
+    /// Compute threads per version: `instances`, or one per core this
+    /// process may run on (its CPU affinity and quota), divided by `threads`.
+    pub fn instances(&self) -> usize {
+        if self.instances > 0 {
+            return self.instances;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / self.threads.max(1)).max(1)
     }
 
     /// The batching delay as a duration.
@@ -508,6 +587,8 @@ sink = "log"
         c.validate().unwrap();
         assert_eq!(c.batching.max_batch_size, 8);
         assert!(c.batching.fixed_shape);
+        assert_eq!(c.batch_shapes(), vec![1, 2, 4, 8]);
+        assert_eq!(c.batching.max_queue_bytes, 256 << 20);
         assert_eq!(c.swap.canary_seed, Some(7));
         assert_eq!(c.limits.max_request_bytes, 64 << 20);
         assert_eq!(c.hooks.len(), 1);
@@ -529,7 +610,22 @@ sink = "log"
         c.batching.max_batch_size = 0;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.starts_with("batching.max_batch_size"), "{e}");
+        c.batching.max_batch_size = 24;
+        assert_eq!(c.batch_shapes(), vec![1, 2, 4, 8, 16, 24]);
+        c.batching.batch_shapes = vec![8, 3, 8];
+        assert_eq!(c.batch_shapes(), vec![3, 8, 24]);
+        c.batching.batch_shapes = vec![4, 25];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("batching.batch_shapes[1]"), "{e}");
+        c.batching.batch_shapes = Vec::new();
         c.batching.max_batch_size = 4;
+        c.instances = 3;
+        assert_eq!(c.instances(), 3);
+        c.instances = 1000;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("instances"), "{e}");
+        c.instances = 0;
+        assert!(c.instances() >= 1);
         c.models = vec!["m@prod".into(), "m:2".into()];
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("models[1]") && e.contains("twice"), "{e}");

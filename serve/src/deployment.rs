@@ -157,19 +157,26 @@ impl Loader {
         let io = IoSpec::of(&version).with_context(|| format!("{what}: check its signature"))?;
         let started = Instant::now();
         let registry = self.registry.clone();
-        let batch = self.batch;
+        let batch = self.batch.clone();
         let v = version.clone();
         let language = io.is_language_model();
-        let (net, tokenizer) = tokio::task::spawn_blocking(
-            move || -> Result<(ServingNet, Option<kiln_text::Tokenizer>)> {
-                let net = ServingNet::load(&registry, &v)?;
+        let (mut nets, tokenizer) = tokio::task::spawn_blocking(
+            move || -> Result<(Vec<ServingNet>, Option<kiln_text::Tokenizer>)> {
                 if language {
+                    // One compute thread: generations keep per-request state there.
+                    let net = ServingNet::load(&registry, &v)?;
                     let tokenizer = crate::model::load_tokenizer(&registry, &v)?;
                     crate::lm::warm_up(&net).context("warm up")?;
-                    Ok((net, tokenizer))
+                    Ok((vec![net], tokenizer))
                 } else {
-                    warm_up(&net, &batch).context("warm up")?;
-                    Ok((net, None))
+                    let nets = ServingNet::load_instances(&registry, &v, batch.instances)?;
+                    if batch.threads > 0 {
+                        tch::set_num_threads(batch.threads as i32);
+                    }
+                    for net in &nets {
+                        warm_up(net, &batch).context("warm up")?;
+                    }
+                    Ok((nets, None))
                 }
             },
         )
@@ -187,7 +194,7 @@ impl Loader {
             }
             Engine::Language {
                 queue: LmQueue::start(
-                    net,
+                    nets.remove(0),
                     self.batch.queue_capacity,
                     self.batch.threads,
                     self.metrics.clone(),
@@ -200,8 +207,8 @@ impl Loader {
         } else {
             Engine::Batched(
                 BatchQueue::start(
-                    net,
-                    self.batch,
+                    nets,
+                    self.batch.clone(),
                     self.metrics.clone(),
                     labels.clone(),
                     thread,

@@ -29,15 +29,14 @@ use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::auth;
 use crate::error::{ErrorKind, RequestError};
 use crate::generate;
 use crate::metrics::RequestLabels;
-use crate::protocol::{
-    InferRequest, InferResponse, InputData, InputTensor, RequestedOutput, json_data,
-};
+use crate::protocol::{InferRequest, InferResponse, InputData, InputTensor, RequestedOutput};
 use crate::server::{EXTENSIONS, Protocol, ServerState};
 
 /// The header that gives the JSON part's length in a binary request or response.
@@ -277,26 +276,28 @@ async fn infer_common(
 /// The JSON part of an inference request.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct JsonRequest {
+struct JsonRequest<'a> {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
-    inputs: Vec<JsonInput>,
+    #[serde(borrow)]
+    inputs: Vec<JsonInput<'a>>,
     #[serde(default)]
     outputs: Option<Vec<JsonOutput>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct JsonInput {
+struct JsonInput<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: String,
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
-    #[serde(default)]
-    data: Option<Value>,
+    /// Kept as text: [`parse_json_data`] converts it without a JSON tree.
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -385,19 +386,30 @@ pub(crate) async fn read_body(
     Ok(buf.freeze())
 }
 
-fn parse_request(json: &[u8], mut binary: Bytes) -> Result<InferRequest, RequestError> {
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let req: JsonRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path.is_empty() || path == "." {
-            bad(format!("invalid request JSON: {inner}"))
-        } else {
-            bad(format!("invalid request JSON at {path}: {inner}"))
+/// Parses a request: its JSON part and the binary data after it (empty
+/// without the binary data extension).
+pub fn parse_request(json: &[u8], mut binary: Bytes) -> Result<InferRequest, RequestError> {
+    // Tracking the path costs more per element than parsing a number does,
+    // so it is only done to explain a request that failed without it.
+    let req: JsonRequest = match serde_json::from_slice(json) {
+        Ok(req) => req,
+        Err(plain) => {
+            let mut de = serde_json::Deserializer::from_slice(json);
+            let tracked: Result<JsonRequest, _> = serde_path_to_error::deserialize(&mut de);
+            return Err(match tracked.map(|_| de.end()) {
+                Err(e) => {
+                    let path = e.path().to_string();
+                    let inner = e.into_inner();
+                    if path.is_empty() || path == "." {
+                        bad(format!("invalid request JSON: {inner}"))
+                    } else {
+                        bad(format!("invalid request JSON at {path}: {inner}"))
+                    }
+                }
+                Ok(_) => bad(format!("invalid request JSON: {plain}")),
+            });
         }
-    })?;
-    de.end()
-        .map_err(|e| bad(format!("invalid request JSON: {e}")))?;
+    };
     let params = req.parameters.unwrap_or_default();
     let binary_output = bool_param(&params, "binary_data_output", "parameters")?.unwrap_or(false);
     let timeout = match params.get("timeout") {
@@ -420,7 +432,7 @@ fn parse_request(json: &[u8], mut binary: Bytes) -> Result<InferRequest, Request
                 ))
             })? as usize),
         };
-        let data = match (size, &input.data) {
+        let data = match (size, input.data) {
             (Some(_), Some(_)) => {
                 return Err(bad(format!(
                     "input {}: has both data and binary_data_size; send one",
@@ -437,7 +449,7 @@ fn parse_request(json: &[u8], mut binary: Bytes) -> Result<InferRequest, Request
                 }
                 InputData::Raw(binary.split_to(n))
             }
-            (None, Some(d)) => json_data(&input.name, d)?,
+            (None, Some(d)) => InputData::Json(Bytes::copy_from_slice(d.get().as_bytes())),
             (None, None) => {
                 return Err(bad(format!(
                     "input {}: no data (give data, or binary_data_size with the binary data extension)",

@@ -25,8 +25,9 @@ pub struct ServingNet {
     net: Net,
     /// Holds the parameters the network reads.
     _vs: nn::VarStore,
-    /// A TorchScript module's file, kept while the module lives.
-    _script: Option<tempfile::NamedTempFile>,
+    /// A TorchScript module's file, kept while the module lives (shared
+    /// by a version's instances).
+    _script: Option<std::sync::Arc<tempfile::NamedTempFile>>,
     features: usize,
     classes: usize,
 }
@@ -45,6 +46,18 @@ impl ServingNet {
     /// Builds the network of `version` and loads its verified weights.
     /// Blocking (checkpoint reads, libtorch): call it off the async threads.
     pub fn load(registry: &Registry, version: &ModelVersion) -> Result<ServingNet> {
+        let mut nets = Self::load_instances(registry, version, 1)?;
+        Ok(nets.remove(0))
+    }
+
+    /// `count` copies of the network of `version` (one per compute thread),
+    /// its weights read and verified once. Blocking: call it off the async
+    /// threads.
+    pub fn load_instances(
+        registry: &Registry,
+        version: &ModelVersion,
+        count: usize,
+    ) -> Result<Vec<ServingNet>> {
         let what = format!("{}:{}", version.name, version.version);
         let root = CheckpointRoot::open(&version.checkpoint.root)
             .with_context(|| format!("{what}: open checkpoint root {}", version.checkpoint.root))?;
@@ -90,49 +103,38 @@ impl ServingNet {
                 .context("create a temporary file for the TorchScript module")?;
             std::io::Write::write_all(&mut file, &bytes).context("write the TorchScript module")?;
             spec.path = Some(file.path().to_path_buf());
-            Some(file)
+            Some(std::sync::Arc::new(file))
         } else {
             None
         };
-        let vs = nn::VarStore::new(Device::Cpu);
         let (features, classes) = (version.model.features, version.model.classes);
         let io = kiln_models::ModelIo {
             features,
             classes,
             context: (version.model.task == ModelTask::LanguageModel).then_some(features),
         };
-        let mut net = kiln_models::build_with(&spec, io, kiln_proto::spec::Precision::Fp32, &vs)
-            .with_context(|| format!("{what}: build the network"))?;
-        if let Net::Gpt(gpt) = &net {
-            let cfg = gpt.config();
-            ensure!(
-                version.model.task == ModelTask::LanguageModel
-                    && cfg.seq_len == features
-                    && cfg.vocab == classes,
-                "{what}: the registry describes a {:?} of {features} features and {classes} classes, but the spec builds a gpt of context {} and vocabulary {}",
-                version.model.task,
-                cfg.seq_len,
-                cfg.vocab
-            );
-        } else {
-            ensure!(
-                version.model.task == ModelTask::Classifier,
-                "{what}: registered as a language model, but model.kind is not gpt"
-            );
+        let mut nets = Vec::with_capacity(count.max(1));
+        for _ in 0..count.max(1) {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let mut net =
+                kiln_models::build_with(&spec, io, kiln_proto::spec::Precision::Fp32, &vs)
+                    .with_context(|| format!("{what}: build the network"))?;
+            check_task(&what, &net, version)?;
+            copy_weights(&vs, &weights).with_context(|| format!("{what}: load weights"))?;
+            if let Net::Script(module) = &mut net {
+                module.set_eval();
+            }
+            let mut vs = vs;
+            vs.freeze();
+            nets.push(ServingNet {
+                net,
+                _vs: vs,
+                _script: script.clone(),
+                features,
+                classes,
+            });
         }
-        copy_weights(&vs, &weights).with_context(|| format!("{what}: load weights"))?;
-        if let Net::Script(module) = &mut net {
-            module.set_eval();
-        }
-        let mut vs = vs;
-        vs.freeze();
-        Ok(ServingNet {
-            net,
-            _vs: vs,
-            _script: script,
-            features,
-            classes,
-        })
+        Ok(nets)
     }
 
     /// Values per sample.
@@ -207,6 +209,30 @@ impl ServingNet {
         let y = y.contiguous().view([-1]);
         Vec::<f32>::try_from(&y).context("copy logits")
     }
+}
+
+/// Checks that the network the spec builds is what the registry says
+/// `version` is (a language model and its shapes, or a classifier).
+fn check_task(what: &str, net: &Net, version: &ModelVersion) -> Result<()> {
+    let (features, classes) = (version.model.features, version.model.classes);
+    if let Net::Gpt(gpt) = net {
+        let cfg = gpt.config();
+        ensure!(
+            version.model.task == ModelTask::LanguageModel
+                && cfg.seq_len == features
+                && cfg.vocab == classes,
+            "{what}: the registry describes a {:?} of {features} features and {classes} classes, but the spec builds a gpt of context {} and vocabulary {}",
+            version.model.task,
+            cfg.seq_len,
+            cfg.vocab
+        );
+    } else {
+        ensure!(
+            version.model.task == ModelTask::Classifier,
+            "{what}: registered as a language model, but model.kind is not gpt"
+        );
+    }
+    Ok(())
 }
 
 /// Copies every parameter of `vs` from `weights` (same names, dtype, shape);

@@ -35,6 +35,9 @@ pub enum InputData {
     Numbers(Vec<Number>),
     /// Booleans from JSON or gRPC `bool_contents`.
     Bools(Vec<bool>),
+    /// A JSON tensor's `data` as text, converted (by [`parse_json_data`])
+    /// once the element count its shape allows is known.
+    Json(Bytes),
 }
 
 /// A number as a client sent it: integers stay exact.
@@ -222,7 +225,15 @@ pub fn decode_inputs(
     let rows = t.shape[0] as usize;
     check_rows(&t.name, rows, max_rows)?;
     let numel = rows * io.features;
-    let values = match &t.data {
+    let parsed;
+    let data = match &t.data {
+        InputData::Json(text) => {
+            parsed = parse_json_data(&t.name, text, numel)?;
+            &parsed
+        }
+        data => data,
+    };
+    let values = match data {
         InputData::Raw(bytes) => decode_raw(&t.name, want.datatype, bytes, numel)?,
         InputData::Numbers(numbers) => {
             check_count(&t.name, numbers.len(), numel)?;
@@ -242,6 +253,7 @@ pub fn decode_inputs(
             check_count(&t.name, bools.len(), numel)?;
             bools.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect()
         }
+        InputData::Json(_) => unreachable!("JSON data is parsed above"),
     };
     Ok(DecodedInput { rows, values })
 }
@@ -283,7 +295,15 @@ pub fn decode_token_ids(
         )));
     }
     let numel = rows * len;
-    let ids: Vec<i64> = match &t.data {
+    let parsed;
+    let data = match &t.data {
+        InputData::Json(text) => {
+            parsed = parse_json_data(&t.name, text, numel)?;
+            &parsed
+        }
+        data => data,
+    };
+    let ids: Vec<i64> = match data {
         InputData::Raw(bytes) => {
             let size = io.input.datatype.size();
             if bytes.len() != numel * size {
@@ -334,6 +354,7 @@ pub fn decode_token_ids(
                 t.name
             )));
         }
+        InputData::Json(_) => unreachable!("JSON data is parsed above"),
     };
     if let Some(i) = ids.iter().position(|&id| id < 0 || id >= vocab as i64) {
         return Err(bad(format!(
@@ -483,43 +504,87 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-/// Flattens a JSON tensor (`data`: flat or nested row-major arrays) into
-/// numbers or booleans.
-pub fn json_data(name: &str, data: &serde_json::Value) -> Result<InputData, RequestError> {
-    fn walk(
-        name: &str,
-        v: &serde_json::Value,
-        numbers: &mut Vec<Number>,
-        bools: &mut Vec<bool>,
-        depth: usize,
-    ) -> Result<(), RequestError> {
-        if depth > 64 {
-            return Err(bad(format!("input {name}: data is nested too deeply")));
+/// Deepest nesting of `data` arrays accepted.
+const MAX_DATA_DEPTH: usize = 64;
+
+/// Flattens a JSON tensor's `data` (flat or nested row-major arrays of
+/// numbers or booleans), given as its JSON text, into numbers or booleans;
+/// refuses more than `max_elements` of them as soon as it sees one more (so
+/// memory never grows past what the tensor's shape allows).
+///
+/// This is the fast path for large FP32 tensors: the request's JSON is
+/// parsed with `data` kept as raw text (`serde_json::value::RawValue`, which
+/// checks its syntax without converting numbers), then one pass over the
+/// bytes converts each element straight into a flat vector, integers exactly
+/// and other numbers with a correctly rounded parser (`fast-float2`). No
+/// JSON tree is built. `serve/examples/json_parse.rs` measures it against
+/// the tree and the binary extension.
+pub fn parse_json_data(
+    name: &str,
+    text: &[u8],
+    max_elements: usize,
+) -> Result<InputData, RequestError> {
+    let holds = |what: &str| {
+        bad(format!(
+            "input {name}: data holds {what}; expected numbers or booleans in (nested) arrays"
+        ))
+    };
+    let mut numbers: Vec<Number> = Vec::with_capacity(max_elements.min(text.len() / 2 + 1));
+    let mut bools: Vec<bool> = Vec::new();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < text.len() {
+        if numbers.len() + bools.len() > max_elements {
+            return Err(bad(format!(
+                "input {name}: more than {max_elements} values for a shape that holds {max_elements}"
+            )));
         }
-        match v {
-            serde_json::Value::Array(items) => {
-                for item in items {
-                    walk(name, item, numbers, bools, depth + 1)?;
+        match text[i] {
+            b' ' | b'\t' | b'\n' | b'\r' | b',' => i += 1,
+            b'[' => {
+                depth += 1;
+                if depth > MAX_DATA_DEPTH {
+                    return Err(bad(format!(
+                        "input {name}: data is nested more than {MAX_DATA_DEPTH} arrays deep"
+                    )));
                 }
+                i += 1;
             }
-            serde_json::Value::Number(n) => numbers.push(if let Some(i) = n.as_i64() {
-                Number::Int(i)
-            } else if let Some(u) = n.as_u64() {
-                Number::Uint(u)
-            } else {
-                Number::Float(n.as_f64().unwrap_or(f64::NAN))
-            }),
-            serde_json::Value::Bool(b) => bools.push(*b),
-            other => {
-                return Err(bad(format!(
-                    "input {name}: data holds {other}; expected numbers or booleans in (nested) arrays"
-                )));
+            b']' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
             }
+            b't' if text[i..].starts_with(b"true") => {
+                bools.push(true);
+                i += 4;
+            }
+            b'f' if text[i..].starts_with(b"false") => {
+                bools.push(false);
+                i += 5;
+            }
+            b'-' | b'0'..=b'9' => {
+                let end = text[i..]
+                    .iter()
+                    .position(|&b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                    .map_or(text.len(), |n| i + n);
+                let token = &text[i..end];
+                numbers.push(
+                    parse_number(token)
+                        .ok_or_else(|| holds(&format!("{:?}", String::from_utf8_lossy(token))))?,
+                );
+                i = end;
+            }
+            b'n' => return Err(holds("null")),
+            b'"' => return Err(holds("a string")),
+            b'{' => return Err(holds("an object")),
+            other => return Err(holds(&format!("{:?}", char::from(other)))),
         }
-        Ok(())
     }
-    let (mut numbers, mut bools) = (Vec::new(), Vec::new());
-    walk(name, data, &mut numbers, &mut bools, 0)?;
+    if numbers.len() + bools.len() > max_elements {
+        return Err(bad(format!(
+            "input {name}: more than {max_elements} values for a shape that holds {max_elements}"
+        )));
+    }
     match (numbers.is_empty(), bools.is_empty()) {
         (_, true) => Ok(InputData::Numbers(numbers)),
         (true, false) => Ok(InputData::Bools(bools)),
@@ -527,6 +592,31 @@ pub fn json_data(name: &str, data: &serde_json::Value) -> Result<InputData, Requ
             "input {name}: data mixes numbers and booleans"
         ))),
     }
+}
+
+/// A JSON number: integers exactly (as `i64`, else `u64`), anything else as
+/// the nearest `f64`.
+fn parse_number(token: &[u8]) -> Option<Number> {
+    let integer = !token.iter().any(|&b| matches!(b, b'.' | b'e' | b'E'));
+    if integer {
+        let text = std::str::from_utf8(token).ok()?;
+        if let Ok(v) = text.parse::<i64>() {
+            return Some(Number::Int(v));
+        }
+        if let Ok(v) = text.parse::<u64>() {
+            return Some(Number::Uint(v));
+        }
+    }
+    match fast_float2::parse_partial::<f64, _>(token) {
+        Ok((v, n)) if n == token.len() => Some(Number::Float(v)),
+        _ => None,
+    }
+}
+
+/// Flattens a JSON tensor already parsed into a tree (`data`: flat or
+/// nested row-major arrays) into numbers or booleans.
+pub fn json_data(name: &str, data: &serde_json::Value) -> Result<InputData, RequestError> {
+    parse_json_data(name, data.to_string().as_bytes(), usize::MAX)
 }
 
 #[cfg(test)]
@@ -680,6 +770,58 @@ mod tests {
         assert!(err(t).message.contains("datatype"));
         let e = decode_token_ids(&io, &[ids(&[9, 1], nums(&[1; 9]))], 8).unwrap_err();
         assert_eq!(e.kind, ErrorKind::TooLarge);
+    }
+
+    #[test]
+    fn streaming_json_data_is_flat_checked_and_bounded() {
+        let parse = |t: &str| parse_json_data("x", t.as_bytes(), 8);
+        assert_eq!(
+            parse("[[1, -2.5e0], [18446744073709551615, 3 ] , [1e400]]").unwrap(),
+            InputData::Numbers(vec![
+                Number::Int(1),
+                Number::Float(-2.5),
+                Number::Uint(u64::MAX),
+                Number::Int(3),
+                Number::Float(f64::INFINITY),
+            ])
+        );
+        // Past u64: a float, as serde_json reads it.
+        assert_eq!(
+            parse("[18446744073709551616]").unwrap(),
+            InputData::Numbers(vec![Number::Float(18446744073709551616.0)])
+        );
+        assert_eq!(
+            parse("[true,[false]]").unwrap(),
+            InputData::Bools(vec![true, false])
+        );
+        assert!(parse("[1, true]").unwrap_err().message.contains("mixes"));
+        for (text, what) in [
+            (r#"[1, "a"]"#, "a string"),
+            ("[null]", "null"),
+            (r#"[{"a": 1}]"#, "an object"),
+            ("[1.2.3]", "1.2.3"),
+        ] {
+            let e = parse(text).unwrap_err().message;
+            assert!(e.contains(what) && e.contains("numbers or booleans"), "{e}");
+        }
+        let deep = format!("{}1{}", "[".repeat(70), "]".repeat(70));
+        assert!(parse(&deep).unwrap_err().message.contains("nested"));
+        let e = parse("[1,2,3,4,5,6,7,8,9,10]").unwrap_err().message;
+        assert!(e.contains("more than 8 values"), "{e}");
+        // Shortest decimal forms of f32 values come back exactly.
+        let values = [0.1f32, -3.4028235e38, 1.0e-45, 0.33333334, 7.0];
+        let text = serde_json::to_string(&values).unwrap();
+        let InputData::Numbers(got) = parse(&text).unwrap() else {
+            unreachable!()
+        };
+        for (n, want) in got.iter().zip(values) {
+            let f = match *n {
+                Number::Float(f) => f as f32,
+                Number::Int(i) => i as f32,
+                Number::Uint(u) => u as f32,
+            };
+            assert_eq!(f.to_bits(), want.to_bits());
+        }
     }
 
     #[test]

@@ -671,10 +671,13 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
     let metrics = Metrics::default();
     let batch = BatchSettings {
         max_batch_size: config.batching.max_batch_size,
+        shapes: config.batch_shapes(),
         max_queue_delay: config.max_queue_delay(),
         queue_capacity: config.batching.queue_capacity,
+        max_queue_bytes: config.batching.max_queue_bytes,
         fixed_shape: config.batching.fixed_shape,
         threads: config.threads,
+        instances: config.instances(),
     };
     let seed = config.swap.canary_seed.unwrap_or_else(|| {
         std::time::SystemTime::now()

@@ -61,8 +61,13 @@ fn random_weights(seed: i64) -> Weights {
 }
 
 impl Weights {
-    /// Logits as the server computes them: passes of exactly BATCH rows.
+    /// Logits as the fixture's server computes them: passes of exactly BATCH rows.
     fn logits(&self, rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        self.logits_at(rows, BATCH)
+    }
+
+    /// Logits of passes of `shape` rows (zero-padded).
+    fn logits_at(&self, rows: &[Vec<f32>], shape: usize) -> Vec<Vec<f32>> {
         let vs = nn::VarStore::new(Device::Cpu);
         let net = kiln_models::build(&spec(), FEATURES, CLASSES, &vs).unwrap();
         let params = kiln_models::named_parameters(&vs);
@@ -77,10 +82,10 @@ impl Weights {
             unreachable!()
         };
         let mut out = Vec::new();
-        for chunk in rows.chunks(BATCH) {
+        for chunk in rows.chunks(shape) {
             let mut flat: Vec<f32> = chunk.iter().flatten().copied().collect();
-            flat.resize(BATCH * FEATURES, 0.0);
-            let x = Tensor::from_slice(&flat).view([BATCH as i64, FEATURES as i64]);
+            flat.resize(shape * FEATURES, 0.0);
+            let x = Tensor::from_slice(&flat).view([shape as i64, FEATURES as i64]);
             let y = tch::no_grad(|| seq.forward(&x));
             assert_eq!(y.kind(), Kind::Float);
             let y = Vec::<f32>::try_from(&y.contiguous().view([-1])).unwrap();
@@ -216,6 +221,9 @@ impl Fixture {
             ..Default::default()
         };
         c.batching.max_batch_size = BATCH;
+        // One shape: answers independent of batching, bit for bit, so that
+        // every test can compare with passes of BATCH rows.
+        c.batching.batch_shapes = vec![BATCH];
         c.batching.max_queue_delay_us = 1000;
         c.swap.poll_interval_ms = 50;
         c.swap.canary_seed = Some(42);
@@ -582,6 +590,79 @@ fn batched_results_equal_unbatched_bit_for_bit() {
             bits(&f.weights[0].logits(&requests[i])),
             "request {i}"
         );
+    }
+}
+
+#[test]
+fn default_shapes_answer_bit_for_bit_at_their_shape_and_agree_across_shapes() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.batching.batch_shapes = Vec::new(); // the default: 1, 2, 4, 8
+    config.instances = 2;
+    let shapes = config.batch_shapes();
+    assert_eq!(shapes, vec![1, 2, 4, 8]);
+    let shape_for = |n: usize| shapes.iter().copied().find(|&s| s >= n).unwrap();
+    let requests: Vec<Vec<Vec<f32>>> = (0..16).map(|i| rows(1 + i % 5, 300 + i as u64)).collect();
+
+    // Alone (no queue delay, one at a time): each runs at the smallest shape
+    // that holds it, and answers exactly what a pass at that shape computes.
+    config.batching.max_queue_delay_us = 0;
+    let server = f.start(config.clone());
+    f.rt.block_on(async {
+        let c = http();
+        let u = url(&server, "/v2/models/m/infer");
+        for r in &requests {
+            let (_, logits, _) = infer_json(&c, &u, r).await;
+            assert_eq!(
+                bits(&logits),
+                bits(&f.weights[0].logits_at(r, shape_for(r.len()))),
+                "{} rows alone",
+                r.len()
+            );
+        }
+    });
+    f.stop(server);
+
+    // Together, on two instances: each answer is what some shape's pass
+    // computes, bit for bit, and every shape agrees with every other to float
+    // rounding (the contract between shapes).
+    config.batching.max_queue_delay_us = 100_000;
+    let server = f.start(config);
+    let together: Vec<Vec<Vec<f32>>> = f.rt.block_on(async {
+        let c = http();
+        let u = url(&server, "/v2/models/m/infer");
+        let tasks: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                let (c, u, r) = (c.clone(), u.clone(), r.clone());
+                tokio::spawn(async move { infer_json(&c, &u, &r).await.1 })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    f.stop(server);
+    for (i, (got, r)) in together.iter().zip(&requests).enumerate() {
+        let at: Vec<Vec<Vec<f32>>> = shapes
+            .iter()
+            .filter(|&&s| s >= r.len())
+            .map(|&s| f.weights[0].logits_at(r, s))
+            .collect();
+        assert!(
+            at.iter().any(|want| bits(want) == bits(got)),
+            "request {i}: {got:?} is not the answer of any shape: {at:?}"
+        );
+        for want in &at {
+            for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "request {i}: {a} vs {b} between shapes"
+                );
+            }
+        }
     }
 }
 
@@ -1067,6 +1148,7 @@ models = ["m@prod"]
 listen = "127.0.0.1:0"
 [batching]
 max_batch_size = {BATCH}
+batch_shapes = [{BATCH}]
 [swap]
 poll_interval_ms = 50
 [drift]
