@@ -8,9 +8,10 @@
 #      with `recovery`, not part of `all`: about 6 minutes, needs etcd)
 #   5. rendezvous latency of 64/128/256 agents over etcd (src/bin/rendezvous.rs;
 #      only with `rendezvous`: no PyTorch peer, needs etcd, ~10 s)
-#   6. serving, `kiln serve` vs FastAPI + uvicorn + PyTorch (bench/serve.py; only
-#      with `serve`: ~3 minutes; builds `kiln` and `loadgen`, or pass --kiln PATH
-#      (e.g. target/debug/kiln) and/or --loadgen PATH to reuse binaries)
+#   6. serving, `kiln serve` vs FastAPI + uvicorn + PyTorch on an MLP 784-1024-1024-10
+#      and a GPT, load from `wrk` and tritonclient, server on 1 core then 2
+#      (bench/serve.py; only with `serve`: ~11 minutes, ~4 with --quick; builds
+#      `kiln`, or pass --kiln PATH to reuse a binary; needs Debian's `wrk`)
 #   7. language-model training throughput, kiln vs DDP on the same GPT, plus both
 #      at world size 1 with 2 threads (bench/lm.py; only with `lm`, not part of
 #      `all`: about 10 minutes with the default 3 repetitions)
@@ -23,7 +24,7 @@
 #        bench/run.sh ckpt [--peer-only] [bench/ckpt.py options, e.g. --size-gb 0.2]
 #        bench/run.sh recovery [--peer-only] [bench/recovery.py options, e.g. --reps 1]
 #        bench/run.sh rendezvous [rendezvous options, e.g. --agents 256 --runs 9]
-#        bench/run.sh serve [--peer-only] [bench/serve.py options, e.g. --kiln target/debug/kiln --reps 3]
+#        bench/run.sh serve [--peer-only] [bench/serve.py options, e.g. --kiln target/release/kiln --quick]
 #        bench/run.sh lm [--peer-only] [bench/lm.py options, e.g. --reps 5 --steps 40]
 #        bench/run.sh ckpt-user [bench/ckpt_user.py options, e.g. --sizes 1.2 --steps 16]
 #   --peer-only   skip the build and the kiln side; run only the PyTorch peers
@@ -66,12 +67,16 @@ if [[ $which != rendezvous && ! -x "$python" ]]; then
 fi
 
 release_dir=${CARGO_TARGET_DIR:-target}/release
-# The serving benchmark needs `kiln` (to train and export the model) and `loadgen` even with
-# --peer-only; `--kiln PATH` / `--loadgen PATH` skip building that binary.
+# The serving benchmark needs `kiln` (to make, register and export the models) even with
+# --peer-only; `--kiln PATH` skips building it. Its load generator is Debian's `wrk`.
 serve_build=()
 if [[ $which == serve ]]; then
-  [[ " ${ckpt_args[*]} " == *" --kiln "* ]] || serve_build+=(-p kiln --bin kiln)
-  [[ " ${ckpt_args[*]} " == *" --loadgen "* ]] || serve_build+=(-p kiln-bench --bin loadgen)
+  # A --kiln given after `serve` comes after run.sh's own and wins.
+  [[ " ${ckpt_args[*]} " == *" --kiln "* || " ${ckpt_args[*]} " == *" --kiln="* ]] || serve_build+=(-p kiln --bin kiln)
+  if ! command -v wrk >/dev/null 2>&1; then
+    echo "run.sh: the serving benchmark needs wrk (Debian package \`wrk\`): run scripts/bootstrap.sh" >&2
+    exit 1
+  fi
 fi
 if [[ $which == serve ]] && ((${#serve_build[@]})); then
   echo "run.sh: cargo build --release ${serve_build[*]}" >&2
@@ -107,7 +112,7 @@ if [[ $which == lm ]]; then
   "$python" bench/lm.py --kiln "$release_dir/kiln" --python "$python" "${peer_only[@]}" "${ckpt_args[@]}" || status=1
 fi
 if [[ $which == serve ]]; then
-  "$python" bench/serve.py --kiln "$release_dir/kiln" --loadgen "$release_dir/loadgen" --python "$python" \
+  "$python" bench/serve.py --kiln "$release_dir/kiln" --python "$python" \
     "${peer_only[@]}" "${ckpt_args[@]}" || status=1
 fi
 if [[ $which == rendezvous ]]; then
