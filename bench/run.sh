@@ -10,7 +10,7 @@
 #      only with `rendezvous`: no PyTorch peer, needs etcd, ~10 s)
 #   6. serving, `kiln serve` vs FastAPI + uvicorn + PyTorch on an MLP 784-1024-1024-10
 #      and a GPT, load from `wrk` and tritonclient, server on 1 core then 2
-#      (bench/serve.py; only with `serve`: ~11 minutes, ~4 with --quick; builds
+#      (bench/serve.py; only with `serve`: ~12 minutes (estimated), ~7 with --quick; builds
 #      `kiln`, or pass --kiln PATH to reuse a binary; needs Debian's `wrk`)
 #   7. language-model training throughput, kiln vs DDP on the same GPT, plus both
 #      at world size 1 with 2 threads (bench/lm.py; only with `lm`, not part of
