@@ -97,6 +97,8 @@ pub struct JobOutput {
     pub queued: Duration,
     /// Rows in the batch it ran in (padding excluded).
     pub batch_rows: usize,
+    /// Its batch's forward passes.
+    pub compute: Duration,
 }
 
 /// The sending side of a version's queue. Dropping every clone stops the
@@ -288,6 +290,7 @@ fn run_batch(
                     logits: logits[at..at + n].to_vec(),
                     queued,
                     batch_rows: rows,
+                    compute,
                 }));
                 at += n;
             }

@@ -165,14 +165,22 @@ impl GrpcInferenceService for InferenceService {
                 contents: None,
             });
         }
-        Ok(Response::new(ModelInferResponse {
+        let labels = RequestLabels {
+            model,
+            version: response.model_version.clone(),
+            protocol: "grpc".to_string(),
+        };
+        let reply = Response::new(ModelInferResponse {
             model_name: response.model_name,
             model_version: response.model_version,
             id: response.id.unwrap_or_default(),
             parameters: Default::default(),
             outputs,
             raw_output_contents: raw,
-        }))
+        });
+        let overhead = received.elapsed().saturating_sub(response.compute);
+        self.state.metrics.observe_overhead(&labels, overhead);
+        Ok(reply)
     }
 }
 

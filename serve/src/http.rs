@@ -268,7 +268,18 @@ async fn infer_common(
         .infer(&name, version.as_deref(), request, Protocol::Http, received)
         .await
     {
-        Ok(response) => encode_response(response),
+        Ok(response) => {
+            let labels = RequestLabels {
+                model: name,
+                version: response.model_version.clone(),
+                protocol: "http".to_string(),
+            };
+            let compute = response.compute;
+            let encoded = encode_response(response);
+            let overhead = received.elapsed().saturating_sub(compute);
+            state.metrics.observe_overhead(&labels, overhead);
+            encoded
+        }
         Err(e) => e.into_response(),
     }
 }

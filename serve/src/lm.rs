@@ -153,12 +153,14 @@ fn compute_loop(
                 let queued = started.saturating_duration_since(enqueued);
                 metrics.observe_queue(&labels, queued);
                 let result = catch(|| net.next_token_logits(tokens.rows, tokens.len, &tokens.ids));
-                metrics.observe_batch(&labels, tokens.rows, started.elapsed());
+                let compute = started.elapsed();
+                metrics.observe_batch(&labels, tokens.rows, compute);
                 let result = result
                     .map(|logits| JobOutput {
                         logits,
                         queued,
                         batch_rows: tokens.rows,
+                        compute,
                     })
                     .map_err(|e| {
                         tracing::error!(model = %labels.model, version = %labels.version, error = %format!("{e:#}"), "forward pass failed");

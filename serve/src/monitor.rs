@@ -201,9 +201,20 @@ pub fn evaluate_in_background(
     drift
         .skipped
         .fetch_add(completed - 1, std::sync::atomic::Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || {
+    // Its own thread at the lowest CPU priority (SCHED_IDLE): an evaluation
+    // (hundreds of exact KS tests) takes CPU only that serving leaves, so a
+    // saturated server serves at full speed and evaluates slowly, never the
+    // other way round. At most one per version runs (`try_begin`).
+    let evaluate = move || {
+        kiln_checkpoint::sys::lower_current_thread_priority();
         let report = window.evaluate();
         drift.end();
         drift.publish(&report, &labels, &metrics, &hooks);
-    });
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("serve-drift".into())
+        .spawn(evaluate)
+    {
+        tracing::warn!(error = %e, "could not start a drift evaluation thread");
+    }
 }

@@ -95,6 +95,8 @@ pub struct InferResponse {
     pub model_version: String,
     pub id: Option<String>,
     pub outputs: Vec<OutputTensor>,
+    /// The forward passes of its batch (not sent; for the overhead metric).
+    pub compute: Duration,
 }
 
 impl OutputData {
@@ -563,16 +565,15 @@ pub fn parse_json_data(
                 i += 5;
             }
             b'-' | b'0'..=b'9' => {
-                let end = text[i..]
-                    .iter()
-                    .position(|&b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
-                    .map_or(text.len(), |n| i + n);
-                let token = &text[i..end];
-                numbers.push(
-                    parse_number(token)
-                        .ok_or_else(|| holds(&format!("{:?}", String::from_utf8_lossy(token))))?,
-                );
-                i = end;
+                let (number, len) = parse_number(&text[i..]).ok_or_else(|| {
+                    let end = text[i..]
+                        .iter()
+                        .position(|&b| matches!(b, b',' | b']' | b' ' | b'\n' | b'\r' | b'\t'))
+                        .map_or(text.len(), |n| i + n);
+                    holds(&format!("{:?}", String::from_utf8_lossy(&text[i..end])))
+                })?;
+                numbers.push(number);
+                i += len;
             }
             b'n' => return Err(holds("null")),
             b'"' => return Err(holds("a string")),
@@ -594,21 +595,50 @@ pub fn parse_json_data(
     }
 }
 
-/// A JSON number: integers exactly (as `i64`, else `u64`), anything else as
-/// the nearest `f64`.
-fn parse_number(token: &[u8]) -> Option<Number> {
-    let integer = !token.iter().any(|&b| matches!(b, b'.' | b'e' | b'E'));
-    if integer {
-        let text = std::str::from_utf8(token).ok()?;
-        if let Ok(v) = text.parse::<i64>() {
-            return Some(Number::Int(v));
+/// The JSON number at the start of `text` and its length in bytes:
+/// integers exactly (as `i64`, else `u64`), anything else as the nearest
+/// `f64`. `None` when no number ends cleanly there (at a delimiter or the end).
+fn parse_number(text: &[u8]) -> Option<(Number, usize)> {
+    let negative = text.first() == Some(&b'-');
+    let digits = text[usize::from(negative)..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    let end = usize::from(negative) + digits;
+    let ends_cleanly = |at: usize| {
+        text.get(at)
+            .is_none_or(|b| matches!(b, b',' | b']' | b' ' | b'\n' | b'\r' | b'\t'))
+    };
+    if digits > 0 && ends_cleanly(end) {
+        // An integer: exact when it fits 64 bits.
+        let mut magnitude: u64 = 0;
+        let mut exact = true;
+        for &b in &text[usize::from(negative)..end] {
+            match magnitude
+                .checked_mul(10)
+                .and_then(|m| m.checked_add(u64::from(b - b'0')))
+            {
+                Some(m) => magnitude = m,
+                None => {
+                    exact = false;
+                    break;
+                }
+            }
         }
-        if let Ok(v) = text.parse::<u64>() {
-            return Some(Number::Uint(v));
+        if exact {
+            if !negative {
+                return Some((
+                    i64::try_from(magnitude).map_or(Number::Uint(magnitude), Number::Int),
+                    end,
+                ));
+            }
+            if magnitude <= i64::MAX as u64 + 1 {
+                return Some((Number::Int((magnitude as i64).wrapping_neg()), end));
+            }
         }
     }
-    match fast_float2::parse_partial::<f64, _>(token) {
-        Ok((v, n)) if n == token.len() => Some(Number::Float(v)),
+    match fast_float2::parse_partial::<f64, _>(text) {
+        Ok((v, n)) if n > 0 && ends_cleanly(n) => Some((Number::Float(v), n)),
         _ => None,
     }
 }

@@ -284,6 +284,7 @@ impl ServerState {
             model_version: served.version.version.to_string(),
             id: request.id,
             outputs,
+            compute: out.compute,
         })
     }
 
