@@ -688,7 +688,6 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
         .await
         .with_context(|| format!("open registry {}", config.registry))?;
     let hooks = Hooks::new(&config.hooks).context("hooks")?;
-    let tls = crate::listener::tls_acceptor(&config.tls)?;
     let metrics = Metrics::default();
     let batch = BatchSettings {
         max_batch_size: config.batching.max_batch_size,
@@ -703,6 +702,7 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
     });
+    let tls = crate::listener::tls_acceptor(&config.tls)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
