@@ -67,6 +67,12 @@ pub struct ServeArgs {
     /// File with the management token (else KILN_SERVE_ADMIN_TOKEN).
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// Serve HTTPS and gRPC over TLS with this PEM certificate chain (with --tls-key-file).
+    #[arg(long)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of --tls-cert-file.
+    #[arg(long)]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -125,14 +131,26 @@ impl ServeArgs {
         if self.admin_token_file.is_some() {
             c.auth.admin_token_file = self.admin_token_file.clone();
         }
+        if self.tls_cert_file.is_some() {
+            c.tls.cert_file = self.tls_cert_file.clone();
+        }
+        if self.tls_key_file.is_some() {
+            c.tls.key_file = self.tls_key_file.clone();
+        }
         Ok(c)
     }
 }
 
 /// Runs the server until SIGINT or SIGTERM; prints
-/// `kiln serve: listening on http://ADDR` on stdout once every model is ready.
+/// `kiln serve: listening on http://ADDR` (`https://` with TLS) on stdout
+/// once every model is ready.
 pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     let config = args.config()?;
+    let scheme = if config.tls.enabled() {
+        "https"
+    } else {
+        "http"
+    };
     let cancel = CancellationToken::new();
     let stop = cancel.clone();
     tokio::spawn(async move {
@@ -156,7 +174,10 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     let server = kiln_serve::start(config, cancel)
         .await
         .context("start the inference server")?;
-    println!("kiln serve: listening on http://{}", server.local_addr());
+    println!(
+        "kiln serve: listening on {scheme}://{}",
+        server.local_addr()
+    );
     use std::io::Write;
     let _ = std::io::stdout().flush();
     server.wait().await?;

@@ -670,7 +670,8 @@ fn limits_tokens_and_bad_requests_over_the_wire() {
         "kiln_serve_queue_duration_seconds_count{model=\"digits\",version=\"1\"}",
         "kiln_serve_compute_duration_seconds_count{model=\"digits\",version=\"1\"}",
         "kiln_serve_batch_size_bucket{le=\"1.0\",model=\"digits\",version=\"1\"}",
-        "kiln_serve_errors_total{model=\"digits\",version=\"\",protocol=\"http\",kind=\"unauthorized\"} 2",
+        // Unauthenticated requests never name a model in the metrics.
+        "kiln_serve_errors_total{model=\"_unknown\",version=\"\",protocol=\"http\",kind=\"unauthorized\"} 2",
         "kiln_serve_errors_total{model=\"digits\",version=\"1\",protocol=\"http\",kind=\"too_large\"} 1",
     ] {
         assert!(text.contains(want), "missing {want} in\n{text}");
@@ -680,7 +681,10 @@ fn limits_tokens_and_bad_requests_over_the_wire() {
         a,
         "POST",
         "/v2/repository/models/digits/unload",
-        &[("Authorization", "Bearer admin-secret")],
+        &[
+            ("Authorization", "Bearer admin-secret"),
+            ("Content-Type", "application/json"),
+        ],
         b"",
     );
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));

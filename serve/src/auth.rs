@@ -7,9 +7,17 @@
 //!   (`Authorization: Bearer TOKEN`; gRPC metadata `authorization`). The
 //!   management token is accepted there too.
 //! - Management (`/v2/repository/...`) requires the management token when one
-//!   is set; without one it is accepted from loopback clients only, so a
-//!   server listening on a public address cannot be reconfigured from outside
-//!   by accident.
+//!   is set. Without one it is accepted only when nothing but this machine
+//!   can reach it: the server listens on a loopback address, the client is on
+//!   loopback, and the request carries no `Forwarded` / `X-Forwarded-For` /
+//!   `X-Real-IP` header (a reverse proxy on this machine would make every
+//!   remote client look local). A server listening on any other address
+//!   (`0.0.0.0`, a public IP) needs the management token for management, so
+//!   it cannot be reconfigured from outside by accident.
+//! - Management POSTs must be `Content-Type: application/json` (checked in
+//!   `http.rs`): a browser sends a cross-site form post or a no-CORS fetch
+//!   without a preflight only with a form or text content type, so a web
+//!   page cannot drive a token-less local server through its visitor.
 
 use std::net::SocketAddr;
 
@@ -60,23 +68,48 @@ pub fn check_inference(tokens: &Tokens, authorization: Option<&str>) -> Result<(
     }
 }
 
-/// Checks a management request: its token if one is set, else that it comes
-/// from a loopback address.
+/// Where a management request came from, for [`check_admin`].
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    /// The client's address (the TCP peer).
+    pub peer: SocketAddr,
+    /// Whether the server listens on a loopback address only.
+    pub listener_loopback: bool,
+    /// Whether the request carries `Forwarded`, `X-Forwarded-For` or
+    /// `X-Real-IP`: it came through a proxy, so the peer says nothing about
+    /// the client.
+    pub forwarded: bool,
+}
+
+/// Checks a management request: its token if one is set; else that only
+/// this machine can have sent it (see the module docs).
 pub fn check_admin(
     tokens: &Tokens,
     authorization: Option<&str>,
-    peer: Option<SocketAddr>,
+    origin: Origin,
 ) -> Result<(), RequestError> {
-    match &tokens.admin {
-        Some(want) => match bearer(authorization) {
+    if let Some(want) = &tokens.admin {
+        return match bearer(authorization) {
             Some(got) if same(got, want) => Ok(()),
             _ => Err(unauthorized("management")),
-        },
-        None if peer.is_some_and(|p| p.ip().is_loopback()) => Ok(()),
-        None => Err(RequestError::new(
+        };
+    }
+    let refuse = |why: &str| {
+        Err(RequestError::new(
             ErrorKind::Forbidden,
-            "management is allowed from loopback clients only unless a management token is set (KILN_SERVE_ADMIN_TOKEN or --admin-token-file)",
-        )),
+            format!(
+                "management without a management token (KILN_SERVE_ADMIN_TOKEN or --admin-token-file) is allowed only from this machine to a server listening on loopback; {why}"
+            ),
+        ))
+    };
+    if !origin.listener_loopback {
+        refuse("this server listens on a non-loopback address")
+    } else if origin.forwarded {
+        refuse("this request came through a proxy (Forwarded / X-Forwarded-For)")
+    } else if !origin.peer.ip().is_loopback() {
+        refuse("this client is not on loopback")
+    } else {
+        Ok(())
     }
 }
 
@@ -111,23 +144,47 @@ mod tests {
         }
     }
 
+    fn origin(peer: &str, listener_loopback: bool, forwarded: bool) -> Origin {
+        Origin {
+            peer: peer.parse().unwrap(),
+            listener_loopback,
+            forwarded,
+        }
+    }
+
     #[test]
-    fn management_is_loopback_only_without_a_token() {
-        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+    fn management_without_a_token_only_from_this_machine() {
         let open = tokens(Some("abc"), None);
-        assert!(check_admin(&open, None, Some(local)).is_ok());
-        assert_eq!(
-            check_admin(&open, Some("Bearer abc"), Some(remote))
-                .unwrap_err()
-                .kind,
-            ErrorKind::Forbidden
-        );
+        let local = origin("127.0.0.1:5000", true, false);
+        assert!(check_admin(&open, None, local).is_ok());
+        assert!(check_admin(&open, None, origin("[::1]:5000", true, false)).is_ok());
+        for (o, why) in [
+            (origin("10.1.2.3:5000", true, false), "not on loopback"),
+            (
+                origin("127.0.0.1:5000", false, false),
+                "non-loopback address",
+            ),
+            (origin("127.0.0.1:5000", true, true), "proxy"),
+        ] {
+            let e = check_admin(&open, Some("Bearer abc"), o).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Forbidden, "{o:?}");
+            assert!(e.message.contains(why), "{o:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_management_token_is_required_wherever_it_is_set() {
         let t = tokens(None, Some("root"));
-        assert!(check_admin(&t, Some("Bearer root"), Some(remote)).is_ok());
-        assert_eq!(
-            check_admin(&t, None, Some(local)).unwrap_err().kind,
-            ErrorKind::Unauthorized
-        );
+        for o in [
+            origin("10.1.2.3:5000", false, false),
+            origin("127.0.0.1:5000", false, true),
+            origin("127.0.0.1:5000", true, false),
+        ] {
+            assert!(check_admin(&t, Some("Bearer root"), o).is_ok(), "{o:?}");
+            for bad in [None, Some("Bearer abc"), Some("root")] {
+                let e = check_admin(&t, bad, o).unwrap_err();
+                assert_eq!(e.kind, ErrorKind::Unauthorized, "{o:?} {bad:?}");
+            }
+        }
     }
 }

@@ -28,6 +28,18 @@
 //! [auth]
 //! token_file = "/run/secrets/kiln-infer-token"
 //!
+//! [connections]              # what one client can hold (defaults shown)
+//! max_connections = 1024     # open connections; more wait in the kernel's backlog
+//! max_in_flight = 1024       # requests being served; more get 503 + Retry-After
+//! header_read_timeout_ms = 10000   # connect (TLS handshake included) or first byte -> request head
+//! idle_timeout_ms = 75000          # no request on a connection for this long: closed
+//! http2_keepalive_interval_ms = 20000  # HTTP/2 pings (0: none)
+//! http2_keepalive_timeout_ms = 20000   # unanswered ping: connection closed
+//!
+//! [tls]                      # optional: HTTPS and gRPC over TLS on the same port
+//! cert_file = "/run/secrets/tls.crt"   # PEM chain, leaf first
+//! key_file = "/run/secrets/tls.key"    # PEM private key (PKCS#8, PKCS#1 or SEC1)
+//!
 //! [[hooks]]                  # the job spec's [[hooks]] fields
 //! sink = "log"
 //! ```
@@ -81,6 +93,10 @@ pub struct ServeConfig {
     pub auth: AuthConfig,
     #[serde(default)]
     pub drift: DriftConfig,
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// Where `version.swapped` and `drift.detected` events go.
     #[serde(default)]
     pub hooks: Vec<HookSpec>,
@@ -166,6 +182,51 @@ pub struct AuthConfig {
     pub admin_token_file: Option<PathBuf>,
 }
 
+/// `[connections]`: what clients may hold of the server, so that slow or
+/// hostile clients cannot take it over (see `serve/src/listener.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsConfig {
+    /// Open connections at once. At the cap the server stops accepting until
+    /// one closes: new connections wait in the kernel's listen backlog
+    /// rather than being refused.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Requests being served at once, over every connection (health probes
+    /// and `/metrics` aside); more are answered 503 / `UNAVAILABLE` with
+    /// `Retry-After` at once.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Longest time from accepting a connection (TLS handshake included), or
+    /// from the first byte of a request on an idle HTTP/1.1 connection, to
+    /// its complete request head; past it the connection is closed.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed
+    /// (HTTP/2: with a GOAWAY).
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Interval of HTTP/2 keepalive pings; 0 sends none.
+    #[serde(default = "default_http2_keepalive_interval_ms")]
+    pub http2_keepalive_interval_ms: u64,
+    /// An HTTP/2 ping unanswered for this long closes the connection.
+    #[serde(default = "default_http2_keepalive_timeout_ms")]
+    pub http2_keepalive_timeout_ms: u64,
+}
+
+/// `[tls]`: serve HTTPS and gRPC over TLS on the listening port (both files,
+/// or neither for plain HTTP and h2c).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, the server's certificate first.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM file with the certificate's private key.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
 /// `[drift]`: drift monitoring of served inputs and predictions against each
 /// version's reference profile (where the version has one): windows of
 /// served rows, compared column by column as Evidently does by default
@@ -233,6 +294,30 @@ fn default_max_request_rows() -> usize {
 fn default_request_timeout_ms() -> u64 {
     30_000
 }
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_in_flight() -> usize {
+    1024
+}
+/// Clients send their request head right after connecting; 10 s is generous
+/// for any real client and short enough that connections held open by
+/// clients that never finish their heads are freed quickly.
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+/// Above the 60 s idle timeout of common load balancers, so that the
+/// balancer, not the server, closes idle pooled connections (a server that
+/// closes first races the balancer's next request on that connection).
+fn default_idle_timeout_ms() -> u64 {
+    75_000
+}
+fn default_http2_keepalive_interval_ms() -> u64 {
+    20_000
+}
+fn default_http2_keepalive_timeout_ms() -> u64 {
+    20_000
+}
 fn default_window_rows() -> usize {
     crate::drift::DEFAULT_WINDOW_ROWS
 }
@@ -259,6 +344,8 @@ impl Default for ServeConfig {
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             drift: DriftConfig::default(),
+            connections: ConnectionsConfig::default(),
+            tls: TlsConfig::default(),
             hooks: Vec::new(),
         }
     }
@@ -296,6 +383,19 @@ impl Default for LimitsConfig {
     }
 }
 
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            max_in_flight: default_max_in_flight(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            http2_keepalive_interval_ms: default_http2_keepalive_interval_ms(),
+            http2_keepalive_timeout_ms: default_http2_keepalive_timeout_ms(),
+        }
+    }
+}
+
 impl Default for DriftConfig {
     fn default() -> Self {
         Self {
@@ -310,8 +410,8 @@ impl Default for DriftConfig {
 }
 
 impl ServeConfig {
-    /// Reads and checks a config file; relative token file paths are taken
-    /// from the file's folder.
+    /// Reads and checks a config file; relative token, certificate and key
+    /// file paths are taken from the file's folder.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("read serve config {}", path.display()))?;
@@ -321,6 +421,8 @@ impl ServeConfig {
         for file in [
             &mut config.auth.token_file,
             &mut config.auth.admin_token_file,
+            &mut config.tls.cert_file,
+            &mut config.tls.key_file,
         ]
         .into_iter()
         .flatten()
@@ -431,6 +533,8 @@ impl ServeConfig {
             "instances: {} is out of range; allowed: 0 (one per core) to 256",
             self.instances
         );
+        self.connections.validate()?;
+        self.tls.validate()?;
         self.drift.options().validate().map_err(|e| {
             anyhow::anyhow!(
                 "drift.{}",
@@ -489,6 +593,83 @@ impl ServeConfig {
     /// The request time limit as a duration.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.request_timeout_ms)
+    }
+}
+
+impl ConnectionsConfig {
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            (1..=1_000_000).contains(&self.max_connections),
+            "connections.max_connections: {} is out of range; allowed: 1 to 1000000",
+            self.max_connections
+        );
+        ensure!(
+            (1..=1_000_000).contains(&self.max_in_flight),
+            "connections.max_in_flight: {} is out of range; allowed: 1 to 1000000",
+            self.max_in_flight
+        );
+        for (field, value, min) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms, 1),
+            ("idle_timeout_ms", self.idle_timeout_ms, 1),
+            (
+                "http2_keepalive_interval_ms",
+                self.http2_keepalive_interval_ms,
+                0,
+            ),
+            (
+                "http2_keepalive_timeout_ms",
+                self.http2_keepalive_timeout_ms,
+                1,
+            ),
+        ] {
+            ensure!(
+                (min..=3_600_000).contains(&value),
+                "connections.{field}: {value} is out of range; allowed: {min} to 3600000"
+            );
+        }
+        Ok(())
+    }
+
+    /// The header read timeout as a duration.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+
+    /// The idle timeout as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// The HTTP/2 keepalive interval; `None` when pings are off.
+    pub fn http2_keepalive_interval(&self) -> Option<Duration> {
+        (self.http2_keepalive_interval_ms > 0)
+            .then(|| Duration::from_millis(self.http2_keepalive_interval_ms))
+    }
+
+    /// How long an HTTP/2 ping may go unanswered.
+    pub fn http2_keepalive_timeout(&self) -> Duration {
+        Duration::from_millis(self.http2_keepalive_timeout_ms)
+    }
+}
+
+impl TlsConfig {
+    /// Whether TLS is on (both files given; see [`Self::validate`]).
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() && self.key_file.is_some()
+    }
+
+    fn validate(&self) -> Result<()> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => {
+                bail!(
+                    "tls.key_file: required with tls.cert_file (the certificate's private key, PEM)"
+                )
+            }
+            (None, Some(_)) => {
+                bail!("tls.cert_file: required with tls.key_file (the certificate chain, PEM)")
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -579,6 +760,12 @@ poll_interval_ms = 100
 canary_seed = 7
 [limits]
 max_request_rows = 64
+[connections]
+max_connections = 10
+header_read_timeout_ms = 300
+[tls]
+cert_file = "c.pem"
+key_file = "k.pem"
 [[hooks]]
 sink = "log"
 "#,
@@ -592,11 +779,21 @@ sink = "log"
         assert_eq!(c.swap.canary_seed, Some(7));
         assert_eq!(c.limits.max_request_bytes, 64 << 20);
         assert_eq!(c.hooks.len(), 1);
+        assert_eq!(c.connections.max_connections, 10);
+        assert_eq!(c.connections.header_read_timeout_ms, 300);
+        assert_eq!(c.connections.max_in_flight, 1024);
+        assert!(c.tls.enabled());
         assert_eq!(c.selectors().unwrap()[1].to_string(), "other:2");
 
         let e = ServeConfig::from_toml("[batching]\nmax_batchsize = 3\n").unwrap_err();
         let e = format!("{e:#}");
         assert!(e.contains("batching") && e.contains("max_batchsize"), "{e}");
+        let e = ServeConfig::from_toml("[connections]\nmax_conns = 3\n").unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("connections") && e.contains("max_conns"), "{e}");
+        let e = ServeConfig::from_toml("[tls]\ncert = \"c.pem\"\n").unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("tls") && e.contains("cert"), "{e}");
     }
 
     #[test]
@@ -637,6 +834,21 @@ sink = "log"
         let e = c.validate().unwrap_err().to_string();
         assert!(e.starts_with("drift.window_rows"), "{e}");
         c.drift.window_rows = 100;
+        c.connections.max_connections = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("connections.max_connections"), "{e}");
+        c.connections.max_connections = 4;
+        c.connections.header_read_timeout_ms = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("connections.header_read_timeout_ms"), "{e}");
+        c.connections.header_read_timeout_ms = 300;
+        c.connections.http2_keepalive_interval_ms = 0;
+        c.validate().unwrap();
+        c.tls.cert_file = Some("c.pem".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("tls.key_file"), "{e}");
+        c.tls.key_file = Some("k.pem".into());
+        c.validate().unwrap();
         c.registry = " ".into();
         assert!(
             c.validate()

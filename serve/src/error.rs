@@ -3,9 +3,17 @@
 //! Every refusal carries a message for the client; REST sends it as the Open
 //! Inference Protocol's error object `{"error": "..."}` with the status below,
 //! gRPC as a `tonic::Status` with the matching code.
+//!
+//! Every "unavailable, try again" answer (503, `UNAVAILABLE`: a full queue,
+//! the in-flight cap) says when to retry: `Retry-After` (REST) or
+//! `retry-after` metadata (gRPC), in seconds, so that well-behaved clients
+//! back off instead of hammering an overloaded server.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+
+/// Seconds a client is asked to wait before retrying an unavailable answer.
+pub const RETRY_AFTER_SECS: u32 = 1;
 
 /// What kind of failure, by what a client should do about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,12 +109,19 @@ impl RequestError {
 impl IntoResponse for RequestError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.message }).to_string();
-        (
+        let mut response = (
             self.status(),
             [(axum::http::header::CONTENT_TYPE, "application/json")],
             body,
         )
-            .into_response()
+            .into_response();
+        if self.kind == ErrorKind::Unavailable {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(RETRY_AFTER_SECS),
+            );
+        }
+        response
     }
 }
 
@@ -122,6 +137,30 @@ impl From<RequestError> for tonic::Status {
             ErrorKind::Timeout => tonic::Code::DeadlineExceeded,
             ErrorKind::Internal => tonic::Code::Internal,
         };
-        tonic::Status::new(code, e.message)
+        let mut status = tonic::Status::new(code, e.message);
+        if e.kind == ErrorKind::Unavailable {
+            status
+                .metadata_mut()
+                .insert("retry-after", RETRY_AFTER_SECS.into());
+        }
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_answers_say_when_to_retry() {
+        let e = RequestError::unavailable("the queue is full");
+        let r = e.clone().into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()["retry-after"], "1");
+        let s = tonic::Status::from(e);
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(s.metadata().get("retry-after").unwrap(), "1");
+        let r = RequestError::bad_request("no").into_response();
+        assert!(r.headers().get("retry-after").is_none());
     }
 }

@@ -25,8 +25,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{ErrorKind, RequestError};
 use crate::lm::{GenerateEvent, GenerateParams};
-use crate::metrics::RequestLabels;
-use crate::server::{Generation, ServerState};
+use crate::server::{Generation, Protocol, ServerState};
 use crate::{auth, http};
 
 type Shared = State<Arc<ServerState>>;
@@ -257,11 +256,8 @@ async fn generate_common(
     let request = match prepared {
         Ok(r) => r,
         Err(e) => {
-            let labels = RequestLabels {
-                model: name,
-                version: String::new(),
-                protocol: "http".to_string(),
-            };
+            let authenticated = e.kind != ErrorKind::Unauthorized;
+            let labels = state.request_labels(&name, authenticated, Protocol::Http);
             state.record_error(&labels, &e, received);
             return e.into_response();
         }

@@ -27,7 +27,6 @@ use tonic::{Request, Response, Status};
 
 use crate::auth;
 use crate::error::{ErrorKind, RequestError};
-use crate::metrics::RequestLabels;
 use crate::protocol::{InferRequest, InputData, InputTensor, Number, RequestedOutput};
 use crate::server::{EXTENSIONS, Protocol, ServerState};
 
@@ -140,11 +139,10 @@ impl GrpcInferenceService for InferenceService {
         let req = match prepared {
             Ok(req) => req,
             Err(e) => {
-                let labels = RequestLabels {
-                    model,
-                    version: String::new(),
-                    protocol: "grpc".to_string(),
-                };
+                let authenticated = e.kind != ErrorKind::Unauthorized;
+                let labels = self
+                    .state
+                    .request_labels(&model, authenticated, Protocol::Grpc);
                 self.state.record_error(&labels, &e, received);
                 return Err(e.into());
             }
@@ -165,11 +163,8 @@ impl GrpcInferenceService for InferenceService {
                 contents: None,
             });
         }
-        let labels = RequestLabels {
-            model,
-            version: response.model_version.clone(),
-            protocol: "grpc".to_string(),
-        };
+        let mut labels = self.state.request_labels(&model, true, Protocol::Grpc);
+        labels.version = response.model_version.clone();
         let reply = Response::new(ModelInferResponse {
             model_name: response.model_name,
             model_version: response.model_version,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
@@ -35,7 +35,6 @@ use serde_json::{Map, Value, json};
 use crate::auth;
 use crate::error::{ErrorKind, RequestError};
 use crate::generate;
-use crate::metrics::RequestLabels;
 use crate::protocol::{InferRequest, InferResponse, InputData, InputTensor, RequestedOutput};
 use crate::server::{EXTENSIONS, Protocol, ServerState};
 
@@ -255,11 +254,8 @@ async fn infer_common(
     let request = match prepared {
         Ok(r) => r,
         Err(e) => {
-            let labels = RequestLabels {
-                model: name,
-                version: String::new(),
-                protocol: "http".to_string(),
-            };
+            let authenticated = e.kind != ErrorKind::Unauthorized;
+            let labels = state.request_labels(&name, authenticated, Protocol::Http);
             state.record_error(&labels, &e, received);
             return e.into_response();
         }
@@ -269,11 +265,8 @@ async fn infer_common(
         .await
     {
         Ok(response) => {
-            let labels = RequestLabels {
-                model: name,
-                version: response.model_version.clone(),
-                protocol: "http".to_string(),
-            };
+            let mut labels = state.request_labels(&name, true, Protocol::Http);
+            labels.version = response.model_version.clone();
             let compute = response.compute;
             let encoded = encode_response(response);
             let overhead = received.elapsed().saturating_sub(compute);
@@ -585,16 +578,48 @@ fn json_response_text(text: String) -> Response {
 
 // ----- management (model repository extension) -----
 
-fn admin(state: &ServerState, headers: &HeaderMap, peer: SocketAddr) -> Result<(), RequestError> {
-    auth::check_admin(&state.tokens, authorization(headers), Some(peer))
+/// Checks a management request: its token or origin (see [`auth`]), and for
+/// POSTs a JSON content type, which a cross-site form cannot send.
+fn admin(
+    state: &ServerState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    method: &Method,
+) -> Result<(), RequestError> {
+    let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"]
+        .iter()
+        .any(|h| headers.contains_key(*h));
+    let origin = auth::Origin {
+        peer,
+        listener_loopback: state.config.listen.ip().is_loopback(),
+        forwarded,
+    };
+    auth::check_admin(&state.tokens, authorization(headers), origin)?;
+    if method == Method::POST && !is_json(headers) {
+        return Err(RequestError::new(
+            ErrorKind::UnsupportedMediaType,
+            "management requests must be sent with Content-Type: application/json",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the request's content type is JSON (`application/json`, any parameters).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
 }
 
 async fn index(
     State(state): Shared,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(e) = admin(&state, &headers, peer) {
+    if let Err(e) = admin(&state, &headers, peer, &method) {
         return e.into_response();
     }
     let mut list = Vec::new();
@@ -629,7 +654,7 @@ async fn load(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(e) = admin(&state, &headers, peer) {
+    if let Err(e) = admin(&state, &headers, peer, &Method::POST) {
         return e.into_response();
     }
     match load_inner(&state, &name, body).await {
@@ -697,7 +722,7 @@ async fn unload(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(e) = admin(&state, &headers, peer) {
+    if let Err(e) = admin(&state, &headers, peer, &Method::POST) {
         return e.into_response();
     }
     if state.unload_model(&name) {

@@ -12,8 +12,11 @@
 //!
 //! - [`config`]: the server's settings (TOML file + flags) and tokens.
 //! - [`server`]: shared state, the inference path both protocols use, model
-//!   (un)loading, the one listener (gRPC by content type, REST otherwise).
-//! - [`http`] and [`grpc`]: the two front ends.
+//!   (un)loading, the one router (gRPC by content type, REST otherwise).
+//! - [`listener`]: the accept loop: connection cap, header and idle
+//!   timeouts, HTTP/2 keepalive, the in-flight cap, optional TLS.
+//! - [`http`] and [`grpc`]: the two front ends; [`grpc_guard`]: the token
+//!   and size checks a gRPC request passes before tonic decodes it.
 //! - [`protocol`]: protocol-neutral requests and responses; decoding inputs,
 //!   encoding outputs. [`datatype`]: the protocol's tensor datatypes.
 //! - [`signature`]: a version's inputs and outputs, checked at load time.
@@ -54,7 +57,9 @@ pub mod drift;
 pub mod error;
 pub mod generate;
 pub mod grpc;
+pub mod grpc_guard;
 pub mod http;
+pub mod listener;
 pub mod lm;
 pub mod metrics;
 pub mod model;

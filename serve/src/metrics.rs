@@ -17,11 +17,27 @@
 //! | `kiln_serve_load_failures_total` | counter (new versions that failed to load) | model |
 //! | `kiln_drift_share` | gauge (share of drifted columns, 0-1) | model, version, column |
 //! | `kiln_drift_detected` | gauge (0 or 1) | model, version, column |
+//! | `kiln_serve_open_connections` | gauge | |
+//! | `kiln_serve_in_flight_requests` | gauge (requests under the in-flight cap) | |
+//! | `kiln_serve_connection_timeouts_total` | counter (connections closed) | kind (`header`, `idle`) |
 //!
 //! `version` is empty on errors that happen before a version is chosen (an
 //! unknown model, a malformed body); `column` is `_all` for the version's
 //! overall drift verdict.
+//!
+//! # Label values from clients
+//!
+//! A label value is a time series for as long as the process lives, so a
+//! client must not be able to make new ones: the `model` label of a request
+//! is the model's name only when the model is served and the request passed
+//! its token check; otherwise it is [`UNKNOWN_MODEL`] (`_unknown`), also for
+//! refusals before the model is known (in-flight cap, gRPC requests refused
+//! before decoding). Every label value is also bounded to
+//! [`MAX_LABEL_BYTES`] and escaped here (`\`, `"`, newline), because
+//! prometheus-client 0.23 writes label values as they are: a quote or
+//! newline would otherwise corrupt the whole exposition.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -33,6 +49,67 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+/// The `model` label of requests for a model that is not served, that were
+/// not authenticated, or that were refused before their model was known.
+pub const UNKNOWN_MODEL: &str = "_unknown";
+
+/// Longest label value, in bytes; longer ones are cut (at a character boundary).
+pub const MAX_LABEL_BYTES: usize = 128;
+
+/// A label value as the exposition may carry it: at most
+/// [`MAX_LABEL_BYTES`] of the original, `\`, `"` and newline escaped, other
+/// control characters replaced by `?`.
+pub fn label_value(value: &str) -> Cow<'_, str> {
+    let clean = value.len() <= MAX_LABEL_BYTES
+        && !value
+            .chars()
+            .any(|c| c == '\\' || c == '"' || c.is_control());
+    if clean {
+        return Cow::Borrowed(value);
+    }
+    let mut end = value.len().min(MAX_LABEL_BYTES);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = String::with_capacity(end + 8);
+    for c in value[..end].chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => out.push('?'),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Label sets whose values are made safe (see [`label_value`]) before use.
+trait Sanitize: Clone {
+    fn sanitized(&self) -> Cow<'_, Self>;
+}
+
+/// Implements [`Sanitize`] for a label struct of string fields.
+macro_rules! sanitize {
+    ($ty:ident { $($field:ident),+ }) => {
+        impl Sanitize for $ty {
+            fn sanitized(&self) -> Cow<'_, Self> {
+                if $(matches!(label_value(&self.$field), Cow::Borrowed(_)))&&+ {
+                    return Cow::Borrowed(self);
+                }
+                Cow::Owned($ty { $($field: label_value(&self.$field).into_owned()),+ })
+            }
+        }
+    };
+}
+
+/// Why connections were closed by the server's timeouts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    /// `header` (no complete request head in time) or `idle`.
+    pub kind: String,
+}
 
 /// A served version.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +151,25 @@ pub struct DriftLabels {
     pub column: String,
 }
 
+sanitize!(VersionLabels { model, version });
+sanitize!(RequestLabels {
+    model,
+    version,
+    protocol
+});
+sanitize!(ErrorLabels {
+    model,
+    version,
+    protocol,
+    kind
+});
+sanitize!(ModelLabels { model });
+sanitize!(DriftLabels {
+    model,
+    version,
+    column
+});
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds_histogram() -> Histogram {
@@ -107,6 +203,9 @@ struct Inner {
     load_failures: Family<ModelLabels, Counter>,
     drift_share: Family<DriftLabels, Gauge<f64, AtomicU64>>,
     drift_detected: Family<DriftLabels, Gauge>,
+    open_connections: Gauge,
+    in_flight: Gauge,
+    connection_timeouts: Family<TimeoutLabels, Counter>,
 }
 
 /// The server's metrics; cheap to clone (shared).
@@ -140,6 +239,9 @@ impl Default for Metrics {
         let load_failures = Family::<ModelLabels, Counter>::default();
         let drift_share = Family::<DriftLabels, Gauge<f64, AtomicU64>>::default();
         let drift_detected = Family::<DriftLabels, Gauge>::default();
+        let open_connections = Gauge::default();
+        let in_flight = Gauge::default();
+        let connection_timeouts = Family::<TimeoutLabels, Counter>::default();
         registry.register(
             "serve_request_duration_seconds",
             "Time from receipt to response of inference requests",
@@ -210,6 +312,21 @@ impl Default for Metrics {
             "Whether drift is detected (1) or not (0)",
             drift_detected.clone(),
         );
+        registry.register(
+            "serve_open_connections",
+            "Client connections open",
+            open_connections.clone(),
+        );
+        registry.register(
+            "serve_in_flight_requests",
+            "Requests being served (those the in-flight cap counts)",
+            in_flight.clone(),
+        );
+        registry.register(
+            "serve_connection_timeouts",
+            "Connections the server closed: no complete request head in time (header) or no request for too long (idle)",
+            connection_timeouts.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -227,6 +344,9 @@ impl Default for Metrics {
                 load_failures,
                 drift_share,
                 drift_detected,
+                open_connections,
+                in_flight,
+                connection_timeouts,
             }),
         }
     }
@@ -243,10 +363,11 @@ impl Metrics {
 
     /// An answered request.
     pub fn observe_request(&self, labels: &RequestLabels, took: Duration) {
-        self.inner.requests.get_or_create(labels).inc();
+        let labels = labels.sanitized();
+        self.inner.requests.get_or_create(&labels).inc();
         self.inner
             .request_duration
-            .get_or_create(labels)
+            .get_or_create(&labels)
             .observe(took.as_secs_f64());
     }
 
@@ -258,10 +379,10 @@ impl Metrics {
             protocol: labels.protocol.clone(),
             kind: kind.to_string(),
         };
-        self.inner.errors.get_or_create(&l).inc();
+        self.inner.errors.get_or_create(&l.sanitized()).inc();
         self.inner
             .request_duration
-            .get_or_create(labels)
+            .get_or_create(&labels.sanitized())
             .observe(took.as_secs_f64());
     }
 
@@ -278,19 +399,20 @@ impl Metrics {
     pub fn observe_queue(&self, labels: &VersionLabels, waited: Duration) {
         self.inner
             .queue_duration
-            .get_or_create(labels)
+            .get_or_create(&labels.sanitized())
             .observe(waited.as_secs_f64());
     }
 
     /// One batch: its rows and its compute time.
     pub fn observe_batch(&self, labels: &VersionLabels, rows: usize, took: Duration) {
+        let labels = labels.sanitized();
         self.inner
             .batch_size
-            .get_or_create(labels)
+            .get_or_create(&labels)
             .observe(rows as f64);
         self.inner
             .compute_duration
-            .get_or_create(labels)
+            .get_or_create(&labels)
             .observe(took.as_secs_f64());
     }
 
@@ -298,7 +420,7 @@ impl Metrics {
     pub fn observe_prompt(&self, labels: &VersionLabels, tokens: usize) {
         self.inner
             .prompt_tokens
-            .get_or_create(labels)
+            .get_or_create(&labels.sanitized())
             .observe(tokens as f64);
     }
 
@@ -306,7 +428,7 @@ impl Metrics {
     pub fn observe_generated(&self, labels: &VersionLabels, tokens: usize) {
         self.inner
             .generated_tokens
-            .get_or_create(labels)
+            .get_or_create(&labels.sanitized())
             .observe(tokens as f64);
     }
 
@@ -317,7 +439,7 @@ impl Metrics {
             self.inner
                 .weight
                 .get_or_create(&VersionLabels {
-                    model: model.to_string(),
+                    model: label_value(model).into_owned(),
                     version: v.to_string(),
                 })
                 .set(0);
@@ -326,7 +448,7 @@ impl Metrics {
             self.inner
                 .weight
                 .get_or_create(&VersionLabels {
-                    model: model.to_string(),
+                    model: label_value(model).into_owned(),
                     version: v.to_string(),
                 })
                 .set(i64::from(*w));
@@ -338,7 +460,7 @@ impl Metrics {
         self.inner
             .swaps
             .get_or_create(&ModelLabels {
-                model: model.to_string(),
+                model: label_value(model).into_owned(),
             })
             .inc();
     }
@@ -348,18 +470,39 @@ impl Metrics {
         self.inner
             .load_failures
             .get_or_create(&ModelLabels {
-                model: model.to_string(),
+                model: label_value(model).into_owned(),
             })
             .inc();
     }
 
     /// One drift column's statistic and verdict.
     pub fn set_drift(&self, labels: &DriftLabels, share: f64, detected: bool) {
-        self.inner.drift_share.get_or_create(labels).set(share);
+        let labels = labels.sanitized();
+        self.inner.drift_share.get_or_create(&labels).set(share);
         self.inner
             .drift_detected
-            .get_or_create(labels)
+            .get_or_create(&labels)
             .set(i64::from(detected));
+    }
+
+    /// The gauge of open client connections.
+    pub fn open_connections(&self) -> &Gauge {
+        &self.inner.open_connections
+    }
+
+    /// The gauge of requests under the in-flight cap.
+    pub fn in_flight(&self) -> &Gauge {
+        &self.inner.in_flight
+    }
+
+    /// A connection closed by a timeout (`header` or `idle`).
+    pub fn count_connection_timeout(&self, kind: &'static str) {
+        self.inner
+            .connection_timeouts
+            .get_or_create(&TimeoutLabels {
+                kind: kind.to_string(),
+            })
+            .inc();
     }
 }
 
@@ -401,5 +544,28 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
+    }
+
+    #[test]
+    fn label_values_are_bounded_and_escaped() {
+        assert!(matches!(label_value("digits-2"), Cow::Borrowed("digits-2")));
+        assert_eq!(label_value("a\"b\\c\nd\re"), "a\\\"b\\\\c\\nd?e");
+        let long = "é".repeat(100);
+        let cut = label_value(&long);
+        assert!(cut.len() <= MAX_LABEL_BYTES && cut.chars().all(|c| c == 'é'));
+
+        let m = Metrics::default();
+        let hostile = RequestLabels {
+            model: "x\"} 1\nkiln_fake_total 7\n#".into(),
+            version: String::new(),
+            protocol: "http".into(),
+        };
+        m.observe_error(&hostile, "not_found", Duration::from_millis(1));
+        let text = m.encode();
+        assert!(!text.contains("\nkiln_fake_total"), "{text}");
+        assert!(
+            text.contains(r#"model="x\"} 1\nkiln_fake_total 7\n#""#),
+            "{text}"
+        );
     }
 }

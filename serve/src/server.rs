@@ -1,10 +1,11 @@
 //! The server: shared state, the inference path both protocols use, model
 //! (un)loading, and the one listener REST and gRPC share.
 //!
-//! One port serves both protocols: hyper accepts HTTP/1.1 and HTTP/2 (h2c)
-//! on the same socket, and each request goes to the gRPC service when its
-//! `content-type` is `application/grpc` (every gRPC request carries it) and
-//! to the REST router otherwise.
+//! One port serves both protocols: the accept loop ([`crate::listener`])
+//! serves HTTP/1.1 and HTTP/2 (h2c, or either over TLS) on the same socket,
+//! and each request goes to the gRPC service when its `content-type` is
+//! `application/grpc` (every gRPC request carries it) and to the REST router
+//! otherwise.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -32,7 +33,7 @@ use crate::deployment::{Deployment, Deployments, Engine, Loader, Swap, watch};
 use crate::error::{ErrorKind, RequestError};
 use crate::generate::GenerateRequest;
 use crate::lm::{GenerateEvent, GenerateJob, LmJob};
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{Metrics, RequestLabels, UNKNOWN_MODEL};
 use crate::model::{argmax_rows, softmax_rows};
 use crate::protocol::{
     InferRequest, InferResponse, OutputData, OutputTensor, decode_inputs, decode_token_ids,
@@ -47,7 +48,8 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    fn label(self) -> &'static str {
+    /// The `protocol` label.
+    pub fn label(self) -> &'static str {
         match self {
             Protocol::Http => "http",
             Protocol::Grpc => "grpc",
@@ -126,11 +128,7 @@ impl ServerState {
         protocol: Protocol,
         received: Instant,
     ) -> Result<InferResponse, RequestError> {
-        let mut labels = RequestLabels {
-            model: model.to_string(),
-            version: String::new(),
-            protocol: protocol.label().to_string(),
-        };
+        let mut labels = self.request_labels(model, true, protocol);
         let result = self
             .infer_inner(model, version, request, &mut labels, received)
             .await;
@@ -139,6 +137,29 @@ impl ServerState {
             Err(e) => self.record_error(&labels, e, received),
         }
         result
+    }
+
+    /// The labels of a request for `model` before a version is chosen. The
+    /// model's name becomes a label only when the request passed its token
+    /// check and the model is served; anything else is
+    /// [`crate::metrics::UNKNOWN_MODEL`], so that clients cannot add series.
+    pub fn request_labels(
+        &self,
+        model: &str,
+        authenticated: bool,
+        protocol: Protocol,
+    ) -> RequestLabels {
+        let served = authenticated
+            && self
+                .deployments
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(model);
+        RequestLabels {
+            model: if served { model } else { UNKNOWN_MODEL }.to_string(),
+            version: String::new(),
+            protocol: protocol.label().to_string(),
+        }
     }
 
     /// Counts a failed request (also those that fail before [`Self::infer`]).
@@ -301,11 +322,7 @@ impl ServerState {
         request: GenerateRequest,
         received: Instant,
     ) -> Result<Generation, RequestError> {
-        let mut labels = RequestLabels {
-            model: model.to_string(),
-            version: String::new(),
-            protocol: Protocol::Http.label().to_string(),
-        };
+        let mut labels = self.request_labels(model, true, Protocol::Http);
         let result = self
             .generate_inner(model, version, request, &mut labels, received)
             .await;
@@ -632,8 +649,9 @@ impl RunningServer {
         &self.state
     }
 
-    /// Stops accepting, lets requests in flight finish (up to 10 s), and
-    /// delivers pending hook events (up to 5 s).
+    /// Stops accepting, lets requests in flight finish (up to 10 s:
+    /// [`crate::listener::SHUTDOWN_GRACE`]), and delivers pending hook
+    /// events (up to 5 s).
     pub async fn shutdown(self) -> Result<()> {
         self.state.cancel.cancel();
         self.wait().await
@@ -643,7 +661,9 @@ impl RunningServer {
     /// [`ServerState::cancel`]), then shuts down as [`Self::shutdown`].
     pub async fn wait(self) -> Result<()> {
         self.state.cancel.cancelled().await;
-        let result = match tokio::time::timeout(Duration::from_secs(10), self.task).await {
+        // The listener drops connections at its grace; this is a backstop.
+        let backstop = crate::listener::SHUTDOWN_GRACE + Duration::from_secs(1);
+        let result = match tokio::time::timeout(backstop, self.task).await {
             Ok(Ok(r)) => r.context("serve"),
             Ok(Err(e)) => Err(anyhow::anyhow!("server task failed: {e}")),
             Err(_) => {
@@ -686,6 +706,7 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
     });
+    let tls = crate::listener::tls_acceptor(&config.tls)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
@@ -711,15 +732,15 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
         cancel,
     });
     let app = app(state.clone());
-    let shutdown = state.cancel.clone();
-    let task = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-    });
+    let limits = crate::listener::Limits::from(&state.config.connections);
+    let task = tokio::spawn(crate::listener::serve(
+        listener,
+        app,
+        tls,
+        limits,
+        state.metrics.clone(),
+        state.cancel.clone(),
+    ));
     let running = RunningServer {
         addr,
         state: state.clone(),
@@ -738,7 +759,9 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
     Ok(running)
 }
 
-/// The one router of the port: gRPC by content type, REST otherwise.
+/// The one router of the port: gRPC by content type (through
+/// [`crate::grpc_guard`]: token and sizes checked before tonic decodes),
+/// REST otherwise.
 pub fn app(state: Arc<ServerState>) -> Router {
     let rest = crate::http::router(state.clone());
     let grpc_service =
@@ -753,9 +776,13 @@ pub fn app(state: Arc<ServerState>) -> Router {
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
-        let target = if is_grpc { grpc.clone() } else { rest.clone() };
+        let (state, grpc, rest) = (state.clone(), grpc.clone(), rest.clone());
         async move {
-            Ok::<Response, Infallible>(target.oneshot(req).await.unwrap_or_else(|e| match e {}))
+            Ok::<Response, Infallible>(if is_grpc {
+                crate::grpc_guard::guard(state, grpc, req).await
+            } else {
+                rest.oneshot(req).await.unwrap_or_else(|e| match e {})
+            })
         }
     }))
 }

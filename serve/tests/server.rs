@@ -1051,6 +1051,7 @@ fn tokens_guard_inference_and_management() {
         let r = c
             .post(&unload)
             .bearer_auth("admin-secret")
+            .header("content-type", "application/json")
             .send()
             .await
             .unwrap();
@@ -1072,8 +1073,15 @@ fn management_loads_versions_from_loopback_without_a_token() {
     f.rt.block_on(async {
         let c = http();
         let load = url(&server, "/v2/repository/models/m/load");
-        let r = c
-            .post(&load)
+        let json = |r: reqwest::RequestBuilder| r.header("content-type", "application/json");
+        // No JSON content type: refused (a cross-site form could send it).
+        expect_error(
+            c.post(&load).body(r#"{"parameters": {"version": 2}}"#),
+            415,
+            "application/json",
+        )
+        .await;
+        let r = json(c.post(&load))
             .body(r#"{"parameters": {"version": 2}}"#)
             .send()
             .await
@@ -1081,8 +1089,7 @@ fn management_loads_versions_from_loopback_without_a_token() {
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
         let (v, _, _) = infer_json(&c, &url(&server, "/v2/models/m/infer"), &rows(1, 4)).await;
         assert_eq!(v, "2");
-        let index: Value = c
-            .post(url(&server, "/v2/repository/index"))
+        let index: Value = json(c.post(url(&server, "/v2/repository/index")))
             .send()
             .await
             .unwrap()
@@ -1090,19 +1097,19 @@ fn management_loads_versions_from_loopback_without_a_token() {
             .await;
         assert_eq!(index[0]["selector"], "m:2");
         expect_error(
-            c.post(&load).body(r#"{"parameters": {"alias": "nope"}}"#),
+            json(c.post(&load)).body(r#"{"parameters": {"alias": "nope"}}"#),
             404,
             "alias nope",
         )
         .await;
         expect_error(
-            c.post(&load).body(r#"{"parameters": {"version": "x"}}"#),
+            json(c.post(&load)).body(r#"{"parameters": {"version": "x"}}"#),
             400,
             "version",
         )
         .await;
         expect_error(
-            c.post(url(&server, "/v2/repository/models/zzz/unload")),
+            json(c.post(url(&server, "/v2/repository/models/zzz/unload"))),
             404,
             "zzz",
         )
