@@ -829,6 +829,54 @@ fn verify_and_export_report_progress_up_to_the_total() {
     assert_eq!(calls.iter().map(|c| c.0).max(), Some(model));
 }
 
+/// Two saves of the same content under different codec policies store a
+/// chunk in different encodings under one key (raw and zstd frames share
+/// it); the later write replaces the earlier. Every manifest must still
+/// load: a chunk is its content, whatever its encoding. (Seen: a second
+/// `kiln run` into the same data folder made the first checkpoint "corrupt".)
+#[test]
+fn a_chunk_rewritten_in_another_encoding_still_loads_for_every_manifest() {
+    for t in all_roots() {
+        // Compressible, so raw and zstd frames differ in length.
+        let data: Vec<u8> = (0..64 << 10).map(|i| (i % 7) as u8).collect();
+        let state = vec![owned("blob", DType::U8, &[data.len()], data)];
+        let raw = SaveConfig {
+            compression: kiln_checkpoint::Compression::None,
+            ..SaveConfig::default()
+        };
+        let zstd = SaveConfig {
+            compression: kiln_checkpoint::Compression::Zstd,
+            ..SaveConfig::default()
+        };
+        save_world(&t.root, &raw, 1, 1, "first", &state);
+        let first = resolve(&t.root, "1").unwrap();
+        save_world(&t.root, &zstd, 1, 2, "second", &state);
+        let second = resolve(&t.root, "2").unwrap();
+        let (a, b) = (&first.tensors[0].chunks[0], &second.tensors[0].chunks[0]);
+        assert_eq!(a.key, b.key, "{}", t.backend);
+        assert!(b.stored_len < a.stored_len, "{}: {a:?} {b:?}", t.backend);
+        assert_same_tensors(&load(&t.root, &first, |_| true).unwrap(), &state);
+        assert_same_tensors(&load(&t.root, &second, |_| true).unwrap(), &state);
+
+        // Damage is still found, and the length difference named with it.
+        let stored = kiln_test_block_on(t.root.get(&a.key)).unwrap();
+        let short = stored.slice(..stored.len() - 10);
+        kiln_test_block_on(t.root.put(&a.key, short, object_store::PutMode::Overwrite)).unwrap();
+        for m in [&first, &second] {
+            match load(&t.root, m, |_| true) {
+                Err(Error::Corrupt { reason, .. }) => {
+                    assert!(
+                        reason.contains("the manifest says"),
+                        "{}: {reason}",
+                        t.backend
+                    )
+                }
+                other => panic!("{}: {other:?}", t.backend),
+            }
+        }
+    }
+}
+
 #[test]
 fn large_chunks_load_through_ranged_reads_and_damage_is_still_named() {
     for t in all_roots() {
