@@ -58,7 +58,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Compute threads per model version, each with its own copy of the
-    /// network (0: one per core this process may use, divided by --threads) [default: 0].
+    /// network (0: one per two cores this process may use, divided by --threads) [default: 0].
     #[arg(long)]
     pub instances: Option<usize>,
     /// File with the inference token (else KILN_SERVE_TOKEN).

@@ -8,7 +8,7 @@
 //! listen = "0.0.0.0:8000"
 //!
 //! threads = 1                # libtorch intra-op threads per model instance
-//! instances = 0              # compute threads (each its own copy of the network) per version; 0: one per core
+//! instances = 0              # compute threads (each its own copy of the network) per version; 0: one per two cores
 //!
 //! [batching]
 //! max_batch_size = 32        # rows per forward pass
@@ -79,8 +79,9 @@ pub struct ServeConfig {
     pub threads: usize,
     /// Compute threads per served version (Triton's instance group), each
     /// with its own copy of the network, all draining the version's one
-    /// queue; 0: one per core this process may run on, divided by `threads`.
-    /// Language models always run one.
+    /// queue; 0: one per two cores this process may run on (at least one),
+    /// divided by `threads`: the other core of each pair parses requests and
+    /// encodes answers. Language models always run one.
     #[serde(default)]
     pub instances: usize,
     #[serde(default)]
@@ -530,7 +531,7 @@ impl ServeConfig {
         );
         ensure!(
             self.instances <= 256,
-            "instances: {} is out of range; allowed: 0 (one per core) to 256",
+            "instances: {} is out of range; allowed: 0 (one per two cores) to 256",
             self.instances
         );
         self.connections.validate()?;
@@ -570,14 +571,18 @@ impl ServeConfig {
         shapes
     }
 
-    /// Compute threads per version: `instances`, or one per core this
+    /// Compute threads per version: `instances`, or one per two cores this
     /// process may run on (its CPU affinity and quota), divided by `threads`.
+    /// Measured on 2 cores (bench/serve.py, MLP 784-1024-1024-10, 32 and 128
+    /// connections): one instance answered 10.8k and 14.0k req/s, two 9.1k
+    /// and 12.5k: JSON parsing and HTTP take about as long as a small
+    /// model's forward pass, and two compute threads starve them.
     pub fn instances(&self) -> usize {
         if self.instances > 0 {
             return self.instances;
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / self.threads.max(1)).max(1)
+        (cores / 2 / self.threads.max(1)).max(1)
     }
 
     /// The batching delay as a duration.
