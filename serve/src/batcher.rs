@@ -57,6 +57,8 @@ pub struct BatchSettings {
     pub threads: usize,
     /// Compute threads, each with its own copy of the network.
     pub instances: usize,
+    /// Compute threads of a language model.
+    pub lm_instances: usize,
 }
 
 impl BatchSettings {
@@ -367,6 +369,7 @@ mod tests {
             fixed_shape: fixed,
             threads: 1,
             instances: 1,
+            lm_instances: 1,
         }
     }
 

@@ -79,9 +79,11 @@ pub struct ServeConfig {
     pub threads: usize,
     /// Compute threads per served version (Triton's instance group), each
     /// with its own copy of the network, all draining the version's one
-    /// queue; 0: one per two cores this process may run on (at least one),
-    /// divided by `threads`: the other core of each pair parses requests and
-    /// encodes answers. Language models always run one.
+    /// queue; 0: for classifiers one per two cores this process may run on
+    /// (at least one), divided by `threads` (the other core of each pair
+    /// parses requests and encodes answers), for language models one per
+    /// core divided by `threads` (a request's milliseconds of compute dwarf
+    /// its parsing).
     #[serde(default)]
     pub instances: usize,
     #[serde(default)]
@@ -569,6 +571,16 @@ impl ServeConfig {
         shapes.sort_unstable();
         shapes.dedup();
         shapes
+    }
+
+    /// Compute threads per language-model version: `instances`, or one per
+    /// core this process may run on, divided by `threads`.
+    pub fn lm_instances(&self) -> usize {
+        if self.instances > 0 {
+            return self.instances;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / self.threads.max(1)).max(1)
     }
 
     /// Compute threads per version: `instances`, or one per two cores this

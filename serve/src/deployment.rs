@@ -160,19 +160,20 @@ impl Loader {
         let batch = self.batch.clone();
         let v = version.clone();
         let language = io.is_language_model();
-        let (mut nets, tokenizer) = tokio::task::spawn_blocking(
+        let (nets, tokenizer) = tokio::task::spawn_blocking(
             move || -> Result<(Vec<ServingNet>, Option<kiln_text::Tokenizer>)> {
+                if batch.threads > 0 {
+                    tch::set_num_threads(batch.threads as i32);
+                }
                 if language {
-                    // One compute thread: generations keep per-request state there.
-                    let net = ServingNet::load(&registry, &v)?;
+                    let nets = ServingNet::load_instances(&registry, &v, batch.lm_instances)?;
                     let tokenizer = crate::model::load_tokenizer(&registry, &v)?;
-                    crate::lm::warm_up(&net).context("warm up")?;
-                    Ok((vec![net], tokenizer))
+                    for net in &nets {
+                        crate::lm::warm_up(net).context("warm up")?;
+                    }
+                    Ok((nets, tokenizer))
                 } else {
                     let nets = ServingNet::load_instances(&registry, &v, batch.instances)?;
-                    if batch.threads > 0 {
-                        tch::set_num_threads(batch.threads as i32);
-                    }
                     for net in &nets {
                         warm_up(net, &batch).context("warm up")?;
                     }
@@ -194,7 +195,7 @@ impl Loader {
             }
             Engine::Language {
                 queue: LmQueue::start(
-                    nets.remove(0),
+                    nets,
                     self.batch.queue_capacity,
                     self.batch.threads,
                     self.metrics.clone(),

@@ -1,15 +1,17 @@
-//! Serving a language model: one compute thread per served version that owns
-//! the network and answers, in arrival order, the version's two kinds of
-//! work: next-token logits for OIP `infer` on token ids, and generation for
-//! Triton's generate extension (`/generate`, `/generate_stream`).
+//! Serving a language model: compute threads (instances) per served version,
+//! each owning a copy of the network, that take the version's work in
+//! arrival order from one queue, each job to completion: next-token logits
+//! for OIP `infer` on token ids, and generation for Triton's generate
+//! extension (`/generate`, `/generate_stream`).
 //!
 //! There is no dynamic batching here: an `infer` request runs as one forward
 //! pass over its own `[batch, t]` ids, and a generation runs alone from its
 //! first token to its last through `Gpt::generate` (seeded sampling with the
 //! KV cache, the code `kiln generate` runs), so a generation's text depends
-//! only on its prompt and parameters. libtorch tensors are `Send` but not
-//! `Sync`, so the network lives on this one thread rather than being shared
-//! by a pool; the bounded queue in front of it answers 503 when full.
+//! only on its prompt and parameters (and never on the instance that ran it:
+//! the copies hold the same weights). libtorch tensors are `Send` but not
+//! `Sync`, so each instance owns its copy rather than sharing one; the
+//! bounded queue in front of them answers 503 when full.
 //!
 //! A generation reports each token's text as it is produced
 //! ([`GenerateEvent::Piece`]); [`TextStream`] turns tokens into pieces whose
@@ -18,8 +20,8 @@
 //! time limit passes.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -98,10 +100,11 @@ pub struct LmQueue {
 }
 
 impl LmQueue {
-    /// Starts the compute thread of `net` with a queue of `capacity` jobs;
-    /// `threads` is libtorch's intra-op thread count there (0: its default).
+    /// Starts a compute thread for each network of `nets` (a version's
+    /// instances) with a queue of `capacity` jobs; `threads` is libtorch's
+    /// intra-op thread count in each (0: its default).
     pub fn start(
-        net: ServingNet,
+        nets: Vec<ServingNet>,
         capacity: usize,
         threads: usize,
         metrics: Metrics,
@@ -109,9 +112,19 @@ impl LmQueue {
         name: String,
     ) -> std::io::Result<LmQueue> {
         let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || compute_loop(net, rx, threads, metrics, labels))?;
+        let rx = Arc::new(Mutex::new(rx));
+        let count = nets.len();
+        for (i, net) in nets.into_iter().enumerate() {
+            let (rx, metrics, labels) = (rx.clone(), metrics.clone(), labels.clone());
+            let thread = if count > 1 {
+                format!("{name}.{i}")
+            } else {
+                name.clone()
+            };
+            std::thread::Builder::new()
+                .name(thread)
+                .spawn(move || compute_loop(net, &rx, threads, metrics, labels))?;
+        }
         Ok(LmQueue { tx })
     }
 
@@ -131,7 +144,7 @@ impl LmQueue {
 
 fn compute_loop(
     net: ServingNet,
-    rx: Receiver<LmJob>,
+    rx: &Mutex<Receiver<LmJob>>,
     threads: usize,
     metrics: Metrics,
     labels: VersionLabels,
@@ -139,7 +152,10 @@ fn compute_loop(
     if threads > 0 {
         tch::set_num_threads(threads as i32);
     }
-    while let Ok(job) = rx.recv() {
+    // The lock is held only while waiting for the next job, never while
+    // running one.
+    let next = || rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+    while let Ok(job) = next() {
         if job.abandoned() {
             continue;
         }

@@ -699,6 +699,7 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
         fixed_shape: config.batching.fixed_shape,
         threads: config.threads,
         instances: config.instances(),
+        lm_instances: config.lm_instances(),
     };
     let seed = config.swap.canary_seed.unwrap_or_else(|| {
         std::time::SystemTime::now()

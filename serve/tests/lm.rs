@@ -525,6 +525,60 @@ fn generate_equals_the_networks_seeded_generation_and_streams_the_same_text() {
     f.rt.block_on(server.shutdown()).unwrap();
 }
 
+/// Three instances serve concurrent generations and logits requests; each
+/// answer is the one a single network gives (the instances hold the same
+/// weights, and a job runs to its end on the instance that took it).
+#[test]
+fn instances_answer_concurrent_requests_as_one_network_does() {
+    let f = Fixture::new();
+    let server = f.start_with(&["lm@prod"], |c| c.instances = 3);
+    let rows: Vec<Vec<i64>> = vec![vec![84, 104, 101, 32, 107]];
+    let expected = bits(&f.models[0].next_token_logits(&rows));
+    f.rt.block_on(async {
+        let generate = url(&server, "/v2/models/lm/generate");
+        let infer = url(&server, "/v2/models/lm/infer");
+        let mut tasks = Vec::new();
+        for seed in 0..6u64 {
+            let body = json!({"text_input": "The kiln", "parameters":
+                {"max_tokens": 8, "temperature": 0.9, "top_k": 50, "seed": seed}});
+            let generate = generate.clone();
+            tasks.push(tokio::spawn(async move { (seed, post(&generate, body).await) }));
+        }
+        let mut logits = Vec::new();
+        for _ in 0..6 {
+            let body = json!({"inputs": [{"name": "input_ids", "shape": [1, 5], "datatype": "INT64", "data": rows}]});
+            let infer = infer.clone();
+            logits.push(tokio::spawn(async move { post(&infer, body).await }));
+        }
+        for t in tasks {
+            let (seed, (status, text)) = t.await.unwrap();
+            assert_eq!(status, 200, "{text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let want = f.models[0].generate("The kiln", 8, 0.9, Some(50), seed);
+            assert_eq!(v["text_output"], want.as_str(), "seed {seed}");
+        }
+        for t in logits {
+            let (status, text) = t.await.unwrap();
+            assert_eq!(status, 200, "{text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let logits = v["outputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|o| o["name"] == "logits")
+                .unwrap();
+            let got: Vec<f32> = logits["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            assert_eq!(bits(&[got]), expected);
+        }
+    });
+    f.rt.block_on(server.shutdown()).unwrap();
+}
+
 #[test]
 fn an_alias_move_swaps_the_language_model_without_failing_a_generation() {
     let f = Fixture::new();
