@@ -863,9 +863,10 @@ def print_tables(args, summary, loopback):
     print(
         "\nColumns: ratio = kiln / FastAPI (req/s: above 1 favours kiln; p50, p99: below 1 favours kiln). "
         "ovh = kiln's time not in the forward pass, from its own histograms over the measured window "
-        "(p50: p50(request duration) - p50(batch compute), each interpolated inside buckets that double from "
-        "50 us, so only good to about a quarter of the larger p50; mean: exact sums, mean(request) - mean(compute "
-        "per batch)); both include the wait for the batch (q mean: its mean), which dominates at high "
+        "(from kiln_serve_overhead_seconds, a request's time outside its batch's forward passes measured "
+        "once its response is encoded, buckets 25% apart from 5 us, its top bucket 30 ms; a server without "
+        "it: p50(request duration) - p50(batch compute), buckets doubling from 50 us; mean: exact sums); "
+        "both include the wait for the batch (q mean: its mean), which dominates at high "
         "concurrency; fwd p50 = p50 of kiln's forward pass. srv cores = server CPU s / wall s (all its processes). MB/s = request + "
         "response bytes per second over loopback, kiln / FastAPI; %lo = the larger as a % of the loopback "
         f"bandwidth ({lb:.2f} GB/s one stream, {lb_what})."
