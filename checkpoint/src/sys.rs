@@ -69,6 +69,25 @@ pub fn lower_current_thread_priority() -> bool {
     false
 }
 
+/// Lowers the calling thread to nice 19 (the lowest ordinary priority):
+/// it still gets a small share of a busy core, so a lock it holds (the
+/// kernel's memory-map lock while it frees memory, say) is released within
+/// a time slice, where a `SCHED_IDLE` thread may wait for a whole tick.
+/// Says whether it worked.
+pub fn nice_current_thread() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid has no preconditions; PRIO_PROCESS with a thread id
+        // sets that thread's nice value on Linux.
+        unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) == 0
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
 /// Whether the calling thread runs under `SCHED_IDLE` (tests).
 pub fn current_thread_is_idle_priority() -> bool {
     #[cfg(target_os = "linux")]

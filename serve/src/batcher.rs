@@ -59,6 +59,8 @@ pub struct BatchSettings {
     pub instances: usize,
     /// Compute threads of a language model.
     pub lm_instances: usize,
+    /// Shapes an MLP's weights are packed for (see [`crate::packed`]).
+    pub packed_shapes: Vec<usize>,
 }
 
 impl BatchSettings {
@@ -370,6 +372,7 @@ mod tests {
             threads: 1,
             instances: 1,
             lm_instances: 1,
+            packed_shapes: Vec::new(),
         }
     }
 

@@ -166,14 +166,19 @@ impl Loader {
                     tch::set_num_threads(batch.threads as i32);
                 }
                 if language {
-                    let nets = ServingNet::load_instances(&registry, &v, batch.lm_instances)?;
+                    let nets = ServingNet::load_instances(&registry, &v, batch.lm_instances, &[])?;
                     let tokenizer = crate::model::load_tokenizer(&registry, &v)?;
                     for net in &nets {
                         crate::lm::warm_up(net).context("warm up")?;
                     }
                     Ok((nets, tokenizer))
                 } else {
-                    let nets = ServingNet::load_instances(&registry, &v, batch.instances)?;
+                    let nets = ServingNet::load_instances(
+                        &registry,
+                        &v,
+                        batch.instances,
+                        &batch.packed_shapes,
+                    )?;
                     for net in &nets {
                         warm_up(net, &batch).context("warm up")?;
                     }

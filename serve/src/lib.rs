@@ -64,6 +64,7 @@ pub mod lm;
 pub mod metrics;
 pub mod model;
 pub mod monitor;
+pub mod packed;
 pub mod protocol;
 pub mod server;
 pub mod signature;

@@ -12,6 +12,8 @@ use kiln_checkpoint::registry::{ModelTask, ModelVersion, Registry};
 use kiln_checkpoint::{CheckpointRoot, DType, OwnedTensor, TensorView, weights_digest};
 use kiln_models::Net;
 use kiln_proto::spec::ModelKind;
+
+use crate::packed::PackedMlp;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -28,6 +30,8 @@ pub struct ServingNet {
     /// A TorchScript module's file, kept while the module lives (shared
     /// by a version's instances).
     _script: Option<std::sync::Arc<tempfile::NamedTempFile>>,
+    /// An MLP's layers with packed weights, for the row counts packed for.
+    packed: Option<PackedMlp>,
     features: usize,
     classes: usize,
 }
@@ -46,17 +50,21 @@ impl ServingNet {
     /// Builds the network of `version` and loads its verified weights.
     /// Blocking (checkpoint reads, libtorch): call it off the async threads.
     pub fn load(registry: &Registry, version: &ModelVersion) -> Result<ServingNet> {
-        let mut nets = Self::load_instances(registry, version, 1)?;
+        let mut nets = Self::load_instances(registry, version, 1, &[])?;
         Ok(nets.remove(0))
     }
 
     /// `count` copies of the network of `version` (one per compute thread),
-    /// its weights read and verified once. Blocking: call it off the async
-    /// threads.
+    /// its weights read and verified once. An MLP of at least
+    /// [`PACK_MIN_WEIGHT_BYTES`] of weights also gets its weights packed for
+    /// passes of each of `pack_shapes` rows (see [`crate::packed`]), unless
+    /// the packed copies would pass [`PACK_MAX_BYTES`]. Blocking: call it
+    /// off the async threads.
     pub fn load_instances(
         registry: &Registry,
         version: &ModelVersion,
         count: usize,
+        pack_shapes: &[usize],
     ) -> Result<Vec<ServingNet>> {
         let what = format!("{}:{}", version.name, version.version);
         let root = CheckpointRoot::open(&version.checkpoint.root)
@@ -126,10 +134,12 @@ impl ServingNet {
             }
             let mut vs = vs;
             vs.freeze();
+            let packed = pack_mlp(&what, &spec, &vs, &weights, pack_shapes)?;
             nets.push(ServingNet {
                 net,
                 _vs: vs,
                 _script: script.clone(),
+                packed,
                 features,
                 classes,
             });
@@ -191,12 +201,15 @@ impl ServingNet {
             self.features
         );
         let x = Tensor::from_slice(values).view([rows as i64, self.features as i64]);
-        let y = tch::no_grad(|| match &self.net {
-            Net::Builtin(seq) => Ok(seq.forward(&x)),
-            Net::Script(module) => module.forward_ts(&[&x]),
-            Net::Gpt(_) => Err(tch::TchError::Kind(
-                "language models are not served through infer on features".into(),
-            )),
+        let y = tch::no_grad(|| -> Result<Tensor> {
+            Ok(match &self.net {
+                Net::Builtin(_) if self.packed.as_ref().is_some_and(|p| p.handles(rows)) => {
+                    self.packed.as_ref().expect("checked").forward(&x)?
+                }
+                Net::Builtin(seq) => seq.forward(&x),
+                Net::Script(module) => module.forward_ts(&[&x])?,
+                Net::Gpt(_) => bail!("language models are not served through infer on features"),
+            })
         })
         .context("forward pass")?;
         ensure!(
@@ -209,6 +222,62 @@ impl ServingNet {
         let y = y.contiguous().view([-1]);
         Vec::<f32>::try_from(&y).context("copy logits")
     }
+}
+
+/// Least weight bytes of an MLP whose weights are packed: below it the
+/// weights stay in cache and packing gains little.
+pub const PACK_MIN_WEIGHT_BYTES: usize = 1 << 20;
+/// Most bytes the packed copies of one instance may take.
+pub const PACK_MAX_BYTES: usize = 1 << 30;
+
+/// An MLP's layers `fc0..fcN` packed for `shapes` (see [`ServingNet::load_instances`]).
+fn pack_mlp(
+    what: &str,
+    spec: &kiln_proto::spec::ModelSpec,
+    vs: &nn::VarStore,
+    weights: &[OwnedTensor],
+    shapes: &[usize],
+) -> Result<Option<PackedMlp>> {
+    let bytes: usize = weights.iter().map(|w| w.data.len()).sum();
+    if spec.kind != ModelKind::Mlp
+        || shapes.is_empty()
+        || bytes < PACK_MIN_WEIGHT_BYTES
+        || !crate::packed::available()
+    {
+        return Ok(None);
+    }
+    let vars = vs.variables();
+    let layers: Vec<(Tensor, Tensor)> = (0..=spec.hidden.len())
+        .map(|i| {
+            let get = |part: &str| {
+                vars.get(&format!("fc{i}.{part}"))
+                    .map(Tensor::shallow_clone)
+                    .with_context(|| format!("{what}: the MLP has no fc{i}.{part}"))
+            };
+            Ok((get("weight")?, get("bias")?))
+        })
+        .collect::<Result<_>>()?;
+    // What the packed copies will take, from one layer's packing: they grow
+    // with the weights.
+    let probe = PackedMlp::new(
+        vec![(layers[0].0.shallow_clone(), layers[0].1.shallow_clone())],
+        &shapes[..1],
+    )
+    .with_context(|| format!("{what}: pack its weights"))?;
+    let first = layers[0].0.numel() * 4;
+    let estimate = probe.bytes() as f64 / first as f64 * bytes as f64 * shapes.len() as f64;
+    if estimate > PACK_MAX_BYTES as f64 {
+        tracing::info!(
+            model = what,
+            estimate_mb = estimate / 1e6,
+            "weights not packed: the packed copies would take too much memory"
+        );
+        return Ok(None);
+    }
+    let packed =
+        PackedMlp::new(layers, shapes).with_context(|| format!("{what}: pack its weights"))?;
+    tracing::info!(model = what, shapes = ?packed.shapes(), packed_mb = packed.bytes() as f64 / 1e6, "weights packed for MKL's packed sgemm");
+    Ok(Some(packed))
 }
 
 /// Checks that the network the spec builds is what the registry says

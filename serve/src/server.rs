@@ -268,14 +268,18 @@ impl ServerState {
         let classes = io.classes;
         let predictions = argmax_rows(&out.logits, classes);
         if let (Some(drift), Some(inputs)) = (&served.drift, drift_inputs) {
-            let windows = drift.observe(&inputs, &predictions);
-            crate::monitor::evaluate_in_background(
-                drift.clone(),
-                windows,
+            // Off the request's path: the rows join the drift window in a
+            // task that runs once this request's answer is on its way.
+            let (drift, predictions) = (drift.clone(), predictions.clone());
+            let (labels, metrics, hooks) = (
                 served.labels.clone(),
                 self.metrics.clone(),
                 self.hooks.clone(),
             );
+            tokio::spawn(async move {
+                let windows = drift.observe(&inputs, &predictions);
+                crate::monitor::evaluate_in_background(drift, windows, labels, metrics, hooks);
+            });
         }
         let mut outputs = Vec::with_capacity(requested.len());
         for (spec, binary) in requested {
@@ -700,6 +704,7 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
         threads: config.threads,
         instances: config.instances(),
         lm_instances: config.lm_instances(),
+        packed_shapes: config.packed_shapes(),
     };
     let seed = config.swap.canary_seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
