@@ -121,10 +121,22 @@ pub fn chunk_key(address: &str, encoding: Encoding) -> String {
 }
 
 /// Reads a chunk key back; `None` if it is not one.
+///
+/// The whole key is checked, not just its last segment: exactly
+/// `chunks/{first two of the address}/{address}.{tag}{encoding}`, the
+/// address 64 lowercase hex digits, so that a manifest or part record cannot
+/// point a load (or a copy, or a delete) at any other object of the root.
 pub fn parse_chunk_key(key: &str) -> Option<ChunkId> {
-    let name = key.rsplit('/').next()?;
+    let (dir, name) = key.strip_prefix("chunks/")?.split_once('/')?;
     let (address, suffix) = name.split_once('.')?;
-    if address.len() != 64 || !address.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if address.len() != 64
+        || !address
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
+    if dir != &address[..2] {
         return None;
     }
     let (hash, suffix) = match suffix.strip_prefix(ChunkHash::Blake3.key_tag()) {
@@ -771,5 +783,19 @@ mod tests {
             None
         );
         assert_eq!(parse_chunk_key("chunks/ab/notahash.zst"), None);
+        // Only the exact key form: no other folder, no traversal, no case games.
+        let good = chunk_key(&a, Encoding { group: 4 });
+        assert!(parse_chunk_key(&good).is_some());
+        for bad in [
+            format!("../{good}"),
+            format!("other/{good}"),
+            good.replacen("chunks/", "chunks/../", 1),
+            good.replacen(&format!("chunks/{}/", &a[..2]), "chunks/zz/", 1),
+            good.replacen("chunks/", "", 1),
+            good.to_uppercase(),
+            format!("{good}/x"),
+        ] {
+            assert_eq!(parse_chunk_key(&bad), None, "{bad}");
+        }
     }
 }

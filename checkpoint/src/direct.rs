@@ -42,8 +42,12 @@ struct AlignedBuf {
 impl AlignedBuf {
     fn with_capacity(cap: usize) -> Self {
         let layout = std::alloc::Layout::from_size_align(cap, ALIGN).expect("aligned layout");
+        // Zeroed, so that the slice `as_mut_slice` makes is initialised
+        // memory (a `&mut [u8]` over uninitialised bytes, handed to
+        // `File::read`, is undefined behaviour). Once per buffer growth: the
+        // buffer is reused by its thread.
         // SAFETY: `cap` is a positive multiple of ALIGN (callers round up).
-        let ptr = unsafe { std::alloc::alloc(layout) };
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr =
             std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         BUFFER_BYTES.fetch_add(cap as u64, Ordering::Relaxed);
@@ -51,9 +55,8 @@ impl AlignedBuf {
     }
 
     fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` owns `cap` bytes, allocated above; `&mut self` makes
-        // this the only reference. The bytes may be uninitialised on the first
-        // use, so callers write before they read (see `put`).
+        // SAFETY: `ptr` owns `cap` initialised (zeroed at allocation) bytes;
+        // `&mut self` makes this the only reference.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) }
     }
 }

@@ -162,15 +162,34 @@ impl Manifest {
                 )));
             }
         }
+        // Sizes come from the file: every product and sum is checked, so a
+        // hostile or damaged manifest is refused rather than wrapping around.
+        let mut total: u64 = 0;
         for t in &m.tensors {
-            let numel: usize = t.shape.iter().product();
-            let sum: u64 = t.chunks.iter().map(|c| c.raw_len).sum();
-            if (numel * t.dtype.size()) as u64 != t.raw_len || sum != t.raw_len {
+            let bytes = t
+                .shape
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+                .and_then(|n| n.checked_mul(t.dtype.size() as u64));
+            let sum = t
+                .chunks
+                .iter()
+                .try_fold(0u64, |s, c| s.checked_add(c.raw_len));
+            if bytes != Some(t.raw_len) || sum != Some(t.raw_len) {
                 return Err(corrupt(format!(
-                    "tensor {} has shape {:?} ({} bytes) but its chunks hold {sum} bytes",
-                    t.name, t.shape, t.raw_len
+                    "tensor {} has shape {:?} ({} bytes) but its chunks hold {} bytes",
+                    t.name,
+                    t.shape,
+                    t.raw_len,
+                    sum.map_or("more than 2^64".to_string(), |s| s.to_string())
                 )));
             }
+            total = total.checked_add(t.raw_len).ok_or_else(|| {
+                corrupt(format!(
+                    "tensors up to {} hold more than 2^64 bytes",
+                    t.name
+                ))
+            })?;
             for c in &t.chunks {
                 if crate::codec::parse_chunk_key(&c.key).is_none() {
                     return Err(corrupt(format!("bad chunk key {} in {}", c.key, t.name)));
@@ -292,6 +311,47 @@ mod tests {
         for bad in ["", "a/b", "..", "a b", ".hidden"] {
             assert!(validate_attempt(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A manifest of one U8 tensor of `shape` in chunks of `lens` bytes
+    /// under `key`.
+    fn manifest_json(shape: &[u64], raw_len: u64, chunks: &[(String, u64)]) -> Vec<u8> {
+        let chunks: Vec<serde_json::Value> = chunks
+            .iter()
+            .map(|(key, len)| serde_json::json!({"key": key, "raw_len": len, "stored_len": len}))
+            .collect();
+        serde_json::to_vec(&serde_json::json!({
+            "format_version": FORMAT_VERSION, "job": "j", "step": 1, "attempt": "a",
+            "created_at": "", "parent": null, "world_size": 1, "chunk_bytes": 8,
+            "tensors": [{"name": "t", "dtype": "U8", "shape": shape, "raw_len": raw_len, "chunks": chunks}],
+            "training_state": null, "job_spec": null, "code_version": "", "dataset_fingerprint": "",
+            "metrics": {}, "totals": {"tensors": 1, "chunks": 1, "raw_bytes": raw_len, "stored_bytes": raw_len, "uploaded_bytes": 0}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn sizes_are_checked_without_overflow_and_keys_in_full() {
+        let key = crate::codec::chunk_key(
+            &crate::codec::address(b"x"),
+            crate::codec::Encoding { group: 1 },
+        );
+        let ok = manifest_json(&[2, 4], 8, &[(key.clone(), 8)]);
+        Manifest::from_json("m", &ok).unwrap();
+        // Products and sums that wrap around in 64 bits are refused, not wrapped.
+        let huge = u64::MAX / 2 + 1;
+        for bad in [
+            manifest_json(&[huge, 2], 0, &[(key.clone(), 0)]),
+            manifest_json(&[8], 8, &[(key.clone(), u64::MAX), (key.clone(), 9)]),
+            manifest_json(&[2, 4], 9, &[(key.clone(), 8)]),
+        ] {
+            let err = Manifest::from_json("m", &bad).unwrap_err();
+            assert!(matches!(err, Error::CorruptObject { .. }), "{err}");
+        }
+        // A chunk key must be a chunk key in full, not just end like one.
+        let bad = manifest_json(&[2, 4], 8, &[(format!("registry/{key}"), 8)]);
+        let err = Manifest::from_json("m", &bad).unwrap_err().to_string();
+        assert!(err.contains("bad chunk key"), "{err}");
     }
 
     #[test]
