@@ -599,6 +599,29 @@ struct BlobRef {
     bytes: u64,
 }
 
+impl BlobRef {
+    /// Whether the key is the one `put_blob` makes for this content:
+    /// `models/{name}/blobs/{sha256}.{kind}`, a valid model name, the
+    /// recorded sha256 (64 lowercase hex digits), a known kind. A record
+    /// cannot then point a read at any other object of the registry's root.
+    fn key_is_its_own(&self) -> bool {
+        let Some(rest) = self.key.strip_prefix("models/") else {
+            return false;
+        };
+        let Some((name, file)) = rest.split_once("/blobs/") else {
+            return false;
+        };
+        let Some((sha, kind)) = file.split_once('.') else {
+            return false;
+        };
+        validate_segment("model name", name).is_ok()
+            && sha == self.sha256
+            && sha.len() == 64
+            && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            && matches!(kind, "profile.json" | "torchscript.pt" | "tokenizer.json")
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct StoredVersion {
     format_version: u32,
@@ -1233,6 +1256,15 @@ impl Registry {
     }
 
     async fn get_blob(&self, blob: &BlobRef) -> Result<Vec<u8>> {
+        if !blob.key_is_its_own() {
+            return Err(Error::CorruptObject {
+                key: blob.key.clone(),
+                reason: format!(
+                    "a version's blob must be models/NAME/blobs/{{sha256}}.{{profile.json|torchscript.pt|tokenizer.json}} with the sha256 it records ({}); refusing to read another object",
+                    blob.sha256
+                ),
+            });
+        }
         let bytes = self.root.get(&blob.key).await.map_err(|e| match e {
             Error::NotFound { .. } => Error::NotFound {
                 what: format!("blob {} in registry {}", blob.key, self.url()),
@@ -1310,6 +1342,28 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn blob_keys_must_be_their_own() {
+        let sha = "ab".repeat(32);
+        let blob = |key: &str| BlobRef {
+            key: key.to_string(),
+            sha256: sha.clone(),
+            bytes: 1,
+        };
+        assert!(blob(&format!("models/m/blobs/{sha}.tokenizer.json")).key_is_its_own());
+        for bad in [
+            format!("models/m/blobs/{}.tokenizer.json", "cd".repeat(32)),
+            format!("models/m/blobs/{sha}.secret"),
+            format!("models/../blobs/{sha}.profile.json"),
+            format!("checkpoints/x/blobs/{sha}.profile.json"),
+            format!("models/m/blobs/{}.profile.json", sha.to_uppercase()),
+            "models/m/blobs/x".to_string(),
+            format!("models/m/other/blobs/{sha}.profile.json"),
+        ] {
+            assert!(!blob(&bad).key_is_its_own(), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -227,15 +227,8 @@ pub fn decode_inputs(
     let rows = t.shape[0] as usize;
     check_rows(&t.name, rows, max_rows)?;
     let numel = rows * io.features;
-    let parsed;
-    let data = match &t.data {
-        InputData::Json(text) => {
-            parsed = parse_json_data(&t.name, text, numel)?;
-            &parsed
-        }
-        data => data,
-    };
-    let values = match data {
+    let data = elements(t, numel)?;
+    let values = match &*data {
         InputData::Raw(bytes) => decode_raw(&t.name, want.datatype, bytes, numel)?,
         InputData::Numbers(numbers) => {
             check_count(&t.name, numbers.len(), numel)?;
@@ -297,15 +290,8 @@ pub fn decode_token_ids(
         )));
     }
     let numel = rows * len;
-    let parsed;
-    let data = match &t.data {
-        InputData::Json(text) => {
-            parsed = parse_json_data(&t.name, text, numel)?;
-            &parsed
-        }
-        data => data,
-    };
-    let ids: Vec<i64> = match data {
+    let data = elements(t, numel)?;
+    let ids: Vec<i64> = match &*data {
         InputData::Raw(bytes) => {
             let size = io.input.datatype.size();
             if bytes.len() != numel * size {
@@ -367,6 +353,18 @@ pub fn decode_token_ids(
         )));
     }
     Ok(TokenInput { rows, len, ids })
+}
+
+/// `t`'s elements: JSON text parsed (refused past `numel` elements), other
+/// data as it came.
+fn elements(
+    t: &InputTensor,
+    numel: usize,
+) -> Result<std::borrow::Cow<'_, InputData>, RequestError> {
+    Ok(match &t.data {
+        InputData::Json(text) => std::borrow::Cow::Owned(parse_json_data(&t.name, text, numel)?),
+        data => std::borrow::Cow::Borrowed(data),
+    })
 }
 
 fn check_count(name: &str, got: usize, want: usize) -> Result<(), RequestError> {
