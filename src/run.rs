@@ -377,13 +377,18 @@ impl Printer {
                 }
             }
             AgentEvent::Checkpoint { rank: 0, saved } => self.line(format!(
-                "checkpoint at step {} committed: {} ({:.1} MB uploaded, {:.1} MB reused, training blocked {:.1} ms, durable after {:.0} ms)",
+                "checkpoint at step {} committed: {} ({:.1} MB uploaded, {:.1} MB reused, training blocked {:.1} ms, durable after {:.0} ms){}",
                 saved.step,
                 saved.url,
                 saved.bytes_uploaded as f64 / 1e6,
                 saved.bytes_reused as f64 / 1e6,
                 saved.blocking_seconds * 1e3,
-                saved.durable_seconds * 1e3
+                saved.durable_seconds * 1e3,
+                if saved.codec.is_empty() {
+                    String::new()
+                } else {
+                    format!(", stored {} (checkpoint.compression = {})", saved.codec, saved.codec_policy)
+                }
             )),
             AgentEvent::Warning { rank, message } => self.line(format!("WARNING (rank {rank}): {message}")),
             AgentEvent::Eval { rank: 0, eval } => {

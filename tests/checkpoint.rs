@@ -154,6 +154,14 @@ fn run_and_kill(spec: &Path, data: &Path, kill_at: u64) -> u64 {
         let line = line.unwrap();
         if let Some(rest) = line.strip_prefix("checkpoint at step ") {
             committed = rest.split_whitespace().next().unwrap().parse().unwrap();
+            // The line says how the save stored its chunks, and why.
+            assert!(
+                [", stored zstd (", ", stored none ("]
+                    .iter()
+                    .any(|s| line.contains(s))
+                    && line.contains("checkpoint.compression = "),
+                "{line}"
+            );
         }
         if let Some(rest) = line.strip_prefix("step ") {
             last_step = rest.split('/').next().unwrap().parse().unwrap();

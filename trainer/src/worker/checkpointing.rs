@@ -117,6 +117,8 @@ pub(super) fn report_saves(events: Vec<SaveEvent>, reporter: &mut Reporter) -> R
                         bytes_reused: o.bytes_reused,
                         blocking_seconds: o.blocking.as_secs_f64(),
                         durable_seconds: o.durable_after.as_secs_f64(),
+                        codec: o.compression.codec.as_str().to_string(),
+                        codec_policy: o.compression.policy.as_str().to_string(),
                     }))?;
                 }
             }
