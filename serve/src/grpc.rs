@@ -7,7 +7,10 @@
 //! as Triton does and as tritonclient reads them.
 //!
 //! Auth: `ServerLive` and `ServerReady` are open; every other call needs the
-//! inference token in the `authorization` metadata when one is set.
+//! inference token in the `authorization` metadata when one is set. The
+//! token is checked once, by the guard in front of this service
+//! (`grpc_guard.rs`), before the message is read: every gRPC request reaches
+//! the service through it (`server::app`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +28,6 @@ use kiln_proto::inference::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::auth;
 use crate::error::{ErrorKind, RequestError};
 use crate::protocol::{InferRequest, InputData, InputTensor, Number, RequestedOutput};
 use crate::server::{EXTENSIONS, Protocol, ServerState};
@@ -40,14 +42,6 @@ impl InferenceService {
     /// The service of `state`.
     pub fn new(state: Arc<ServerState>) -> Self {
         Self { state }
-    }
-
-    fn check<T>(&self, request: &Request<T>) -> Result<(), RequestError> {
-        let value = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        auth::check_inference(&self.state.tokens, value)
     }
 }
 
@@ -77,7 +71,6 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
-        self.check(&request)?;
         let r = request.into_inner();
         let ready = match self.state.model_ready(&r.name, version_arg(&r.version)) {
             Ok(ready) => ready,
@@ -89,9 +82,8 @@ impl GrpcInferenceService for InferenceService {
 
     async fn server_metadata(
         &self,
-        request: Request<ServerMetadataRequest>,
+        _request: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        self.check(&request)?;
         Ok(Response::new(ServerMetadataResponse {
             name: "kiln".to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -103,7 +95,6 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        self.check(&request)?;
         let r = request.into_inner();
         let m = self
             .state
@@ -132,17 +123,15 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let received = Instant::now();
         let deadline = grpc_timeout(&request);
-        let checked = self.check(&request);
+        // The token was checked by the guard in front of the service
+        // (grpc_guard.rs), before the message was read.
         let r = request.into_inner();
-        let prepared = checked.and_then(|()| to_request(&r, deadline));
+        let prepared = to_request(&r, deadline);
         let (model, version) = (r.model_name.clone(), r.model_version.clone());
         let req = match prepared {
             Ok(req) => req,
             Err(e) => {
-                let authenticated = e.kind != ErrorKind::Unauthorized;
-                let labels = self
-                    .state
-                    .request_labels(&model, authenticated, Protocol::Grpc);
+                let labels = self.state.request_labels(&model, true, Protocol::Grpc);
                 self.state.record_error(&labels, &e, received);
                 return Err(e.into());
             }

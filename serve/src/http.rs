@@ -344,7 +344,7 @@ async fn read_request(
             n
         }
     };
-    parse_request(&body[..json_len], body.slice(json_len..))
+    parse_request_bytes(body.slice(..json_len), body.slice(json_len..))
 }
 
 /// Reads a body of at most `max_bytes`, uncompressed.
@@ -392,13 +392,19 @@ pub(crate) async fn read_body(
 
 /// Parses a request: its JSON part and the binary data after it (empty
 /// without the binary data extension).
-pub fn parse_request(json: &[u8], mut binary: Bytes) -> Result<InferRequest, RequestError> {
+pub fn parse_request(json: &[u8], binary: Bytes) -> Result<InferRequest, RequestError> {
+    parse_request_bytes(Bytes::copy_from_slice(json), binary)
+}
+
+/// [`parse_request`] on the body's own bytes: each JSON tensor's `data`
+/// text is kept as a slice of them, not copied.
+fn parse_request_bytes(json: Bytes, mut binary: Bytes) -> Result<InferRequest, RequestError> {
     // Tracking the path costs more per element than parsing a number does,
     // so it is only done to explain a request that failed without it.
-    let req: JsonRequest = match serde_json::from_slice(json) {
+    let req: JsonRequest = match serde_json::from_slice(&json) {
         Ok(req) => req,
         Err(plain) => {
-            let mut de = serde_json::Deserializer::from_slice(json);
+            let mut de = serde_json::Deserializer::from_slice(&json);
             let tracked: Result<JsonRequest, _> = serde_path_to_error::deserialize(&mut de);
             return Err(match tracked.map(|_| de.end()) {
                 Err(e) => {
@@ -453,7 +459,7 @@ pub fn parse_request(json: &[u8], mut binary: Bytes) -> Result<InferRequest, Req
                 }
                 InputData::Raw(binary.split_to(n))
             }
-            (None, Some(d)) => InputData::Json(Bytes::copy_from_slice(d.get().as_bytes())),
+            (None, Some(d)) => InputData::Json(json.slice_ref(d.get().as_bytes())),
             (None, None) => {
                 return Err(bad(format!(
                     "input {}: no data (give data, or binary_data_size with the binary data extension)",

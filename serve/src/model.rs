@@ -203,10 +203,10 @@ impl ServingNet {
         let x = Tensor::from_slice(values).view([rows as i64, self.features as i64]);
         let y = tch::no_grad(|| -> Result<Tensor> {
             Ok(match &self.net {
-                Net::Builtin(_) if self.packed.as_ref().is_some_and(|p| p.handles(rows)) => {
-                    self.packed.as_ref().expect("checked").forward(&x)?
-                }
-                Net::Builtin(seq) => seq.forward(&x),
+                Net::Builtin(seq) => match &self.packed {
+                    Some(packed) if packed.handles(rows) => packed.forward(&x)?,
+                    _ => seq.forward(&x),
+                },
                 Net::Script(module) => module.forward_ts(&[&x])?,
                 Net::Gpt(_) => bail!("language models are not served through infer on features"),
             })
