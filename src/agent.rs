@@ -554,6 +554,12 @@ fn checkpoint_url(spec: &JobSpec, data_dir: &std::path::Path, job: &str) -> anyh
 
 /// Campaigns for the job's rendezvous leadership on this node's lease and,
 /// while elected, drives the rendezvous. Returns when cancelled.
+///
+/// Only the rendezvous itself failing (a restart budget spent) fails the job.
+/// A term that ends (the lease expired while this process was paused, a plan
+/// write refused because another leader planned or holds the term) or a store
+/// error steps down: this node resigns, if the term is still its own, and
+/// campaigns again; whoever leads next resumes from the last plan.
 async fn lead(
     store: Arc<dyn Store>,
     ks: Keyspace,
@@ -572,16 +578,17 @@ async fn lead(
             Ok(guard) => guard,
             Err(e) => {
                 tracing::warn!(job = cfg.job, node, "campaign for leadership: {e}");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                    _ = cancel.cancelled() => return,
+                if step_down_pause(&cancel).await {
+                    return;
                 }
+                continue;
             }
         };
         tracing::info!(job = cfg.job, node, "leading the rendezvous");
         let term = CancellationToken::new();
+        let fence = Some(guard.fence());
         let result = tokio::select! {
-            result = membership::run_leader(store.clone(), ks.clone(), cfg.clone(), term.clone()) => result,
+            result = membership::run_leader(store.clone(), ks.clone(), cfg.clone(), fence, term.clone()) => result,
             lost = guard.lost() => {
                 tracing::warn!(job = cfg.job, node, "leadership lost: {lost:?}");
                 continue;
@@ -591,17 +598,42 @@ async fn lead(
                 return;
             }
         };
-        if let Err(e) = result {
-            tracing::error!(job = cfg.job, node, "rendezvous leader: {e}");
-            let message = e.to_string();
-            let _ = status::update(&*store, &ks, &cfg.job, |s| {
-                s.set_phase(Phase::Failed);
-                s.message = message.clone();
-            })
-            .await;
-            let _ = guard.resign().await;
-            return;
+        match result {
+            Ok(()) => {}
+            Err(e @ kiln_coordinator::Error::RendezvousFailed { .. }) => {
+                tracing::error!(job = cfg.job, node, "rendezvous leader: {e}");
+                let message = e.to_string();
+                let _ = status::update(&*store, &ks, &cfg.job, |s| {
+                    s.set_phase(Phase::Failed);
+                    s.message = message.clone();
+                })
+                .await;
+                let _ = guard.resign().await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    job = cfg.job,
+                    node,
+                    "stepping down as rendezvous leader: {e}"
+                );
+                // Resigns only a term that is still this one's.
+                if let Err(e) = guard.resign().await {
+                    tracing::warn!(job = cfg.job, node, "resign the leadership: {e}");
+                }
+                if step_down_pause(&cancel).await {
+                    return;
+                }
+            }
         }
+    }
+}
+
+/// The pause before campaigning again; true when cancelled meanwhile.
+async fn step_down_pause(cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(500)) => false,
+        _ = cancel.cancelled() => true,
     }
 }
 

@@ -100,6 +100,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         store.clone(),
         ks.clone(),
         leader_config,
+        // The only leader there is: one process over its own memory store.
+        None,
         cancel.clone(),
     ));
 

@@ -16,7 +16,9 @@ use tokio::time::{Instant, timeout};
 
 use crate::election::{self, LeaderGuard};
 use crate::error::Error;
-use crate::store::{CasOutcome, Expect, KeyValue, Revision, Store, WatchEvent, WatchStream};
+use crate::store::{
+    CasOutcome, Expect, Fence, FencedOutcome, KeyValue, Revision, Store, WatchEvent, WatchStream,
+};
 
 /// Timings and place of a conformance run.
 #[derive(Debug, Clone)]
@@ -60,6 +62,7 @@ pub async fn run_all_with(store: Arc<dyn Store>, settings: Settings) {
     prefix_listing(store, s).await;
     compare_and_swap(store, s).await;
     compare_and_swap_race(store, s).await;
+    compare_and_swap_fenced(store, s).await;
     watch_from_past_revision(store, s).await;
     watch_has_no_gaps_under_concurrent_writes(store, s).await;
     revoke_deletes_keys(store, s).await;
@@ -273,6 +276,72 @@ pub async fn compare_and_swap(store: &Arc<dyn Store>, s: &Settings) {
         ),
         "deleting on Absent must be refused"
     );
+}
+
+/// A fenced swap writes only while its term holds, and says which condition
+/// failed: the term (deposed) or the key's own.
+pub async fn compare_and_swap_fenced(store: &Arc<dyn Store>, s: &Settings) {
+    let term_key = format!("{}/fenced/leader", s.prefix);
+    let key = format!("{}/fenced/k", s.prefix);
+    let fenced = |fence: Fence, expect: Expect, value: &'static [u8]| {
+        let key = key.clone();
+        async move {
+            ok(
+                store
+                    .compare_and_swap_fenced(&key, expect, value.to_vec(), None, &fence)
+                    .await,
+                "compare_and_swap_fenced",
+            )
+        }
+    };
+    let lease = ok(store.grant_lease(LONG_TTL).await, "grant_lease");
+    let term = ok(
+        election::campaign(store.clone(), &term_key, "a", lease).await,
+        "campaign",
+    );
+    let FencedOutcome::Swapped { revision } = fenced(term.fence(), Expect::Absent, b"1").await
+    else {
+        panic!("a fenced create under a live term must succeed");
+    };
+    let current = some(ok(store.get(&key).await, "get"), "the key just created");
+    assert_eq!(
+        (current.mod_revision, current.value.as_slice()),
+        (revision, &b"1"[..])
+    );
+    assert_eq!(
+        fenced(term.fence(), Expect::Absent, b"x").await,
+        FencedOutcome::Failed {
+            current: Some(current.clone())
+        },
+        "a fenced create of an existing key fails on the key and returns it"
+    );
+    let stale = term.fence();
+    ok(term.resign().await, "resign");
+    assert_eq!(
+        fenced(stale.clone(), Expect::ModRevision(revision), b"2").await,
+        FencedOutcome::Deposed,
+        "a write fenced by a resigned term must not land"
+    );
+    // A later term under the same key is not the old one.
+    let next = ok(
+        election::campaign(store.clone(), &term_key, "b", lease).await,
+        "campaign again",
+    );
+    assert_eq!(
+        fenced(stale, Expect::ModRevision(revision), b"2").await,
+        FencedOutcome::Deposed,
+        "a write fenced by an old term must not land under a new one"
+    );
+    assert_eq!(
+        some(ok(store.get(&key).await, "get"), "the key").value,
+        b"1",
+        "a deposed write changed the key"
+    );
+    assert!(matches!(
+        fenced(next.fence(), Expect::ModRevision(revision), b"2").await,
+        FencedOutcome::Swapped { .. }
+    ));
+    ok(store.revoke_lease(lease).await, "revoke_lease");
 }
 
 /// Sixteen tasks race a create-only swap: exactly one wins, and its value stays.

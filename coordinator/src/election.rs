@@ -10,12 +10,14 @@
 //! of leadership. Leadership can end without the leader noticing at once (its
 //! lease expired while it was stalled), so anything a leader writes must be
 //! fenced by the store itself, not by "I believe I am leader": the rendezvous
-//! leader writes each plan with a create-only put on its round number.
+//! leader writes each plan with a create-only put on its round number, in a
+//! transaction that also checks the term ([`LeaderGuard::fence`],
+//! [`Store::compare_and_swap_fenced`]).
 
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::store::{CasOutcome, Expect, KeyValue, LeaseId, Revision, Store, WatchEvent};
+use crate::store::{CasOutcome, Expect, Fence, KeyValue, LeaseId, Revision, Store, WatchEvent};
 
 /// Waits until this candidate leads: the election `key` holds `value` on `lease`.
 ///
@@ -110,6 +112,15 @@ impl LeaderGuard {
     /// The revision that created the election key: it identifies this term.
     pub fn revision(&self) -> Revision {
         self.revision
+    }
+
+    /// The fence of this term: writes made with it land only while the term
+    /// lasts ([`Store::compare_and_swap_fenced`]).
+    pub fn fence(&self) -> Fence {
+        Fence {
+            key: self.key.clone(),
+            create_revision: self.revision,
+        }
     }
 
     /// Returns once this term has ended: the key was deleted (resigned

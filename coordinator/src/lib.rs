@@ -66,7 +66,7 @@
 //!     cooldown: Duration::ZERO,
 //! };
 //! let cancel = CancellationToken::new();
-//! let leader = tokio::spawn(membership::run_leader(store.clone(), ks.clone(), cfg, cancel.clone()));
+//! let leader = tokio::spawn(membership::run_leader(store.clone(), ks.clone(), cfg, None, cancel.clone()));
 //! let record = NodeRecord {
 //!     node: "node-0".into(),
 //!     host: "127.0.0.1".into(),

@@ -4,8 +4,9 @@
 //! The leader lists and watches `jobs/{job}/nodes/`, turns record changes into
 //! [`Event`]s for the [`Rendezvous`] machine, ticks it at its deadlines, and
 //! writes each plan to `jobs/{job}/rounds/{round}/plan` with a create-only
-//! compare-and-swap: the round number is the fencing token, so of two leaders
-//! that believe they lead only one can write a given round.
+//! compare-and-swap fenced by its election term: the round number keeps two
+//! leaders from writing the same round, and the term keeps a deposed leader
+//! (paused past its lease, then resumed) from writing any round at all.
 //!
 //! A node puts its [`NodeRecord`] on a lease it keeps alive, and waits for a
 //! plan that includes it by watching `rounds/`. When the node dies its lease
@@ -22,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 use crate::keyspace::{Keyspace, validate_name};
 use crate::rendezvous::{Action, Event, NodeRecord, Plan, Rendezvous, RendezvousConfig};
-use crate::store::{CasOutcome, Expect, KeyValue, LeaseId, Store, WatchEvent};
+use crate::store::{
+    CasOutcome, Expect, Fence, FencedOutcome, KeyValue, LeaseId, Store, WatchEvent,
+};
 
 /// The leader ticks the machine at its deadlines, and at least this often as
 /// a backstop.
@@ -31,15 +34,19 @@ const MAX_TICK_INTERVAL: Duration = Duration::from_secs(1);
 /// Runs the rendezvous of `cfg.job` as its leader until `cancel` fires
 /// (`Ok(())`) or the rendezvous fails.
 ///
-/// The caller must hold the job's leadership (see [`crate::election`]) and
-/// cancel this when it ends. Errors: [`Error::RendezvousFailed`] when a
-/// restart budget is spent; [`Error::Conflict`] when a plan key of the round
+/// The caller must hold the job's leadership (see [`crate::election`]), pass
+/// its term's `fence` ([`LeaderGuard::fence`](crate::election::LeaderGuard::fence);
+/// `None` only where no other leader can exist, as in one process over a
+/// memory store) and cancel this when the term ends. Errors:
+/// [`Error::RendezvousFailed`] when a restart budget is spent (the job
+/// fails); [`Error::Conflict`] when the term ended or a plan key of the round
 /// it was about to write already exists (another leader planned it: step
-/// down); store errors as they come.
+/// down and campaign again); store errors as they come (step down too).
 pub async fn run_leader(
     store: Arc<dyn Store>,
     ks: Keyspace,
     cfg: RendezvousConfig,
+    fence: Option<Fence>,
     cancel: CancellationToken,
 ) -> Result<()> {
     cfg.validate()?;
@@ -56,6 +63,7 @@ pub async fn run_leader(
         store,
         ks,
         job,
+        fence,
         known: BTreeMap::new(),
     };
     tokio::select! {
@@ -69,6 +77,8 @@ struct Leader {
     ks: Keyspace,
     job: String,
     machine: Rendezvous,
+    /// The leadership term every plan write is fenced by.
+    fence: Option<Fence>,
     /// The lease of each node record fed to the machine: a record that
     /// reappears on another lease is a new incarnation of the node.
     known: BTreeMap<String, Option<LeaseId>>,
@@ -203,12 +213,34 @@ impl Leader {
     async fn write_plan(&self, plan: &Plan) -> Result<()> {
         let key = self.ks.plan(&self.job, plan.round);
         let value = serde_json::to_vec(plan).map_err(|error| Error::corrupt(&key, error))?;
-        match self
-            .store
-            .compare_and_swap(&key, Expect::Absent, value.clone(), None)
-            .await?
-        {
-            CasOutcome::Swapped { .. } => {
+        let current = match &self.fence {
+            Some(fence) => match self
+                .store
+                .compare_and_swap_fenced(&key, Expect::Absent, value.clone(), None, fence)
+                .await?
+            {
+                FencedOutcome::Swapped { .. } => None,
+                FencedOutcome::Failed { current } => Some(current),
+                FencedOutcome::Deposed => {
+                    return Err(Error::Conflict {
+                        message: format!(
+                            "the leadership term of job {} ended before round {} was planned (another leader was elected)",
+                            self.job, plan.round
+                        ),
+                    });
+                }
+            },
+            None => match self
+                .store
+                .compare_and_swap(&key, Expect::Absent, value.clone(), None)
+                .await?
+            {
+                CasOutcome::Swapped { .. } => None,
+                CasOutcome::Failed { current } => Some(current),
+            },
+        };
+        match current {
+            None => {
                 let nodes: Vec<&str> = plan.members.iter().map(|m| m.node.as_str()).collect();
                 tracing::info!(
                     job = self.job,
@@ -220,8 +252,8 @@ impl Leader {
                 Ok(())
             }
             // Our own write, answered twice (a retried request to a remote store).
-            CasOutcome::Failed { current: Some(kv) } if kv.value == value => Ok(()),
-            CasOutcome::Failed { .. } => Err(Error::Conflict {
+            Some(Some(kv)) if kv.value == value => Ok(()),
+            Some(_) => Err(Error::Conflict {
                 message: format!(
                     "round {} of job {} was already planned by another leader",
                     plan.round, self.job

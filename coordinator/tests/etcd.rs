@@ -438,6 +438,7 @@ async fn membership_rounds_follow_lost_leases_over_etcd() -> anyhow::Result<()> 
         leader_store.clone(),
         ks.clone(),
         cfg,
+        None,
         cancel.clone(),
     ));
     // Each node has its own client, as separate agents would.

@@ -61,6 +61,7 @@ impl Cluster {
             self.store.clone(),
             self.ks.clone(),
             cfg,
+            None,
             self.cancel.clone(),
         );
         tokio::spawn(leader)
@@ -294,6 +295,44 @@ async fn a_leader_stops_when_another_wrote_its_round() -> anyhow::Result<()> {
         Err(Error::Conflict { message }) => assert!(message.contains("round 1"), "{message}"),
         other => bail!("expected a conflict, got {other:?}"),
     }
+    Ok(())
+}
+
+/// A leader whose term ended while it was paused (its lease expired, another
+/// candidate won) cannot plan any round when it resumes: the plan write is
+/// fenced by its election term, and it is told to step down.
+#[tokio::test(start_paused = true)]
+async fn a_deposed_leader_cannot_write_a_plan() -> anyhow::Result<()> {
+    let cluster = Cluster::new();
+    let key = cluster.ks.job_leader(JOB);
+    let old_lease = cluster.store.grant_lease(TTL).await?;
+    let old =
+        kiln_coordinator::election::campaign(cluster.store.clone(), &key, "old", old_lease).await?;
+    // The old leader's lease ends (it was stopped); a new leader is elected
+    // before the old one notices.
+    cluster.store.revoke_lease(old_lease).await?;
+    let new_lease = cluster.store.grant_lease(Duration::from_secs(60)).await?;
+    let _new =
+        kiln_coordinator::election::campaign(cluster.store.clone(), &key, "new", new_lease).await?;
+    let leader = tokio::spawn(membership::run_leader(
+        cluster.store.clone(),
+        cluster.ks.clone(),
+        config(1, 1, Duration::ZERO),
+        Some(old.fence()),
+        cluster.cancel.clone(),
+    ));
+    let _a = cluster.join("node-a").await?;
+    match timeout(SLACK, leader).await?? {
+        Err(Error::Conflict { message }) => {
+            assert!(message.contains("leadership term"), "{message}")
+        }
+        other => bail!("expected the deposed leader to step down, got {other:?}"),
+    }
+    assert_eq!(
+        cluster.rounds().await?,
+        Vec::<u64>::new(),
+        "a deposed leader wrote a plan"
+    );
     Ok(())
 }
 

@@ -178,6 +178,7 @@ async fn rendezvous(endpoint: &str, job: &str, agents: usize, args: &Args) -> Re
         leader_store.clone(),
         ks.clone(),
         cfg,
+        None,
         cancel.clone(),
     ));
     // The leader is up and watching before agents arrive, as in a job whose

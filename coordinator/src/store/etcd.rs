@@ -60,7 +60,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use super::{
-    CasOutcome, Expect, KeyValue, LeaseId, Revision, Store, WatchEvent, WatchStream, check_key,
+    CasOutcome, Expect, Fence, FencedOutcome, KeyValue, LeaseId, Revision, Store, WatchEvent,
+    WatchStream, check_key,
 };
 use crate::error::{Error, Result};
 
@@ -861,6 +862,53 @@ impl Store for EtcdStore {
             .await
             .map_err(|failure| lease_write_error(failure, lease, "compare_and_swap"))?;
         cas_outcome(&response)
+    }
+
+    async fn compare_and_swap_fenced(
+        &self,
+        key: &str,
+        expect: Expect,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+        fence: &Fence,
+    ) -> Result<FencedOutcome> {
+        check_key(key)?;
+        check_key(&fence.key)?;
+        let response = self
+            .inner
+            .call("compare_and_swap_fenced", |mut client| {
+                let mut when = conditions(key, &expect);
+                when.push(Compare::create_revision(
+                    fence.key.as_str(),
+                    CompareOp::Equal,
+                    fence.create_revision,
+                ));
+                let txn = Txn::new()
+                    .when(when)
+                    .and_then([TxnOp::put(key, value.clone(), Some(lease_options(lease)))])
+                    .or_else([TxnOp::get(key, None), TxnOp::get(fence.key.as_str(), None)]);
+                async move { client.txn(txn).await }
+            })
+            .await
+            .map_err(|failure| lease_write_error(failure, lease, "compare_and_swap_fenced"))?;
+        if response.succeeded() {
+            return Ok(FencedOutcome::Swapped {
+                revision: header_revision(response.header())?,
+            });
+        }
+        let got = |i: usize| -> Result<Option<KeyValue>> {
+            match response.op_responses().get(i) {
+                Some(TxnOpResponse::Get(get)) => get.kvs().first().map(key_value).transpose(),
+                _ => Err(Error::unavailable(
+                    "etcd answered a failed fenced compare-and-swap without the keys it read",
+                )),
+            }
+        };
+        let term_holds = got(1)?.is_some_and(|kv| kv.create_revision == fence.create_revision);
+        if !term_holds {
+            return Ok(FencedOutcome::Deposed);
+        }
+        Ok(FencedOutcome::Failed { current: got(0)? })
     }
 
     async fn compare_and_delete(&self, key: &str, expect: Expect) -> Result<CasOutcome> {

@@ -21,7 +21,10 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{CasOutcome, Expect, KeyValue, LeaseId, Revision, Store, WatchEvent, WatchStream};
+use super::{
+    CasOutcome, Expect, Fence, FencedOutcome, KeyValue, LeaseId, Revision, Store, WatchEvent,
+    WatchStream,
+};
 use crate::error::{Error, Result};
 use crate::store::check_key;
 
@@ -414,6 +417,37 @@ impl Store for MemStore {
             let revision = state.revision;
             state.put_at(revision, key, value, lease);
             Ok(CasOutcome::Swapped { revision })
+        })
+    }
+
+    async fn compare_and_swap_fenced(
+        &self,
+        key: &str,
+        expect: Expect,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+        fence: &Fence,
+    ) -> Result<FencedOutcome> {
+        check_key(key)?;
+        check_key(&fence.key)?;
+        self.with_state(|state| {
+            let term_holds = state
+                .keys
+                .get(&fence.key)
+                .is_some_and(|kv| kv.create_revision == fence.create_revision);
+            if !term_holds {
+                return Ok(FencedOutcome::Deposed);
+            }
+            if !state.matches(key, &expect) {
+                return Ok(FencedOutcome::Failed {
+                    current: state.keys.get(key).cloned(),
+                });
+            }
+            state.check_lease(lease)?;
+            state.revision += 1;
+            let revision = state.revision;
+            state.put_at(revision, key, value, lease);
+            Ok(FencedOutcome::Swapped { revision })
         })
     }
 

@@ -113,6 +113,27 @@ impl CasOutcome {
     }
 }
 
+/// A term that a write is fenced by: `key` must still exist and have been
+/// created at `create_revision` (an election key and the revision of the
+/// leader's term, [`crate::election::LeaderGuard::fence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: String,
+    pub create_revision: Revision,
+}
+
+/// What a [fenced](Store::compare_and_swap_fenced) compare-and-swap did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FencedOutcome {
+    /// The term held, the condition held, the write happened at `revision`.
+    Swapped { revision: Revision },
+    /// The term held but the condition did not; `current` is the key as it was.
+    Failed { current: Option<KeyValue> },
+    /// The term is over (the fence key is gone or belongs to a later term);
+    /// nothing was written.
+    Deposed,
+}
+
 /// A coordination store. See the [module docs](self) for the contract.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -138,6 +159,18 @@ pub trait Store: Send + Sync + 'static {
         value: Vec<u8>,
         lease: Option<LeaseId>,
     ) -> Result<CasOutcome>;
+
+    /// Writes the key like [`compare_and_swap`](Self::compare_and_swap), but
+    /// only while `fence` holds, in the same atomic step: a leader's write that
+    /// cannot land after its term ended, however long the leader was paused.
+    async fn compare_and_swap_fenced(
+        &self,
+        key: &str,
+        expect: Expect,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+        fence: &Fence,
+    ) -> Result<FencedOutcome>;
 
     /// Deletes the key when `expect` holds, atomically (a leader resigns only
     /// the key it created). `Expect::Absent` is [`Error::Invalid`](crate::Error::Invalid).
