@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use kiln_coordinator::election;
 use kiln_coordinator::keyspace::Keyspace;
 use kiln_coordinator::membership;
@@ -140,9 +140,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         devices: nproc as u32,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let session = membership::join(store.clone(), ks.clone(), &job, record.clone(), ttl)
-        .await
-        .context("join the job's rendezvous")?;
+    // A store outage shorter than elastic.wait_timeout_secs is ridden out:
+    // the workers train on (they need no store) and the node keeps its place.
+    let outage = Duration::from_secs_f64(spec.elastic.wait_timeout_secs);
+    let session = membership::join_riding_outages(
+        store.clone(),
+        ks.clone(),
+        &job,
+        record.clone(),
+        ttl,
+        outage,
+    )
+    .await
+    .context("join the job's rendezvous")?;
     let out = Events {
         json: args.events_json,
         node: node.clone(),
@@ -169,9 +179,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         cancel.clone(),
     ));
     let mut plans = session.watch_plans(0);
-    let mut terminal = tokio::spawn(watch_terminal(store.clone(), ks.clone(), job.clone()));
-    let mut cancel_request =
-        tokio::spawn(status::watch_cancel(store.clone(), ks.clone(), job.clone()));
+    let mut terminal = tokio::spawn(riding_outages("watch the job's status", {
+        let (store, ks, job) = (store.clone(), ks.clone(), job.clone());
+        move || watch_terminal(store.clone(), ks.clone(), job.clone())
+    }));
+    let mut cancel_request = tokio::spawn(riding_outages("watch for a cancel request", {
+        let (store, ks, job) = (store.clone(), ks.clone(), job.clone());
+        move || status::watch_cancel(store.clone(), ks.clone(), job.clone())
+    }));
 
     let hooks = kiln_hooks::Hooks::new(&spec.hooks).context("hooks")?;
     let spec_json = spec.to_json();
@@ -260,12 +275,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                             }));
                             if rank == 0 && progress.step % 10 == 0 {
                                 let (step, loss) = (progress.step, progress.loss);
-                                let _ = status::update(&*store, &ks, &job, |s| {
+                                update_in_background(&store, &ks, &job, move |s| {
                                     if s.step < step {
                                         s.step = step;
                                         s.loss = Some(loss);
                                     }
-                                }).await;
+                                });
                             }
                         }
                     }
@@ -285,11 +300,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                             }));
                         }
                         let (url, step) = (saved.url.clone(), saved.step);
-                        let _ = status::update(&*store, &ks, &job, |s| {
+                        update_in_background(&store, &ks, &job, move |s| {
                             if s.last_checkpoint.as_ref().is_none_or(|c| c.step < step) {
                                 s.last_checkpoint = Some(status::CheckpointRef { url: url.clone(), step });
                             }
-                        }).await;
+                        });
                     }
                     ElasticUpdate::Event(AgentEvent::Warning { rank, message }) => {
                         tracing::warn!(job, rank, "{message}");
@@ -639,7 +654,11 @@ async fn step_down_pause(cancel: &CancellationToken) -> bool {
 
 /// Resolves with the job's phase once it is terminal (another node saw the
 /// job finish, fail or get cancelled).
-async fn watch_terminal(store: Arc<dyn Store>, ks: Keyspace, job: String) -> anyhow::Result<Phase> {
+async fn watch_terminal(
+    store: Arc<dyn Store>,
+    ks: Keyspace,
+    job: String,
+) -> kiln_coordinator::Result<Phase> {
     let key = ks.job_status(&job);
     loop {
         let (kvs, revision) = store.get_prefix(&key).await?;
@@ -659,10 +678,50 @@ async fn watch_terminal(store: Arc<dyn Store>, ks: Keyspace, job: String) -> any
                     }
                 }
                 Ok(Some(_)) => {}
-                Ok(None) => bail!("the store closed the status watch"),
+                Ok(None) => {
+                    return Err(kiln_coordinator::Error::Unavailable {
+                        message: "the store closed the status watch".into(),
+                    });
+                }
                 Err(kiln_coordinator::Error::Compacted { .. }) => break,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// Records progress in the job status without holding up the agent's loop
+/// (a store outage would stall it for as long as a store call retries); the
+/// edits only ever move the status forward, so their order does not matter.
+fn update_in_background(
+    store: &Arc<dyn Store>,
+    ks: &Keyspace,
+    job: &str,
+    edit: impl FnMut(&mut status::JobStatus) + Send + 'static,
+) {
+    let (store, ks, job) = (store.clone(), ks.clone(), job.to_string());
+    tokio::spawn(async move {
+        if let Err(e) = status::update(&*store, &ks, &job, edit).await {
+            tracing::warn!(job, "record progress in the job status: {e}");
+        }
+    });
+}
+
+/// Runs a watch of the store again after an outage (`Unavailable`) instead of
+/// failing the node: how long an outage may last is the node lease's
+/// business (`join_riding_outages`).
+async fn riding_outages<T, F, Fut>(what: &'static str, mut watch: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = kiln_coordinator::Result<T>>,
+{
+    loop {
+        match watch().await {
+            Err(e @ kiln_coordinator::Error::Unavailable { .. }) => {
+                tracing::warn!("{what}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other.map_err(|e| anyhow!(e).context(what)),
         }
     }
 }

@@ -643,3 +643,70 @@ fn below_min_nodes_the_job_waits_and_goes_on_when_a_node_returns() {
     assert_eq!(phase_of(&etcd, "wait"), "succeeded");
     assert_fault_free(&nodes, &spec, dir.path());
 }
+
+/// The agent leading the rendezvous is paused (SIGSTOP, its process only)
+/// for longer than its lease: another node takes over and plans the rounds
+/// without it. When the paused agent resumes (SIGCONT) it must not fail the
+/// job: its plan writes are fenced by its ended term, so it steps down, and
+/// finding its lease gone it leaves. The job succeeds as a fault-free run.
+#[test]
+fn the_leader_paused_past_its_lease_then_resumed_steps_down_and_the_job_succeeds() {
+    let _serial = serial();
+    let (dir, spec, data) = setup(&[("steps = 120", "steps = 600")]);
+    let etcd = EtcdServer::start().unwrap();
+    let mut nodes = start_nodes(&etcd.url(), "pause", &spec, &data, 0..3);
+    wait_until("step 30", WAIT, || max_step(&nodes) >= 30);
+    let leader = leader_of(&etcd, "pause");
+    let paused = nodes
+        .iter()
+        .position(|n| n.name == leader)
+        .unwrap_or_else(|| panic!("leader {leader:?} is not one of the nodes"));
+    let mut paused = nodes.remove(paused);
+    let pid = paused.child.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_until("another leader", WAIT, || {
+        let now = leader_of(&etcd, "pause");
+        !now.is_empty() && now != leader
+    });
+    // Past the lease (2 s), and long enough for the others to plan a round.
+    wait_until("a round without the paused node", WAIT, || {
+        nodes.iter().all(|n| rounds(n).iter().any(|&(_, w)| w == 2))
+    });
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    finish(&mut nodes);
+    paused.wait_exit(WAIT);
+    assert_eq!(phase_of(&etcd, "pause"), "succeeded");
+    assert_fault_free(&nodes, &spec, dir.path());
+}
+
+/// The job's only etcd member is killed mid-run and started again 35 s later:
+/// longer than the 2 s node leases and than one store call retries (30 s),
+/// shorter than `elastic.wait_timeout_secs` (300 s). The agents ride the
+/// outage out: the workers train on, no node loses its place (etcd extends
+/// every lease when it has a leader again), the leader steps down and is
+/// elected again instead of failing the job, no new round is planned, and
+/// the job succeeds.
+#[test]
+fn a_store_outage_longer_than_the_lease_is_ridden_out() {
+    let _serial = serial();
+    let (dir, spec, data) = setup(&[("steps = 120", "steps = 4000")]);
+    let mut etcd = kiln_coordinator::etcd_server::EtcdCluster::start(1).unwrap();
+    let url = etcd.url();
+    let mut nodes = start_nodes(&url, "outage", &spec, &data, 0..2);
+    wait_until("step 30", WAIT, || max_step(&nodes) >= 30);
+    etcd.kill(0).unwrap();
+    let down_at = max_step(&nodes);
+    std::thread::sleep(Duration::from_secs(35));
+    etcd.restart(0).unwrap();
+    finish(&mut nodes);
+    for node in &nodes {
+        let seen = rounds(node);
+        assert!(
+            seen.len() == 1 && seen[0].1 == 2,
+            "node {} took part in rounds {seen:?}: the outage was not ridden out",
+            node.name
+        );
+        assert!(node.last_step() > down_at);
+    }
+    assert_fault_free(&nodes, &spec, dir.path());
+}

@@ -27,6 +27,10 @@ use crate::store::{
     CasOutcome, Expect, Fence, FencedOutcome, KeyValue, LeaseId, Store, WatchEvent,
 };
 
+/// How long a node waits before following the rounds again after the store
+/// was unavailable.
+const OUTAGE_RETRY: Duration = Duration::from_millis(500);
+
 /// The leader ticks the machine at its deadlines, and at least this often as
 /// a backstop.
 const MAX_TICK_INTERVAL: Duration = Duration::from_secs(1);
@@ -386,12 +390,30 @@ async fn latest_plan(store: &dyn Store, ks: &Keyspace, job: &str) -> Result<Late
 
 /// Puts `record` under `jobs/{job}/nodes/` on a new lease of `ttl` and keeps
 /// the lease alive (every `ttl / 3`) until the session is left or dropped.
+/// The lease counts as lost when the store says it is gone, or when no
+/// keep-alive got through for a whole `ttl` (see [`join_riding_outages`]).
 pub async fn join(
     store: Arc<dyn Store>,
     ks: Keyspace,
     job: &str,
     record: NodeRecord,
     ttl: Duration,
+) -> Result<NodeSession> {
+    join_riding_outages(store, ks, job, record, ttl, ttl).await
+}
+
+/// [`join`], but a store that cannot be reached counts as an outage, not as
+/// a lost lease, for up to `outage` (at least `ttl`): a node rides out an
+/// etcd restart or a lost quorum and keeps its place (etcd extends every
+/// lease when it elects a leader again). The lease is lost at once when the
+/// store, reachable again, says it is gone.
+pub async fn join_riding_outages(
+    store: Arc<dyn Store>,
+    ks: Keyspace,
+    job: &str,
+    record: NodeRecord,
+    ttl: Duration,
+    outage: Duration,
 ) -> Result<NodeSession> {
     validate_name("job", job)?;
     record.validate()?;
@@ -409,6 +431,7 @@ pub async fn join(
         store.clone(),
         lease,
         ttl,
+        outage.max(ttl),
         stop.clone(),
         lost.clone(),
         format!("{job}/{}", record.node),
@@ -426,11 +449,12 @@ pub async fn join(
 }
 
 /// Refreshes `lease` every `ttl / 3` until `stop`; fires `lost` when the lease
-/// is gone (or could not be refreshed for a whole TTL) and returns.
+/// is gone (or could not be refreshed for `outage`) and returns.
 async fn keep_alive(
     store: Arc<dyn Store>,
     lease: LeaseId,
     ttl: Duration,
+    outage: Duration,
     stop: CancellationToken,
     lost: CancellationToken,
     member: String,
@@ -451,8 +475,8 @@ async fn keep_alive(
                 lost.cancel();
                 return;
             }
-            Err(error) if refreshed.elapsed() >= ttl => {
-                tracing::warn!(member, lease, %error, "no keep-alive for a whole ttl: the lease is lost");
+            Err(error) if refreshed.elapsed() >= outage => {
+                tracing::warn!(member, lease, %error, ?outage, "no keep-alive got through for the longest outage ridden out: the lease is lost");
                 lost.cancel();
                 return;
             }
@@ -532,8 +556,9 @@ impl NodeSession {
 
     /// Every later plan that includes this node, in round order, on a
     /// channel fed by a task of its own (so the session stays free for
-    /// [`update_record`](Self::update_record)). The channel ends after the
-    /// first error (the lease was lost, the store failed).
+    /// [`update_record`](Self::update_record)). A store outage is retried
+    /// for as long as the lease holds; the channel ends after the first other
+    /// error (the lease was lost, an unreadable plan).
     pub fn watch_plans(&self, after_round: u64) -> tokio::sync::mpsc::Receiver<Result<Plan>> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let (store, ks, job, node, lost) = (
@@ -550,6 +575,15 @@ impl NodeSession {
                     next = next_plan_for(&*store, &ks, &job, &node, &lost, after) => next,
                     _ = tx.closed() => return,
                 };
+                if let Err(error @ Error::Unavailable { .. }) = &next {
+                    // An outage: the lease (its keep-alive) decides how long
+                    // it may last; follow the rounds again once it is over.
+                    tracing::warn!(job, node, %error, "following the rounds: the store is unavailable; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(OUTAGE_RETRY) => continue,
+                        _ = tx.closed() => return,
+                    }
+                }
                 let stop = next.is_err();
                 if let Ok(plan) = &next {
                     after = plan.round;
