@@ -199,6 +199,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let mut finished: BTreeMap<u32, kiln_proto::worker::Finished> = BTreeMap::new();
     // Another node saw the job succeed while this node's workers were finishing.
     let mut job_succeeded = false;
+    // Rank 0 said the job ends without its final checkpoint
+    // (checkpoint.required = false): the succeeded job's status says so.
+    let mut final_checkpoint_missing: Option<String> = None;
     let outcome: anyhow::Result<()> = loop {
         let wait_deadline = waiting_since.map(|since| {
             since
@@ -308,6 +311,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                     }
                     ElasticUpdate::Event(AgentEvent::Warning { rank, message }) => {
                         tracing::warn!(job, rank, "{message}");
+                        out.emit("warning", serde_json::json!({ "rank": rank, "message": message }));
+                        if message.starts_with(kiln_checkpoint::manager::MISSING_FINAL_CHECKPOINT) {
+                            final_checkpoint_missing = Some(message.clone());
+                        }
+                        let detail = format!("rank {rank}: {message}");
+                        let _ = status::update(&*store, &ks, &job, |s| {
+                            s.push_event("warning", &node, detail.clone());
+                        }).await;
                     }
                     ElasticUpdate::Event(AgentEvent::Eval { rank, eval }) => {
                         if rank == first_rank {
@@ -431,6 +442,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                     s.loss = Some(f.final_loss);
                 }
                 s.set_phase(Phase::Succeeded);
+                if let Some(warning) = &final_checkpoint_missing {
+                    s.message = format!("WARNING: {warning}");
+                }
                 s.push_event("finished", &node, "all steps done");
             })
             .await;

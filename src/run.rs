@@ -281,6 +281,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         "elapsed_secs": elapsed,
         "run_dir": run_dir,
         "metrics_addr": metrics_addr.to_string(),
+        "warnings": printer.warnings,
     });
     if let Some(model) = &model {
         report["model"] = model.clone().into();
@@ -320,6 +321,8 @@ struct Printer {
     json: bool,
     bar: Option<indicatif::ProgressBar>,
     last: (Instant, u64),
+    /// Every warning the workers reported, for the summary.
+    warnings: Vec<String>,
 }
 
 impl Printer {
@@ -341,6 +344,7 @@ impl Printer {
             json,
             bar,
             last: (Instant::now(), 0),
+            warnings: Vec::new(),
         }
     }
 
@@ -392,7 +396,10 @@ impl Printer {
                     format!(", stored {} (checkpoint.compression = {})", saved.codec, saved.codec_policy)
                 }
             )),
-            AgentEvent::Warning { rank, message } => self.line(format!("WARNING (rank {rank}): {message}")),
+            AgentEvent::Warning { rank, message } => {
+                self.line(format!("WARNING (rank {rank}): {message}"));
+                self.warnings.push(format!("rank {rank}: {message}"));
+            }
             AgentEvent::Eval { rank: 0, eval } => {
                 let metrics: BTreeMap<_, _> = eval.metrics.into_iter().collect();
                 let parts: Vec<String> =

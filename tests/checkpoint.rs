@@ -355,6 +355,94 @@ fn a_crash_in_every_phase_of_a_save_leaves_latest_complete() {
     }
 }
 
+/// Runs `cmd` to its end, or SIGKILLs it after `limit` and fails: a hang
+/// guard, not a performance threshold.
+fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            // Its workers die with it (they never outlive their agent).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the run still had not ended after {limit:?}: it hangs");
+        }
+    }
+}
+
+/// Rank 1's part of the final checkpoint cannot be written (a failpoint that
+/// fails the write as a full disk would). Rank 0 does not wait for the part
+/// (up to its 10-minute commit timeout): it hears of the failure and the run
+/// ends at once. With `checkpoint.required` (the default) it fails naming the
+/// cause; with `checkpoint.required = false` it succeeds, with a warning in
+/// the log and the summary.
+#[test]
+fn a_final_save_that_fails_ends_the_run_at_once_failed_or_warned() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path());
+    let limit = Duration::from_secs(120);
+    let mut cmd = run_cmd(
+        &spec,
+        &dir.path().join("required"),
+        &["--set", "train.steps=10", "--set", "checkpoint.interval=0"],
+    );
+    cmd.env("KILN_CKPT_FAILPOINT", "part-error:1");
+    let out = output_within(cmd, limit);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run succeeded: {stderr}");
+    for expected in [
+        "the final checkpoint did not land (checkpoint.required = true)",
+        "rank 1 could not save its part",
+        "no space left on device",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} not in: {stderr}");
+    }
+
+    let data = dir.path().join("optional");
+    let mut cmd = run_cmd(
+        &spec,
+        &data,
+        &[
+            "--set",
+            "train.steps=10",
+            "--set",
+            "checkpoint.interval=0",
+            "--set",
+            "checkpoint.required=false",
+            "--json",
+        ],
+    );
+    cmd.env("KILN_CKPT_FAILPOINT", "part-error:1");
+    let out = output_within(cmd, limit);
+    let report = summary(&out);
+    assert_eq!(report["steps"], 10);
+    assert_eq!(report["checkpoint"], "", "{report}");
+    let warnings = report["warnings"].to_string();
+    assert!(
+        warnings.contains("the final checkpoint did not land; the run ends without it (checkpoint.required = false)")
+            && warnings.contains("rank 1 could not save its part"),
+        "{report}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("WARNING (rank 0): the final checkpoint did not land"),
+        "{stderr}"
+    );
+    assert!(
+        !data.join("checkpoints/resume/latest").exists(),
+        "a checkpoint committed"
+    );
+}
+
 #[test]
 fn exported_weights_load_in_pytorch_and_give_kiln_s_predictions() {
     let _guard = serial();

@@ -710,3 +710,110 @@ fn a_store_outage_longer_than_the_lease_is_ridden_out() {
     }
     assert_fault_free(&nodes, &spec, dir.path());
 }
+
+/// The job's status record as etcd holds it.
+fn status_of(etcd: &EtcdServer, job: &str) -> Value {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", etcd.endpoints().join(",")))
+        .args(["get", "--print-value-only"])
+        .arg(format!("/kiln/jobs/{job}/status"))
+        .output()
+        .expect("run etcdctl");
+    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap_or(Value::Null)
+}
+
+/// Two nodes, each with its own `--data-dir` and the default checkpoint
+/// location (a folder under it): the ranks cannot read each other's writes,
+/// so no checkpoint could ever commit. The job stops at its first round,
+/// before training, with an error naming each node's location and the fix,
+/// instead of waiting minutes for parts that never come. The same two nodes
+/// given one shared `checkpoint.url` train and commit.
+#[test]
+fn nodes_with_their_own_data_dirs_stop_at_once_naming_the_locations_and_the_fix() {
+    let _serial = serial();
+    let (dir, spec, _) = setup(&[
+        ("steps = 120", "steps = 40"),
+        ("max_nodes = 3", "max_nodes = 2"),
+    ]);
+    let etcd = EtcdServer::start().unwrap();
+    let data: Vec<PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("data-{i}")))
+        .collect();
+    let mut nodes: Vec<Node> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            std::fs::create_dir_all(d).unwrap();
+            Node::start(&etcd.url(), "unshared", &spec, &format!("node-{i}"), d)
+        })
+        .collect();
+    // A hang guard, not a performance threshold: without the check this job
+    // waits minutes (60 s per checkpoint for a part that never comes).
+    for node in nodes.iter_mut() {
+        let status = node.wait_exit(Duration::from_secs(120));
+        assert!(!status.success(), "node {} succeeded", node.name);
+    }
+    assert_eq!(max_step(&nodes), 0, "the job trained before the check");
+    let status = status_of(&etcd, "unshared");
+    assert_eq!(status["phase"], "failed", "{status}");
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("checkpoint location not shared"),
+        "{message}"
+    );
+    for d in &data {
+        let location = format!(
+            "file://{}",
+            d.canonicalize()
+                .unwrap()
+                .join("checkpoints/unshared")
+                .display()
+        );
+        assert!(
+            message.contains(&location),
+            "{location} not named in: {message}"
+        );
+    }
+    assert!(
+        message.contains("rank 0 (host") && message.contains("cannot see the probes of rank 1"),
+        "{message}"
+    );
+    assert!(message.contains("checkpoint.url = \"s3://"), "{message}");
+    for d in &data {
+        let probes = d.join("checkpoints/unshared/probes");
+        let left: Vec<_> = std::fs::read_dir(&probes)
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "probes left behind: {left:?}");
+    }
+
+    // The same nodes, one shared location: the check passes and checkpoints commit.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let text = std::fs::read_to_string(&spec).unwrap().replace(
+        "[checkpoint]",
+        &format!("[checkpoint]\nurl = \"file://{}\"", shared.display()),
+    );
+    let shared_spec = dir.path().join("shared.toml");
+    std::fs::write(&shared_spec, text).unwrap();
+    let mut nodes: Vec<Node> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Node::start(&etcd.url(), "shared", &shared_spec, &format!("node-{i}"), d))
+        .collect();
+    finish(&mut nodes);
+    let committed: Vec<u64> = nodes
+        .iter()
+        .flat_map(|n| n.of("checkpoint"))
+        .filter_map(|e| e["step"].as_u64())
+        .collect();
+    assert!(
+        committed.contains(&40),
+        "no final checkpoint committed: {committed:?}"
+    );
+    assert!(
+        shared.join("latest").exists(),
+        "latest not in the shared location"
+    );
+}

@@ -5,6 +5,10 @@
 //! they are all there or the timeout passes, checks that every rank saved the
 //! same layout and exactly its stripe, then asks to write the manifest
 //! (create-only) and to move `latest` by compare-and-swap, never backwards.
+//! It never waits for a part that will not come: a rank that says its save
+//! failed ([`Event::PeerFailed`]) fails the commit at once with that rank's
+//! cause, and once every rank says its saves are over
+//! ([`Event::PeersSettled`]) a part still missing is waited for only briefly.
 //! The driver in `save.rs` performs the [`Action`]s and feeds back
 //! [`Event`]s; tests drive it with a fake clock.
 
@@ -47,6 +51,16 @@ pub enum Event {
     },
     /// A [`Action::WaitUntil`] deadline passed.
     Tick,
+    /// `rank` says its save of this checkpoint failed: its part never comes.
+    PeerFailed {
+        rank: usize,
+        cause: String,
+    },
+    /// Every other rank says its saves are over (written or failed): a part
+    /// still missing is waited for only until `until`.
+    PeersSettled {
+        until: Instant,
+    },
     /// The create-only manifest put succeeded (or found identical bytes).
     ManifestWritten,
     /// A different manifest already exists at the key.
@@ -100,6 +114,8 @@ pub struct Commit {
     manifest: Option<Manifest>,
     /// Whether the first round of part reads went out.
     asked: bool,
+    /// Every other rank said its saves are over ([`Event::PeersSettled`]).
+    settled: bool,
 }
 
 impl Commit {
@@ -119,6 +135,7 @@ impl Commit {
             swap_losses: 0,
             manifest: None,
             asked: false,
+            settled: false,
         };
         let actions = match commit.accept(0, own_part) {
             Err(e) => commit.fail(e),
@@ -132,6 +149,24 @@ impl Commit {
             return vec![];
         }
         match (event, &self.phase) {
+            (Event::PeerFailed { rank, cause }, Phase::Gathering)
+                if self.parts.get(rank).is_some_and(Option::is_none) =>
+            {
+                let i = &self.input;
+                self.fail(Error::Conflict {
+                    what: format!(
+                        "step {} attempt {}: rank {rank} could not save its part: {cause}",
+                        i.step, i.attempt
+                    ),
+                })
+            }
+            // Its part is here already, or the commit is past gathering.
+            (Event::PeerFailed { .. }, _) => vec![],
+            (Event::PeersSettled { until }, _) => {
+                self.settled = true;
+                self.deadline = self.deadline.min(until);
+                vec![]
+            }
             (Event::PartRead { rank, part }, Phase::Gathering) => {
                 self.outstanding = self.outstanding.saturating_sub(1);
                 if let Some(part) = part
@@ -217,6 +252,15 @@ impl Commit {
             self.asked = true;
             self.outstanding = missing.len();
             return vec![Action::ReadParts(missing)];
+        }
+        if now >= self.deadline && self.settled {
+            return self.fail(Error::Timeout {
+                what: format!(
+                    "step {} attempt {}: ranks {missing:?} say their parts are written, but the \
+                     committer cannot read them: do all ranks write to one shared checkpoint location?",
+                    self.input.step, self.input.attempt
+                ),
+            });
         }
         if now >= self.deadline {
             return self.fail(Error::Timeout {
@@ -551,6 +595,79 @@ mod tests {
         assert!(now >= t0 + Duration::from_secs(10));
         // Backoff grows: far fewer polls than 10 s / 10 ms.
         assert!(waits < 40, "{waits} waits");
+    }
+
+    #[test]
+    fn a_rank_whose_save_failed_fails_the_commit_at_once_with_its_cause() {
+        let t0 = Instant::now();
+        let (plan, mut parts) = plan(3);
+        let (mut c, _) = Commit::new(input(plan, 3), parts.remove(0), t0);
+        c.on_event(
+            Event::PartRead {
+                rank: 1,
+                part: Some(parts.remove(0)),
+            },
+            t0,
+        );
+        // Rank 1's part is here: news of its failure changes nothing.
+        let a = c.on_event(
+            Event::PeerFailed {
+                rank: 1,
+                cause: "late".into(),
+            },
+            t0,
+        );
+        assert!(a.is_empty(), "{a:?}");
+        let a = c.on_event(
+            Event::PeerFailed {
+                rank: 2,
+                cause: "disk full".into(),
+            },
+            t0,
+        );
+        assert!(
+            matches!(&a[..], [Action::Fail(Error::Conflict { what })]
+                if what.contains("rank 2 could not save its part: disk full")),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn once_peers_settled_a_missing_part_is_waited_for_only_until_then() {
+        let t0 = Instant::now();
+        let (plan, mut parts) = plan(2);
+        let (mut c, _) = Commit::new(input(plan, 2), parts.remove(0), t0);
+        let until = t0 + Duration::from_millis(100);
+        assert!(c.on_event(Event::PeersSettled { until }, t0).is_empty());
+        let mut a = c.on_event(
+            Event::PartRead {
+                rank: 1,
+                part: None,
+            },
+            t0,
+        );
+        let mut now = t0;
+        let what = loop {
+            match &a[..] {
+                [Action::WaitUntil(t)] => {
+                    assert!(*t <= until, "waits past the settled deadline");
+                    now = *t;
+                    c.on_event(Event::Tick, now);
+                    a = c.on_event(
+                        Event::PartRead {
+                            rank: 1,
+                            part: None,
+                        },
+                        now,
+                    );
+                }
+                [Action::Fail(Error::Timeout { what })] => break what.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        // Well before the 10 s commit timeout.
+        assert!(now < t0 + Duration::from_secs(1));
+        assert!(what.contains("[1] say their parts are written"), "{what}");
     }
 
     #[test]

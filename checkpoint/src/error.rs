@@ -65,6 +65,12 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The ranks of a job cannot read each other's writes under the
+    /// checkpoint location (see [`crate::probe`]): no checkpoint could ever
+    /// commit, so stop and fix the location rather than retry.
+    #[error("checkpoint location not shared: {what}")]
+    NotShared { what: String },
+
     /// The checkpointer was shut down while work was pending.
     #[error("cancelled: {what}")]
     Cancelled { what: String },

@@ -11,6 +11,12 @@
 //!   record is written and synced to a temporary file, under the lock, and not
 //!   yet renamed; other stores: just before the conditional put).
 //!
+//! One point fails instead of aborting, for tests of a save that fails while
+//! the process lives on:
+//!
+//! - `part-error:R`: writing rank R's part fails with an error, as on a full
+//!   disk (its chunks are written; every save of that rank fails).
+//!
 //! Without the feature every function here is an empty inline function.
 
 #[cfg(feature = "failpoints")]
@@ -36,6 +42,12 @@ mod imp {
         }
     }
 
+    pub fn part_write_fails(rank: usize) -> bool {
+        configured()
+            .and_then(|p| p.strip_prefix("part-error:"))
+            .is_some_and(|r| r.parse::<usize>().ok() == Some(rank))
+    }
+
     pub fn chunk_uploaded() {
         static UPLOADED: AtomicU64 = AtomicU64::new(0);
         let n = UPLOADED.fetch_add(1, Ordering::SeqCst) + 1;
@@ -53,6 +65,10 @@ mod imp {
     pub fn hit(_point: &str) {}
     #[inline(always)]
     pub fn chunk_uploaded() {}
+    #[inline(always)]
+    pub fn part_write_fails(_rank: usize) -> bool {
+        false
+    }
 }
 
-pub(crate) use imp::{chunk_uploaded, hit};
+pub(crate) use imp::{chunk_uploaded, hit, part_write_fails};

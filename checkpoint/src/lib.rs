@@ -28,6 +28,8 @@
 //!   codec policy is fed: idle CPU, CPU time per chunk, write throughput).
 //! - [`manager`]: [`CheckpointManager`], the training loop's policy around
 //!   it (when to save, the failure budget, retention at the end).
+//! - [`probe`]: the check that every rank of a round reads the others'
+//!   writes under the checkpoint location (shared storage is never assumed).
 //! - [`load`]: resolve, load, verify, fall back to a verified parent, list.
 //! - [`gc`]: retention and garbage collection.
 //! - [`export`]: safetensors export and import, and writing in-memory
@@ -64,6 +66,7 @@ pub mod manifest;
 mod measure;
 pub mod plan;
 mod pool;
+pub mod probe;
 pub mod profile;
 pub mod registry;
 pub mod save;
@@ -84,7 +87,9 @@ pub use load::{
     BadChunk, LoadTarget, ManifestSummary, OwnedTensor, Progress, VerifyReport, list, load,
     load_into, load_latest_verified, load_with_progress, resolve, verify, verify_with_progress,
 };
-pub use manager::{CheckpointManager, CheckpointPolicy, SaveEvent};
+pub use manager::{
+    CheckpointManager, CheckpointPolicy, Conclusion, FinalSave, SaveEvent, SaveNews,
+};
 pub use manifest::{CheckpointMeta, FORMAT_VERSION, Manifest};
 pub use save::{Checkpointer, MemoryStats, SaveConfig, SaveOutcome};
 pub use store::CheckpointRoot;

@@ -7,9 +7,19 @@
 //! back as [`SaveEvent`]s for the caller to report; the loop never needs to
 //! know the save pipeline. torchtitan's `CheckpointManager` has the same
 //! split.
+//!
+//! The ranks of a job save together, so they also hear of each other's
+//! failures: the caller carries [`CheckpointManager::news`] of every rank
+//! over its own channel (the trainer's collective) to
+//! [`CheckpointManager::hear`], so that rank 0 never waits for a part that
+//! will not come; at the end every rank's [`FinalSave`] goes to every rank
+//! and [`CheckpointManager::conclude`] gives all of them one verdict (fail,
+//! or go on with a warning when `required` is false).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::gc::{Retention, gc};
@@ -34,6 +44,45 @@ pub struct CheckpointPolicy {
     pub retention: Retention,
     /// Saves of other runs may be writing chunks this recently: never collected.
     pub gc_grace: Duration,
+    /// A final save that does not land fails the run (`true`), or the run
+    /// ends without it, with a warning (`false`).
+    pub required: bool,
+}
+
+/// How the warning of a run that ends without its final checkpoint begins
+/// (`checkpoint.required = false`), for callers that single it out.
+pub const MISSING_FINAL_CHECKPOINT: &str = "the final checkpoint did not land";
+
+/// Once every other rank's saves are over, how much longer a commit waits
+/// for a part that still cannot be read (a store showing a write late).
+const SETTLED_GRACE: Duration = Duration::from_secs(5);
+
+/// What one rank has to tell the others about its saves since it last did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SaveNews {
+    /// Steps whose save failed on this rank, with the cause: no part of
+    /// this rank will come for them.
+    pub failed: Vec<(u64, String)>,
+}
+
+/// How the run's checkpoints ended on one rank (see
+/// [`CheckpointManager::conclude`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FinalSave {
+    /// The last checkpoint this run committed (rank 0).
+    pub committed: Option<String>,
+    /// Why the last checkpoint did not land (or the failure budget ran out).
+    pub error: Option<String>,
+}
+
+/// The run's verdict on its checkpoints, the same on every rank.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Conclusion {
+    /// The last checkpoint landed (its URL, on rank 0), or none was due.
+    Landed(Option<String>),
+    /// It did not, and `checkpoint.required = false`: the run ends without
+    /// it; the message says why, for a loud warning.
+    Missing(String),
 }
 
 /// What happened to a background save, for the caller to report.
@@ -61,6 +110,8 @@ pub struct CheckpointManager {
     /// The newest checkpoint this manager committed (step, URL); results may
     /// arrive out of step order.
     last_committed: Option<(u64, String)>,
+    /// Saves that could not start here, not yet in [`Self::news`].
+    unshared: Vec<(u64, String)>,
 }
 
 impl CheckpointManager {
@@ -87,6 +138,7 @@ impl CheckpointManager {
             failures: 0,
             last_saved: None,
             last_committed: None,
+            unshared: Vec::new(),
         })
     }
 
@@ -124,6 +176,11 @@ impl CheckpointManager {
         self.last_saved = Some(manifest.step);
     }
 
+    /// Whether this policy ever saves (periodically or at the end).
+    pub fn saves(&self) -> bool {
+        self.policy.interval > 0 || self.policy.final_checkpoint
+    }
+
     /// Whether the state after `step` completed steps should be saved.
     pub fn is_due(&self, step: u64) -> bool {
         let p = &self.policy;
@@ -155,6 +212,7 @@ impl CheckpointManager {
             }
             Err(e) => {
                 let message = format!("checkpoint at step {step} could not start: {e}");
+                self.unshared.push((step, message.clone()));
                 self.failed(&message)?;
                 Ok(vec![SaveEvent::Failed { message }])
             }
@@ -211,6 +269,62 @@ impl CheckpointManager {
             events,
             Ok(self.last_committed.as_ref().map(|(_, url)| url.clone())),
         )
+    }
+
+    /// This rank's failed saves since the last call, for the other ranks.
+    pub fn news(&mut self) -> SaveNews {
+        let mut failed = std::mem::take(&mut self.unshared);
+        failed.extend(self.checkpointer.take_failed_steps());
+        SaveNews { failed }
+    }
+
+    /// Every rank's [`SaveNews`] (indexed by rank): commits here stop
+    /// waiting for parts that will not come. `settled`: every other rank has
+    /// finished all its saves (it called [`Self::finish`] before its news),
+    /// so a part still missing is waited for only a few seconds more.
+    pub fn hear(&mut self, news: &[SaveNews], settled: bool) {
+        for (rank, n) in news.iter().enumerate() {
+            if rank == self.rank {
+                continue;
+            }
+            for (step, cause) in &n.failed {
+                self.checkpointer.peer_failed(*step, rank, cause);
+            }
+        }
+        if settled {
+            self.checkpointer.peers_settled(SETTLED_GRACE);
+        }
+    }
+
+    /// The run's verdict from every rank's [`FinalSave`] (what
+    /// [`Self::finish`] returned there, in rank order): the same on every
+    /// rank. A failure anywhere means the last checkpoint did not land
+    /// (rank 0's cause first: it committed or failed last); with
+    /// `required` that is an error, else [`Conclusion::Missing`].
+    pub fn conclude(&self, all: &[FinalSave]) -> Result<Conclusion> {
+        let failure = all
+            .iter()
+            .enumerate()
+            .find_map(|(rank, f)| f.error.as_ref().map(|e| (rank, e)));
+        let Some((rank, error)) = failure else {
+            let committed = all.first().and_then(|f| f.committed.clone());
+            return Ok(Conclusion::Landed(committed));
+        };
+        let cause = if all.len() > 1 {
+            format!("on rank {rank}: {error}")
+        } else {
+            error.clone()
+        };
+        if self.policy.required {
+            Err(Error::Conflict {
+                what: format!("{MISSING_FINAL_CHECKPOINT} (checkpoint.required = true), {cause}"),
+            })
+        } else {
+            Ok(Conclusion::Missing(format!(
+                "{MISSING_FINAL_CHECKPOINT}; the run ends without it \
+                 (checkpoint.required = false), {cause}"
+            )))
+        }
     }
 
     fn account(&mut self, outcomes: Vec<Result<SaveOutcome>>) -> Result<Vec<SaveEvent>> {
@@ -279,6 +393,7 @@ mod tests {
                 keep_every: None,
             },
             gc_grace: Duration::ZERO,
+            required: true,
         };
         CheckpointManager::new(
             root,

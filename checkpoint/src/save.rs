@@ -43,7 +43,7 @@ use crate::pool::CpuPool;
 use crate::store::{CheckpointRoot, io_runtime};
 use crate::stripe::{StripeBuffer, capacity_for, chunk_offsets, copy_parallel, resident_zeroed};
 use crate::tensor::TensorView;
-use crate::upload::{FramePool, KnownChunks, MemoryCounter, SaveJob};
+use crate::upload::{FramePool, KnownChunks, MemoryCounter, PeerNews, SaveJob};
 
 /// Chunks at least this large are laid out in the stripe buffer for direct
 /// writes from it (see [`crate::stripe::chunk_offsets`]).
@@ -158,6 +158,11 @@ pub struct Checkpointer {
     /// Whether the next save compresses; fed by every save's measurements.
     policy: Arc<Mutex<CodecPolicy>>,
     idle: Arc<IdleClock>,
+    /// What the other ranks said about their saves; read by this rank's commits.
+    peers: Arc<Mutex<PeerNews>>,
+    /// Steps whose save failed here, with the cause, not yet taken by
+    /// [`Checkpointer::take_failed_steps`] (for the other ranks to hear).
+    failed_steps: Arc<Mutex<Vec<(u64, String)>>>,
 }
 
 impl Checkpointer {
@@ -183,6 +188,8 @@ impl Checkpointer {
             pool: Arc::new(CpuPool::new(cfg.threads, rank, cfg.low_priority)?),
             policy: Arc::new(Mutex::new(CodecPolicy::new(cfg.compression, rank))),
             idle: Default::default(),
+            peers: Default::default(),
+            failed_steps: Default::default(),
             root,
             cfg,
             rank,
@@ -382,11 +389,13 @@ impl Checkpointer {
             decision,
             policy: self.policy.clone(),
             idle: self.idle.clone(),
+            peers: self.peers.clone(),
         };
         let runtime = io_runtime();
         let previous = self.previous_commit.replace(next_commit);
         let task = runtime.spawn(job.run(previous, commit_done));
         let tx = self.outcomes_tx.clone();
+        let failed_steps = self.failed_steps.clone();
         runtime.spawn(async move {
             let outcome = match task.await {
                 Ok(r) => r,
@@ -394,6 +403,14 @@ impl Checkpointer {
                     what: format!("save of step {step}: background task failed: {e}"),
                 }),
             };
+            if let Err(e) = &outcome {
+                // Before the outcome is sent: once `flush` returned, every
+                // failure is here.
+                failed_steps
+                    .lock()
+                    .expect("failed steps")
+                    .push((step, e.to_string()));
+            }
             let _ = tx.send(outcome);
         });
         self.in_flight += 1;
@@ -428,6 +445,34 @@ impl Checkpointer {
         }
         self.pool.boost(false);
         out
+    }
+
+    /// Steps whose save failed on this rank since the last call, with the
+    /// cause: what the other ranks need to hear (see
+    /// [`Checkpointer::peer_failed`]).
+    pub fn take_failed_steps(&self) -> Vec<(u64, String)> {
+        std::mem::take(&mut *self.failed_steps.lock().expect("failed steps"))
+    }
+
+    /// Another rank's save of `step` failed: a commit of that step here
+    /// fails at once with `cause` instead of waiting for the rank's part.
+    pub fn peer_failed(&self, step: u64, rank: usize, cause: &str) {
+        self.peers
+            .lock()
+            .expect("peer news")
+            .failed
+            .entry(step)
+            .or_insert_with(|| (rank, cause.to_string()));
+    }
+
+    /// Every other rank's saves are over (each part written, or its failure
+    /// told through [`Checkpointer::peer_failed`]): commits here wait for a
+    /// part still missing at most `grace` longer (a store that shows a write
+    /// a little late), then fail saying the location does not look shared.
+    pub fn peers_settled(&self, grace: Duration) {
+        let until = Instant::now() + grace;
+        let mut news = self.peers.lock().expect("peer news");
+        news.settled_until = Some(news.settled_until.map_or(until, |u| u.min(until)));
     }
 
     /// Saves in flight (submitted, outcome not yet taken by poll/flush).

@@ -66,6 +66,18 @@ impl FramePool {
     }
 }
 
+/// What the other ranks said about their saves (through the caller's own
+/// channel: see [`crate::CheckpointManager::news`]), for the commits of this
+/// rank to stop waiting for parts that will never come.
+#[derive(Default)]
+pub(crate) struct PeerNews {
+    /// Steps whose save failed on another rank: (rank, cause).
+    pub(crate) failed: HashMap<u64, (usize, String)>,
+    /// Every other rank's saves are over; a part still missing then is
+    /// waited for until this instant at most.
+    pub(crate) settled_until: Option<Instant>,
+}
+
 #[derive(Default)]
 pub(crate) struct MemoryCounter {
     live: AtomicU64,
@@ -113,6 +125,7 @@ pub(crate) struct SaveJob {
     pub(crate) decision: Decision,
     pub(crate) policy: Arc<Mutex<CodecPolicy>>,
     pub(crate) idle: Arc<IdleClock>,
+    pub(crate) peers: Arc<Mutex<PeerNews>>,
 }
 
 /// What one chunk cost on its CPU thread (seconds of that thread's CPU).
@@ -294,6 +307,7 @@ impl SaveJob {
             last_committed,
             decision,
             policy,
+            peers,
             ..
         } = self;
         let meter = Arc::new(Mutex::new(WriteMeter::default()));
@@ -488,6 +502,13 @@ impl SaveJob {
         };
         let key = part_key(step, &attempt, rank, world_size);
         let json = serde_json::to_vec_pretty(&part).expect("part serializes");
+        if failpoint::part_write_fails(rank) {
+            return Err(Error::Io {
+                op: "write part (failpoint part-error)",
+                path: root.url_of(&key),
+                source: std::io::Error::other("no space left on device"),
+            });
+        }
         root.put(&key, Bytes::from(json), PutMode::Overwrite)
             .await?;
         known
@@ -538,7 +559,7 @@ impl SaveJob {
             timeout: cfg.commit_timeout,
             created_at: now_rfc3339(),
         };
-        let committed = drive_commit(&root, input, part).await?;
+        let committed = drive_commit(&root, input, part, &peers).await?;
         *last_committed.lock().expect("last committed") = Some(committed.manifest.key.clone());
         if !committed.latest_moved {
             tracing::warn!(
@@ -592,6 +613,7 @@ async fn drive_commit(
     root: &CheckpointRoot,
     input: CommitInput,
     own_part: PartRecord,
+    peers: &Mutex<PeerNews>,
 ) -> Result<crate::commit::CommitOutcome> {
     let (step, attempt, world) = (input.step, input.attempt.clone(), input.world_size);
     let (mut commit, mut actions) = Commit::new(input, own_part, Instant::now());
@@ -663,6 +685,23 @@ async fn drive_commit(
         }
         if events.is_empty() {
             return Err(Error::invalid("commit protocol stalled"));
+        }
+        // What the other ranks said since: it goes in first, so the events
+        // above act on it.
+        {
+            let news = peers.lock().expect("peer news");
+            if let Some((rank, cause)) = news.failed.get(&step) {
+                events.insert(
+                    0,
+                    Event::PeerFailed {
+                        rank: *rank,
+                        cause: cause.clone(),
+                    },
+                );
+            }
+            if let Some(until) = news.settled_until {
+                events.insert(0, Event::PeersSettled { until });
+            }
         }
         let now = Instant::now();
         for e in events {

@@ -530,6 +530,11 @@ pub struct CheckpointSpec {
     /// write speed), "zstd" (always) or "none" (never).
     #[serde(default = "default_compression")]
     pub compression: String,
+    /// Whether the final checkpoint must land: a final save that fails
+    /// fails the job (`true`), or the job succeeds without it, with a loud
+    /// warning in the log and the job status (`false`).
+    #[serde(default = "default_true")]
+    pub required: bool,
 }
 
 fn default_true() -> bool {
@@ -565,6 +570,7 @@ impl Default for CheckpointSpec {
             chunk_mb: default_chunk_mb(),
             max_consecutive_failures: default_max_consecutive_failures(),
             compression: default_compression(),
+            required: true,
         }
     }
 }
@@ -1377,7 +1383,15 @@ impl JobSpec {
             ));
         }
         positive("checkpoint.chunk_mb", c.chunk_mb)?;
-        at_most_f64("checkpoint.chunk_mb", c.chunk_mb, MAX_MB)
+        at_most_f64("checkpoint.chunk_mb", c.chunk_mb, MAX_MB)?;
+        if !c.required && self.register.is_some() {
+            return Err(invalid(
+                "checkpoint.required",
+                "false cannot go with [register]: a model is registered from its final \
+                 checkpoint, which the job could then end without",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_elastic(&self) -> Result<(), SpecError> {

@@ -888,3 +888,19 @@ kind = "synthetic"
         "comm.grad_dtype",
     );
 }
+
+#[test]
+fn checkpoint_required_defaults_to_true_and_cannot_go_with_register() {
+    assert!(parse(MINIMAL, &[]).expect("minimal").checkpoint.required);
+    let optional = parse(MINIMAL, &["checkpoint.required=false"]).expect("false is allowed");
+    assert!(!optional.checkpoint.required);
+    assert_contains(
+        &error_of(MINIMAL, &["checkpoint.required=maybe"]),
+        "checkpoint.required: invalid type: string \"maybe\", expected a boolean",
+    );
+    let registered = format!("{MINIMAL}\n[register]\nname = \"tiny\"\n");
+    assert_contains(
+        &error_of(&registered, &["checkpoint.required=false"]),
+        "checkpoint.required: false cannot go with [register]",
+    );
+}

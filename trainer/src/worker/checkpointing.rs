@@ -1,18 +1,27 @@
 //! The worker's side of checkpoints: resuming, the round's
-//! `CheckpointManager` (whose policy lives in `kiln-checkpoint`), and
-//! reporting what became of background saves.
+//! `CheckpointManager` (whose policy lives in `kiln-checkpoint`), reporting
+//! what became of background saves, and what the ranks tell each other
+//! about the checkpoint location over the round's collective: the probe
+//! that proves it shared ([`prove_shared_storage`]), failed saves
+//! ([`share_news`]) and the verdict on the final checkpoint
+//! ([`finish_saves`]).
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use kiln_checkpoint::probe::{self, ProbeRecord, Sighting};
 use kiln_checkpoint::{
-    CheckpointManager, CheckpointMeta, CheckpointPolicy, CheckpointRoot, Manifest, OwnedTensor,
-    Retention, SaveConfig, SaveEvent,
+    CheckpointManager, CheckpointMeta, CheckpointPolicy, CheckpointRoot, Conclusion, FinalSave,
+    Manifest, OwnedTensor, Retention, SaveConfig, SaveEvent, SaveNews,
 };
 use kiln_proto::spec::JobSpec;
 use kiln_proto::worker::{Assignment, CheckpointSaved, Warning, worker_message::Kind as Report};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tch::{Device, Kind, Tensor};
 
 use super::channel::Reporter;
+use crate::collective::Collective;
 
 /// Loads what `--resume` names: `latest` falls back to the newest checkpoint
 /// that verifies (with warnings saying what was skipped).
@@ -92,6 +101,7 @@ pub(super) fn checkpoint_manager(
         },
         // Never delete chunks a save of another run may be writing now.
         gc_grace: Duration::from_secs(300),
+        required: spec.checkpoint.required,
     };
     // Each round of an elastic job saves under its own attempt names: a save
     // of a broken round never mixes with a later one's.
@@ -128,4 +138,141 @@ pub(super) fn report_saves(events: Vec<SaveEvent>, reporter: &mut Reporter) -> R
         }
     }
     Ok(())
+}
+
+/// Proves, before anything is saved or resumed, that every rank of the round
+/// reads the others' writes under the checkpoint location (see
+/// `kiln_checkpoint::probe`). Every rank reaches the same verdict; when the
+/// location is not shared, the error names each rank's location, who could
+/// not see whom, and the fix.
+pub(super) fn prove_shared_storage(
+    root: &CheckpointRoot,
+    a: &Assignment,
+    rank: usize,
+    world: usize,
+    comm: &mut dyn Collective,
+    device: Device,
+) -> Result<()> {
+    let id = format!("{}-r{}", a.run_id, a.round);
+    let mine = probe::write_probe(root, &id, ProbeRecord::new(root, rank, world));
+    let records: Vec<ProbeRecord> =
+        exchange(comm, device, &mine).context("exchange checkpoint location probes")?;
+    let seen = probe::read_probes(root, &id, rank, &records);
+    let sightings: Vec<Vec<Sighting>> =
+        exchange(comm, device, &seen).context("exchange what each rank's probe read found")?;
+    // Every rank has read every probe by now.
+    if mine.write_error.is_empty()
+        && let Err(e) = probe::remove_probe(root, &id, rank)
+    {
+        tracing::warn!(probe = %probe::probe_key(&id, rank), "remove the checkpoint location probe: {e}");
+    }
+    probe::verdict(&records, &sightings)?;
+    Ok(())
+}
+
+/// Tells every rank which saves failed here, and hears the same from them,
+/// so that the committing rank stops waiting for parts that will not come
+/// (see `CheckpointManager::hear`). Every rank calls it at the same points.
+pub(super) fn share_news(
+    checkpoints: &mut CheckpointManager,
+    comm: &mut dyn Collective,
+    device: Device,
+    settled: bool,
+) -> Result<()> {
+    let news: Vec<SaveNews> = exchange(comm, device, &checkpoints.news())
+        .context("tell the other ranks about failed checkpoint saves")?;
+    checkpoints.hear(&news, settled);
+    Ok(())
+}
+
+/// The end of the run's checkpoints, on every rank together: the ranks that
+/// only write parts finish first and say how their saves went; then rank 0
+/// finishes its commits (which no longer wait for parts that will not come)
+/// and every rank hears every rank's outcome, so all reach one verdict at
+/// once instead of timing out at the final barrier. Returns the last
+/// checkpoint committed (rank 0), or the error that ends the run
+/// (`checkpoint.required = true`); with `required = false` a final save that
+/// did not land is a warning.
+pub(super) fn finish_saves(
+    checkpoints: &mut CheckpointManager,
+    rank: usize,
+    comm: &mut dyn Collective,
+    device: Device,
+    reporter: &mut Reporter,
+) -> Result<Option<String>> {
+    let world = comm.world_size();
+    let mut finish = |checkpoints: &mut CheckpointManager| -> Result<FinalSave> {
+        let (events, landed) = checkpoints.finish();
+        report_saves(events, reporter)?;
+        Ok(match landed {
+            Ok(committed) => FinalSave {
+                committed,
+                error: None,
+            },
+            Err(e) => FinalSave {
+                committed: None,
+                error: Some(e.to_string()),
+            },
+        })
+    };
+    let outcomes = if world == 1 {
+        vec![finish(checkpoints)?]
+    } else {
+        let early = if rank == 0 {
+            None
+        } else {
+            Some(finish(checkpoints)?)
+        };
+        share_news(checkpoints, comm, device, true)?;
+        let mine = match early {
+            Some(outcome) => outcome,
+            None => finish(checkpoints)?,
+        };
+        exchange(comm, device, &mine).context("agree on the final checkpoint")?
+    };
+    match checkpoints.conclude(&outcomes)? {
+        Conclusion::Landed(url) => Ok(url.filter(|_| rank == 0)),
+        Conclusion::Missing(message) => {
+            tracing::warn!("{message}");
+            if rank == 0 {
+                reporter.send(Report::Warning(Warning { message }))?;
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Gathers one value from every rank (JSON over the collective, in rank
+/// order): the lengths first, then the bytes padded to the longest.
+fn exchange<T: Serialize + DeserializeOwned>(
+    comm: &mut dyn Collective,
+    device: Device,
+    mine: &T,
+) -> Result<Vec<T>> {
+    let world = comm.world_size();
+    let bytes = serde_json::to_vec(mine).context("encode for the other ranks")?;
+    let mut lengths = Tensor::zeros([world as i64], (Kind::Int64, device));
+    comm.all_gather(
+        &Tensor::from_slice(&[bytes.len() as i64]).to_device(device),
+        &mut lengths,
+    )?;
+    let lengths = Vec::<i64>::try_from(lengths.to_device(Device::Cpu)).context("read lengths")?;
+    let longest = lengths.iter().copied().max().unwrap_or(0).max(1) as usize;
+    let mut padded = bytes;
+    padded.resize(longest, 0);
+    let mut all = Tensor::zeros([(world * longest) as i64], (Kind::Uint8, device));
+    comm.all_gather(&Tensor::from_slice(&padded).to_device(device), &mut all)?;
+    let all = Vec::<u8>::try_from(all.to_device(Device::Cpu)).context("read gathered bytes")?;
+    all.chunks(longest)
+        .zip(&lengths)
+        .enumerate()
+        .map(|(r, (chunk, &len))| {
+            let len = usize::try_from(len)
+                .ok()
+                .filter(|&l| l <= chunk.len())
+                .with_context(|| format!("rank {r} announced {len} bytes"))?;
+            serde_json::from_slice(&chunk[..len])
+                .with_context(|| format!("decode what rank {r} sent"))
+        })
+        .collect()
 }

@@ -49,7 +49,10 @@ use crate::optim::{self, Optimizer};
 use crate::state::{self, TrainingState};
 use buckets::GradBuckets;
 use channel::{Reporter, Rounds, agent_channel, is_collective_failure, watch_agent};
-use checkpointing::{checkpoint_manager, load_for_resume, report_saves};
+use checkpointing::{
+    checkpoint_manager, finish_saves, load_for_resume, prove_shared_storage, report_saves,
+    share_news,
+};
 use kiln_models::{self as model, Net};
 use step::{Objective, StepContext};
 
@@ -330,6 +333,12 @@ impl Training {
         // follow the plan.
         let mut checkpoints = checkpoint_manager(&spec, a, rank, world, &self.fingerprint)?;
         checkpoints.set_last_saved(self.last_saved);
+        // Ranks that cannot read each other's writes could never commit a
+        // checkpoint (nor resume from one): stop now, saying why.
+        if world > 1 && (checkpoints.saves() || !a.resume.is_empty()) {
+            prove_shared_storage(checkpoints.root(), a, rank, world, comm.as_mut(), device)
+                .context("check that every rank shares the checkpoint location")?;
+        }
         let source = self.sync_state(a, rank, world, comm.as_mut(), &mut checkpoints, reporter)?;
         checkpoints
             .reserve(
@@ -578,6 +587,11 @@ impl Training {
                 timed_from = Some((Instant::now(), done));
             }
             if checkpoints.is_due(done) {
+                if world > 1 {
+                    // Every rank is here: earlier saves that failed anywhere
+                    // stop rank 0's commits from waiting for their parts.
+                    share_news(checkpoints, comm, self.device, false)?;
+                }
                 let tensors = state::state_tensors(&self.named, &self.opt)?;
                 let views: Vec<TensorView<'_>> = tensors.iter().map(|t| t.view()).collect();
                 let training_state = self.training_state(done, world);
@@ -602,9 +616,7 @@ impl Training {
         if !self.splits.eval.is_empty() {
             self.evaluate(steps, rank, world, comm, reporter)?;
         }
-        let (events, landed) = checkpoints.finish();
-        report_saves(events, reporter)?;
-        let checkpoint_url = landed?;
+        let checkpoint_url = finish_saves(checkpoints, rank, comm, self.device, reporter)?;
         self.finish(
             a,
             rank,
