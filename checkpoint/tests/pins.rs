@@ -395,3 +395,51 @@ fn a_registration_racing_a_gc_waits_for_it_and_never_names_a_deleted_checkpoint(
     assert_eq!(v.version, 1);
     assert_eq!(rt.block_on(pin::list_pins(&t.root)).unwrap().len(), 1);
 }
+
+/// The training loop's retention (rank 0, after the last save) is the same
+/// collection: it keeps a pinned step beside the newest.
+#[test]
+fn the_training_loops_retention_keeps_pinned_steps() {
+    let t = local_root();
+    let policy = CheckpointPolicy {
+        interval: 1,
+        final_checkpoint: true,
+        total_steps: 3,
+        max_consecutive_failures: 1,
+        retention: KEEP_ONE,
+        gc_grace: Duration::ZERO,
+    };
+    let mut m = CheckpointManager::new(
+        t.root.clone(),
+        small_chunks(),
+        0,
+        1,
+        "run".into(),
+        meta(0),
+        policy,
+    )
+    .unwrap();
+    let state = mixed_state(9);
+    for step in 1..=3 {
+        m.save(
+            step,
+            &views(&state),
+            serde_json::json!({ "step": step }),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+    }
+    // A version registered step 2 while the run went on.
+    let pin = Pin::new(2, "memory://r/registry", "m", 1, "reg-loop", "tester");
+    runtime().block_on(pin::write_pin(&t.root, &pin)).unwrap();
+    let (events, last) = m.finish();
+    last.unwrap().expect("rank 0 committed");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, SaveEvent::RetentionFailed { .. })),
+        "{events:?}"
+    );
+    let steps: Vec<Option<u64>> = list(&t.root).unwrap().iter().map(|s| s.step).collect();
+    assert_eq!(steps, [Some(2), Some(3)]);
+}
