@@ -51,6 +51,8 @@ pub enum CkptCommand {
         all: bool,
     },
     /// Apply retention and delete chunks no kept checkpoint references.
+    /// Registered model versions' checkpoints (pins) and the newest
+    /// checkpoint of every branch are always kept; --dry-run lists them.
     Gc {
         root: String,
         #[arg(long, default_value_t = 3)]
@@ -327,11 +329,47 @@ pub fn run(cmd: CkptCommand) -> Result<ExitCode> {
                         report.staging_files_deleted
                     );
                 }
+                print_pins_and_heads(&report);
                 for m in &report.manifests_deleted {
                     println!("  {verb} {m}");
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The pins of a gc report with what each keeps, and the branch heads kept.
+fn print_pins_and_heads(report: &kiln_checkpoint::GcReport) {
+    if report.pins.is_empty() {
+        println!("no pins (no registered model version names a checkpoint here)");
+    } else {
+        println!("pins (registered model versions; their checkpoints are kept):");
+    }
+    for p in &report.pins {
+        let who = match (&p.pin.pin, &p.pin.unreadable) {
+            (Some(pin), _) => format!(
+                "{}:{} in {} (registered by {} at {})",
+                pin.model, pin.version, pin.registry, pin.created_by, pin.created_at
+            ),
+            (None, Some(why)) => format!("{} (unreadable: {why})", p.pin.key),
+            (None, None) => p.pin.key.clone(),
+        };
+        if p.keeps.is_empty() {
+            println!("  {who}: step {}, no checkpoint of it is left", p.pin.step);
+        } else {
+            println!(
+                "  {who}: step {}, keeps {} ({})",
+                p.pin.step,
+                p.keeps.join(", "),
+                mb(p.stored_bytes)
+            );
+        }
+    }
+    if report.branch_heads.len() > 1 {
+        println!("branch heads (the newest checkpoint of each line of training; kept):");
+        for h in &report.branch_heads {
+            println!("  {h}");
         }
     }
 }

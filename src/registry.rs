@@ -1,6 +1,6 @@
 //! `kiln registry`: the model registry (`kiln_checkpoint::registry`) from the
 //! command line: list, show, register a checkpoint by hand, promote, roll
-//! back, and read the audit log. Human tables by default, `--json` for scripts.
+//! back, delete a version, and read the audit log. Human tables by default, `--json` for scripts.
 //!
 //! The registry is named by `--registry URL` or `KILN_REGISTRY`; changes are
 //! recorded under `--actor` (default `$USER`).
@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Subcommand;
 use kiln_checkpoint::registry::{
     Alias, AliasTarget, AuditEntry, CheckpointRef, Lineage, ModelDefinition, ModelVersion,
-    NewVersion, Registry, Selector, Signature, spec_hash,
+    NewVersion, Pick, Registry, Selector, Signature, spec_hash,
 };
 use kiln_checkpoint::{CheckpointRoot, Manifest, OwnedTensor, TensorView};
 use kiln_proto::spec::{DataKind, JobSpec, ModelKind, ModelSpec};
@@ -92,8 +92,13 @@ pub enum RegistryCommand {
         #[arg(long)]
         alias: String,
     },
-    /// The audit log of a model: registrations and alias moves, oldest first.
+    /// The audit log of a model: registrations, deletions and alias moves,
+    /// oldest first.
     History { name: String },
+    /// Delete a version (NAME:VERSION) and release the pin that keeps its
+    /// checkpoint from retention; refused while an alias points at it. Its
+    /// number is never reused.
+    Delete { selector: String },
 }
 
 /// Runs a `kiln registry` command.
@@ -164,6 +169,31 @@ pub async fn run(args: RegistryArgs) -> Result<ExitCode> {
                 .await
                 .with_context(|| format!("roll back alias {alias} of {name}"))?;
             print_alias_move(&a, json)?;
+        }
+        RegistryCommand::Delete { selector } => {
+            let selector: Selector = selector.parse().context("read the model selector")?;
+            let Pick::Version(version) = selector.pick else {
+                bail!(
+                    "delete takes NAME:VERSION (one version), not {selector}: list the versions with `kiln registry ls {}`",
+                    selector.name
+                );
+            };
+            let name = selector.name;
+            let deleted = registry
+                .delete_version(&name, version, &actor)
+                .await
+                .with_context(|| format!("delete {name}:{version} from {url}"))?;
+            if json {
+                println!("{}", serde_json::to_string(&deleted)?);
+            } else {
+                println!(
+                    "deleted {name}:{version} (by {} at {}); the pin of its checkpoint (step {} under {}) is released: `kiln ckpt gc` may now delete that checkpoint",
+                    deleted.deleted_by,
+                    deleted.deleted_at,
+                    deleted.checkpoint.step,
+                    deleted.checkpoint.root
+                );
+            }
         }
         RegistryCommand::History { name } => {
             let entries = registry
@@ -295,7 +325,7 @@ async fn list_versions(registry: &Registry, name: &str, json: bool) -> Result<()
 async fn show(registry: &Registry, selector: &str, json: bool) -> Result<()> {
     let selector: Selector = selector.parse().context("read the model selector")?;
     let alias = match &selector.pick {
-        kiln_checkpoint::registry::Pick::Alias(a) => registry
+        Pick::Alias(a) => registry
             .alias(&selector.name, a)
             .await
             .with_context(|| format!("read {selector}"))?,
@@ -453,10 +483,12 @@ fn print_history(name: &str, entries: &[AuditEntry], json: bool) -> Result<()> {
         let show = |v: &serde_json::Value| match e.action.as_str() {
             "alias" => serde_json::from_value::<Vec<AliasTarget>>(v.clone())
                 .map_or_else(|_| v.to_string(), |t| targets(&t)),
-            "register" => match (v["version"].as_u64(), v["checkpoint"]["step"].as_u64()) {
-                (Some(version), Some(step)) => format!("version {version} (step {step})"),
-                _ => v.to_string(),
-            },
+            "register" | "delete" => {
+                match (v["version"].as_u64(), v["checkpoint"]["step"].as_u64()) {
+                    (Some(version), Some(step)) => format!("version {version} (step {step})"),
+                    _ => v.to_string(),
+                }
+            }
             _ => v.to_string(),
         };
         println!(

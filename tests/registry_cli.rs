@@ -1,13 +1,17 @@
 //! End-to-end tests of `kiln registry`: the real binary trains a small job with
 //! `kiln run`, then registers its checkpoints, promotes, canaries, shows,
-//! rolls back and reads the history, as a user would.
+//! rolls back, deletes and reads the history, as a user would; registered
+//! checkpoints outlive retention and `kiln ckpt gc` until their version is
+//! deleted, and `kiln serve` serves them all along.
 
 mod common;
 
 use common::repo;
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 fn kiln() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
@@ -60,19 +64,24 @@ fn registry_err(registry: Option<&str>, args: &[&str]) -> String {
 
 /// Trains the digits example for 20 steps with a checkpoint every 10.
 fn train(data: &Path) -> serde_json::Value {
+    train_with(data, &["--set", "train.steps=20"])
+}
+
+/// Trains the digits example with a checkpoint every 10 steps and `extra`
+/// arguments to `kiln run`.
+fn train_with(data: &Path, extra: &[&str]) -> serde_json::Value {
     let spec = repo().join("examples/digits/job.toml");
-    let args = [
+    let mut args = vec![
         "run",
         spec.to_str().unwrap(),
-        "--set",
-        "train.steps=20",
         "--set",
         "checkpoint.interval=10",
         "--json",
         "--data-dir",
         data.to_str().unwrap(),
     ];
-    let out = kiln().args(args).output().unwrap();
+    args.extend_from_slice(extra);
+    let out = kiln().args(&args).output().unwrap();
     assert!(out.status.success(), "{}", describe(&args, &out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().last().unwrap_or_default();
@@ -343,4 +352,178 @@ fn bad_arguments_are_refused_with_a_reason() {
     // An empty registry lists nothing, successfully.
     let out = registry_ok(&registry, "x", &["ls"]);
     assert!(out.contains("no models"), "{out}");
+}
+
+/// Runs `kiln ckpt ARGS`, expecting success; returns stdout.
+fn ckpt_ok(args: &[&str]) -> String {
+    let out = kiln().arg("ckpt").args(args).output().unwrap();
+    assert!(out.status.success(), "{}", describe(args, &out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The steps of the checkpoints under `root`.
+fn steps(root: &str) -> Vec<u64> {
+    let listed: serde_json::Value =
+        serde_json::from_str(ckpt_ok(&["ls", root, "--json"]).trim()).unwrap();
+    let mut steps: Vec<u64> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    steps.sort_unstable();
+    steps
+}
+
+/// Starts `kiln serve` on `model` of `registry`: `Ok` once the model answers
+/// ready (the server is then killed), `Err(stderr)` when it exits instead.
+fn serve_ready(registry: &str, model: &str, dir: &Path) -> Result<(), String> {
+    let stderr_path = dir.join("serve.err");
+    let mut child = kiln()
+        .args(["serve", "--listen", "127.0.0.1:0", "--registry", registry])
+        .args(["--model", model])
+        .env_remove("KILN_SERVE_TOKEN")
+        .env_remove("KILN_SERVE_ADMIN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // The first line that says where it listens; none when it exits first.
+    // The reader drains stdout to the end, so the server never writes to a
+    // closed pipe.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("kiln serve: listening on http://") {
+                let _ = tx.send(a.trim().to_string());
+            }
+        }
+    });
+    let Ok(addr) = rx.recv() else {
+        let _ = child.wait();
+        return Err(std::fs::read_to_string(&stderr_path).unwrap_or_default());
+    };
+    let name = model.split([':', '@']).next().unwrap();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "GET /v2/models/{name}/ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answer.starts_with("HTTP/1.1 200"), "ready: {answer}");
+    Ok(())
+}
+
+/// The scenario: register the step-10 checkpoint, train on with
+/// `keep_last = 1`, collect with `kiln ckpt gc`: the registered version
+/// still serves. Deleting the version releases its pin; the next gc
+/// deletes the checkpoint.
+#[test]
+fn a_registered_checkpoint_outlives_gc_until_its_version_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = train(&data);
+    let root = run["checkpoint_root"].as_str().unwrap().to_string();
+    let registry = format!("file://{}", dir.path().join("registry").display());
+    let v1 = registry_json(
+        &registry,
+        "alice",
+        &["register", "digits", "--checkpoint", &root, "--step", "10"],
+    );
+    assert_eq!(
+        (v1["version"].as_u64(), v1["checkpoint"]["step"].as_u64()),
+        (Some(1), Some(10))
+    );
+
+    // Train on to step 40 with keep_last = 1, then collect without grace.
+    let on = train_with(
+        &data,
+        &[
+            "--set",
+            "train.steps=40",
+            "--set",
+            "checkpoint.keep_last=1",
+            "--resume",
+            "latest",
+        ],
+    );
+    assert_eq!(on["checkpoint_root"].as_str(), Some(root.as_str()));
+    assert_eq!(steps(&root), [10, 20, 30, 40]);
+    let gc = ["gc", root.as_str(), "--keep-last", "1", "--grace-secs", "0"];
+    let dry = ckpt_ok(&[&gc[..], &["--dry-run"]].concat());
+    assert!(
+        dry.contains("digits:1 in ")
+            && dry.contains("step 10, keeps manifests/00000000000000000010-"),
+        "{dry}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(ckpt_ok(&[&gc[..], &["--json"]].concat()).trim()).unwrap();
+    let pins = report["pins"].as_array().unwrap();
+    let ours = pins
+        .iter()
+        .find(|p| p["pin"]["registry"] == registry.as_str())
+        .unwrap_or_else(|| panic!("no pin of {registry}: {report:#}"));
+    assert_eq!(
+        (ours["step"].as_u64(), ours["pin"]["version"].as_u64()),
+        (Some(10), Some(1))
+    );
+    // `kiln run` registered its final checkpoints (steps 20 and 40) in the
+    // job's own registry: pinned too. Step 30 goes.
+    assert_eq!(steps(&root), [10, 20, 40], "{report:#}");
+    serve_ready(&registry, "digits:1", dir.path()).expect("digits:1 serves after gc");
+
+    // An alias on the version blocks its deletion.
+    registry_ok(
+        &registry,
+        "bob",
+        &["promote", "digits", "1", "--alias", "production"],
+    );
+    let err = registry_err(Some(&registry), &["delete", "digits:1"]);
+    assert!(err.contains("alias production"), "{err}");
+    let err = registry_err(Some(&registry), &["delete", "digits@production"]);
+    assert!(err.contains("NAME:VERSION"), "{err}");
+    registry_ok(
+        &registry,
+        "alice",
+        &["register", "digits", "--checkpoint", &root, "--step", "40"],
+    );
+    registry_ok(
+        &registry,
+        "bob",
+        &["promote", "digits", "2", "--alias", "production"],
+    );
+    let deleted = registry_json(&registry, "carol", &["delete", "digits:1"]);
+    assert_eq!(
+        (deleted["version"].as_u64(), deleted["deleted_by"].as_str()),
+        (Some(1), Some("carol"))
+    );
+    let history = registry_json(&registry, "x", &["history", "digits"]);
+    let last = history.as_array().unwrap().last().unwrap();
+    assert_eq!(
+        (last["action"].as_str(), last["actor"].as_str()),
+        (Some("delete"), Some("carol"))
+    );
+
+    // The pin is released: the next gc deletes step 10.
+    let report: serde_json::Value =
+        serde_json::from_str(ckpt_ok(&[&gc[..], &["--json"]].concat()).trim()).unwrap();
+    assert!(
+        report["manifests_deleted"][0]
+            .as_str()
+            .is_some_and(|m| m.starts_with("manifests/00000000000000000010-")),
+        "{report:#}"
+    );
+    assert_eq!(steps(&root), [20, 40]);
+    let err = serve_ready(&registry, "digits:1", dir.path()).unwrap_err();
+    assert!(
+        err.contains("version 1") && err.contains("deleted at"),
+        "{err}"
+    );
+    serve_ready(&registry, "digits@production", dir.path()).expect("the alias serves version 2");
 }

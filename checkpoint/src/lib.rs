@@ -31,7 +31,9 @@
 //! - [`probe`]: the check that every rank of a round reads the others'
 //!   writes under the checkpoint location (shared storage is never assumed).
 //! - [`load`]: resolve, load, verify, fall back to a verified parent, list.
-//! - [`gc`]: retention and garbage collection.
+//! - [`gc`]: retention and garbage collection (pins, branch heads).
+//! - [`pin`]: pins, which keep registered checkpoints from retention, and
+//!   the markers that order a registration against a collection.
 //! - [`export`]: safetensors export and import, and writing in-memory
 //!   tensors (a run's final weights) as safetensors.
 //! - [`registry`]: the model registry, a catalog over checkpoints in the
@@ -64,6 +66,7 @@ pub mod load;
 pub mod manager;
 pub mod manifest;
 mod measure;
+pub mod pin;
 pub mod plan;
 mod pool;
 pub mod probe;
@@ -82,7 +85,7 @@ pub use error::{Error, Result};
 pub use export::{
     export_safetensors, export_safetensors_with_progress, import_safetensors, write_safetensors,
 };
-pub use gc::{GcReport, Retention, gc};
+pub use gc::{GcReport, PinReport, Retention, gc};
 pub use load::{
     BadChunk, LoadTarget, ManifestSummary, OwnedTensor, Progress, VerifyReport, list, load,
     load_into, load_latest_verified, load_with_progress, resolve, verify, verify_with_progress,

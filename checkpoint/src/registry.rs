@@ -13,6 +13,7 @@
 //! models/{name}/versions/{version:020}.json   immutable, created with a create-only put
 //! models/{name}/aliases/{alias}.json          moved by compare-and-swap
 //! models/{name}/history/{seq:020}.json        audit log: one create-only object per entry
+//! models/{name}/deleted/{version:020}.json    tombstone of a deleted version (see `delete.rs`)
 //! models/{name}/blobs/{sha256}.profile.json   reference data profile (content-addressed)
 //! models/{name}/blobs/{sha256}.torchscript.pt TorchScript module bytes (content-addressed)
 //! models/{name}/blobs/{sha256}.tokenizer.json a language model's tokenizer (content-addressed)
@@ -36,6 +37,14 @@
 //! lost response finds its own bytes in place and counts as the win, and no
 //! other registration can ever match them.
 //!
+//! # Pins
+//!
+//! Before the version record is created, registration writes a pin under
+//! the checkpoint's root (`pins/{step:020}-{registration_id}.json`,
+//! [`crate::pin`]) and checks that the checkpoint is still there; retention
+//! and gc keep every checkpoint of a pinned step. [`Registry::delete_version`]
+//! releases the pin. Numbers of deleted versions are never reused.
+//!
 //! # Aliases
 //!
 //! An alias (`production`, `staging`, ...) holds weighted targets that sum to
@@ -49,7 +58,7 @@
 //!
 //! # Audit log
 //!
-//! Registrations and alias moves append an entry with the next sequence
+//! Registrations, deletions and alias moves append an entry with the next sequence
 //! number, again with a create-only put (a lost race tries the next number),
 //! never by rewriting one log object. Entries are appended after the action
 //! succeeded: a writer that dies in between leaves the action without its
@@ -70,8 +79,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod delete;
+
+pub use delete::DeletedVersion;
+
 use crate::error::{Error, Result};
 use crate::manifest::now_rfc3339;
+use crate::pin::{self, Pin};
 use crate::store::{CheckpointRoot, Versioned};
 
 /// The newest version of the registry's records this build reads.
@@ -280,15 +294,15 @@ pub struct AuditEntry {
     pub seq: u64,
     pub at: String,
     pub actor: String,
-    /// `"register"` or `"alias"`.
+    /// `"register"`, `"alias"` or `"delete"`.
     pub action: String,
     pub model: String,
     /// The alias moved (`"alias"` entries).
     pub alias: Option<String>,
     /// The alias's targets before the move (`null` when it was created).
     pub from: Option<serde_json::Value>,
-    /// The alias's new targets, or the registered version's number, checkpoint
-    /// and metrics.
+    /// The alias's new targets, the registered version's number, checkpoint
+    /// and metrics, or the deleted version's number and checkpoint.
     pub to: serde_json::Value,
 }
 
@@ -661,6 +675,12 @@ fn versions_prefix(name: &str) -> String {
 fn version_key(name: &str, version: u64) -> String {
     format!("models/{name}/versions/{version:020}.json")
 }
+fn deleted_prefix(name: &str) -> String {
+    format!("models/{name}/deleted")
+}
+fn deleted_key(name: &str, version: u64) -> String {
+    format!("models/{name}/deleted/{version:020}.json")
+}
 fn aliases_prefix(name: &str) -> String {
     format!("models/{name}/aliases")
 }
@@ -714,7 +734,7 @@ fn encode<T: Serialize>(value: &T) -> Bytes {
 }
 
 /// An id no other writer, in this process or another, will produce.
-fn unique_id() -> String {
+pub(crate) fn unique_id() -> String {
     use std::hash::BuildHasher;
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -787,11 +807,32 @@ impl Registry {
         } else {
             BASE_FORMAT_VERSION
         };
+        let registration_id = unique_id();
+        let number = self.next_number(name).await?;
+        // The pin goes first, so that no gc of the checkpoint's root can
+        // delete what a visible version names (crate::pin).
+        let checkpoint_root = CheckpointRoot::open(&new.checkpoint.root)?;
+        let mut pin = Pin::new(
+            new.checkpoint.step,
+            self.url(),
+            name,
+            number,
+            &registration_id,
+            actor,
+        );
+        pin::pin_checkpoint(&checkpoint_root, &pin)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound { what } => Error::NotFound {
+                    what: format!("{what} (to register as a version of model {name})"),
+                },
+                e => e,
+            })?;
         let mut record = StoredVersion {
             format_version,
             version: ModelVersion {
                 name: name.to_string(),
-                version: self.last_number(&versions_prefix(name)).await? + 1,
+                version: number,
                 created_at: now_rfc3339(),
                 created_by: actor.to_string(),
                 has_reference_profile: reference_profile.is_some(),
@@ -806,22 +847,18 @@ impl Registry {
             reference_profile,
             torchscript,
             tokenizer,
-            registration_id: unique_id(),
+            registration_id,
         };
-        let mut lost = 0;
-        loop {
-            let key = version_key(name, record.version.version);
-            let bytes = encode(&record);
-            if self.create(&key, bytes).await? {
-                break;
+        if let Err(e) = self
+            .claim_number(&mut record, &checkpoint_root, &mut pin)
+            .await
+        {
+            if let Err(release) =
+                pin::release_pin(&checkpoint_root, pin.step, &pin.registration_id).await
+            {
+                tracing::warn!(error = %release, model = name, "release the pin of a failed registration");
             }
-            lost += 1;
-            if lost > MAX_LOST_CLAIMS {
-                return Err(Error::Conflict {
-                    what: format!("model {name}: lost {lost} races for a version number in a row"),
-                });
-            }
-            record.version.version += 1;
+            return Err(e);
         }
         let version = record.version;
         tracing::info!(
@@ -1177,12 +1214,22 @@ impl Registry {
     async fn stored_version(&self, name: &str, version: u64) -> Result<StoredVersion> {
         validate_segment("model name", name)?;
         let key = version_key(name, version);
-        let bytes = self.root.get(&key).await.map_err(|e| match e {
-            Error::NotFound { .. } => Error::NotFound {
-                what: format!("model {name} version {version} in registry {}", self.url()),
-            },
-            e => e,
-        })?;
+        let bytes = match self.root.get(&key).await {
+            Ok(bytes) => bytes,
+            Err(Error::NotFound { .. }) => {
+                let deleted = match self.deleted_version(name, version).await {
+                    Ok(Some(d)) => format!(" (deleted at {} by {})", d.deleted_at, d.deleted_by),
+                    _ => String::new(),
+                };
+                return Err(Error::NotFound {
+                    what: format!(
+                        "model {name} version {version} in registry {}{deleted}",
+                        self.url()
+                    ),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let stored: StoredVersion = decode(&key, &bytes)?;
         if stored.version.version != version || stored.version.name != name {
             return Err(Error::CorruptObject {
@@ -1217,6 +1264,46 @@ impl Registry {
             .collect();
         numbers.sort_unstable();
         Ok(numbers)
+    }
+
+    /// Creates `record` at its number or the first free one after it (a
+    /// create-only put; losing a race moves on), keeping the pin's number in
+    /// step with the number tried. A number that was deleted is never reused.
+    async fn claim_number(
+        &self,
+        record: &mut StoredVersion,
+        checkpoint_root: &CheckpointRoot,
+        pin: &mut Pin,
+    ) -> Result<()> {
+        let name = record.version.name.clone();
+        let mut lost = 0;
+        loop {
+            let number = record.version.version;
+            let key = version_key(&name, number);
+            if self.create(&key, encode(record)).await? {
+                if !self.is_deleted(&name, number).await? {
+                    return Ok(());
+                }
+                // Deleted between our listing and our put: take ours back.
+                self.root.delete(&key).await?;
+            }
+            lost += 1;
+            if lost > MAX_LOST_CLAIMS {
+                return Err(Error::Conflict {
+                    what: format!("model {name}: lost {lost} races for a version number in a row"),
+                });
+            }
+            record.version.version += 1;
+            pin.version = record.version.version;
+            pin::write_pin(checkpoint_root, pin).await?;
+        }
+    }
+
+    /// One more than the highest version number ever used, deleted ones included.
+    async fn next_number(&self, name: &str) -> Result<u64> {
+        let live = self.last_number(&versions_prefix(name)).await?;
+        let deleted = self.last_number(&deleted_prefix(name)).await?;
+        Ok(live.max(deleted) + 1)
     }
 
     async fn last_number(&self, prefix: &str) -> Result<u64> {

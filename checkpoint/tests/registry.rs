@@ -30,9 +30,11 @@ fn runtime() -> tokio::runtime::Runtime {
 /// confused with each other.
 fn new_version(i: u64) -> NewVersion {
     let spec = serde_json::json!({ "kind": "mlp", "hidden": [8 + i as usize] });
+    let root = format!("memory://ckpt/job-{i}");
+    committed_step(&root, 100 + i);
     NewVersion {
         checkpoint: CheckpointRef {
-            root: format!("memory://ckpt/job-{i}"),
+            root,
             step: 100 + i,
             digest: hex::encode(Sha256::digest(i.to_le_bytes())),
         },
@@ -49,6 +51,22 @@ fn new_version(i: u64) -> NewVersion {
         torchscript: None,
         tokenizer: None,
     }
+}
+
+/// Puts a manifest of `step` under the in-memory root `root`: registration
+/// pins the step and refuses one with no checkpoint, and these tests are
+/// about the registry's records, not the checkpoint's contents (the pin
+/// tests in `pins.rs` save real ones).
+fn committed_step(root: &str, step: u64) {
+    let root = CheckpointRoot::open(root).unwrap();
+    let key = format!("manifests/{step:020}-test.json");
+    // The in-memory store completes at once, on any thread, runtime or not.
+    futures::executor::block_on(root.put(
+        &key,
+        bytes::Bytes::from_static(b"{}"),
+        object_store::PutMode::Overwrite,
+    ))
+    .unwrap();
 }
 
 /// A fresh registry on every backend (its own prefix on S3 and memory).
