@@ -248,6 +248,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                     resume: "auto".to_string(),
                     // Shared by every rank of the job (attempts add the round).
                     run_id: job.clone(),
+                    ring_secret: plan.secret_bytes().map_err(|e| anyhow!(e))?,
                 };
                 workers.assign(&assignment).await?;
                 if let Err(e) = status::update(&*store, &ks, &job, |s| {

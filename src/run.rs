@@ -182,6 +182,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         checkpoint_url: checkpoint_url.clone(),
         resume: args.resume.clone().unwrap_or_default(),
         run_id,
+        ring_secret: plan.secret_bytes().map_err(|e| anyhow!(e))?,
     };
     let outcome = workers
         .run(&job, &run_dir, &assignment, metrics, |event| {

@@ -216,6 +216,9 @@ impl Leader {
 
     async fn write_plan(&self, plan: &Plan) -> Result<()> {
         let key = self.ks.plan(&self.job, plan.round);
+        let plan = &plan.clone().with_new_secret().map_err(|error| {
+            Error::unavailable(format!("draw the ring secret of a plan: {error}"))
+        })?;
         let value = serde_json::to_vec(plan).map_err(|error| Error::corrupt(&key, error))?;
         let current = match &self.fence {
             Some(fence) => match self

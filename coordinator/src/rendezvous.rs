@@ -93,9 +93,40 @@ pub struct Plan {
     pub members: Vec<PlanMember>,
     /// `peers[rank]`: the collective endpoint of each rank.
     pub peers: Vec<String>,
+    /// The round's ring secret, hex (32 random bytes): the ranks' collective
+    /// ring admits only connections that prove they know it. Set by the
+    /// leader when it writes the plan ([`Plan::with_new_secret`]); anyone who
+    /// can read the store can read it, so the store must be protected.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secret: String,
 }
 
 impl Plan {
+    /// This plan with a fresh ring secret from the operating system's random
+    /// source.
+    pub fn with_new_secret(mut self) -> std::io::Result<Self> {
+        use std::io::Read;
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        self.secret = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(self)
+    }
+
+    /// The ring secret's bytes; an error for a plan without one (written by
+    /// an older kiln) or with a malformed one.
+    pub fn secret_bytes(&self) -> Result<Vec<u8>, String> {
+        let text = &self.secret;
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "round {} of job {} has no valid ring secret (a plan written by another kiln version?)",
+                self.round, self.job
+            ));
+        }
+        Ok((0..32)
+            .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("checked hex"))
+            .collect())
+    }
+
     /// This node's place in the plan, if it is a member.
     pub fn member(&self, node: &str) -> Option<&PlanMember> {
         self.members.iter().find(|m| m.node == node)
@@ -492,6 +523,8 @@ impl Rendezvous {
             world_size: peers.len() as u32,
             members,
             peers,
+            // The driver adds it as it writes the plan: the machine draws no randomness.
+            secret: String::new(),
         };
         self.last_plan = Some(plan.clone());
         self.member_failed = false;

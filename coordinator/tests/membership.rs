@@ -284,6 +284,7 @@ async fn a_leader_stops_when_another_wrote_its_round() -> anyhow::Result<()> {
         world_size: 0,
         members: vec![],
         peers: vec![],
+        secret: String::new(),
     };
     let key = cluster.ks.plan(JOB, 1);
     cluster

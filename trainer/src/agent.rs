@@ -57,6 +57,8 @@ pub struct RoundAssignment {
     pub resume: String,
     /// Names this run's save attempts (shared by all ranks).
     pub run_id: String,
+    /// The round's ring secret (32 bytes; [`crate::collective::ring::RingSecret`]).
+    pub ring_secret: Vec<u8>,
 }
 
 /// What the agent hears from its workers while they train.
@@ -387,6 +389,7 @@ impl RoundAssignment {
             resume: self.resume.clone(),
             run_id: self.run_id.clone(),
             elastic,
+            ring_secret: self.ring_secret.clone(),
         }
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use kiln_trainer::collective::ring::RingCollective;
+use kiln_trainer::collective::ring::{RingCollective, RingSecret};
 
 const WORLD_SIZE: usize = 2;
 /// Rendezvous round handed to the ring; any value works as long as both ranks agree.
@@ -118,10 +118,17 @@ fn run_rank0(
         .to_string();
     let peers = vec![own_addr, peer_addr];
     let mut stdin = child_ref.stdin.take().context("take rank 1's stdin")?;
-    writeln!(stdin, "{}", peers.join(" ")).context("send peer list to rank 1")?;
+    // The round's secret travels with the peer list, as it does in a plan.
+    let secret = RingSecret::random().context("draw the ring secret")?;
+    let secret_hex: String = secret
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    writeln!(stdin, "{} {secret_hex}", peers.join(" ")).context("send peer list to rank 1")?;
     drop(stdin);
 
-    let mut ring = RingCollective::connect(ROUND, 0, &peers, &listener, timeout)
+    let mut ring = RingCollective::connect(ROUND, 0, &peers, &listener, &secret, timeout)
         .context("connect the ring (rank 0)")?;
     for &mib in &args.sizes_mib {
         let times = measure(&mut ring, 0, mib, args)?;
@@ -167,16 +174,23 @@ fn run_rank1(
         .lock()
         .read_line(&mut line)
         .context("read peer list")?;
-    let peers: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+    let mut words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
     ensure!(
-        peers.len() == WORLD_SIZE,
-        "peer list {line:?} does not name {WORLD_SIZE} ranks"
+        words.len() == WORLD_SIZE + 1,
+        "peer list {line:?} does not name {WORLD_SIZE} ranks and the ring secret"
     );
+    let secret_hex = words.pop().unwrap_or_default();
+    let secret_bytes = (0..secret_hex.len() / 2)
+        .map(|i| u8::from_str_radix(&secret_hex[2 * i..2 * i + 2], 16))
+        .collect::<std::result::Result<Vec<u8>, _>>()
+        .with_context(|| format!("ring secret {secret_hex:?} is not hex"))?;
+    let secret = RingSecret::from_bytes(&secret_bytes).map_err(anyhow::Error::msg)?;
+    let peers = words;
     ensure!(
         peers[1] == own_addr,
         "peer list {line:?} does not hold this rank's address {own_addr}"
     );
-    let mut ring = RingCollective::connect(ROUND, 1, &peers, &listener, timeout)
+    let mut ring = RingCollective::connect(ROUND, 1, &peers, &listener, &secret, timeout)
         .context("connect the ring (rank 1)")?;
     for &mib in &args.sizes_mib {
         measure(&mut ring, 1, mib, args)?;

@@ -38,8 +38,14 @@
 //! Little-endian throughout; floats travel as their native in-memory bytes, so
 //! the ring refuses to build for big-endian targets (it is exercised on x86-64
 //! only). A connection starts with a handshake each way (magic, round, rank,
-//! world size); the acceptor refuses a connection from another round, another
-//! world size or a rank other than its prev, and keeps waiting for the right one.
+//! world size, a nonce, and an HMAC-SHA256 of all that under the round's
+//! [`RingSecret`]); the acceptor refuses a connection that does not prove it
+//! knows the secret, or comes from another round, another world size or a
+//! rank other than its prev, and keeps waiting for the right one. Its reply
+//! proves the same to the connector and is bound to the connector's nonce.
+//! A refusal reveals nothing: no round, rank, world size or reason (the
+//! refusing rank logs why). The handshake authenticates peers; it neither
+//! encrypts nor authenticates the data that follows (see docs/security.md).
 //! Every operation starts with a header (operation, sequence number, length,
 //! root) so that ranks calling different collectives fail with a clear error
 //! instead of silently exchanging garbage.
@@ -72,8 +78,52 @@ compile_error!("the TCP ring sends floats as native bytes and assumes a little-e
 /// the per-sub-chunk synchronisation (one mutex round trip) is negligible.
 const SUB_CHUNK_BYTES: usize = 512 * 1024;
 
-const HANDSHAKE_MAGIC: [u8; 8] = *b"KILNRNG1";
-const HANDSHAKE_LEN: usize = 40;
+const HANDSHAKE_MAGIC: [u8; 8] = *b"KILNRNG2";
+/// Magic, kind, round, rank, world (8 bytes each), nonce, MAC.
+const HANDSHAKE_LEN: usize = 40 + NONCE_LEN + MAC_LEN;
+const NONCE_LEN: usize = 16;
+const MAC_LEN: usize = 32;
+/// The bytes a handshake's MAC covers: everything before the MAC.
+const SIGNED_LEN: usize = HANDSHAKE_LEN - MAC_LEN;
+
+/// The secret that admits a connection to one round's ring: every rank of the
+/// round has it (from the round's plan), nobody else should. 32 random bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RingSecret([u8; 32]);
+
+impl RingSecret {
+    /// A new secret from the operating system's random source.
+    pub fn random() -> io::Result<Self> {
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        Ok(Self(bytes))
+    }
+
+    /// The secret from its bytes; exactly 32 of them.
+    pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let bytes: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| format!("a ring secret is 32 bytes, got {}", bytes.len()))?;
+        Ok(Self(bytes))
+    }
+
+    /// The secret's bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        <HmacSha256 as hmac::Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length")
+    }
+}
+
+impl std::fmt::Debug for RingSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RingSecret(..)")
+    }
+}
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 const OP_HEADER_LEN: usize = 32;
 
 /// A TCP ring over the ranks of one round. See the [module docs](self).
@@ -120,7 +170,8 @@ impl RingCollective {
     /// `peers[rank]`. It is switched to non-blocking mode while accepting and back
     /// to blocking mode afterwards. `round` is a fencing token: the handshake
     /// carries it, and connections from another round (or a wrong rank, or another
-    /// world size) are refused. Connecting retries until `timeout`, which is also
+    /// world size) are refused; so are connections that do not prove they know
+    /// `secret`, and a peer whose reply does not prove it is refused in turn. Connecting retries until `timeout`, which is also
     /// the deadline of every later read and write: it must exceed the longest time
     /// a rank may wait inside a collective for the slowest rank to join (the skew
     /// of a training step), or healthy rounds will fail with
@@ -130,6 +181,7 @@ impl RingCollective {
         rank: usize,
         peers: &[String],
         listener: &TcpListener,
+        secret: &RingSecret,
         timeout: Duration,
     ) -> Result<Self> {
         Self::connect_abortable(
@@ -137,6 +189,7 @@ impl RingCollective {
             rank,
             peers,
             listener,
+            secret,
             timeout,
             AbortHandle::default(),
         )
@@ -150,6 +203,7 @@ impl RingCollective {
         rank: usize,
         peers: &[String],
         listener: &TcpListener,
+        secret: &RingSecret,
         timeout: Duration,
         abort: AbortHandle,
     ) -> Result<Self> {
@@ -169,8 +223,15 @@ impl RingCollective {
                 round,
                 rank,
                 world,
+                nonce: random_nonce().map_err(|source| CollectiveError::Connect {
+                    peer: rank,
+                    addr: peers[rank].clone(),
+                    source,
+                })?,
+                mac: [0; MAC_LEN],
             };
-            let (next, prev) = match connect_links(&hello, peers, listener, timeout, &abort) {
+            let (next, prev) = match connect_links(&hello, peers, listener, secret, timeout, &abort)
+            {
                 Err(_) if abort.is_aborted() => return Err(CollectiveError::Aborted),
                 links => links?,
             };
@@ -649,9 +710,24 @@ struct Handshake {
     round: u64,
     rank: usize,
     world: usize,
+    /// A hello's own fresh nonce; a reply echoes the hello's.
+    nonce: [u8; NONCE_LEN],
+    /// HMAC-SHA256 of the bytes before it under the round's secret (zero in
+    /// a refusal, which proves nothing and says nothing).
+    mac: [u8; MAC_LEN],
 }
 
 impl Handshake {
+    /// The refusal: every field zero.
+    const REFUSAL: Handshake = Handshake {
+        kind: HandshakeKind::Refuse,
+        round: 0,
+        rank: 0,
+        world: 0,
+        nonce: [0; NONCE_LEN],
+        mac: [0; MAC_LEN],
+    };
+
     fn encode(&self) -> [u8; HANDSHAKE_LEN] {
         let mut out = [0u8; HANDSHAKE_LEN];
         out[..8].copy_from_slice(&HANDSHAKE_MAGIC);
@@ -659,7 +735,26 @@ impl Handshake {
         out[16..24].copy_from_slice(&self.round.to_le_bytes());
         out[24..32].copy_from_slice(&(self.rank as u64).to_le_bytes());
         out[32..40].copy_from_slice(&(self.world as u64).to_le_bytes());
+        out[40..SIGNED_LEN].copy_from_slice(&self.nonce);
+        out[SIGNED_LEN..].copy_from_slice(&self.mac);
         out
+    }
+
+    /// This handshake with its MAC under `secret`.
+    fn signed(mut self, secret: &RingSecret) -> Self {
+        use hmac::Mac;
+        let mut mac = secret.mac();
+        mac.update(&self.encode()[..SIGNED_LEN]);
+        self.mac = mac.finalize().into_bytes().into();
+        self
+    }
+
+    /// Whether the MAC is right under `secret` (compared in constant time).
+    fn verifies(&self, secret: &RingSecret) -> bool {
+        use hmac::Mac;
+        let mut mac = secret.mac();
+        mac.update(&self.encode()[..SIGNED_LEN]);
+        mac.verify_slice(&self.mac).is_ok()
     }
 
     fn decode(bytes: &[u8; HANDSHAKE_LEN]) -> io::Result<Self> {
@@ -680,13 +775,25 @@ impl Handshake {
         };
         let to_usize =
             |v: u64| usize::try_from(v).map_err(|_| invalid_data(format!("rank {v} too large")));
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&bytes[40..SIGNED_LEN]);
+        let mut mac = [0u8; MAC_LEN];
+        mac.copy_from_slice(&bytes[SIGNED_LEN..]);
         Ok(Self {
             kind,
             round: word(16),
             rank: to_usize(word(24))?,
             world: to_usize(word(32))?,
+            nonce,
+            mac,
         })
     }
+}
+
+fn random_nonce() -> io::Result<[u8; NONCE_LEN]> {
+    let mut nonce = [0u8; NONCE_LEN];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut nonce)?;
+    Ok(nonce)
 }
 
 fn invalid_data(message: String) -> io::Error {
@@ -699,15 +806,25 @@ fn connect_links(
     hello: &Handshake,
     peers: &[String],
     listener: &TcpListener,
+    secret: &RingSecret,
     timeout: Duration,
     abort: &AbortHandle,
 ) -> Result<(TcpStream, TcpStream)> {
     let deadline = Instant::now() + timeout;
     let stop_accepting = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let acceptor =
-            scope.spawn(|| accept_prev(hello, peers, listener, deadline, &stop_accepting, abort));
-        let next = connect_next(hello, peers, deadline, abort);
+        let acceptor = scope.spawn(|| {
+            accept_prev(
+                hello,
+                peers,
+                listener,
+                secret,
+                deadline,
+                &stop_accepting,
+                abort,
+            )
+        });
+        let next = connect_next(hello, peers, secret, deadline, abort);
         if next.is_err() {
             stop_accepting.store(true, Ordering::SeqCst);
         }
@@ -729,6 +846,7 @@ fn remaining(deadline: Instant) -> Option<Duration> {
 fn connect_next(
     hello: &Handshake,
     peers: &[String],
+    secret: &RingSecret,
     deadline: Instant,
     abort: &AbortHandle,
 ) -> Result<TcpStream> {
@@ -769,7 +887,7 @@ fn connect_next(
     };
     let handshake = (|| {
         stream.set_nodelay(true)?;
-        stream.write_all(&hello.encode())?;
+        stream.write_all(&hello.signed(secret).encode())?;
         stream.set_read_timeout(Some(
             remaining(deadline).unwrap_or(Duration::from_millis(1)),
         ))?;
@@ -787,6 +905,13 @@ fn connect_next(
         Some(format!(
             "rank {next} refused the handshake of rank {} of {} in round {} (it is in another round or expects another rank; its log says which)",
             hello.rank, hello.world, hello.round
+        ))
+    } else if !reply.verifies(secret) || reply.nonce != hello.nonce {
+        // Whoever answers at next's address does not hold this round's
+        // secret (or replays an old answer): not a member of the ring.
+        Some(format!(
+            "the reply from rank {next}'s address failed authentication: it is not a member of round {}",
+            hello.round
         ))
     } else {
         describe_mismatch(
@@ -862,6 +987,7 @@ fn accept_prev(
     hello: &Handshake,
     peers: &[String],
     listener: &TcpListener,
+    secret: &RingSecret,
     deadline: Instant,
     stop: &AtomicBool,
     abort: &AbortHandle,
@@ -878,6 +1004,8 @@ fn accept_prev(
     let mut reading = 0usize;
     let mut last_refusal: Option<String> = None;
     let mut abandon_at: Option<Instant> = None;
+    // Nonces of the hellos answered so far: a replayed hello is refused.
+    let mut seen_nonces = std::collections::HashSet::new();
     let result = loop {
         if abort.is_aborted() {
             break Err(io::Error::other("aborted: a newer round was assigned"));
@@ -940,13 +1068,19 @@ fn accept_prev(
                 continue;
             }
         };
-        let mismatch = describe_mismatch(
-            &theirs,
-            HandshakeKind::Hello,
-            hello.round,
-            prev,
-            hello.world,
-        );
+        let mismatch = if !theirs.verifies(secret) {
+            Some("the hello failed authentication (not signed with this round's secret)".into())
+        } else if !seen_nonces.insert(theirs.nonce) {
+            Some("a replayed hello (its nonce was seen before)".into())
+        } else {
+            describe_mismatch(
+                &theirs,
+                HandshakeKind::Hello,
+                hello.round,
+                prev,
+                hello.world,
+            )
+        };
         let kind = match (&mismatch, abandon_at) {
             (Some(_), _) => HandshakeKind::Refuse,
             (None, Some(_)) => HandshakeKind::Abandon,
@@ -955,13 +1089,14 @@ fn accept_prev(
         // A refusal says only that it is one: who and where this rank is is
         // nobody's business but the ring's (the reason is logged here).
         let reply = match kind {
-            HandshakeKind::Refuse => Handshake {
+            HandshakeKind::Refuse => Handshake::REFUSAL,
+            // Bound to their nonce: a recorded answer cannot be replayed.
+            _ => Handshake {
                 kind,
-                round: 0,
-                rank: 0,
-                world: 0,
-            },
-            _ => Handshake { kind, ..*hello },
+                nonce: theirs.nonce,
+                ..*hello
+            }
+            .signed(secret),
         };
         let replied = stream.write_all(&reply.encode());
         match (mismatch, replied) {
@@ -983,13 +1118,7 @@ fn accept_prev(
             .name("ring-refuser".into())
             .spawn(move || {
                 for (mut stream, _, _) in read {
-                    let refusal = Handshake {
-                        kind: HandshakeKind::Refuse,
-                        round: 0,
-                        rank: 0,
-                        world: 0,
-                    };
-                    let _ = stream.write_all(&refusal.encode());
+                    let _ = stream.write_all(&Handshake::REFUSAL.encode());
                 }
             });
     }
@@ -1585,9 +1714,25 @@ mod tests {
         })
     }
 
+    /// The secret of the test rounds (any 32 bytes).
+    fn secret() -> RingSecret {
+        RingSecret::from_bytes(&[7u8; 32]).expect("32 bytes")
+    }
+
     /// Like `with_ring`, with a round per rank and the connect result handed over.
     fn with_rounds<T: Send>(
         rounds: &[u64],
+        timeout: Duration,
+        body: impl Fn(usize, Result<RingCollective>) -> T + Sync,
+    ) -> Vec<T> {
+        let secrets = vec![secret(); rounds.len()];
+        with_secrets(rounds, &secrets, timeout, body)
+    }
+
+    /// Like `with_rounds`, with a secret per rank.
+    fn with_secrets<T: Send>(
+        rounds: &[u64],
+        secrets: &[RingSecret],
         timeout: Duration,
         body: impl Fn(usize, Result<RingCollective>) -> T + Sync,
     ) -> Vec<T> {
@@ -1608,7 +1753,14 @@ mod tests {
                     scope.spawn(move || {
                         body(
                             rank,
-                            RingCollective::connect(rounds[rank], rank, peers, listener, timeout),
+                            RingCollective::connect(
+                                rounds[rank],
+                                rank,
+                                peers,
+                                listener,
+                                &secrets[rank],
+                                timeout,
+                            ),
                         )
                     })
                 })
@@ -1974,6 +2126,77 @@ mod tests {
     }
 
     #[test]
+    fn ranks_with_different_secrets_refuse_each_other() {
+        let secrets = [secret(), RingSecret::random().expect("random secret")];
+        let results = with_secrets(&[ROUND; 2], &secrets, Duration::from_secs(5), |_, ring| {
+            ring.err()
+        });
+        for (rank, error) in results.into_iter().enumerate() {
+            let error = error.expect("a ring across secrets must not form");
+            assert!(
+                matches!(error, CollectiveError::Connect { .. }),
+                "rank {rank}: {error:?}"
+            );
+        }
+    }
+
+    /// Someone who knows the round, the ranks and the world size but not the
+    /// secret connects to rank 0 first, posing as its prev (rank 1): refused,
+    /// and the ring forms with the real rank 1.
+    #[test]
+    fn an_impostor_without_the_secret_is_refused_and_the_ring_still_forms() {
+        let listeners: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr").to_string())
+            .collect();
+        let mut impostor = TcpStream::connect(&peers[0]).expect("impostor connect");
+        let forged = Handshake {
+            kind: HandshakeKind::Hello,
+            round: ROUND,
+            rank: 1,
+            world: 2,
+            nonce: [1; NONCE_LEN],
+            mac: [0; MAC_LEN],
+        }
+        .signed(&RingSecret::random().expect("random secret"));
+        impostor.write_all(&forged.encode()).expect("forged hello");
+        // Give rank 0's acceptor the impostor's hello before the real one.
+        thread::sleep(Duration::from_millis(100));
+        thread::scope(|scope| {
+            let ranks: Vec<_> = listeners
+                .iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let peers = &peers;
+                    scope.spawn(move || {
+                        let mut ring =
+                            RingCollective::connect(ROUND, rank, peers, listener, &secret(), LONG)
+                                .expect("connect");
+                        let mut buf = vec![rank as f32 + 1.0; 4];
+                        ring.all_reduce_sum_f32(&mut buf).expect("all-reduce");
+                        assert_eq!(buf, vec![3.0; 4]);
+                    })
+                })
+                .collect();
+            for rank in ranks {
+                rank.join().expect("rank thread");
+            }
+        });
+        let mut reply = [0u8; HANDSHAKE_LEN];
+        impostor.read_exact(&mut reply).expect("refusal reply");
+        let reply = Handshake::decode(&reply).expect("decode");
+        assert_eq!(reply.kind, HandshakeKind::Refuse);
+        assert_eq!(
+            reply.encode(),
+            Handshake::REFUSAL.encode(),
+            "a refusal reveals nothing"
+        );
+    }
+
+    #[test]
     fn stale_connection_is_refused_and_the_ring_still_forms() {
         let listeners: Vec<TcpListener> = (0..2)
             .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
@@ -1989,7 +2212,10 @@ mod tests {
             round: 6,
             rank: 1,
             world: 2,
-        };
+            nonce: [2; NONCE_LEN],
+            mac: [0; MAC_LEN],
+        }
+        .signed(&secret());
         stale.write_all(&stale_hello.encode()).expect("stale hello");
         thread::scope(|scope| {
             let ranks: Vec<_> = listeners
@@ -1998,8 +2224,9 @@ mod tests {
                 .map(|(rank, listener)| {
                     let peers = &peers;
                     scope.spawn(move || {
-                        let mut ring = RingCollective::connect(ROUND, rank, peers, listener, LONG)
-                            .expect("connect");
+                        let mut ring =
+                            RingCollective::connect(ROUND, rank, peers, listener, &secret(), LONG)
+                                .expect("connect");
                         ring.barrier().expect("barrier");
                     })
                 })
@@ -2039,8 +2266,9 @@ mod tests {
                 .map(|(rank, listener)| {
                     let peers = &peers;
                     scope.spawn(move || {
-                        let mut ring = RingCollective::connect(ROUND, rank, peers, listener, LONG)
-                            .expect("connect");
+                        let mut ring =
+                            RingCollective::connect(ROUND, rank, peers, listener, &secret(), LONG)
+                                .expect("connect");
                         ring.barrier().expect("barrier");
                     })
                 })

@@ -41,7 +41,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::collective::nccl::{self, NcclCollective};
-use crate::collective::ring::RingCollective;
+use crate::collective::ring::{RingCollective, RingSecret};
 use crate::collective::{AbortHandle, Collective};
 use crate::data::{self, GlobalSampler};
 use crate::device;
@@ -295,11 +295,14 @@ impl Training {
         let device = self.device;
         tracing::info!(job = %a.job, round = a.round, rank, world, "joining round");
         let timeout = Duration::from_secs_f64(spec.comm.timeout_secs);
+        let secret = RingSecret::from_bytes(&a.ring_secret)
+            .map_err(|e| anyhow::anyhow!("the assignment of round {}: {e}", a.round))?;
         let mut ring = RingCollective::connect_abortable(
             a.round,
             rank,
             &a.peers,
             listener,
+            &secret,
             timeout,
             abort.clone(),
         )
