@@ -230,8 +230,7 @@ pub(super) fn check_job(data: &Path, job: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::not_found(format!(
-            "job {job} in {} (no folder {})",
-            data.display(),
+            "job {job} (no run folder {})",
             run.display()
         )))
     }

@@ -167,6 +167,11 @@ impl LogFilter {
     }
 }
 
+/// [`parse_since`] from the current time.
+pub fn since_now(text: &str) -> Result<DateTime<Utc>> {
+    parse_since(text, Utc::now())
+}
+
 /// Parses `--since`: a duration back from `now` (`90s`, `5m`, `2h`, `1d`,
 /// `1h30m`) or an RFC 3339 time (`2026-12-06T13:00:00Z`).
 pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>> {
