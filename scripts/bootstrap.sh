@@ -31,6 +31,7 @@ command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)  # loopback TCP bandwidth beside bench/allreduce.py
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)  # HTTP load generator of bench/serve.py
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)  # promtool checks deploy/prometheus/kiln.yml (tests/deploy.rs)
 # English text for the language-model example (examples/lm/prepare.sh).
 [[ -d /usr/share/games/fortunes ]] || need_apt+=(fortunes)
 if ((${#need_apt[@]})); then

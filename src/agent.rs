@@ -121,12 +121,18 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let metrics_addr = metrics::serve(metrics.clone(), args.metrics_addr, cancel.clone()).await?;
     tracing::info!(job, node, "metrics on http://{metrics_addr}/metrics");
 
+    // Worker lines go to {run_dir}/logs, to the store (for `kiln logs --store`)
+    // and, prefixed, to this agent's stderr.
+    let node_logs = crate::logs::open(&run_dir, &node, &spec)?;
+    let node_logs =
+        Arc::new(crate::logs::ship_to_store(node_logs, store.clone(), &job, &spec).await?);
     let agent_config = AgentConfig {
         job: job.clone(),
         nproc,
         run_dir: run_dir.clone(),
         kiln_exe: std::env::current_exe().context("locate the kiln binary")?,
         start_timeout: Duration::from_secs(60),
+        log_sink: crate::logs::sink(node_logs.clone(), crate::logs::Echo::Stderr),
     };
     let mut workers = LocalWorkers::spawn(&agent_config)
         .await
@@ -371,12 +377,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 }
                 out.emit("stopped", serde_json::json!({ "phase": phase.as_str() }));
                 workers.kill_all().await;
+                node_logs.close(crate::logs::SHIP_FLUSH).await;
                 leave_job(&cancel, leader, session).await;
                 return Ok(if phase == Phase::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE });
             }
             request = &mut cancel_request => {
                 let request = request.map_err(|e| anyhow!(e))??;
                 workers.kill_all().await;
+                node_logs.close(crate::logs::SHIP_FLUSH).await;
                 let _ = status::update(&*store, &ks, &job, |s| {
                     s.set_phase(Phase::Cancelled);
                     s.message = format!("cancelled by {}: {}", request.by, request.reason);
@@ -389,6 +397,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 if job_succeeded {
                     tracing::warn!(job, node, "the job succeeded but this node's workers did not report their end within {FINISH_GRACE:?}");
                     workers.kill_all().await;
+                    node_logs.close(crate::logs::SHIP_FLUSH).await;
                     leave_job(&cancel, leader, session).await;
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -401,6 +410,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
+    // The workers' last lines reach the store before the job's status says it ended.
+    node_logs.close(crate::logs::SHIP_FLUSH).await;
     let result = match outcome {
         Ok(()) => {
             let rank0 = finished.get(&0).cloned();

@@ -8,6 +8,7 @@ mod data;
 mod generate;
 mod jobs;
 mod launch;
+mod logs;
 mod register;
 mod registry;
 mod run;
@@ -63,6 +64,9 @@ enum Command {
     /// that start one `kiln agent` per node.
     #[command(subcommand)]
     Launch(launch::LaunchCommand),
+    /// A job's worker logs, per node and rank: from a data folder (`kiln run`,
+    /// one node) or from the store (every node of a multi-node job).
+    Logs(logs::LogsArgs),
     /// Serve registry models over the Open Inference Protocol (REST + gRPC on
     /// one port): dynamic batching, hot swap on alias moves, canaries, metrics.
     Serve(serve::ServeArgs),
@@ -178,6 +182,7 @@ fn main() -> ExitCode {
         Command::Cancel(args) => block_on(jobs::cancel(args)),
         Command::Jobs(args) => block_on(jobs::jobs(args)),
         Command::Launch(cmd) => report(launch::run(cmd)),
+        Command::Logs(args) => block_on(logs::run(args)),
         Command::Serve(args) => {
             if std::env::var_os("OMP_WAIT_POLICY").is_none() {
                 // SAFETY: no other thread exists yet (the async runtime starts

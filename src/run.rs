@@ -109,12 +109,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let metrics_addr = metrics::serve(metrics.clone(), args.metrics_addr, cancel.clone()).await?;
     tracing::info!(job, "metrics on http://{metrics_addr}/metrics");
 
+    // Worker lines go to {run_dir}/logs (read by `kiln logs JOB --data-dir`).
+    let node_logs = Arc::new(crate::logs::open(&run_dir, LOCAL_NODE, &spec)?);
     let agent_config = AgentConfig {
         job: job.clone(),
         nproc,
         run_dir: run_dir.clone(),
         kiln_exe: std::env::current_exe().context("locate the kiln binary")?,
         start_timeout: Duration::from_secs(60),
+        log_sink: crate::logs::sink(node_logs, crate::logs::Echo::Off),
     };
     let workers = LocalWorkers::spawn(&agent_config)
         .await

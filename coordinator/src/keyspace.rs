@@ -10,6 +10,7 @@
 //! {root}/jobs/{job}/progress/{rank}           last completed step, throughput
 //! {root}/jobs/{job}/checkpoints/latest        last committed checkpoint
 //! {root}/jobs/{job}/cancel                    cancel request (JSON), written once
+//! {root}/jobs/{job}/logs/{node}/{worker}/{seq} a batch of a worker's log lines (text)
 //! {root}/coordinator/leader                   election key of the coordinator replicas
 //! ```
 //!
@@ -24,6 +25,9 @@ pub const DEFAULT_ROOT: &str = "/kiln";
 
 /// Digits of a round number in a key (rounds sort as strings).
 pub const ROUND_DIGITS: usize = 10;
+
+/// Digits of a log batch's sequence number in a key (batches sort as strings).
+pub const LOG_SEQ_DIGITS: usize = 20;
 
 /// Longest job or node name accepted (a DNS name fits).
 const MAX_NAME_LEN: usize = 253;
@@ -170,6 +174,43 @@ impl Keyspace {
         format!("{}cancel", self.job_prefix(job))
     }
 
+    /// `jobs/{job}/logs/`: prefix of every node's shipped log batches.
+    pub fn logs_prefix(&self, job: &str) -> String {
+        format!("{}logs/", self.job_prefix(job))
+    }
+
+    /// `jobs/{job}/logs/{node}/`: prefix of one node's log batches.
+    pub fn node_logs_prefix(&self, job: &str, node: &str) -> String {
+        format!("{}{node}/", self.logs_prefix(job))
+    }
+
+    /// `jobs/{job}/logs/{node}/{worker}/{seq}`: one batch of log lines of the
+    /// node's worker slot `worker` (its local rank). Sequence numbers are
+    /// zero-padded to [`LOG_SEQ_DIGITS`] digits so that a listing is in order.
+    pub fn log_batch(&self, job: &str, node: &str, worker: usize, seq: u64) -> String {
+        format!(
+            "{}{worker}/{seq:0width$}",
+            self.node_logs_prefix(job, node),
+            width = LOG_SEQ_DIGITS
+        )
+    }
+
+    /// The node, worker slot and sequence number of a log batch key, or `None`
+    /// for any other key.
+    pub fn parse_log_batch<'k>(&self, job: &str, key: &'k str) -> Option<(&'k str, usize, u64)> {
+        let rest = key.strip_prefix(&self.logs_prefix(job))?;
+        let mut parts = rest.split('/');
+        let (node, worker, seq) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || node.is_empty() || seq.len() != LOG_SEQ_DIGITS {
+            return None;
+        }
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(worker) || !digits(seq) {
+            return None;
+        }
+        Some((node, worker.parse().ok()?, seq.parse().ok()?))
+    }
+
     /// The job a `jobs/{job}/{leaf}` key belongs to, when the key is exactly
     /// that leaf (`"spec"`, `"status"`): `None` for any other key.
     pub fn parse_job_leaf<'k>(&self, key: &'k str, leaf: &str) -> Option<&'k str> {
@@ -265,6 +306,15 @@ mod tests {
         assert_eq!(ks.parse_plan("j", &ks.plan("j", 42)), Some(42));
         assert_eq!(ks.parse_plan("j", &ks.ready("j", 42, "n")), None);
         assert_eq!(ks.parse_plan("j", "/a/b/jobs/j/rounds/x1/plan"), None);
+        let batch = ks.log_batch("j", "n1", 2, 7);
+        assert_eq!(batch, "/a/b/jobs/j/logs/n1/2/00000000000000000007");
+        assert_eq!(ks.parse_log_batch("j", &batch), Some(("n1", 2, 7)));
+        assert_eq!(ks.parse_log_batch("j", "/a/b/jobs/j/logs/n1/2"), None);
+        assert_eq!(
+            ks.parse_log_batch("j", "/a/b/jobs/j/logs/n1/x/00000000000000000007"),
+            None
+        );
+        assert_eq!(ks.parse_log_batch("j", "/a/b/jobs/j/logs/n1/2/7"), None);
     }
 
     #[test]

@@ -25,6 +25,10 @@
 //! - [`election`]: leadership per key: [`campaign`](election::campaign),
 //!   [`LeaderGuard`](election::LeaderGuard), [`leader`](election::leader).
 //! - [`keyspace`]: key names under a root (default `/kiln`), DESIGN.md §3.
+//! - [`logs`]: per-rank worker logs: the line format, rotated files per node
+//!   ([`NodeLogs`](logs::NodeLogs)), shipping to the store
+//!   ([`LogShipper`](logs::LogShipper)), and the readers
+//!   ([`read`](logs::read), [`follow`](logs::follow)) behind `kiln logs`.
 //! - [`rendezvous`]: the sans-IO state machine: events and time in, actions
 //!   out; node records and plans.
 //! - [`membership`]: the async driver around it: [`run_leader`](membership::run_leader)
@@ -92,6 +96,7 @@ pub mod election;
 pub mod error;
 pub mod etcd_server;
 pub mod keyspace;
+pub mod logs;
 pub mod membership;
 pub mod rendezvous;
 pub mod replica;

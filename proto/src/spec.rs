@@ -31,6 +31,9 @@ pub struct JobSpec {
     pub checkpoint: CheckpointSpec,
     #[serde(default)]
     pub elastic: ElasticSpec,
+    /// How much of the workers' output each node keeps (`[logs]`).
+    #[serde(default)]
+    pub logs: LogsSpec,
     /// Only read by `kiln launch`.
     #[serde(default)]
     pub launch: LaunchSpec,
@@ -629,6 +632,42 @@ fn default_cooldown_secs() -> f64 {
     30.0
 }
 
+/// `[logs]`: how much of each worker's stdout and stderr a node keeps, in its
+/// files and (multi-node jobs) in the store. See docs/logs.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsSpec {
+    /// A worker's log file is rotated when it reaches this size, in MiB.
+    #[serde(default = "default_log_file_mib")]
+    pub file_mib: u64,
+    /// Rotated files kept per worker besides the current one (0: none).
+    #[serde(default = "default_log_files")]
+    pub files: usize,
+    /// Newest KiB of log kept in the store per worker (multi-node jobs).
+    #[serde(default = "default_log_store_kib")]
+    pub store_kib: usize,
+}
+
+fn default_log_file_mib() -> u64 {
+    16
+}
+fn default_log_files() -> usize {
+    3
+}
+fn default_log_store_kib() -> usize {
+    256
+}
+
+impl Default for LogsSpec {
+    fn default() -> Self {
+        Self {
+            file_mib: default_log_file_mib(),
+            files: default_log_files(),
+            store_kib: default_log_store_kib(),
+        }
+    }
+}
+
 impl Default for ElasticSpec {
     fn default() -> Self {
         Self {
@@ -916,6 +955,7 @@ impl JobSpec {
         self.validate_comm()?;
         self.validate_checkpoint()?;
         self.validate_elastic()?;
+        self.validate_logs()?;
         self.validate_launch()?;
         self.validate_register()?;
         self.validate_hooks()
@@ -1389,6 +1429,29 @@ impl JobSpec {
                 "checkpoint.required",
                 "false cannot go with [register]: a model is registered from its final \
                  checkpoint, which the job could then end without",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_logs(&self) -> Result<(), SpecError> {
+        let l = &self.logs;
+        if l.file_mib == 0 || l.file_mib > 1 << 20 {
+            return Err(invalid(
+                "logs.file_mib",
+                format!("{} must be 1 to 1048576", l.file_mib),
+            ));
+        }
+        if l.files > 1000 {
+            return Err(invalid(
+                "logs.files",
+                format!("{} must be at most 1000", l.files),
+            ));
+        }
+        if l.store_kib == 0 || l.store_kib > 64 << 10 {
+            return Err(invalid(
+                "logs.store_kib",
+                format!("{} must be 1 to 65536", l.store_kib),
             ));
         }
         Ok(())

@@ -25,6 +25,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use crate::logs::{Capture, LogSink, RankHandle, TailHandle};
 use crate::metrics::TrainingMetrics;
 
 /// How to start this node's workers.
@@ -33,12 +34,14 @@ pub struct AgentConfig {
     pub job: String,
     /// Worker processes on this node.
     pub nproc: usize,
-    /// The run's folder; worker logs go to `logs/worker-{local_rank}.log`.
+    /// The run's folder; the sink writes worker logs to `logs/worker-{local_rank}.log`.
     pub run_dir: PathBuf,
     /// The `kiln` binary to start as `kiln worker`.
     pub kiln_exe: PathBuf,
     /// How long workers may take to start and say hello.
     pub start_timeout: Duration,
+    /// Receives every line the workers print (see [`crate::logs`]).
+    pub log_sink: LogSink,
 }
 
 /// One round's assignment for this node, from the rendezvous plan.
@@ -84,6 +87,7 @@ struct WorkerHandle {
     reader: OwnedReadHalf,
     writer: OwnedWriteHalf,
     log: PathBuf,
+    capture: Capture,
 }
 
 /// This node's workers, started and connected, waiting for an assignment.
@@ -103,9 +107,6 @@ impl std::fmt::Debug for LocalWorkers {
 impl LocalWorkers {
     /// Starts `cfg.nproc` workers and waits for each one's hello.
     pub async fn spawn(cfg: &AgentConfig) -> Result<Self> {
-        let logs = cfg.run_dir.join("logs");
-        std::fs::create_dir_all(&logs)
-            .with_context(|| format!("create log folder {}", logs.display()))?;
         let ranks: Vec<usize> = (0..cfg.nproc).collect();
         let workers = start_workers(cfg, &ranks).await?;
         Ok(Self {
@@ -141,6 +142,7 @@ impl LocalWorkers {
             let local_rank = w.local_rank;
             let assignment = round.assignment(job, run_dir, local_rank, false);
             let attached = attach(w, 0, tx.clone());
+            attached.rank.set(assignment.rank);
             let mut writer = attached.writer;
             let msg = AgentMessage {
                 kind: Some(agent_message::Kind::Assignment(assignment)),
@@ -151,7 +153,7 @@ impl LocalWorkers {
                 .with_context(|| format!("send assignment to worker {local_rank}"))?;
             writers.push(writer);
             pids.push(attached.pid);
-            logs.push(attached.log);
+            logs.push((attached.log, attached.tail));
             killers.push(attached.killer);
         }
         drop(tx);
@@ -207,10 +209,15 @@ impl LocalWorkers {
                         rank: rank(i),
                         eval: e,
                     }),
-                    Report::Checkpoint(saved) => on_event(AgentEvent::Checkpoint {
-                        rank: rank(i),
-                        saved,
-                    }),
+                    Report::Checkpoint(saved) => {
+                        if rank(i) == 0 {
+                            metrics.checkpoint_committed(&saved);
+                        }
+                        on_event(AgentEvent::Checkpoint {
+                            rank: rank(i),
+                            saved,
+                        })
+                    }
                     Report::Warning(w) => {
                         tracing::warn!(job, rank = rank(i), "{}", w.message);
                         on_event(AgentEvent::Warning {
@@ -245,7 +252,8 @@ impl LocalWorkers {
                 Update::Exited(i, _, status) => {
                     exited[i] = Some(status);
                     if !status.success() || finished[i].is_none() {
-                        failures.push(Failure::exited(rank(i), pids[i], status, &logs[i]));
+                        let (log, tail) = &logs[i];
+                        failures.push(Failure::exited(rank(i), pids[i], status, log, tail));
                     }
                 }
             }
@@ -298,6 +306,8 @@ enum Update {
 struct Attached {
     pid: u32,
     log: PathBuf,
+    rank: RankHandle,
+    tail: TailHandle,
     writer: OwnedWriteHalf,
     /// Send `()` to kill the worker.
     killer: mpsc::Sender<()>,
@@ -312,8 +322,11 @@ fn attach(w: WorkerHandle, generation: u64, tx: mpsc::Sender<Update>) -> Attache
         mut reader,
         writer,
         log,
+        capture,
         ..
     } = w;
+    let (rank, tail) = (capture.rank_handle(), capture.tail_handle());
+    let mut capture = capture;
     let reports = tx.clone();
     tokio::spawn(async move {
         loop {
@@ -353,6 +366,8 @@ fn attach(w: WorkerHandle, generation: u64, tx: mpsc::Sender<Update>) -> Attache
                 child.wait().await
             }
         };
+        // Its last lines, for the failure message, before its exit is told.
+        capture.drained().await;
         if let Ok(status) = status {
             let _ = tx
                 .send(Update::Exited(local_rank, generation, status))
@@ -362,6 +377,8 @@ fn attach(w: WorkerHandle, generation: u64, tx: mpsc::Sender<Update>) -> Attache
     Attached {
         pid,
         log,
+        rank,
+        tail,
         writer,
         killer,
     }
@@ -418,6 +435,8 @@ struct Slot {
     generation: u64,
     pid: u32,
     log: PathBuf,
+    rank: RankHandle,
+    tail: TailHandle,
     endpoint: String,
     writer: Option<OwnedWriteHalf>,
     killer: mpsc::Sender<()>,
@@ -463,6 +482,8 @@ impl LocalWorkers {
                     generation: 0,
                     pid: a.pid,
                     log: a.log,
+                    rank: a.rank,
+                    tail: a.tail,
                     endpoint,
                     writer: Some(a.writer),
                     killer: a.killer,
@@ -507,6 +528,7 @@ impl ElasticWorkers {
             let Some(writer) = slot.writer.as_mut() else {
                 continue;
             };
+            slot.rank.set(round.first_rank + local_rank as u32);
             let msg = AgentMessage {
                 kind: Some(agent_message::Kind::Assignment(round.assignment(
                     &self.job,
@@ -534,6 +556,8 @@ impl ElasticWorkers {
         let a = attach(w, slot.generation, self.tx.clone());
         slot.pid = a.pid;
         slot.log = a.log;
+        slot.rank = a.rank;
+        slot.tail = a.tail;
         slot.writer = Some(a.writer);
         slot.killer = a.killer;
         slot.dead = false;
@@ -609,6 +633,9 @@ impl ElasticWorkers {
                     }
                     Report::Eval(eval) => ElasticUpdate::Event(AgentEvent::Eval { rank: r, eval }),
                     Report::Checkpoint(saved) => {
+                        if r == 0 {
+                            self.metrics.checkpoint_committed(&saved);
+                        }
                         ElasticUpdate::Event(AgentEvent::Checkpoint { rank: r, saved })
                     }
                     Report::Warning(w) => ElasticUpdate::Event(AgentEvent::Warning {
@@ -656,7 +683,7 @@ impl ElasticWorkers {
                 }
                 slot.dead = true;
                 let r = rank(self.first_rank, i);
-                let failure = Failure::exited(r, slot.pid, status, &slot.log);
+                let failure = Failure::exited(r, slot.pid, status, &slot.log, &slot.tail);
                 Some(ElasticUpdate::Died {
                     local_rank: i,
                     message: failure.message,
@@ -679,12 +706,8 @@ async fn start_workers(cfg: &AgentConfig, local_ranks: &[usize]) -> Result<Vec<W
     let mut channels = Vec::with_capacity(local_ranks.len());
     for &local_rank in local_ranks {
         let log = logs.join(format!("worker-{local_rank}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .with_context(|| format!("create {}", log.display()))?;
-        let err = out.try_clone().context("clone log file")?;
+        let (out_reader, out) = std::io::pipe().context("create the worker's stdout pipe")?;
+        let (err_reader, err) = std::io::pipe().context("create the worker's stderr pipe")?;
         // Both ends are close-on-exec; the child clears it on its own end.
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().context("create the worker's socket pair")?;
@@ -720,12 +743,14 @@ async fn start_workers(cfg: &AgentConfig, local_ranks: &[usize]) -> Result<Vec<W
                 cfg.kiln_exe.display()
             )
         })?;
-        // The child holds its end now.
+        // The child holds its ends now.
         drop(theirs);
+        drop(cmd);
+        let capture = Capture::start(local_rank, out_reader, err_reader, &cfg.log_sink);
         ours.set_nonblocking(true)
             .context("worker channel non-blocking")?;
         let stream = tokio::net::UnixStream::from_std(ours).context("worker channel")?;
-        children.push(Some((local_rank, child, log)));
+        children.push(Some((local_rank, child, log, capture)));
         channels.push(stream);
     }
 
@@ -733,7 +758,7 @@ async fn start_workers(cfg: &AgentConfig, local_ranks: &[usize]) -> Result<Vec<W
     let mut pending: Vec<Option<(Hello, OwnedReadHalf, OwnedWriteHalf)>> =
         Vec::with_capacity(local_ranks.len());
     for ((slot, stream), &expected) in children.iter_mut().zip(channels).zip(local_ranks) {
-        let (i, child, log) = slot.as_mut().expect("started above");
+        let (i, child, log, capture) = slot.as_mut().expect("started above");
         let (mut reader, writer) = stream.into_split();
         // A worker that dies before saying hello is an error now, not a timeout later.
         let hello = tokio::select! {
@@ -743,18 +768,20 @@ async fn start_workers(cfg: &AgentConfig, local_ranks: &[usize]) -> Result<Vec<W
                 }))) => h,
                 Ok(Ok(None)) | Ok(Err(_)) => {
                     let status = child.wait().await.context("wait for worker")?;
-                    bail!("worker {i} exited during start-up ({status}){}", log_tail(log));
+                    capture.drained().await;
+                    bail!("worker {i} exited during start-up ({status}){}", capture.tail_handle().describe(log));
                 }
                 Ok(other) => bail!("expected a hello from worker {i}, got {other:?}"),
                 Err(_) => bail!(
                     "worker {i} said no hello within {:?}{}",
                     cfg.start_timeout,
-                    log_tail(log)
+                    capture.tail_handle().describe(log)
                 ),
             },
             status = child.wait() => {
                 let status = status.context("wait for worker")?;
-                bail!("worker {i} exited during start-up ({status}){}", log_tail(log));
+                capture.drained().await;
+                bail!("worker {i} exited during start-up ({status}){}", capture.tail_handle().describe(log));
             }
         };
         ensure!(
@@ -771,7 +798,7 @@ async fn start_workers(cfg: &AgentConfig, local_ranks: &[usize]) -> Result<Vec<W
         .zip(children)
         .map(|(conn, child)| {
             let (hello, reader, writer) = conn.expect("every local rank said hello");
-            let (local_rank, child, log) = child.expect("every worker was started");
+            let (local_rank, child, log, capture) = child.expect("every worker was started");
             WorkerHandle {
                 local_rank,
                 pid: hello.pid,
@@ -780,6 +807,7 @@ async fn start_workers(cfg: &AgentConfig, local_ranks: &[usize]) -> Result<Vec<W
                 reader,
                 writer,
                 log,
+                capture,
             }
         })
         .collect())
@@ -806,7 +834,13 @@ impl Failure {
         }
     }
 
-    fn exited(rank: u32, pid: u32, status: std::process::ExitStatus, log: &Path) -> Self {
+    fn exited(
+        rank: u32,
+        pid: u32,
+        status: std::process::ExitStatus,
+        log: &Path,
+        tail: &TailHandle,
+    ) -> Self {
         use std::os::unix::process::ExitStatusExt;
         let how = match (status.code(), status.signal()) {
             (_, Some(sig)) => format!("was killed by signal {sig}{}", signal_name(sig)),
@@ -817,7 +851,7 @@ impl Failure {
         Self {
             rank,
             pid,
-            message: format!("worker rank {rank} (pid {pid}) {how}{}", log_tail(log)),
+            message: format!("worker rank {rank} (pid {pid}) {how}{}", tail.describe(log)),
             class,
         }
     }
@@ -836,17 +870,6 @@ fn signal_name(sig: i32) -> &'static str {
         libc::SIGBUS => " (SIGBUS)",
         _ => "",
     }
-}
-
-/// The last lines of a worker's log, to put beside its failure.
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    let tail = lines[lines.len().saturating_sub(5)..].join("\n  ");
-    format!("; last lines of {}:\n  {tail}", log.display())
 }
 
 async fn read_frame<M: Message + Default>(r: &mut OwnedReadHalf) -> std::io::Result<Option<M>> {

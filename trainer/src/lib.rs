@@ -6,6 +6,8 @@
 //!   hands each its assignment over the local channel (`kiln_proto::worker`),
 //!   relays their reports, serves Prometheus metrics, and stops every worker
 //!   when one fails.
+//! - [`logs`]: capturing each worker's stdout and stderr line by line, stamped
+//!   with time and rank, into the agent's [`LogSink`](logs::LogSink).
 //! - [`worker`]: one training rank, top-down: connect to the agent, build the
 //!   collective, the model and the data, then step until done.
 //! - [`collective`]: the `Collective` trait and its backends (TCP ring for CPU
@@ -22,6 +24,7 @@ pub mod agent;
 pub mod collective;
 pub mod data;
 pub mod device;
+pub mod logs;
 pub mod metrics;
 pub mod optim;
 pub mod state;

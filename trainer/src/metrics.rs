@@ -25,6 +25,15 @@ pub struct TrainingMetrics {
     pub allreduce_seconds: Counter<f64, AtomicU64>,
     pub allreduce_bytes: Counter,
     pub samples: Counter,
+    /// Checkpoints committed (fed from rank 0's reports).
+    pub checkpoints: Counter,
+    pub checkpoint_step: Gauge<i64>,
+    pub checkpoint_uploaded_bytes: Counter,
+    pub checkpoint_reused_bytes: Counter,
+    /// How long a save held training up.
+    pub checkpoint_blocking_seconds: Histogram,
+    /// From the save's start until its manifest was durable.
+    pub checkpoint_durable_seconds: Histogram,
 }
 
 impl std::fmt::Debug for TrainingMetrics {
@@ -45,6 +54,42 @@ impl Default for TrainingMetrics {
         let allreduce_seconds = Counter::<f64, AtomicU64>::default();
         let allreduce_bytes = Counter::default();
         let samples = Counter::default();
+        let checkpoints = Counter::default();
+        let checkpoint_step = Gauge::<i64>::default();
+        let checkpoint_uploaded_bytes = Counter::default();
+        let checkpoint_reused_bytes = Counter::default();
+        let checkpoint_blocking_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let checkpoint_durable_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "checkpoints",
+            "Checkpoints committed (rank 0's node)",
+            checkpoints.clone(),
+        );
+        registry.register(
+            "checkpoint_step",
+            "Step of the last committed checkpoint",
+            checkpoint_step.clone(),
+        );
+        registry.register(
+            "checkpoint_uploaded_bytes",
+            "Checkpoint bytes uploaded (new chunks)",
+            checkpoint_uploaded_bytes.clone(),
+        );
+        registry.register(
+            "checkpoint_reused_bytes",
+            "Checkpoint bytes reused from earlier checkpoints (not uploaded)",
+            checkpoint_reused_bytes.clone(),
+        );
+        registry.register(
+            "checkpoint_blocking_seconds",
+            "Seconds a checkpoint save blocked training",
+            checkpoint_blocking_seconds.clone(),
+        );
+        registry.register(
+            "checkpoint_durable_seconds",
+            "Seconds from a checkpoint save's start until it was durable",
+            checkpoint_durable_seconds.clone(),
+        );
         registry.register(
             "train_step_seconds",
             "Wall time of one training step (rank 0)",
@@ -97,11 +142,29 @@ impl Default for TrainingMetrics {
             allreduce_seconds,
             allreduce_bytes,
             samples,
+            checkpoints,
+            checkpoint_step,
+            checkpoint_uploaded_bytes,
+            checkpoint_reused_bytes,
+            checkpoint_blocking_seconds,
+            checkpoint_durable_seconds,
         }
     }
 }
 
 impl TrainingMetrics {
+    /// Records a committed checkpoint (call for rank 0's report only).
+    pub fn checkpoint_committed(&self, saved: &kiln_proto::worker::CheckpointSaved) {
+        self.checkpoints.inc();
+        self.checkpoint_step.set(saved.step as i64);
+        self.checkpoint_uploaded_bytes.inc_by(saved.bytes_uploaded);
+        self.checkpoint_reused_bytes.inc_by(saved.bytes_reused);
+        self.checkpoint_blocking_seconds
+            .observe(saved.blocking_seconds);
+        self.checkpoint_durable_seconds
+            .observe(saved.durable_seconds);
+    }
+
     /// The registry in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
