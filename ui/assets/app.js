@@ -267,7 +267,11 @@ async function jobPage(job) {
       const points = buckets.filter((b) => b.metrics[k]).map((b) => ({
         x: b.last_step, y: b.metrics[k].last, lo: b.metrics[k].min, hi: b.metrics[k].max,
       }));
-      lineChart(document.getElementById("chart-" + k), points, { xlabel: "step", marks: k === "loss" ? checkpointSteps : [] });
+      const svg = document.getElementById("chart-" + k);
+      lineChart(svg, points, { xlabel: "step", marks: k === "loss" ? checkpointSteps : [] });
+      // Steps the curve stands for (buckets merge as the job runs, points do not only grow).
+      svg.dataset.samples = String(buckets.filter((b) => b.metrics[k]).reduce((a, b) => a + b.count, 0));
+      svg.dataset.lastStep = String(points.length ? points[points.length - 1].x : 0);
       const last = points.length ? points[points.length - 1].y : null;
       document.getElementById(`chart-${k}-last`).textContent = last === null ? "" : fmtNum(last);
     }
