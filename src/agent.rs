@@ -195,6 +195,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     }));
 
     let hooks = kiln_hooks::Hooks::new(&spec.hooks).context("hooks")?;
+    // The dashboard's history of the job, recorded by the node of rank 0.
+    let mut history = crate::ui::AgentHistory::new(
+        crate::ui::HistoryTarget {
+            store: &store,
+            ks: &ks,
+            job: &job,
+            checkpoint_root: &checkpoint_url,
+            registry: spec
+                .register
+                .as_ref()
+                .map(|_| crate::register::registry_url(&spec, &checkpoint_url)),
+        },
+        spec.train.global_batch,
+    );
     let spec_json = spec.to_json();
     let wait_timeout = Duration::from_secs_f64(spec.elastic.wait_timeout_secs);
     let mut round = 0u64;
@@ -257,6 +271,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                     ring_secret: plan.secret_bytes().map_err(|e| anyhow!(e))?,
                 };
                 workers.assign(&assignment).await?;
+                history.on_round(first_rank).await;
                 if let Err(e) = status::update(&*store, &ks, &job, |s| {
                     if s.round < round {
                         s.round = round;
@@ -273,6 +288,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             }
             update = workers.next() => {
                 let Some(update) = update else { break Err(anyhow!("the workers' channel closed")) };
+                history.on_update(&update);
                 match update {
                     ElasticUpdate::Event(AgentEvent::Progress { rank, progress }) => {
                         if !job_succeeded {
@@ -412,6 +428,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
 
     // The workers' last lines reach the store before the job's status says it ended.
     node_logs.close(crate::logs::SHIP_FLUSH).await;
+    history.finish().await;
     let result = match outcome {
         Ok(()) => {
             let rank0 = finished.get(&0).cloned();

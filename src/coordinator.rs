@@ -49,6 +49,10 @@ pub struct CoordinatorArgs {
     /// another takes over its background work about this long after.
     #[arg(long, default_value_t = 5)]
     pub lease_ttl_secs: u64,
+    /// Serve the dashboard (docs/ui.md) over this replica's store on this
+    /// address; its actions take the job API's token.
+    #[arg(long, value_name = "ADDR")]
+    pub ui: Option<SocketAddr>,
 }
 
 /// Where launched agents run.
@@ -114,8 +118,8 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let api = JobApi::new(store.clone(), ks.clone(), name.clone(), shutdown.clone());
     let server = tokio::spawn(api::serve(api, auth.clone(), listener, shutdown.clone()));
     let background = tokio::spawn(replica::run_background(
-        store,
-        ks,
+        store.clone(),
+        ks.clone(),
         ReplicaConfig {
             name: name.clone(),
             lease_ttl: Duration::from_secs(args.lease_ttl_secs),
@@ -123,6 +127,22 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         },
         shutdown.clone(),
     ));
+    let dashboard = match args.ui {
+        Some(ui_addr) => {
+            let cfg = kiln_ui::UiConfig {
+                jobs: kiln_ui::JobSources {
+                    store: Some((store.clone(), ks.clone())),
+                    data_dirs: vec![args.data_dir.clone()],
+                },
+                token: token.clone(),
+                ..Default::default()
+            };
+            let dashboard = crate::ui::Dashboard::start(ui_addr, cfg, shutdown.clone()).await?;
+            println!("dashboard on {}", dashboard.url());
+            Some(dashboard)
+        }
+        None => None,
+    };
     tracing::info!(
         replica = name,
         %addr,
@@ -136,6 +156,9 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     wait_for_signal().await?;
     tracing::info!(replica = name, "shutting down");
     shutdown.cancel();
+    if let Some(dashboard) = dashboard {
+        dashboard.stop().await;
+    }
     background
         .await
         .context("background task")?
@@ -158,7 +181,7 @@ fn default_name() -> String {
 }
 
 /// Returns on SIGINT or SIGTERM.
-async fn wait_for_signal() -> anyhow::Result<()> {
+pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     tokio::select! {

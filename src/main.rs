@@ -13,6 +13,7 @@ mod register;
 mod registry;
 mod run;
 mod serve;
+mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -70,6 +71,9 @@ enum Command {
     /// Serve registry models over the Open Inference Protocol (REST + gRPC on
     /// one port): dynamic batching, hot swap on alias moves, canaries, metrics.
     Serve(serve::ServeArgs),
+    /// The web dashboard: jobs with live curves, checkpoints, the registry,
+    /// serving metrics (docs/ui.md).
+    Ui(ui::UiArgs),
     /// One training rank; started by an agent, not by users.
     #[command(hide = true)]
     Worker {
@@ -105,6 +109,14 @@ pub struct RunArgs {
     /// Address of the agent's Prometheus endpoint (/metrics); port 0 picks one.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub metrics_addr: SocketAddr,
+    /// Serve the dashboard (docs/ui.md) on this address while the job runs;
+    /// port 0 picks one (the URL is printed). Actions need $KILN_UI_TOKEN.
+    #[arg(long, value_name = "ADDR")]
+    pub ui: Option<SocketAddr>,
+    /// Keep the dashboard up this many seconds after the job ends (Ctrl-C
+    /// stops it sooner). `kiln ui` shows finished runs from their run folders.
+    #[arg(long, value_name = "SECS", default_value_t = 0, requires = "ui")]
+    pub ui_linger: u64,
 }
 
 fn init_tracing() {
@@ -183,6 +195,7 @@ fn main() -> ExitCode {
         Command::Jobs(args) => block_on(jobs::jobs(args)),
         Command::Launch(cmd) => report(launch::run(cmd)),
         Command::Logs(args) => block_on(logs::run(args)),
+        Command::Ui(args) => block_on(ui::run(args)),
         Command::Serve(args) => {
             if std::env::var_os("OMP_WAIT_POLICY").is_none() {
                 // SAFETY: no other thread exists yet (the async runtime starts

@@ -38,9 +38,69 @@ impl From<anyhow::Error> for RunError {
 const HOOK_FLUSH: Duration = Duration::from_secs(10);
 
 /// The node name of `kiln run`'s single node.
-const LOCAL_NODE: &str = "local";
+pub(crate) const LOCAL_NODE: &str = "local";
 
+/// Runs the job; with `--ui`, serves the dashboard over the run's store while
+/// it runs (and `--ui-linger` seconds after). The job's end is recorded in
+/// the store and in its run folder, whichever way it ends.
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
+    let store: Arc<dyn Store> = MemStore::new();
+    let ks = Keyspace::default();
+    let dashboard = match args.ui {
+        Some(addr) => {
+            let cfg = kiln_ui::UiConfig {
+                jobs: kiln_ui::JobSources {
+                    store: Some((store.clone(), ks.clone())),
+                    data_dirs: vec![args.data_dir.clone()],
+                },
+                token: crate::ui::read_token(None)?,
+                ..Default::default()
+            };
+            let dashboard =
+                crate::ui::Dashboard::start(addr, cfg, CancellationToken::new()).await?;
+            let line = format!("dashboard on {}", dashboard.url());
+            if args.json {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+            Some(dashboard)
+        }
+        None => None,
+    };
+    let mut started: Option<(String, PathBuf)> = None;
+    let result = run_job(&args, store.clone(), ks.clone(), &mut started).await;
+    if let Some((job, run_dir)) = &started {
+        let error = match &result {
+            Ok(()) => None,
+            Err(RunError::Spec(e)) => Some(e.to_string()),
+            Err(RunError::Other(e)) => Some(format!("{e:#}")),
+        };
+        crate::ui::record_run_end(&*store, &ks, job, run_dir, error).await;
+    }
+    if let Some(dashboard) = dashboard {
+        if args.ui_linger > 0 {
+            eprintln!(
+                "dashboard stays on {} for {} s (Ctrl-C stops it)",
+                dashboard.url(),
+                args.ui_linger
+            );
+        }
+        dashboard
+            .linger_then_stop(Duration::from_secs(args.ui_linger))
+            .await;
+    }
+    result
+}
+
+/// The job itself; sets `started` to the job's name and run folder once its
+/// status and history are being recorded.
+async fn run_job(
+    args: &RunArgs,
+    store: Arc<dyn Store>,
+    ks: Keyspace,
+    started: &mut Option<(String, PathBuf)>,
+) -> Result<(), RunError> {
     let mut overrides = args.set.clone();
     if let Some(n) = args.nproc {
         overrides.push(format!("workers.nproc={n}"));
@@ -79,8 +139,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         std::process::id()
     );
 
-    let store: Arc<dyn Store> = MemStore::new();
-    let ks = Keyspace::default();
     store
         .put(&ks.job_spec(&job), spec_json.clone().into_bytes(), None)
         .await
@@ -171,6 +229,25 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             resumed_from: args.resume.clone(),
         },
     ));
+    let mut feed = crate::ui::RunFeed::start(
+        crate::ui::HistoryTarget {
+            store: &store,
+            ks: &ks,
+            job: &job,
+            checkpoint_root: &checkpoint_url,
+            registry: spec
+                .register
+                .as_ref()
+                .map(|_| crate::register::registry_url(&spec, &checkpoint_url)),
+        },
+        &run_dir,
+        spec.train.global_batch,
+        spec.train.steps,
+        plan.round,
+        plan.world_size,
+    )
+    .await;
+    *started = Some((job.clone(), run_dir.clone()));
     let started = Instant::now();
     let mut printer = Printer::new(&spec, args.json);
     let committed_hooks = hooks.clone();
@@ -203,10 +280,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     },
                 ));
             }
+            feed.on_event(&event);
             printer.on_event(event)
         })
         .await;
     printer.finish();
+    feed.finish().await;
     // Stop the leader before leaving: a member leaving a live leader's round
     // counts as a lost node.
     cancel.cancel();
