@@ -32,6 +32,8 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)  # loopback TCP bandwidth beside bench/allreduce.py
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)  # HTTP load generator of bench/serve.py
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)  # promtool checks deploy/prometheus/kiln.yml (tests/deploy.rs)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # the dashboard's browser tests (tests/ui.rs)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 # English text for the language-model example (examples/lm/prepare.sh).
 [[ -d /usr/share/games/fortunes ]] || need_apt+=(fortunes)
 if ((${#need_apt[@]})); then

@@ -14,7 +14,8 @@ use kiln_checkpoint::registry::{
     CheckpointRef, Lineage, ModelDefinition, NewVersion, Registry, Signature,
 };
 use kiln_checkpoint::{
-    CheckpointRoot, Checkpointer, Error, Manifest, Retention, gc, list, resolve, verify,
+    CheckpointManager, CheckpointPolicy, CheckpointRoot, Checkpointer, Error, Manifest,
+    Retention, SaveEvent, gc, list, resolve, verify,
 };
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -408,6 +409,7 @@ fn the_training_loops_retention_keeps_pinned_steps() {
         max_consecutive_failures: 1,
         retention: KEEP_ONE,
         gc_grace: Duration::ZERO,
+        required: true,
     };
     let mut m = CheckpointManager::new(
         t.root.clone(),
