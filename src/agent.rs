@@ -65,6 +65,62 @@ pub struct AgentArgs {
     /// Address of the agent's Prometheus endpoint (/metrics); port 0 picks one.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub metrics_addr: std::net::SocketAddr,
+    /// The address this node's workers listen on for the ring and give their
+    /// peers (also $KILN_BIND_HOST). Default: this machine's address on the
+    /// route to the store's first endpoint, which other nodes reach it by
+    /// (127.0.0.1 when the store is on loopback).
+    #[arg(long, value_name = "HOST")]
+    pub advertise_host: Option<String>,
+}
+
+/// The host this node's workers bind and advertise: `--advertise-host`,
+/// `$KILN_BIND_HOST`, or the local address the kernel routes to the store's
+/// first endpoint (no packet is sent: a UDP socket is only connected).
+fn advertised_host(args: &AgentArgs) -> anyhow::Result<String> {
+    if let Some(h) = args
+        .advertise_host
+        .clone()
+        .or_else(|| std::env::var("KILN_BIND_HOST").ok())
+        .filter(|h| !h.trim().is_empty())
+    {
+        return Ok(h.trim().to_string());
+    }
+    let Some(first) = store_endpoints(&args.store).into_iter().next() else {
+        return Ok("127.0.0.1".to_string());
+    };
+    use std::net::ToSocketAddrs;
+    let target = first
+        .to_socket_addrs()
+        .with_context(|| format!("resolve the store endpoint {first}"))?
+        .next()
+        .with_context(|| format!("the store endpoint {first} has no address"))?;
+    let unspecified: std::net::SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let probe = std::net::UdpSocket::bind(unspecified).context("open a routing probe")?;
+    probe.connect(target).with_context(|| {
+        format!("no route to the store endpoint {first}; set --advertise-host")
+    })?;
+    Ok(probe.local_addr().context("routing probe address")?.ip().to_string())
+}
+
+/// The `host:port` endpoints of an `etcd://` or `etcds://` store URL (none
+/// for `mem://`).
+fn store_endpoints(url: &str) -> Vec<String> {
+    let Some(rest) = url
+        .strip_prefix("etcd://")
+        .or_else(|| url.strip_prefix("etcds://"))
+    else {
+        return Vec::new();
+    };
+    let rest = rest.split('?').next().unwrap_or("");
+    rest.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// How long a node whose peers reported the job done waits for its own
@@ -126,6 +182,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let node_logs = crate::logs::open(&run_dir, &node, &spec)?;
     let node_logs =
         Arc::new(crate::logs::ship_to_store(node_logs, store.clone(), &job, &spec).await?);
+    let host = advertised_host(&args)?;
+    tracing::info!(job, node, host, "workers listen on this host");
     let agent_config = AgentConfig {
         job: job.clone(),
         nproc,
@@ -133,12 +191,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         kiln_exe: std::env::current_exe().context("locate the kiln binary")?,
         start_timeout: Duration::from_secs(60),
         log_sink: crate::logs::sink(node_logs.clone(), crate::logs::Echo::Stderr),
+        bind_host: host.clone(),
     };
     let mut workers = LocalWorkers::spawn(&agent_config)
         .await
         .context("start workers")?
         .into_elastic(&job, metrics);
-    let host = std::env::var("KILN_BIND_HOST").unwrap_or_else(|_| "127.0.0.1".to_string());
     let mut record = NodeRecord {
         node: node.clone(),
         host,

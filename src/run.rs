@@ -176,6 +176,8 @@ async fn run_job(
         kiln_exe: std::env::current_exe().context("locate the kiln binary")?,
         start_timeout: Duration::from_secs(60),
         log_sink: crate::logs::sink(node_logs, crate::logs::Echo::Off),
+        // One machine: the ring stays on loopback.
+        bind_host: "127.0.0.1".to_string(),
     };
     let workers = LocalWorkers::spawn(&agent_config)
         .await

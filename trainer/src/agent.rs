@@ -42,6 +42,9 @@ pub struct AgentConfig {
     pub start_timeout: Duration,
     /// Receives every line the workers print (see [`crate::logs`]).
     pub log_sink: LogSink,
+    /// The address workers bind their ring listeners on and give their peers
+    /// (`KILN_BIND_HOST` in their environment).
+    pub bind_host: String,
 }
 
 /// One round's assignment for this node, from the rendezvous plan.
@@ -718,6 +721,7 @@ async fn start_workers(cfg: &AgentConfig, local_ranks: &[usize]) -> Result<Vec<W
             .arg(fd.to_string())
             .arg("--local-rank")
             .arg(local_rank.to_string())
+            .env("KILN_BIND_HOST", &cfg.bind_host)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
