@@ -44,7 +44,8 @@ pub struct LaunchArgs {
     /// Override a spec field, e.g. --set train.steps=50 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// etcd endpoints the agents join through (overrides launch.store).
+    /// The store the agents join through (overrides launch.store): etcd
+    /// endpoints, with TLS and credentials as parameters (docs/coordination.md).
     #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
     pub store: Option<String>,
     /// Nodes to allocate (overrides launch.nodes).
@@ -169,18 +170,30 @@ fn prepare(args: &LaunchArgs, image: Option<String>) -> Result<Launch, LaunchErr
         }
     };
     validate_store_url(store_field, &store).map_err(|e| input(e.to_string()))?;
-    let Some(endpoints) = store.strip_prefix("etcd://") else {
+    let Some(rest) = store
+        .strip_prefix("etcd://")
+        .or_else(|| store.strip_prefix("etcds://"))
+    else {
         return Err(input(format!(
             "{store_field}: {store:?} is the in-process store of `kiln run`; agents on \
-             several nodes need etcd://HOST:PORT[,HOST:PORT...]"
+             several nodes need etcd://HOST:PORT[,HOST:PORT...] (or etcds://)"
         )));
     };
-    // The URL goes into shell scripts and manifests: host names and addresses only.
+    let (endpoints, parameters) = rest.split_once('?').unwrap_or((rest, ""));
+    // The URL goes into shell scripts, comments and manifests: host names and
+    // addresses, and parameters that are paths and names (TLS files, user).
     let host_char = |c: char| c.is_ascii_alphanumeric() || ".-_[]:".contains(c);
     if let Some(bad) = endpoints.chars().find(|&c| !host_char(c) && c != ',') {
         return Err(input(format!(
             "{store_field}: {store:?} holds {bad:?}; a host is a name or an IP address \
              (IPv6 in brackets)"
+        )));
+    }
+    let parameter_char = |c: char| c.is_ascii_alphanumeric() || "._-/%=&+:,~".contains(c);
+    if let Some(bad) = parameters.chars().find(|&c| !parameter_char(c)) {
+        return Err(input(format!(
+            "{store_field}: a parameter of the store URL holds {bad:?}; write it as a %XX \
+             escape"
         )));
     }
     spec.launch.store = Some(store.clone());

@@ -42,6 +42,11 @@ pub enum Error {
     /// The store cannot be reached, or it shut down while a call waited on it.
     #[error("store unavailable: {message}")]
     Unavailable { message: String },
+    /// The store refused the credentials, or the user may not do this (etcd
+    /// authentication and roles). Retrying will not help; fix the store URL's
+    /// credentials or the user's permissions.
+    #[error("store access denied: {message}")]
+    AccessDenied { message: String },
     /// An argument is impossible (empty key, zero TTL, `min_nodes > max_nodes`, ...).
     #[error("invalid {what}: {message}")]
     Invalid { what: String, message: String },
@@ -64,6 +69,12 @@ impl Error {
 
     pub(crate) fn unavailable(message: impl Into<String>) -> Self {
         Error::Unavailable {
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn access_denied(message: impl Into<String>) -> Self {
+        Error::AccessDenied {
             message: message.into(),
         }
     }

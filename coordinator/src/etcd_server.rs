@@ -10,6 +10,12 @@
 //! The `etcd` binary is taken from `KILN_ETCD_BIN`, else from `PATH`
 //! (`scripts/bootstrap.sh` installs it).
 //!
+//! [`EtcdServerOptions`] serve clients over TLS (optionally requiring client
+//! certificates) and set etcd's auth token TTL; authentication itself is
+//! enabled by the test, through etcd's API, once the member runs. Health and
+//! leadership are always read from a separate plain-HTTP metrics port, so they
+//! work whatever the client port requires.
+//!
 //! Starting is synchronous (under a second per member): system tests that drive
 //! processes call it from plain `#[test]`s; async tests call it before their
 //! first await or from `spawn_blocking`.
@@ -32,6 +38,29 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// process took a port between our probe and etcd's bind).
 const START_ATTEMPTS: usize = 3;
 
+/// How the started members serve clients.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdServerOptions {
+    /// Serve the client port over TLS only.
+    pub tls: Option<ServerTls>,
+    /// etcd's `--auth-token-ttl`: how long an unused simple token stays valid
+    /// (etcd's default is 300 s); whole seconds, at least one.
+    pub auth_token_ttl: Option<Duration>,
+}
+
+/// The files of a TLS client port.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The server's certificate (PEM), valid for `127.0.0.1`.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA that signed `cert`: the `ca=` of [`EtcdServer::url`].
+    pub ca: PathBuf,
+    /// Require a client certificate signed by `ca` (etcd's `--client-cert-auth`).
+    pub client_cert_auth: bool,
+}
+
 /// One etcd member on loopback with its own data folder.
 ///
 /// ```no_run
@@ -51,12 +80,19 @@ impl EtcdServer {
     /// Errors name the cause: no `etcd` binary, or the member did not become
     /// healthy (with the end of its log).
     pub fn start() -> Result<EtcdServer> {
+        Self::start_with(EtcdServerOptions::default())
+    }
+
+    /// Starts a single-member etcd with TLS and other options.
+    pub fn start_with(options: EtcdServerOptions) -> Result<EtcdServer> {
         Ok(EtcdServer {
-            cluster: EtcdCluster::start(1)?,
+            cluster: EtcdCluster::start_with(1, options)?,
         })
     }
 
-    /// The store URL for [`crate::store::connect`]: `etcd://127.0.0.1:PORT`.
+    /// The store URL for [`crate::store::connect`]: `etcd://127.0.0.1:PORT`,
+    /// or `etcds://127.0.0.1:PORT?ca=PATH` with TLS (add `&cert=...` for
+    /// `client_cert_auth`, `&user=...` once auth is on).
     pub fn url(&self) -> String {
         self.cluster.url()
     }
@@ -73,6 +109,7 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     /// Holds every member's data folder and log; removed on drop.
     dir: tempfile::TempDir,
+    options: EtcdServerOptions,
 }
 
 #[derive(Debug)]
@@ -80,6 +117,8 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP port of `/health` and `/metrics`.
+    metrics_port: u16,
     /// Running process; `None` once killed.
     child: Option<Child>,
 }
@@ -88,6 +127,11 @@ impl EtcdCluster {
     /// Starts `members` etcd members (at least one) that form one cluster, and
     /// waits until every member is healthy (the cluster has a leader).
     pub fn start(members: usize) -> Result<EtcdCluster> {
+        Self::start_with(members, EtcdServerOptions::default())
+    }
+
+    /// Starts `members` members that serve clients as `options` say.
+    pub fn start_with(members: usize, options: EtcdServerOptions) -> Result<EtcdCluster> {
         if members == 0 {
             return Err(Error::invalid(
                 "etcd cluster size",
@@ -97,7 +141,7 @@ impl EtcdCluster {
         let binary = etcd_binary()?;
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::start_once(&binary, members) {
+            match Self::start_once(&binary, members, &options) {
                 Ok(cluster) => return Ok(cluster),
                 // A member that exited at once most likely lost a port race:
                 // try again on fresh ports.
@@ -108,22 +152,31 @@ impl EtcdCluster {
         Err(last_error.unwrap_or_else(|| Error::unavailable("start etcd: no attempt was made")))
     }
 
-    fn start_once(binary: &Path, size: usize) -> Result<EtcdCluster, StartError> {
+    fn start_once(
+        binary: &Path,
+        size: usize,
+        options: &EtcdServerOptions,
+    ) -> Result<EtcdCluster, StartError> {
         let dir = tempfile::Builder::new()
             .prefix("kiln-etcd-")
             .tempdir()
             .map_err(|error| StartError::Fatal(io_error("create an etcd data folder", error)))?;
-        let ports = free_ports(size * 2)
+        let ports = free_ports(size * 3)
             .map_err(|error| StartError::Fatal(io_error("pick free ports for etcd", error)))?;
         let members: Vec<Member> = (0..size)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_port: ports[2 * i],
-                peer_port: ports[2 * i + 1],
+                client_port: ports[3 * i],
+                peer_port: ports[3 * i + 1],
+                metrics_port: ports[3 * i + 2],
                 child: None,
             })
             .collect();
-        let mut cluster = EtcdCluster { members, dir };
+        let mut cluster = EtcdCluster {
+            members,
+            dir,
+            options: options.clone(),
+        };
         for i in 0..size {
             let child = cluster.spawn_member(binary, i).map_err(StartError::Fatal)?;
             cluster.members[i].child = Some(child);
@@ -134,9 +187,17 @@ impl EtcdCluster {
         Ok(cluster)
     }
 
-    /// The store URL for [`crate::store::connect`]: `etcd://127.0.0.1:P1,127.0.0.1:P2,...`.
+    /// The store URL for [`crate::store::connect`]: `etcd://127.0.0.1:P1,127.0.0.1:P2,...`,
+    /// or `etcds://...?ca=PATH` with TLS.
     pub fn url(&self) -> String {
-        format!("etcd://{}", self.endpoints().join(","))
+        match &self.options.tls {
+            None => format!("etcd://{}", self.endpoints().join(",")),
+            Some(tls) => format!(
+                "etcds://{}?ca={}",
+                self.endpoints().join(","),
+                tls.ca.display()
+            ),
+        }
     }
 
     /// The members' client endpoints (`127.0.0.1:PORT`), in member order.
@@ -167,7 +228,7 @@ impl EtcdCluster {
                 if member.child.is_none() {
                     continue;
                 }
-                if let Ok(metrics) = http_get(member.client_port, "/metrics")
+                if let Ok(metrics) = http_get(member.metrics_port, "/metrics")
                     && metrics
                         .lines()
                         .any(|line| line.trim() == "etcd_server_is_leader 1")
@@ -239,7 +300,12 @@ impl EtcdCluster {
     fn spawn_member(&self, binary: &Path, i: usize) -> Result<Child> {
         let member = &self.members[i];
         let peer_url = |m: &Member| format!("http://127.0.0.1:{}", m.peer_port);
-        let client_url = format!("http://127.0.0.1:{}", member.client_port);
+        let scheme = if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let client_url = format!("{scheme}://127.0.0.1:{}", member.client_port);
         let initial_cluster = self
             .members
             .iter()
@@ -280,9 +346,29 @@ impl EtcdCluster {
             // Small snapshots keep a restarted member's catch-up short.
             .args(["--snapshot-count", "10000"])
             .args(["--log-level", "warn"])
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://127.0.0.1:{}", member.metrics_port))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
+        if let Some(tls) = &self.options.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key);
+            if tls.client_cert_auth {
+                command
+                    .arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(&tls.ca);
+            }
+        }
+        if let Some(ttl) = self.options.auth_token_ttl {
+            command
+                .arg("--auth-token-ttl")
+                .arg(ttl.as_secs().max(1).to_string());
+        }
         // Settings meant for another etcd must not leak into this one.
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("ETCD_") {
@@ -300,7 +386,7 @@ impl EtcdCluster {
     /// Waits until member `i` answers `/health` with `true`.
     fn wait_ready(&mut self, i: usize) -> Result<(), StartError> {
         let deadline = Instant::now() + READY_TIMEOUT;
-        let port = self.members[i].client_port;
+        let port = self.members[i].metrics_port;
         loop {
             let exited = match self.members[i].child.as_mut() {
                 Some(child) => child.try_wait().ok().flatten().map(|s| s.to_string()),

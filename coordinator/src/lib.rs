@@ -17,10 +17,12 @@
 //!   - [`store::mem`]: [`MemStore`](store::mem::MemStore), in process, for
 //!     `kiln run` and tests.
 //!   - [`store::etcd`]: [`EtcdStore`](store::etcd::EtcdStore), an etcd
-//!     cluster, with endpoint health and retries; [`store::connect`] opens a
-//!     store from its URL (`etcd://host:port,...` or `mem://`).
-//! - [`etcd_server`]: real etcd processes (one member or a cluster) for tests
-//!   and benchmarks.
+//!     cluster, with endpoint health and retries, TLS and authentication
+//!     ([`EtcdSecurity`](store::etcd::EtcdSecurity)); [`store::connect`] opens
+//!     a store from its URL (`etcd://host:port,...`, `etcds://...?ca=...`,
+//!     with `user=` and `password_file=`, or `mem://`).
+//! - [`etcd_server`]: real etcd processes (one member or a cluster, plain or
+//!   TLS) for tests and benchmarks.
 //! - [`conformance`]: the test suite every `Store` backend passes.
 //! - [`election`]: leadership per key: [`campaign`](election::campaign),
 //!   [`LeaderGuard`](election::LeaderGuard), [`leader`](election::leader).

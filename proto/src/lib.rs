@@ -7,6 +7,8 @@
 //! - [`spec`]: the job spec (TOML), its strict validation and `--set` overrides.
 //!   It lives here because the CLI, the coordinator and the trainer all read it
 //!   and none of them may depend on another (DESIGN.md §1; see docs/job-spec.md).
+//! - [`store_url`]: the syntax of store URLs (`etcd://`, `etcds://` with TLS
+//!   files and credentials, `mem://`), shared by the CLI, specs and the coordinator.
 //! - [`job`]: the job API of `kiln coordinator` (gRPC server and client,
 //!   generated from `proto/kiln/job.proto`) and the mapping of its errors to
 //!   gRPC status codes ([`job::ServiceError`]).
@@ -16,6 +18,7 @@
 pub mod frame;
 pub mod job;
 pub mod spec;
+pub mod store_url;
 
 /// Messages of the local agent <-> worker channel.
 pub mod worker {

@@ -700,7 +700,8 @@ pub struct LaunchSpec {
     /// GPUs per node (0: CPU nodes); one worker per GPU.
     #[serde(default)]
     pub gpus_per_node: usize,
-    /// etcd endpoints agents join through: `etcd://host:port[,host:port...]`.
+    /// The store agents join through: `etcd://host:port[,host:port...]`, or
+    /// `etcds://...?ca=...` with TLS and credentials (see `crate::store_url`).
     #[serde(default)]
     pub store: Option<String>,
     /// Container image (Kubernetes).
@@ -1680,29 +1681,13 @@ fn non_negative(field: &str, value: f64) -> Result<(), SpecError> {
     }
 }
 
-/// Checks an `etcd://host:port[,host:port...]` (or `mem://`) store URL.
+/// Checks a store URL (`etcd://`, `etcds://` or `mem://`, see
+/// [`crate::store_url`]): syntax only, the files it names are read by whoever
+/// opens the store.
 pub fn validate_store_url(field: &str, url: &str) -> Result<(), SpecError> {
-    if url == "mem://" {
-        return Ok(());
-    }
-    let Some(rest) = url.strip_prefix("etcd://") else {
-        return Err(invalid(
-            field,
-            format!("{url:?} is not a store URL; use etcd://host:port[,host:port...]"),
-        ));
-    };
-    for endpoint in rest.split(',') {
-        let ok = endpoint
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !ok {
-            return Err(invalid(
-                field,
-                format!("{endpoint:?} in {url:?} is not host:port"),
-            ));
-        }
-    }
-    Ok(())
+    crate::store_url::StoreUrl::parse(url)
+        .map(drop)
+        .map_err(|error| invalid(field, error.to_string()))
 }
 
 /// Checks a checkpoint or registry location (`file:///abs`, `s3://`, ...).

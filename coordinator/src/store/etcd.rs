@@ -43,17 +43,34 @@
 //! etcd counts lease TTLs in whole seconds: a TTL is rounded up, and to at
 //! least [`MIN_LEASE_TTL`] (etcd's own floor with its default election
 //! timeout). `keep_alive` is one refresh on its own keep-alive stream.
+//!
+//! # TLS and authentication
+//!
+//! [`EtcdSecurity`] (read from an `etcds://` / `?user=` store URL by
+//! [`EtcdSecurity::from_url`]) adds TLS (the servers' certificates must chain to
+//! the given CA; optionally a client certificate) and an etcd user. Each
+//! endpoint's client authenticates before its first request (so an endpoint
+//! that is down at start does not fail the connect) and then carries etcd's
+//! token. etcd expires tokens (simple tokens after `--auth-token-ttl`, 300 s by
+//! default, of disuse): `etcd-client`'s automatic token refresh
+//! (`with_auto_token_refresh`) re-authenticates and repeats a request that was
+//! refused with an invalid token, including the opening of watch and
+//! keep-alive streams. Refused credentials and missing permissions are
+//! [`Error::AccessDenied`]; a certificate that does not verify is
+//! [`Error::Unavailable`] at once, naming the TLS error, without retries.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
+use kiln_proto::store_url::{EtcdUrl, PASSWORD_ENV};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -119,6 +136,140 @@ impl Default for EtcdOptions {
     }
 }
 
+/// How an [`EtcdStore`] protects its connections: TLS settings and an etcd
+/// user. `Debug` shows whether TLS is on and the user name, never the password.
+#[derive(Clone, Default)]
+pub struct EtcdSecurity {
+    /// `Some`: connect with TLS (`https://` endpoints).
+    tls: Option<TlsOptions>,
+    credentials: Option<Credentials>,
+}
+
+#[derive(Clone)]
+struct Credentials {
+    user: String,
+    password: String,
+}
+
+impl EtcdSecurity {
+    /// Plain text, no authentication (an `etcd://` URL without parameters).
+    pub fn none() -> Self {
+        EtcdSecurity::default()
+    }
+
+    /// Reads the files a store URL names: the CA, the client certificate and
+    /// key, the password file (else the password from `KILN_ETCD_PASSWORD`).
+    /// Errors ([`Error::Invalid`]) name the parameter and the path.
+    pub fn from_url(url: &EtcdUrl) -> Result<Self> {
+        let tls = match &url.tls {
+            None => None,
+            Some(tls) => {
+                let ca = read_pem("ca", &tls.ca, "CERTIFICATE")?;
+                let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+                if let Some(client) = &tls.client {
+                    let cert = read_pem("cert", &client.cert, "CERTIFICATE")?;
+                    let key = read_pem("key", &client.key, "PRIVATE KEY")?;
+                    config = config.identity(Identity::from_pem(cert, key));
+                }
+                Some(config)
+            }
+        };
+        let credentials = match &url.user {
+            None => None,
+            Some(user) => {
+                let password = match &url.password_file {
+                    Some(path) => {
+                        let text = read_file("password_file", path)?;
+                        let text = String::from_utf8(text).map_err(|_| {
+                            Error::invalid(
+                                "store url",
+                                format!("password_file={}: not UTF-8 text", path.display()),
+                            )
+                        })?;
+                        text.lines().next().unwrap_or("").to_string()
+                    }
+                    None => std::env::var(PASSWORD_ENV).unwrap_or_default(),
+                };
+                if password.is_empty() {
+                    return Err(Error::invalid(
+                        "store url",
+                        format!(
+                            "user={user} needs a password: give password_file=PATH in the \
+                             store URL or set {PASSWORD_ENV} (the password file is empty or \
+                             the variable unset)"
+                        ),
+                    ));
+                }
+                Some(Credentials {
+                    user: user.clone(),
+                    password,
+                })
+            }
+        };
+        Ok(EtcdSecurity { tls, credentials })
+    }
+
+    /// Connects with TLS, trusting the CA certificate(s) in `ca_pem`.
+    pub fn with_tls_ca(mut self, ca_pem: impl AsRef<[u8]>) -> Self {
+        self.tls = Some(TlsOptions::new().ca_certificate(Certificate::from_pem(ca_pem)));
+        self
+    }
+
+    /// Authenticates as etcd user `user`.
+    pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.credentials = Some(Credentials {
+            user: user.into(),
+            password: password.into(),
+        });
+        self
+    }
+
+    /// Whether connections use TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The etcd user requests authenticate as, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.credentials.as_ref().map(|c| c.user.as_str())
+    }
+}
+
+impl std::fmt::Debug for EtcdSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSecurity")
+            .field("tls", &self.is_tls())
+            .field("user", &self.user())
+            .finish()
+    }
+}
+
+fn read_file(parameter: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|error| {
+        Error::invalid(
+            "store url",
+            format!("{parameter}={}: cannot read it: {error}", path.display()),
+        )
+    })
+}
+
+/// Reads a PEM file and checks that it holds a `-----BEGIN ...{label}-----`
+/// block (tonic would otherwise fail later with a vaguer message).
+fn read_pem(parameter: &str, path: &Path, label: &str) -> Result<Vec<u8>> {
+    let bytes = read_file(parameter, path)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text
+        .lines()
+        .any(|line| line.starts_with("-----BEGIN ") && line.ends_with(&format!("{label}-----")));
+    if !found {
+        return Err(Error::invalid(
+            "store url",
+            format!("{parameter}={}: no PEM {label} in it", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// A [`Store`] on an etcd cluster. See the [module docs](self) for how it
 /// handles endpoints, retries, watches and leases.
 pub struct EtcdStore {
@@ -132,12 +283,21 @@ struct Inner {
     /// Index of the endpoint requests go to while it is up.
     preferred: AtomicUsize,
     options: EtcdOptions,
+    /// The etcd user each endpoint's client authenticates as.
+    credentials: Option<Credentials>,
+    /// Whether the endpoints are reached over TLS.
+    tls: bool,
+    /// Whether any request has succeeded yet (see `closed_without_answer`).
+    answered: AtomicBool,
 }
 
 struct Endpoint {
     /// `host:port`, as given.
     address: String,
     client: Client,
+    /// Whether `client` holds a token (with credentials to renew it): set by
+    /// its first successful authentication.
+    authenticated: AtomicBool,
     health: Mutex<Health>,
 }
 
@@ -160,6 +320,18 @@ impl EtcdStore {
     /// list or an endpoint that is not `host:port`; [`Error::Unavailable`] when
     /// no endpoint answers within [`EtcdOptions::request_deadline`].
     pub async fn connect_with(endpoints: &[String], options: EtcdOptions) -> Result<Arc<Self>> {
+        Self::connect_secured(endpoints, &EtcdSecurity::none(), options).await
+    }
+
+    /// Connects with TLS and/or authentication. Errors as
+    /// [`connect_with`](Self::connect_with), and [`Error::AccessDenied`] when
+    /// etcd refuses the credentials; a server certificate that does not verify
+    /// against the CA is [`Error::Unavailable`] naming the TLS error.
+    pub async fn connect_secured(
+        endpoints: &[String],
+        security: &EtcdSecurity,
+        options: EtcdOptions,
+    ) -> Result<Arc<Self>> {
         if endpoints.is_empty() {
             return Err(Error::invalid(
                 "etcd endpoints",
@@ -174,17 +346,30 @@ impl EtcdStore {
             // A member without a leader refuses requests (and ends watches)
             // instead of stalling them: the request moves to another member.
             .with_require_leader(true);
+        let connect = match &security.tls {
+            Some(tls) => connect.with_tls(tls.clone()),
+            None => connect,
+        };
+        // Re-authenticate and repeat a request refused for an expired token.
+        let connect = connect.with_auto_token_refresh(security.credentials.is_some());
+        let scheme = if security.is_tls() { "https" } else { "http" };
         let mut members = Vec::with_capacity(endpoints.len());
         for address in endpoints {
             check_endpoint(address)?;
-            let client = Client::connect([format!("http://{address}")], Some(connect.clone()))
+            // No request is made here (no user in `connect`): endpoints
+            // authenticate on first use, see `Inner::authenticate`.
+            let client = Client::connect([format!("{scheme}://{address}")], Some(connect.clone()))
                 .await
                 .map_err(|error| {
-                    Error::invalid("etcd endpoint", format!("{address:?}: {error}"))
+                    Error::invalid(
+                        "etcd endpoint",
+                        format!("{address:?}: {}", describe(&error)),
+                    )
                 })?;
             members.push(Endpoint {
                 address: address.clone(),
                 client,
+                authenticated: AtomicBool::new(false),
                 health: Mutex::new(Health::default()),
             });
         }
@@ -193,6 +378,9 @@ impl EtcdStore {
                 endpoints: members,
                 preferred: AtomicUsize::new(0),
                 options,
+                credentials: security.credentials.clone(),
+                tls: security.is_tls(),
+                answered: AtomicBool::new(false),
             }),
             shutdown: CancellationToken::new(),
         };
@@ -238,6 +426,11 @@ impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdStore")
             .field("endpoints", &self.endpoints())
+            .field("tls", &self.inner.tls)
+            .field(
+                "user",
+                &self.inner.credentials.as_ref().map(|c| c.user.as_str()),
+            )
             .field(
                 "preferred",
                 &self.inner.endpoints[self.inner.preferred.load(Ordering::Relaxed)].address,
@@ -319,6 +512,30 @@ impl Refusal {
     fn into_error(self, what: &str) -> Error {
         let message = self.message;
         match self.code {
+            Code::PermissionDenied => Error::access_denied(format!(
+                "{what}: {message} (the etcd user's roles do not allow this key range)"
+            )),
+            Code::Unauthenticated => Error::access_denied(format!("{what}: {message}")),
+            // Not an answer of etcd's: a TLS handshake or a connection that
+            // cannot work (see `classify`, `closed_without_answer`).
+            Code::Unavailable => Error::unavailable(format!("{what}: {message}")),
+            Code::InvalidArgument if message.contains("authentication failed") => {
+                Error::access_denied(format!(
+                    "{what}: {message} (check the store URL's user and password)"
+                ))
+            }
+            Code::InvalidArgument if message.contains("user name is empty") => {
+                Error::access_denied(format!(
+                    "{what}: {message}: etcd requires authentication; add user=NAME to the \
+                     store URL and give its password (password_file= or {PASSWORD_ENV})"
+                ))
+            }
+            Code::FailedPrecondition if message.contains("authentication is not enabled") => {
+                Error::invalid(
+                    what,
+                    format!("{message}: remove user= from the store URL, or enable auth in etcd"),
+                )
+            }
             Code::NotFound => Error::not_found(format!("{what}: {message}")),
             Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
                 Error::invalid(what, message)
@@ -335,6 +552,18 @@ fn classify(error: &etcd_client::Error) -> Verdict {
         blame_endpoint,
         maybe_applied,
     };
+    if describe(error).contains(INVALID_TOKEN) {
+        // A stream refused in-band (a watch not created), which etcd-client's
+        // token refresh does not see: `call_on` re-authenticates the endpoint.
+        return retry(false, false);
+    }
+    if let Some(tls_error) = tls_failure(error) {
+        // A certificate that does not verify will not verify next time.
+        return Verdict::Refused(Refusal {
+            code: Code::Unavailable,
+            message: format!("TLS handshake failed: {tls_error}"),
+        });
+    }
     match error {
         E::GRpcStatus(status) => {
             let message = status.message();
@@ -380,6 +609,49 @@ fn classify(error: &etcd_client::Error) -> Verdict {
             message: other.to_string(),
         }),
     }
+}
+
+/// etcd's answer to an expired (or otherwise unknown) auth token.
+const INVALID_TOKEN: &str = "invalid auth token";
+
+/// An error with its causes (etcd-client's errors do not expose their source,
+/// and a tonic status keeps the interesting part, such as a TLS alert, there).
+fn describe(error: &etcd_client::Error) -> String {
+    use etcd_client::Error as E;
+    use std::error::Error as _;
+    let (mut text, mut source) = match error {
+        E::GRpcStatus(status) => (status.message().to_string(), status.source()),
+        E::TransportError(transport) => (transport.to_string(), transport.source()),
+        other => (other.to_string(), None),
+    };
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether a failure is a connection the server closed before any HTTP/2
+/// answer: what a TLS-only etcd port does to a plain-text client.
+fn closed_without_answer(message: &str) -> bool {
+    ["broken pipe", "connection reset", "connection closed"]
+        .iter()
+        .any(|needle| message.contains(needle))
+}
+
+/// The TLS error in a failed request, if the failure was a TLS handshake that
+/// cannot succeed (a certificate that does not verify, an alert from the peer).
+fn tls_failure(error: &etcd_client::Error) -> Option<String> {
+    let text = describe(error);
+    let lower = text.to_ascii_lowercase();
+    ["certificate", "received fatal alert", "tls handshake"]
+        .iter()
+        .any(|needle| lower.contains(needle))
+        .then_some(text)
 }
 
 impl Endpoint {
@@ -482,14 +754,42 @@ impl Inner {
             attempts += 1;
             let index = self.pick();
             let endpoint = &self.endpoints[index];
-            let attempt =
-                tokio::time::timeout(options.attempt_timeout, op(endpoint.client.clone()));
+            let attempt = tokio::time::timeout(options.attempt_timeout, async {
+                self.authenticate(endpoint).await?;
+                op(endpoint.client.clone()).await
+            });
             let (verdict, message) = match attempt.await {
                 Ok(Ok(value)) => {
                     endpoint.mark_up();
+                    self.answered.store(true, Ordering::Relaxed);
                     return Ok((value, index));
                 }
-                Ok(Err(error)) => (classify(&error), error.to_string()),
+                Ok(Err(error)) => {
+                    let message = describe(&error);
+                    if message.contains(INVALID_TOKEN) {
+                        endpoint.authenticated.store(false, Ordering::Release);
+                    }
+                    if !self.tls
+                        && !self.answered.load(Ordering::Relaxed)
+                        && closed_without_answer(&message)
+                    {
+                        // Not retried for the request deadline: the port most
+                        // likely wants TLS, and will want it next time.
+                        return Err(Failure::Refused {
+                            refusal: Refusal {
+                                code: Code::Unavailable,
+                                message: format!(
+                                    "{} closed the plain-text connection without answering \
+                                     ({message}); if etcd serves TLS there, use \
+                                     etcds://HOST:PORT?ca=PATH",
+                                    endpoint.address
+                                ),
+                            },
+                            maybe_applied,
+                        });
+                    }
+                    (classify(&error), message)
+                }
                 Err(_) => (
                     Verdict::Retry {
                         blame_endpoint: true,
@@ -543,6 +843,29 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Authenticates the endpoint's client once, with the store's
+    /// credentials (none: nothing to do). From then on the client renews its
+    /// token by itself when etcd says it expired.
+    async fn authenticate(&self, endpoint: &Endpoint) -> Result<(), etcd_client::Error> {
+        let Some(credentials) = &self.credentials else {
+            return Ok(());
+        };
+        if endpoint.authenticated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Clones of a client share its credentials and token.
+        endpoint
+            .client
+            .clone()
+            .update_user(Some((
+                credentials.user.clone(),
+                credentials.password.clone(),
+            )))
+            .await?;
+        endpoint.authenticated.store(true, Ordering::Release);
+        Ok(())
     }
 
     async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T, Failure>
@@ -1126,7 +1449,7 @@ impl WatchTask {
                 }
                 Ok(None) => "etcd closed the watch stream".to_string(),
                 Err(error) => {
-                    let message = error.to_string();
+                    let message = describe(&error);
                     if let Verdict::Retry {
                         blame_endpoint: true,
                         ..

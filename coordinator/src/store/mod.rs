@@ -260,30 +260,34 @@ impl WatchStream {
 }
 
 /// Opens the store a URL names: `etcd://host:port[,host:port...]` (an etcd
-/// cluster, through [`etcd::EtcdStore`]) or `mem://` (a fresh, empty
-/// [`mem::MemStore`] of this process).
+/// cluster, through [`etcd::EtcdStore`]), `etcds://...?ca=PATH` (the same over
+/// TLS), either with `user=NAME` and `password_file=PATH` parameters for etcd
+/// authentication, or `mem://` (a fresh, empty [`mem::MemStore`] of this
+/// process). The syntax is [`kiln_proto::store_url`]'s.
 ///
-/// Errors: [`Error::Invalid`](crate::Error::Invalid) for any other URL;
+/// Errors: [`Error::Invalid`](crate::Error::Invalid) for a malformed URL or a
+/// file it names that cannot be read;
 /// [`Error::Unavailable`](crate::Error::Unavailable) when no etcd endpoint
-/// answers.
+/// answers (or a server certificate does not verify);
+/// [`Error::AccessDenied`](crate::Error::AccessDenied) when etcd refuses the
+/// credentials.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
-    kiln_proto::spec::validate_store_url("store url", url).map_err(|error| match error {
-        kiln_proto::spec::SpecError::Invalid { field, message } => {
-            crate::Error::invalid(field, message)
+    connect_with(url, etcd::EtcdOptions::default()).await
+}
+
+/// [`connect`] with the given timings for an etcd store.
+pub async fn connect_with(url: &str, options: etcd::EtcdOptions) -> Result<Arc<dyn Store>> {
+    let parsed = kiln_proto::store_url::StoreUrl::parse(url)
+        .map_err(|error| crate::Error::invalid("store url", error.to_string()))?;
+    match parsed {
+        kiln_proto::store_url::StoreUrl::Memory => Ok(mem::MemStore::new()),
+        kiln_proto::store_url::StoreUrl::Etcd(etcd_url) => {
+            let security = etcd::EtcdSecurity::from_url(&etcd_url)?;
+            let store: Arc<dyn Store> =
+                etcd::EtcdStore::connect_secured(&etcd_url.endpoints, &security, options).await?;
+            Ok(store)
         }
-        other => crate::Error::invalid("store url", other.to_string()),
-    })?;
-    if url == "mem://" {
-        return Ok(mem::MemStore::new());
     }
-    let endpoints: Vec<String> = url
-        .strip_prefix("etcd://")
-        .unwrap_or(url)
-        .split(',')
-        .map(str::to_string)
-        .collect();
-    let store: Arc<dyn Store> = etcd::EtcdStore::connect(&endpoints).await?;
-    Ok(store)
 }
 
 /// Checks a key argument: non-empty.
