@@ -99,11 +99,20 @@ pub fn config(spec: &JobSpec) -> LogConfig {
     }
 }
 
-/// Opens the log folder `{run_dir}/logs` of `node` for writing.
-pub fn open(run_dir: &Path, node: &str, spec: &JobSpec) -> anyhow::Result<NodeLogs> {
+/// Opens the log folder `{run_dir}/logs` of `node` for writing, with a file
+/// for each of its `workers` (empty until the worker prints).
+pub fn open(
+    run_dir: &Path,
+    node: &str,
+    spec: &JobSpec,
+    workers: usize,
+) -> anyhow::Result<NodeLogs> {
     let dir = run_dir.join("logs");
     let logs = NodeLogs::open(&dir, node, config(spec))
         .with_context(|| format!("open the worker log folder {}", dir.display()))?;
+    for worker in 0..workers {
+        logs.create(worker)?;
+    }
     Ok(logs)
 }
 

@@ -108,6 +108,35 @@ impl NodeLogs {
         worker_path(&self.dir, worker)
     }
 
+    /// Creates the file of worker slot `worker` if it has none yet, so that
+    /// every worker has one even before (or without) its first line.
+    pub fn create(&self, worker: usize) -> Result<()> {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        self.file(&mut files, worker).map(|_| ()).map_err(|e| {
+            Error::unavailable(format!(
+                "create {}: {e}",
+                worker_path(&self.dir, worker).display()
+            ))
+        })
+    }
+
+    /// The open file of worker slot `worker`, opened on first use.
+    fn file<'a>(
+        &self,
+        files: &'a mut BTreeMap<usize, RotatingFile>,
+        worker: usize,
+    ) -> std::io::Result<&'a mut RotatingFile> {
+        match files.entry(worker) {
+            std::collections::btree_map::Entry::Occupied(o) => Ok(o.into_mut()),
+            std::collections::btree_map::Entry::Vacant(v) => RotatingFile::open(
+                &worker_path(&self.dir, worker),
+                self.config.file_bytes,
+                self.config.files,
+            )
+            .map(|f| v.insert(f)),
+        }
+    }
+
     /// Appends a line of worker slot `worker` to its file (rotating it when
     /// full) and hands it to the shipper. Never blocks on the store and never
     /// fails: a write error is logged once and the line is lost.
@@ -115,16 +144,8 @@ impl NodeLogs {
         let text = line.format();
         let written = {
             let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-            let file = match files.entry(worker) {
-                std::collections::btree_map::Entry::Occupied(o) => Ok(o.into_mut()),
-                std::collections::btree_map::Entry::Vacant(v) => RotatingFile::open(
-                    &worker_path(&self.dir, worker),
-                    self.config.file_bytes,
-                    self.config.files,
-                )
-                .map(|f| v.insert(f)),
-            };
-            file.and_then(|f| f.write_line(&text))
+            self.file(&mut files, worker)
+                .and_then(|f| f.write_line(&text))
         };
         if let Err(e) = written
             && !self.failed.swap(true, Ordering::Relaxed)
