@@ -22,6 +22,7 @@ use anyhow::{Context, anyhow};
 use kiln_coordinator::election;
 use kiln_coordinator::keyspace::Keyspace;
 use kiln_coordinator::membership;
+use kiln_coordinator::presence;
 use kiln_coordinator::rendezvous::{NodeRecord, RendezvousConfig};
 use kiln_coordinator::status::{self, Phase};
 use kiln_coordinator::store::{Expect, Store, WatchEvent};
@@ -100,10 +101,14 @@ fn advertised_host(args: &AgentArgs) -> anyhow::Result<String> {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let probe = std::net::UdpSocket::bind(unspecified).context("open a routing probe")?;
-    probe.connect(target).with_context(|| {
-        format!("no route to the store endpoint {first}; set --advertise-host")
-    })?;
-    Ok(probe.local_addr().context("routing probe address")?.ip().to_string())
+    probe
+        .connect(target)
+        .with_context(|| format!("no route to the store endpoint {first}; set --advertise-host"))?;
+    Ok(probe
+        .local_addr()
+        .context("routing probe address")?
+        .ip()
+        .to_string())
 }
 
 /// The `host:port` endpoints of an `etcd://` or `etcds://` store URL (none
@@ -179,7 +184,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
 
     // Worker lines go to {run_dir}/logs, to the store (for `kiln logs --store`)
     // and, prefixed, to this agent's stderr.
-    let node_logs = crate::logs::open(&run_dir, &node, &spec)?;
+    let node_logs = crate::logs::open(&run_dir, &node, &spec, nproc)?;
     let node_logs =
         Arc::new(crate::logs::ship_to_store(node_logs, store.clone(), &job, &spec).await?);
     let host = advertised_host(&args)?;
@@ -197,12 +202,18 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("start workers")?
         .into_elastic(&job, metrics);
+    // Other agents hold a connection to this listener and revoke this node's
+    // lease the moment the process dies (coordinator/src/presence.rs).
+    let presence = presence::listen(&host, cancel.clone())
+        .await
+        .context("presence listener")?;
     let mut record = NodeRecord {
         node: node.clone(),
         host,
         endpoints: workers.endpoints(),
         devices: nproc as u32,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        presence: Some(presence),
     };
     // A store outage shorter than elastic.wait_timeout_secs is ridden out:
     // the workers train on (they need no store) and the node keeps its place.
@@ -217,6 +228,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     )
     .await
     .context("join the job's rendezvous")?;
+    tokio::spawn(presence::watch(
+        store.clone(),
+        ks.clone(),
+        job.clone(),
+        node.clone(),
+        cancel.clone(),
+    ));
     let out = Events {
         json: args.events_json,
         node: node.clone(),

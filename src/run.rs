@@ -168,7 +168,7 @@ async fn run_job(
     tracing::info!(job, "metrics on http://{metrics_addr}/metrics");
 
     // Worker lines go to {run_dir}/logs (read by `kiln logs JOB --data-dir`).
-    let node_logs = Arc::new(crate::logs::open(&run_dir, LOCAL_NODE, &spec)?);
+    let node_logs = Arc::new(crate::logs::open(&run_dir, LOCAL_NODE, &spec, nproc)?);
     let agent_config = AgentConfig {
         job: job.clone(),
         nproc,
@@ -188,6 +188,7 @@ async fn run_job(
         endpoints: workers.endpoints(),
         devices: nproc as u32,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        presence: None,
     };
     let mut session = membership::join(
         store.clone(),

@@ -365,6 +365,40 @@ fn a_node_killed_mid_run_the_job_goes_on_at_world_size_2_and_ends_as_a_fault_fre
     assert_fault_free(&nodes, &spec, dir.path());
 }
 
+/// A node's processes die (SIGKILL of its agent and worker): the other
+/// agents see its presence connection close and revoke its lease, so the
+/// survivors re-form without waiting for the lease. The lease here is 60 s
+/// and the survivors must train at world size 2 within 30 s of the kill:
+/// without the presence path the node would stay in the job for the whole
+/// minute (this test then fails).
+#[test]
+fn a_dead_nodes_lease_is_revoked_at_once_and_the_survivors_do_not_wait_for_it() {
+    let _serial = serial();
+    let (dir, spec, data) = setup(&[("lease_ttl_secs = 2", "lease_ttl_secs = 60")]);
+    let etcd = EtcdServer::start().unwrap();
+    let mut nodes = start_nodes(&etcd.url(), "fast", &spec, &data, 0..3);
+    wait_until("step 40", WAIT, || max_step(&nodes) >= 40);
+    let leader = leader_of(&etcd, "fast");
+    let victim = nodes.iter().position(|n| n.name != leader).unwrap();
+    let killed_at = max_step(&nodes);
+    let mut dead = nodes.remove(victim);
+    let killed = Instant::now();
+    dead.kill();
+    wait_until(
+        "the survivors at world size 2 (well inside the 60 s lease)",
+        Duration::from_secs(30),
+        || nodes.iter().all(|n| rounds(n).iter().any(|&(_, w)| w == 2)),
+    );
+    println!(
+        "the survivors trained at world size 2 {:?} after the kill",
+        killed.elapsed()
+    );
+    finish(&mut nodes);
+    let survivors: Vec<&Node> = nodes.iter().collect();
+    check_recovery(&survivors, killed_at);
+    assert_fault_free(&nodes, &spec, dir.path());
+}
+
 #[test]
 fn the_node_leading_the_rendezvous_is_killed_and_another_takes_over() {
     let _serial = serial();

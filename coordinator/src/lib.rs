@@ -79,6 +79,7 @@
 //!     endpoints: vec!["127.0.0.1:29500".into(), "127.0.0.1:29501".into()],
 //!     devices: 2,
 //!     version: "dev".into(),
+//!     presence: None,
 //! };
 //! let mut session = membership::join(store.clone(), ks, "demo", record, Duration::from_secs(5)).await?;
 //! let plan = session.next_plan(0).await?;
@@ -100,6 +101,7 @@ pub mod etcd_server;
 pub mod keyspace;
 pub mod logs;
 pub mod membership;
+pub mod presence;
 pub mod rendezvous;
 pub mod replica;
 pub mod status;

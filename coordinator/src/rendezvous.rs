@@ -54,6 +54,11 @@ pub struct NodeRecord {
     pub devices: u32,
     /// The kiln version the node runs.
     pub version: String,
+    /// The agent's presence listener (`host:port`, [`crate::presence`]):
+    /// other agents hold a connection to it and revoke this node's lease
+    /// when its process dies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<String>,
 }
 
 impl NodeRecord {
@@ -566,6 +571,7 @@ mod tests {
                 .collect(),
             devices: workers as u32,
             version: "test".to_string(),
+            presence: None,
         }
     }
 

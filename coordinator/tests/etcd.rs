@@ -400,6 +400,7 @@ fn record(node: &str) -> NodeRecord {
         endpoints: vec![format!("{node}.local:29500")],
         devices: 1,
         version: "test".to_string(),
+        presence: None,
     }
 }
 

@@ -38,6 +38,7 @@ fn record(node: &str) -> NodeRecord {
         endpoints: vec![format!("{node}.local:29500"), format!("{node}.local:29501")],
         devices: 2,
         version: "test".to_string(),
+        presence: None,
     }
 }
 

@@ -251,5 +251,6 @@ fn record(i: usize, devices: u32) -> NodeRecord {
         host,
         devices,
         version: "bench".to_string(),
+        presence: None,
     }
 }
