@@ -136,7 +136,9 @@ impl Dashboard {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listen on {addr} for the dashboard"))?;
-        let addr = listener.local_addr().context("read the dashboard address")?;
+        let addr = listener
+            .local_addr()
+            .context("read the dashboard address")?;
         let task = tokio::spawn(kiln_ui::serve(cfg, listener, cancel.clone()));
         Ok(Dashboard { addr, cancel, task })
     }
@@ -182,11 +184,7 @@ fn record_of(event: &AgentEvent, global_batch: usize) -> Option<Record> {
         AgentEvent::Eval { rank: 0, eval } => Some(Record::Eval(EvalMark {
             step: eval.step,
             at,
-            metrics: eval
-                .metrics
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
+            metrics: eval.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         })),
         AgentEvent::Checkpoint { rank: 0, saved } => Some(Record::Checkpoint(CheckpointMark {
             step: saved.step,
@@ -297,13 +295,14 @@ impl RunFeed {
         {
             // `kiln run` has one round; its start is the first step's.
             self.seen_step = true;
-            self.recorder.record(Record::Round(round_mark(&RoundStarted {
-                round: self.round,
-                world_size: self.world_size,
-                step: progress.step.saturating_sub(1),
-                state_source: -1,
-                setup_seconds: self.assigned.elapsed().as_secs_f64(),
-            })));
+            self.recorder
+                .record(Record::Round(round_mark(&RoundStarted {
+                    round: self.round,
+                    world_size: self.world_size,
+                    step: progress.step.saturating_sub(1),
+                    state_source: -1,
+                    setup_seconds: self.assigned.elapsed().as_secs_f64(),
+                })));
         }
         if let Some(record) = record_of(event, self.global_batch) {
             self.recorder.record(record);
@@ -325,17 +324,15 @@ pub async fn record_run_end(
     run_dir: &Path,
     error: Option<String>,
 ) {
-    let result = status::update(store, ks, job, |s| {
-        match &error {
-            None => {
-                s.set_phase(Phase::Succeeded);
-                s.push_event("finished", crate::run::LOCAL_NODE, "all steps done");
-            }
-            Some(message) => {
-                s.set_phase(Phase::Failed);
-                s.message = message.clone();
-                s.push_event("failed", crate::run::LOCAL_NODE, message.clone());
-            }
+    let result = status::update(store, ks, job, |s| match &error {
+        None => {
+            s.set_phase(Phase::Succeeded);
+            s.push_event("finished", crate::run::LOCAL_NODE, "all steps done");
+        }
+        Some(message) => {
+            s.set_phase(Phase::Failed);
+            s.message = message.clone();
+            s.push_event("failed", crate::run::LOCAL_NODE, message.clone());
         }
     })
     .await;
@@ -361,10 +358,7 @@ pub struct AgentHistory {
 }
 
 impl AgentHistory {
-    pub fn new(
-        target: HistoryTarget<'_>,
-        global_batch: usize,
-    ) -> AgentHistory {
+    pub fn new(target: HistoryTarget<'_>, global_batch: usize) -> AgentHistory {
         AgentHistory {
             store: target.store.clone(),
             ks: target.ks.clone(),

@@ -93,7 +93,11 @@ impl Kiln {
                 }
             }
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{} exited ({status}) before printing {prefix:?}:\n{}", self.name, self.output());
+                panic!(
+                    "{} exited ({status}) before printing {prefix:?}:\n{}",
+                    self.name,
+                    self.output()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -171,8 +175,10 @@ async fn check_and_shoot(b: &Browser, out: &Path, name: &str) {
 const JOBS_READY: &str = "return document.querySelector('#jobs-table tr[data-job=\"digits\"]')";
 const JOB_READY: &str = "const s = document.getElementById('chart-loss'); return s && Number(s.dataset.samples) > 0 && document.querySelector('#job-checkpoints tr[data-step]')";
 const CHECKPOINTS_READY: &str = "return document.querySelector('#manifests-table tr[data-key]')";
-const REGISTRY_READY: &str = "return document.querySelector('.aliases tr[data-alias=\"production\"]')";
-const SERVING_READY: &str = "return document.querySelector('.serving-table tr[data-model=\"digits\"]')";
+const REGISTRY_READY: &str =
+    "return document.querySelector('.aliases tr[data-alias=\"production\"]')";
+const SERVING_READY: &str =
+    "return document.querySelector('.serving-table tr[data-model=\"digits\"]')";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_in_a_real_browser() {
@@ -226,7 +232,9 @@ async fn dashboard_in_a_real_browser() {
     let later = b
         .wait_for(
             "the loss curve to gain points while the job runs",
-            &format!("const n = (() => {{ {samples_while_running} }})(); return n > {first} ? n : 0"),
+            &format!(
+                "const n = (() => {{ {samples_while_running} }})(); return n > {first} ? n : 0"
+            ),
             LONG,
         )
         .await
@@ -239,14 +247,18 @@ async fn dashboard_in_a_real_browser() {
     assert!(drawn.as_f64().unwrap() >= 2.0, "loss curve points: {drawn}");
     check_and_shoot(&b, &out, "job-running-1280").await;
     b.goto(&format!("{url}#/jobs")).await;
-    b.wait_for("the running job in the list", JOBS_READY, SHORT).await;
+    b.wait_for("the running job in the list", JOBS_READY, SHORT)
+        .await;
     check_and_shoot(&b, &out, "jobs-running-1280").await;
 
     // The job ends: the list shows it succeeded (through the phase filter).
     // The summary is the line that starts with `{` (stripped by `line`).
     let summary = format!("{{{}", run.line("{", LONG).await);
     let summary: Value = serde_json::from_str(&summary).unwrap();
-    let registry = summary["registry"].as_str().expect("a registry").to_string();
+    let registry = summary["registry"]
+        .as_str()
+        .expect("a registry")
+        .to_string();
     let root = summary["checkpoint_root"].as_str().unwrap().to_string();
     b.goto(&format!("{url}#/jobs?phase=succeeded")).await;
     b.wait_for(
@@ -280,11 +292,28 @@ async fn dashboard_in_a_real_browser() {
     // A canary: a second version from an earlier checkpoint at 10 percent.
     let registry_env = [("KILN_REGISTRY", registry.as_str())];
     kiln_ok(
-        &["registry", "register", "digits", "--checkpoint", &root, "--step", "15000"],
+        &[
+            "registry",
+            "register",
+            "digits",
+            "--checkpoint",
+            &root,
+            "--step",
+            "15000",
+        ],
         &registry_env,
     );
     kiln_ok(
-        &["registry", "promote", "digits", "2", "--alias", "production", "--weight", "10"],
+        &[
+            "registry",
+            "promote",
+            "digits",
+            "2",
+            "--alias",
+            "production",
+            "--weight",
+            "10",
+        ],
         &registry_env,
     );
     b.goto(&format!("{url}#/registry")).await;
@@ -299,7 +328,11 @@ async fn dashboard_in_a_real_browser() {
 
     // The run's dashboard stops on SIGINT while it lingers.
     let status = run.stop(libc::SIGINT).await;
-    assert!(status.success(), "kiln run ended with {status}:\n{}", run.output());
+    assert!(
+        status.success(),
+        "kiln run ended with {status}:\n{}",
+        run.output()
+    );
 
     // Serving: `kiln serve` with traffic, seen through `kiln ui`, which also
     // shows the finished run from its run folder.
@@ -321,7 +354,12 @@ async fn dashboard_in_a_real_browser() {
         "name": "input", "datatype": "FP32", "shape": [1, 64], "data": vec![0.5f32; 64],
     }]});
     for _ in 0..40 {
-        browser::post_json(&http, &format!("{serve_url}/v2/models/digits/infer"), &request).await;
+        browser::post_json(
+            &http,
+            &format!("{serve_url}/v2/models/digits/infer"),
+            &request,
+        )
+        .await;
     }
     let token_file = data.path().join("ui-token");
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
@@ -377,7 +415,11 @@ async fn dashboard_in_a_real_browser() {
         .send()
         .await
         .unwrap();
-    assert!(done.status().is_success(), "rollback: {}", done.text().await.unwrap());
+    assert!(
+        done.status().is_success(),
+        "rollback: {}",
+        done.text().await.unwrap()
+    );
     b.goto(&format!("{ui_url}#/registry")).await;
     b.wait_for(
         "the rolled-back alias",
@@ -404,9 +446,20 @@ async fn dashboard_in_a_real_browser() {
     assert!(inner.as_f64().unwrap() <= 400.0, "narrow window: {inner}");
 
     let status = ui.stop(libc::SIGTERM).await;
-    assert!(status.success(), "kiln ui ended with {status}:\n{}", ui.output());
+    assert!(
+        status.success(),
+        "kiln ui ended with {status}:\n{}",
+        ui.output()
+    );
     serve.stop(libc::SIGTERM).await;
-    for name in ["jobs-1280", "job-1280", "checkpoints-1280", "registry-1280", "serving-1280", "job-390"] {
+    for name in [
+        "jobs-1280",
+        "job-1280",
+        "checkpoints-1280",
+        "registry-1280",
+        "serving-1280",
+        "job-390",
+    ] {
         assert!(out.join(format!("{name}.png")).exists(), "{name}.png");
     }
 }

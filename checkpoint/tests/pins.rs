@@ -14,8 +14,8 @@ use kiln_checkpoint::registry::{
     CheckpointRef, Lineage, ModelDefinition, NewVersion, Registry, Signature,
 };
 use kiln_checkpoint::{
-    CheckpointManager, CheckpointPolicy, CheckpointRoot, Checkpointer, Error, Manifest,
-    Retention, SaveEvent, gc, list, resolve, verify,
+    CheckpointManager, CheckpointPolicy, CheckpointRoot, Checkpointer, Error, Manifest, Retention,
+    SaveEvent, gc, list, resolve, verify,
 };
 
 fn runtime() -> tokio::runtime::Runtime {

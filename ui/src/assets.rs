@@ -22,7 +22,12 @@ const SECURITY: [(header::HeaderName, &str); 3] = [
 ];
 
 pub async fn index() -> Response {
-    (SECURITY, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX).into_response()
+    (
+        SECURITY,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        INDEX,
+    )
+        .into_response()
 }
 
 pub async fn asset(Path(name): Path<String>) -> Response {

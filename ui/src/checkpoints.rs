@@ -154,7 +154,10 @@ pub async fn root_summary(
                     raw_bytes: m.totals.raw_bytes,
                     stored_bytes: m.totals.stored_bytes,
                     uploaded_bytes: m.totals.uploaded_bytes,
-                    reused_bytes: m.totals.stored_bytes.saturating_sub(m.totals.uploaded_bytes),
+                    reused_bytes: m
+                        .totals
+                        .stored_bytes
+                        .saturating_sub(m.totals.uploaded_bytes),
                     codec: codecs(&m),
                     parent: m.parent.clone(),
                     is_latest,

@@ -404,7 +404,10 @@ mod tests {
         let b = s.buckets();
         assert_eq!(b.len(), 2);
         let first = b[0].metrics.loss.unwrap();
-        assert_eq!((first.min, first.max, first.last, first.mean()), (2.0, 4.0, 2.0, 3.0));
+        assert_eq!(
+            (first.min, first.max, first.last, first.mean()),
+            (2.0, 4.0, 2.0, 3.0)
+        );
         let second = b[1].metrics.loss.unwrap();
         assert_eq!((second.min, second.max, second.last), (1.0, 6.0, 1.0));
         assert_eq!((b[1].first_step, b[1].last_step, b[1].count), (2, 3, 2));

@@ -165,11 +165,8 @@ impl JobSources {
     pub async fn recorded_locations(&self) -> (Vec<String>, Vec<String>) {
         let mut roots = Vec::new();
         let mut registries = Vec::new();
-        let mut statuses: Vec<JobStatus> = self
-            .folder_statuses()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
+        let mut statuses: Vec<JobStatus> =
+            self.folder_statuses().into_iter().map(|(s, _)| s).collect();
         if let Some((store, ks)) = &self.store
             && let Ok((kvs, _)) = store.get_prefix(&ks.jobs_prefix()).await
         {
@@ -277,7 +274,10 @@ mod tests {
         assert!(names.contains(&("live", "running")));
         assert!(names.contains(&("old", "succeeded")));
         let live = rows.iter().find(|r| r.job == "live").unwrap();
-        assert_eq!((live.step, live.throughput, live.source.as_str()), (5, Some(100.0), "store"));
+        assert_eq!(
+            (live.step, live.throughput, live.source.as_str()),
+            (5, Some(100.0), "store")
+        );
         assert_eq!(
             sources.job("old").await.unwrap().unwrap().status.phase,
             Phase::Succeeded

@@ -92,7 +92,10 @@ impl Recorder {
             Ok(Some(kv)) => match serde_json::from_slice::<JobHistory>(&kv.value) {
                 Ok(h) => h,
                 Err(e) => {
-                    tracing::warn!(job = cfg.job, "stored history unreadable, starting anew: {e}");
+                    tracing::warn!(
+                        job = cfg.job,
+                        "stored history unreadable, starting anew: {e}"
+                    );
                     JobHistory::new(&cfg.job)
                 }
             },
@@ -310,8 +313,7 @@ mod tests {
         let stored: JobHistory = serde_json::from_slice(&stored.value).unwrap();
         assert_eq!(stored, history);
         let file: JobHistory =
-            serde_json::from_slice(&std::fs::read(dir.path().join(HISTORY_FILE)).unwrap())
-                .unwrap();
+            serde_json::from_slice(&std::fs::read(dir.path().join(HISTORY_FILE)).unwrap()).unwrap();
         assert_eq!(file, history);
         let s = status::read(&*store, &ks, "j").await.unwrap().unwrap();
         assert_eq!((s.step, s.loss), (10, Some(0.1)));

@@ -265,10 +265,15 @@ async fn cancel_job(
             format!("job {job} is already {}", status.phase),
         ));
     }
-    let (request, made) =
-        kiln_coordinator::status::request_cancel(&**store, ks, &job, ACTOR, "cancelled from the dashboard")
-            .await
-            .map_err(bad_gateway)?;
+    let (request, made) = kiln_coordinator::status::request_cancel(
+        &**store,
+        ks,
+        &job,
+        ACTOR,
+        "cancelled from the dashboard",
+    )
+    .await
+    .map_err(bad_gateway)?;
     ok(json!({ "requested_at": request.at, "new": made }))
 }
 
@@ -296,7 +301,9 @@ async fn known_root(state: &AppState, url: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError(
             StatusCode::FORBIDDEN,
-            format!("{url} is not a checkpoint root this dashboard knows: give it with --checkpoints"),
+            format!(
+                "{url} is not a checkpoint root this dashboard knows: give it with --checkpoints"
+            ),
         ))
     }
 }
@@ -445,7 +452,9 @@ async fn serving_page(State(state): State<Arc<AppState>>) -> ApiResult {
                 let summary = serving::summarize(url, &serving::parse_prometheus(&text));
                 serde_json::to_value(state.scrapes.with_rates(summary)).map_err(bad_gateway)?
             }
-            Err(e) => json!({ "url": url, "versions": [], "error": format!("scrape {metrics}: {e}") }),
+            Err(e) => {
+                json!({ "url": url, "versions": [], "error": format!("scrape {metrics}: {e}") })
+            }
         });
     }
     ok(json!({ "servers": servers }))

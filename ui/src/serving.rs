@@ -149,7 +149,11 @@ pub fn summarize(url: &str, samples: &[PromSample]) -> ServingSummary {
             }
             "kiln_serve_request_duration_seconds_bucket" => {
                 if let Some(le) = s.labels.get("le").and_then(|le| parse_le(le)) {
-                    *latency.entry(key()).or_default().entry(OrdF64(le)).or_default() += s.value;
+                    *latency
+                        .entry(key())
+                        .or_default()
+                        .entry(OrdF64(le))
+                        .or_default() += s.value;
                 }
             }
             "kiln_serve_batch_size_sum" => *batch_sum.entry(key()).or_default() += s.value,
@@ -348,11 +352,7 @@ odd{label="with \"quote\", and comma"} 1.5
     #[test]
     fn summarises_per_version_with_quantiles_and_rates() {
         let summary = summarize("http://s", &parse_prometheus(TEXT));
-        let v1 = summary
-            .versions
-            .iter()
-            .find(|v| v.version == "1")
-            .unwrap();
+        let v1 = summary.versions.iter().find(|v| v.version == "1").unwrap();
         assert_eq!(v1.requests_total, 40.0);
         assert_eq!(v1.weight, Some(90.0));
         assert_eq!(v1.mean_batch_size, Some(5.0));
@@ -362,11 +362,7 @@ odd{label="with \"quote\", and comma"} 1.5
         assert!((p99 - 0.00198).abs() < 1e-9, "{p99}");
         assert_eq!(v1.drift_share["_all"], 0.25);
         assert_eq!(v1.drift_detected, vec!["_all".to_string()]);
-        let v2 = summary
-            .versions
-            .iter()
-            .find(|v| v.version == "2")
-            .unwrap();
+        let v2 = summary.versions.iter().find(|v| v.version == "2").unwrap();
         assert_eq!((v2.weight, v2.p50_seconds), (Some(10.0), None));
         let refused = summary
             .versions
@@ -380,7 +376,10 @@ odd{label="with \"quote\", and comma"} 1.5
         let first = scrapes.with_rates(summary.clone());
         assert!(first.versions.iter().all(|v| v.request_rate.is_none()));
         let mut later = summary;
-        later.versions.iter_mut().for_each(|v| v.requests_total += 10.0);
+        later
+            .versions
+            .iter_mut()
+            .for_each(|v| v.requests_total += 10.0);
         std::thread::sleep(std::time::Duration::from_millis(5));
         let second = scrapes.with_rates(later);
         let rate = second.versions[0].request_rate.unwrap();
