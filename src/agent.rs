@@ -132,6 +132,10 @@ fn store_endpoints(url: &str) -> Vec<String> {
 /// workers' final reports.
 const FINISH_GRACE: Duration = Duration::from_secs(30);
 
+/// How long a node whose job ended waits for its workers to exit before it
+/// kills them.
+const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
+
 /// How long a node waits for the stored spec when it was started without one.
 const SPEC_WAIT: Duration = Duration::from_secs(60);
 
@@ -502,7 +506,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
-    // The workers' last lines reach the store before the job's status says it ended.
+    // The workers' last lines reach the store before the job's status says it
+    // ended: they exit (and their output drains) before the logs close.
+    workers.close(WORKER_EXIT_GRACE).await;
     node_logs.close(crate::logs::SHIP_FLUSH).await;
     history.finish().await;
     let result = match outcome {

@@ -212,7 +212,8 @@ async fn dashboard_in_a_real_browser() {
             "--data-dir",
             data_dir,
         ],
-        &[],
+        // The workers' info lines are the logs the job page shows.
+        &[("KILN_LOG", "info")],
     );
     let url = run.line("dashboard on ", LONG).await;
     let b = Browser::start(&chromium, &chromedriver, &out.join("chromedriver.log")).await;
@@ -274,6 +275,24 @@ async fn dashboard_in_a_real_browser() {
         .eval("return document.querySelectorAll('#job-evals tbody tr').length")
         .await;
     assert!(evals.as_u64().unwrap() >= 2, "held-out rows: {evals}");
+    // The workers' logs, then only rank 1's.
+    b.wait_for(
+        "the workers' log lines",
+        "const p = document.getElementById('job-logs'); return p && Number(p.dataset.lines) > 0",
+        SHORT,
+    )
+    .await;
+    b.eval("document.getElementById('logs-rank').value = '1'")
+        .await;
+    b.wait_for(
+        "only rank 1's log lines",
+        "const p = document.getElementById('job-logs'); \
+         return Number(p.dataset.lines) > 0 && p.textContent.split('\\n').every((l) => l.includes(' r1 '))",
+        SHORT,
+    )
+    .await;
+    b.eval("document.getElementById('logs-rank').value = ''")
+        .await;
     check_and_shoot(&b, &out, "job-1280").await;
 
     // Checkpoints: browse the root and verify one from the page.

@@ -445,6 +445,8 @@ struct Slot {
     killer: mpsc::Sender<()>,
     finished: bool,
     dead: bool,
+    /// The process exited (its output drained).
+    exited: bool,
 }
 
 /// An elastic node's workers: they live across rounds, take a newer round's
@@ -492,6 +494,7 @@ impl LocalWorkers {
                     killer: a.killer,
                     finished: false,
                     dead: false,
+                    exited: false,
                 }
             })
             .collect();
@@ -565,6 +568,7 @@ impl ElasticWorkers {
         slot.killer = a.killer;
         slot.dead = false;
         slot.finished = false;
+        slot.exited = false;
         tracing::info!(
             job = self.job,
             local_rank,
@@ -585,11 +589,36 @@ impl ElasticWorkers {
                 Ok(Some(Update::Exited(i, generation, _))) => {
                     if self.slots[i].generation == generation {
                         self.slots[i].dead = true;
+                        self.slots[i].exited = true;
                     }
                 }
                 Ok(Some(_)) => {}
                 _ => break,
             }
+        }
+    }
+
+    /// Stops the workers the way a finished job does: closes their channels,
+    /// waits up to `grace` for them to exit with their last lines drained to
+    /// the log sink, then kills what is left.
+    pub async fn close(&mut self, grace: Duration) {
+        for slot in &mut self.slots {
+            slot.writer = None;
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.slots.iter().any(|s| !s.exited) {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(Update::Exited(i, generation, _))) => {
+                    if self.slots[i].generation == generation {
+                        self.slots[i].exited = true;
+                    }
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        if self.slots.iter().any(|s| !s.exited) {
+            self.kill_all().await;
         }
     }
 
@@ -681,6 +710,7 @@ impl ElasticWorkers {
             Update::Exited(i, g, status) if self.slots[i].generation == g => {
                 let slot = &mut self.slots[i];
                 slot.writer = None;
+                slot.exited = true;
                 if slot.finished && status.success() {
                     return None;
                 }

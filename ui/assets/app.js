@@ -225,7 +225,12 @@ async function jobPage(job) {
     <h2>Checkpoints</h2><div id="job-checkpoints" class="card"></div>
     <h2>Events</h2><div id="job-events" class="card"></div>
     <h2>Logs</h2>
-    <div id="job-logs" class="card logs"><p>logs: see <code>kiln logs ${esc(job)}</code></p></div>`;
+    <div class="controls">
+      <label>node <input id="logs-node" size="12" placeholder="all"></label>
+      <label>rank <input id="logs-rank" size="4" inputmode="numeric" placeholder="all"></label>
+      <span class="muted">the newest ${LOG_TAIL} lines; all of them: <code>kiln logs ${esc(job)}</code></span>
+    </div>
+    <pre id="job-logs" class="card logs" data-lines="0"></pre>`;
   const path = "/api/jobs/" + encodeURIComponent(job);
   let rootShown = null;
   poll(async () => {
@@ -295,9 +300,32 @@ async function jobPage(job) {
     if (root && rootShown === null) rootShown = root;
     await jobCheckpoints(history.checkpoints || [], root);
 
+    await jobLogs(path);
+
     document.getElementById("job-events").innerHTML = table(["at", "kind", "node", "detail"],
       (s.events || []).slice().reverse().map((e) => `<tr><td>${esc(e.at)}</td><td>${esc(e.kind)}</td><td>${esc(e.node)}</td><td class="wrap">${esc(e.detail)}</td></tr>`));
   });
+}
+
+const LOG_TAIL = 300;
+
+// The job's worker logs (newest LOG_TAIL lines), filtered by node and rank;
+// stays scrolled to the end unless the reader scrolled up.
+async function jobLogs(path) {
+  const pre = document.getElementById("job-logs");
+  if (!pre) return;
+  const params = new URLSearchParams({ tail: String(LOG_TAIL) });
+  const node = document.getElementById("logs-node").value.trim();
+  const rank = document.getElementById("logs-rank").value.trim();
+  if (node) params.set("node", node);
+  if (/^[0-9]+$/.test(rank)) params.set("rank", rank);
+  const logs = await api(path + "/logs?" + params.toString());
+  const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+  pre.textContent = logs.lines.length
+    ? logs.lines.map((l) => `${l.time.slice(11, 23)} ${l.node} r${l.rank ?? "-"} ${l.stream} ${l.text}`).join("\n")
+    : "no lines yet";
+  pre.dataset.lines = String(logs.lines.length);
+  if (atEnd) pre.scrollTop = pre.scrollHeight;
 }
 
 async function jobCheckpoints(saved, root) {

@@ -119,6 +119,7 @@ pub fn router(cfg: UiConfig) -> Router {
         .route("/api/jobs/{job}", get(job))
         .route("/api/jobs/{job}/history", get(history))
         .route("/api/jobs/{job}/cancel", post(cancel_job))
+        .route("/api/jobs/{job}/logs", get(job_logs))
         .route("/api/checkpoints", get(roots))
         .route("/api/checkpoints/root", get(root))
         .route("/api/checkpoints/manifest", get(manifest))
@@ -235,6 +236,76 @@ async fn history(State(state): State<Arc<AppState>>, Path(job): Path<String>) ->
         // Not an error: the job has not reported a step yet.
         None => ok(crate::history::JobHistory::new(&job)),
     }
+}
+
+/// Lines a logs request returns at most (the newest).
+const MAX_LOG_LINES: usize = 2000;
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    node: Option<String>,
+    rank: Option<u32>,
+    /// A duration back from now (90s, 5m) or an RFC 3339 time.
+    since: Option<String>,
+    /// The newest this many lines (default and most: 2000).
+    tail: Option<usize>,
+}
+
+/// A job's worker logs, as `kiln logs` reads them: from the store when it
+/// has the job's lines (multi-node jobs ship them there), otherwise from the
+/// data folders (`kiln run`, or the nodes of agents sharing one).
+async fn job_logs(
+    State(state): State<Arc<AppState>>,
+    Path(job): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult {
+    use kiln_coordinator::logs::{self, LogFilter, LogSource};
+    let since = match q.since.as_deref().filter(|s| !s.trim().is_empty()) {
+        Some(text) => Some(
+            logs::since_now(text).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?,
+        ),
+        None => None,
+    };
+    let filter = LogFilter {
+        node: q.node.filter(|n| !n.is_empty()),
+        rank: q.rank,
+        since,
+    };
+    let mut sources = Vec::new();
+    if let Some((store, keyspace)) = &state.cfg.jobs.store {
+        sources.push(LogSource::Store {
+            store: store.clone(),
+            keyspace: keyspace.clone(),
+        });
+    }
+    sources.extend(state.cfg.jobs.data_dirs.iter().cloned().map(LogSource::Dir));
+    let mut lines = Vec::new();
+    for source in &sources {
+        match logs::read(source, &job, &filter).await {
+            Ok(found) if !found.is_empty() => {
+                lines = found;
+                break;
+            }
+            Ok(_) | Err(kiln_coordinator::Error::NotFound { .. }) => {}
+            Err(e) => return Err(bad_gateway(e)),
+        }
+    }
+    let tail = q.tail.unwrap_or(MAX_LOG_LINES).min(MAX_LOG_LINES);
+    let total = lines.len();
+    let rows: Vec<serde_json::Value> = lines
+        .into_iter()
+        .skip(total.saturating_sub(tail))
+        .map(|l| {
+            json!({
+                "time": l.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "node": l.node,
+                "rank": l.rank,
+                "stream": l.stream.as_str(),
+                "text": l.text,
+            })
+        })
+        .collect();
+    ok(json!({ "lines": rows, "total": total }))
 }
 
 async fn cancel_job(
