@@ -29,6 +29,7 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # throwaway certificates of the TLS tests
 command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)  # loopback TCP bandwidth beside bench/allreduce.py
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)  # HTTP load generator of bench/serve.py
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)  # promtool checks deploy/prometheus/kiln.yml (tests/deploy.rs)

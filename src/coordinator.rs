@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use kiln_coordinator::api::{self, BearerAuth, JobApi};
 use kiln_coordinator::keyspace::Keyspace;
 use kiln_coordinator::replica::{self, LocalLauncher, ReplicaConfig};
@@ -53,6 +53,13 @@ pub struct CoordinatorArgs {
     /// address; its actions take the job API's token.
     #[arg(long, value_name = "ADDR")]
     pub ui: Option<SocketAddr>,
+    /// Serve the job API over TLS with this PEM certificate (chain); clients
+    /// then use https:// and --ca-file.
+    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// Where launched agents run.
@@ -67,6 +74,19 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let auth = BearerAuth::new(token.as_deref());
     if let Err(message) = api::check_listen(args.listen, &auth) {
         bail!("{message}");
+    }
+    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            Some(api::ApiTls::from_files(cert, key).map_err(|message| anyhow!(message))?)
+        }
+        _ => None,
+    };
+    if tls.is_none() && auth.enabled() && !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            "the job API on {} is plain gRPC: its bearer token crosses the network in the clear \
+             (serve TLS with --tls-cert-file and --tls-key-file, docs/security.md)",
+            args.listen
+        );
     }
     if args.lease_ttl_secs == 0 {
         bail!("--lease-ttl-secs must be at least 1");
@@ -116,7 +136,13 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
 
     let shutdown = CancellationToken::new();
     let api = JobApi::new(store.clone(), ks.clone(), name.clone(), shutdown.clone());
-    let server = tokio::spawn(api::serve(api, auth.clone(), listener, shutdown.clone()));
+    let server = tokio::spawn(api::serve(
+        api,
+        auth.clone(),
+        listener,
+        tls,
+        shutdown.clone(),
+    ));
     let background = tokio::spawn(replica::run_background(
         store.clone(),
         ks.clone(),

@@ -12,7 +12,7 @@ use kiln_proto::job::{AUTHORIZATION, ServiceError, v1};
 use serde_json::{Value, json};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 /// Environment variable holding the bearer token (client and coordinator).
 pub const TOKEN_ENV: &str = "KILN_COORDINATOR_TOKEN";
@@ -20,15 +20,23 @@ pub const TOKEN_ENV: &str = "KILN_COORDINATOR_TOKEN";
 /// How to reach the coordinator; shared by every client command.
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
-    /// The coordinator's job API, http://HOST:PORT (default: the
-    /// KILN_COORDINATOR environment variable, else http://127.0.0.1:7070).
+    /// The coordinator's job API, http://HOST:PORT or https://HOST:PORT
+    /// (default: the KILN_COORDINATOR environment variable, else
+    /// http://127.0.0.1:7070).
     #[arg(long, value_name = "URL")]
     pub coordinator: Option<String>,
     /// File holding the bearer token (default: the KILN_COORDINATOR_TOKEN
     /// environment variable).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed an https:// coordinator's
+    /// certificate (default: the KILN_COORDINATOR_CA environment variable).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
+
+/// Environment variable naming the CA file of an https:// coordinator.
+pub const CA_ENV: &str = "KILN_COORDINATOR_CA";
 
 /// Arguments of `kiln submit`.
 #[derive(Debug, clap::Args)]
@@ -136,12 +144,25 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
             .unwrap_or_else(|| DEFAULT_COORDINATOR.to_string()),
     };
     let url = &url;
-    if !url.starts_with("http://") {
-        bail!(
-            "--coordinator {url:?}: expected http://HOST:PORT (the job API speaks plain gRPC; \
-             put TLS in front of it with a proxy)"
-        );
-    }
+    let tls = if url.starts_with("https://") {
+        let ca = match &args.ca_file {
+            Some(path) => path.clone(),
+            None => match std::env::var_os(CA_ENV).filter(|v| !v.is_empty()) {
+                Some(path) => PathBuf::from(path),
+                None => bail!(
+                    "--coordinator {url:?} is https://: give the CA certificate that signed its \
+                     certificate with --ca-file (or {CA_ENV})"
+                ),
+            },
+        };
+        let pem = std::fs::read(&ca)
+            .with_context(|| format!("read the CA certificate {}", ca.display()))?;
+        Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+    } else if url.starts_with("http://") {
+        None
+    } else {
+        bail!("--coordinator {url:?}: expected http://HOST:PORT or https://HOST:PORT");
+    };
     let token = read_token(args.token_file.as_deref())?;
     let header = match token {
         None => None,
@@ -151,9 +172,15 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
                 .context("the token must be printable ASCII")?,
         ),
     };
-    let channel = Channel::from_shared(url.clone())
+    let mut endpoint = Channel::from_shared(url.clone())
         .with_context(|| format!("--coordinator {url:?} is not a URL"))?
-        .connect_timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .with_context(|| format!("TLS settings for {url}"))?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("connect to the coordinator at {url}"))?;

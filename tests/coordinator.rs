@@ -350,3 +350,143 @@ fn an_unauthenticated_coordinator_stays_on_loopback() {
     assert!(stderr.contains("without a token"), "{stderr}");
     assert!(stderr.contains("KILN_COORDINATOR_TOKEN"), "{stderr}");
 }
+
+/// Runs `openssl` in `dir` (Debian's openssl; the base system has it).
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The job API over TLS: a client needs https:// and the CA that signed the
+/// coordinator's certificate, the token is still checked, and neither plain
+/// gRPC nor another CA gets an answer.
+#[test]
+fn the_job_api_over_tls_needs_the_ca_and_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let days = ["-days", "1"];
+    for (name, cn) in [("ca", "kiln test CA"), ("other", "another CA")] {
+        let (key, pem, subj) = (
+            format!("{name}.key"),
+            format!("{name}.pem"),
+            format!("/CN={cn}"),
+        );
+        openssl(
+            d,
+            &[
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem,
+                "-subj", &subj, days[0], days[1],
+            ],
+        );
+    }
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-extfile",
+            "san.ext",
+            days[0],
+            days[1],
+        ],
+    );
+
+    let log = d.join("coordinator.log");
+    let mut child = kiln()
+        .args([
+            "coordinator",
+            "--store",
+            "mem://",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--tls-cert-file")
+        .arg(d.join("server.pem"))
+        .arg("--tls-key-file")
+        .arg(d.join("server.key"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc { child, log };
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| {
+            panic!(
+                "the coordinator did not start: {line:?}\n{}",
+                proc.log_text()
+            )
+        })
+        .parse()
+        .unwrap();
+    let https = format!("https://{addr}");
+    let ca = d.join("ca.pem");
+    let other = d.join("other.pem");
+    let (ca, other) = (ca.to_str().unwrap(), other.to_str().unwrap());
+
+    run_ok(&["jobs", "--coordinator", &https, "--ca-file", ca]);
+
+    let refused = |out: Output, what: &str, expect: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{what} was answered");
+        assert!(stderr.contains(expect), "{what}: {stderr}");
+    };
+    refused(
+        run(&["jobs", "--coordinator", &https]),
+        "https without a CA",
+        "--ca-file",
+    );
+    refused(
+        run(&["jobs", "--coordinator", &https, "--ca-file", other]),
+        "another CA",
+        "connect to the coordinator",
+    );
+    refused(
+        run(&["jobs", "--coordinator", &format!("http://{addr}")]),
+        "plain gRPC to a TLS port",
+        "",
+    );
+    let wrong_token = kiln()
+        .env("KILN_COORDINATOR_TOKEN", "not-the-token")
+        .args(["jobs", "--coordinator", &https, "--ca-file", ca])
+        .output()
+        .unwrap();
+    refused(wrong_token, "a wrong token", "unauthenticated");
+}

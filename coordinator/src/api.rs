@@ -568,13 +568,59 @@ pub async fn serve(
     api: JobApi,
     auth: BearerAuth,
     listener: tokio::net::TcpListener,
+    tls: Option<ApiTls>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    tonic::transport::Server::builder()
+    server(tls.as_ref())?
         .add_service(api.into_service(auth))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
+}
+
+/// The job API's TLS identity: a PEM certificate chain and its private key.
+#[derive(Clone)]
+pub struct ApiTls {
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+}
+
+impl ApiTls {
+    /// Reads the two PEM files and checks that they make a TLS identity.
+    pub fn from_files(cert: &Path, key: &Path) -> Result<ApiTls, String> {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| format!("read the {what} {}: {e}", path.display()))
+        };
+        let tls = ApiTls {
+            cert_pem: read("TLS certificate", cert)?,
+            key_pem: read("TLS key", key)?,
+        };
+        server(Some(&tls)).map_err(|e| {
+            format!(
+                "the TLS certificate {} and key {} do not make an identity: {e}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+        Ok(tls)
+    }
+}
+
+impl std::fmt::Debug for ApiTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiTls").finish_non_exhaustive()
+    }
+}
+
+/// A server builder, serving TLS (rustls) with `tls` when given.
+fn server(tls: Option<&ApiTls>) -> Result<tonic::transport::Server, tonic::transport::Error> {
+    let builder = tonic::transport::Server::builder();
+    match tls {
+        None => Ok(builder),
+        Some(tls) => builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -628,6 +674,7 @@ global_batch = 32
                 api,
                 BearerAuth::new(token),
                 listener,
+                None,
                 shutdown.clone(),
             ));
             Fixture {
