@@ -97,15 +97,21 @@ pub struct JobsArgs {
     pub client: ClientArgs,
 }
 
-/// The bearer token: the file's content when a file is given, else the
-/// environment variable, else none.
+/// The job API's bearer token: the file's content when a file is given,
+/// else $KILN_COORDINATOR_TOKEN, else none.
 pub fn read_token(file: Option<&Path>) -> anyhow::Result<Option<String>> {
+    token_from(file, TOKEN_ENV)
+}
+
+/// A bearer token: the file's content when a file is given, else the
+/// environment variable `env`, else none.
+pub fn token_from(file: Option<&Path>, env: &str) -> anyhow::Result<Option<String>> {
     if let Some(path) = file {
         return kiln_coordinator::api::read_token_file(path)
             .map(Some)
             .map_err(anyhow::Error::msg);
     }
-    match std::env::var(TOKEN_ENV) {
+    match std::env::var(env) {
         Ok(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_string())),
         _ => Ok(None),
     }

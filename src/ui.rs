@@ -104,15 +104,7 @@ pub async fn run(args: UiArgs) -> anyhow::Result<ExitCode> {
 
 /// The token from `file`, else from $KILN_UI_TOKEN; `None`: read-only.
 pub fn read_token(file: Option<&Path>) -> anyhow::Result<Option<String>> {
-    if let Some(path) = file {
-        return kiln_coordinator::api::read_token_file(path)
-            .map(Some)
-            .map_err(anyhow::Error::msg);
-    }
-    match std::env::var(TOKEN_ENV) {
-        Ok(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_string())),
-        _ => Ok(None),
-    }
+    crate::jobs::token_from(file, TOKEN_ENV)
 }
 
 /// A dashboard served in the background of another command.

@@ -522,7 +522,7 @@ impl tonic::service::Interceptor for BearerAuth {
 
 /// Compares a presented secret with the expected one in time that depends
 /// only on the expected one's length (not on where they first differ).
-fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
+pub fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
     let mut diff = (presented.len() != expected.len()) as u8;
     for (i, e) in expected.iter().enumerate() {
         let p = presented.get(i).copied().unwrap_or(!*e);

@@ -177,21 +177,11 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
                 "missing authorization: `Bearer <token>`".into(),
             )
         })?;
-    if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+    if kiln_coordinator::api::constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
         Ok(())
     } else {
         Err(ApiError(StatusCode::UNAUTHORIZED, "wrong token".into()))
     }
-}
-
-/// Compares in time that depends only on the expected secret's length.
-fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
-    let mut diff = (presented.len() != expected.len()) as u8;
-    for (i, e) in expected.iter().enumerate() {
-        let p = presented.get(i).copied().unwrap_or(!*e);
-        diff |= std::hint::black_box(p ^ e);
-    }
-    diff == 0
 }
 
 async fn info(State(state): State<Arc<AppState>>) -> ApiResult {
