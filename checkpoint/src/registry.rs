@@ -1427,6 +1427,39 @@ impl Registry {
     }
 }
 
+/// The registry's read path on bytes from storage, for `fuzz/` (not part of
+/// the API): each record type's decoding and the checks a read runs on it.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Decodes `bytes` as every stored record type and runs the read path's
+    /// checks on what decodes; also parses them, as text, as listed keys.
+    pub fn decode_records(bytes: &[u8]) {
+        let key = version_key("m", 1);
+        if let Ok(stored) = decode::<StoredVersion>(&key, bytes) {
+            let blobs = [
+                &stored.reference_profile,
+                &stored.torchscript,
+                &stored.tokenizer,
+            ];
+            for blob in blobs.into_iter().flatten() {
+                let _ = blob.key_is_its_own();
+            }
+        }
+        if let Ok(stored) = decode::<StoredAlias>(&alias_key("m", "a"), bytes) {
+            let _ = stored.alias.primary();
+            let _ = show_targets(&stored.alias.targets);
+            let _ = targets_json(&stored.alias.targets);
+        }
+        let _ = decode::<StoredAudit>(&history_key("m", 1), bytes);
+        let _ = decode::<delete::StoredDeletion>(&deleted_key("m", 1), bytes);
+        if let Ok(text) = std::str::from_utf8(bytes) {
+            let _ = numbered(&versions_prefix("m"), text);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

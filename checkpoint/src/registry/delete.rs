@@ -36,7 +36,7 @@ pub struct DeletedVersion {
 }
 
 #[derive(Serialize, Deserialize)]
-struct StoredDeletion {
+pub(super) struct StoredDeletion {
     format_version: u32,
     #[serde(flatten)]
     deleted: DeletedVersion,

@@ -790,6 +790,52 @@ impl Handshake {
     }
 }
 
+/// The handshake's read path on bytes from the network, for `fuzz/` (not
+/// part of the API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// The length of a handshake on the wire.
+    pub const HANDSHAKE_LEN: usize = super::HANDSHAKE_LEN;
+    /// The first eight bytes of every handshake.
+    pub const HANDSHAKE_MAGIC: [u8; 8] = super::HANDSHAKE_MAGIC;
+
+    /// Decodes `bytes` as a received handshake and runs the checks either
+    /// side runs on it: authentication under `secret`, then the expected
+    /// kind, round, rank and world size. Returns the mismatch, as a peer
+    /// would report it, or `Ok(())` when the handshake is the one expected.
+    pub fn check_handshake(
+        bytes: &[u8; HANDSHAKE_LEN],
+        secret: &RingSecret,
+        round: u64,
+        rank: usize,
+        world: usize,
+    ) -> io::Result<std::result::Result<(), String>> {
+        let got = Handshake::decode(bytes)?;
+        assert_eq!(&got.encode(), bytes, "a decoded handshake encodes back");
+        if !got.verifies(secret) {
+            return Ok(Err("failed authentication".into()));
+        }
+        let kind = if got.kind == HandshakeKind::Hello {
+            HandshakeKind::Hello
+        } else {
+            HandshakeKind::Accept
+        };
+        Ok(describe_mismatch(&got, kind, round, rank, world).map_or(Ok(()), Err))
+    }
+
+    /// `bytes`' signed part signed under `secret`: a handshake that passes
+    /// authentication, so the checks after it are reached.
+    pub fn sign(bytes: &mut [u8; HANDSHAKE_LEN], secret: &RingSecret) {
+        use hmac::Mac;
+        let mut mac = secret.mac();
+        mac.update(&bytes[..SIGNED_LEN]);
+        let tag: [u8; MAC_LEN] = mac.finalize().into_bytes().into();
+        bytes[SIGNED_LEN..].copy_from_slice(&tag);
+    }
+}
+
 fn random_nonce() -> io::Result<[u8; NONCE_LEN]> {
     let mut nonce = [0u8; NONCE_LEN];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut nonce)?;
