@@ -86,7 +86,12 @@ fn advertised_host(args: &AgentArgs) -> anyhow::Result<String> {
     {
         return Ok(h.trim().to_string());
     }
-    let Some(first) = store_endpoints(&args.store).into_iter().next() else {
+    // The store is connected already, so its URL parses.
+    let first = match kiln_proto::store_url::StoreUrl::parse(&args.store) {
+        Ok(kiln_proto::store_url::StoreUrl::Etcd(etcd)) => etcd.endpoints.into_iter().next(),
+        _ => None,
+    };
+    let Some(first) = first else {
         return Ok("127.0.0.1".to_string());
     };
     use std::net::ToSocketAddrs;
@@ -109,23 +114,6 @@ fn advertised_host(args: &AgentArgs) -> anyhow::Result<String> {
         .context("routing probe address")?
         .ip()
         .to_string())
-}
-
-/// The `host:port` endpoints of an `etcd://` or `etcds://` store URL (none
-/// for `mem://`).
-fn store_endpoints(url: &str) -> Vec<String> {
-    let Some(rest) = url
-        .strip_prefix("etcd://")
-        .or_else(|| url.strip_prefix("etcds://"))
-    else {
-        return Vec::new();
-    };
-    let rest = rest.split('?').next().unwrap_or("");
-    rest.split(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-        .map(str::to_string)
-        .collect()
 }
 
 /// How long a node whose peers reported the job done waits for its own

@@ -139,20 +139,7 @@ impl Manifest {
             key: key.to_string(),
             reason,
         };
-        #[derive(Deserialize)]
-        struct Version {
-            format_version: u32,
-        }
-        let v: Version = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-        if v.format_version > FORMAT_VERSION {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "manifest {key} has format version {}, this build reads up to {FORMAT_VERSION}",
-                    v.format_version
-                ),
-            });
-        }
-        let mut m: Manifest = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        let mut m: Manifest = decode_versioned("manifest", key, bytes, FORMAT_VERSION)?;
         m.key = key.to_string();
         for pair in m.tensors.windows(2) {
             if pair[0].name >= pair[1].name {
@@ -294,6 +281,35 @@ pub fn step_of_manifest_key(key: &str) -> Option<u64> {
 
 pub(crate) fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Parses a JSON record read from `key` (a `what`: "manifest", "pin", ...)
+/// that carries a `format_version`, refusing one newer than `reads_up_to`
+/// before reading the rest; anything malformed is [`Error::CorruptObject`].
+pub(crate) fn decode_versioned<T: serde::de::DeserializeOwned>(
+    what: &str,
+    key: &str,
+    bytes: &[u8],
+    reads_up_to: u32,
+) -> Result<T> {
+    let corrupt = |e: serde_json::Error| Error::CorruptObject {
+        key: key.to_string(),
+        reason: e.to_string(),
+    };
+    #[derive(Deserialize)]
+    struct Version {
+        format_version: u32,
+    }
+    let v: Version = serde_json::from_slice(bytes).map_err(corrupt)?;
+    if v.format_version > reads_up_to {
+        return Err(Error::Unsupported {
+            what: format!(
+                "{what} {key} has format version {}, this build reads up to {reads_up_to}",
+                v.format_version
+            ),
+        });
+    }
+    serde_json::from_slice(bytes).map_err(corrupt)
 }
 
 #[cfg(test)]

@@ -106,24 +106,7 @@ impl Pin {
     }
 
     fn from_json(key: &str, bytes: &[u8]) -> Result<Pin> {
-        let corrupt = |reason: String| Error::CorruptObject {
-            key: key.to_string(),
-            reason,
-        };
-        #[derive(Deserialize)]
-        struct Version {
-            format_version: u32,
-        }
-        let v: Version = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-        if v.format_version > PIN_FORMAT_VERSION {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "pin {key} has format version {}, this build reads up to {PIN_FORMAT_VERSION}",
-                    v.format_version
-                ),
-            });
-        }
-        serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))
+        crate::manifest::decode_versioned("pin", key, bytes, PIN_FORMAT_VERSION)
     }
 }
 

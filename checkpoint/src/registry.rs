@@ -707,24 +707,7 @@ fn numbered(prefix: &str, key: &str) -> Option<u64> {
 
 /// Parses a record, refusing a newer format than this build reads.
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
-    let corrupt = |reason: String| Error::CorruptObject {
-        key: key.to_string(),
-        reason,
-    };
-    #[derive(Deserialize)]
-    struct Version {
-        format_version: u32,
-    }
-    let v: Version = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-    if v.format_version > REGISTRY_FORMAT_VERSION {
-        return Err(Error::Unsupported {
-            what: format!(
-                "registry record {key} has format version {}, this build reads up to {REGISTRY_FORMAT_VERSION}",
-                v.format_version
-            ),
-        });
-    }
-    serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))
+    crate::manifest::decode_versioned("registry record", key, bytes, REGISTRY_FORMAT_VERSION)
 }
 
 fn encode<T: Serialize>(value: &T) -> Bytes {

@@ -452,11 +452,7 @@ async fn promote(
     headers: HeaderMap,
     Json(body): Json<PromoteBody>,
 ) -> ApiResult {
-    authorize(&state, &headers)?;
-    known_registry(&state, &body.registry).await?;
-    let registry = kiln_checkpoint::registry::Registry::open(&body.registry)
-        .await
-        .map_err(bad_gateway)?;
+    let registry = registry_for_action(&state, &headers, &body.registry).await?;
     match registry
         .promote(&body.model, &body.alias, body.version, body.weight, ACTOR)
         .await
@@ -478,15 +474,24 @@ async fn rollback(
     headers: HeaderMap,
     Json(body): Json<RollbackBody>,
 ) -> ApiResult {
-    authorize(&state, &headers)?;
-    known_registry(&state, &body.registry).await?;
-    let registry = kiln_checkpoint::registry::Registry::open(&body.registry)
-        .await
-        .map_err(bad_gateway)?;
+    let registry = registry_for_action(&state, &headers, &body.registry).await?;
     match registry.rollback(&body.model, &body.alias, ACTOR).await {
         Ok(alias) => ok(alias),
         Err(e) => Err(registry_error(e)),
     }
+}
+
+/// A known registry opened for an action, once the token is checked.
+async fn registry_for_action(
+    state: &AppState,
+    headers: &HeaderMap,
+    url: &str,
+) -> Result<kiln_checkpoint::registry::Registry, ApiError> {
+    authorize(state, headers)?;
+    known_registry(state, url).await?;
+    kiln_checkpoint::registry::Registry::open(url)
+        .await
+        .map_err(bad_gateway)
 }
 
 fn registry_error(e: kiln_checkpoint::Error) -> ApiError {

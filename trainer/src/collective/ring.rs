@@ -2186,30 +2186,25 @@ mod tests {
         }
     }
 
-    /// Someone who knows the round, the ranks and the world size but not the
-    /// secret connects to rank 0 first, posing as its prev (rank 1): refused,
-    /// and the ring forms with the real rank 1.
-    #[test]
-    fn an_impostor_without_the_secret_is_refused_and_the_ring_still_forms() {
+    /// Two ranks on loopback: their listeners and addresses.
+    fn two_listeners() -> (Vec<TcpListener>, Vec<String>) {
         let listeners: Vec<TcpListener> = (0..2)
             .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
             .collect();
-        let peers: Vec<String> = listeners
+        let peers = listeners
             .iter()
             .map(|l| l.local_addr().expect("addr").to_string())
             .collect();
-        let mut impostor = TcpStream::connect(&peers[0]).expect("impostor connect");
-        let forged = Handshake {
-            kind: HandshakeKind::Hello,
-            round: ROUND,
-            rank: 1,
-            world: 2,
-            nonce: [1; NONCE_LEN],
-            mac: [0; MAC_LEN],
-        }
-        .signed(&RingSecret::random().expect("random secret"));
-        impostor.write_all(&forged.encode()).expect("forged hello");
-        // Give rank 0's acceptor the impostor's hello before the real one.
+        (listeners, peers)
+    }
+
+    /// Sends `hello` to rank 0 before a 2-rank ring forms (and all-reduces),
+    /// and returns what rank 0 answered it.
+    fn answer_to_an_early_hello(hello: Handshake) -> Handshake {
+        let (listeners, peers) = two_listeners();
+        let mut intruder = TcpStream::connect(&peers[0]).expect("intruder connect");
+        intruder.write_all(&hello.encode()).expect("intruder hello");
+        // Give rank 0's acceptor the intruder's hello before the real one.
         thread::sleep(Duration::from_millis(100));
         thread::scope(|scope| {
             let ranks: Vec<_> = listeners
@@ -2232,8 +2227,25 @@ mod tests {
             }
         });
         let mut reply = [0u8; HANDSHAKE_LEN];
-        impostor.read_exact(&mut reply).expect("refusal reply");
-        let reply = Handshake::decode(&reply).expect("decode");
+        intruder.read_exact(&mut reply).expect("refusal reply");
+        Handshake::decode(&reply).expect("decode")
+    }
+
+    /// Someone who knows the round, the ranks and the world size but not the
+    /// secret connects to rank 0 first, posing as its prev (rank 1): refused,
+    /// and the ring forms with the real rank 1.
+    #[test]
+    fn an_impostor_without_the_secret_is_refused_and_the_ring_still_forms() {
+        let forged = Handshake {
+            kind: HandshakeKind::Hello,
+            round: ROUND,
+            rank: 1,
+            world: 2,
+            nonce: [1; NONCE_LEN],
+            mac: [0; MAC_LEN],
+        }
+        .signed(&RingSecret::random().expect("random secret"));
+        let reply = answer_to_an_early_hello(forged);
         assert_eq!(reply.kind, HandshakeKind::Refuse);
         assert_eq!(
             reply.encode(),
@@ -2242,17 +2254,9 @@ mod tests {
         );
     }
 
+    /// A process from round 6 knocks on rank 0's door first.
     #[test]
     fn stale_connection_is_refused_and_the_ring_still_forms() {
-        let listeners: Vec<TcpListener> = (0..2)
-            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-            .collect();
-        let peers: Vec<String> = listeners
-            .iter()
-            .map(|l| l.local_addr().expect("addr").to_string())
-            .collect();
-        // A process from round 6 knocks on rank 0's door first.
-        let mut stale = TcpStream::connect(&peers[0]).expect("stale connect");
         let stale_hello = Handshake {
             kind: HandshakeKind::Hello,
             round: 6,
@@ -2262,28 +2266,7 @@ mod tests {
             mac: [0; MAC_LEN],
         }
         .signed(&secret());
-        stale.write_all(&stale_hello.encode()).expect("stale hello");
-        thread::scope(|scope| {
-            let ranks: Vec<_> = listeners
-                .iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    let peers = &peers;
-                    scope.spawn(move || {
-                        let mut ring =
-                            RingCollective::connect(ROUND, rank, peers, listener, &secret(), LONG)
-                                .expect("connect");
-                        ring.barrier().expect("barrier");
-                    })
-                })
-                .collect();
-            for rank in ranks {
-                rank.join().expect("rank thread");
-            }
-        });
-        let mut reply = [0u8; HANDSHAKE_LEN];
-        stale.read_exact(&mut reply).expect("refusal reply");
-        let reply = Handshake::decode(&reply).expect("decode");
+        let reply = answer_to_an_early_hello(stale_hello);
         // A refusal reveals nothing of the refusing rank.
         assert_eq!(
             (reply.kind, reply.round, reply.rank, reply.world),
@@ -2293,13 +2276,7 @@ mod tests {
 
     #[test]
     fn idle_connections_do_not_hold_up_the_ring() {
-        let listeners: Vec<TcpListener> = (0..2)
-            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-            .collect();
-        let peers: Vec<String> = listeners
-            .iter()
-            .map(|l| l.local_addr().expect("addr").to_string())
-            .collect();
+        let (listeners, peers) = two_listeners();
         // Connections that never say hello, to both ranks, before the ring forms.
         let idle: Vec<TcpStream> = (0..10)
             .map(|i| TcpStream::connect(&peers[i % 2]).expect("idle connect"))
