@@ -3,7 +3,9 @@
 //! The loop asks [`CheckpointManager::is_due`] after each step and hands the
 //! state to [`CheckpointManager::save`]; the manager owns when to save (the
 //! interval and the final save), how many background failures in a row the
-//! job tolerates, and retention once the run ends. Background results come
+//! job tolerates, and retention: on rank 0, after every commit (on a thread of
+//! its own, so a long job's checkpoints never pile up and the loop never
+//! waits for a listing), and once more when the run ends. Background results come
 //! back as [`SaveEvent`]s for the caller to report; the loop never needs to
 //! know the save pipeline. torchtitan's `CheckpointManager` has the same
 //! split.
@@ -17,12 +19,13 @@
 //! or go on with a warning when `required` is false).
 
 use std::collections::BTreeMap;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::gc::{Retention, gc};
+use crate::gc::{GcReport, Retention, gc};
 use crate::manifest::{CheckpointMeta, Manifest};
 use crate::save::{Checkpointer, SaveConfig, SaveOutcome};
 use crate::store::CheckpointRoot;
@@ -40,7 +43,8 @@ pub struct CheckpointPolicy {
     /// Background saves that may fail in a row before [`CheckpointManager`]
     /// gives up (at least 1).
     pub max_consecutive_failures: usize,
-    /// Applied by rank 0 after the run's last save committed.
+    /// Applied by rank 0 after each commit (in the background) and after
+    /// the run's last save committed.
     pub retention: Retention,
     /// Saves of other runs may be writing chunks this recently: never collected.
     pub gc_grace: Duration,
@@ -112,6 +116,10 @@ pub struct CheckpointManager {
     last_committed: Option<(u64, String)>,
     /// Saves that could not start here, not yet in [`Self::news`].
     unshared: Vec<(u64, String)>,
+    /// Rank 0: a commit landed since retention last started.
+    retention_due: bool,
+    /// Rank 0: retention running in the background (one at a time).
+    retention: Option<JoinHandle<Result<GcReport>>>,
 }
 
 impl CheckpointManager {
@@ -139,6 +147,8 @@ impl CheckpointManager {
             last_saved: None,
             last_committed: None,
             unshared: Vec::new(),
+            retention_due: false,
+            retention: None,
         })
     }
 
@@ -223,7 +233,39 @@ impl CheckpointManager {
     /// budget, the error says how many failed and the last cause.
     pub fn poll(&mut self) -> Result<Vec<SaveEvent>> {
         let outcomes = self.checkpointer.poll();
-        self.account(outcomes)
+        let mut events = self.account(outcomes)?;
+        self.background_retention(&mut events);
+        Ok(events)
+    }
+
+    /// Rank 0, between steps: reports retention that finished, and starts it
+    /// again once a commit has landed since it last started. The collection
+    /// follows the rules of [`crate::gc`], so saves still in flight (this
+    /// run's, and any other writer's within `gc_grace`) lose nothing.
+    fn background_retention(&mut self, events: &mut Vec<SaveEvent>) {
+        if self
+            .retention
+            .as_ref()
+            .is_some_and(|task| task.is_finished())
+            && let Some(task) = self.retention.take()
+        {
+            report_retention(task, events);
+        }
+        if !self.retention_due || self.retention.is_some() {
+            return;
+        }
+        self.retention_due = false;
+        let root = self.checkpointer.root().clone();
+        let (retention, grace) = (self.policy.retention, self.policy.gc_grace);
+        let spawned = std::thread::Builder::new()
+            .name("kiln-retention".into())
+            .spawn(move || gc(&root, &retention, grace, false));
+        match spawned {
+            Ok(task) => self.retention = Some(task),
+            Err(e) => events.push(SaveEvent::RetentionFailed {
+                message: format!("retention: start its thread: {e}"),
+            }),
+        }
     }
 
     /// Waits for every save in flight: the final checkpoint must land. Rank 0
@@ -247,6 +289,9 @@ impl CheckpointManager {
                     what: format!("the last checkpoint did not land: {message}"),
                 }),
             );
+        }
+        if let Some(task) = self.retention.take() {
+            report_retention(task, &mut events);
         }
         if self.rank == 0 && self.last_committed.is_some() {
             match gc(
@@ -341,6 +386,9 @@ impl CheckpointManager {
                     {
                         self.last_committed = Some((o.step, url.clone()));
                     }
+                    if o.url.is_some() {
+                        self.retention_due = true;
+                    }
                     events.push(SaveEvent::Saved(o));
                 }
                 Err(e) => {
@@ -368,12 +416,32 @@ impl CheckpointManager {
     }
 }
 
+/// Waits for a background retention and reports how it went.
+fn report_retention(task: JoinHandle<Result<GcReport>>, events: &mut Vec<SaveEvent>) {
+    match task.join() {
+        Ok(Ok(report)) => tracing::debug!(
+            deleted = report.manifests_deleted.len(),
+            freed = report.bytes_freed,
+            "retention applied"
+        ),
+        Ok(Err(e)) => events.push(SaveEvent::RetentionFailed {
+            message: format!("retention: {e}"),
+        }),
+        Err(_) => events.push(SaveEvent::RetentionFailed {
+            message: "retention: its thread panicked".into(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn manager(interval: u64, total: u64, final_checkpoint: bool) -> CheckpointManager {
-        let root = CheckpointRoot::open("memory://manager-test/ckpt").unwrap();
+        // Memory roots of one name share a store: one per test.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = CheckpointRoot::open(&format!("memory://manager-test-{n}/ckpt")).unwrap();
         let meta = CheckpointMeta {
             training_state: serde_json::Value::Null,
             job_spec: serde_json::Value::Null,
@@ -450,5 +518,62 @@ mod tests {
             .count();
         assert!(saved >= 1, "{events:?}");
         assert_eq!(crate::list(m.root()).unwrap().len(), 1, "keep_last = 1");
+    }
+
+    #[test]
+    fn retention_runs_after_each_commit_while_the_job_trains() {
+        let mut m = manager(1, 100, false);
+        let shape = [16usize];
+        for step in 1..=6u64 {
+            // Each step's state differs, so each checkpoint has chunks of its own.
+            let data = vec![step as u8; 64];
+            let view = TensorView {
+                name: "model/w",
+                dtype: crate::tensor::DType::F32,
+                shape: &shape,
+                data: &data,
+            };
+            m.save(
+                step,
+                &[view],
+                serde_json::json!({ "step": step }),
+                &BTreeMap::new(),
+            )
+            .unwrap();
+            // Between steps, as the training loop does, until this save has
+            // committed and the retention it started has finished.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let events = m.poll().unwrap();
+                assert!(
+                    !events
+                        .iter()
+                        .any(|e| matches!(e, SaveEvent::RetentionFailed { .. })),
+                    "{events:?}"
+                );
+                let committed = m.last_committed.as_ref().is_some_and(|(s, _)| *s == step);
+                if committed && !m.retention_due && m.retention.is_none() {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "step {step} never settled"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let kept: Vec<Option<u64>> = crate::list(m.root())
+                .unwrap()
+                .iter()
+                .map(|c| c.step)
+                .collect();
+            assert_eq!(
+                kept,
+                [Some(step)],
+                "keep_last = 1 holds during training, at step {step}"
+            );
+        }
+        let (_, last) = m.finish();
+        assert!(last.unwrap().is_some());
+        assert_eq!(crate::list(m.root()).unwrap().len(), 1);
     }
 }
