@@ -271,6 +271,13 @@ impl CodecPolicy {
         }
     }
 
+    /// Starts from what an earlier policy of the same destination measured
+    /// (see `Checkpointer::new`).
+    pub fn with_estimates(mut self, est: Estimates) -> Self {
+        self.est = est;
+        self
+    }
+
     pub fn mode(&self) -> Compression {
         self.mode
     }

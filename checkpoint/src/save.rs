@@ -28,13 +28,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use crate::codec::HEADER_LEN;
-use crate::compression::{CodecPolicy, Compression, CompressionRecord, Observation};
+use crate::compression::{CodecPolicy, Compression, CompressionRecord, Estimates, Observation};
 use crate::error::{Error, Result};
 use crate::manifest::{CheckpointMeta, Manifest, validate_attempt};
 use crate::measure::{IdleClock, probe_cpu, probe_write};
@@ -186,7 +186,9 @@ impl Checkpointer {
         let (outcomes_tx, outcomes_rx) = mpsc::channel();
         Ok(Checkpointer {
             pool: Arc::new(CpuPool::new(cfg.threads, rank, cfg.low_priority)?),
-            policy: Arc::new(Mutex::new(CodecPolicy::new(cfg.compression, rank))),
+            policy: Arc::new(Mutex::new(
+                CodecPolicy::new(cfg.compression, rank).with_estimates(carried_estimates(&root)),
+            )),
             idle: Default::default(),
             peers: Default::default(),
             failed_steps: Default::default(),
@@ -226,8 +228,10 @@ impl Checkpointer {
     /// codec choice, this machine's hashing and compression speed (one
     /// synthetic chunk) and, in the background, the destination's write
     /// throughput (`upload_concurrency` chunk-sized objects, at least 1 MiB
-    /// each, written at once under `chunks/probe/`, then deleted). From here on the idle CPU
-    /// between saves is measured: what training leaves to a save.
+    /// each, written at once under `chunks/probe/`, then deleted), unless an
+    /// earlier checkpointer of this process measured this destination (an
+    /// elastic job's next round: its measurements carry over). From here on
+    /// the idle CPU between saves is measured: what training leaves to a save.
     pub fn prepare(&mut self, tensors: &[TensorView<'_>]) -> Result<()> {
         let plan = ChunkPlan::new(tensors, self.cfg.chunk_bytes)?;
         let stripe = plan.stripe(self.rank, self.world_size);
@@ -242,36 +246,35 @@ impl Checkpointer {
         };
         self.stripe_capacity = buffer.capacity() as u64;
         self.stripe = Some(buffer);
-        if self.cfg.compression == Compression::Auto {
+        let measured = self
+            .policy
+            .lock()
+            .expect("codec policy")
+            .estimates()
+            .clone();
+        if self.cfg.compression == Compression::Auto && measured.hash_per_core.is_none() {
             let probe = probe_cpu(
                 self.cfg.chunk_bytes.min(8 << 20),
                 self.cfg.compression_level,
             );
             self.policy.lock().expect("codec policy").observe(&probe);
-            if self
-                .policy
-                .lock()
-                .expect("codec policy")
-                .estimates()
-                .write
-                .is_none()
-            {
-                let (root, policy) = (self.root.clone(), self.policy.clone());
-                // At least 1 MiB an object: smaller writes measure latency.
-                let (bytes, n) = (
-                    self.cfg.chunk_bytes.max(1 << 20),
-                    self.cfg.upload_concurrency,
-                );
-                io_runtime().spawn(async move {
-                    match probe_write(&root, bytes, n).await {
-                        Ok(written) => policy.lock().expect("codec policy").observe(&Observation {
-                            written,
-                            ..Observation::default()
-                        }),
-                        Err(e) => tracing::warn!(error = %e, "checkpoint write probe failed"),
-                    }
-                });
-            }
+        }
+        if self.cfg.compression == Compression::Auto && measured.write.is_none() {
+            let (root, policy) = (self.root.clone(), self.policy.clone());
+            // At least 1 MiB an object: smaller writes measure latency.
+            let (bytes, n) = (
+                self.cfg.chunk_bytes.max(1 << 20),
+                self.cfg.upload_concurrency,
+            );
+            io_runtime().spawn(async move {
+                match probe_write(&root, bytes, n).await {
+                    Ok(written) => policy.lock().expect("codec policy").observe(&Observation {
+                        written,
+                        ..Observation::default()
+                    }),
+                    Err(e) => tracing::warn!(error = %e, "checkpoint write probe failed"),
+                }
+            });
         }
         self.idle.mark();
         Ok(())
@@ -529,7 +532,35 @@ impl Drop for Checkpointer {
                 tracing::error!(rank = self.rank, error = %e, "checkpoint save failed at shutdown");
             }
         }
+        let measured = self
+            .policy
+            .lock()
+            .expect("codec policy")
+            .estimates()
+            .clone();
+        carried()
+            .lock()
+            .expect("carried estimates")
+            .insert(self.root.url().to_string(), measured);
     }
+}
+
+/// What the codec policies of this process measured, by checkpoint location,
+/// for the next checkpointer of the same location: an elastic job's worker
+/// starts one per round, and each would otherwise probe the machine and the
+/// destination again and choose its first save on a probe alone.
+fn carried() -> &'static Mutex<HashMap<String, Estimates>> {
+    static CARRIED: OnceLock<Mutex<HashMap<String, Estimates>>> = OnceLock::new();
+    CARRIED.get_or_init(Default::default)
+}
+
+fn carried_estimates(root: &CheckpointRoot) -> Estimates {
+    carried()
+        .lock()
+        .expect("carried estimates")
+        .get(root.url())
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// The process's direct-write buffers (local roots; see `crate::direct`;
@@ -566,6 +597,61 @@ mod tests {
             ..Observation::default()
         });
         c
+    }
+
+    #[test]
+    fn the_codec_policy_carries_its_measurements_to_the_next_checkpointer_of_a_root() {
+        // An elastic job's worker makes a checkpointer per round; the second
+        // must not start blind (or probe the destination again).
+        let root = CheckpointRoot::open("memory://carried-estimates/ckpt").unwrap();
+        let cfg = SaveConfig {
+            chunk_bytes: 1 << 20,
+            compression: Compression::Auto,
+            ..SaveConfig::default()
+        };
+        let data: Vec<u8> = (0..(2 << 20)).map(|i| (i % 251) as u8).collect();
+        let shape = [data.len() / 4];
+        let view = TensorView {
+            name: "model/w",
+            dtype: DType::F32,
+            shape: &shape,
+            data: &data,
+        };
+        let meta = CheckpointMeta {
+            training_state: serde_json::Value::Null,
+            job_spec: serde_json::Value::Null,
+            code_version: "test".into(),
+            dataset_fingerprint: String::new(),
+            world_size: 1,
+            metrics: Default::default(),
+            job: "j".into(),
+        };
+        let mut first = Checkpointer::new(root.clone(), cfg.clone(), 0, 1).unwrap();
+        assert_eq!(
+            first.policy.lock().unwrap().estimates(),
+            &Estimates::default()
+        );
+        first.prepare(&[view]).unwrap();
+        first.save(1, "r1", &[view], &meta).unwrap();
+        for outcome in first.flush() {
+            outcome.unwrap();
+        }
+        let measured = first.policy.lock().unwrap().estimates().clone();
+        assert!(
+            measured.hash_per_core.is_some() && measured.write.is_some(),
+            "{measured:?}"
+        );
+        drop(first);
+
+        let second = Checkpointer::new(root.clone(), cfg.clone(), 0, 2).unwrap();
+        assert_eq!(second.policy.lock().unwrap().estimates(), &measured);
+        let elsewhere = CheckpointRoot::open("memory://carried-estimates-other/ckpt").unwrap();
+        let other = Checkpointer::new(elsewhere, cfg, 0, 1).unwrap();
+        assert_eq!(
+            other.policy.lock().unwrap().estimates(),
+            &Estimates::default(),
+            "measurements belong to their destination"
+        );
     }
 
     #[test]
