@@ -427,7 +427,26 @@ impl Checkpointer {
             self.in_flight -= 1;
             out.push(r);
         }
+        if !out.is_empty() {
+            self.carry_estimates();
+        }
         out
+    }
+
+    /// Leaves what the codec policy measured for the next checkpointer of
+    /// this location (see [`carried`]): after every save, since a broken
+    /// elastic round's checkpointer is dropped late, on a thread of its own.
+    fn carry_estimates(&self) {
+        let measured = self
+            .policy
+            .lock()
+            .expect("codec policy")
+            .estimates()
+            .clone();
+        carried()
+            .lock()
+            .expect("carried estimates")
+            .insert(self.root.url().to_string(), measured);
     }
 
     /// Waits for every in-flight save; returns their outcomes. The caller
@@ -447,6 +466,7 @@ impl Checkpointer {
             }
         }
         self.pool.boost(false);
+        self.carry_estimates();
         out
     }
 
@@ -532,16 +552,6 @@ impl Drop for Checkpointer {
                 tracing::error!(rank = self.rank, error = %e, "checkpoint save failed at shutdown");
             }
         }
-        let measured = self
-            .policy
-            .lock()
-            .expect("codec policy")
-            .estimates()
-            .clone();
-        carried()
-            .lock()
-            .expect("carried estimates")
-            .insert(self.root.url().to_string(), measured);
     }
 }
 
