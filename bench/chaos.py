@@ -336,13 +336,26 @@ def node_pids(run, name):
 
 def worker_of(run, name):
     agent = run.nodes[name].proc.pid
+    # Each thread has its own list of children, and the agent starts workers
+    # from more than one.
+    kids = []
     try:
-        with open(f"/proc/{agent}/task/{agent}/children") as f:
-            kids = [int(p) for p in f.read().split()]
+        threads = os.listdir(f"/proc/{agent}/task")
     except OSError:
-        kids = []
+        threads = []
+    for tid in threads:
+        try:
+            with open(f"/proc/{agent}/task/{tid}/children") as f:
+                kids += [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+    kids.sort()
     for pid in kids:  # `kiln worker --agent-fd N --local-rank R` (trainer/src/agent.rs)
         try:
+            # The agent's spare worker names itself `kiln-spare` until it takes a slot.
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "kiln-spare":
+                    continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if b"worker" in f.read().split(b"\0"):
                     return pid

@@ -596,13 +596,107 @@ fn chaos_kills_and_joins_lose_no_committed_checkpoint() {
     assert_fault_free(&live, &spec, dir.path());
 }
 
+/// The processes of `parent` that train (its spare worker, `kiln-spare`, left out).
 fn child_pids(parent: u32) -> Vec<u32> {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")) else {
+    all_child_pids(parent)
+        .into_iter()
+        .filter(|&pid| process_name(pid) != "kiln-spare")
+        .collect()
+}
+
+/// Children of every thread of `parent` (each thread has its own list, and
+/// an agent starts workers from more than one), sorted.
+fn all_child_pids(parent: u32) -> Vec<u32> {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
         return Vec::new();
     };
-    text.split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
+    let mut pids: Vec<u32> = threads
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// `/proc/PID/comm`: what the process calls itself.
+fn process_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// An agent keeps one worker process started ahead (`kiln-spare`); when a
+/// worker is SIGKILLed, that process takes its slot, so the replacement is
+/// already running: no process start, no libtorch load on the recovery
+/// path. The spare is the process that trains next, a new spare is started,
+/// and the job ends as a fault-free run.
+#[test]
+fn a_killed_worker_is_replaced_by_the_spare_the_agent_started_ahead() {
+    let _serial = serial();
+    // Long enough that the job still trains once the spare has started
+    // (this job runs hundreds of steps a second).
+    let (dir, spec, data) = setup(&[
+        ("steps = 120", "steps = 6000"),
+        ("interval = 20", "interval = 1000"),
+    ]);
+    let etcd = EtcdServer::start().unwrap();
+    let mut nodes = start_nodes(&etcd.url(), "spare", &spec, &data, 0..3);
+    wait_until("step 10", WAIT, || max_step(&nodes) >= 10);
+    let agent = nodes[1].child.id();
+    let spare_of = |agent: u32| {
+        all_child_pids(agent)
+            .into_iter()
+            .find(|&pid| process_name(pid) == "kiln-spare")
+    };
+    let mut spare = None;
+    wait_until("the agent's spare worker", Duration::from_secs(60), || {
+        spare = spare_of(agent);
+        spare.is_some()
+    });
+    let spare = spare.unwrap();
+    let workers = child_pids(agent);
+    assert_eq!(
+        workers.len(),
+        1,
+        "one worker besides the spare: {workers:?}"
+    );
+    assert!(!workers.contains(&spare));
+    let killed_at = max_step(&nodes);
+    unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
+    wait_until(
+        &format!("training past step {}", killed_at + 10),
+        WAIT,
+        || max_step(&nodes) >= killed_at + 10,
+    );
+    assert!(
+        !nodes.iter().any(Node::finished),
+        "the job ended too soon to look"
+    );
+    // A new spare calls itself `kiln-spare` once it runs: wait for that.
+    let mut next_spare = None;
+    wait_until("a new spare", Duration::from_secs(60), || {
+        next_spare = spare_of(agent);
+        next_spare.is_some()
+    });
+    assert_ne!(next_spare, Some(spare));
+    assert_eq!(
+        child_pids(agent),
+        [spare],
+        "the spare ({spare}) trains in the dead worker's slot"
+    );
+    assert!(
+        nodes[1].of("worker_died").len() == 1,
+        "one worker died: {:?}",
+        nodes[1].of("worker_died")
+    );
+    finish(&mut nodes);
+    assert_fault_free(&nodes, &spec, dir.path());
 }
 
 /// The job's etcd is a 3-member cluster; its leader is SIGKILLed mid-run. The

@@ -111,7 +111,7 @@ impl LocalWorkers {
     /// Starts `cfg.nproc` workers and waits for each one's hello.
     pub async fn spawn(cfg: &AgentConfig) -> Result<Self> {
         let ranks: Vec<usize> = (0..cfg.nproc).collect();
-        let workers = start_workers(cfg, &ranks).await?;
+        let workers = start_workers(cfg, &ranks, Role::Slot).await?;
         Ok(Self {
             workers,
             cfg: cfg.clone(),
@@ -410,6 +410,7 @@ impl RoundAssignment {
             run_id: self.run_id.clone(),
             elastic,
             ring_secret: self.ring_secret.clone(),
+            local_rank: local_rank as u32,
         }
     }
 }
@@ -462,6 +463,11 @@ pub struct ElasticWorkers {
     metrics: Arc<TrainingMetrics>,
     first_rank: u32,
     world_size: u32,
+    /// A worker process started before any slot needs it, so that a dead
+    /// worker's replacement is a process that has already started (loaded
+    /// libtorch, bound its ring listener, said hello): it only needs its
+    /// assignment. Started with the first round; replaced whenever taken.
+    spare: Option<tokio::task::JoinHandle<Result<WorkerHandle>>>,
 }
 
 impl std::fmt::Debug for ElasticWorkers {
@@ -507,6 +513,7 @@ impl LocalWorkers {
             metrics,
             first_rank: 0,
             world_size: 0,
+            spare: None,
         }
     }
 }
@@ -525,6 +532,9 @@ impl ElasticWorkers {
     /// Hands every live worker its part of a round (a worker in the middle of
     /// an older round aborts it and joins this one).
     pub async fn assign(&mut self, round: &RoundAssignment) -> Result<()> {
+        if self.spare.is_none() {
+            self.start_spare();
+        }
         self.first_rank = round.first_rank;
         self.world_size = round.world_size;
         for (local_rank, slot) in self.slots.iter_mut().enumerate() {
@@ -554,8 +564,14 @@ impl ElasticWorkers {
     /// Replaces a dead worker with a fresh process; its new collective
     /// endpoint goes into the node record, which opens a new round.
     pub async fn respawn(&mut self, local_rank: usize) -> Result<()> {
-        let mut started = start_workers(&self.cfg, &[local_rank]).await?;
-        let w = started.pop().context("a replacement worker")?;
+        let w = match self.take_spare(local_rank).await {
+            Some(w) => w,
+            None => {
+                let mut started = start_workers(&self.cfg, &[local_rank], Role::Slot).await?;
+                started.pop().context("a replacement worker")?
+            }
+        };
+        self.start_spare();
         let slot = &mut self.slots[local_rank];
         slot.generation += 1;
         slot.endpoint = w.hello.ring_addr.clone();
@@ -578,8 +594,57 @@ impl ElasticWorkers {
         Ok(())
     }
 
+    /// Starts a spare worker in the background (see [`Self::spare`]).
+    fn start_spare(&mut self) {
+        let cfg = self.cfg.clone();
+        self.spare = Some(tokio::spawn(async move {
+            // Its lines go to a slot of their own until it is adopted.
+            let mut started = start_workers(&cfg, &[cfg.nproc], Role::Spare).await?;
+            started.pop().context("a spare worker")
+        }));
+    }
+
+    /// The spare worker, made slot `local_rank`'s, if one started (waiting
+    /// for it if it is still starting: it is nearer ready than a new one)
+    /// and is still alive.
+    async fn take_spare(&mut self, local_rank: usize) -> Option<WorkerHandle> {
+        let mut w = match self.spare.take()?.await {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => {
+                tracing::warn!(job = self.job, "the spare worker did not start: {e:#}");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(job = self.job, "the spare worker's start: {e}");
+                return None;
+            }
+        };
+        if !matches!(w.child.try_wait(), Ok(None)) {
+            tracing::warn!(job = self.job, pid = w.pid, "the spare worker has died");
+            return None;
+        }
+        w.local_rank = local_rank;
+        w.log = worker_log(&self.cfg, local_rank);
+        w.capture.set_local_rank(local_rank);
+        tracing::debug!(
+            job = self.job,
+            local_rank,
+            pid = w.pid,
+            "spare worker adopted"
+        );
+        Some(w)
+    }
+
+    /// Stops the spare worker, if any (dropping its handle kills it).
+    fn drop_spare(&mut self) {
+        if let Some(task) = self.spare.take() {
+            task.abort();
+        }
+    }
+
     /// Kills every worker and waits for them to exit (at most a few seconds).
     pub async fn kill_all(&mut self) {
+        self.drop_spare();
         for slot in &self.slots {
             let _ = slot.killer.try_send(());
         }
@@ -602,6 +667,7 @@ impl ElasticWorkers {
     /// waits up to `grace` for them to exit with their last lines drained to
     /// the log sink, then kills what is left.
     pub async fn close(&mut self, grace: Duration) {
+        self.drop_spare();
         for slot in &mut self.slots {
             slot.writer = None;
         }
@@ -733,12 +799,34 @@ impl ElasticWorkers {
 /// inherits as a file descriptor (`--agent-fd`): nothing is bound where
 /// another local process could connect and pose as a worker, and a worker's
 /// hello is only believed when its pid is the child's.
-async fn start_workers(cfg: &AgentConfig, local_ranks: &[usize]) -> Result<Vec<WorkerHandle>> {
-    let logs = cfg.run_dir.join("logs");
+/// Whether a worker is started for its slot or as a spare (see
+/// [`ElasticWorkers`]): a spare names itself `kiln-spare` (`/proc/PID/comm`)
+/// until it is assigned a slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Slot,
+    Spare,
+}
+
+/// The environment variable that tells `kiln worker` it starts as a spare.
+pub const SPARE_ENV: &str = "KILN_WORKER_SPARE";
+
+/// Where the node's log sink writes slot `local_rank`'s lines.
+fn worker_log(cfg: &AgentConfig, local_rank: usize) -> PathBuf {
+    cfg.run_dir
+        .join("logs")
+        .join(format!("worker-{local_rank}.log"))
+}
+
+async fn start_workers(
+    cfg: &AgentConfig,
+    local_ranks: &[usize],
+    role: Role,
+) -> Result<Vec<WorkerHandle>> {
     let mut children = Vec::with_capacity(local_ranks.len());
     let mut channels = Vec::with_capacity(local_ranks.len());
     for &local_rank in local_ranks {
-        let log = logs.join(format!("worker-{local_rank}.log"));
+        let log = worker_log(cfg, local_rank);
         let (out_reader, out) = std::io::pipe().context("create the worker's stdout pipe")?;
         let (err_reader, err) = std::io::pipe().context("create the worker's stderr pipe")?;
         // Both ends are close-on-exec; the child clears it on its own end.
@@ -746,6 +834,9 @@ async fn start_workers(cfg: &AgentConfig, local_ranks: &[usize]) -> Result<Vec<W
             std::os::unix::net::UnixStream::pair().context("create the worker's socket pair")?;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(&cfg.kiln_exe);
+        if role == Role::Spare {
+            cmd.env(SPARE_ENV, "1");
+        }
         cmd.arg("worker")
             .arg("--agent-fd")
             .arg(fd.to_string())

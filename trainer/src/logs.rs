@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, PipeReader, Read};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -69,6 +69,8 @@ impl std::fmt::Debug for LogSink {
 pub(crate) struct Capture {
     /// The global rank stamped on lines; -1 before the first assignment.
     rank: Arc<AtomicI64>,
+    /// The slot stamped on lines (a spare worker takes one when adopted).
+    local_rank: Arc<AtomicUsize>,
     tail: Arc<Mutex<VecDeque<String>>>,
     readers: Vec<JoinHandle<()>>,
 }
@@ -82,6 +84,7 @@ impl Capture {
         sink: &LogSink,
     ) -> Self {
         let rank = Arc::new(AtomicI64::new(-1));
+        let local_rank = Arc::new(AtomicUsize::new(local_rank));
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
         let readers = [
             (stdout, WorkerStream::Stdout),
@@ -89,7 +92,8 @@ impl Capture {
         ]
         .into_iter()
         .map(|(pipe, stream)| {
-            let (rank, tail, sink) = (rank.clone(), tail.clone(), sink.clone());
+            let (rank, local_rank, tail, sink) =
+                (rank.clone(), local_rank.clone(), tail.clone(), sink.clone());
             tokio::task::spawn_blocking(move || {
                 read_lines(pipe, |text| {
                     let r = rank.load(Ordering::Relaxed);
@@ -101,7 +105,7 @@ impl Capture {
                         tail.push_back(text.clone());
                     }
                     (sink.0)(WorkerLine {
-                        local_rank,
+                        local_rank: local_rank.load(Ordering::Relaxed),
                         rank: u32::try_from(r).ok(),
                         stream,
                         time: SystemTime::now(),
@@ -113,6 +117,7 @@ impl Capture {
         .collect();
         Capture {
             rank,
+            local_rank,
             tail,
             readers,
         }
@@ -121,6 +126,12 @@ impl Capture {
     /// The handle that stamps the worker's rank on its lines.
     pub(crate) fn rank_handle(&self) -> RankHandle {
         RankHandle(self.rank.clone())
+    }
+
+    /// Gives the worker's lines from now on to slot `local_rank` (a spare
+    /// worker adopted into it).
+    pub(crate) fn set_local_rank(&self, local_rank: usize) {
+        self.local_rank.store(local_rank, Ordering::Relaxed);
     }
 
     /// The handle to the worker's last lines.

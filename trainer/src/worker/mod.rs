@@ -72,6 +72,12 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         stream: stream.try_clone().context("clone agent socket")?,
     };
     let mut incoming = stream;
+    // A spare (see `agent::ElasticWorkers`) shows itself as such until a slot
+    // is its: tools that pick a node's workers from /proc pass over it.
+    let spare = std::env::var_os(crate::agent::SPARE_ENV).is_some();
+    if spare {
+        set_process_name(c"kiln-spare");
+    }
     // The ring listener is bound before Hello so its address can go into the plan.
     let host = std::env::var("KILN_BIND_HOST").unwrap_or_else(|_| "127.0.0.1".to_string());
     let listener = TcpListener::bind((host.as_str(), 0))
@@ -100,16 +106,15 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         }
         other => bail!("expected an assignment from the agent, got {other:?}"),
     };
+    if spare {
+        set_process_name(c"kiln");
+    }
     let rounds = Rounds::default();
     watch_agent(incoming, rounds.clone());
 
-    let result = train(
-        assignment,
-        args.local_rank as usize,
-        &listener,
-        &rounds,
-        &mut reporter,
-    );
+    // A spare learns its slot from its first assignment.
+    let local_rank = assignment.local_rank as usize;
+    let result = train(assignment, local_rank, &listener, &rounds, &mut reporter);
     if let Err(e) = &result {
         // Best effort: the agent may already be gone.
         let _ = reporter.send(Report::Failed(Failed {
@@ -117,6 +122,16 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         }));
     }
     result
+}
+
+/// Sets this process's name (`/proc/PID/comm`, what `ps` and `top` show).
+fn set_process_name(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes
+    // (longer ones are cut); `name` is one and outlives the call.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    if rc != 0 {
+        tracing::debug!("prctl(PR_SET_NAME): {}", std::io::Error::last_os_error());
+    }
 }
 
 /// What a worker keeps across rounds: the model, the optimizer, the data and
