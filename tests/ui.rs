@@ -397,6 +397,22 @@ async fn dashboard_in_a_real_browser() {
         &[],
     );
     let ui_url = ui.line("dashboard on ", LONG).await;
+    // On loopback, a request for another host name (a DNS name rebound to
+    // 127.0.0.1 by a web page) is refused; the loopback names are served.
+    let rebound = http
+        .get(format!("{ui_url}/api/jobs"))
+        .header("Host", "rebound.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), reqwest::StatusCode::MISDIRECTED_REQUEST);
+    let port = ui_url.rsplit(':').next().unwrap().trim_end_matches('/');
+    let local = http
+        .get(format!("http://localhost:{port}/api/jobs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(local.status(), reqwest::StatusCode::OK);
     b.goto(&format!("{ui_url}#/jobs")).await;
     b.wait_for(
         "the finished run from its folder",

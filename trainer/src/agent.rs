@@ -411,6 +411,7 @@ impl RoundAssignment {
             elastic,
             ring_secret: self.ring_secret.clone(),
             local_rank: local_rank as u32,
+            prepare_only: false,
         }
     }
 }
@@ -466,8 +467,11 @@ pub struct ElasticWorkers {
     /// A worker process started before any slot needs it, so that a dead
     /// worker's replacement is a process that has already started (loaded
     /// libtorch, bound its ring listener, said hello): it only needs its
-    /// assignment. Started with the first round; replaced whenever taken.
+    /// assignment. Started once a round trains (the first, and the one after
+    /// a spare was taken).
     spare: Option<tokio::task::JoinHandle<Result<WorkerHandle>>>,
+    /// The latest round's assignment: what a spare is told to prepare for.
+    latest: Option<RoundAssignment>,
 }
 
 impl std::fmt::Debug for ElasticWorkers {
@@ -514,6 +518,7 @@ impl LocalWorkers {
             first_rank: 0,
             world_size: 0,
             spare: None,
+            latest: None,
         }
     }
 }
@@ -532,9 +537,7 @@ impl ElasticWorkers {
     /// Hands every live worker its part of a round (a worker in the middle of
     /// an older round aborts it and joins this one).
     pub async fn assign(&mut self, round: &RoundAssignment) -> Result<()> {
-        if self.spare.is_none() {
-            self.start_spare();
-        }
+        self.latest = Some(round.clone());
         self.first_rank = round.first_rank;
         self.world_size = round.world_size;
         for (local_rank, slot) in self.slots.iter_mut().enumerate() {
@@ -571,7 +574,6 @@ impl ElasticWorkers {
                 started.pop().context("a replacement worker")?
             }
         };
-        self.start_spare();
         let slot = &mut self.slots[local_rank];
         slot.generation += 1;
         slot.endpoint = w.hello.ring_addr.clone();
@@ -595,12 +597,29 @@ impl ElasticWorkers {
     }
 
     /// Starts a spare worker in the background (see [`Self::spare`]).
+    /// It is told the job at once, to build what a round needs ahead of
+    /// its slot (see `prepare_only` in proto/kiln/worker.proto).
     fn start_spare(&mut self) {
         let cfg = self.cfg.clone();
+        let prepare = self.latest.as_ref().map(|round| {
+            let mut a = round.assignment(&self.job, &cfg.run_dir, cfg.nproc, true);
+            a.prepare_only = true;
+            a.round = 0;
+            a.peers.clear();
+            a.ring_secret.clear();
+            AgentMessage {
+                kind: Some(agent_message::Kind::Assignment(a)),
+            }
+        });
         self.spare = Some(tokio::spawn(async move {
             // Its lines go to a slot of their own until it is adopted.
             let mut started = start_workers(&cfg, &[cfg.nproc], Role::Spare).await?;
-            started.pop().context("a spare worker")
+            let mut spare = started.pop().context("a spare worker")?;
+            if let Some(msg) = prepare {
+                // A spare that died here is found out when it is taken.
+                let _ = spare.writer.write_all(&frame::encode(&msg)).await;
+            }
+            Ok(spare)
         }));
     }
 
@@ -693,6 +712,11 @@ impl ElasticWorkers {
         loop {
             let update = self.rx.recv().await?;
             if let Some(u) = self.apply(update) {
+                if matches!(u, ElasticUpdate::RoundStarted { .. }) && self.spare.is_none() {
+                    // Once this node trains: a process start (a libtorch load)
+                    // during a recovery would take the cores it needs.
+                    self.start_spare();
+                }
                 return Some(u);
             }
         }

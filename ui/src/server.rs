@@ -94,9 +94,53 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(cfg))
+    let mut app = router(cfg);
+    if listener.local_addr()?.ip().is_loopback() {
+        app = app.layer(axum::middleware::from_fn(loopback_host_only));
+    }
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
+}
+
+/// A dashboard on a loopback address answers only requests that name a
+/// loopback host. A web page whose DNS name an attacker rebinds to 127.0.0.1
+/// is same-origin to the browser, so without this check it could read what
+/// the dashboard shows (specs, metrics, locations) from any site the user
+/// visits. Actions need the token, which the page never has.
+async fn loopback_host_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    if is_loopback_host(host) {
+        return next.run(request).await;
+    }
+    ApiError(
+        StatusCode::MISDIRECTED_REQUEST,
+        format!(
+            "this dashboard listens on a loopback address and answers only requests for              localhost, 127.0.0.1 or [::1], not {host:?} (a DNS name rebound to this machine?)"
+        ),
+    )
+    .into_response()
+}
+
+/// Whether an HTTP `Host` value (with or without a port) names this machine's
+/// loopback interface.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [::1]:8080
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The dashboard's routes over `cfg`.
@@ -524,4 +568,35 @@ async fn serving_page(State(state): State<Arc<AppState>>) -> ApiResult {
         });
     }
     ok(json!({ "servers": servers }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn only_loopback_names_pass_the_host_check() {
+        for host in [
+            "localhost",
+            "LOCALHOST:8080",
+            "127.0.0.1",
+            "127.0.0.1:41234",
+            "127.1.2.3:80",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "",
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "10.0.0.1:8080",
+            "[::2]:80",
+            "127.0.0.1.evil.example",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 }

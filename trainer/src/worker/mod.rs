@@ -92,29 +92,27 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         ring_addr,
     }))?;
 
-    let assignment = match frame::read::<AgentMessage, _>(&mut incoming)
-        .context("read assignment from agent")?
-    {
-        Some(AgentMessage {
-            kind: Some(agent_message::Kind::Assignment(a)),
-        }) => a,
-        Some(AgentMessage {
-            kind: Some(agent_message::Kind::Stop(stop)),
-        }) => {
-            tracing::info!(reason = %stop.reason, "stopped before an assignment");
-            return Ok(());
-        }
-        other => bail!("expected an assignment from the agent, got {other:?}"),
+    let Some(mut assignment) = next_assignment(&mut incoming)? else {
+        return Ok(());
     };
+    // A spare may be told the job ahead of its slot: it builds what a round
+    // needs (data, model, buckets) now, so that taking a slot costs only
+    // joining the round.
+    let mut prepared = None;
+    if assignment.prepare_only {
+        prepared = prepare(&assignment);
+        let Some(next) = next_assignment(&mut incoming)? else {
+            return Ok(());
+        };
+        assignment = next;
+    }
     if spare {
         set_process_name(c"kiln");
     }
     let rounds = Rounds::default();
     watch_agent(incoming, rounds.clone());
 
-    // A spare learns its slot from its first assignment.
-    let local_rank = assignment.local_rank as usize;
-    let result = train(assignment, local_rank, &listener, &rounds, &mut reporter);
+    let result = train(assignment, prepared, &listener, &rounds, &mut reporter);
     if let Err(e) = &result {
         // Best effort: the agent may already be gone.
         let _ = reporter.send(Report::Failed(Failed {
@@ -122,6 +120,51 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         }));
     }
     result
+}
+
+/// The agent's next assignment; `None` when it said stop.
+fn next_assignment(incoming: &mut std::os::unix::net::UnixStream) -> Result<Option<Assignment>> {
+    match frame::read::<AgentMessage, _>(incoming).context("read assignment from agent")? {
+        Some(AgentMessage {
+            kind: Some(agent_message::Kind::Assignment(a)),
+        }) => Ok(Some(a)),
+        Some(AgentMessage {
+            kind: Some(agent_message::Kind::Stop(stop)),
+        }) => {
+            tracing::info!(reason = %stop.reason, "stopped before an assignment");
+            Ok(None)
+        }
+        other => bail!("expected an assignment from the agent, got {other:?}"),
+    }
+}
+
+/// What a spare built ahead of its slot, for the job spec it was built from.
+struct Prepared {
+    spec_json: String,
+    training: Training,
+}
+
+/// Builds a spare's training ahead of its slot, on the CPU only (a GPU
+/// spare does not know its device until it has a slot). `None`: build it
+/// once assigned (a failure here is reported then, by the same build).
+fn prepare(a: &Assignment) -> Option<Prepared> {
+    let spec = JobSpec::from_json(&a.spec_json).ok()?;
+    if !matches!(
+        device::resolve(spec.workers.device, a.local_rank as usize),
+        Ok(Device::Cpu)
+    ) {
+        return None;
+    }
+    match Training::build(spec, a.local_rank as usize, &a.job) {
+        Ok(training) => Some(Prepared {
+            spec_json: a.spec_json.clone(),
+            training,
+        }),
+        Err(e) => {
+            tracing::debug!("prepare ahead of a slot: {e:#}");
+            None
+        }
+    }
 }
 
 /// Sets this process's name (`/proc/PID/comm`, what `ps` and `top` show).
@@ -168,99 +211,120 @@ struct Training {
     retired: Vec<std::thread::JoinHandle<()>>,
 }
 
+impl Training {
+    /// Everything a worker keeps across rounds, built from the job spec for
+    /// slot `local_rank` of its node: data, model, optimizer, buckets.
+    fn build(spec: JobSpec, local_rank: usize, job: &str) -> Result<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = spec
+            .train
+            .threads_per_worker
+            .unwrap_or((cores / spec.workers.nproc.max(1)).max(1));
+        tch::set_num_threads(threads as i32);
+        let device =
+            device::resolve(spec.workers.device, local_rank).map_err(anyhow::Error::msg)?;
+        tracing::info!(job, threads, ?device, "worker starting");
+
+        tch::manual_seed(spec.job.seed as i64);
+        let splits =
+            data::load(&spec.data, spec.job.seed, spec.model.vocab).context("load data")?;
+        let objective = Objective::of(&spec);
+        if objective == Objective::Classification {
+            let table = splits
+                .train
+                .table()
+                .context("classification needs a table")?;
+            ensure!(
+                table.features() > 0 && table.labels().is_some(),
+                "{} models classify: the data needs float features `x` and integer labels `y` \
+                 (found fields {:?}); a TorchScript module with model.returns = \"loss\" takes any fields",
+                format!("{:?}", spec.model.kind).to_lowercase(),
+                table
+                    .fields
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+            );
+        }
+        let vs = VarStore::new(device);
+        let io = model::ModelIo {
+            features: splits.train.features(),
+            classes: splits.classes,
+            context: spec.data.seq_len,
+        };
+        let net =
+            model::build_with(&spec.model, io, spec.train.precision, &vs).context("build model")?;
+        let named = model::named_parameters(&vs);
+        let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let bucket_bytes = (spec.comm.bucket_mb * (1 << 20) as f64) as usize;
+        ensure!(!splits.train.is_empty(), "data.train holds no samples");
+        // Buckets follow the order backward readies gradients, seen on one
+        // backward of the first training sample (the same on every rank, whatever
+        // the step a run starts at), so the first bucket is complete first.
+        let order = hooks::ready_order(&params, || {
+            tch::manual_seed(spec.job.seed as i64);
+            let batch = splits.train.batch(&[(None, 0)], device)?;
+            objective.loss_sum(&net, &batch, true)?.backward();
+            Ok(())
+        })
+        .context("find the order backward readies gradients in")?;
+        let bf16_wire = spec.comm.grad_dtype == kiln_proto::spec::Precision::Bf16;
+        let buckets = GradBuckets::new(
+            &params,
+            &order,
+            bucket_bytes.max(4),
+            device,
+            bf16_wire,
+            spec.comm.overlap,
+        )?;
+        tracing::info!(overlap = buckets.overlapped(), "gradient buckets");
+        let sampler =
+            GlobalSampler::new(spec.job.seed, splits.train.len(), spec.train.global_batch);
+        let opt = Optimizer::new(&spec.optimizer, &params);
+        let fingerprint = splits.fingerprint();
+        Ok(Training {
+            spec,
+            device,
+            splits,
+            net,
+            _vs: vs,
+            named,
+            params,
+            opt,
+            buckets,
+            sampler,
+            objective,
+            fingerprint,
+            step: None,
+            loss: f64::NAN,
+            grad_norm: f64::NAN,
+            eval: BTreeMap::new(),
+            start_step: 0,
+            resumed_from: String::new(),
+            last_saved: None,
+            retired: Vec::new(),
+        })
+    }
+}
+
 fn train(
     first: Assignment,
-    local_rank: usize,
+    prepared: Option<Prepared>,
     listener: &TcpListener,
     rounds: &Rounds,
     reporter: &mut Reporter,
 ) -> Result<()> {
-    let spec = JobSpec::from_json(&first.spec_json).context("parse job spec from assignment")?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = spec
-        .train
-        .threads_per_worker
-        .unwrap_or((cores / spec.workers.nproc.max(1)).max(1));
-    tch::set_num_threads(threads as i32);
-    let device = device::resolve(spec.workers.device, local_rank).map_err(anyhow::Error::msg)?;
-    tracing::info!(job = %first.job, threads, ?device, "worker starting");
-
-    tch::manual_seed(spec.job.seed as i64);
-    let splits = data::load(&spec.data, spec.job.seed, spec.model.vocab).context("load data")?;
-    let objective = Objective::of(&spec);
-    if objective == Objective::Classification {
-        let table = splits
-            .train
-            .table()
-            .context("classification needs a table")?;
-        ensure!(
-            table.features() > 0 && table.labels().is_some(),
-            "{} models classify: the data needs float features `x` and integer labels `y` \
-             (found fields {:?}); a TorchScript module with model.returns = \"loss\" takes any fields",
-            format!("{:?}", spec.model.kind).to_lowercase(),
-            table
-                .fields
-                .iter()
-                .map(|f| f.name.as_str())
-                .collect::<Vec<_>>()
-        );
-    }
-    let vs = VarStore::new(device);
-    let io = model::ModelIo {
-        features: splits.train.features(),
-        classes: splits.classes,
-        context: spec.data.seq_len,
-    };
-    let net =
-        model::build_with(&spec.model, io, spec.train.precision, &vs).context("build model")?;
-    let named = model::named_parameters(&vs);
-    let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
-    let bucket_bytes = (spec.comm.bucket_mb * (1 << 20) as f64) as usize;
-    ensure!(!splits.train.is_empty(), "data.train holds no samples");
-    // Buckets follow the order backward readies gradients, seen on one
-    // backward of the first training sample (the same on every rank, whatever
-    // the step a run starts at), so the first bucket is complete first.
-    let order = hooks::ready_order(&params, || {
-        tch::manual_seed(spec.job.seed as i64);
-        let batch = splits.train.batch(&[(None, 0)], device)?;
-        objective.loss_sum(&net, &batch, true)?.backward();
-        Ok(())
-    })
-    .context("find the order backward readies gradients in")?;
-    let bf16_wire = spec.comm.grad_dtype == kiln_proto::spec::Precision::Bf16;
-    let buckets = GradBuckets::new(
-        &params,
-        &order,
-        bucket_bytes.max(4),
-        device,
-        bf16_wire,
-        spec.comm.overlap,
-    )?;
-    tracing::info!(overlap = buckets.overlapped(), "gradient buckets");
-    let sampler = GlobalSampler::new(spec.job.seed, splits.train.len(), spec.train.global_batch);
-    let opt = Optimizer::new(&spec.optimizer, &params);
-    let fingerprint = splits.fingerprint();
-    let mut t = Training {
-        spec,
-        device,
-        splits,
-        net,
-        _vs: vs,
-        named,
-        params,
-        opt,
-        buckets,
-        sampler,
-        objective,
-        fingerprint,
-        step: None,
-        loss: f64::NAN,
-        grad_norm: f64::NAN,
-        eval: BTreeMap::new(),
-        start_step: 0,
-        resumed_from: String::new(),
-        last_saved: None,
-        retired: Vec::new(),
+    let mut t = match prepared {
+        Some(p) if p.spec_json == first.spec_json => {
+            tracing::info!(job = %first.job, "worker starting (built ahead as a spare)");
+            p.training
+        }
+        _ => {
+            let spec =
+                JobSpec::from_json(&first.spec_json).context("parse job spec from assignment")?;
+            // A spare learns its slot from its first assignment.
+            Training::build(spec, first.local_rank as usize, &first.job)?
+        }
     };
 
     let mut assignment = first;
