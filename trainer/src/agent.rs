@@ -232,7 +232,7 @@ impl LocalWorkers {
                     Report::Failed(f) => {
                         failures.push(Failure::reported(rank(i), pids[i], f.error))
                     }
-                    Report::Interrupted(_) | Report::RoundStarted(_) => {}
+                    Report::Interrupted(_) | Report::RoundStarted(_) | Report::Prepared(_) => {}
                     Report::Hello(_) => failures.push(Failure::reported(
                         rank(i),
                         pids[i],
@@ -472,6 +472,8 @@ pub struct ElasticWorkers {
     spare: Option<tokio::task::JoinHandle<Result<WorkerHandle>>>,
     /// The latest round's assignment: what a spare is told to prepare for.
     latest: Option<RoundAssignment>,
+    /// Updates read while [`Self::prepare`] waited, for [`Self::next`].
+    held: std::collections::VecDeque<Update>,
 }
 
 impl std::fmt::Debug for ElasticWorkers {
@@ -519,6 +521,7 @@ impl LocalWorkers {
             world_size: 0,
             spare: None,
             latest: None,
+            held: Default::default(),
         }
     }
 }
@@ -532,6 +535,71 @@ impl ElasticWorkers {
     /// Whether every local worker finished the job.
     pub fn all_finished(&self) -> bool {
         self.slots.iter().all(|s| s.finished)
+    }
+
+    /// Tells every worker the job ahead of any round, so that each builds
+    /// what a round needs (data, model, buckets) now, and waits (at most
+    /// `limit`) until each has: a node that joins the rendezvous only then
+    /// never makes a round wait for its workers to build (the stall a node
+    /// joining mid-run caused). Workers that cannot build ahead (a GPU
+    /// device) answer at once and build when assigned. Returns how many built.
+    pub async fn prepare(&mut self, spec_json: &str, limit: Duration) -> usize {
+        let template = RoundAssignment {
+            round: 0,
+            first_rank: 0,
+            world_size: 0,
+            peers: Vec::new(),
+            spec_json: spec_json.to_string(),
+            checkpoint_url: String::new(),
+            resume: String::new(),
+            run_id: String::new(),
+            ring_secret: Vec::new(),
+        };
+        let mut waiting = std::collections::BTreeSet::new();
+        for (local_rank, slot) in self.slots.iter_mut().enumerate() {
+            let Some(writer) = slot.writer.as_mut() else {
+                continue;
+            };
+            let mut a = template.assignment(&self.job, &self.cfg.run_dir, local_rank, true);
+            a.prepare_only = true;
+            let msg = AgentMessage {
+                kind: Some(agent_message::Kind::Assignment(a)),
+            };
+            if writer.write_all(&frame::encode(&msg)).await.is_ok() {
+                waiting.insert((local_rank, slot.generation));
+            }
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut built = 0;
+        while !waiting.is_empty() {
+            let update = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(update)) => update,
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        job = self.job,
+                        "workers still preparing after {limit:?}: joining"
+                    );
+                    break;
+                }
+            };
+            match update {
+                Update::Report(
+                    i,
+                    g,
+                    WorkerMessage {
+                        kind: Some(Report::Prepared(p)),
+                    },
+                ) if waiting.remove(&(i, g)) => built += usize::from(p.built),
+                // A worker that died meanwhile is replaced through `next`.
+                Update::Exited(i, g, status) => {
+                    waiting.remove(&(i, g));
+                    self.held.push_back(Update::Exited(i, g, status));
+                }
+                other => self.held.push_back(other),
+            }
+        }
+        built
     }
 
     /// Hands every live worker its part of a round (a worker in the middle of
@@ -710,7 +778,10 @@ impl ElasticWorkers {
     /// The next thing a worker did. Never returns `None` while a worker lives.
     pub async fn next(&mut self) -> Option<ElasticUpdate> {
         loop {
-            let update = self.rx.recv().await?;
+            let update = match self.held.pop_front() {
+                Some(held) => held,
+                None => self.rx.recv().await?,
+            };
             if let Some(u) = self.apply(update) {
                 if matches!(u, ElasticUpdate::RoundStarted { .. }) && self.spare.is_none() {
                     // Once this node trains: a process start (a libtorch load)
@@ -786,6 +857,8 @@ impl ElasticWorkers {
                         rank: r,
                         message: format!("worker rank {r} said hello twice"),
                     },
+                    // A spare's answer to being prepared, read once adopted.
+                    Report::Prepared(_) => return None,
                 })
             }
             Update::Closed(i, g, Some(error)) if self.slots[i].generation == g => {

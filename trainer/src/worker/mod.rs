@@ -101,6 +101,9 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
     let mut prepared = None;
     if assignment.prepare_only {
         prepared = prepare(&assignment);
+        reporter.send(Report::Prepared(kiln_proto::worker::Prepared {
+            built: prepared.is_some(),
+        }))?;
         let Some(next) = next_assignment(&mut incoming)? else {
             return Ok(());
         };
