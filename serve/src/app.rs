@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use axum::Router;
 use axum::body::Body;
 use axum::http::Request;
@@ -30,6 +29,7 @@ use tower::ServiceExt;
 use crate::batcher::BatchSettings;
 use crate::config::ServeConfig;
 use crate::deployment::Loader;
+use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::server::ServerState;
 
@@ -62,20 +62,24 @@ impl RunningServer {
     /// Stops accepting, lets requests in flight finish (up to 10 s:
     /// [`crate::listener::SHUTDOWN_GRACE`]), and delivers pending hook
     /// events (up to 5 s).
-    pub async fn shutdown(self) -> Result<()> {
+    pub async fn shutdown(self) -> Result<(), Error> {
         self.state.cancel.cancel();
         self.wait().await
     }
 
     /// Runs until the server's cancellation token fires (see
     /// [`ServerState::cancel`]), then shuts down as [`Self::shutdown`].
-    pub async fn wait(self) -> Result<()> {
+    pub async fn wait(self) -> Result<(), Error> {
         self.state.cancel.cancelled().await;
         // The listener drops connections at its grace; this is a backstop.
         let backstop = crate::listener::SHUTDOWN_GRACE + Duration::from_secs(1);
         let result = match tokio::time::timeout(backstop, self.task).await {
-            Ok(Ok(r)) => r.context("serve"),
-            Ok(Err(e)) => Err(anyhow::anyhow!("server task failed: {e}")),
+            Ok(Ok(r)) => r.map_err(|e| Error::Serve {
+                reason: e.to_string(),
+            }),
+            Ok(Err(e)) => Err(Error::Serve {
+                reason: format!("server task failed: {e}"),
+            }),
             Err(_) => {
                 tracing::warn!("connections still open 10 s after shutdown began; closing");
                 Ok(())
@@ -88,7 +92,7 @@ impl RunningServer {
 
 /// Binds, starts serving (health answers at once), loads every configured
 /// model, and returns once all are ready. `cancel` stops the server.
-pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<RunningServer> {
+pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<RunningServer, Error> {
     config.validate()?;
     let tokens = config.auth.tokens()?;
     let selectors = config.selectors()?;
@@ -97,8 +101,13 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
     }
     let registry = Registry::open(&config.registry)
         .await
-        .with_context(|| format!("open registry {}", config.registry))?;
-    let hooks = Hooks::new(&config.hooks).context("hooks")?;
+        .map_err(|source| Error::Registry {
+            url: config.registry.clone(),
+            source,
+        })?;
+    let hooks = Hooks::new(&config.hooks).map_err(|e| Error::Config {
+        reason: format!("hooks: {e:#}"),
+    })?;
     let metrics = Metrics::default();
     let batch = BatchSettings {
         max_batch_size: config.batching.max_batch_size,
@@ -119,12 +128,14 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
             .unwrap_or(0)
     });
     let tls = crate::listener::tls_acceptor(&config.tls)?;
+    let listen = |source| Error::Listen {
+        addr: config.listen,
+        source,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("listen on {}", config.listen))?;
-    let addr = listener
-        .local_addr()
-        .context("read the listening address")?;
+        .map_err(listen)?;
+    let addr = listener.local_addr().map_err(listen)?;
     let state = Arc::new(ServerState {
         loader: Loader {
             registry: registry.clone(),
@@ -163,7 +174,10 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
         if let Err(e) = state.load_model(selector).await {
             state.cancel.cancel();
             let _ = running.wait().await;
-            return Err(e.context(format!("load model {what}")));
+            return Err(Error::Model {
+                model: what,
+                reason: format!("{e:#}"),
+            });
         }
     }
     state.ready.store(true, Ordering::SeqCst);

@@ -75,4 +75,5 @@ pub mod signature;
 
 pub use app::{RunningServer, start};
 pub use config::ServeConfig;
+pub use error::Error;
 pub use server::ServerState;

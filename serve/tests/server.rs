@@ -1201,3 +1201,41 @@ fn requests_past_their_time_limit_get_504_and_the_server_goes_on() {
     });
     f.stop(server);
 }
+
+/// `start` says what went wrong by what to fix: the configuration, the
+/// registry, the model, the address.
+#[test]
+fn start_errors_say_what_to_fix() {
+    let f = Fixture::new();
+    let start = |config: ServeConfig| {
+        f.rt.block_on(kiln_serve::start(
+            config,
+            tokio_util::sync::CancellationToken::new(),
+        ))
+        .unwrap_err()
+    };
+    let mut config = f.config();
+    config.batching.max_batch_size = 0;
+    let e = start(config);
+    assert!(matches!(e, kiln_serve::Error::Config { .. }), "{e:?}");
+    assert!(e.to_string().contains("batching.max_batch_size"), "{e}");
+
+    let mut config = f.config();
+    config.registry = "bogus://nowhere".into();
+    let e = start(config);
+    assert!(matches!(e, kiln_serve::Error::Registry { .. }), "{e:?}");
+
+    let mut config = f.config();
+    config.models = vec!["m:9".into()];
+    let e = start(config);
+    assert!(
+        matches!(e, kiln_serve::Error::Model { ref model, .. } if model == "m:9"),
+        "{e:?}"
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = f.config();
+    config.listen = taken.local_addr().unwrap();
+    let e = start(config);
+    assert!(matches!(e, kiln_serve::Error::Listen { .. }), "{e:?}");
+}
