@@ -342,20 +342,7 @@ impl Gpt {
     /// `tch::no_grad` is the caller's business.
     pub fn next_token_logits(&self, tokens: &Tensor) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (b, t) = match tokens.size().as_slice() {
-            &[b, t] => (b, t),
-            shape => bail!("gpt: tokens must be [batch, time], not {shape:?}"),
-        };
-        ensure!(
-            tokens.kind() == Kind::Int64,
-            "gpt: tokens must be int64, not {:?}",
-            tokens.kind()
-        );
-        ensure!(
-            b >= 1 && t >= 1,
-            "gpt: empty batch of tokens {:?}",
-            tokens.size()
-        );
+        let (b, t) = batch_and_time(tokens)?;
         ensure!(
             t <= cfg.seq_len as i64,
             "gpt: {t} positions pass the context of {} tokens",
@@ -512,20 +499,7 @@ impl Gpt {
     /// The forward pass shared by training and cached generation.
     fn run(&self, tokens: &Tensor, train: bool, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (b, t) = match tokens.size().as_slice() {
-            &[b, t] => (b, t),
-            shape => bail!("gpt: tokens must be [batch, time], not {shape:?}"),
-        };
-        ensure!(
-            tokens.kind() == Kind::Int64,
-            "gpt: tokens must be int64, not {:?}",
-            tokens.kind()
-        );
-        ensure!(
-            b >= 1 && t >= 1,
-            "gpt: empty batch of tokens {:?}",
-            tokens.size()
-        );
+        let (_, t) = batch_and_time(tokens)?;
         let offset = cache.as_ref().map_or(0, |c| c.len) as i64;
         ensure!(
             offset + t <= cfg.seq_len as i64,
@@ -680,6 +654,26 @@ impl Gpt {
             w.shallow_clone()
         }
     }
+}
+
+/// The batch size and length of `tokens`, checked: int64 [b, t], both at
+/// least 1.
+fn batch_and_time(tokens: &Tensor) -> Result<(i64, i64)> {
+    let (b, t) = match tokens.size().as_slice() {
+        &[b, t] => (b, t),
+        shape => bail!("gpt: tokens must be [batch, time], not {shape:?}"),
+    };
+    ensure!(
+        tokens.kind() == Kind::Int64,
+        "gpt: tokens must be int64, not {:?}",
+        tokens.kind()
+    );
+    ensure!(
+        b >= 1 && t >= 1,
+        "gpt: empty batch of tokens {:?}",
+        tokens.size()
+    );
+    Ok((b, t))
 }
 
 /// Rotary tables for `seq_len` positions, computed on the CPU with exactly the

@@ -219,6 +219,26 @@ async fn post(url: &str, body: Value) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// The `logits` output of an infer response, a row per sequence (its shape
+/// checked).
+fn logits_of(response: &str) -> Vec<Vec<f32>> {
+    let v: Value = serde_json::from_str(response).unwrap();
+    let logits = v["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "logits")
+        .unwrap();
+    let rows: Vec<Vec<f32>> = logits["data"]
+        .as_array()
+        .unwrap()
+        .chunks(VOCAB)
+        .map(|r| r.iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .collect();
+    assert_eq!(logits["shape"], json!([rows.len(), VOCAB]));
+    rows
+}
+
 /// The `text_output` pieces of a `/generate_stream` body, and an error event if any.
 fn sse_pieces(body: &str) -> (Vec<String>, Option<String>) {
     let mut pieces = Vec::new();
@@ -253,19 +273,8 @@ fn next_token_logits_over_http_and_grpc_equal_the_network_bit_for_bit() {
         assert_eq!(status, 200, "{text}");
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["model_version"], "1");
-        let logits = v["outputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|o| o["name"] == "logits")
-            .unwrap();
-        assert_eq!(logits["shape"], json!([2, VOCAB]));
-        let got: Vec<Vec<f32>> = logits["data"]
-            .as_array()
-            .unwrap()
-            .chunks(VOCAB)
-            .map(|r| r.iter().map(|x| x.as_f64().unwrap() as f32).collect())
-            .collect();
+        let got = logits_of(&text);
+        assert_eq!(got.len(), 2);
         assert_eq!(bits(&got), bits(&expected));
 
         // A full context; binary in.
@@ -524,20 +533,7 @@ fn instances_answer_concurrent_requests_as_one_network_does() {
         for t in logits {
             let (status, text) = t.await.unwrap();
             assert_eq!(status, 200, "{text}");
-            let v: Value = serde_json::from_str(&text).unwrap();
-            let logits = v["outputs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|o| o["name"] == "logits")
-                .unwrap();
-            let got: Vec<f32> = logits["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
-            let got = bits(&[got]);
+            let got = bits(&logits_of(&text));
             assert!(expected.contains(&got), "{got:?} is no shape's answer");
         }
     });
@@ -574,20 +570,7 @@ fn batched_logits_answer_bit_for_bit_at_their_shape_and_agree_across_shapes() {
         async move {
             let (status, text) = post(&u, body).await;
             assert_eq!(status, 200, "{text}");
-            let v: Value = serde_json::from_str(&text).unwrap();
-            let logits = v["outputs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|o| o["name"] == "logits")
-                .unwrap()
-                .clone();
-            logits["data"]
-                .as_array()
-                .unwrap()
-                .chunks(VOCAB)
-                .map(|row| row.iter().map(|x| x.as_f64().unwrap() as f32).collect())
-                .collect::<Vec<Vec<f32>>>()
+            logits_of(&text)
         }
     };
     let close = |got: &[Vec<f32>], want: &[Vec<f32>], what: &str| {
