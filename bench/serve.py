@@ -118,6 +118,11 @@ def parse_args():
     p.add_argument("--concurrency", default="1,8,32,128", help="wrk connections, one level each (default: %(default)s)")
     p.add_argument("--duration-s", type=float, default=8.0, help="measured wrk window per run (default: %(default)s)")
     p.add_argument("--warmup-s", type=float, default=2.0, help="wrk warm-up before each window (default: %(default)s)")
+    p.add_argument(
+        "--gpt-tokens",
+        type=int,
+        help="ids per GPT request (default: the whole context, 128); fewer shows batching of short prompts",
+    )
     p.add_argument("--reps", type=int, default=1, help="repetitions of every wrk run; medians shown (default: %(default)s)")
     p.add_argument("--triton-concurrency", default="1,32", help="tritonclient levels; '' skips (default: %(default)s)")
     p.add_argument("--triton-modes", default="http-binary,http-json,grpc", help="tritonclient modes (default: %(default)s)")
@@ -315,8 +320,11 @@ def prepare_model(args, name, work):
         data = [float(v) for v in x.ravel()]  # what `.tolist()` of a float32 array sends
     else:
         context = spec["data"]["seq_len"]
-        tokens = np.fromfile(spec["data"]["train"][0], dtype="<u2", count=context).astype(np.int64)
-        x = tokens.reshape(1, context)
+        length = args.gpt_tokens or context
+        if not 1 <= length <= context:
+            raise SystemExit(f"--gpt-tokens {length}: allowed 1 to the context, {context}")
+        tokens = np.fromfile(spec["data"]["train"][0], dtype="<u2", count=length).astype(np.int64)
+        x = tokens.reshape(1, length)
         data = [int(v) for v in x.ravel()]
     model = Model(name, registry, selector, weights, spec, None, x)
     model.body = json.dumps(
@@ -815,7 +823,10 @@ def print_tables(args, summary, loopback):
     lb_what = "measured now" if loopback else "TOOLCHAIN.md's reference"
     targets = []
     for m in args.model_list:
-        print(f"\n== {MODEL_TITLES[m]}: wrk, OIP v2 JSON body ({len(args.models_by_name[m].body)} bytes), closed loop")
+        title = MODEL_TITLES[m]
+        if m == "gpt" and args.gpt_tokens:
+            title = title.replace("[1, 128]", f"[1, {args.gpt_tokens}]")
+        print(f"\n== {title}: wrk, OIP v2 JSON body ({len(args.models_by_name[m].body)} bytes), closed loop")
         print(
             f"{'cores':>5} {'conc':>4} | {'kiln r/s':>8} {'FastAPI':>8} {'ratio':>6} | {'p50 kiln':>8} {'FastAPI':>8} "
             f"{'ratio':>6} | {'p99 kiln':>8} {'FastAPI':>8} {'ratio':>6} | {'ovh p50':>7} {'ovh mean':>8} "
@@ -1030,6 +1041,7 @@ def main():
                 "triton_duration_s": args.triton_duration_s,
                 "triton_warmup_s": args.triton_warmup_s,
                 "quick": args.quick,
+                "gpt_tokens": args.gpt_tokens,
                 "servers": settings,
             },
             "bodies": {m: len(mo.body) for m, mo in args.models_by_name.items()},

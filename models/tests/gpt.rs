@@ -358,6 +358,41 @@ fn bf16_stays_close_and_keeps_float32_parameters() {
 }
 
 #[test]
+fn next_token_logits_match_the_full_forwards_last_position() {
+    for positions in [Positions::Learned, Positions::Rotary] {
+        let (vs, gpt) = build(small(positions), 8);
+        perturb(&vs);
+        for (b, t) in [(1, 1), (1, 16), (3, 7), (4, 16)] {
+            let tokens = random_tokens([b, t], 64);
+            let (full, next) = tch::no_grad(|| {
+                let full = gpt.forward_t(&tokens, false).unwrap().select(1, -1);
+                (full, gpt.next_token_logits(&tokens).unwrap())
+            });
+            assert_eq!(next.size(), [b, 64]);
+            assert_eq!(next.kind(), Kind::Float);
+            let diff = max_abs_diff(&full, &next);
+            assert!(diff < 1e-5, "{positions:?} [{b}, {t}]: max |diff| {diff}");
+        }
+        // At a given batch shape a row's logits depend on its own tokens
+        // only, bit for bit.
+        let tokens = random_tokens([4, 9], 64);
+        let other = Tensor::cat(&[tokens.narrow(0, 0, 2), random_tokens([2, 9], 64)], 0);
+        let (a, b) = tch::no_grad(|| {
+            (
+                gpt.next_token_logits(&tokens).unwrap(),
+                gpt.next_token_logits(&other).unwrap(),
+            )
+        });
+        assert!(a.narrow(0, 0, 2).equal(&b.narrow(0, 0, 2)), "{positions:?}");
+        assert!(gpt.next_token_logits(&random_tokens([1, 17], 64)).is_err());
+        assert!(
+            gpt.next_token_logits(&Tensor::zeros([1, 4], (Kind::Float, Device::Cpu)))
+                .is_err()
+        );
+    }
+}
+
+#[test]
 fn cached_forward_matches_the_full_forward() {
     for positions in [Positions::Learned, Positions::Rotary] {
         let (vs, gpt) = build(small(positions), 6);

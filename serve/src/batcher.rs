@@ -77,18 +77,19 @@ impl BatchSettings {
     }
 }
 
-/// A request's rows waiting for a forward pass.
-pub struct Job {
+/// A request's rows waiting for a forward pass: `f32` features for a
+/// classifier, `i64` token ids for a language model.
+pub struct Job<T = f32> {
     pub rows: usize,
-    /// rows x features, row-major.
-    pub values: Vec<f32>,
+    /// rows x width values, row-major.
+    pub values: Vec<T>,
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Result<JobOutput, RequestError>>,
 }
 
-impl Job {
+impl<T> Job<T> {
     fn bytes(&self) -> usize {
-        self.values.len() * std::mem::size_of::<f32>()
+        self.values.len() * std::mem::size_of::<T>()
     }
 }
 
@@ -105,6 +106,32 @@ pub struct JobOutput {
     pub compute: Duration,
 }
 
+/// What batching needs to know of a queued request.
+pub(crate) trait Queued {
+    /// Rows it adds to a batch.
+    fn rows(&self) -> usize;
+    fn enqueued(&self) -> Instant;
+    /// Whether it may start a batch that others join (false: it runs alone,
+    /// at once).
+    fn batches(&self) -> bool {
+        true
+    }
+    /// Whether it may run in one pass with `first`, the batch's oldest.
+    fn joins(&self, _first: &Self) -> bool {
+        true
+    }
+}
+
+impl<T> Queued for Job<T> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn enqueued(&self) -> Instant {
+        self.enqueued
+    }
+}
+
 /// The sending side of a version's queue. Dropping every clone stops the
 /// compute threads once the queue is drained.
 #[derive(Clone)]
@@ -116,10 +143,39 @@ pub struct BatchQueue {
 }
 
 /// What the instances of a version share: the receiving end, and a request
-/// taken but left for the next batch (it would have overflowed the last).
-struct Intake {
-    rx: Receiver<Job>,
-    carry: Option<Job>,
+/// taken but left for the next batch (it would have overflowed the last, or
+/// could not join it).
+pub(crate) struct Intake<J> {
+    rx: Receiver<J>,
+    carry: Option<J>,
+}
+
+impl<J> Intake<J> {
+    pub(crate) fn new(rx: Receiver<J>) -> Arc<Mutex<Intake<J>>> {
+        Arc::new(Mutex::new(Intake { rx, carry: None }))
+    }
+}
+
+/// Starts a compute thread per network of `nets`, named after `name`
+/// (`name.i` when there are several), each running `run` on its network.
+pub(crate) fn spawn_instances(
+    nets: Vec<ServingNet>,
+    name: &str,
+    run: impl Fn(ServingNet) + Clone + Send + 'static,
+) -> std::io::Result<()> {
+    let count = nets.len();
+    for (i, net) in nets.into_iter().enumerate() {
+        let thread = if count > 1 {
+            format!("{name}.{i}")
+        } else {
+            name.to_string()
+        };
+        let run = run.clone();
+        std::thread::Builder::new()
+            .name(thread)
+            .spawn(move || run(net))?;
+    }
+    Ok(())
 }
 
 impl BatchQueue {
@@ -133,26 +189,17 @@ impl BatchQueue {
         name: String,
     ) -> std::io::Result<BatchQueue> {
         let (tx, rx) = std::sync::mpsc::sync_channel(settings.queue_capacity);
-        let intake = Arc::new(Mutex::new(Intake { rx, carry: None }));
+        let intake = Intake::new(rx);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let count = nets.len();
-        for (i, net) in nets.into_iter().enumerate() {
-            let (intake, queued, settings) =
-                (intake.clone(), queued_bytes.clone(), settings.clone());
-            let (metrics, labels) = (metrics.clone(), labels.clone());
-            let thread = if count > 1 {
-                format!("{name}.{i}")
-            } else {
-                name.clone()
-            };
-            std::thread::Builder::new()
-                .name(thread)
-                .spawn(move || compute_loop(net, &intake, &queued, &settings, &metrics, &labels))?;
-        }
+        let max_bytes = settings.max_queue_bytes;
+        let queued = queued_bytes.clone();
+        spawn_instances(nets, &name, move |net| {
+            compute_loop(net, &intake, &queued, &settings, &metrics, &labels)
+        })?;
         Ok(BatchQueue {
             tx,
             queued_bytes,
-            max_bytes: settings.max_queue_bytes,
+            max_bytes,
         })
     }
 
@@ -176,23 +223,28 @@ impl BatchQueue {
                 "the model's request queue is full (bytes); retry later",
             ));
         }
-        let refused = match self.tx.try_send(job) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Full(_)) => {
-                RequestError::unavailable("the model's request queue is full; retry later")
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                RequestError::unavailable("the model version stopped; retry")
-            }
-        };
-        self.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
-        Err(refused)
+        self.tx.try_send(job).map_err(|e| {
+            self.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+            refused(e)
+        })
+    }
+}
+
+/// The answer to a request its version's queue did not take.
+pub(crate) fn refused<J>(e: TrySendError<J>) -> RequestError {
+    match e {
+        TrySendError::Full(_) => {
+            RequestError::unavailable("the model's request queue is full; retry later")
+        }
+        TrySendError::Disconnected(_) => {
+            RequestError::unavailable("the model version stopped; retry")
+        }
     }
 }
 
 fn compute_loop(
     net: ServingNet,
-    intake: &Mutex<Intake>,
+    intake: &Mutex<Intake<Job>>,
     queued_bytes: &AtomicUsize,
     settings: &BatchSettings,
     metrics: &Metrics,
@@ -201,14 +253,8 @@ fn compute_loop(
     if settings.threads > 0 {
         tch::set_num_threads(settings.threads as i32);
     }
-    loop {
-        let batch = {
-            let mut intake = intake.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(batch) = next_batch(&mut intake, settings) else {
-                break;
-            };
-            batch
-        };
+    let passes = Passes::features(&net, settings);
+    while let Some(batch) = take_batch(intake, settings) {
         let taken: usize = batch.iter().map(Job::bytes).sum();
         queued_bytes.fetch_sub(taken, Ordering::SeqCst);
         // Requests whose caller gave up (timed out, disconnected) are skipped.
@@ -217,21 +263,36 @@ fn compute_loop(
             .filter(|job| !job.reply.is_closed())
             .collect();
         if !batch.is_empty() {
-            run_batch(&net, batch, settings, metrics, labels);
+            passes.run_batch(batch, metrics, labels, |rows, values| {
+                net.forward(rows, values)
+            });
         }
     }
     tracing::debug!(model = %labels.model, version = %labels.version, "compute thread stopped");
 }
 
+/// The next batch from the shared intake (see [`next_batch`]); the lock is
+/// held only while the batch is gathered, never while it runs.
+pub(crate) fn take_batch<J: Queued>(
+    intake: &Mutex<Intake<J>>,
+    settings: &BatchSettings,
+) -> Option<Vec<J>> {
+    let mut intake = intake.lock().unwrap_or_else(|e| e.into_inner());
+    next_batch(&mut intake, settings)
+}
+
 /// The next batch: the oldest request and those that join it (see the
 /// module doc); `None` once every sender is gone and the queue is empty.
-fn next_batch(intake: &mut Intake, settings: &BatchSettings) -> Option<Vec<Job>> {
+fn next_batch<J: Queued>(intake: &mut Intake<J>, settings: &BatchSettings) -> Option<Vec<J>> {
     let first = match intake.carry.take() {
         Some(job) => job,
         None => intake.rx.recv().ok()?,
     };
-    let deadline = first.enqueued + settings.max_queue_delay;
-    let mut rows = first.rows;
+    if !first.batches() {
+        return Some(vec![first]);
+    }
+    let deadline = first.enqueued() + settings.max_queue_delay;
+    let mut rows = first.rows();
     let mut batch = vec![first];
     while rows < settings.max_batch_size {
         let wait = deadline.saturating_duration_since(Instant::now());
@@ -241,12 +302,12 @@ fn next_batch(intake: &mut Intake, settings: &BatchSettings) -> Option<Vec<Job>>
             intake.rx.recv_timeout(wait)
         };
         match next {
-            Ok(job) if rows + job.rows > settings.max_batch_size => {
+            Ok(job) if rows + job.rows() > settings.max_batch_size || !job.joins(&batch[0]) => {
                 intake.carry = Some(job);
                 break;
             }
             Ok(job) => {
-                rows += job.rows;
+                rows += job.rows();
                 batch.push(job);
             }
             Err(_) => break,
@@ -255,106 +316,147 @@ fn next_batch(intake: &mut Intake, settings: &BatchSettings) -> Option<Vec<Job>>
     Some(batch)
 }
 
-fn run_batch(
-    net: &ServingNet,
-    batch: Vec<Job>,
-    settings: &BatchSettings,
-    metrics: &Metrics,
-    labels: &VersionLabels,
-) {
-    let started = Instant::now();
-    let rows: usize = batch.iter().map(|j| j.rows).sum();
-    let features = net.features();
-    let mut values = Vec::with_capacity(rows * features);
-    for job in &batch {
-        values.extend_from_slice(&job.values);
+/// How a compute thread runs a batch's rows through its network: passes of
+/// at most `max_batch_size` rows, each at its shape (see
+/// [`BatchSettings::shape_for`]), padded with rows of `pad`.
+pub(crate) struct Passes<'a, T> {
+    /// Values per row.
+    pub width: usize,
+    /// What padding rows hold (a valid input).
+    pub pad: T,
+    /// Logits per row.
+    pub classes: usize,
+    pub settings: &'a BatchSettings,
+}
+
+impl<'a> Passes<'a, f32> {
+    /// Rows of a classifier's features, padded with zeros.
+    fn features(net: &ServingNet, settings: &'a BatchSettings) -> Passes<'a, f32> {
+        Passes {
+            width: net.features(),
+            pad: 0.0,
+            classes: net.classes(),
+            settings,
+        }
     }
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        forward_in_passes(net, rows, &values, settings)
-    }))
-    .unwrap_or_else(|panic| {
+}
+
+impl<T: Copy> Passes<'_, T> {
+    /// Runs `batch` as one batch through `pass` (rows, values -> logits) and
+    /// answers each job with its rows' logits. libtorch panics become errors.
+    pub(crate) fn run_batch(
+        &self,
+        batch: Vec<Job<T>>,
+        metrics: &Metrics,
+        labels: &VersionLabels,
+        mut pass: impl FnMut(usize, &[T]) -> anyhow::Result<Vec<f32>>,
+    ) {
+        let started = Instant::now();
+        let rows: usize = batch.iter().map(|j| j.rows).sum();
+        let result = if let [job] = batch.as_slice() {
+            catch(|| self.in_passes(rows, &job.values, &mut pass))
+        } else {
+            let mut values = Vec::with_capacity(rows * self.width);
+            for job in &batch {
+                values.extend_from_slice(&job.values);
+            }
+            catch(|| self.in_passes(rows, &values, &mut pass))
+        };
+        let compute = started.elapsed();
+        metrics.observe_batch(labels, rows, compute);
+        match result {
+            Ok(logits) => {
+                let mut at = 0;
+                for job in batch {
+                    let n = job.rows * self.classes;
+                    let queued = started.saturating_duration_since(job.enqueued);
+                    metrics.observe_queue(labels, queued);
+                    let _ = job.reply.send(Ok(JobOutput {
+                        logits: logits[at..at + n].to_vec(),
+                        queued,
+                        batch_rows: rows,
+                        compute,
+                    }));
+                    at += n;
+                }
+            }
+            Err(e) => {
+                tracing::error!(model = %labels.model, version = %labels.version, error = %format!("{e:#}"), "forward pass failed");
+                for job in batch {
+                    let _ = job.reply.send(Err(RequestError::internal(format!(
+                        "inference failed: {e:#}"
+                    ))));
+                }
+            }
+        }
+    }
+
+    /// Logits of `rows` rows (`values`: rows x width), computed in passes of
+    /// at most `max_batch_size` rows, each run at its shape, padded.
+    pub(crate) fn in_passes(
+        &self,
+        rows: usize,
+        values: &[T],
+        pass: &mut impl FnMut(usize, &[T]) -> anyhow::Result<Vec<f32>>,
+    ) -> anyhow::Result<Vec<f32>> {
+        let (width, classes) = (self.width, self.classes);
+        let step = self.settings.max_batch_size;
+        let mut logits = Vec::with_capacity(rows * classes);
+        let mut padded = Vec::new();
+        for start in (0..rows).step_by(step) {
+            let n = step.min(rows - start);
+            let chunk = &values[start * width..(start + n) * width];
+            let shape = self.settings.shape_for(n);
+            if shape > n {
+                padded.clear();
+                padded.extend_from_slice(chunk);
+                padded.resize(shape * width, self.pad);
+                let out = pass(shape, &padded)?;
+                logits.extend_from_slice(&out[..n * classes]);
+            } else {
+                logits.extend(pass(n, chunk)?);
+            }
+        }
+        Ok(logits)
+    }
+
+    /// Runs a few passes at every shape (and at one row when shapes are
+    /// off) so the first real request does not pay for libtorch's lazy
+    /// initialisation (kernel selection, allocator growth).
+    pub(crate) fn warm_up(
+        &self,
+        mut pass: impl FnMut(usize, &[T]) -> anyhow::Result<Vec<f32>>,
+    ) -> anyhow::Result<()> {
+        let settings = self.settings;
+        let padding = vec![self.pad; settings.max_batch_size * self.width];
+        let mut shapes = settings.shapes.clone();
+        if !settings.fixed_shape {
+            shapes.insert(0, 1);
+        }
+        for _ in 0..2 {
+            for &shape in &shapes {
+                self.in_passes(shape, &padding[..shape * self.width], &mut pass)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f`, turning a libtorch panic into an error.
+pub(crate) fn catch<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<String>()
             .map(String::as_str)
             .or_else(|| panic.downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
         Err(anyhow::anyhow!("libtorch failed: {what}"))
-    });
-    let compute = started.elapsed();
-    metrics.observe_batch(labels, rows, compute);
-    match result {
-        Ok(logits) => {
-            let classes = net.classes();
-            let mut at = 0;
-            for job in batch {
-                let n = job.rows * classes;
-                let queued = started.saturating_duration_since(job.enqueued);
-                metrics.observe_queue(labels, queued);
-                let _ = job.reply.send(Ok(JobOutput {
-                    logits: logits[at..at + n].to_vec(),
-                    queued,
-                    batch_rows: rows,
-                    compute,
-                }));
-                at += n;
-            }
-        }
-        Err(e) => {
-            tracing::error!(model = %labels.model, version = %labels.version, error = %format!("{e:#}"), "forward pass failed");
-            for job in batch {
-                let _ = job.reply.send(Err(RequestError::internal(format!(
-                    "inference failed: {e:#}"
-                ))));
-            }
-        }
-    }
+    })
 }
 
-/// Logits of `rows` rows, computed in passes of at most `max_batch_size`
-/// rows, each run at its shape (see [`BatchSettings::shape_for`]),
-/// zero-padded.
-fn forward_in_passes(
-    net: &ServingNet,
-    rows: usize,
-    values: &[f32],
-    settings: &BatchSettings,
-) -> anyhow::Result<Vec<f32>> {
-    let (features, classes) = (net.features(), net.classes());
-    let pass = settings.max_batch_size;
-    let mut logits = Vec::with_capacity(rows * classes);
-    let mut padded = Vec::new();
-    for start in (0..rows).step_by(pass) {
-        let n = pass.min(rows - start);
-        let chunk = &values[start * features..(start + n) * features];
-        let shape = settings.shape_for(n);
-        if shape > n {
-            padded.clear();
-            padded.extend_from_slice(chunk);
-            padded.resize(shape * features, 0.0);
-            let out = net.forward(shape, &padded)?;
-            logits.extend_from_slice(&out[..n * classes]);
-        } else {
-            logits.extend(net.forward(n, chunk)?);
-        }
-    }
-    Ok(logits)
-}
-
-/// Runs a few passes at every shape so the first real request does not pay
-/// for libtorch's lazy initialisation (kernel selection, allocator growth).
+/// Warms a classifier up at every shape (see [`Passes::warm_up`]).
 pub fn warm_up(net: &ServingNet, settings: &BatchSettings) -> anyhow::Result<()> {
-    let rows = settings.max_batch_size;
-    let zeros = vec![0.0f32; rows * net.features()];
-    let mut shapes = settings.shapes.clone();
-    if !settings.fixed_shape {
-        shapes.insert(0, 1);
-    }
-    for _ in 0..2 {
-        for &shape in &shapes {
-            forward_in_passes(net, shape, &zeros[..shape * net.features()], settings)?;
-        }
-    }
-    Ok(())
+    Passes::features(net, settings).warm_up(|rows, values| net.forward(rows, values))
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::error::Error;
 use anyhow::{Context, Result, bail, ensure};
 use kiln_checkpoint::registry::Selector;
 use kiln_proto::spec::HookSpec;
@@ -423,11 +424,15 @@ impl Default for DriftConfig {
 impl ServeConfig {
     /// Reads and checks a config file; relative token, certificate and key
     /// file paths are taken from the file's folder.
-    pub fn from_file(path: &Path) -> Result<Self> {
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        Self::read_file(path).map_err(Error::config)
+    }
+
+    fn read_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("read serve config {}", path.display()))?;
         let mut config =
-            Self::from_toml(&text).with_context(|| format!("serve config {}", path.display()))?;
+            Self::parse(&text).with_context(|| format!("serve config {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for file in [
             &mut config.auth.token_file,
@@ -447,7 +452,11 @@ impl ServeConfig {
 
     /// Parses a config from TOML text (no checks beyond the types: see
     /// [`ServeConfig::validate`]).
-    pub fn from_toml(text: &str) -> Result<Self> {
+    pub fn from_toml(text: &str) -> Result<Self, Error> {
+        Self::parse(text).map_err(Error::config)
+    }
+
+    fn parse(text: &str) -> Result<Self> {
         let deserializer = toml::Deserializer::parse(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let path = e.path().to_string();
@@ -462,7 +471,11 @@ impl ServeConfig {
     }
 
     /// Checks every value; the error names the field and says what is allowed.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), Error> {
+        self.check().map_err(Error::config)
+    }
+
+    fn check(&self) -> Result<()> {
         ensure!(
             !self.registry.trim().is_empty(),
             "registry: required (a registry URL such as file:///srv/kiln/registry or s3://bucket/registry)"
@@ -556,11 +569,15 @@ impl ServeConfig {
     }
 
     /// The parsed model selectors (call after [`ServeConfig::validate`]).
-    pub fn selectors(&self) -> Result<Vec<Selector>> {
+    pub fn selectors(&self) -> Result<Vec<Selector>, Error> {
         self.models
             .iter()
             .enumerate()
-            .map(|(i, m)| m.parse().map_err(|e| anyhow::anyhow!("models[{i}]: {e}")))
+            .map(|(i, m)| {
+                m.parse().map_err(|e| Error::Config {
+                    reason: format!("models[{i}]: {e}"),
+                })
+            })
             .collect()
     }
 
@@ -744,15 +761,18 @@ impl AuthConfig {
     /// Reads the tokens: a configured file wins over the environment. A
     /// token file that is missing, unreadable or empty is an error (a server
     /// that silently ran without the token it was told to use would be open).
-    pub fn tokens(&self) -> Result<Tokens> {
-        Ok(Tokens {
-            inference: read_token("auth.token_file", self.token_file.as_deref(), TOKEN_ENV)?,
-            admin: read_token(
-                "auth.admin_token_file",
-                self.admin_token_file.as_deref(),
-                ADMIN_TOKEN_ENV,
-            )?,
-        })
+    pub fn tokens(&self) -> Result<Tokens, Error> {
+        let read = || -> Result<Tokens> {
+            Ok(Tokens {
+                inference: read_token("auth.token_file", self.token_file.as_deref(), TOKEN_ENV)?,
+                admin: read_token(
+                    "auth.admin_token_file",
+                    self.admin_token_file.as_deref(),
+                    ADMIN_TOKEN_ENV,
+                )?,
+            })
+        };
+        read().map_err(Error::config)
     }
 }
 

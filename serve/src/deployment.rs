@@ -169,7 +169,7 @@ impl Loader {
                     let nets = ServingNet::load_instances(&registry, &v, batch.lm_instances, &[])?;
                     let tokenizer = crate::model::load_tokenizer(&registry, &v)?;
                     for net in &nets {
-                        crate::lm::warm_up(net).context("warm up")?;
+                        crate::lm::warm_up(net, &batch).context("warm up")?;
                     }
                     Ok((nets, tokenizer))
                 } else {
@@ -201,8 +201,7 @@ impl Loader {
             Engine::Language {
                 queue: LmQueue::start(
                     nets,
-                    self.batch.queue_capacity,
-                    self.batch.threads,
+                    self.batch.clone(),
                     self.metrics.clone(),
                     labels.clone(),
                     thread,

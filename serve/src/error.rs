@@ -1,4 +1,5 @@
-//! Why a request failed, and how each protocol says so.
+//! Why a request failed, and how each protocol says so; and [`Error`], why
+//! a server could not start or stopped.
 //!
 //! Every refusal carries a message for the client; REST sends it as the Open
 //! Inference Protocol's error object `{"error": "..."}` with the status below,
@@ -9,8 +10,61 @@
 //! `retry-after` metadata (gRPC), in seconds, so that well-behaved clients
 //! back off instead of hammering an overloaded server.
 
+use std::net::SocketAddr;
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+
+/// Why a server could not start, or stopped: the public error of
+/// kiln-serve's entry points ([`crate::start`], [`crate::ServeConfig`]'s
+/// readers and checks, [`crate::RunningServer::wait`]). The variants say
+/// what the caller should do: fix the configuration (`Config`), check or
+/// retry the registry (`Registry`), register or select another model
+/// version (`Model`), free or change the address (`Listen`), or look at the
+/// server's log (`Serve`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting is missing, out of range or unreadable: the config file,
+    /// a token, certificate or key file, a hook. The reason names the field.
+    #[error("{reason}")]
+    Config { reason: String },
+
+    /// The registry could not be opened (a bad URL, a store that is down).
+    #[error("open registry {url}: {source}")]
+    Registry {
+        url: String,
+        #[source]
+        source: kiln_checkpoint::Error,
+    },
+
+    /// A configured model could not be served: no such version or alias,
+    /// its checkpoint missing, damaged or not the one registered, or a
+    /// definition this build cannot serve.
+    #[error("load model {model}: {reason}")]
+    Model { model: String, reason: String },
+
+    /// The listening address could not be bound or read.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The server failed while serving (its accept loop or its task).
+    #[error("serve: {reason}")]
+    Serve { reason: String },
+}
+
+impl Error {
+    /// A configuration error from a module's own error (its whole chain).
+    pub(crate) fn config(e: impl std::fmt::Display) -> Error {
+        Error::Config {
+            reason: format!("{e:#}"),
+        }
+    }
+}
 
 /// Seconds a client is asked to wait before retrying an unavailable answer.
 pub const RETRY_AFTER_SECS: u32 = 1;

@@ -10,7 +10,7 @@
 //! inference token in the `authorization` metadata when one is set. The
 //! token is checked once, by the guard in front of this service
 //! (`grpc_guard.rs`), before the message is read: every gRPC request reaches
-//! the service through it (`server::app`).
+//! the service through it (`app::app`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

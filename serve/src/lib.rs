@@ -11,8 +11,10 @@
 //! # Layout
 //!
 //! - [`config`]: the server's settings (TOML file + flags) and tokens.
+//! - [`app`]: starting a server ([`start`], [`RunningServer`]) and the one
+//!   router of its port (gRPC by content type, REST otherwise).
 //! - [`server`]: shared state, the inference path both protocols use, model
-//!   (un)loading, the one router (gRPC by content type, REST otherwise).
+//!   (un)loading.
 //! - [`listener`]: the accept loop: connection cap, header and idle
 //!   timeouts, HTTP/2 keepalive, the in-flight cap, optional TLS.
 //! - [`http`] and [`grpc`]: the two front ends; [`grpc_guard`]: the token
@@ -23,9 +25,10 @@
 //! - [`deployment`]: per model, the versions requests go to (canary weights),
 //!   and the watcher that swaps them when an alias moves.
 //! - [`model`]: loading a version's verified weights into its network.
-//! - [`batcher`]: per version, the compute thread and its dynamic batching.
-//! - [`lm`]: a language model's compute thread: next-token logits and
-//!   generation (KV cache, seeded sampling), text streamed piece by piece;
+//! - [`batcher`]: per version, the compute threads and their dynamic
+//!   batching (at a few batch shapes), shared with [`lm`].
+//! - [`lm`]: a language model's compute threads: batched next-token logits
+//!   and generation (KV cache, seeded sampling), text streamed piece by piece;
 //!   [`generate`]: Triton's generate extension (request, parameters, events).
 //! - [`metrics`]: Prometheus metrics. [`auth`]: bearer tokens.
 //! - [`drift`]: drift statistics and windows over a reference profile;
@@ -42,12 +45,13 @@
 //! channel and become the requested outputs.
 //!
 //! A language model's version takes `input_ids` instead (decoded to token
-//! ids, one forward pass per request on its own compute thread, no dynamic
-//! batching) and also answers `/generate` and `/generate_stream`
+//! ids, batched with queued requests of the same sequence length; the last
+//! block runs at the last position only) and also answers `/generate` and `/generate_stream`
 //! ([`server::ServerState::generate`]): the prompt is tokenized with the
 //! version's registered tokenizer on the blocking pool, generated on the
 //! compute thread, and each token's text comes back through a channel.
 
+pub mod app;
 pub mod auth;
 pub mod batcher;
 pub mod config;
@@ -69,5 +73,7 @@ pub mod protocol;
 pub mod server;
 pub mod signature;
 
+pub use app::{RunningServer, start};
 pub use config::ServeConfig;
-pub use server::{RunningServer, ServerState, start};
+pub use error::Error;
+pub use server::ServerState;

@@ -105,7 +105,11 @@ impl From<&ConnectionsConfig> for Limits {
 /// chain and key are read once, here; ALPN offers `h2` and `http/1.1`, so
 /// gRPC and REST clients each get their protocol. rustls uses the aws-lc-rs
 /// provider (the one the rest of the tree already builds).
-pub fn tls_acceptor(tls: &TlsConfig) -> Result<Option<TlsAcceptor>> {
+pub fn tls_acceptor(tls: &TlsConfig) -> Result<Option<TlsAcceptor>, crate::error::Error> {
+    acceptor(tls).map_err(crate::error::Error::config)
+}
+
+fn acceptor(tls: &TlsConfig) -> Result<Option<TlsAcceptor>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let (Some(cert_file), Some(key_file)) = (&tls.cert_file, &tls.key_file) else {

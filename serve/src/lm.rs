@@ -1,17 +1,26 @@
 //! Serving a language model: compute threads (instances) per served version,
 //! each owning a copy of the network, that take the version's work in
-//! arrival order from one queue, each job to completion: next-token logits
-//! for OIP `infer` on token ids, and generation for Triton's generate
-//! extension (`/generate`, `/generate_stream`).
+//! arrival order from one queue: next-token logits for OIP `infer` on token
+//! ids, and generation for Triton's generate extension (`/generate`,
+//! `/generate_stream`).
 //!
-//! There is no dynamic batching here: an `infer` request runs as one forward
-//! pass over its own `[batch, t]` ids, and a generation runs alone from its
-//! first token to its last through `Gpt::generate` (seeded sampling with the
-//! KV cache, the code `kiln generate` runs), so a generation's text depends
-//! only on its prompt and parameters (and never on the instance that ran it:
-//! the copies hold the same weights). libtorch tensors are `Send` but not
-//! `Sync`, so each instance owns its copy rather than sharing one; the
-//! bounded queue in front of them answers 503 when full.
+//! `infer` requests are batched dynamically as a classifier's are (see
+//! [`crate::batcher`]): a free instance takes the oldest request and the
+//! queued requests whose sequences have the same length, up to
+//! `max_batch_size` sequences, and runs them in one pass at the smallest
+//! batch shape that holds them (padded with sequences of token 0). A
+//! sequence's next-token logits depend only on its own ids and its pass's
+//! shape (rows x length), bit for bit; between shapes they agree to float
+//! rounding: the numerical contract of docs/serving.md. A request of another
+//! length, or a generation, starts the next batch.
+//!
+//! A generation runs alone from its first token to its last through
+//! `Gpt::generate` (seeded sampling with the KV cache, the code `kiln
+//! generate` runs), so its text depends only on its prompt and parameters
+//! (and never on the instance that ran it: the copies hold the same
+//! weights). libtorch tensors are `Send` but not `Sync`, so each instance
+//! owns its copy rather than sharing one; the bounded queue in front of them
+//! answers 503 when full.
 //!
 //! A generation reports each token's text as it is produced
 //! ([`GenerateEvent::Piece`]); [`TextStream`] turns tokens into pieces whose
@@ -19,19 +28,19 @@
 //! stops early when its client goes away (the event channel closes) or its
 //! time limit passes.
 
-use std::panic::AssertUnwindSafe;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::batcher::JobOutput;
+use crate::batcher::{
+    BatchSettings, Intake, Job, Passes, Queued, catch, refused, spawn_instances, take_batch,
+};
 use crate::error::{ErrorKind, RequestError};
 use crate::metrics::{Metrics, VersionLabels};
 use crate::model::ServingNet;
-use crate::protocol::TokenInput;
 
 /// How to sample a generation (Triton's generate parameters).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -73,11 +82,11 @@ pub struct GenerateJob {
 
 /// Work for a language model's compute thread.
 pub enum LmJob {
-    /// Next-token logits of a batch of sequences.
+    /// Next-token logits after each of a request's sequences, all `len` ids
+    /// long (`job.values`: rows x len ids, checked against the vocabulary).
     Logits {
-        tokens: TokenInput,
-        enqueued: Instant,
-        reply: oneshot::Sender<Result<JobOutput, RequestError>>,
+        len: usize,
+        job: Job<i64>,
     },
     Generate(GenerateJob),
 }
@@ -86,9 +95,34 @@ impl LmJob {
     /// Whether the client already gave up on this job.
     fn abandoned(&self) -> bool {
         match self {
-            LmJob::Logits { reply, .. } => reply.is_closed(),
+            LmJob::Logits { job, .. } => job.reply.is_closed(),
             LmJob::Generate(job) => job.events.is_closed(),
         }
+    }
+}
+
+impl Queued for LmJob {
+    fn rows(&self) -> usize {
+        match self {
+            LmJob::Logits { job, .. } => job.rows,
+            LmJob::Generate(_) => 1,
+        }
+    }
+
+    fn enqueued(&self) -> Instant {
+        match self {
+            LmJob::Logits { job, .. } => job.enqueued,
+            LmJob::Generate(job) => job.enqueued,
+        }
+    }
+
+    fn batches(&self) -> bool {
+        matches!(self, LmJob::Logits { .. })
+    }
+
+    /// Logits of sequences of the first one's length.
+    fn joins(&self, first: &LmJob) -> bool {
+        matches!((self, first), (LmJob::Logits { len: a, .. }, LmJob::Logits { len: b, .. }) if a == b)
     }
 }
 
@@ -101,126 +135,92 @@ pub struct LmQueue {
 
 impl LmQueue {
     /// Starts a compute thread for each network of `nets` (a version's
-    /// instances) with a queue of `capacity` jobs; `threads` is libtorch's
-    /// intra-op thread count in each (0: its default).
+    /// instances) with a queue of `settings.queue_capacity` jobs, batching
+    /// `infer` requests as `settings` say.
     pub fn start(
         nets: Vec<ServingNet>,
-        capacity: usize,
-        threads: usize,
+        settings: BatchSettings,
         metrics: Metrics,
         labels: VersionLabels,
         name: String,
     ) -> std::io::Result<LmQueue> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
-        let rx = Arc::new(Mutex::new(rx));
-        let count = nets.len();
-        for (i, net) in nets.into_iter().enumerate() {
-            let (rx, metrics, labels) = (rx.clone(), metrics.clone(), labels.clone());
-            let thread = if count > 1 {
-                format!("{name}.{i}")
-            } else {
-                name.clone()
-            };
-            std::thread::Builder::new()
-                .name(thread)
-                .spawn(move || compute_loop(net, &rx, threads, metrics, labels))?;
-        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(settings.queue_capacity);
+        let intake = Intake::new(rx);
+        spawn_instances(nets, &name, move |net| {
+            compute_loop(net, &intake, &settings, &metrics, &labels)
+        })?;
         Ok(LmQueue { tx })
     }
 
     /// Queues a job; refuses at once when the queue is full.
     pub fn submit(&self, job: LmJob) -> Result<(), RequestError> {
-        match self.tx.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(RequestError::unavailable(
-                "the model's request queue is full; retry later",
-            )),
-            Err(TrySendError::Disconnected(_)) => Err(RequestError::unavailable(
-                "the model version stopped; retry",
-            )),
-        }
+        self.tx.try_send(job).map_err(refused)
+    }
+}
+
+/// How `infer` passes of sequences of `len` ids run on `net`.
+fn passes<'a>(net: &ServingNet, len: usize, settings: &'a BatchSettings) -> Passes<'a, i64> {
+    Passes {
+        width: len,
+        pad: 0,
+        classes: net.classes(),
+        settings,
     }
 }
 
 fn compute_loop(
     net: ServingNet,
-    rx: &Mutex<Receiver<LmJob>>,
-    threads: usize,
-    metrics: Metrics,
-    labels: VersionLabels,
+    intake: &Mutex<Intake<LmJob>>,
+    settings: &BatchSettings,
+    metrics: &Metrics,
+    labels: &VersionLabels,
 ) {
-    if threads > 0 {
-        tch::set_num_threads(threads as i32);
+    if settings.threads > 0 {
+        tch::set_num_threads(settings.threads as i32);
     }
-    // The lock is held only while waiting for the next job, never while
-    // running one.
-    let next = || rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-    while let Ok(job) = next() {
-        if job.abandoned() {
-            continue;
-        }
-        match job {
-            LmJob::Logits {
-                tokens,
-                enqueued,
-                reply,
-            } => {
-                let started = Instant::now();
-                let queued = started.saturating_duration_since(enqueued);
-                metrics.observe_queue(&labels, queued);
-                let result = catch(|| net.next_token_logits(tokens.rows, tokens.len, &tokens.ids));
-                let compute = started.elapsed();
-                metrics.observe_batch(&labels, tokens.rows, compute);
-                let result = result
-                    .map(|logits| JobOutput {
-                        logits,
-                        queued,
-                        batch_rows: tokens.rows,
-                        compute,
-                    })
-                    .map_err(|e| {
-                        tracing::error!(model = %labels.model, version = %labels.version, error = %format!("{e:#}"), "forward pass failed");
-                        RequestError::internal(format!("inference failed: {e:#}"))
-                    });
-                let _ = reply.send(result);
-            }
-            LmJob::Generate(job) if Instant::now() >= job.deadline => {
-                let _ = job.events.send(GenerateEvent::Failed(RequestError::new(
-                    ErrorKind::Timeout,
-                    "the generation waited in the queue past the request's time limit",
-                )));
-            }
-            LmJob::Generate(job) => {
-                let started = Instant::now();
-                metrics.observe_queue(&labels, started.saturating_duration_since(job.enqueued));
-                let events = job.events.clone();
-                let last = catch(|| generate(&net, &job)).unwrap_or_else(|e| {
-                    tracing::error!(model = %labels.model, version = %labels.version, error = %format!("{e:#}"), "generation failed");
-                    GenerateEvent::Failed(RequestError::internal(format!(
-                        "generation failed: {e:#}"
-                    )))
-                });
-                metrics.observe_batch(&labels, 1, started.elapsed());
-                if let GenerateEvent::Done { tokens, .. } = &last {
-                    metrics.observe_generated(&labels, *tokens);
+    while let Some(batch) = take_batch(intake, settings) {
+        // A batch is logits requests of one length, or one generation.
+        let mut logits = Vec::new();
+        let mut len = 0;
+        for job in batch.into_iter().filter(|job| !job.abandoned()) {
+            match job {
+                LmJob::Logits { len: l, job } => {
+                    len = l;
+                    logits.push(job);
                 }
-                let _ = events.send(last);
+                LmJob::Generate(job) => run_generation(&net, job, metrics, labels),
             }
+        }
+        if !logits.is_empty() {
+            passes(&net, len, settings).run_batch(logits, metrics, labels, |rows, ids| {
+                net.next_token_logits(rows, len, ids)
+            });
         }
     }
     tracing::debug!(model = %labels.model, version = %labels.version, "compute thread stopped");
 }
 
-/// Runs `f`, turning a libtorch panic into an error.
-fn catch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown panic");
-        Err(anyhow::anyhow!("libtorch failed: {what}"))
-    })
+/// Runs a generation (or refuses it when it waited past its deadline),
+/// sending its events.
+fn run_generation(net: &ServingNet, job: GenerateJob, metrics: &Metrics, labels: &VersionLabels) {
+    let started = Instant::now();
+    if started >= job.deadline {
+        let _ = job.events.send(GenerateEvent::Failed(RequestError::new(
+            ErrorKind::Timeout,
+            "the generation waited in the queue past the request's time limit",
+        )));
+        return;
+    }
+    metrics.observe_queue(labels, started.saturating_duration_since(job.enqueued));
+    let last = catch(|| generate(net, &job)).unwrap_or_else(|e| {
+        tracing::error!(model = %labels.model, version = %labels.version, error = %format!("{e:#}"), "generation failed");
+        GenerateEvent::Failed(RequestError::internal(format!("generation failed: {e:#}")))
+    });
+    metrics.observe_batch(labels, 1, started.elapsed());
+    if let GenerateEvent::Done { tokens, .. } = &last {
+        metrics.observe_generated(labels, *tokens);
+    }
+    let _ = job.events.send(last);
 }
 
 /// Runs one generation, sending a piece per token; returns the final event.
@@ -331,16 +331,15 @@ impl<'a> TextStream<'a> {
 }
 
 /// Runs a few passes so the first real request does not pay for libtorch's
-/// lazy initialisation: logits at one token and at the full context, and a
-/// short greedy generation (the KV cache path).
-pub fn warm_up(net: &ServingNet) -> Result<()> {
+/// lazy initialisation: logits at every batch shape for one token and for
+/// the full context, and a short greedy generation (the KV cache path).
+pub fn warm_up(net: &ServingNet, settings: &BatchSettings) -> Result<()> {
     let gpt = net
         .gpt()
         .context("warm up a model that is not a language model")?;
     let context = gpt.config().seq_len;
-    for _ in 0..3 {
-        net.next_token_logits(1, 1, &[0])?;
-        net.next_token_logits(1, context, &vec![0; context])?;
+    for len in [1, context] {
+        passes(net, len, settings).warm_up(|rows, ids| net.next_token_logits(rows, len, ids))?;
     }
     gpt.generate(&[0], 2.min(context), 0.0, None, 0, |_| true)?;
     Ok(())

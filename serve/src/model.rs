@@ -179,8 +179,7 @@ impl ServingNet {
             ids.len()
         );
         let x = Tensor::from_slice(ids).view([rows as i64, len as i64]);
-        let y = tch::no_grad(|| gpt.forward_t(&x, false)).context("forward pass")?;
-        let last = y.select(1, -1).to_kind(Kind::Float).contiguous();
+        let last = tch::no_grad(|| gpt.next_token_logits(&x)).context("forward pass")?;
         ensure!(
             last.size() == [rows as i64, self.classes as i64],
             "the language model returned {:?} for {rows} sequences; expected [{rows}, {}]",

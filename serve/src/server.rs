@@ -1,33 +1,20 @@
-//! The server: shared state, the inference path both protocols use, model
-//! (un)loading, and the one listener REST and gRPC share.
-//!
-//! One port serves both protocols: the accept loop ([`crate::listener`])
-//! serves HTTP/1.1 and HTTP/2 (h2c, or either over TLS) on the same socket,
-//! and each request goes to the gRPC service when its `content-type` is
-//! `application/grpc` (every gRPC request carries it) and to the REST router
-//! otherwise.
+//! The server's shared state and what both protocols do with it: the
+//! inference path, generation, metadata, model (un)loading. The front ends
+//! ([`crate::http`], [`crate::grpc`]) call into it; [`crate::app`] starts
+//! it and routes the port to them.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use axum::Router;
-use axum::body::Body;
-use axum::http::Request;
-use axum::response::Response;
+use anyhow::Result;
 use kiln_checkpoint::registry::{Registry, Selector};
 use kiln_hooks::Hooks;
 use kiln_hooks::event::VersionSwapped;
-use kiln_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
-use crate::batcher::{BatchSettings, Job, JobOutput};
+use crate::batcher::{Job, JobOutput};
 use crate::config::{ServeConfig, Tokens};
 use crate::deployment::{Deployment, Deployments, Engine, Loader, Swap, watch};
 use crate::error::{ErrorKind, RequestError};
@@ -69,7 +56,7 @@ pub struct ServerState {
     /// Set once every configured model is loaded.
     pub ready: AtomicBool,
     /// State of the splitmix64 generator behind canary draws.
-    rng: Mutex<u64>,
+    pub(crate) rng: Mutex<u64>,
     /// Stops the listener and every watcher.
     pub cancel: CancellationToken,
 }
@@ -247,9 +234,13 @@ impl ServerState {
                     .as_ref()
                     .map(|_| tokens.ids.iter().map(|&t| t as f32).collect());
                 queue.submit(LmJob::Logits {
-                    tokens,
-                    enqueued: Instant::now(),
-                    reply: tx,
+                    len: tokens.len,
+                    job: Job {
+                        rows: tokens.rows,
+                        values: tokens.ids,
+                        enqueued: Instant::now(),
+                        reply: tx,
+                    },
                 })?;
                 (rows, drift_inputs)
             }
@@ -625,170 +616,4 @@ fn parse_version(version: Option<&str>) -> Result<Option<u64>, RequestError> {
                 ))
             }),
     }
-}
-
-/// A server that is listening and ready.
-pub struct RunningServer {
-    addr: SocketAddr,
-    state: Arc<ServerState>,
-    task: JoinHandle<std::io::Result<()>>,
-}
-
-impl std::fmt::Debug for RunningServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningServer")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl RunningServer {
-    /// The address it listens on (the real port when 0 was asked for).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// The shared state (tests, embedding).
-    pub fn state(&self) -> &Arc<ServerState> {
-        &self.state
-    }
-
-    /// Stops accepting, lets requests in flight finish (up to 10 s:
-    /// [`crate::listener::SHUTDOWN_GRACE`]), and delivers pending hook
-    /// events (up to 5 s).
-    pub async fn shutdown(self) -> Result<()> {
-        self.state.cancel.cancel();
-        self.wait().await
-    }
-
-    /// Runs until the server's cancellation token fires (see
-    /// [`ServerState::cancel`]), then shuts down as [`Self::shutdown`].
-    pub async fn wait(self) -> Result<()> {
-        self.state.cancel.cancelled().await;
-        // The listener drops connections at its grace; this is a backstop.
-        let backstop = crate::listener::SHUTDOWN_GRACE + Duration::from_secs(1);
-        let result = match tokio::time::timeout(backstop, self.task).await {
-            Ok(Ok(r)) => r.context("serve"),
-            Ok(Err(e)) => Err(anyhow::anyhow!("server task failed: {e}")),
-            Err(_) => {
-                tracing::warn!("connections still open 10 s after shutdown began; closing");
-                Ok(())
-            }
-        };
-        self.state.hooks.flush(Duration::from_secs(5)).await;
-        result
-    }
-}
-
-/// Binds, starts serving (health answers at once), loads every configured
-/// model, and returns once all are ready. `cancel` stops the server.
-pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<RunningServer> {
-    config.validate()?;
-    let tokens = config.auth.tokens()?;
-    let selectors = config.selectors()?;
-    if config.threads > 0 {
-        tch::set_num_threads(config.threads as i32);
-    }
-    let registry = Registry::open(&config.registry)
-        .await
-        .with_context(|| format!("open registry {}", config.registry))?;
-    let hooks = Hooks::new(&config.hooks).context("hooks")?;
-    let metrics = Metrics::default();
-    let batch = BatchSettings {
-        max_batch_size: config.batching.max_batch_size,
-        shapes: config.batch_shapes(),
-        max_queue_delay: config.max_queue_delay(),
-        queue_capacity: config.batching.queue_capacity,
-        max_queue_bytes: config.batching.max_queue_bytes,
-        fixed_shape: config.batching.fixed_shape,
-        threads: config.threads,
-        instances: config.instances(),
-        lm_instances: config.lm_instances(),
-        packed_shapes: config.packed_shapes(),
-    };
-    let seed = config.swap.canary_seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-    });
-    let tls = crate::listener::tls_acceptor(&config.tls)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listen on {}", config.listen))?;
-    let addr = listener
-        .local_addr()
-        .context("read the listening address")?;
-    let state = Arc::new(ServerState {
-        loader: Loader {
-            registry: registry.clone(),
-            batch,
-            metrics: metrics.clone(),
-            drift: config.drift.enabled.then(|| config.drift.options()),
-            drift_interval: std::time::Duration::from_millis(config.drift.min_interval_ms),
-        },
-        config,
-        registry,
-        tokens,
-        metrics,
-        deployments: RwLock::new(BTreeMap::new()),
-        hooks,
-        ready: AtomicBool::new(false),
-        rng: Mutex::new(seed),
-        cancel,
-    });
-    let app = app(state.clone());
-    let limits = crate::listener::Limits::from(&state.config.connections);
-    let task = tokio::spawn(crate::listener::serve(
-        listener,
-        app,
-        tls,
-        limits,
-        state.metrics.clone(),
-        state.cancel.clone(),
-    ));
-    let running = RunningServer {
-        addr,
-        state: state.clone(),
-        task,
-    };
-    for selector in selectors {
-        let what = selector.to_string();
-        if let Err(e) = state.load_model(selector).await {
-            state.cancel.cancel();
-            let _ = running.wait().await;
-            return Err(e.context(format!("load model {what}")));
-        }
-    }
-    state.ready.store(true, Ordering::SeqCst);
-    tracing::info!(%addr, models = state.all_deployments().len(), "serving");
-    Ok(running)
-}
-
-/// The one router of the port: gRPC by content type (through
-/// [`crate::grpc_guard`]: token and sizes checked before tonic decodes),
-/// REST otherwise.
-pub fn app(state: Arc<ServerState>) -> Router {
-    let rest = crate::http::router(state.clone());
-    let grpc_service =
-        GrpcInferenceServiceServer::new(crate::grpc::InferenceService::new(state.clone()))
-            .max_decoding_message_size(state.config.limits.max_request_bytes);
-    let grpc = tonic::service::Routes::new(grpc_service)
-        .prepare()
-        .into_axum_router();
-    Router::new().fallback_service(tower::service_fn(move |req: Request<Body>| {
-        let is_grpc = req
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/grpc"));
-        let (state, grpc, rest) = (state.clone(), grpc.clone(), rest.clone());
-        async move {
-            Ok::<Response, Infallible>(if is_grpc {
-                crate::grpc_guard::guard(state, grpc, req).await
-            } else {
-                rest.oneshot(req).await.unwrap_or_else(|e| match e {})
-            })
-        }
-    }))
 }

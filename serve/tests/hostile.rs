@@ -5,22 +5,20 @@
 //! of milliseconds) so the tests are quick; no test asserts a performance
 //! figure.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::{dial, url};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use kiln_checkpoint::registry::{
-    CheckpointRef, Lineage, ModelDefinition, NewVersion, Registry, Signature,
-};
-use kiln_checkpoint::{
-    CheckpointMeta, CheckpointRoot, Checkpointer, DType, SaveConfig, TensorView,
-};
+use kiln_checkpoint::CheckpointRoot;
+use kiln_checkpoint::registry::{ModelDefinition, Registry, Signature};
 use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use kiln_proto::inference::model_infer_request::InferInputTensor;
 use kiln_proto::inference::{InferTensorContents, ModelInferRequest, ServerMetadataRequest};
@@ -60,78 +58,19 @@ impl Fixture {
         tch::manual_seed(1);
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = kiln_models::build(&spec(), FEATURES, CLASSES, &vs).unwrap();
-        let weights: Vec<(String, Vec<usize>, Vec<u8>)> = kiln_models::named_parameters(&vs)
-            .into_iter()
-            .map(|(n, t)| {
-                let shape = t.size().iter().map(|&d| d as usize).collect();
-                let v = Vec::<f32>::try_from(&t.detach().contiguous().view([-1])).unwrap();
-                let b = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                (n, shape, b)
-            })
-            .collect();
-        let names: Vec<String> = weights
-            .iter()
-            .map(|(n, _, _)| format!("model/{n}"))
-            .collect();
-        let views: Vec<TensorView<'_>> = weights
-            .iter()
-            .zip(&names)
-            .map(|((_, s, b), n)| TensorView {
-                name: n,
-                dtype: DType::F32,
-                shape: s,
-                data: b,
-            })
-            .collect();
         let root = CheckpointRoot::open(&ckpt).unwrap();
-        let mut c = Checkpointer::new(root, SaveConfig::default(), 0, 1).unwrap();
-        let meta = CheckpointMeta {
-            training_state: json!({}),
-            job_spec: json!({}),
-            code_version: "test".into(),
-            dataset_fingerprint: "none".into(),
-            world_size: 1,
-            metrics: BTreeMap::new(),
-            job: "hostile-test".into(),
-        };
-        c.save(1, "a", &views, &meta).unwrap();
-        for r in c.flush() {
-            r.unwrap();
-        }
-        let plain: Vec<TensorView<'_>> = views
-            .iter()
-            .map(|v| TensorView {
-                name: &v.name["model/".len()..],
-                ..*v
-            })
-            .collect();
-        let digest = kiln_checkpoint::weights_digest(&plain);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let digest = common::save_checkpoint(&root, 1, &common::parameters(&vs), "hostile-test");
+        let rt = common::runtime();
         rt.block_on(async {
             let registry = Registry::open(&registry_url).await.unwrap();
-            let version = NewVersion {
-                checkpoint: CheckpointRef {
-                    root: ckpt.clone(),
-                    step: 1,
-                    digest,
-                },
-                model: ModelDefinition::classifier(spec(), FEATURES, CLASSES),
-                signature: Signature::classifier(FEATURES, CLASSES),
-                metrics: BTreeMap::new(),
-                lineage: Lineage {
-                    job: "hostile-test".into(),
-                    spec_hash: "0".repeat(64),
-                    dataset_fingerprint: "none".into(),
-                    code_version: "test".into(),
-                },
-                reference_profile: None,
-                torchscript: None,
-                tokenizer: None,
-            };
+            let version = common::new_version(
+                &ckpt,
+                1,
+                digest,
+                ModelDefinition::classifier(spec(), FEATURES, CLASSES),
+                Signature::classifier(FEATURES, CLASSES),
+                "hostile-test",
+            );
             registry.register("m", version, "test").await.unwrap();
         });
         Fixture {
@@ -154,27 +93,12 @@ impl Fixture {
     }
 
     fn start(&self, config: ServeConfig) -> RunningServer {
-        self.rt
-            .block_on(kiln_serve::start(config, CancellationToken::new()))
-            .unwrap()
+        common::start(&self.rt, config)
     }
 
     fn stop(&self, server: RunningServer) {
         self.rt.block_on(server.shutdown()).unwrap();
     }
-}
-
-/// The address clients dial (loopback when the server listens on 0.0.0.0).
-fn dial(server: &RunningServer) -> SocketAddr {
-    let mut a = server.local_addr();
-    if a.ip().is_unspecified() {
-        a.set_ip([127, 0, 0, 1].into());
-    }
-    a
-}
-
-fn url(server: &RunningServer, path: &str) -> String {
-    format!("http://{}{path}", dial(server))
 }
 
 fn infer_body() -> String {

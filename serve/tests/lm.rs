@@ -6,15 +6,14 @@
 //! this process: next-token logits bit for bit, generated text exactly (the
 //! server runs `Gpt::generate`, seeded), streamed pieces that add up to it.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use kiln_checkpoint::registry::{
-    CheckpointRef, Lineage, ModelDefinition, NewVersion, Registry, Signature,
-};
-use kiln_checkpoint::{
-    CheckpointMeta, CheckpointRoot, Checkpointer, DType, SaveConfig, TensorView,
-};
+use common::{bits, url};
+use kiln_checkpoint::CheckpointRoot;
+use kiln_checkpoint::registry::{ModelDefinition, NewVersion, Registry, Signature};
 use kiln_models::gpt::Gpt;
 use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use kiln_proto::inference::model_infer_request::InferInputTensor;
@@ -24,7 +23,6 @@ use kiln_serve::{RunningServer, ServeConfig};
 use serde_json::{Value, json};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
-use tokio_util::sync::CancellationToken;
 
 const VOCAB: usize = 256;
 const CONTEXT: usize = 16;
@@ -39,11 +37,11 @@ fn spec() -> ModelSpec {
     }
 }
 
-/// A gpt with seeded random weights, and its parameters as saved.
+/// A gpt with seeded random weights, and its parameters.
 struct Model {
     gpt: Gpt,
     _vs: nn::VarStore,
-    params: Vec<(String, Vec<usize>, Vec<u8>)>,
+    params: common::Params,
 }
 
 fn model(seed: i64) -> Model {
@@ -57,23 +55,48 @@ fn model(seed: i64) -> Model {
     let kiln_models::Net::Gpt(gpt) = net else {
         unreachable!()
     };
-    let params = kiln_models::named_parameters(&vs)
-        .into_iter()
-        .map(|(n, t)| {
-            let shape = t.size().iter().map(|&d| d as usize).collect();
-            let v = Vec::<f32>::try_from(&t.detach().contiguous().view([-1])).unwrap();
-            (n, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        })
-        .collect();
+    let params = common::parameters(&vs);
+    // As the server holds its weights: libtorch's matmul takes another path
+    // (no folding of the batch into the rows) for inputs that need
+    // gradients, which changes the last bits of some rows.
+    let mut vs = vs;
+    vs.freeze();
     Model {
         gpt,
-        _vs: vs,
         params,
+        _vs: vs,
     }
 }
 
 impl Model {
+    /// Next-token logits of `rows` (all of one length) in one pass, as a
+    /// request of these rows alone runs on a server whose batch shapes
+    /// include its row count.
     fn next_token_logits(&self, rows: &[Vec<i64>]) -> Vec<Vec<f32>> {
+        self.logits_at(rows, rows.len())
+    }
+
+    /// Next-token logits of `rows` in a pass of `shape` sequences (padded
+    /// with sequences of token 0, as the server pads).
+    fn logits_at(&self, rows: &[Vec<i64>], shape: usize) -> Vec<Vec<f32>> {
+        // One intra-op thread, as the server's compute threads run.
+        tch::set_num_threads(1);
+        let len = rows[0].len();
+        let mut flat: Vec<i64> = rows.iter().flatten().copied().collect();
+        flat.resize(shape * len, 0);
+        let x = Tensor::from_slice(&flat).view([shape as i64, len as i64]);
+        let y = tch::no_grad(|| self.gpt.next_token_logits(&x)).unwrap();
+        assert_eq!(y.kind(), Kind::Float);
+        let v = Vec::<f32>::try_from(&y.contiguous().view([-1])).unwrap();
+        v.chunks(VOCAB)
+            .take(rows.len())
+            .map(<[f32]>::to_vec)
+            .collect()
+    }
+
+    /// The next-token logits of the full forward pass's last position (what
+    /// training computes), for the contract between the two paths.
+    fn full_forward_logits(&self, rows: &[Vec<i64>]) -> Vec<Vec<f32>> {
         let flat: Vec<i64> = rows.iter().flatten().copied().collect();
         let x = Tensor::from_slice(&flat).view([rows.len() as i64, rows[0].len() as i64]);
         let y = tch::no_grad(|| self.gpt.forward_t(&x, false)).unwrap();
@@ -104,69 +127,20 @@ impl Model {
         let out: Vec<u32> = out.iter().map(|&t| t as u32).collect();
         tokenizer.decode(&out).unwrap()
     }
-
-    /// Saves the parameters as checkpoint `step`; returns the weights digest.
-    fn save(&self, root: &CheckpointRoot, step: u64) -> String {
-        let names: Vec<String> = self
-            .params
-            .iter()
-            .map(|p| format!("model/{}", p.0))
-            .collect();
-        let views: Vec<TensorView<'_>> = self
-            .params
-            .iter()
-            .zip(&names)
-            .map(|((_, s, b), n)| TensorView {
-                name: n,
-                dtype: DType::F32,
-                shape: s,
-                data: b,
-            })
-            .collect();
-        let mut c = Checkpointer::new(root.clone(), SaveConfig::default(), 0, 1).unwrap();
-        let meta = CheckpointMeta {
-            training_state: json!({}),
-            job_spec: json!({}),
-            code_version: "test".into(),
-            dataset_fingerprint: "none".into(),
-            world_size: 1,
-            metrics: BTreeMap::new(),
-            job: "serve-lm-test".into(),
-        };
-        c.save(step, "a", &views, &meta).unwrap();
-        for r in c.flush() {
-            r.unwrap();
-        }
-        let plain: Vec<TensorView<'_>> = views
-            .iter()
-            .map(|v| TensorView {
-                name: &v.name["model/".len()..],
-                ..*v
-            })
-            .collect();
-        kiln_checkpoint::weights_digest(&plain)
-    }
 }
 
 fn new_version(root: &str, step: u64, digest: String, tokenizer: Option<Vec<u8>>) -> NewVersion {
     NewVersion {
-        checkpoint: CheckpointRef {
-            root: root.to_string(),
+        metrics: BTreeMap::from([("eval_loss".to_string(), 5.0)]),
+        tokenizer,
+        ..common::new_version(
+            root,
             step,
             digest,
-        },
-        model: ModelDefinition::language_model(spec(), CONTEXT, VOCAB),
-        signature: Signature::language_model(VOCAB),
-        metrics: BTreeMap::from([("eval_loss".to_string(), 5.0)]),
-        lineage: Lineage {
-            job: "serve-lm-test".into(),
-            spec_hash: "0".repeat(64),
-            dataset_fingerprint: "none".into(),
-            code_version: "test".into(),
-        },
-        reference_profile: None,
-        torchscript: None,
-        tokenizer,
+            ModelDefinition::language_model(spec(), CONTEXT, VOCAB),
+            Signature::language_model(VOCAB),
+            "serve-lm-test",
+        )
     }
 }
 
@@ -188,18 +162,14 @@ impl Fixture {
         let digests: Vec<String> = models
             .iter()
             .enumerate()
-            .map(|(i, m)| m.save(&root, i as u64 + 1))
+            .map(|(i, m)| common::save_checkpoint(&root, i as u64 + 1, &m.params, "serve-lm-test"))
             .collect();
         let tokenizer_path = dir.path().join("tokenizer.json");
         kiln_text::Tokenizer::byte_level()
             .save(&tokenizer_path)
             .unwrap();
         let tokenizer = std::fs::read(&tokenizer_path).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = common::runtime();
         let url = format!("file://{}", dir.path().join("registry").display());
         let registry = rt.block_on(Registry::open(&url)).unwrap();
         rt.block_on(async {
@@ -235,14 +205,8 @@ impl Fixture {
         };
         c.swap.poll_interval_ms = 50;
         change(&mut c);
-        self.rt
-            .block_on(kiln_serve::start(c, CancellationToken::new()))
-            .unwrap()
+        common::start(&self.rt, c)
     }
-}
-
-fn url(server: &RunningServer, path: &str) -> String {
-    format!("http://{}{path}", server.local_addr())
 }
 
 async fn post(url: &str, body: Value) -> (u16, String) {
@@ -255,10 +219,24 @@ async fn post(url: &str, body: Value) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
-fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
-    v.iter()
-        .map(|r| r.iter().map(|x| x.to_bits()).collect())
-        .collect()
+/// The `logits` output of an infer response, a row per sequence (its shape
+/// checked).
+fn logits_of(response: &str) -> Vec<Vec<f32>> {
+    let v: Value = serde_json::from_str(response).unwrap();
+    let logits = v["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "logits")
+        .unwrap();
+    let rows: Vec<Vec<f32>> = logits["data"]
+        .as_array()
+        .unwrap()
+        .chunks(VOCAB)
+        .map(|r| r.iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .collect();
+    assert_eq!(logits["shape"], json!([rows.len(), VOCAB]));
+    rows
 }
 
 /// The `text_output` pieces of a `/generate_stream` body, and an error event if any.
@@ -295,19 +273,8 @@ fn next_token_logits_over_http_and_grpc_equal_the_network_bit_for_bit() {
         assert_eq!(status, 200, "{text}");
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["model_version"], "1");
-        let logits = v["outputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|o| o["name"] == "logits")
-            .unwrap();
-        assert_eq!(logits["shape"], json!([2, VOCAB]));
-        let got: Vec<Vec<f32>> = logits["data"]
-            .as_array()
-            .unwrap()
-            .chunks(VOCAB)
-            .map(|r| r.iter().map(|x| x.as_f64().unwrap() as f32).collect())
-            .collect();
+        let got = logits_of(&text);
+        assert_eq!(got.len(), 2);
         assert_eq!(bits(&got), bits(&expected));
 
         // A full context; binary in.
@@ -527,13 +494,19 @@ fn generate_equals_the_networks_seeded_generation_and_streams_the_same_text() {
 
 /// Three instances serve concurrent generations and logits requests; each
 /// answer is the one a single network gives (the instances hold the same
-/// weights, and a job runs to its end on the instance that took it).
+/// weights, and a job runs to its end on the instance that took it): a
+/// generation exactly, logits bit for bit at the shape of the batch they
+/// ran in.
 #[test]
 fn instances_answer_concurrent_requests_as_one_network_does() {
     let f = Fixture::new();
     let server = f.start_with(&["lm@prod"], |c| c.instances = 3);
     let rows: Vec<Vec<i64>> = vec![vec![84, 104, 101, 32, 107]];
-    let expected = bits(&f.models[0].next_token_logits(&rows));
+    let shapes = [1, 2, 4, 8];
+    let expected: Vec<_> = shapes
+        .iter()
+        .map(|&s| bits(&f.models[0].logits_at(&rows, s)))
+        .collect();
     f.rt.block_on(async {
         let generate = url(&server, "/v2/models/lm/generate");
         let infer = url(&server, "/v2/models/lm/infer");
@@ -560,23 +533,127 @@ fn instances_answer_concurrent_requests_as_one_network_does() {
         for t in logits {
             let (status, text) = t.await.unwrap();
             assert_eq!(status, 200, "{text}");
-            let v: Value = serde_json::from_str(&text).unwrap();
-            let logits = v["outputs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|o| o["name"] == "logits")
-                .unwrap();
-            let got: Vec<f32> = logits["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
-            assert_eq!(bits(&[got]), expected);
+            let got = bits(&logits_of(&text));
+            assert!(expected.contains(&got), "{got:?} is no shape's answer");
         }
     });
     f.rt.block_on(server.shutdown()).unwrap();
+}
+
+/// The numerical contract of docs/serving.md for language models: `infer`
+/// requests of one length are batched; an answer is what a pass at its
+/// batch's shape computes, bit for bit (alone on an idle server: the
+/// smallest shape that holds it), and agrees with every other shape and
+/// with the full forward pass to float rounding.
+#[test]
+fn batched_logits_answer_bit_for_bit_at_their_shape_and_agree_across_shapes() {
+    let f = Fixture::new();
+    let shapes = [1usize, 2, 4, 8];
+    let shape_for = |n: usize| shapes.iter().copied().find(|&s| s >= n).unwrap();
+    // 16 requests of 1 to 3 sequences of 5 or 9 ids.
+    let requests: Vec<Vec<Vec<i64>>> = (0..16)
+        .map(|i: usize| {
+            let len = if i.is_multiple_of(2) { 5 } else { 9 };
+            (0..1 + i % 3)
+                .map(|r| {
+                    (0..len)
+                        .map(|j| ((i * 31 + r * 7 + j * 13) % VOCAB) as i64)
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let infer = |server: &RunningServer, r: &Vec<Vec<i64>>| {
+        let u = url(server, "/v2/models/lm/infer");
+        let body = json!({"inputs": [{"name": "input_ids", "shape": [r.len(), r[0].len()],
+            "datatype": "INT64", "data": r}]});
+        async move {
+            let (status, text) = post(&u, body).await;
+            assert_eq!(status, 200, "{text}");
+            logits_of(&text)
+        }
+    };
+    let close = |got: &[Vec<f32>], want: &[Vec<f32>], what: &str| {
+        for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{what}: {a} vs {b}"
+            );
+        }
+    };
+
+    // Alone: the smallest shape that holds the request, bit for bit; the
+    // full forward pass's last position to float rounding.
+    let server = f.start_with(&["lm@prod"], |c| {
+        c.batching.max_batch_size = 8;
+        c.batching.max_queue_delay_us = 0;
+    });
+    f.rt.block_on(async {
+        for r in &requests {
+            let got = infer(&server, r).await;
+            let want = f.models[0].logits_at(r, shape_for(r.len()));
+            assert_eq!(bits(&got), bits(&want), "{} rows alone", r.len());
+            close(
+                &got,
+                &f.models[0].full_forward_logits(r),
+                "infer vs forward_t",
+            );
+        }
+    });
+    f.rt.block_on(server.shutdown()).unwrap();
+
+    // Together, on two instances that wait for company: batched (fewer
+    // passes than requests), each answer some shape's bit for bit.
+    let server = f.start_with(&["lm@prod"], |c| {
+        c.batching.max_batch_size = 8;
+        c.batching.max_queue_delay_us = 100_000;
+        c.instances = 2;
+    });
+    let together: Vec<Vec<Vec<f32>>> = f.rt.block_on(async {
+        let tasks: Vec<_> = requests
+            .iter()
+            .map(|r| tokio::spawn(infer(&server, r)))
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let metrics = f.rt.block_on(async {
+        reqwest::get(url(&server, "/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    f.rt.block_on(server.shutdown()).unwrap();
+    let passes: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln_serve_batch_size_count{model=\"lm\",version=\"1\"} "))
+        .unwrap_or_else(|| panic!("no batch count in {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(
+        passes < requests.len() as f64,
+        "{passes} batches for {} requests",
+        requests.len()
+    );
+    for (i, (got, r)) in together.iter().zip(&requests).enumerate() {
+        let at: Vec<Vec<Vec<f32>>> = shapes
+            .iter()
+            .filter(|&&s| s >= r.len())
+            .map(|&s| f.models[0].logits_at(r, s))
+            .collect();
+        assert!(
+            at.iter().any(|want| bits(want) == bits(got)),
+            "request {i}: not the answer of any shape"
+        );
+        for want in &at {
+            close(got, want, &format!("request {i} between shapes"));
+        }
+    }
 }
 
 #[test]

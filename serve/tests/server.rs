@@ -6,18 +6,16 @@
 //! the same network code (`kiln_models`) at the server's fixed batch shape,
 //! and compared bit for bit.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use kiln_checkpoint::registry::{
-    AliasTarget, CheckpointRef, Lineage, ModelDefinition, NewVersion, Registry, Signature,
-};
-use kiln_checkpoint::{
-    CheckpointMeta, CheckpointRoot, Checkpointer, DType, SaveConfig, TensorView,
-};
+use common::{bits, url};
+use kiln_checkpoint::CheckpointRoot;
+use kiln_checkpoint::registry::{AliasTarget, ModelDefinition, NewVersion, Registry, Signature};
 use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use kiln_proto::inference::model_infer_request::InferInputTensor;
 use kiln_proto::inference::{InferTensorContents, ModelInferRequest, ModelMetadataRequest};
@@ -26,7 +24,6 @@ use kiln_serve::{RunningServer, ServeConfig};
 use serde_json::{Value, json};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
-use tokio_util::sync::CancellationToken;
 
 const FEATURES: usize = 8;
 const CLASSES: usize = 3;
@@ -40,24 +37,15 @@ fn spec() -> ModelSpec {
     }
 }
 
-/// One version's weights, as named parameters with their bytes.
+/// One version's weights, as named parameters.
 #[derive(Clone)]
-struct Weights(Vec<(String, Vec<i64>, Vec<f32>)>);
+struct Weights(common::Params);
 
 fn random_weights(seed: i64) -> Weights {
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(Device::Cpu);
     let _ = kiln_models::build(&spec(), FEATURES, CLASSES, &vs).unwrap();
-    Weights(
-        kiln_models::named_parameters(&vs)
-            .into_iter()
-            .map(|(n, t)| {
-                let shape = t.size();
-                let v = Vec::<f32>::try_from(&t.detach().contiguous().view([-1])).unwrap();
-                (n, shape, v)
-            })
-            .collect(),
-    )
+    Weights(common::parameters(&vs))
 }
 
 impl Weights {
@@ -73,6 +61,7 @@ impl Weights {
         let params = kiln_models::named_parameters(&vs);
         for ((name, p), (wn, shape, v)) in params.iter().zip(&self.0) {
             assert_eq!(name, wn);
+            let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
             tch::no_grad(|| {
                 p.detach()
                     .copy_(&Tensor::from_slice(v).view(shape.as_slice()))
@@ -107,70 +96,15 @@ struct Fixture {
     rt: tokio::runtime::Runtime,
 }
 
-fn save(root: &CheckpointRoot, step: u64, w: &Weights) -> String {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        w.0.iter()
-            .map(|(n, s, v)| {
-                (
-                    format!("model/{n}"),
-                    s.iter().map(|&d| d as usize).collect(),
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                )
-            })
-            .collect();
-    let views: Vec<TensorView<'_>> = bytes
-        .iter()
-        .map(|(n, s, b)| TensorView {
-            name: n,
-            dtype: DType::F32,
-            shape: s,
-            data: b,
-        })
-        .collect();
-    let mut c = Checkpointer::new(root.clone(), SaveConfig::default(), 0, 1).unwrap();
-    let meta = CheckpointMeta {
-        training_state: json!({}),
-        job_spec: json!({}),
-        code_version: "test".into(),
-        dataset_fingerprint: "none".into(),
-        world_size: 1,
-        metrics: BTreeMap::new(),
-        job: "serve-test".into(),
-    };
-    c.save(step, "a", &views, &meta).unwrap();
-    for r in c.flush() {
-        r.unwrap();
-    }
-    let plain: Vec<TensorView<'_>> = views
-        .iter()
-        .map(|v| TensorView {
-            name: &v.name["model/".len()..],
-            ..*v
-        })
-        .collect();
-    kiln_checkpoint::weights_digest(&plain)
-}
-
 fn new_version(root: &str, step: u64, digest: String) -> NewVersion {
-    NewVersion {
-        checkpoint: CheckpointRef {
-            root: root.to_string(),
-            step,
-            digest,
-        },
-        model: ModelDefinition::classifier(spec(), FEATURES, CLASSES),
-        signature: Signature::classifier(FEATURES, CLASSES),
-        metrics: BTreeMap::new(),
-        lineage: Lineage {
-            job: "serve-test".into(),
-            spec_hash: "0".repeat(64),
-            dataset_fingerprint: "none".into(),
-            code_version: "test".into(),
-        },
-        reference_profile: None,
-        torchscript: None,
-        tokenizer: None,
-    }
+    common::new_version(
+        root,
+        step,
+        digest,
+        ModelDefinition::classifier(spec(), FEATURES, CLASSES),
+        Signature::classifier(FEATURES, CLASSES),
+        "serve-test",
+    )
 }
 
 impl Fixture {
@@ -183,13 +117,9 @@ impl Fixture {
         let digests: Vec<String> = weights
             .iter()
             .enumerate()
-            .map(|(i, w)| save(&root, i as u64 + 1, w))
+            .map(|(i, w)| common::save_checkpoint(&root, i as u64 + 1, &w.0, "serve-test"))
             .collect();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = common::runtime();
         let registry = rt.block_on(Registry::open(&registry_url)).unwrap();
         rt.block_on(async {
             for (i, d) in digests.into_iter().enumerate() {
@@ -231,9 +161,7 @@ impl Fixture {
     }
 
     fn start(&self, config: ServeConfig) -> RunningServer {
-        self.rt
-            .block_on(kiln_serve::start(config, CancellationToken::new()))
-            .unwrap()
+        common::start(&self.rt, config)
     }
 
     fn stop(&self, server: RunningServer) {
@@ -259,10 +187,6 @@ fn rows(n: usize, seed: u64) -> Vec<Vec<f32>> {
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder().build().unwrap()
-}
-
-fn url(server: &RunningServer, path: &str) -> String {
-    format!("http://{}{path}", server.local_addr())
 }
 
 /// A JSON inference request body for `rows`.
@@ -324,12 +248,6 @@ fn argmax(row: &[f32]) -> i64 {
         }
     }
     best as i64
-}
-
-fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
-    v.iter()
-        .map(|r| r.iter().map(|x| x.to_bits()).collect())
-        .collect()
 }
 
 #[test]
@@ -1282,4 +1200,42 @@ fn requests_past_their_time_limit_get_504_and_the_server_goes_on() {
         assert_eq!(bits(&logits), bits(&f.weights[0].logits(&rows(BATCH, 3))));
     });
     f.stop(server);
+}
+
+/// `start` says what went wrong by what to fix: the configuration, the
+/// registry, the model, the address.
+#[test]
+fn start_errors_say_what_to_fix() {
+    let f = Fixture::new();
+    let start = |config: ServeConfig| {
+        f.rt.block_on(kiln_serve::start(
+            config,
+            tokio_util::sync::CancellationToken::new(),
+        ))
+        .unwrap_err()
+    };
+    let mut config = f.config();
+    config.batching.max_batch_size = 0;
+    let e = start(config);
+    assert!(matches!(e, kiln_serve::Error::Config { .. }), "{e:?}");
+    assert!(e.to_string().contains("batching.max_batch_size"), "{e}");
+
+    let mut config = f.config();
+    config.registry = "bogus://nowhere".into();
+    let e = start(config);
+    assert!(matches!(e, kiln_serve::Error::Registry { .. }), "{e:?}");
+
+    let mut config = f.config();
+    config.models = vec!["m:9".into()];
+    let e = start(config);
+    assert!(
+        matches!(e, kiln_serve::Error::Model { ref model, .. } if model == "m:9"),
+        "{e:?}"
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = f.config();
+    config.listen = taken.local_addr().unwrap();
+    let e = start(config);
+    assert!(matches!(e, kiln_serve::Error::Listen { .. }), "{e:?}");
 }
