@@ -14,36 +14,21 @@ use kiln_coordinator::membership;
 use kiln_coordinator::rendezvous::{NodeRecord, RendezvousConfig};
 use kiln_coordinator::store::Store;
 use kiln_coordinator::store::mem::MemStore;
-use kiln_proto::spec::{JobSpec, SpecError};
-use kiln_trainer::agent::{AgentConfig, AgentEvent, LocalWorkers, RoundAssignment};
-use kiln_trainer::metrics::{self, TrainingMetrics};
+use kiln_node::LOCAL_NODE;
+use kiln_node::events::JobEvents;
+use kiln_node::history::{HistoryTarget, RunFeed};
+use kiln_node::logs::Echo;
+use kiln_node::workers::{StartedWorkers, WorkerSetup};
+use kiln_proto::spec::JobSpec;
+use kiln_trainer::agent::{AgentEvent, RoundAssignment};
 use tokio_util::sync::CancellationToken;
 
-use crate::RunArgs;
-
-/// Why a run failed: a bad spec (exit code 2) or anything else (exit code 1).
-#[derive(Debug)]
-pub enum RunError {
-    Spec(SpecError),
-    Other(anyhow::Error),
-}
-
-impl From<anyhow::Error> for RunError {
-    fn from(e: anyhow::Error) -> Self {
-        RunError::Other(e)
-    }
-}
-
-/// How long a finishing run waits for its hooks to deliver their last events.
-const HOOK_FLUSH: Duration = Duration::from_secs(10);
-
-/// The node name of `kiln run`'s single node.
-pub(crate) const LOCAL_NODE: &str = "local";
+use crate::{CliError, RunArgs};
 
 /// Runs the job; with `--ui`, serves the dashboard over the run's store while
 /// it runs (and `--ui-linger` seconds after). The job's end is recorded in
 /// the store and in its run folder, whichever way it ends.
-pub async fn run(args: RunArgs) -> Result<(), RunError> {
+pub async fn run(args: RunArgs) -> Result<(), CliError> {
     let store: Arc<dyn Store> = MemStore::new();
     let ks = Keyspace::default();
     let dashboard = match args.ui {
@@ -73,10 +58,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if let Some((job, run_dir)) = &started {
         let error = match &result {
             Ok(()) => None,
-            Err(RunError::Spec(e)) => Some(e.to_string()),
-            Err(RunError::Other(e)) => Some(format!("{e:#}")),
+            Err(CliError::InvalidSpec(message) | CliError::Invalid(message)) => {
+                Some(message.clone())
+            }
+            Err(CliError::Failed(e)) => Some(format!("{e:#}")),
         };
-        crate::ui::record_run_end(&*store, &ks, job, run_dir, error).await;
+        kiln_node::history::record_run_end(&*store, &ks, job, run_dir, error).await;
     }
     if let Some(dashboard) = dashboard {
         if args.ui_linger > 0 {
@@ -100,12 +87,13 @@ async fn run_job(
     store: Arc<dyn Store>,
     ks: Keyspace,
     started: &mut Option<(String, PathBuf)>,
-) -> Result<(), RunError> {
+) -> Result<(), CliError> {
     let mut overrides = args.set.clone();
     if let Some(n) = args.nproc {
         overrides.push(format!("workers.nproc={n}"));
     }
-    let spec = JobSpec::load(&args.job, &overrides).map_err(RunError::Spec)?;
+    let spec =
+        JobSpec::load(&args.job, &overrides).map_err(|e| CliError::InvalidSpec(e.to_string()))?;
     let job = spec.job.name.clone();
     let nproc = spec.workers.nproc;
     std::fs::create_dir_all(args.data_dir.join("jobs").join(&job))
@@ -117,19 +105,10 @@ async fn run_job(
         .canonicalize()
         .context("resolve run folder")?;
     let spec_json = spec.to_json();
-    let checkpoint_url = match &spec.checkpoint.url {
-        Some(url) => url.clone(),
-        None => {
-            let dir = args.data_dir.join("checkpoints").join(&job);
-            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-            format!(
-                "file://{}",
-                dir.canonicalize()
-                    .context("resolve checkpoint folder")?
-                    .display()
-            )
-        }
-    };
+    let checkpoint_url =
+        kiln_checkpoint::store::job_location(spec.checkpoint.url.as_deref(), &args.data_dir, &job)
+            .map_err(anyhow::Error::from)?;
+    let registry = kiln_node::register::registry_location(&spec, &checkpoint_url);
     // Names this run's save attempts; unique per invocation.
     let run_id = format!(
         "{:x}{:x}",
@@ -145,6 +124,7 @@ async fn run_job(
         .context("record job spec")?;
     let cancel = CancellationToken::new();
     let _stop_services = cancel.clone().drop_guard();
+    // One node, one round: the spec's [elastic] does not apply.
     let leader_config = RendezvousConfig {
         job: job.clone(),
         min_nodes: 1,
@@ -163,25 +143,25 @@ async fn run_job(
         cancel.clone(),
     ));
 
-    let metrics = Arc::new(TrainingMetrics::default());
-    let metrics_addr = metrics::serve(metrics.clone(), args.metrics_addr, cancel.clone()).await?;
-    tracing::info!(job, "metrics on http://{metrics_addr}/metrics");
-
     // Worker lines go to {run_dir}/logs (read by `kiln logs JOB --data-dir`).
-    let node_logs = Arc::new(crate::logs::open(&run_dir, LOCAL_NODE, &spec, nproc)?);
-    let agent_config = AgentConfig {
-        job: job.clone(),
+    let node_logs = Arc::new(kiln_node::logs::open(&run_dir, LOCAL_NODE, &spec, nproc)?);
+    let StartedWorkers {
+        workers,
+        metrics,
+        metrics_addr,
+    } = kiln_node::workers::start(WorkerSetup {
+        job: &job,
+        node: LOCAL_NODE,
         nproc,
-        run_dir: run_dir.clone(),
-        kiln_exe: std::env::current_exe().context("locate the kiln binary")?,
-        start_timeout: Duration::from_secs(60),
-        log_sink: crate::logs::sink(node_logs, crate::logs::Echo::Off),
+        run_dir: &run_dir,
+        kiln_exe: &std::env::current_exe().context("locate the kiln binary")?,
+        log_sink: kiln_node::logs::sink(node_logs, Echo::Off),
         // One machine: the ring stays on loopback.
-        bind_host: "127.0.0.1".to_string(),
-    };
-    let workers = LocalWorkers::spawn(&agent_config)
-        .await
-        .context("start workers")?;
+        bind_host: "127.0.0.1",
+        metrics_addr: args.metrics_addr,
+        cancel: &cancel,
+    })
+    .await?;
     let record = NodeRecord {
         node: LOCAL_NODE.to_string(),
         host: "127.0.0.1".to_string(),
@@ -221,27 +201,15 @@ async fn run_job(
         "rendezvous complete"
     );
 
-    let hooks = kiln_hooks::Hooks::new(&spec.hooks).context("hooks")?;
-    hooks.emit(kiln_hooks::Event::of(
-        &job,
-        &kiln_hooks::event::JobStarted {
-            job: job.clone(),
-            round: plan.round,
-            world_size: plan.world_size,
-            step: 0,
-            resumed_from: args.resume.clone(),
-        },
-    ));
-    let mut feed = crate::ui::RunFeed::start(
-        crate::ui::HistoryTarget {
+    let hooks = JobEvents::new(&spec, &job)?;
+    hooks.started(plan.round, plan.world_size, args.resume.clone());
+    let mut feed = RunFeed::start(
+        HistoryTarget {
             store: &store,
             ks: &ks,
             job: &job,
             checkpoint_root: &checkpoint_url,
-            registry: spec
-                .register
-                .as_ref()
-                .map(|_| crate::register::registry_url(&spec, &checkpoint_url)),
+            registry: registry.clone(),
         },
         &run_dir,
         spec.train.global_batch,
@@ -253,8 +221,6 @@ async fn run_job(
     *started = Some((job.clone(), run_dir.clone()));
     let started = Instant::now();
     let mut printer = Printer::new(&spec, args.json);
-    let committed_hooks = hooks.clone();
-    let committed_job = job.clone();
     let world_size = plan.world_size;
     let assignment = RoundAssignment {
         round: plan.round,
@@ -269,20 +235,7 @@ async fn run_job(
     };
     let outcome = workers
         .run(&job, &run_dir, &assignment, metrics, |event| {
-            if let AgentEvent::Checkpoint { rank: 0, saved } = &event {
-                committed_hooks.emit(kiln_hooks::Event::of(
-                    &committed_job,
-                    &kiln_hooks::event::CheckpointCommitted {
-                        job: committed_job.clone(),
-                        step: saved.step,
-                        location: saved.url.clone(),
-                        world_size,
-                        raw_bytes: saved.bytes_uploaded + saved.bytes_reused,
-                        uploaded_bytes: saved.bytes_uploaded,
-                        elapsed_secs: saved.durable_seconds,
-                    },
-                ));
-            }
+            hooks.on_worker_event(&event, world_size);
             feed.on_event(&event);
             printer.on_event(event)
         })
@@ -297,16 +250,8 @@ async fn run_job(
     let summary = match outcome {
         Ok(summary) => summary,
         Err(e) => {
-            hooks.emit(kiln_hooks::Event::of(
-                &job,
-                &kiln_hooks::event::JobFailed {
-                    job: job.clone(),
-                    error: format!("{e:#}"),
-                    step: None,
-                    round: Some(plan.round),
-                },
-            ));
-            hooks.flush(HOOK_FLUSH).await;
+            hooks.failed(&e, plan.round);
+            hooks.flush().await;
             return Err(e.into());
         }
     };
@@ -331,24 +276,21 @@ async fn run_job(
         }
     }
     let eval: BTreeMap<String, f64> = rank0.eval.clone().into_iter().collect();
-    hooks.emit(kiln_hooks::Event::of(
-        &job,
-        &kiln_hooks::event::JobFinished {
-            job: job.clone(),
-            step: rank0.steps,
-            elapsed_secs: elapsed,
-            checkpoint: (!rank0.checkpoint_url.is_empty()).then(|| rank0.checkpoint_url.clone()),
-            metrics: eval.clone(),
-        },
-    ));
+    hooks.finished(rank0, elapsed);
     let model = match &spec.register {
         Some(_) => {
-            crate::register::register_final_model(&spec, &job, &checkpoint_url, rank0, &hooks)
-                .await?
+            kiln_node::register::register_final_model(
+                &spec,
+                &job,
+                &checkpoint_url,
+                rank0,
+                hooks.hooks(),
+            )
+            .await?
         }
         None => None,
     };
-    hooks.flush(HOOK_FLUSH).await;
+    hooks.flush().await;
     let mut report = serde_json::json!({
         "job": job,
         "world_size": plan.world_size,
@@ -371,7 +313,7 @@ async fn run_job(
     });
     if let Some(model) = &model {
         report["model"] = model.clone().into();
-        report["registry"] = crate::register::registry_url(&spec, &checkpoint_url).into();
+        report["registry"] = registry.clone().into();
     }
     if args.json {
         println!("{report}");
@@ -391,7 +333,7 @@ async fn run_job(
         if let Some(model) = &model {
             println!(
                 "registered model {model} in {}",
-                crate::register::registry_url(&spec, &checkpoint_url)
+                registry.as_deref().unwrap_or_default()
             );
         }
     }
