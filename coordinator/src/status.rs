@@ -394,28 +394,10 @@ pub fn watch_cancel(
     let job = job.into();
     async move {
         let key = ks.job_cancel(&job);
-        loop {
-            // List then watch from the listing's revision: nothing written in
-            // between is missed.
-            let (kvs, revision) = store.get_prefix(&key).await?;
-            if let Some(kv) = kvs.iter().find(|kv| kv.key == key) {
-                return parse_cancel(&key, &kv.value);
-            }
-            let mut watch = store.watch_prefix(&key, Some(revision)).await?;
-            loop {
-                match watch.try_next().await {
-                    Ok(Some(WatchEvent::Put(kv))) if kv.key == key => {
-                        return parse_cancel(&key, &kv.value);
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => {
-                        return Err(Error::unavailable("store closed the cancel watch"));
-                    }
-                    Err(Error::Compacted { .. }) => break,
-                    Err(error) => return Err(error),
-                }
-            }
-        }
+        follow_key(&*store, &key, "store closed the cancel watch", |value| {
+            parse_cancel(&key, value).map(Some)
+        })
+        .await
     }
 }
 
@@ -431,33 +413,55 @@ pub fn watch_terminal(
     let job = job.into();
     async move {
         let key = ks.job_status(&job);
+        follow_key(
+            &*store,
+            &key,
+            "the store closed the status watch",
+            |value| {
+                let status = JobStatus::from_json(&key, value)?;
+                Ok(status.phase.is_terminal().then_some(status.phase))
+            },
+        )
+        .await
+    }
+}
+
+/// Follows `key` until `found` makes something of its value: lists it, then
+/// watches from the listing's revision (nothing written in between is
+/// missed), and lists again when the watch falls behind compaction. `closed`
+/// is the error when the store ends the watch.
+async fn follow_key<T>(
+    store: &dyn Store,
+    key: &str,
+    closed: &'static str,
+    mut found: impl FnMut(&[u8]) -> Result<Option<T>>,
+) -> Result<T> {
+    loop {
+        let (kvs, revision) = store.get_prefix(key).await?;
+        if let Some(kv) = kvs.iter().find(|kv| kv.key == key)
+            && let Some(value) = found(&kv.value)?
+        {
+            return Ok(value);
+        }
+        let mut watch = store.watch_prefix(key, Some(revision)).await?;
         loop {
-            let (kvs, revision) = store.get_prefix(&key).await?;
-            for kv in kvs.iter().filter(|kv| kv.key == key) {
-                let s = JobStatus::from_json(&key, &kv.value)?;
-                if s.phase.is_terminal() {
-                    return Ok(s.phase);
-                }
-            }
-            let mut watch = store.watch_prefix(&key, Some(revision)).await?;
-            loop {
-                match watch.try_next().await {
-                    Ok(Some(WatchEvent::Put(kv))) if kv.key == key => {
-                        let s = JobStatus::from_json(&key, &kv.value)?;
-                        if s.phase.is_terminal() {
-                            return Ok(s.phase);
-                        }
+            match watch.try_next().await {
+                Ok(Some(WatchEvent::Put(kv))) if kv.key == key => {
+                    if let Some(value) = found(&kv.value)? {
+                        return Ok(value);
                     }
-                    Ok(Some(_)) => {}
-                    Ok(None) => {
-                        return Err(Error::unavailable("the store closed the status watch"));
-                    }
-                    Err(Error::Compacted { .. }) => break,
-                    Err(error) => return Err(error),
                 }
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(Error::unavailable(closed)),
+                Err(Error::Compacted { .. }) => break,
+                Err(error) => return Err(error),
             }
         }
     }
+}
+
+fn parse_cancel(key: &str, bytes: &[u8]) -> Result<CancelRequest> {
+    serde_json::from_slice(bytes).map_err(|error| Error::corrupt(key, error))
 }
 
 /// Runs a watch of the store (such as [`watch_cancel`] or [`watch_terminal`])
@@ -497,10 +501,6 @@ pub fn update_in_background(
             tracing::warn!(job, "record progress in the job status: {e}");
         }
     });
-}
-
-fn parse_cancel(key: &str, bytes: &[u8]) -> Result<CancelRequest> {
-    serde_json::from_slice(bytes).map_err(|error| Error::corrupt(key, error))
 }
 
 #[cfg(test)]

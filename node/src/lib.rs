@@ -14,6 +14,8 @@
 //!   (`kiln_coordinator::membership::lead_rendezvous`), supervises its workers
 //!   across rounds, records the job's status, registers the model; and
 //!   [`job_spec`](agent::job_spec), the spec every node of a job shares.
+//! - [`local`]: [`run_local`](local::run_local), `kiln run`'s job: one node,
+//!   one round, over the process's memory store.
 //! - [`workers`]: starting a node's workers and its `/metrics`.
 //! - [`events`]: [`JobEvents`](events::JobEvents), the job events
 //!   (`[[hooks]]`) a node sends for what its workers report, shared by
@@ -31,6 +33,7 @@
 pub mod agent;
 pub mod events;
 pub mod history;
+pub mod local;
 pub mod logs;
 pub mod register;
 pub mod workers;
