@@ -14,6 +14,8 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
+use crate::output::{or_dash, table};
+
 /// Environment variable holding the bearer token (client and coordinator).
 pub const TOKEN_ENV: &str = "KILN_COORDINATOR_TOKEN";
 
@@ -355,48 +357,12 @@ async fn list(client: &mut Client, json: bool) -> anyhow::Result<ExitCode> {
             job.world_size.to_string(),
             job.round.to_string(),
             job.loss.map_or("-".to_string(), |l| format!("{l:.4}")),
-            or_dash(&job.submitted_at),
+            or_dash(&job.submitted_at).to_string(),
             job.message.clone(),
         ]);
     }
     print!("{}", table(&rows));
     Ok(ExitCode::SUCCESS)
-}
-
-/// Rows as left-aligned columns two spaces apart; the last column is not padded.
-fn table(rows: &[Vec<String>]) -> String {
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|cell| cell.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let mut line = String::new();
-        for (c, cell) in row.iter().enumerate() {
-            if c + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<width$}  ", width = widths[c]));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-fn or_dash(text: &str) -> String {
-    if text.is_empty() {
-        "-".to_string()
-    } else {
-        text.to_string()
-    }
 }
 
 /// Events shown in a status: the newest this many.
@@ -424,9 +390,9 @@ fn status_text(s: &v1::JobStatus) -> String {
             .as_ref()
             .map_or("-".to_string(), |c| format!("{} (step {})", c.url, c.step)),
     );
-    row("submitted", or_dash(&s.submitted_at));
-    row("started", or_dash(&s.started_at));
-    row("finished", or_dash(&s.finished_at));
+    row("submitted", or_dash(&s.submitted_at).to_string());
+    row("started", or_dash(&s.started_at).to_string());
+    row("finished", or_dash(&s.finished_at).to_string());
     if !s.cancel_requested_at.is_empty() {
         row("cancel", format!("requested {}", s.cancel_requested_at));
     }
@@ -463,7 +429,7 @@ fn status_text(s: &v1::JobStatus) -> String {
             rows.push(vec![
                 e.at.clone(),
                 e.kind.clone(),
-                or_dash(&e.node),
+                or_dash(&e.node).to_string(),
                 e.detail.clone(),
             ]);
         }

@@ -9,7 +9,7 @@ mod generate;
 mod jobs;
 mod launch;
 mod logs;
-mod register;
+mod output;
 mod registry;
 mod run;
 mod serve;
@@ -96,7 +96,8 @@ pub struct RunArgs {
     /// Override a spec field, e.g. --set train.steps=50 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Where the run writes logs, weights (and later checkpoints and the registry).
+    /// Where the run writes logs, weights, checkpoints (unless checkpoint.url
+    /// is set) and the registry (unless register.registry is set).
     #[arg(long, default_value = "kiln-data")]
     pub data_dir: PathBuf,
     /// Print the summary as one JSON object on the last line of stdout.
@@ -140,19 +141,51 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("start async runtime")
 }
 
-/// Runs an async command on [`runtime`] and turns its result into an exit code.
-fn block_on<F>(command: F) -> ExitCode
-where
-    F: std::future::Future<Output = anyhow::Result<ExitCode>>,
-{
-    report(runtime().and_then(|rt| rt.block_on(command)))
+/// Why a command failed, and so its exit code: wrong input exits with 2,
+/// anything else with 1. Commands return it (or an `anyhow::Error`, which is
+/// [`CliError::Failed`]); [`report`] prints it.
+#[derive(Debug)]
+pub enum CliError {
+    /// The job spec is invalid (`error: invalid job spec: ...`, exit code 2).
+    InvalidSpec(String),
+    /// Other wrong input, the message naming what to fix (`error: ...`, exit
+    /// code 2): a launch request.
+    Invalid(String),
+    /// Anything else, printed with its chain (exit code 1).
+    Failed(anyhow::Error),
 }
 
-/// The exit code of a command's result; errors are printed with their chain.
-fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
+impl From<anyhow::Error> for CliError {
+    fn from(e: anyhow::Error) -> Self {
+        CliError::Failed(e)
+    }
+}
+
+/// Runs an async command on [`runtime`] and turns its result into an exit code.
+fn block_on<F, E>(command: F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<ExitCode, E>>,
+    E: Into<CliError>,
+{
+    match runtime() {
+        Ok(rt) => report(rt.block_on(command).map_err(Into::into)),
+        Err(e) => report(Err(e.into())),
+    }
+}
+
+/// The exit code of a command's result; errors are printed, with their chain.
+fn report(result: Result<ExitCode, CliError>) -> ExitCode {
     match result {
         Ok(code) => code,
-        Err(e) => {
+        Err(CliError::InvalidSpec(message)) => {
+            eprintln!("error: invalid job spec: {message}");
+            ExitCode::from(2)
+        }
+        Err(CliError::Invalid(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+        Err(CliError::Failed(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
@@ -163,30 +196,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
-        Command::Run(args) => {
-            let runtime = match runtime() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(run::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(run::RunError::Spec(e)) => {
-                    eprintln!("error: invalid job spec: {e}");
-                    ExitCode::from(2)
-                }
-                Err(run::RunError::Other(e)) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Run(args) => block_on(async { run::run(args).await.map(|()| ExitCode::SUCCESS) }),
         Command::Agent(args) => block_on(agent::run(args)),
-        Command::Ckpt(cmd) => report(ckpt::run(cmd)),
-        Command::Data(cmd) => report(data::run(cmd)),
-        Command::Generate(args) => report(generate::run(args)),
+        Command::Ckpt(cmd) => report(ckpt::run(cmd).map_err(Into::into)),
+        Command::Data(cmd) => report(data::run(cmd).map_err(Into::into)),
+        Command::Generate(args) => report(generate::run(args).map_err(Into::into)),
         Command::Registry(args) => block_on(registry::run(args)),
         Command::Coordinator(args) => block_on(coordinator::run(args)),
         Command::Submit(args) => block_on(jobs::submit(args)),
@@ -213,13 +227,11 @@ fn main() -> ExitCode {
                 agent_fd,
                 local_rank,
             };
-            match kiln_trainer::worker::run(&args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            report(
+                kiln_trainer::worker::run(&args)
+                    .map(|()| ExitCode::SUCCESS)
+                    .map_err(CliError::Failed),
+            )
         }
     }
 }

@@ -12,11 +12,12 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Subcommand;
 use kiln_checkpoint::registry::{
-    Alias, AliasTarget, AuditEntry, CheckpointRef, Lineage, ModelDefinition, ModelVersion,
-    NewVersion, Pick, Registry, Selector, Signature, spec_hash,
+    Alias, AliasTarget, AuditEntry, ModelVersion, NewVersion, Pick, Registry, Selector, TrainedBy,
 };
 use kiln_checkpoint::{CheckpointRoot, Manifest, OwnedTensor, TensorView};
 use kiln_proto::spec::{DataKind, JobSpec, ModelKind, ModelSpec};
+
+use crate::output::or_dash;
 
 /// Arguments of `kiln registry`.
 #[derive(Debug, clap::Args)]
@@ -521,10 +522,6 @@ fn metrics(m: &BTreeMap<String, f64>) -> String {
     parts.join(" ")
 }
 
-fn or_dash(s: &str) -> &str {
-    if s.is_empty() { "-" } else { s }
-}
-
 fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }
@@ -612,79 +609,50 @@ async fn new_version(r: &Registration) -> Result<NewVersion> {
         .iter()
         .map(|t| (t.name.clone(), t.shape.clone()))
         .collect();
-    let (model, signature, tokenizer) = if spec.model.kind == ModelKind::Gpt {
+    let classifier = if spec.model.kind == ModelKind::Gpt {
         ensure!(
             r.features.is_none() && r.classes.is_none(),
             "--features and --classes do not apply to a gpt: its context and vocabulary come from the spec"
         );
-        let parts = crate::register::language_model_parts(&spec)?;
-        let tokenizer = match &r.tokenizer {
-            Some(path) => Some(crate::register::read_tokenizer(path, parts.model.classes)?),
-            None => parts.tokenizer,
-        };
-        let m = &parts.model;
-        check_fit(&m.spec, m.features, m.classes, shapes).await?;
-        (parts.model, parts.signature, tokenizer)
+        None
     } else {
         ensure!(
             r.tokenizer.is_none(),
             "--tokenizer: only a language model (model.kind = \"gpt\") carries a tokenizer"
         );
-        let (features, classes) = dimensions(&spec, &shapes, r.features, r.classes).await?;
-        check_fit(&spec.model, features, classes, shapes).await?;
-        (
-            ModelDefinition::classifier(spec.model.clone(), features, classes),
-            Signature::classifier(features, classes),
-            None,
-        )
-    };
-
-    let torchscript = match spec.model.kind {
-        ModelKind::Torchscript => {
-            let path = spec
-                .model
-                .path
-                .as_ref()
-                .context("model.path: required for a torchscript model")?;
-            Some(std::fs::read(path).with_context(|| {
-                format!("read TorchScript module {} (model.path)", path.display())
-            })?)
-        }
-        _ => None,
+        Some(dimensions(&spec, &shapes, r.features, r.classes).await?)
     };
     let reference_profile = match &r.reference_profile {
         Some(path) => Some(
             std::fs::read(path)
                 .with_context(|| format!("read reference profile {}", path.display()))?,
         ),
-        // A language model's profile is the token distribution of its data.
-        None if spec.model.kind == ModelKind::Gpt => {
-            let rows = spec.register.as_ref().map_or(1000, |r| r.reference_rows);
-            crate::register::token_reference_profile(&spec, rows)?
-        }
         None => None,
     };
+    let rows = spec.register.as_ref().map_or(1000, |r| r.reference_rows);
+    let parts = kiln_node::register::model_parts(
+        &spec,
+        classifier,
+        r.tokenizer.as_deref(),
+        reference_profile,
+        rows,
+    )?;
+    let m = &parts.model;
+    check_fit(&m.spec, m.features, m.classes, shapes).await?;
     let mut metrics = manifest.metrics.clone();
     metrics.extend(extra_metrics);
-    Ok(NewVersion {
-        checkpoint: CheckpointRef {
-            root: root.url().to_string(),
-            step: manifest.step,
-            digest,
-        },
-        model,
-        signature,
-        metrics,
-        lineage: Lineage {
+    Ok(NewVersion::from_checkpoint(
+        root.url(),
+        &manifest,
+        digest,
+        TrainedBy {
             job: manifest.job.clone(),
-            spec_hash: spec_hash(&lineage_spec.to_json()),
-            dataset_fingerprint: manifest.dataset_fingerprint.clone(),
+            spec_json: &lineage_spec.to_json(),
             code_version: manifest.code_version.clone(),
         },
-        reference_profile,
-        torchscript,
-        tokenizer,
-    })
+        metrics,
+        parts,
+    ))
 }
 
 fn parse_metrics(args: &[String]) -> Result<BTreeMap<String, f64>> {

@@ -1,49 +1,27 @@
-//! `kiln run`: the zero-setup single-machine path. Wires an embedded store, the
-//! rendezvous leader and this node's agent together, then prints progress and
-//! the summary.
+//! `kiln run`: the zero-setup single-machine path. Reads the spec, serves the
+//! dashboard with `--ui`, runs the job as one node over an embedded store
+//! (`kiln_node::local`), prints progress and the summary.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use kiln_coordinator::keyspace::Keyspace;
-use kiln_coordinator::membership;
-use kiln_coordinator::rendezvous::{NodeRecord, RendezvousConfig};
 use kiln_coordinator::store::Store;
 use kiln_coordinator::store::mem::MemStore;
-use kiln_proto::spec::{JobSpec, SpecError};
-use kiln_trainer::agent::{AgentConfig, AgentEvent, LocalWorkers, RoundAssignment};
-use kiln_trainer::metrics::{self, TrainingMetrics};
+use kiln_node::local::{LocalConfig, Started};
+use kiln_proto::spec::JobSpec;
+use kiln_trainer::agent::AgentEvent;
 use tokio_util::sync::CancellationToken;
 
-use crate::RunArgs;
-
-/// Why a run failed: a bad spec (exit code 2) or anything else (exit code 1).
-#[derive(Debug)]
-pub enum RunError {
-    Spec(SpecError),
-    Other(anyhow::Error),
-}
-
-impl From<anyhow::Error> for RunError {
-    fn from(e: anyhow::Error) -> Self {
-        RunError::Other(e)
-    }
-}
-
-/// How long a finishing run waits for its hooks to deliver their last events.
-const HOOK_FLUSH: Duration = Duration::from_secs(10);
-
-/// The node name of `kiln run`'s single node.
-pub(crate) const LOCAL_NODE: &str = "local";
+use crate::{CliError, RunArgs};
 
 /// Runs the job; with `--ui`, serves the dashboard over the run's store while
 /// it runs (and `--ui-linger` seconds after). The job's end is recorded in
 /// the store and in its run folder, whichever way it ends.
-pub async fn run(args: RunArgs) -> Result<(), RunError> {
+pub async fn run(args: RunArgs) -> Result<(), CliError> {
     let store: Arc<dyn Store> = MemStore::new();
     let ks = Keyspace::default();
     let dashboard = match args.ui {
@@ -68,15 +46,17 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
         None => None,
     };
-    let mut started: Option<(String, PathBuf)> = None;
+    let mut started: Option<Started> = None;
     let result = run_job(&args, store.clone(), ks.clone(), &mut started).await;
-    if let Some((job, run_dir)) = &started {
+    if let Some(Started { job, run_dir }) = &started {
         let error = match &result {
             Ok(()) => None,
-            Err(RunError::Spec(e)) => Some(e.to_string()),
-            Err(RunError::Other(e)) => Some(format!("{e:#}")),
+            Err(CliError::InvalidSpec(message) | CliError::Invalid(message)) => {
+                Some(message.clone())
+            }
+            Err(CliError::Failed(e)) => Some(format!("{e:#}")),
         };
-        crate::ui::record_run_end(&*store, &ks, job, run_dir, error).await;
+        kiln_node::history::record_run_end(&*store, &ks, job, run_dir, error).await;
     }
     if let Some(dashboard) = dashboard {
         if args.ui_linger > 0 {
@@ -93,265 +73,39 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     result
 }
 
-/// The job itself; sets `started` to the job's name and run folder once its
-/// status and history are being recorded.
+/// The job itself: its spec read here, the run `kiln_node::local`'s, the
+/// progress and summary printed here. Sets `started` once the job's status and
+/// history are being recorded.
 async fn run_job(
     args: &RunArgs,
     store: Arc<dyn Store>,
     ks: Keyspace,
-    started: &mut Option<(String, PathBuf)>,
-) -> Result<(), RunError> {
+    started: &mut Option<Started>,
+) -> Result<(), CliError> {
     let mut overrides = args.set.clone();
     if let Some(n) = args.nproc {
         overrides.push(format!("workers.nproc={n}"));
     }
-    let spec = JobSpec::load(&args.job, &overrides).map_err(RunError::Spec)?;
-    let job = spec.job.name.clone();
-    let nproc = spec.workers.nproc;
-    std::fs::create_dir_all(args.data_dir.join("jobs").join(&job))
-        .with_context(|| format!("create run folder under {}", args.data_dir.display()))?;
-    let run_dir: PathBuf = args
-        .data_dir
-        .join("jobs")
-        .join(&job)
-        .canonicalize()
-        .context("resolve run folder")?;
-    let spec_json = spec.to_json();
-    let checkpoint_url = match &spec.checkpoint.url {
-        Some(url) => url.clone(),
-        None => {
-            let dir = args.data_dir.join("checkpoints").join(&job);
-            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-            format!(
-                "file://{}",
-                dir.canonicalize()
-                    .context("resolve checkpoint folder")?
-                    .display()
-            )
-        }
-    };
-    // Names this run's save attempts; unique per invocation.
-    let run_id = format!(
-        "{:x}{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros()),
-        std::process::id()
-    );
-
-    store
-        .put(&ks.job_spec(&job), spec_json.clone().into_bytes(), None)
-        .await
-        .context("record job spec")?;
-    let cancel = CancellationToken::new();
-    let _stop_services = cancel.clone().drop_guard();
-    let leader_config = RendezvousConfig {
-        job: job.clone(),
-        min_nodes: 1,
-        max_nodes: 1,
-        settle: Duration::ZERO,
-        max_failures: 0,
-        max_scale_events: 0,
-        cooldown: Duration::ZERO,
-    };
-    let mut leader = tokio::spawn(membership::run_leader(
-        store.clone(),
-        ks.clone(),
-        leader_config,
-        // The only leader there is: one process over its own memory store.
-        None,
-        cancel.clone(),
-    ));
-
-    let metrics = Arc::new(TrainingMetrics::default());
-    let metrics_addr = metrics::serve(metrics.clone(), args.metrics_addr, cancel.clone()).await?;
-    tracing::info!(job, "metrics on http://{metrics_addr}/metrics");
-
-    // Worker lines go to {run_dir}/logs (read by `kiln logs JOB --data-dir`).
-    let node_logs = Arc::new(crate::logs::open(&run_dir, LOCAL_NODE, &spec, nproc)?);
-    let agent_config = AgentConfig {
-        job: job.clone(),
-        nproc,
-        run_dir: run_dir.clone(),
+    let spec =
+        JobSpec::load(&args.job, &overrides).map_err(|e| CliError::InvalidSpec(e.to_string()))?;
+    let config = LocalConfig {
+        data_dir: args.data_dir.clone(),
+        metrics_addr: args.metrics_addr,
+        resume: args.resume.clone(),
         kiln_exe: std::env::current_exe().context("locate the kiln binary")?,
-        start_timeout: Duration::from_secs(60),
-        log_sink: crate::logs::sink(node_logs, crate::logs::Echo::Off),
-        // One machine: the ring stays on loopback.
-        bind_host: "127.0.0.1".to_string(),
     };
-    let workers = LocalWorkers::spawn(&agent_config)
-        .await
-        .context("start workers")?;
-    let record = NodeRecord {
-        node: LOCAL_NODE.to_string(),
-        host: "127.0.0.1".to_string(),
-        endpoints: workers.endpoints(),
-        devices: nproc as u32,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        presence: None,
-    };
-    let mut session = membership::join(
-        store.clone(),
-        ks.clone(),
-        &job,
-        record,
-        Duration::from_secs(5),
-    )
-    .await
-    .context("join rendezvous")?;
-    let plan = tokio::select! {
-        plan = session.next_plan(0) => plan.context("wait for the rendezvous plan")?,
-        res = &mut leader => return Err(anyhow!("rendezvous leader stopped before a plan: {:?}", res).into()),
-        _ = tokio::time::sleep(Duration::from_secs(30)) => return Err(anyhow!("no rendezvous plan within 30 s").into()),
-    };
-    let member = plan
-        .members
-        .iter()
-        .find(|m| m.node == LOCAL_NODE)
-        .ok_or_else(|| {
-            anyhow!(
-                "rendezvous plan of round {} does not include this node",
-                plan.round
-            )
-        })?;
-    tracing::info!(
-        job,
-        round = plan.round,
-        world_size = plan.world_size,
-        "rendezvous complete"
-    );
-
-    let hooks = kiln_hooks::Hooks::new(&spec.hooks).context("hooks")?;
-    hooks.emit(kiln_hooks::Event::of(
-        &job,
-        &kiln_hooks::event::JobStarted {
-            job: job.clone(),
-            round: plan.round,
-            world_size: plan.world_size,
-            step: 0,
-            resumed_from: args.resume.clone(),
-        },
-    ));
-    let mut feed = crate::ui::RunFeed::start(
-        crate::ui::HistoryTarget {
-            store: &store,
-            ks: &ks,
-            job: &job,
-            checkpoint_root: &checkpoint_url,
-            registry: spec
-                .register
-                .as_ref()
-                .map(|_| crate::register::registry_url(&spec, &checkpoint_url)),
-        },
-        &run_dir,
-        spec.train.global_batch,
-        spec.train.steps,
-        plan.round,
-        plan.world_size,
-    )
-    .await;
-    *started = Some((job.clone(), run_dir.clone()));
-    let started = Instant::now();
     let mut printer = Printer::new(&spec, args.json);
-    let committed_hooks = hooks.clone();
-    let committed_job = job.clone();
-    let world_size = plan.world_size;
-    let assignment = RoundAssignment {
-        round: plan.round,
-        first_rank: member.first_rank,
-        world_size: plan.world_size,
-        peers: plan.peers.clone(),
-        spec_json,
-        checkpoint_url: checkpoint_url.clone(),
-        resume: args.resume.clone().unwrap_or_default(),
-        run_id,
-        ring_secret: plan.secret_bytes().map_err(|e| anyhow!(e))?,
-    };
-    let outcome = workers
-        .run(&job, &run_dir, &assignment, metrics, |event| {
-            if let AgentEvent::Checkpoint { rank: 0, saved } = &event {
-                committed_hooks.emit(kiln_hooks::Event::of(
-                    &committed_job,
-                    &kiln_hooks::event::CheckpointCommitted {
-                        job: committed_job.clone(),
-                        step: saved.step,
-                        location: saved.url.clone(),
-                        world_size,
-                        raw_bytes: saved.bytes_uploaded + saved.bytes_reused,
-                        uploaded_bytes: saved.bytes_uploaded,
-                        elapsed_secs: saved.durable_seconds,
-                    },
-                ));
-            }
-            feed.on_event(&event);
-            printer.on_event(event)
-        })
-        .await;
+    let outcome = kiln_node::local::run_local(&spec, &config, store, ks, started, |event| {
+        printer.on_event(event)
+    })
+    .await;
     printer.finish();
-    feed.finish().await;
-    // Stop the leader before leaving: a member leaving a live leader's round
-    // counts as a lost node.
-    cancel.cancel();
-    let leader_result = leader.await;
-    let _ = session.leave().await;
-    let summary = match outcome {
-        Ok(summary) => summary,
-        Err(e) => {
-            hooks.emit(kiln_hooks::Event::of(
-                &job,
-                &kiln_hooks::event::JobFailed {
-                    job: job.clone(),
-                    error: format!("{e:#}"),
-                    step: None,
-                    round: Some(plan.round),
-                },
-            ));
-            hooks.flush(HOOK_FLUSH).await;
-            return Err(e.into());
-        }
-    };
-    if let Ok(Err(e)) = leader_result {
-        return Err(anyhow!("rendezvous leader failed: {e}").into());
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-
-    let (_, rank0) = summary
-        .finished
-        .iter()
-        .find(|(r, _)| *r == 0)
-        .context("rank 0 did not finish")?;
-    for (rank, f) in &summary.finished {
-        if f.weights_digest != rank0.weights_digest {
-            return Err(anyhow!(
-                "ranks diverged: rank {rank} ends with weights {} but rank 0 with {}",
-                f.weights_digest,
-                rank0.weights_digest
-            )
-            .into());
-        }
-    }
+    let s = outcome?;
+    let rank0 = &s.rank0;
     let eval: BTreeMap<String, f64> = rank0.eval.clone().into_iter().collect();
-    hooks.emit(kiln_hooks::Event::of(
-        &job,
-        &kiln_hooks::event::JobFinished {
-            job: job.clone(),
-            step: rank0.steps,
-            elapsed_secs: elapsed,
-            checkpoint: (!rank0.checkpoint_url.is_empty()).then(|| rank0.checkpoint_url.clone()),
-            metrics: eval.clone(),
-        },
-    ));
-    let model = match &spec.register {
-        Some(_) => {
-            crate::register::register_final_model(&spec, &job, &checkpoint_url, rank0, &hooks)
-                .await?
-        }
-        None => None,
-    };
-    hooks.flush(HOOK_FLUSH).await;
     let mut report = serde_json::json!({
-        "job": job,
-        "world_size": plan.world_size,
+        "job": s.job,
+        "world_size": s.world_size,
         "steps": rank0.steps,
         "final_loss": rank0.final_loss,
         "grad_norm": rank0.grad_norm.is_finite().then_some(rank0.grad_norm),
@@ -360,25 +114,30 @@ async fn run_job(
         "weights_digest": rank0.weights_digest,
         "weights": rank0.weights_path,
         "checkpoint": rank0.checkpoint_url,
-        "checkpoint_root": checkpoint_url,
+        "checkpoint_root": s.checkpoint_root,
         "resumed_from": rank0.resumed_from,
         "start_step": rank0.start_step,
-        "round": plan.round,
-        "elapsed_secs": elapsed,
-        "run_dir": run_dir,
-        "metrics_addr": metrics_addr.to_string(),
+        "round": s.round,
+        "elapsed_secs": s.elapsed_secs,
+        "run_dir": s.run_dir,
+        "metrics_addr": s.metrics_addr.to_string(),
         "warnings": printer.warnings,
     });
-    if let Some(model) = &model {
+    if let Some(model) = &s.model {
         report["model"] = model.clone().into();
-        report["registry"] = crate::register::registry_url(&spec, &checkpoint_url).into();
+        report["registry"] = s.registry.clone().into();
     }
     if args.json {
         println!("{report}");
     } else {
         println!(
-            "job {job}: {} workers, {} steps in {elapsed:.1} s ({:.0} samples/s), final loss {:.4}",
-            plan.world_size, rank0.steps, rank0.samples_per_sec, rank0.final_loss
+            "job {}: {} workers, {} steps in {:.1} s ({:.0} samples/s), final loss {:.4}",
+            s.job,
+            s.world_size,
+            rank0.steps,
+            s.elapsed_secs,
+            rank0.samples_per_sec,
+            rank0.final_loss
         );
         if !eval.is_empty() {
             let parts: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
@@ -388,10 +147,10 @@ async fn run_job(
             "weights: {} (sha256 {})",
             rank0.weights_path, rank0.weights_digest
         );
-        if let Some(model) = &model {
+        if let Some(model) = &s.model {
             println!(
                 "registered model {model} in {}",
-                crate::register::registry_url(&spec, &checkpoint_url)
+                s.registry.as_deref().unwrap_or_default()
             );
         }
     }

@@ -167,6 +167,7 @@ fn run_and_kill(spec: &Path, data: &Path, kill_at: u64) -> u64 {
             last_step = rest.split('/').next().unwrap().parse().unwrap();
         }
         if last_step >= kill_at && committed > 0 {
+            // SAFETY: kill(2) takes plain integers and touches no memory of ours.
             unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
             break;
         }
@@ -372,6 +373,7 @@ fn output_within(mut cmd: Command, limit: Duration) -> Output {
         Ok(out) => out.unwrap(),
         Err(_) => {
             // Its workers die with it (they never outlive their agent).
+            // SAFETY: kill(2) takes plain integers and touches no memory of ours.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             panic!("the run still had not ended after {limit:?}: it hangs");
         }

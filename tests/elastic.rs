@@ -178,6 +178,7 @@ impl Node {
     /// SIGKILL to the whole process group: the node is gone at once.
     fn kill(&mut self) {
         let pgid = self.child.id() as i32;
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
         unsafe { libc::kill(-pgid, libc::SIGKILL) };
         let _ = self.child.wait();
     }
@@ -556,6 +557,8 @@ fn chaos_kills_and_joins_lose_no_committed_checkpoint() {
                     live[i].name
                 );
                 if let Some(pid) = worker {
+                    // SAFETY: kill(2) takes plain integers and touches no
+                    // memory of ours.
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 }
             }
@@ -791,6 +794,7 @@ fn the_leader_paused_past_its_lease_then_resumed_steps_down_and_the_job_succeeds
         .unwrap_or_else(|| panic!("leader {leader:?} is not one of the nodes"));
     let mut paused = nodes.remove(paused);
     let pid = paused.child.id() as i32;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     wait_until("another leader", WAIT, || {
         let now = leader_of(&etcd, "pause");
@@ -800,6 +804,7 @@ fn the_leader_paused_past_its_lease_then_resumed_steps_down_and_the_job_succeeds
     wait_until("a round without the paused node", WAIT, || {
         nodes.iter().all(|n| rounds(n).iter().any(|&(_, w)| w == 2))
     });
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     finish(&mut nodes);
     paused.wait_exit(WAIT);

@@ -233,6 +233,7 @@ fn follow_shows_lines_while_the_job_runs_and_ends_with_it() {
     });
     // Pause the whole run (agent and workers): the job is certainly still
     // running while the follower starts and prints.
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe { libc::kill(-pgid, libc::SIGSTOP) };
     let mut follow = kiln()
         .args(["logs", "tiny", "--follow", "--data-dir"])
@@ -248,6 +249,7 @@ fn follow_shows_lines_while_the_job_runs_and_ends_with_it() {
         "the follower ended while the job was paused"
     );
     assert!(run.try_wait().unwrap().is_none());
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe { libc::kill(-pgid, libc::SIGCONT) };
     assert!(wait_exit(&mut run, "the run").success());
     let status = wait_exit(&mut follow, "the follower to end with the job");

@@ -230,6 +230,7 @@ fn a_worker_killed_mid_run_fails_the_run_within_seconds() {
     assert_eq!(workers.len(), 2, "expected 2 workers, found {workers:?}");
     let victim = workers[1];
     let killed_at = Instant::now();
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe { libc::kill(victim as i32, libc::SIGKILL) };
     std::thread::spawn(move || for _ in lines {});
     let status = loop {
@@ -444,6 +445,7 @@ fn workers_talk_to_their_agent_over_inherited_socket_pairs_that_nobody_else_can_
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         assert!(cmdline.contains("--agent-fd"), "{cmdline}");
     }
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let _ = child.wait();
     // A worker started by hand, without its agent's descriptor, refuses.

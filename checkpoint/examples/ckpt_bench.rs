@@ -9,30 +9,14 @@ use std::time::Instant;
 
 use anyhow::Context;
 use kiln_checkpoint::codec::{Encoding, encode_chunk};
+use kiln_checkpoint::testdata::Rng;
 use kiln_checkpoint::{
     CheckpointMeta, CheckpointRoot, Checkpointer, DType, SaveConfig, TensorView, load, resolve,
     verify,
 };
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn normal(&mut self, std: f32) -> f32 {
-        let s: f32 = (0..4)
-            .map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32)
-            .sum();
-        (s - 2.0) * std * 1.732
-    }
-}
-
 fn f32_bytes(n: usize, seed: u64, f: impl Fn(&mut Rng) -> f32) -> Vec<u8> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::from_state(seed | 1);
     (0..n).flat_map(|_| f(&mut rng).to_le_bytes()).collect()
 }
 

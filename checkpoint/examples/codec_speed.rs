@@ -12,19 +12,7 @@ use kiln_checkpoint::tensor::DType;
 
 /// Roughly normal f32 values with standard deviation `scale`.
 fn normal_f32(n: usize, scale: f32, seed: u64) -> Vec<f32> {
-    let mut x = seed | 1;
-    let mut uniform = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x >> 40) as f32 / (1u64 << 24) as f32
-    };
-    (0..n)
-        .map(|_| {
-            let s: f32 = (0..4).map(|_| uniform()).sum();
-            (s - 2.0) * scale * 1.732
-        })
-        .collect()
+    kiln_checkpoint::testdata::Rng::from_state(seed | 1).normal_f32(n, scale)
 }
 
 /// Runs `f` once to warm up, then `reps` times; prints MB/s of `bytes`.

@@ -588,18 +588,10 @@ mod tests {
 
     /// Roughly normal values with standard deviation 0.02, like trained weights.
     fn floats(n: usize) -> Vec<u8> {
-        let mut x = 0x9e3779b97f4a7c15u64;
-        let mut uniform = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32
-        };
-        (0..n)
-            .flat_map(|_| {
-                let s: f32 = (0..4).map(|_| uniform()).sum();
-                ((s - 2.0) * 0.02 * 1.732).to_le_bytes()
-            })
+        crate::testdata::Rng::from_state(0x9e3779b97f4a7c15)
+            .normal_f32(n, 0.02)
+            .into_iter()
+            .flat_map(f32::to_le_bytes)
             .collect()
     }
 

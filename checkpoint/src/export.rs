@@ -194,7 +194,6 @@ pub fn write_safetensors(tensors: &[TensorView<'_>], out: &Path) -> Result<()> {
 
 /// Reads every tensor of a safetensors file, sorted by name.
 pub fn import_safetensors(path: &Path) -> Result<Vec<OwnedTensor>> {
-    use safetensors::Dtype as S;
     let bytes = std::fs::read(path).map_err(io("read", path))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
         Error::invalid(format!(
@@ -204,22 +203,14 @@ pub fn import_safetensors(path: &Path) -> Result<Vec<OwnedTensor>> {
     })?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
-        let dtype = match view.dtype() {
-            S::BOOL => DType::Bool,
-            S::U8 => DType::U8,
-            S::I8 => DType::I8,
-            S::I16 => DType::I16,
-            S::I32 => DType::I32,
-            S::I64 => DType::I64,
-            S::F16 => DType::F16,
-            S::BF16 => DType::BF16,
-            S::F32 => DType::F32,
-            S::F64 => DType::F64,
-            other => {
-                return Err(Error::Unsupported {
-                    what: format!("tensor {name} of {}: dtype {other:?}", path.display()),
-                });
-            }
+        let Some(dtype) = DType::from_safetensors(view.dtype()) else {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "tensor {name} of {}: dtype {:?}",
+                    path.display(),
+                    view.dtype()
+                ),
+            });
         };
         out.push(OwnedTensor {
             name,

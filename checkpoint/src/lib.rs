@@ -77,6 +77,8 @@ pub mod store;
 mod stripe;
 pub mod sys;
 pub mod tensor;
+#[doc(hidden)]
+pub mod testdata;
 mod upload;
 
 pub use compression::{Codec, Compression, CompressionRecord};

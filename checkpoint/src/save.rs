@@ -52,7 +52,8 @@ const IN_PLACE_MIN_CHUNK: usize = 256 << 10;
 /// How a [`Checkpointer`] saves.
 #[derive(Clone, Debug)]
 pub struct SaveConfig {
-    /// zstd level (default 3).
+    /// zstd level of the chunks that are not byte-grouped (default 1, the
+    /// job spec's `checkpoint.compression_level` default).
     pub compression_level: i32,
     /// Largest piece of a tensor stored as one chunk (default 8 MiB).
     pub chunk_bytes: usize,
@@ -79,7 +80,7 @@ pub struct SaveConfig {
 impl Default for SaveConfig {
     fn default() -> Self {
         SaveConfig {
-            compression_level: 3,
+            compression_level: 1,
             chunk_bytes: 8 << 20,
             upload_concurrency: 8,
             multipart_threshold: 16 << 20,

@@ -56,6 +56,29 @@ impl std::fmt::Debug for CheckpointRoot {
     }
 }
 
+/// Where the checkpoints of job `job` go: `configured` (the spec's
+/// `checkpoint.url`) when set, else the folder `checkpoints/{job}` under
+/// `data_dir`, created, as its absolute `file://` URL (shared by the nodes of
+/// a job only when `data_dir` is). `kiln run` and `kiln agent` both use it.
+pub fn job_location(
+    configured: Option<&str>,
+    data_dir: &FsPath,
+    job: &str,
+) -> std::io::Result<String> {
+    if let Some(url) = configured {
+        return Ok(url.to_string());
+    }
+    let dir = data_dir.join("checkpoints").join(job);
+    let with = |what: String| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    std::fs::create_dir_all(&dir).map_err(with(format!("create {}", dir.display())))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(with("resolve checkpoint folder".to_string()))?;
+    Ok(format!("file://{}", dir.display()))
+}
+
 /// An object as a listing shows it (tools and GC only; loads never list).
 #[derive(Debug, Clone)]
 pub struct ListedObject {

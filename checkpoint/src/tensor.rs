@@ -44,6 +44,25 @@ impl DType {
             DType::Bool => "BOOL",
         }
     }
+
+    /// The element type of a safetensors dtype; `None` for the ones a
+    /// checkpoint cannot hold (the float8 and unsigned 16 to 64-bit types).
+    pub fn from_safetensors(dtype: safetensors::Dtype) -> Option<DType> {
+        use safetensors::Dtype as S;
+        Some(match dtype {
+            S::BOOL => DType::Bool,
+            S::U8 => DType::U8,
+            S::I8 => DType::I8,
+            S::I16 => DType::I16,
+            S::I32 => DType::I32,
+            S::I64 => DType::I64,
+            S::F16 => DType::F16,
+            S::BF16 => DType::BF16,
+            S::F32 => DType::F32,
+            S::F64 => DType::F64,
+            _ => return None,
+        })
+    }
 }
 
 /// A named tensor as little-endian bytes, borrowed from wherever it lives.

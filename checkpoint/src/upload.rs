@@ -18,7 +18,7 @@ use crate::codec::{
     Encoding, HEADER_LEN, address, chunk_key, encode_chunk_into, encode_raw_into, raw_frame_header,
 };
 use crate::commit::{Action, Commit, CommitInput, Event};
-use crate::compression::{CodecPolicy, Decision, Observation};
+use crate::compression::{CodecPolicy, CompressionRecord, Decision, Observation};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::manifest::{
@@ -279,6 +279,9 @@ impl SaveJob {
         result
     }
 
+    /// The save in order: upload the stripe's chunks, learn from what they
+    /// cost, write the part, and on rank 0 commit (after the previous save's
+    /// commit).
     async fn run_body(
         self,
         previous_commit: &mut Option<oneshot::Receiver<()>>,
@@ -293,7 +296,7 @@ impl SaveJob {
             stripe,
             offsets,
             in_place,
-            mut digests,
+            digests,
             buffer,
             meta,
             cfg,
@@ -311,172 +314,26 @@ impl SaveJob {
             ..
         } = self;
         let meter = Arc::new(Mutex::new(WriteMeter::default()));
-        let permits = Arc::new(Semaphore::new(cfg.upload_concurrency));
-        let mut tasks = JoinSet::new();
-        let mut chunks: Vec<Option<ChunkDone>> = (0..stripe.len()).map(|_| None).collect();
-        let mut first_error: Option<Error> = None;
-        for (i, index) in stripe.clone().enumerate() {
-            // Reap finished uploads as we go so an early failure stops the save.
-            while let Some(done) = tasks.try_join_next() {
-                record(done, &mut chunks, &mut first_error);
-            }
-            if first_error.is_some() {
-                break;
-            }
-            let permit = permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closed");
-            let c = plan.chunks[index];
-            let encoding = Encoding::for_dtype(plan.tensors[c.tensor].dtype);
-            let (offset, len) = (offsets[i], c.len);
-            let buffer_for_cpu = buffer.clone();
-            let known_for_cpu = known.clone();
-            let level = cfg.compression_level;
-            let compress = decision.compresses(i);
-            // Only a chunk written from the stripe buffer keeps it from going
-            // home once the CPU work is done.
-            let buffer_for_write = (in_place && !compress).then(|| buffer.clone());
-            let digest = digests[i].take();
-            let work = ChunkWork {
-                buffer: buffer_for_cpu,
-                offset,
-                len,
-                digest,
-                encoding,
-                compress,
-                in_place,
-                level,
-                known: known_for_cpu,
-                frames: frames.clone(),
-                memory: memory.clone(),
-            };
-            // A raw chunk hashed while copying and written in place leaves
-            // no CPU work: it need not wait for a (maybe idle-priority)
-            // pool thread.
-            let prepared = if work.needs_cpu() {
-                PreparedChunk::Pool(pool.run(move || work.run()))
-            } else {
-                PreparedChunk::Ready(work.run())
-            };
-            let root = root.clone();
-            let known = known.clone();
-            let memory = memory.clone();
-            let frames = frames.clone();
-            let cfg = cfg.clone();
-            let meter = meter.clone();
-            tasks.spawn(async move {
-                let _permit = permit;
-                let prepared = match prepared {
-                    PreparedChunk::Ready(p) => p,
-                    PreparedChunk::Pool(p) => p.await.map_err(|_| Error::Cancelled {
-                        what: "compression pool shut down".into(),
-                    })?,
-                }
-                .map_err(|e| Error::invalid(format!("compress chunk: {e}")))?;
-                let (key, stored_len, uploaded, cost) = match prepared {
-                    Prepared::Reused {
-                        key,
-                        stored_len,
-                        cost,
-                    } => (key, stored_len, false, cost),
-                    Prepared::RawInPlace { key, header, cost } => {
-                        let stored_len = (HEADER_LEN + len) as u64;
-                        let body = StripeSlice {
-                            buffer: buffer_for_write.expect("kept for an in-place chunk"),
-                            range: offset..offset + len,
-                        };
-                        WriteMeter::begin(&meter);
-                        let put = root
-                            .put_frame_parts(
-                                &key,
-                                header,
-                                body,
-                                cfg.multipart_threshold,
-                                cfg.chunk_bytes,
-                            )
-                            .await;
-                        WriteMeter::end(&meter, if put.is_ok() { stored_len } else { 0 });
-                        put?;
-                        failpoint::chunk_uploaded();
-                        (key, stored_len, true, cost)
-                    }
-                    Prepared::Encoded { key, frame, cost } => {
-                        let size = frame.capacity() as u64;
-                        let stored_len = frame.len() as u64;
-                        let frame = Bytes::from(frame);
-                        WriteMeter::begin(&meter);
-                        let put = root
-                            .put_object(
-                                &key,
-                                frame.clone(),
-                                cfg.multipart_threshold,
-                                cfg.chunk_bytes,
-                            )
-                            .await;
-                        WriteMeter::end(&meter, if put.is_ok() { stored_len } else { 0 });
-                        if !frames.give(frame) {
-                            memory.sub(size);
-                        }
-                        put?;
-                        failpoint::chunk_uploaded();
-                        (key, stored_len, true, cost)
-                    }
-                };
-                known
-                    .lock()
-                    .expect("known chunks")
-                    .map
-                    .insert(key.clone(), (stored_len, seq));
-                Ok::<_, Error>((
-                    i,
-                    ChunkDone {
-                        reference: ChunkRef {
-                            key,
-                            raw_len: len as u64,
-                            stored_len,
-                        },
-                        uploaded,
-                        cost,
-                    },
-                ))
-            });
+        let chunks = StripeUpload {
+            seq,
+            plan: &plan,
+            stripe: stripe.clone(),
+            offsets: &offsets,
+            in_place,
+            digests,
+            buffer,
+            cfg: &cfg,
+            root: &root,
+            pool: &pool,
+            known: &known,
+            memory: &memory,
+            frames: &frames,
+            decision: &decision,
+            meter: &meter,
         }
-        drop(buffer);
-        while let Some(done) = tasks.join_next().await {
-            record(done, &mut chunks, &mut first_error);
-            if first_error.is_some() {
-                tasks.abort_all();
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        let chunks: Vec<ChunkDone> = chunks
-            .into_iter()
-            .map(|c| c.expect("every chunk finished"))
-            .collect();
-        let mut observed = Observation::default();
-        let mut record = decision.record;
-        for c in &chunks {
-            let (raw, cost) = (c.reference.raw_len, c.cost);
-            if let Some(hash_s) = cost.hash_s {
-                observed.hashed.add(raw, hash_s);
-            }
-            match cost.compressed {
-                Some(true) => {
-                    observed.compressed.add(raw, cost.encode_s);
-                    observed.compressed_stored_bytes += c.reference.stored_len;
-                    record.chunks_compressed += 1;
-                }
-                Some(false) => observed.framed_raw.add(raw, cost.encode_s),
-                None => {}
-            }
-            record.chunks_uploaded += u64::from(c.uploaded);
-        }
-        observed.written = meter.lock().expect("write meter").throughput();
-        policy.lock().expect("codec policy").observe(&observed);
+        .run()
+        .await?;
+        let record = observe_costs(&chunks, decision.record, &meter, &policy);
         let count = |uploaded: bool| chunks.iter().filter(|c| c.uploaded == uploaded).count();
         let bytes = |uploaded: bool| -> u64 {
             chunks
@@ -500,17 +357,7 @@ impl SaveJob {
             chunks: chunks.into_iter().map(|c| c.reference).collect(),
             compression: Some(record.clone()),
         };
-        let key = part_key(step, &attempt, rank, world_size);
-        let json = serde_json::to_vec_pretty(&part).expect("part serializes");
-        if failpoint::part_write_fails(rank) {
-            return Err(Error::Io {
-                op: "write part (failpoint part-error)",
-                path: root.url_of(&key),
-                source: std::io::Error::other("no space left on device"),
-            });
-        }
-        root.put(&key, Bytes::from(json), PutMode::Overwrite)
-            .await?;
+        write_part(&root, &part, &attempt, rank, world_size).await?;
         known
             .lock()
             .expect("known chunks")
@@ -540,22 +387,13 @@ impl SaveJob {
         if let Some(previous) = previous_commit.take() {
             let _ = previous.await;
         }
-        let last = last_committed.lock().expect("last committed").clone();
-        let parent = match last {
-            Some(p) => Some(p),
-            None => root
-                .get_opt(LATEST_KEY)
-                .await?
-                .and_then(|b| LatestRecord::from_json(&b).ok())
-                .map(|l| l.manifest),
-        };
         let input = CommitInput {
             step,
             attempt: attempt.clone(),
             world_size,
             plan,
             meta,
-            parent,
+            parent: parent_of(&root, &last_committed).await?,
             timeout: cfg.commit_timeout,
             created_at: now_rfc3339(),
         };
@@ -587,6 +425,294 @@ impl SaveJob {
         );
         Ok(outcome)
     }
+}
+
+/// One rank's stripe of a save and where its chunks go: the upload loop.
+struct StripeUpload<'a> {
+    seq: u64,
+    plan: &'a ChunkPlan,
+    stripe: std::ops::Range<usize>,
+    offsets: &'a [usize],
+    in_place: bool,
+    digests: Vec<Option<ChunkDigest>>,
+    buffer: Arc<StripeBuffer>,
+    cfg: &'a SaveConfig,
+    root: &'a CheckpointRoot,
+    pool: &'a CpuPool,
+    known: &'a Arc<Mutex<KnownChunks>>,
+    memory: &'a Arc<MemoryCounter>,
+    frames: &'a Arc<FramePool>,
+    decision: &'a Decision,
+    meter: &'a Arc<Mutex<WriteMeter>>,
+}
+
+impl StripeUpload<'_> {
+    /// Prepares (hash, look up, frame) and writes every chunk of the stripe,
+    /// at most `upload_concurrency` at once; stops at the first failure. The
+    /// stripe buffer is let go as soon as the loop has handed out every
+    /// chunk (only in-place writes still hold it), so the next save can
+    /// have it back.
+    async fn run(self) -> Result<Vec<ChunkDone>> {
+        let StripeUpload {
+            seq,
+            plan,
+            stripe,
+            offsets,
+            in_place,
+            mut digests,
+            buffer,
+            cfg,
+            root,
+            pool,
+            known,
+            memory,
+            frames,
+            decision,
+            meter,
+        } = self;
+        let permits = Arc::new(Semaphore::new(cfg.upload_concurrency));
+        let mut tasks = JoinSet::new();
+        let mut chunks: Vec<Option<ChunkDone>> = (0..stripe.len()).map(|_| None).collect();
+        let mut first_error: Option<Error> = None;
+        for (i, index) in stripe.clone().enumerate() {
+            // Reap finished uploads as we go so an early failure stops the save.
+            while let Some(done) = tasks.try_join_next() {
+                record(done, &mut chunks, &mut first_error);
+            }
+            if first_error.is_some() {
+                break;
+            }
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
+            let c = plan.chunks[index];
+            let encoding = Encoding::for_dtype(plan.tensors[c.tensor].dtype);
+            let (offset, len) = (offsets[i], c.len);
+            let compress = decision.compresses(i);
+            let work = ChunkWork {
+                buffer: buffer.clone(),
+                offset,
+                len,
+                digest: digests[i].take(),
+                encoding,
+                compress,
+                in_place,
+                level: cfg.compression_level,
+                known: known.clone(),
+                frames: frames.clone(),
+                memory: memory.clone(),
+            };
+            // A raw chunk hashed while copying and written in place leaves
+            // no CPU work: it need not wait for a (maybe idle-priority)
+            // pool thread.
+            let prepared = if work.needs_cpu() {
+                PreparedChunk::Pool(pool.run(move || work.run()))
+            } else {
+                PreparedChunk::Ready(work.run())
+            };
+            let write = ChunkWrite {
+                seq,
+                offset,
+                len,
+                // Only a chunk written from the stripe buffer keeps it from
+                // going home once the CPU work is done.
+                buffer: (in_place && !compress).then(|| buffer.clone()),
+                root: root.clone(),
+                known: known.clone(),
+                memory: memory.clone(),
+                frames: frames.clone(),
+                cfg: cfg.clone(),
+                meter: meter.clone(),
+            };
+            tasks.spawn(async move {
+                let _permit = permit;
+                Ok::<_, Error>((i, write.run(prepared).await?))
+            });
+        }
+        drop(buffer);
+        while let Some(done) = tasks.join_next().await {
+            record(done, &mut chunks, &mut first_error);
+            if first_error.is_some() {
+                tasks.abort_all();
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        Ok(chunks
+            .into_iter()
+            .map(|c| c.expect("every chunk finished"))
+            .collect())
+    }
+}
+
+/// Where one prepared chunk goes, on its upload task.
+struct ChunkWrite {
+    seq: u64,
+    offset: usize,
+    len: usize,
+    /// The stripe buffer, for a raw chunk written in place.
+    buffer: Option<Arc<StripeBuffer>>,
+    root: CheckpointRoot,
+    known: Arc<Mutex<KnownChunks>>,
+    memory: Arc<MemoryCounter>,
+    frames: Arc<FramePool>,
+    cfg: SaveConfig,
+    meter: Arc<Mutex<WriteMeter>>,
+}
+
+impl ChunkWrite {
+    /// Waits for the chunk's CPU work, writes it unless it is stored already,
+    /// and records it among the known chunks.
+    async fn run(self, prepared: PreparedChunk) -> Result<ChunkDone> {
+        let ChunkWrite {
+            seq,
+            offset,
+            len,
+            buffer,
+            root,
+            known,
+            memory,
+            frames,
+            cfg,
+            meter,
+        } = self;
+        let prepared = match prepared {
+            PreparedChunk::Ready(p) => p,
+            PreparedChunk::Pool(p) => p.await.map_err(|_| Error::Cancelled {
+                what: "compression pool shut down".into(),
+            })?,
+        }
+        .map_err(|e| Error::invalid(format!("compress chunk: {e}")))?;
+        let (key, stored_len, uploaded, cost) = match prepared {
+            Prepared::Reused {
+                key,
+                stored_len,
+                cost,
+            } => (key, stored_len, false, cost),
+            Prepared::RawInPlace { key, header, cost } => {
+                let stored_len = (HEADER_LEN + len) as u64;
+                let body = StripeSlice {
+                    buffer: buffer.expect("kept for an in-place chunk"),
+                    range: offset..offset + len,
+                };
+                WriteMeter::begin(&meter);
+                let put = root
+                    .put_frame_parts(&key, header, body, cfg.multipart_threshold, cfg.chunk_bytes)
+                    .await;
+                WriteMeter::end(&meter, if put.is_ok() { stored_len } else { 0 });
+                put?;
+                failpoint::chunk_uploaded();
+                (key, stored_len, true, cost)
+            }
+            Prepared::Encoded { key, frame, cost } => {
+                let size = frame.capacity() as u64;
+                let stored_len = frame.len() as u64;
+                let frame = Bytes::from(frame);
+                WriteMeter::begin(&meter);
+                let put = root
+                    .put_object(
+                        &key,
+                        frame.clone(),
+                        cfg.multipart_threshold,
+                        cfg.chunk_bytes,
+                    )
+                    .await;
+                WriteMeter::end(&meter, if put.is_ok() { stored_len } else { 0 });
+                if !frames.give(frame) {
+                    memory.sub(size);
+                }
+                put?;
+                failpoint::chunk_uploaded();
+                (key, stored_len, true, cost)
+            }
+        };
+        known
+            .lock()
+            .expect("known chunks")
+            .map
+            .insert(key.clone(), (stored_len, seq));
+        Ok(ChunkDone {
+            reference: ChunkRef {
+                key,
+                raw_len: len as u64,
+                stored_len,
+            },
+            uploaded,
+            cost,
+        })
+    }
+}
+
+/// What the chunks cost, back to the codec policy (its next decisions) and
+/// into this save's compression record.
+fn observe_costs(
+    chunks: &[ChunkDone],
+    mut record: CompressionRecord,
+    meter: &Mutex<WriteMeter>,
+    policy: &Mutex<CodecPolicy>,
+) -> CompressionRecord {
+    let mut observed = Observation::default();
+    for c in chunks {
+        let (raw, cost) = (c.reference.raw_len, c.cost);
+        if let Some(hash_s) = cost.hash_s {
+            observed.hashed.add(raw, hash_s);
+        }
+        match cost.compressed {
+            Some(true) => {
+                observed.compressed.add(raw, cost.encode_s);
+                observed.compressed_stored_bytes += c.reference.stored_len;
+                record.chunks_compressed += 1;
+            }
+            Some(false) => observed.framed_raw.add(raw, cost.encode_s),
+            None => {}
+        }
+        record.chunks_uploaded += u64::from(c.uploaded);
+    }
+    observed.written = meter.lock().expect("write meter").throughput();
+    policy.lock().expect("codec policy").observe(&observed);
+    record
+}
+
+/// Writes this rank's part (overwriting an earlier attempt's).
+async fn write_part(
+    root: &CheckpointRoot,
+    part: &PartRecord,
+    attempt: &str,
+    rank: usize,
+    world_size: usize,
+) -> Result<()> {
+    let key = part_key(part.step, attempt, rank, world_size);
+    let json = serde_json::to_vec_pretty(part).expect("part serializes");
+    if failpoint::part_write_fails(rank) {
+        return Err(Error::Io {
+            op: "write part (failpoint part-error)",
+            path: root.url_of(&key),
+            source: std::io::Error::other("no space left on device"),
+        });
+    }
+    root.put(&key, Bytes::from(json), PutMode::Overwrite)
+        .await?;
+    Ok(())
+}
+
+/// The parent of the next manifest: the last checkpoint this rank committed,
+/// else the one `latest` names (a resumed run's first save).
+async fn parent_of(
+    root: &CheckpointRoot,
+    last_committed: &Mutex<Option<String>>,
+) -> Result<Option<String>> {
+    let last = last_committed.lock().expect("last committed").clone();
+    Ok(match last {
+        Some(p) => Some(p),
+        None => root
+            .get_opt(LATEST_KEY)
+            .await?
+            .and_then(|b| LatestRecord::from_json(&b).ok())
+            .map(|l| l.manifest),
+    })
 }
 
 fn record(

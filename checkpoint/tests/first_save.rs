@@ -20,8 +20,11 @@ const PAGE: u64 = 4096;
 /// Minor page faults of the calling thread so far.
 fn minor_faults() -> u64 {
     // SAFETY: getrusage fills the struct we pass.
+    // SAFETY: rusage is plain integers and timevals, for which all zeroes is
+    // a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     assert_eq!(
+        // SAFETY: `usage` is a valid, writable rusage for the call to fill.
         unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) },
         0
     );

@@ -14,7 +14,10 @@
 //! transaction that also checks the term ([`LeaderGuard::fence`],
 //! [`Store::compare_and_swap_fenced`]).
 
+use std::future::Future;
 use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::store::{CasOutcome, Expect, Fence, KeyValue, LeaseId, Revision, Store, WatchEvent};
@@ -142,6 +145,51 @@ impl LeaderGuard {
         }
         Ok(())
     }
+}
+
+/// How one term of [`lead_once`] ended.
+#[derive(Debug)]
+pub enum Term<T> {
+    /// `cancel` fired: before the election was won (nothing to resign, `Ok`),
+    /// or during the term, which was then resigned (the outcome of resigning).
+    Cancelled(Result<()>),
+    /// The term ended under the work: the election key was deleted or changed
+    /// hands (`Ok`), or watching it failed (the error). Nothing was resigned.
+    Lost(Result<()>),
+    /// The work returned while the term lasted. The guard is the caller's:
+    /// resign it to hand over at once, or drop it to let the lease decide.
+    Done(T, LeaderGuard),
+}
+
+/// One term of leadership: [`campaign`]s for `key` on `lease` and, once
+/// elected, runs the work `lead(fence)` until it returns, the term is lost, or
+/// `cancel` fires. The one election loop of kiln: a coordinator replica's
+/// background work ([`crate::replica`]) and an agent's rendezvous leadership
+/// ([`crate::membership::lead_rendezvous`]) each call it in their own loop,
+/// which decides what a lost or failed term means. Errs only when the
+/// campaign itself fails.
+pub async fn lead_once<T, Fut>(
+    store: Arc<dyn Store>,
+    key: &str,
+    value: &str,
+    lease: LeaseId,
+    cancel: &CancellationToken,
+    lead: impl FnOnce(Fence) -> Fut,
+) -> Result<Term<T>>
+where
+    Fut: Future<Output = T>,
+{
+    let guard = tokio::select! {
+        guard = campaign(store, key, value, lease) => guard?,
+        () = cancel.cancelled() => return Ok(Term::Cancelled(Ok(()))),
+    };
+    let work = lead(guard.fence());
+    let outcome = tokio::select! {
+        outcome = work => outcome,
+        lost = guard.lost() => return Ok(Term::Lost(lost)),
+        () = cancel.cancelled() => return Ok(Term::Cancelled(guard.resign().await)),
+    };
+    Ok(Term::Done(outcome, guard))
 }
 
 /// Returns once `key` no longer holds the term created at revision `term`.

@@ -27,6 +27,9 @@
 //! - [`election`]: leadership per key: [`campaign`](election::campaign),
 //!   [`LeaderGuard`](election::LeaderGuard), [`leader`](election::leader).
 //! - [`keyspace`]: key names under a root (default `/kiln`), DESIGN.md §3.
+//! - [`launch`]: the launch backends behind `kiln launch`: an sbatch script
+//!   ([`launch::slurm`]) or Kubernetes manifests ([`launch::k8s`]) that start
+//!   one `kiln agent` per node.
 //! - [`logs`]: per-rank worker logs: the line format, rotated files per node
 //!   ([`NodeLogs`](logs::NodeLogs)), shipping to the store
 //!   ([`LogShipper`](logs::LogShipper)), and the readers
@@ -99,6 +102,7 @@ pub mod election;
 pub mod error;
 pub mod etcd_server;
 pub mod keyspace;
+pub mod launch;
 pub mod logs;
 pub mod membership;
 pub mod presence;

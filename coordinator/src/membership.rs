@@ -8,6 +8,11 @@
 //! leaders from writing the same round, and the term keeps a deposed leader
 //! (paused past its lease, then resumed) from writing any round at all.
 //!
+//! Every agent of an elastic job runs [`lead_rendezvous`]: it campaigns for
+//! the job's leadership on its node lease and, while elected, runs
+//! [`run_leader`]; when the leader's node dies its lease ends and another
+//! agent takes over from the last plan.
+//!
 //! A node puts its [`NodeRecord`] on a lease it keeps alive, and waits for a
 //! plan that includes it by watching `rounds/`. When the node dies its lease
 //! expires, its record disappears, and the leader sees it lost.
@@ -26,6 +31,91 @@ use crate::rendezvous::{Action, Event, NodeRecord, Plan, Rendezvous, RendezvousC
 use crate::store::{
     CasOutcome, Expect, Fence, FencedOutcome, KeyValue, LeaseId, Store, WatchEvent,
 };
+
+/// The pause before an agent campaigns again after stepping down.
+const STEP_DOWN_PAUSE: Duration = Duration::from_millis(500);
+
+/// Campaigns for `cfg.job`'s rendezvous leadership on this node's `lease`
+/// and, while elected, drives the rendezvous ([`run_leader`] fenced by the
+/// term). Returns when cancelled (resigning a term it holds).
+///
+/// Only the rendezvous itself failing (a restart budget spent) fails the job:
+/// the job's status says so and this returns. A term that ends (the lease
+/// expired while this process was paused, a plan write refused because another
+/// leader planned or holds the term) or a store error steps down: this node
+/// resigns, if the term is still its own, and campaigns again; whoever leads
+/// next resumes from the last plan.
+pub async fn lead_rendezvous(
+    store: Arc<dyn Store>,
+    ks: Keyspace,
+    cfg: RendezvousConfig,
+    node: String,
+    lease: LeaseId,
+    cancel: CancellationToken,
+) {
+    let key = ks.job_leader(&cfg.job);
+    loop {
+        let term =
+            crate::election::lead_once(store.clone(), &key, &node, lease, &cancel, |fence| {
+                tracing::info!(job = cfg.job, node, "leading the rendezvous");
+                run_leader(
+                    store.clone(),
+                    ks.clone(),
+                    cfg.clone(),
+                    Some(fence),
+                    CancellationToken::new(),
+                )
+            })
+            .await;
+        let (error, guard) = match term {
+            Err(e) => {
+                tracing::warn!(job = cfg.job, node, "campaign for leadership: {e}");
+                if step_down_pause(&cancel).await {
+                    return;
+                }
+                continue;
+            }
+            Ok(crate::election::Term::Cancelled(_)) => return,
+            Ok(crate::election::Term::Lost(lost)) => {
+                tracing::warn!(job = cfg.job, node, "leadership lost: {lost:?}");
+                continue;
+            }
+            Ok(crate::election::Term::Done(Ok(()), _)) => continue,
+            Ok(crate::election::Term::Done(Err(error), guard)) => (error, guard),
+        };
+        if let Error::RendezvousFailed { .. } = error {
+            tracing::error!(job = cfg.job, node, "rendezvous leader: {error}");
+            let message = error.to_string();
+            let _ = crate::status::update(&*store, &ks, &cfg.job, |s| {
+                s.set_phase(crate::status::Phase::Failed);
+                s.message = message.clone();
+            })
+            .await;
+            let _ = guard.resign().await;
+            return;
+        }
+        tracing::warn!(
+            job = cfg.job,
+            node,
+            "stepping down as rendezvous leader: {error}"
+        );
+        // Resigns only a term that is still this one's.
+        if let Err(e) = guard.resign().await {
+            tracing::warn!(job = cfg.job, node, "resign the leadership: {e}");
+        }
+        if step_down_pause(&cancel).await {
+            return;
+        }
+    }
+}
+
+/// The pause before campaigning again; true when cancelled meanwhile.
+async fn step_down_pause(cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(STEP_DOWN_PAUSE) => false,
+        () = cancel.cancelled() => true,
+    }
+}
 
 /// How long a node waits before following the rounds again after the store
 /// was unavailable.

@@ -158,6 +158,19 @@ pub struct RendezvousConfig {
 }
 
 impl RendezvousConfig {
+    /// The rendezvous of `job` as its spec's `[elastic]` section sets it.
+    pub fn from_elastic(job: &str, elastic: &kiln_proto::spec::ElasticSpec) -> RendezvousConfig {
+        RendezvousConfig {
+            job: job.to_string(),
+            min_nodes: elastic.min_nodes,
+            max_nodes: elastic.max_nodes(),
+            settle: Duration::from_secs_f64(elastic.settle_secs),
+            max_failures: elastic.max_failures,
+            max_scale_events: elastic.max_scale_events,
+            cooldown: Duration::from_secs_f64(elastic.cooldown_secs),
+        }
+    }
+
     /// Checks the job name and `1 <= min_nodes <= max_nodes`.
     pub fn validate(&self) -> Result<()> {
         validate_name("job", &self.job)?;

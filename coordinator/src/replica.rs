@@ -101,31 +101,25 @@ async fn one_term(
         config.lease_ttl,
     )));
     let key = ks.coordinator_leader();
-    let outcome = async {
-        let guard = tokio::select! {
-            guard = election::campaign(store.clone(), &key, &config.name, lease) => guard?,
-            lost = &mut keeper.0 => return Err(lease_lost(lost)),
-            () = cancel.cancelled() => return Ok(()),
-        };
-        tracing::info!(
-            replica = config.name,
-            term = guard.revision(),
-            "elected: this replica does the background work"
-        );
-        let outcome = tokio::select! {
-            outcome = lead(store, ks, config) => outcome,
-            lost = guard.lost() => lost.and(Err(Error::Conflict {
+    let outcome = tokio::select! {
+        term = election::lead_once(store.clone(), &key, &config.name, lease, cancel, |fence| {
+            tracing::info!(
+                replica = config.name,
+                term = fence.create_revision,
+                "elected: this replica does the background work"
+            );
+            lead(store, ks, config)
+        }) => match term {
+            Err(error) => Err(error),
+            Ok(election::Term::Cancelled(resigned)) => resigned,
+            Ok(election::Term::Lost(lost)) => lost.and(Err(Error::Conflict {
                 message: "the coordinator election key changed hands".into(),
             })),
-            lost = &mut keeper.0 => Err(lease_lost(lost)),
-            () = cancel.cancelled() => Ok(()),
-        };
-        if outcome.is_ok() {
-            guard.resign().await?;
-        }
-        outcome
-    }
-    .await;
+            Ok(election::Term::Done(Ok(()), guard)) => guard.resign().await,
+            Ok(election::Term::Done(Err(error), _)) => Err(error),
+        },
+        lost = &mut keeper.0 => Err(lease_lost(lost)),
+    };
     drop(keeper);
     // Ends the term at once (also for a campaign dropped mid-way); the lease
     // may already be gone.

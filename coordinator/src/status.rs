@@ -394,26 +394,67 @@ pub fn watch_cancel(
     let job = job.into();
     async move {
         let key = ks.job_cancel(&job);
+        follow_key(&*store, &key, "store closed the cancel watch", |value| {
+            parse_cancel(&key, value).map(Some)
+        })
+        .await
+    }
+}
+
+/// Resolves with the job's phase once it is terminal (another node saw the
+/// job finish, fail or get cancelled): at once when it already is. Follows the
+/// status with a store watch, like [`watch_cancel`]; ends with an error only
+/// when the store does.
+pub fn watch_terminal(
+    store: Arc<dyn Store>,
+    ks: Keyspace,
+    job: impl Into<String>,
+) -> impl Future<Output = Result<Phase>> + Send + 'static {
+    let job = job.into();
+    async move {
+        let key = ks.job_status(&job);
+        follow_key(
+            &*store,
+            &key,
+            "the store closed the status watch",
+            |value| {
+                let status = JobStatus::from_json(&key, value)?;
+                Ok(status.phase.is_terminal().then_some(status.phase))
+            },
+        )
+        .await
+    }
+}
+
+/// Follows `key` until `found` makes something of its value: lists it, then
+/// watches from the listing's revision (nothing written in between is
+/// missed), and lists again when the watch falls behind compaction. `closed`
+/// is the error when the store ends the watch.
+async fn follow_key<T>(
+    store: &dyn Store,
+    key: &str,
+    closed: &'static str,
+    mut found: impl FnMut(&[u8]) -> Result<Option<T>>,
+) -> Result<T> {
+    loop {
+        let (kvs, revision) = store.get_prefix(key).await?;
+        if let Some(kv) = kvs.iter().find(|kv| kv.key == key)
+            && let Some(value) = found(&kv.value)?
+        {
+            return Ok(value);
+        }
+        let mut watch = store.watch_prefix(key, Some(revision)).await?;
         loop {
-            // List then watch from the listing's revision: nothing written in
-            // between is missed.
-            let (kvs, revision) = store.get_prefix(&key).await?;
-            if let Some(kv) = kvs.iter().find(|kv| kv.key == key) {
-                return parse_cancel(&key, &kv.value);
-            }
-            let mut watch = store.watch_prefix(&key, Some(revision)).await?;
-            loop {
-                match watch.try_next().await {
-                    Ok(Some(WatchEvent::Put(kv))) if kv.key == key => {
-                        return parse_cancel(&key, &kv.value);
+            match watch.try_next().await {
+                Ok(Some(WatchEvent::Put(kv))) if kv.key == key => {
+                    if let Some(value) = found(&kv.value)? {
+                        return Ok(value);
                     }
-                    Ok(Some(_)) => {}
-                    Ok(None) => {
-                        return Err(Error::unavailable("store closed the cancel watch"));
-                    }
-                    Err(Error::Compacted { .. }) => break,
-                    Err(error) => return Err(error),
                 }
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(Error::unavailable(closed)),
+                Err(Error::Compacted { .. }) => break,
+                Err(error) => return Err(error),
             }
         }
     }
@@ -421,6 +462,45 @@ pub fn watch_cancel(
 
 fn parse_cancel(key: &str, bytes: &[u8]) -> Result<CancelRequest> {
     serde_json::from_slice(bytes).map_err(|error| Error::corrupt(key, error))
+}
+
+/// Runs a watch of the store (such as [`watch_cancel`] or [`watch_terminal`])
+/// again after an outage (`Unavailable`) instead of failing: how long an
+/// outage may last is the node lease's business
+/// ([`join_riding_outages`](crate::membership::join_riding_outages)). `what`
+/// names the watch in the log.
+pub async fn riding_outages<T, F, Fut>(what: &'static str, mut watch: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    loop {
+        match watch().await {
+            Err(e @ Error::Unavailable { .. }) => {
+                tracing::warn!("{what}: {e}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// [`update`] on a spawned task, for progress records that must not hold up
+/// their caller's loop (a store outage would stall it for as long as a store
+/// call retries). For edits that only ever move the status forward, so their
+/// order does not matter; a failure is logged.
+pub fn update_in_background(
+    store: &Arc<dyn Store>,
+    ks: &Keyspace,
+    job: &str,
+    edit: impl FnMut(&mut JobStatus) + Send + 'static,
+) {
+    let (store, ks, job) = (store.clone(), ks.clone(), job.to_string());
+    tokio::spawn(async move {
+        if let Err(e) = update(&*store, &ks, &job, edit).await {
+            tracing::warn!(job, "record progress in the job status: {e}");
+        }
+    });
 }
 
 #[cfg(test)]

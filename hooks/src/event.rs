@@ -184,6 +184,20 @@ pub struct JobFinished {
 }
 payload_kind!(JobFinished, kind::JOB_FINISHED);
 
+impl JobFinished {
+    /// The event for a job whose rank 0 finished with `rank0`, `elapsed_secs`
+    /// after it started: its steps, final checkpoint and held-out metrics.
+    pub fn from_rank0(job: &str, rank0: &kiln_proto::worker::Finished, elapsed_secs: f64) -> Self {
+        JobFinished {
+            job: job.to_string(),
+            step: rank0.steps,
+            elapsed_secs,
+            checkpoint: (!rank0.checkpoint_url.is_empty()).then(|| rank0.checkpoint_url.clone()),
+            metrics: rank0.eval.clone().into_iter().collect(),
+        }
+    }
+}
+
 /// `job.failed`: the job stopped without finishing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobFailed {
@@ -199,6 +213,19 @@ pub struct JobFailed {
     pub round: Option<u64>,
 }
 payload_kind!(JobFailed, kind::JOB_FAILED);
+
+impl JobFailed {
+    /// The event for a job that failed with `error` (as the CLI prints it,
+    /// `{:#}`) in `round`.
+    pub fn in_round(job: &str, error: String, round: u64) -> Self {
+        JobFailed {
+            job: job.to_string(),
+            error,
+            step: None,
+            round: Some(round),
+        }
+    }
+}
 
 /// `round.changed`: a new rendezvous round was planned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,6 +279,26 @@ pub struct CheckpointCommitted {
     pub elapsed_secs: f64,
 }
 payload_kind!(CheckpointCommitted, kind::CHECKPOINT_COMMITTED);
+
+impl CheckpointCommitted {
+    /// The event for the save a worker reported, `saved`, by a round of
+    /// `world_size` ranks.
+    pub fn from_saved(
+        job: &str,
+        world_size: u32,
+        saved: &kiln_proto::worker::CheckpointSaved,
+    ) -> Self {
+        CheckpointCommitted {
+            job: job.to_string(),
+            step: saved.step,
+            location: saved.url.clone(),
+            world_size,
+            raw_bytes: saved.bytes_uploaded + saved.bytes_reused,
+            uploaded_bytes: saved.bytes_uploaded,
+            elapsed_secs: saved.durable_seconds,
+        }
+    }
+}
 
 /// `model.registered`: a registry version was created.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -191,20 +191,8 @@ impl State {
 }
 
 fn dtype_of(d: safetensors::Dtype) -> Result<DType> {
-    use safetensors::Dtype as S;
-    Ok(match d {
-        S::F64 => DType::F64,
-        S::F32 => DType::F32,
-        S::F16 => DType::F16,
-        S::BF16 => DType::BF16,
-        S::I64 => DType::I64,
-        S::I32 => DType::I32,
-        S::I16 => DType::I16,
-        S::I8 => DType::I8,
-        S::U8 => DType::U8,
-        S::BOOL => DType::Bool,
-        other => bail!("dtype {other:?} is not supported by kiln checkpoints"),
-    })
+    DType::from_safetensors(d)
+        .with_context(|| format!("dtype {d:?} is not supported by kiln checkpoints"))
 }
 
 /// A field of /proc/self/status in bytes (`VmRSS`, `VmHWM`).

@@ -168,27 +168,8 @@ pub fn all_roots() -> Vec<TestRoot> {
     v
 }
 
-/// Deterministic pseudo-random numbers.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e3779b97f4a7c15) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Roughly normal (sum of four uniforms), mean 0, standard deviation `std`.
-    pub fn normal(&mut self, std: f32) -> f32 {
-        let s: f32 = (0..4)
-            .map(|_| (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
-            .sum();
-        (s - 2.0) * std * 1.732
-    }
-}
+/// Deterministic pseudo-random numbers (weights-like data).
+pub use kiln_checkpoint::testdata::Rng;
 
 /// A float32 tensor that looks like trained weights (small normal values).
 pub fn weights_f32(name: &str, shape: &[usize], seed: u64) -> OwnedTensor {

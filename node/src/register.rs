@@ -1,33 +1,30 @@
-//! Registering a finished job's model (`[register]` in the job spec): the
-//! final checkpoint, the model definition, its signature, eval metrics,
-//! lineage and the reference profile (classifiers) or the tokenizer (language
-//! models) go into the registry as a new version; the alias moves when the
-//! gate metric passes.
+//! Registering a model version: a finished job's model (`[register]` in the
+//! job spec, by `kiln run` and `kiln agent`: [`register_final_model`]) and a
+//! checkpoint registered by hand (`kiln registry register`) build their
+//! version the same way: [`model_parts`] (the model definition, its
+//! signature, the TorchScript module, a language model's tokenizer and token
+//! profile) and `NewVersion::from_checkpoint` (the checkpoint and the
+//! lineage). The registry's location and the alias's promotion gate are the
+//! spec's (`RegisterSpec::registry_location`, `RegisterSpec::passes_gate`).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use anyhow::{Context, anyhow, bail};
 use kiln_checkpoint::CheckpointRoot;
 use kiln_checkpoint::registry::{
-    CheckpointRef, Lineage, ModelDefinition, NewVersion, Registry, Signature, spec_hash,
+    ModelDefinition, ModelParts, NewVersion, Registry, Signature, TrainedBy,
 };
 use kiln_hooks::{Event, Hooks, event};
 use kiln_proto::spec::{JobSpec, ModelKind};
 use kiln_proto::worker::Finished;
 
-/// Where the registry of a job lives: `register.registry`, else a `registry`
-/// folder beside the job's checkpoint folder.
-pub fn registry_url(spec: &JobSpec, checkpoint_root: &str) -> String {
-    if let Some(url) = spec.register.as_ref().and_then(|r| r.registry.clone()) {
-        return url;
-    }
-    let trimmed = checkpoint_root.trim_end_matches('/');
-    match trimmed.rsplit_once('/') {
-        Some((parent, _)) if !parent.ends_with(':') && !parent.ends_with("//") => {
-            format!("{parent}/registry")
-        }
-        _ => format!("{trimmed}/registry"),
-    }
+/// The registry of the job `spec` whose checkpoints are under
+/// `checkpoint_root`, when the spec registers its model.
+pub fn registry_location(spec: &JobSpec, checkpoint_root: &str) -> Option<String> {
+    spec.register
+        .as_ref()
+        .map(|r| r.registry_location(checkpoint_root))
 }
 
 /// What a language model (`model.kind = "gpt"`) registers: its definition
@@ -35,8 +32,11 @@ pub fn registry_url(spec: &JobSpec, checkpoint_root: &str) -> String {
 /// `tokenizer.json` beside the spec's first training file when there is one
 /// (where `kiln data prepare` writes it).
 pub struct LanguageModelParts {
+    /// The gpt with its context and vocabulary.
     pub model: ModelDefinition,
+    /// Token ids in, logits out.
     pub signature: Signature,
+    /// `tokenizer.json` beside the first training file, when there is one.
     pub tokenizer: Option<Vec<u8>>,
 }
 
@@ -114,7 +114,7 @@ pub fn token_reference_profile(spec: &JobSpec, rows: usize) -> anyhow::Result<Op
 
 /// The bytes of the tokenizer file `path`, checked to load and to make only
 /// ids below the model's vocabulary `vocab`.
-pub fn read_tokenizer(path: &std::path::Path, vocab: usize) -> anyhow::Result<Vec<u8>> {
+pub fn read_tokenizer(path: &Path, vocab: usize) -> anyhow::Result<Vec<u8>> {
     let tokenizer = kiln_text::Tokenizer::from_file(path)
         .with_context(|| format!("load the tokenizer {}", path.display()))?;
     if tokenizer.vocab_size() > vocab {
@@ -127,11 +127,65 @@ pub fn read_tokenizer(path: &std::path::Path, vocab: usize) -> anyhow::Result<Ve
     std::fs::read(path).with_context(|| format!("read {}", path.display()))
 }
 
-/// The value of the eval metric `name` (`eval_accuracy` or `accuracy`).
-fn metric(eval: &BTreeMap<String, f64>, name: &str) -> Option<f64> {
-    eval.get(name)
-        .or_else(|| eval.get(name.strip_prefix("eval_").unwrap_or(name)))
-        .copied()
+/// What the model of `spec` registers besides its weights: for a language
+/// model (`model.kind = "gpt"`) its [`LanguageModelParts`], the tokenizer
+/// `tokenizer` when given (else the one beside the training data) and, unless
+/// `reference_profile` is given, the token profile of its data
+/// (`reference_rows` tokens); for a classifier the definition for
+/// `classifier`'s (features, classes) and `reference_profile`. A TorchScript
+/// model carries its module (`model.path`).
+pub fn model_parts(
+    spec: &JobSpec,
+    classifier: Option<(usize, usize)>,
+    tokenizer: Option<&Path>,
+    reference_profile: Option<Vec<u8>>,
+    reference_rows: usize,
+) -> anyhow::Result<ModelParts> {
+    let (model, signature, tokenizer) = if spec.model.kind == ModelKind::Gpt {
+        let parts = language_model_parts(spec)?;
+        let tokenizer = match tokenizer {
+            Some(path) => Some(read_tokenizer(path, parts.model.classes)?),
+            None => parts.tokenizer,
+        };
+        (parts.model, parts.signature, tokenizer)
+    } else {
+        let (features, classes) =
+            classifier.context("a classifier's features and classes are not known")?;
+        if tokenizer.is_some() {
+            bail!("--tokenizer: only a language model (model.kind = \"gpt\") carries a tokenizer");
+        }
+        (
+            ModelDefinition::classifier(spec.model.clone(), features, classes),
+            Signature::classifier(features, classes),
+            None,
+        )
+    };
+    let torchscript = match spec.model.kind {
+        ModelKind::Torchscript => {
+            let path = spec
+                .model
+                .path
+                .as_ref()
+                .context("model.path: required for a torchscript model")?;
+            Some(std::fs::read(path).with_context(|| {
+                format!("read TorchScript module {} (model.path)", path.display())
+            })?)
+        }
+        _ => None,
+    };
+    let reference_profile = match reference_profile {
+        Some(profile) => Some(profile),
+        // A language model's profile is the token distribution of its data.
+        None if spec.model.kind == ModelKind::Gpt => token_reference_profile(spec, reference_rows)?,
+        None => None,
+    };
+    Ok(ModelParts {
+        model,
+        signature,
+        reference_profile,
+        torchscript,
+        tokenizer,
+    })
 }
 
 /// Registers rank 0's final model; returns `NAME:VERSION`, or `None` (with a
@@ -168,61 +222,43 @@ pub async fn register_final_model(
         .map(|(k, v)| (format!("eval_{k}"), *v))
         .chain([("final_loss".to_string(), rank0.final_loss)])
         .collect();
-    let reference_profile = if spec.model.kind == ModelKind::Gpt {
-        token_reference_profile(spec, register.reference_rows)?
-    } else if rank0.reference_profile_path.is_empty() {
-        None
-    } else {
-        Some(
-            std::fs::read(&rank0.reference_profile_path)
-                .with_context(|| format!("read {}", rank0.reference_profile_path))?,
-        )
-    };
-    let torchscript = match (&spec.model.kind, &spec.model.path) {
-        (ModelKind::Torchscript, Some(path)) => Some(
-            std::fs::read(path)
-                .with_context(|| format!("read the TorchScript module {}", path.display()))?,
-        ),
-        _ => None,
-    };
+    let reference_profile =
+        if spec.model.kind == ModelKind::Gpt || rank0.reference_profile_path.is_empty() {
+            None
+        } else {
+            Some(
+                std::fs::read(&rank0.reference_profile_path)
+                    .with_context(|| format!("read {}", rank0.reference_profile_path))?,
+            )
+        };
+    let classifier = Some((rank0.features as usize, rank0.classes as usize));
+    let parts = model_parts(
+        spec,
+        classifier,
+        None,
+        reference_profile,
+        register.reference_rows,
+    )?;
+    if spec.model.kind == ModelKind::Gpt && parts.tokenizer.is_none() {
+        tracing::warn!(
+            job,
+            "registering a language model without a tokenizer (no tokenizer.json beside the first training file): kiln serve answers infer on token ids but not generate"
+        );
+    }
     let spec_json = spec.to_json();
-    let (model, signature, tokenizer) = if spec.model.kind == ModelKind::Gpt {
-        let parts = language_model_parts(spec)?;
-        if parts.tokenizer.is_none() {
-            tracing::warn!(
-                job,
-                "registering a language model without a tokenizer (no tokenizer.json beside the first training file): kiln serve answers infer on token ids but not generate"
-            );
-        }
-        (parts.model, parts.signature, parts.tokenizer)
-    } else {
-        let (features, classes) = (rank0.features as usize, rank0.classes as usize);
-        (
-            ModelDefinition::classifier(spec.model.clone(), features, classes),
-            Signature::classifier(features, classes),
-            None,
-        )
-    };
-    let new = NewVersion {
-        checkpoint: CheckpointRef {
-            root: checkpoint_root.to_string(),
-            step: manifest.step,
-            digest: rank0.weights_digest.clone(),
-        },
-        model,
-        signature,
-        metrics: eval.clone(),
-        lineage: Lineage {
+    let new = NewVersion::from_checkpoint(
+        checkpoint_root,
+        &manifest,
+        rank0.weights_digest.clone(),
+        TrainedBy {
             job: job.to_string(),
-            spec_hash: spec_hash(&spec_json),
-            dataset_fingerprint: manifest.dataset_fingerprint.clone(),
+            spec_json: &spec_json,
             code_version: concat!("kiln ", env!("CARGO_PKG_VERSION")).to_string(),
         },
-        reference_profile,
-        torchscript,
-        tokenizer,
-    };
-    let registry_url = registry_url(spec, checkpoint_root);
+        eval.clone(),
+        parts,
+    );
+    let registry_url = register.registry_location(checkpoint_root);
     let registry = Registry::open(&registry_url)
         .await
         .with_context(|| format!("open the registry {registry_url}"))?;
@@ -243,12 +279,7 @@ pub async fn register_final_model(
         },
     ));
     if let Some(alias) = &register.alias {
-        let passes = match (&register.metric, register.threshold) {
-            (Some(m), Some(threshold)) => metric(&eval, m).is_some_and(|v| v >= threshold),
-            (Some(m), None) => metric(&eval, m).is_some(),
-            _ => true,
-        };
-        if passes {
+        if register.passes_gate(&eval) {
             let before = registry.alias(&name, alias).await.ok().flatten();
             registry
                 .promote(&name, alias, version.version, None, &actor)
