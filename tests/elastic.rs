@@ -671,6 +671,7 @@ fn a_killed_worker_is_replaced_by_the_spare_the_agent_started_ahead() {
     );
     assert!(!workers.contains(&spare));
     let killed_at = max_step(&nodes);
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
     wait_until(
         &format!("training past step {}", killed_at + 10),
