@@ -74,10 +74,15 @@ fn round_mark(started: &RoundStarted) -> RoundMark {
 /// Where a job records its history: the store, and for `kiln run` its run
 /// folder too.
 pub struct HistoryTarget<'a> {
+    /// The job's store (the history goes under its keys).
     pub store: &'a Arc<dyn Store>,
+    /// Its keyspace.
     pub ks: &'a Keyspace,
+    /// The job.
     pub job: &'a str,
+    /// The job's checkpoint location, for the dashboard's Checkpoints page.
     pub checkpoint_root: &'a str,
+    /// The registry the job registers its model in, if it does.
     pub registry: Option<String>,
 }
 
@@ -146,6 +151,8 @@ impl RunFeed {
         }
     }
 
+    /// Records what a worker event adds (rank 0's progress, evals and
+    /// checkpoints; the round's start at the first step).
     pub fn on_event(&mut self, event: &AgentEvent) {
         if let AgentEvent::Progress { rank: 0, progress } = event
             && !self.seen_step
@@ -215,6 +222,8 @@ pub struct AgentHistory {
 }
 
 impl AgentHistory {
+    /// A node's history of the job `target`, recording nothing until this
+    /// node holds rank 0 ([`AgentHistory::on_round`]).
     pub fn new(target: HistoryTarget<'_>, global_batch: usize) -> AgentHistory {
         AgentHistory {
             store: target.store.clone(),
@@ -249,6 +258,7 @@ impl AgentHistory {
         }
     }
 
+    /// Records what a worker's update adds, while this node holds rank 0.
     pub fn on_update(&self, update: &ElasticUpdate) {
         let Some(recorder) = &self.recorder else {
             return;

@@ -30,6 +30,8 @@
 //! Errors are `anyhow` with context, like the CLI's: every error here ends
 //! the node's part in the job and is reported, not acted on.
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod events;
 pub mod history;
