@@ -3,9 +3,10 @@
 //! assignment, relays their reports, feeds the metrics, and, when one worker
 //! fails, stops the others and reports the first failure: never a hang.
 //!
-//! The agent does not know the store: whoever drives it (the CLI's `kiln run`,
-//! later `kiln agent`) joins the rendezvous with [`LocalWorkers::endpoints`] and
-//! passes the resulting plan to [`LocalWorkers::run`].
+//! The agent does not know the store: whoever drives it (kiln-node's `kiln
+//! run` and `kiln agent`) joins the rendezvous with [`LocalWorkers::endpoints`]
+//! and passes the resulting plan to [`LocalWorkers::run`] (one round) or to
+//! [`ElasticWorkers::assign`] (every round of an elastic job).
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
