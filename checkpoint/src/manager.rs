@@ -243,12 +243,7 @@ impl CheckpointManager {
     /// follows the rules of [`crate::gc`], so saves still in flight (this
     /// run's, and any other writer's within `gc_grace`) lose nothing.
     fn background_retention(&mut self, events: &mut Vec<SaveEvent>) {
-        if self
-            .retention
-            .as_ref()
-            .is_some_and(|task| task.is_finished())
-            && let Some(task) = self.retention.take()
-        {
+        if let Some(task) = self.retention.take_if(|task| task.is_finished()) {
             report_retention(task, events);
         }
         if !self.retention_due || self.retention.is_some() {
@@ -442,15 +437,7 @@ mod tests {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let root = CheckpointRoot::open(&format!("memory://manager-test-{n}/ckpt")).unwrap();
-        let meta = CheckpointMeta {
-            training_state: serde_json::Value::Null,
-            job_spec: serde_json::Value::Null,
-            code_version: "test".into(),
-            dataset_fingerprint: String::new(),
-            world_size: 1,
-            metrics: Default::default(),
-            job: "j".into(),
-        };
+        let meta = CheckpointMeta::for_tests();
         let policy = CheckpointPolicy {
             interval,
             final_checkpoint,

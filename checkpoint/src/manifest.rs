@@ -37,6 +37,19 @@ pub struct CheckpointMeta {
     pub job: String,
 }
 
+#[cfg(test)]
+impl CheckpointMeta {
+    /// Metadata for the crate's unit tests (job `j`, world size 1).
+    pub(crate) fn for_tests() -> Self {
+        CheckpointMeta {
+            code_version: "test".into(),
+            world_size: 1,
+            job: "j".into(),
+            ..CheckpointMeta::default()
+        }
+    }
+}
+
 /// A reference to one stored chunk.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ChunkRef {

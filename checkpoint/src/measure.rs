@@ -100,20 +100,9 @@ impl WriteMeter {
 /// synthetic chunk of `len` bytes (float32 values spread like trained
 /// weights), on the calling thread.
 pub(crate) fn probe_cpu(len: usize, level: i32) -> Observation {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = crate::testdata::Rng::from_state(0x9e37_79b9_7f4a_7c15);
     let raw: Vec<u8> = (0..len / 4)
-        .flat_map(|_| {
-            // A sum of four uniforms: roughly normal, scaled to 0.02.
-            let s: f32 = (0..4)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x >> 40) as f32 / (1u64 << 24) as f32
-                })
-                .sum();
-            ((s - 2.0) * 0.0346).to_le_bytes()
-        })
+        .flat_map(|_| rng.normal(0.02).to_le_bytes())
         .collect();
     let mut o = Observation::default();
     let mut frame = Vec::new();

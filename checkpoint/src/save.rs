@@ -247,12 +247,7 @@ impl Checkpointer {
         };
         self.stripe_capacity = buffer.capacity() as u64;
         self.stripe = Some(buffer);
-        let measured = self
-            .policy
-            .lock()
-            .expect("codec policy")
-            .estimates()
-            .clone();
+        let measured = self.codec_estimates();
         if self.cfg.compression == Compression::Auto && measured.hash_per_core.is_none() {
             let probe = probe_cpu(
                 self.cfg.chunk_bytes.min(8 << 20),
@@ -438,12 +433,7 @@ impl Checkpointer {
     /// this location (see [`carried`]): after every save, since a broken
     /// elastic round's checkpointer is dropped late, on a thread of its own.
     fn carry_estimates(&self) {
-        let measured = self
-            .policy
-            .lock()
-            .expect("codec policy")
-            .estimates()
-            .clone();
+        let measured = self.codec_estimates();
         carried()
             .lock()
             .expect("carried estimates")
@@ -628,26 +618,15 @@ mod tests {
             shape: &shape,
             data: &data,
         };
-        let meta = CheckpointMeta {
-            training_state: serde_json::Value::Null,
-            job_spec: serde_json::Value::Null,
-            code_version: "test".into(),
-            dataset_fingerprint: String::new(),
-            world_size: 1,
-            metrics: Default::default(),
-            job: "j".into(),
-        };
+        let meta = CheckpointMeta::for_tests();
         let mut first = Checkpointer::new(root.clone(), cfg.clone(), 0, 1).unwrap();
-        assert_eq!(
-            first.policy.lock().unwrap().estimates(),
-            &Estimates::default()
-        );
+        assert_eq!(first.codec_estimates(), Estimates::default());
         first.prepare(&[view]).unwrap();
         first.save(1, "r1", &[view], &meta).unwrap();
         for outcome in first.flush() {
             outcome.unwrap();
         }
-        let measured = first.policy.lock().unwrap().estimates().clone();
+        let measured = first.codec_estimates();
         assert!(
             measured.hash_per_core.is_some() && measured.write.is_some(),
             "{measured:?}"
@@ -655,12 +634,12 @@ mod tests {
         drop(first);
 
         let second = Checkpointer::new(root.clone(), cfg.clone(), 0, 2).unwrap();
-        assert_eq!(second.policy.lock().unwrap().estimates(), &measured);
+        assert_eq!(second.codec_estimates(), measured);
         let elsewhere = CheckpointRoot::open("memory://carried-estimates-other/ckpt").unwrap();
         let other = Checkpointer::new(elsewhere, cfg, 0, 1).unwrap();
         assert_eq!(
-            other.policy.lock().unwrap().estimates(),
-            &Estimates::default(),
+            other.codec_estimates(),
+            Estimates::default(),
             "measurements belong to their destination"
         );
     }

@@ -471,8 +471,9 @@ pub struct ElasticWorkers {
     /// assignment. Started once a round trains (the first, and the one after
     /// a spare was taken).
     spare: Option<tokio::task::JoinHandle<Result<WorkerHandle>>>,
-    /// The latest round's assignment: what a spare is told to prepare for.
-    latest: Option<RoundAssignment>,
+    /// The job spec (JSON) of the latest [`Self::prepare`] or round: what a
+    /// spare is told to prepare for.
+    spec_json: Option<String>,
     /// Updates read while [`Self::prepare`] waited, for [`Self::next`].
     held: std::collections::VecDeque<Update>,
 }
@@ -521,7 +522,7 @@ impl LocalWorkers {
             first_rank: 0,
             world_size: 0,
             spare: None,
-            latest: None,
+            spec_json: None,
             held: Default::default(),
         }
     }
@@ -545,27 +546,13 @@ impl ElasticWorkers {
     /// joining mid-run caused). Workers that cannot build ahead (a GPU
     /// device) answer at once and build when assigned. Returns how many built.
     pub async fn prepare(&mut self, spec_json: &str, limit: Duration) -> usize {
-        let template = RoundAssignment {
-            round: 0,
-            first_rank: 0,
-            world_size: 0,
-            peers: Vec::new(),
-            spec_json: spec_json.to_string(),
-            checkpoint_url: String::new(),
-            resume: String::new(),
-            run_id: String::new(),
-            ring_secret: Vec::new(),
-        };
+        self.spec_json = Some(spec_json.to_string());
         let mut waiting = std::collections::BTreeSet::new();
         for (local_rank, slot) in self.slots.iter_mut().enumerate() {
             let Some(writer) = slot.writer.as_mut() else {
                 continue;
             };
-            let mut a = template.assignment(&self.job, &self.cfg.run_dir, local_rank, true);
-            a.prepare_only = true;
-            let msg = AgentMessage {
-                kind: Some(agent_message::Kind::Assignment(a)),
-            };
+            let msg = prepare_message(&self.job, &self.cfg.run_dir, spec_json, local_rank);
             if writer.write_all(&frame::encode(&msg)).await.is_ok() {
                 waiting.insert((local_rank, slot.generation));
             }
@@ -606,7 +593,7 @@ impl ElasticWorkers {
     /// Hands every live worker its part of a round (a worker in the middle of
     /// an older round aborts it and joins this one).
     pub async fn assign(&mut self, round: &RoundAssignment) -> Result<()> {
-        self.latest = Some(round.clone());
+        self.spec_json = Some(round.spec_json.clone());
         self.first_rank = round.first_rank;
         self.world_size = round.world_size;
         for (local_rank, slot) in self.slots.iter_mut().enumerate() {
@@ -670,16 +657,10 @@ impl ElasticWorkers {
     /// its slot (see `prepare_only` in proto/kiln/worker.proto).
     fn start_spare(&mut self) {
         let cfg = self.cfg.clone();
-        let prepare = self.latest.as_ref().map(|round| {
-            let mut a = round.assignment(&self.job, &cfg.run_dir, cfg.nproc, true);
-            a.prepare_only = true;
-            a.round = 0;
-            a.peers.clear();
-            a.ring_secret.clear();
-            AgentMessage {
-                kind: Some(agent_message::Kind::Assignment(a)),
-            }
-        });
+        let prepare = self
+            .spec_json
+            .as_deref()
+            .map(|spec| prepare_message(&self.job, &cfg.run_dir, spec, cfg.nproc));
         self.spare = Some(tokio::spawn(async move {
             // Its lines go to a slot of their own until it is adopted.
             let mut started = start_workers(&cfg, &[cfg.nproc], Role::Spare).await?;
@@ -897,6 +878,23 @@ impl ElasticWorkers {
 /// inherits as a file descriptor (`--agent-fd`): nothing is bound where
 /// another local process could connect and pose as a worker, and a worker's
 /// hello is only believed when its pid is the child's.
+/// The assignment that tells a worker the job ahead of any round
+/// (`prepare_only`: no round, no peers, no secret; the worker builds what a
+/// round needs from the spec and waits).
+fn prepare_message(job: &str, run_dir: &Path, spec_json: &str, local_rank: usize) -> AgentMessage {
+    AgentMessage {
+        kind: Some(agent_message::Kind::Assignment(Assignment {
+            job: job.to_string(),
+            spec_json: spec_json.to_string(),
+            run_dir: run_dir.display().to_string(),
+            local_rank: local_rank as u32,
+            elastic: true,
+            prepare_only: true,
+            ..Assignment::default()
+        })),
+    }
+}
+
 /// Whether a worker is started for its slot or as a spare (see
 /// [`ElasticWorkers`]): a spare names itself `kiln-spare` (`/proc/PID/comm`)
 /// until it is assigned a slot.
