@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""All-reduce bandwidth, kiln's TCP ring vs PyTorch gloo, world size 2 on loopback.
+"""All-reduce bandwidth, kiln's ring vs PyTorch gloo, world size 2 on one host.
 
-Runs `kiln-bench`'s `allreduce` binary and bench/gloo_allreduce.py with the same
-sizes, warm-up and iterations (alternating when --reps > 1) and prints a table:
-size, kiln GB/s, gloo GB/s, kiln/gloo. Both sides report algbw = bytes / median
+Runs `kiln-bench`'s `allreduce` binary twice, once as `kiln run` connects ranks
+on one host (`kiln`: shared memory, `[comm] transport = "auto"`) and once over
+loopback TCP (`kiln-tcp`: `transport = "tcp"`, what ranks on different hosts
+use), and bench/gloo_allreduce.py (gloo over loopback TCP: gloo has no
+shared-memory transport), with the same sizes, warm-up and iterations
+(alternating when --reps > 1), and prints a table: size, each side's GB/s,
+kiln/gloo and kiln-tcp/gloo. Both sides report algbw = bytes / median
 time of one all-reduce (GB/s = 1e9 bytes/s). With --reps > 1 each cell is the
 median over repetitions.
 
@@ -102,7 +106,7 @@ def main():
         if not kiln_bin.exists():
             log(f"allreduce: {kiln_bin} not found: build it with `cargo build --release -p kiln-bench`, or pass --peer-only")
             return 2
-        sides = {"kiln": [kiln_bin, *common], **sides}
+        sides = {"kiln": [kiln_bin, *common], "kiln-tcp": [kiln_bin, *common, "--transport", "tcp"], **sides}
 
     # gbps[side][size_bytes] = [algbw of each repetition]
     gbps = {side: {} for side in sides}
@@ -131,7 +135,8 @@ def main():
                 gbps[side].setdefault(row["size_bytes"], []).append(row["algbw_gbps"])
 
     print()
-    print("all-reduce bandwidth, world size 2, float32, loopback TCP, 1 intra-op thread (gloo)")
+    print("all-reduce bandwidth, world size 2, float32, one host: kiln = shared memory (its default between "
+          "ranks on one host), kiln-tcp and gloo = loopback TCP; 1 intra-op thread (gloo)")
     print(f"algbw = bytes / median time over {args.iters} iterations after {args.warmup} warm-up; GB/s = 1e9 B/s; "
           f"{args.reps} repetition(s), median shown")
     spread = args.reps > 1
@@ -143,31 +148,36 @@ def main():
     if bidir:
         print(f"  the same with a stream each way at once (--bidir), as a 2-rank ring sends: {bidir:.2f} GB/s "
               "per direction" + (f" (range {span(bidir_runs)})" if spread else ""))
-    lb = f"  {'kiln/lo':>8}  {'gloo/lo':>8}" if loopback else ""
-    print(f"{'size':>8}  {'kiln GB/s':>10}  {'gloo GB/s':>10}  {'kiln/gloo':>10}" + lb
-          + (f"  {'kiln range':>12}  {'gloo range':>12}" if spread else ""))
+    names = [side for side in ("kiln", "kiln-tcp") if side in sides] + ["gloo"]
+    lb = "".join(f"  {name + '/lo':>12}" for name in names) if loopback else ""
+    print(f"{'size':>8}" + "".join(f"  {name + ' GB/s':>13}" for name in names)
+          + "".join(f"  {name + '/gloo':>13}" for name in names if name != "gloo") + lb
+          + ("".join(f"  {name + ' range':>14}" for name in names) if spread else ""))
     summary, below, below_lo = [], [], []
     for mib in sizes:
         size_bytes = mib << 20
-        kiln_runs = gbps.get("kiln", {}).get(size_bytes, [])
-        gloo_runs = gbps["gloo"].get(size_bytes, [])
-        kiln, gloo = median(kiln_runs), median(gloo_runs)
-        ratio = kiln / gloo if kiln and gloo else None
-        if ratio is not None and ratio < TARGET_RATIO:
+        runs = {name: gbps.get(name, {}).get(size_bytes, []) for name in names}
+        value = {name: median(runs[name]) for name in names}
+        ratio = {name: value[name] / value["gloo"] if value[name] and value["gloo"] else None
+                 for name in names if name != "gloo"}
+        if ratio.get("kiln") is not None and ratio["kiln"] < TARGET_RATIO:
             below.append(f"{mib} MiB")
-        line = f"{str(mib) + ' MiB':>8}  {fmt(kiln):>10}  {fmt(gloo):>10}  {fmt(ratio) + ('x' if ratio else ''):>10}"
-        of_lo = {k: (v / loopback if v and loopback else None) for k, v in (("kiln", kiln), ("gloo", gloo))}
+        line = f"{str(mib) + ' MiB':>8}" + "".join(f"  {fmt(value[name]):>13}" for name in names)
+        line += "".join(f"  {fmt(r) + ('x' if r else ''):>13}" for r in ratio.values())
+        of_lo = {name: (v / loopback if v and loopback else None) for name, v in value.items()}
         if loopback:
-            line += "".join(f"  {fmt(of_lo[k] and 100 * of_lo[k], '.0f') + '%':>8}" for k in ("kiln", "gloo"))
-        if mib in LOOPBACK_TARGET_SIZES_MIB and of_lo["kiln"] is not None and of_lo["kiln"] < TARGET_OF_LOOPBACK:
+            line += "".join(f"  {fmt(of_lo[name] and 100 * of_lo[name], '.0f') + '%':>12}" for name in names)
+        if mib in LOOPBACK_TARGET_SIZES_MIB and of_lo.get("kiln") is not None and of_lo["kiln"] < TARGET_OF_LOOPBACK:
             below_lo.append(f"{mib} MiB")
         if spread:
-            line += f"  {span(kiln_runs):>12}  {span(gloo_runs):>12}"
+            line += "".join(f"  {span(runs[name]):>14}" for name in names)
         print(line)
         summary.append({
-            "size_bytes": size_bytes, "kiln_gbps": kiln, "gloo_gbps": gloo, "ratio": ratio,
-            "kiln_runs_gbps": kiln_runs, "gloo_runs_gbps": gloo_runs,
-            "kiln_of_loopback": of_lo["kiln"], "gloo_of_loopback": of_lo["gloo"],
+            "size_bytes": size_bytes, "kiln_gbps": value.get("kiln"), "kiln_tcp_gbps": value.get("kiln-tcp"),
+            "gloo_gbps": value["gloo"], "ratio": ratio.get("kiln"), "tcp_ratio": ratio.get("kiln-tcp"),
+            "kiln_runs_gbps": runs.get("kiln"), "kiln_tcp_runs_gbps": runs.get("kiln-tcp"),
+            "gloo_runs_gbps": runs["gloo"], "kiln_of_loopback": of_lo.get("kiln"),
+            "kiln_tcp_of_loopback": of_lo.get("kiln-tcp"), "gloo_of_loopback": of_lo["gloo"],
         })
     have_ratios = all(row["ratio"] is not None for row in summary)
     if not have_ratios:
@@ -184,7 +194,8 @@ def main():
         verdict_lo = "not met at " + ", ".join(below_lo)
     else:
         verdict_lo = "met"
-    print(f"target: kiln >= {100 * TARGET_OF_LOOPBACK:.0f}% of loopback (iperf3) at {sizes_lo} -> {verdict_lo}")
+    print(f"target: kiln >= {100 * TARGET_OF_LOOPBACK:.0f}% of loopback (iperf3) at {sizes_lo} -> {verdict_lo}"
+          " (kiln's default path between ranks on one host; kiln-tcp shows the TCP path, bounded by --bidir)")
     if args.json:
         print(json.dumps({"bench": "allreduce", "target_ratio": TARGET_RATIO, "loopback_gbps": loopback,
                           "loopback_runs_gbps": loopback_runs, "loopback_bidir_gbps": bidir,

@@ -1,4 +1,5 @@
-//! All-reduce bandwidth of kiln's TCP ring at world size 2 on loopback: the
+//! All-reduce bandwidth of kiln's ring at world size 2 on one host (shared
+//! memory, or loopback TCP with `--transport tcp`): the
 //! kiln half of the side-by-side with PyTorch gloo (bench/gloo_allreduce.py
 //! follows the same protocol; bench/allreduce.py runs both and prints the table).
 //!
@@ -23,14 +24,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use kiln_trainer::collective::ring::{RingCollective, RingSecret};
+use kiln_trainer::collective::AbortHandle;
+use kiln_trainer::collective::ring::{RingCollective, RingSecret, Transport};
 
 const WORLD_SIZE: usize = 2;
 /// Rendezvous round handed to the ring; any value works as long as both ranks agree.
 const ROUND: u64 = 1;
 
 #[derive(Parser, Debug)]
-#[command(about = "All-reduce bandwidth of kiln's TCP ring (world size 2, loopback)")]
+#[command(about = "All-reduce bandwidth of kiln's ring (world size 2, one host)")]
 struct Args {
     /// Comma-separated tensor sizes in MiB (float32).
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
@@ -44,6 +46,10 @@ struct Args {
     /// Deadline of every read from the peer, and of connecting, in seconds.
     #[arg(long, default_value_t = 60.0)]
     timeout_secs: f64,
+    /// The ring's transport between the two ranks: `auto` (shared memory, as
+    /// `kiln run` uses between ranks on one host) or `tcp` (loopback TCP).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tcp"])]
+    transport: String,
     /// Internal: set on the re-executed second process.
     #[arg(long, default_value_t = 0, hide = true)]
     rank: usize,
@@ -99,6 +105,7 @@ fn run_rank0(
             &args.iters.to_string(),
         ])
         .args(["--timeout-secs", &args.timeout_secs.to_string()])
+        .args(["--transport", &args.transport])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -128,7 +135,7 @@ fn run_rank0(
     writeln!(stdin, "{} {secret_hex}", peers.join(" ")).context("send peer list to rank 1")?;
     drop(stdin);
 
-    let mut ring = RingCollective::connect(ROUND, 0, &peers, &listener, &secret, timeout)
+    let mut ring = connect(args, 0, &peers, &listener, &secret, timeout)
         .context("connect the ring (rank 0)")?;
     for &mib in &args.sizes_mib {
         let times = measure(&mut ring, 0, mib, args)?;
@@ -190,7 +197,7 @@ fn run_rank1(
         peers[1] == own_addr,
         "peer list {line:?} does not hold this rank's address {own_addr}"
     );
-    let mut ring = RingCollective::connect(ROUND, 1, &peers, &listener, &secret, timeout)
+    let mut ring = connect(args, 1, &peers, &listener, &secret, timeout)
         .context("connect the ring (rank 1)")?;
     for &mib in &args.sizes_mib {
         measure(&mut ring, 1, mib, args)?;
@@ -199,6 +206,30 @@ fn run_rank1(
 }
 
 /// Runs the protocol for one size; returns the timed iterations' durations in seconds.
+fn connect(
+    args: &Args,
+    rank: usize,
+    peers: &[String],
+    listener: &TcpListener,
+    secret: &RingSecret,
+    timeout: Duration,
+) -> kiln_trainer::collective::Result<RingCollective> {
+    let transport = match args.transport.as_str() {
+        "tcp" => Transport::Tcp,
+        _ => Transport::Auto,
+    };
+    RingCollective::connect_abortable(
+        ROUND,
+        rank,
+        peers,
+        listener,
+        secret,
+        timeout,
+        transport,
+        AbortHandle::default(),
+    )
+}
+
 fn measure(ring: &mut RingCollective, rank: usize, mib: usize, args: &Args) -> Result<Vec<f64>> {
     let numel = (mib << 20) / std::mem::size_of::<f32>();
     let mut buf = vec![(rank + 1) as f32; numel];

@@ -480,6 +480,21 @@ pub struct CommSpec {
     /// overlapped with the rest of backward (results are identical either way).
     #[serde(default = "default_true")]
     pub overlap: bool,
+    /// How CPU ranks exchange gradients: `auto` (shared memory between ranks
+    /// on one host, TCP between hosts) or `tcp` (TCP everywhere).
+    #[serde(default)]
+    pub transport: CommTransport,
+}
+
+/// The CPU ring's transport between neighbouring ranks (`[comm] transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommTransport {
+    /// Shared memory where the neighbour is on the same host, else TCP.
+    #[default]
+    Auto,
+    /// TCP on every link.
+    Tcp,
 }
 
 fn default_bucket_mb() -> f64 {
@@ -496,6 +511,7 @@ impl Default for CommSpec {
             timeout_secs: default_timeout_secs(),
             grad_dtype: Precision::default(),
             overlap: true,
+            transport: CommTransport::default(),
         }
     }
 }

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use kiln_checkpoint::{CheckpointManager, DType, TensorView, weights_digest};
 use kiln_proto::frame;
-use kiln_proto::spec::JobSpec;
+use kiln_proto::spec::{CommTransport, JobSpec};
 use kiln_proto::worker::{
     AgentMessage, Assignment, EvalResult, Failed, Finished, Hello, Interrupted, Progress,
     RoundStarted, Warning, agent_message, worker_message::Kind as Report,
@@ -41,7 +41,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::collective::nccl::{self, NcclCollective};
-use crate::collective::ring::{RingCollective, RingSecret};
+use crate::collective::ring::{RingCollective, RingSecret, Transport};
 use crate::collective::{AbortHandle, Collective};
 use crate::data::{self, GlobalSampler};
 use crate::device;
@@ -386,6 +386,10 @@ impl Training {
             listener,
             &secret,
             timeout,
+            match spec.comm.transport {
+                CommTransport::Auto => Transport::Auto,
+                CommTransport::Tcp => Transport::Tcp,
+            },
             abort.clone(),
         )
         .with_context(|| format!("connect collective ring of round {}", a.round))?;
