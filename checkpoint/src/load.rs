@@ -673,8 +673,8 @@ pub struct ManifestSummary {
     /// The step; from the key when the manifest is unreadable, `None` when
     /// the key does not name one either.
     pub step: Option<u64>,
-    /// [`Manifest::attempt`]; `None`, like every field below (0 for the
-    /// counts), when the manifest is unreadable.
+    /// [`Manifest::attempt`]. This and the fields below up to `parent` are
+    /// `None` (the counts 0) when the manifest is unreadable.
     pub attempt: Option<String>,
     /// [`Manifest::job`].
     pub job: Option<String>,

@@ -21,7 +21,7 @@ use crate::tensor::{DType, TensorView};
 pub struct TensorLayout {
     /// The tensor's name; the plan's tensors are sorted by it.
     pub name: String,
-    /// Element type.
+    /// No chunk splits one of its elements.
     pub dtype: DType,
     /// Dimensions, outermost first.
     pub shape: Vec<usize>,

@@ -175,7 +175,7 @@ impl Checkpointer {
     /// The saver of `rank` of `world_size` under `root`. It starts its CPU
     /// threads, and takes over the codec estimates an earlier checkpointer of
     /// this process measured for the same root. [`Error::Invalid`] for a rank
-    /// outside the world or a zero in `cfg`'s sizes.
+    /// outside the world, or sizes in `cfg` too small to work with.
     pub fn new(
         root: CheckpointRoot,
         cfg: SaveConfig,

@@ -80,7 +80,7 @@ impl DType {
 pub struct TensorView<'a> {
     /// The tensor's name, unique in a state (`model/fc1.weight`).
     pub name: &'a str,
-    /// Element type.
+    /// How to read the bytes; with `shape`, fixes their length.
     pub dtype: DType,
     /// Dimensions, outermost first; empty for a scalar.
     pub shape: &'a [usize],

@@ -48,7 +48,8 @@ pub type LeaseId = i64;
 /// A key with its value and its revisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
-    /// The full key, root prefix included.
+    /// The whole key, as written (kiln's start with the keyspace root,
+    /// `/kiln/...`).
     pub key: String,
     /// The stored bytes (JSON for kiln's own records).
     pub value: Vec<u8>,

@@ -21,7 +21,7 @@ pub struct JobSpec {
     pub model: ModelSpec,
     /// `[data]` (required).
     pub data: DataSpec,
-    /// `[train]`; the defaults when absent, as for every section below.
+    /// `[train]` (its defaults when absent, like every section below).
     #[serde(default)]
     pub train: TrainSpec,
     /// `[optimizer]`.
