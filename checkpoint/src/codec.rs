@@ -22,8 +22,11 @@ use sha2::{Digest, Sha256};
 
 use crate::tensor::DType;
 
+/// The first four bytes of every stored chunk.
 pub const CHUNK_MAGIC: [u8; 4] = *b"KLNC";
+/// The frame version this build writes and the newest it reads (byte 4).
 pub const CHUNK_FRAME_VERSION: u8 = 1;
+/// Bytes of the frame header before the payload.
 pub const HEADER_LEN: usize = 32;
 
 const CODEC_RAW: u8 = 0;
@@ -33,6 +36,7 @@ const CODEC_ZSTD: u8 = 1;
 /// elements (all byte 0s, then all byte 1s, ...) or not at all (`group == 1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Encoding {
+    /// Element size in bytes the chunk is grouped by: 1, 2, 4 or 8.
     pub group: u8,
 }
 
@@ -79,6 +83,7 @@ impl ChunkHash {
         }
     }
 
+    /// `sha256` or `blake3`, for messages and reports.
     pub fn name(self) -> &'static str {
         match self {
             ChunkHash::Sha256 => "sha256",
@@ -97,9 +102,12 @@ impl ChunkHash {
 /// What a chunk key says: the hash of the raw bytes and how they are encoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkId {
+    /// The function the address was computed with (from the key's `b3.` tag).
     pub hash: ChunkHash,
     /// Lowercase hex digest of the raw bytes.
     pub address: String,
+    /// The grouping the key names (`bg4.zst`: 4); the frame may still hold
+    /// the bytes raw.
     pub encoding: Encoding,
 }
 
@@ -370,8 +378,9 @@ pub fn raw_frame_header(raw: &[u8]) -> [u8; HEADER_LEN] {
 /// Encodes `raw` into a stored chunk frame (header + payload).
 ///
 /// Grouped data is compressed plane by plane (codec 2): each byte plane is
-/// zstd-compressed on its own (with the [`PLANE_LEVEL`] setting, whatever
-/// `level` says) and kept raw when that does not save at least 1/64 of it.
+/// zstd-compressed on its own (at level -1000, the crate's `PLANE_LEVEL`,
+/// whatever `level` says) and kept raw when that does not save at least 1/64
+/// of it.
 /// The low mantissa planes of trained floats are noise, and storing them raw
 /// costs a memcpy; the exponent plane compresses well on its own. Ungrouped
 /// data is one zstd frame at `level` (codec 1). Either way the raw bytes are stored (codec 0) when

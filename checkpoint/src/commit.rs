@@ -32,63 +32,91 @@ const MAX_SWAP_LOSSES: u32 = 64;
 /// What the committer knows before it starts.
 #[derive(Debug, Clone)]
 pub struct CommitInput {
+    /// The step saved.
     pub step: u64,
+    /// The saving run's id, shared by every rank's part.
     pub attempt: String,
+    /// Ranks of the save: the parts to gather.
     pub world_size: usize,
+    /// The canonical chunk plan every part must match.
     pub plan: Arc<ChunkPlan>,
+    /// The trainer's metadata, copied into the manifest.
     pub meta: CheckpointMeta,
+    /// Manifest key the new manifest names as its parent.
     pub parent: Option<String>,
+    /// How long to wait for the other ranks' parts.
     pub timeout: Duration,
+    /// RFC 3339 time of the commit (the machine reads no clock).
     pub created_at: String,
 }
 
+/// What the driver tells a [`Commit`]: the results of its actions, and news
+/// from the other ranks.
 #[derive(Debug)]
 pub enum Event {
-    /// The answer to reading one rank's part (`None`: not there yet).
+    /// The answer to reading one rank's part.
     PartRead {
+        /// The rank whose part was read.
         rank: usize,
+        /// The part; `None`: not there yet.
         part: Option<PartRecord>,
     },
     /// A [`Action::WaitUntil`] deadline passed.
     Tick,
     /// `rank` says its save of this checkpoint failed: its part never comes.
     PeerFailed {
+        /// The rank that failed.
         rank: usize,
+        /// Its error, for the commit's.
         cause: String,
     },
     /// Every other rank says its saves are over (written or failed): a part
     /// still missing is waited for only until `until`.
     PeersSettled {
+        /// The new deadline (it only ever moves earlier).
         until: Instant,
     },
     /// The create-only manifest put succeeded (or found identical bytes).
     ManifestWritten,
     /// A different manifest already exists at the key.
     ManifestConflict,
+    /// The answer to [`Action::ReadLatest`] (`None`: no `latest` yet).
     LatestRead(Option<LatestRecord>),
     /// The result of [`Action::SwapLatest`]: `false` when another writer won.
     LatestSwapped(bool),
 }
 
+/// What a [`Commit`] asks its driver to do.
 #[derive(Debug)]
 pub enum Action {
     /// Read these ranks' parts (concurrently), answering with one
     /// [`Event::PartRead`] each.
     ReadParts(Vec<usize>),
+    /// Answer [`Event::Tick`] at this time (the backoff before reading the
+    /// missing parts again).
     WaitUntil(Instant),
+    /// Put this manifest at its key, create-only; answer
+    /// [`Event::ManifestWritten`] or [`Event::ManifestConflict`].
     WriteManifest(Box<Manifest>),
+    /// Read `latest`; answer [`Event::LatestRead`].
     ReadLatest,
     /// Swap `latest` from the record last read to this one.
     SwapLatest(LatestRecord),
+    /// The checkpoint is committed; the commit asks for nothing more.
     Done(Box<CommitOutcome>),
+    /// The commit failed; it asks for nothing more.
     Fail(Error),
 }
 
+/// What a successful commit produced.
 #[derive(Debug, Clone)]
 pub struct CommitOutcome {
+    /// The manifest written.
     pub manifest: Manifest,
-    /// False when `latest` already named this or a newer step.
+    /// Whether `latest` names this manifest: false when it already named a
+    /// newer step, or another manifest of this step.
     pub latest_moved: bool,
+    /// Every rank's part, in rank order.
     pub parts: Vec<PartRecord>,
 }
 
@@ -144,6 +172,8 @@ impl Commit {
         (commit, actions)
     }
 
+    /// Feeds one event, at `now`, and returns what to do next: nothing once
+    /// the commit is over; an event out of place fails the commit.
     pub fn on_event(&mut self, event: Event, now: Instant) -> Vec<Action> {
         if self.phase == Phase::Finished {
             return vec![];

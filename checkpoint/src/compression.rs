@@ -49,6 +49,7 @@ pub enum Compression {
 }
 
 impl Compression {
+    /// The spec's spelling: `auto`, `zstd` or `none`.
     pub fn as_str(self) -> &'static str {
         match self {
             Compression::Auto => "auto",
@@ -82,11 +83,15 @@ impl FromStr for Compression {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Codec {
+    /// Byte-grouped zstd (a chunk zstd does not shrink is still stored raw).
     Zstd,
+    /// Stored raw, but for one chunk in [`SAMPLE_EVERY`], compressed to keep
+    /// zstd measured.
     None,
 }
 
 impl Codec {
+    /// `zstd` or `none`, as records and `kiln ckpt show` spell it.
     pub fn as_str(self) -> &'static str {
         match self {
             Codec::Zstd => "zstd",
@@ -121,11 +126,14 @@ const PRIOR_RATIO: f64 = 0.83;
 /// Bytes processed and the seconds they took.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Throughput {
+    /// Bytes processed.
     pub bytes: u64,
+    /// Seconds they took (CPU or wall-clock: the field holding it says).
     pub seconds: f64,
 }
 
 impl Throughput {
+    /// Counts `bytes` more, processed in `seconds`.
     pub fn add(&mut self, bytes: u64, seconds: f64) {
         self.bytes += bytes;
         self.seconds += seconds;
@@ -160,12 +168,18 @@ pub struct Observation {
 /// CPU work).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Estimates {
+    /// Cores training left idle between the last saves (cores, not a rate).
     pub spare_cores: Option<f64>,
+    /// Hashing and checksumming raw bytes.
     pub hash_per_core: Option<f64>,
+    /// Byte grouping, zstd and framing.
     pub zstd_per_core: Option<f64>,
+    /// Framing a chunk as it is.
     pub raw_frame_per_core: Option<f64>,
     /// Stored / raw bytes of compressed chunks.
     pub ratio: Option<f64>,
+    /// The destination's write throughput: the best a save saw, decayed per
+    /// save.
     pub write: Option<f64>,
 }
 
@@ -173,26 +187,34 @@ pub struct Estimates {
 /// part and in the manifest (`kiln ckpt show` prints it).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CompressionRecord {
+    /// The rank that chose.
     pub rank: u32,
     /// What was asked (`auto`, `zstd`, `none`).
     pub policy: Compression,
     /// What this save did.
     pub codec: Codec,
+    /// Why, in words for people.
     pub reason: String,
+    /// [`Estimates::spare_cores`] at the choice; the fields below are the
+    /// other estimates it rested on (absent: not measured yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spare_cores: Option<f64>,
-    /// Per-core speeds (GB/s) and the destination's write speed (GB/s).
+    /// Hashing speed per core, GB/s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_gb_s: Option<f64>,
+    /// zstd's speed per core, GB/s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zstd_gb_s: Option<f64>,
+    /// The destination's write speed, GB/s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_gb_s: Option<f64>,
+    /// [`Estimates::ratio`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f64>,
-    /// Predicted seconds of the save stored raw and compressed (auto only).
+    /// Predicted seconds of the save stored raw (auto only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted_none_s: Option<f64>,
+    /// Predicted seconds of the save compressed (auto only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted_zstd_s: Option<f64>,
     /// Whether chunks were hashed (and checksummed) during the copy that
@@ -203,12 +225,14 @@ pub struct CompressionRecord {
     /// Chunks of this rank's stripe that went through zstd, of all uploaded.
     #[serde(default)]
     pub chunks_compressed: u64,
+    /// Chunks of this rank's stripe uploaded (the others were already stored).
     #[serde(default)]
     pub chunks_uploaded: u64,
 }
 
 impl CompressionRecord {
-    /// One line for people: `auto -> none: <reason>`.
+    /// One line for people: `auto -> none (3 of 48 uploaded chunks through
+    /// zstd): <reason>`.
     pub fn summary(&self) -> String {
         format!(
             "{} -> {} ({} of {} uploaded chunks through zstd{}): {}",
@@ -229,6 +253,7 @@ impl CompressionRecord {
 /// One save's codec, and which chunks to compress anyway.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
+    /// The save's codec.
     pub codec: Codec,
     /// With [`Codec::None`]: compress chunk `i` when `i % sample_every ==
     /// sample_every / 2` (0: none).
@@ -241,6 +266,8 @@ pub struct Decision {
     /// barriers lose about twice what a competitor takes from one of them,
     /// where hashing during the copy costs them only its own length.
     pub digest_while_copying: bool,
+    /// The choice as the part records it (its chunk counts are filled in
+    /// as the save goes).
     pub record: CompressionRecord,
 }
 
@@ -263,6 +290,8 @@ pub struct CodecPolicy {
 }
 
 impl CodecPolicy {
+    /// The policy of `rank` in `mode`, with nothing measured yet (it decides
+    /// on priors until it has measurements).
     pub fn new(mode: Compression, rank: usize) -> Self {
         CodecPolicy {
             mode,
@@ -278,10 +307,13 @@ impl CodecPolicy {
         self
     }
 
+    /// What was asked.
     pub fn mode(&self) -> Compression {
         self.mode
     }
 
+    /// What it believes now; a later policy of the same destination starts
+    /// from it ([`CodecPolicy::with_estimates`]).
     pub fn estimates(&self) -> &Estimates {
         &self.est
     }

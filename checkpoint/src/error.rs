@@ -10,38 +10,58 @@
 pub enum Error {
     /// An object the operation needs does not exist (a manifest, `latest`, a chunk).
     #[error("not found: {what}")]
-    NotFound { what: String },
+    NotFound {
+        /// The object, by URL or key.
+        what: String,
+    },
 
     /// A create-only write found the object already there.
     #[error("already exists: {key}")]
-    AlreadyExists { key: String },
+    AlreadyExists {
+        /// The object's key or URL.
+        key: String,
+    },
 
     /// A compare-and-swap lost, or two writers disagree on an object.
     #[error("conflict: {what}")]
-    Conflict { what: String },
+    Conflict {
+        /// What was contended, and how it was lost.
+        what: String,
+    },
 
     /// Stored bytes do not decode or do not match their checksum or address.
-    /// `chunk` is the chunk's key; `tensor` the tensor it belongs to (and its
-    /// index within the tensor).
     #[error("corrupt chunk {chunk} of tensor {tensor}: {reason}")]
     Corrupt {
+        /// The tensor the chunk belongs to.
         tensor: String,
+        /// The chunk's index within the tensor and its key (`#3 chunks/...`).
         chunk: String,
+        /// What the check found (a missing object is one).
         reason: String,
     },
 
     /// A manifest, part or `latest` record that is not valid.
     #[error("corrupt object {key}: {reason}")]
-    CorruptObject { key: String, reason: String },
+    CorruptObject {
+        /// The record's key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 
     /// Waited longer than allowed (e.g. for the other ranks' parts).
     #[error("timed out: {what}")]
-    Timeout { what: String },
+    Timeout {
+        /// What was waited for.
+        what: String,
+    },
 
     /// The store failed or could not be reached; retrying may help.
     #[error("store unavailable: {what}: {source}")]
     Unavailable {
+        /// The operation and the key it was on.
         what: String,
+        /// The store client's error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
@@ -49,18 +69,27 @@ pub enum Error {
     /// A bad argument or configuration (a URL, a tensor whose bytes do not match
     /// its shape, a world size of zero, ...).
     #[error("invalid: {reason}")]
-    Invalid { reason: String },
+    Invalid {
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
 
     /// Something this build cannot do (a newer format version, a codec, a store
     /// operation).
     #[error("unsupported: {what}")]
-    Unsupported { what: String },
+    Unsupported {
+        /// What was asked, and what this build supports.
+        what: String,
+    },
 
     /// A local file operation failed (export, import, lock files).
     #[error("{op} {path}: {source}")]
     Io {
+        /// The operation, as a verb (`read`, `write`, `create directory`).
         op: &'static str,
+        /// The file or folder, or what the operation was on.
         path: String,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
@@ -69,11 +98,17 @@ pub enum Error {
     /// checkpoint location (see [`crate::probe`]): no checkpoint could ever
     /// commit, so stop and fix the location rather than retry.
     #[error("checkpoint location not shared: {what}")]
-    NotShared { what: String },
+    NotShared {
+        /// Which rank could not read which other rank's write, and where.
+        what: String,
+    },
 
     /// The checkpointer was shut down while work was pending.
     #[error("cancelled: {what}")]
-    Cancelled { what: String },
+    Cancelled {
+        /// What stopped, and why.
+        what: String,
+    },
 }
 
 /// Result with the crate's [`Error`].

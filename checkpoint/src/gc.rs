@@ -58,15 +58,21 @@ pub const LINEAGE_PREFIX: &str = "lineage";
 /// Which checkpoints to keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
+    /// The newest this many manifests, by step, are kept.
     pub keep_last: usize,
+    /// Every manifest whose step is a multiple of this is kept too (`None`
+    /// or 0: none).
     pub keep_every: Option<u64>,
 }
 
 /// What a collection did (or would do, on a dry run).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
+    /// Nothing was deleted: the report says what a collection would do.
     pub dry_run: bool,
+    /// Keys of the manifests kept, oldest step first.
     pub manifests_kept: Vec<String>,
+    /// Keys of the manifests deleted (or to be deleted).
     pub manifests_deleted: Vec<String>,
     /// Manifests that could not be parsed: left alone, reported.
     pub manifests_unreadable: Vec<String>,
@@ -75,11 +81,15 @@ pub struct GcReport {
     /// Kept manifests that are the head of a branch (nothing descends from
     /// them), `latest`'s included.
     pub branch_heads: Vec<String>,
+    /// Chunks a kept manifest or a recent part references.
     pub chunks_kept: usize,
     /// Unreferenced but younger than the grace period.
     pub chunks_in_grace: usize,
+    /// Unreferenced chunks older than the grace period, deleted.
     pub chunks_deleted: usize,
+    /// Stored bytes of the deleted chunks and staging files.
     pub bytes_freed: u64,
+    /// Parts older than the grace period, deleted.
     pub parts_deleted: usize,
     /// Local roots: staging files (`name#digits`) of writes a crash cut
     /// short, older than the grace period; listings never show them.
@@ -89,6 +99,7 @@ pub struct GcReport {
 /// One pin and what it keeps.
 #[derive(Debug, Clone, Serialize)]
 pub struct PinReport {
+    /// The pin as found.
     #[serde(flatten)]
     pub pin: FoundPin,
     /// The manifests of the pinned step (none: the step's checkpoint is
@@ -109,6 +120,7 @@ pub fn gc(
     block_on(gc_async(root, *retention, grace, dry_run))
 }
 
+/// [`gc`], for async callers.
 pub async fn gc_async(
     root: &CheckpointRoot,
     retention: Retention,

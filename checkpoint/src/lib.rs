@@ -30,8 +30,8 @@
 //!   it (when to save, the failure budget, retention at the end).
 //! - [`probe`]: the check that every rank of a round reads the others'
 //!   writes under the checkpoint location (shared storage is never assumed).
-//! - [`load`]: resolve, load, verify, fall back to a verified parent, list.
-//! - [`gc`]: retention and garbage collection (pins, branch heads).
+//! - [`load`](mod@load): resolve, load, verify, fall back to a verified parent, list.
+//! - [`gc`](mod@gc): retention and garbage collection (pins, branch heads).
 //! - [`pin`]: pins, which keep registered checkpoints from retention, and
 //!   the markers that order a registration against a collection.
 //! - [`export`]: safetensors export and import, and writing in-memory
@@ -51,6 +51,8 @@
 //! a create-only put and moves `latest` by compare-and-swap. Readers follow
 //! `latest` to the manifest and the manifest to the chunks; nothing on the
 //! load path lists.
+
+#![warn(missing_docs)]
 
 pub mod codec;
 pub mod commit;

@@ -58,13 +58,18 @@ async fn fetch_chunk(root: &CheckpointRoot, key: &str, stored_len: u64) -> Resul
 /// A tensor that owns its bytes (little-endian, as saved).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnedTensor {
+    /// See [`TensorView::name`].
     pub name: String,
+    /// See [`TensorView::dtype`].
     pub dtype: DType,
+    /// See [`TensorView::shape`].
     pub shape: Vec<usize>,
+    /// See [`TensorView::data`].
     pub data: Vec<u8>,
 }
 
 impl OwnedTensor {
+    /// The tensor as a view, to save it or export it.
     pub fn view(&self) -> TensorView<'_> {
         TensorView {
             name: &self.name,
@@ -101,6 +106,7 @@ pub fn resolve(root: &CheckpointRoot, which: &str) -> Result<Manifest> {
     block_on(resolve_async(root, which))
 }
 
+/// [`resolve`], for async callers.
 pub async fn resolve_async(root: &CheckpointRoot, which: &str) -> Result<Manifest> {
     let which = which.trim();
     if which == "latest" {
@@ -166,26 +172,37 @@ async fn resolve_step(root: &CheckpointRoot, step: u64) -> Result<Manifest> {
 /// One chunk that failed to read or check.
 #[derive(Debug, Clone, Serialize)]
 pub struct BadChunk {
+    /// The tensor the chunk belongs to.
     pub tensor: String,
+    /// The chunk's index within the tensor.
     pub index: usize,
+    /// The chunk's key.
     pub key: String,
+    /// What the check found (missing, checksum or address mismatch, ...).
     pub reason: String,
 }
 
 /// What [`verify`] found.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
+    /// The manifest's key.
     pub manifest: String,
+    /// The checkpoint's step.
     pub step: u64,
+    /// Tensors in the manifest (all of them are checked).
     pub tensors_checked: usize,
+    /// Chunk references read and checked.
     pub chunks_checked: usize,
+    /// Decoded bytes of every tensor.
     pub raw_bytes_checked: u64,
+    /// Every chunk that failed, in tensor and chunk order.
     pub bad_chunks: Vec<BadChunk>,
     /// Tensors with at least one bad chunk.
     pub bad_tensors: Vec<String>,
 }
 
 impl VerifyReport {
+    /// Whether every chunk checked out.
     pub fn ok(&self) -> bool {
         self.bad_chunks.is_empty()
     }
@@ -477,9 +494,13 @@ pub fn load_with_progress(
 /// shape.
 #[derive(Debug)]
 pub struct LoadTarget<'a> {
+    /// The saved tensor's name.
     pub name: &'a str,
+    /// Must equal the saved dtype.
     pub dtype: DType,
+    /// Must equal the saved shape.
     pub shape: &'a [usize],
+    /// Where the bytes go; exactly the tensor's length.
     pub data: &'a mut [u8],
 }
 
@@ -645,17 +666,31 @@ pub fn load_latest_verified(
 /// One line of `kiln ckpt ls`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ManifestSummary {
+    /// The manifest's key.
     pub key: String,
+    /// The manifest's URL, as `kiln ckpt` commands take it.
     pub url: String,
+    /// The step; from the key when the manifest is unreadable, `None` when
+    /// the key does not name one either.
     pub step: Option<u64>,
+    /// [`Manifest::attempt`]. This and the fields below up to `parent` are
+    /// `None` (the counts 0) when the manifest is unreadable.
     pub attempt: Option<String>,
+    /// [`Manifest::job`].
     pub job: Option<String>,
+    /// [`Manifest::created_at`].
     pub created_at: Option<String>,
+    /// [`Manifest::world_size`].
     pub world_size: Option<u32>,
+    /// [`Totals::tensors`](crate::manifest::Totals::tensors).
     pub tensors: u64,
+    /// [`Totals::raw_bytes`](crate::manifest::Totals::raw_bytes).
     pub raw_bytes: u64,
+    /// [`Totals::stored_bytes`](crate::manifest::Totals::stored_bytes).
     pub stored_bytes: u64,
+    /// [`Manifest::parent`].
     pub parent: Option<String>,
+    /// Whether `latest` names this manifest.
     pub is_latest: bool,
     /// Set when the manifest could not be read or parsed.
     pub error: Option<String>,
@@ -666,6 +701,7 @@ pub fn list(root: &CheckpointRoot) -> Result<Vec<ManifestSummary>> {
     block_on(list_async(root))
 }
 
+/// [`list`], for async callers.
 pub async fn list_async(root: &CheckpointRoot) -> Result<Vec<ManifestSummary>> {
     let latest = match read_latest(root).await {
         Ok(l) => Some(l.manifest),

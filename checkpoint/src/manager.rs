@@ -95,9 +95,15 @@ pub enum SaveEvent {
     /// A save finished; `outcome.url` is set on the rank that committed it.
     Saved(SaveOutcome),
     /// A save failed; the job goes on while the failure budget lasts.
-    Failed { message: String },
+    Failed {
+        /// What failed and why, for the log.
+        message: String,
+    },
     /// Retention could not be applied (the checkpoints are intact).
-    RetentionFailed { message: String },
+    RetentionFailed {
+        /// What failed and why, for the log.
+        message: String,
+    },
 }
 
 /// See the module docs.
@@ -123,6 +129,10 @@ pub struct CheckpointManager {
 }
 
 impl CheckpointManager {
+    /// The manager of `rank` of `world_size`: saves go under `root` with
+    /// `cfg`, named by `attempt` and carrying `meta`; `policy` says when to
+    /// save and what a failure costs. [`Error::Invalid`] for a failure budget
+    /// of 0 or anything [`Checkpointer::new`] refuses.
     pub fn new(
         root: CheckpointRoot,
         cfg: SaveConfig,
@@ -152,6 +162,7 @@ impl CheckpointManager {
         })
     }
 
+    /// Where it saves.
     pub fn root(&self) -> &CheckpointRoot {
         self.checkpointer.root()
     }

@@ -29,11 +29,19 @@ pub struct CheckpointMeta {
     /// Step, sample cursor, RNG states, optimizer step count, schedule
     /// position: whatever the trainer needs to continue exactly.
     pub training_state: serde_json::Value,
+    /// The job spec as run (JSON).
     pub job_spec: serde_json::Value,
+    /// What wrote the checkpoint (`kiln 0.1.0`).
     pub code_version: String,
+    /// A digest of the training and held-out data; a resume refuses a
+    /// checkpoint whose data differs.
     pub dataset_fingerprint: String,
+    /// Ranks of the run that saved (the number of stripes).
     pub world_size: u32,
+    /// The newest held-out metrics at the save; non-finite values are
+    /// dropped at commit (JSON has no NaN).
     pub metrics: BTreeMap<String, f64>,
+    /// The job's name.
     pub job: String,
 }
 
@@ -53,17 +61,23 @@ impl CheckpointMeta {
 /// A reference to one stored chunk.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ChunkRef {
-    /// Key relative to the root: `chunks/aa/<sha256>.<encoding>`.
+    /// Key relative to the root: `chunks/{aa}/{blake3}.b3.{encoding}`
+    /// (format version 1: `chunks/{aa}/{sha256}.{encoding}`).
     pub key: String,
+    /// Bytes of the chunk decoded.
     pub raw_len: u64,
+    /// Bytes of the stored object (the frame, compressed or not).
     pub stored_len: u64,
 }
 
 /// One tensor of a checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TensorEntry {
+    /// The tensor's name (`model/fc1.weight`), unique in the checkpoint.
     pub name: String,
+    /// Element type; with `shape`, fixes `raw_len`.
     pub dtype: DType,
+    /// Dimensions, outermost first; empty for a scalar.
     pub shape: Vec<usize>,
     /// Bytes of the tensor (sum of its chunks' `raw_len`).
     pub raw_len: u64,
@@ -74,9 +88,14 @@ pub struct TensorEntry {
 /// Sums over the whole checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Totals {
+    /// Tensors in the checkpoint.
     pub tensors: u64,
+    /// Chunk references, one per piece of the plan (a chunk referenced
+    /// twice counts twice).
     pub chunks: u64,
+    /// Bytes of every tensor, decoded.
     pub raw_bytes: u64,
+    /// Stored bytes the chunk references add up to.
     pub stored_bytes: u64,
     /// Stored bytes this save uploaded (the rest were already stored).
     pub uploaded_bytes: u64,
@@ -85,9 +104,14 @@ pub struct Totals {
 /// A checkpoint: everything needed to load it, and how it came to be.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
+    /// The format it was written in; a reader refuses one newer than
+    /// [`FORMAT_VERSION`].
     pub format_version: u32,
+    /// The job's name.
     pub job: String,
+    /// The training step the checkpoint holds.
     pub step: u64,
+    /// The id of the run that saved it (see [`validate_attempt`]).
     pub attempt: String,
     /// RFC 3339, UTC, of the commit.
     pub created_at: String,
@@ -96,14 +120,21 @@ pub struct Manifest {
     pub parent: Option<String>,
     /// World size of the save (the number of stripes).
     pub world_size: u32,
+    /// Largest piece a tensor was split into, in bytes.
     pub chunk_bytes: u64,
     /// Sorted by name.
     pub tensors: Vec<TensorEntry>,
+    /// See [`CheckpointMeta::training_state`].
     pub training_state: serde_json::Value,
+    /// See [`CheckpointMeta::job_spec`].
     pub job_spec: serde_json::Value,
+    /// See [`CheckpointMeta::code_version`].
     pub code_version: String,
+    /// See [`CheckpointMeta::dataset_fingerprint`].
     pub dataset_fingerprint: String,
+    /// See [`CheckpointMeta::metrics`].
     pub metrics: BTreeMap<String, f64>,
+    /// Sums over the checkpoint, for listings and reports.
     pub totals: Totals,
     /// Each rank's codec choice for this save and what it rested on (from
     /// the parts; empty in manifests written before the codec policy).
@@ -135,6 +166,8 @@ impl Manifest {
             .flat_map(|t| t.chunks.iter().map(|c| c.key.as_str()))
     }
 
+    /// The tensor named `name`, if the checkpoint has one (a binary search:
+    /// the tensors are sorted).
     pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
         self.tensors
             .binary_search_by(|t| t.name.as_str().cmp(name))
@@ -203,10 +236,15 @@ impl Manifest {
 /// One rank's contribution to a save: the chunks of its stripe.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PartRecord {
+    /// See [`Manifest::format_version`].
     pub format_version: u32,
+    /// The step saved.
     pub step: u64,
+    /// The saving run's id; the committer reads only parts of its own attempt.
     pub attempt: String,
+    /// The rank that wrote the part: its stripe's index.
     pub rank: u32,
+    /// Ranks of the save.
     pub world_size: u32,
     /// [`crate::plan::ChunkPlan::layout_digest`] of the state the rank saved.
     pub layout: String,
@@ -214,9 +252,13 @@ pub struct PartRecord {
     pub first_chunk: u64,
     /// The stripe's chunks, in plan order.
     pub chunks: Vec<ChunkRef>,
+    /// Stored bytes of the stripe's chunks this rank uploaded.
     pub bytes_uploaded: u64,
+    /// Stored bytes of the stripe's chunks that were already stored.
     pub bytes_reused: u64,
+    /// The stripe's chunks this rank uploaded.
     pub chunks_uploaded: u64,
+    /// The stripe's chunks that were already stored.
     pub chunks_reused: u64,
     /// The rank's codec choice (absent in parts written before the policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -224,6 +266,8 @@ pub struct PartRecord {
 }
 
 impl PartRecord {
+    /// Parses a part read from `key`: [`Error::CorruptObject`] when it is not
+    /// a part, [`Error::Unsupported`] when it is newer than this build.
     pub fn from_json(key: &str, bytes: &[u8]) -> Result<Self> {
         let p: PartRecord = serde_json::from_slice(bytes).map_err(|e| Error::CorruptObject {
             key: key.to_string(),
@@ -241,17 +285,25 @@ impl PartRecord {
 /// The `latest` record: which manifest is the newest committed checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LatestRecord {
+    /// See [`Manifest::format_version`].
     pub format_version: u32,
+    /// The step of the manifest.
     pub step: u64,
+    /// The manifest's key (`manifests/...json`), relative to the root.
     pub manifest: String,
+    /// The manifest's attempt.
     pub attempt: String,
     /// The manifest's parent, so a reader can fall back even when the latest
     /// manifest itself is unreadable.
     pub parent: Option<String>,
+    /// RFC 3339, UTC, of the move.
     pub updated_at: String,
 }
 
 impl LatestRecord {
+    /// Parses the `latest` record ([`Error::CorruptObject`] when it is not
+    /// one). Its version is not checked here: the manifest it names is
+    /// checked when read.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         serde_json::from_slice(bytes).map_err(|e| Error::CorruptObject {
             key: LATEST_KEY.into(),
@@ -277,10 +329,13 @@ pub fn validate_attempt(attempt: &str) -> Result<()> {
     }
 }
 
+/// The key of the manifest of `step` saved by `attempt`: zero-padded so
+/// that key order is step order.
 pub fn manifest_key(step: u64, attempt: &str) -> String {
     format!("manifests/{step:020}-{attempt}.json")
 }
 
+/// The key of `rank`'s part of the save of `step` by `attempt`.
 pub fn part_key(step: u64, attempt: &str, rank: usize, world_size: usize) -> String {
     format!("parts/{step:020}-{attempt}/rank-{rank:05}-of-{world_size:05}.json")
 }

@@ -131,11 +131,14 @@ pub(crate) async fn probe_write(
     bytes: usize,
     n: usize,
 ) -> Result<Throughput> {
-    let body = Bytes::from(
-        (0..bytes as u64)
-            .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
-            .collect::<Vec<u8>>(),
-    );
+    // Random bytes: a store or file system that compresses must not make
+    // the destination look faster than it is for the chunks a save writes.
+    let mut rng = crate::testdata::Rng::new(1);
+    let body: Bytes = std::iter::repeat_with(|| rng.next_u64().to_le_bytes())
+        .flatten()
+        .take(bytes)
+        .collect::<Vec<u8>>()
+        .into();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());

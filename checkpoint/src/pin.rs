@@ -17,7 +17,7 @@
 //! [`pin_checkpoint`] writes the pin, then waits while a collection marker
 //! is present, then checks that a manifest of the step still exists; only
 //! then does the registry write the version record. A collection
-//! ([`Collection::begin`]) writes its marker before it lists anything and
+//! (`Collection::begin`) writes its marker before it lists anything and
 //! reads the pins after listing the manifests. Either the collection read
 //! the pins after the pin was written (it keeps the step), or it started
 //! before the pin was written, so its marker was there when the registration
@@ -50,11 +50,13 @@ pub const COLLECTION_WAIT: Duration = Duration::from_secs(300);
 /// A registered version's claim on a checkpoint step.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Pin {
+    /// [`PIN_FORMAT_VERSION`] when written; a newer one is refused.
     pub format_version: u32,
     /// The pinned step: every manifest of this step is kept.
     pub step: u64,
     /// The registry that holds the version (its URL as the registry opened it).
     pub registry: String,
+    /// The model the version belongs to.
     pub model: String,
     /// The version number; while a registration races for a number, the one
     /// it is trying.
@@ -64,6 +66,7 @@ pub struct Pin {
     pub registration_id: String,
     /// RFC 3339, UTC.
     pub created_at: String,
+    /// The actor that registered the version.
     pub created_by: String,
 }
 
@@ -71,8 +74,11 @@ pub struct Pin {
 /// record (`None` with a reason when it could not be read).
 #[derive(Serialize, Clone, Debug)]
 pub struct FoundPin {
+    /// The pin's key (`pins/{step:020}-{registration_id}.json`).
     pub key: String,
+    /// The step the key names: what the pin keeps, readable or not.
     pub step: u64,
+    /// The record, when it could be read.
     pub pin: Option<Pin>,
     /// Why the record could not be read; the step is kept all the same.
     pub unreadable: Option<String>,

@@ -19,12 +19,17 @@ use crate::tensor::{DType, TensorView};
 /// One tensor's place in the plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorLayout {
+    /// The tensor's name; the plan's tensors are sorted by it.
     pub name: String,
+    /// No chunk splits one of its elements.
     pub dtype: DType,
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// Bytes of the tensor.
     pub len: usize,
     /// Index of the tensor's first chunk in [`ChunkPlan::chunks`].
     pub first_chunk: usize,
+    /// Chunks the tensor is split into (0 for an empty tensor).
     pub chunk_count: usize,
 }
 
@@ -35,6 +40,8 @@ pub struct PlannedChunk {
     pub tensor: usize,
     /// Byte offset within the tensor.
     pub offset: usize,
+    /// Bytes of the piece: `chunk_bytes` rounded down to whole elements, or
+    /// less for a tensor's last piece.
     pub len: usize,
     /// Byte offset within the whole state (canonical order).
     pub global_offset: u64,
@@ -43,9 +50,13 @@ pub struct PlannedChunk {
 /// The canonical list of chunks of a state.
 #[derive(Debug, Clone)]
 pub struct ChunkPlan {
+    /// Every tensor, sorted by name.
     pub tensors: Vec<TensorLayout>,
+    /// Every piece, tensor by tensor, in byte order.
     pub chunks: Vec<PlannedChunk>,
+    /// Bytes of the whole state.
     pub total_bytes: u64,
+    /// Largest piece, as asked (at least 8).
     pub chunk_bytes: usize,
 }
 

@@ -37,7 +37,9 @@ const READ_CONCURRENCY: usize = 32;
 /// What one rank wrote, and told the others it wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeRecord {
+    /// The rank that wrote it.
     pub rank: u32,
+    /// Ranks in the round probing.
     pub world_size: u32,
     /// Fresh for every probe: a probe of another run or round never matches.
     pub nonce: String,

@@ -95,21 +95,26 @@ impl Default for SaveConfig {
 /// What one background save did.
 #[derive(Clone, Debug)]
 pub struct SaveOutcome {
+    /// The step saved.
     pub step: u64,
     /// The manifest URL, on the committer (rank 0); `None` on other ranks.
     pub url: Option<String>,
     /// Stored bytes uploaded: this rank's, or on the committer the whole
     /// checkpoint's (from every rank's part).
     pub bytes_uploaded: u64,
-    /// Stored bytes referenced without uploading (already stored).
+    /// Stored bytes referenced without uploading (already stored); counted
+    /// like `bytes_uploaded`.
     pub bytes_reused: u64,
+    /// Chunks uploaded, counted like `bytes_uploaded`.
     pub chunks_uploaded: usize,
+    /// Chunks already stored, counted like `bytes_uploaded`.
     pub chunks_reused: usize,
     /// Time `save` blocked the caller.
     pub blocking: Duration,
     /// From the call to `save` until this rank's part (or, on the committer,
     /// the commit) was durable.
     pub durable_after: Duration,
+    /// The rank that saved.
     pub rank: usize,
     /// On the committer: whether `latest` now names this checkpoint (false
     /// when it already named a newer step). Always false on other ranks.
@@ -167,6 +172,10 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
+    /// The saver of `rank` of `world_size` under `root`. It starts its CPU
+    /// threads, and takes over the codec estimates an earlier checkpointer of
+    /// this process measured for the same root. [`Error::Invalid`] for a rank
+    /// outside the world, or sizes in `cfg` too small to work with.
     pub fn new(
         root: CheckpointRoot,
         cfg: SaveConfig,
@@ -213,6 +222,7 @@ impl Checkpointer {
         })
     }
 
+    /// Where it saves.
     pub fn root(&self) -> &CheckpointRoot {
         &self.root
     }

@@ -82,14 +82,19 @@ pub fn job_location(
 /// An object as a listing shows it (tools and GC only; loads never list).
 #[derive(Debug, Clone)]
 pub struct ListedObject {
+    /// Key relative to the root.
     pub key: String,
+    /// Stored bytes.
     pub size: u64,
+    /// When the object was last written, as the store reports it; grace
+    /// periods are measured from it.
     pub last_modified: chrono::DateTime<chrono::Utc>,
 }
 
 /// A value read together with what a conditional write needs to replace it.
 #[derive(Debug, Clone)]
 pub struct Versioned {
+    /// The bytes read.
     pub value: Bytes,
     version: UpdateVersion,
 }
@@ -244,10 +249,14 @@ impl CheckpointRoot {
         }
     }
 
+    /// The root's URL (a `file://` root's path made absolute): what
+    /// [`CheckpointRoot::url_of`] puts before a key.
     pub fn url(&self) -> &str {
         &self.inner.url
     }
 
+    /// The store underneath; its paths include the root's prefix
+    /// ([`CheckpointRoot::path`]).
     pub fn object_store(&self) -> Arc<dyn ObjectStore> {
         self.inner.store.clone()
     }
@@ -284,6 +293,7 @@ impl CheckpointRoot {
 
     // ----- async operations (run on the I/O runtime) -----
 
+    /// The whole object at `key`; [`Error::NotFound`] when there is none.
     pub async fn get(&self, key: &str) -> Result<Bytes> {
         let store = &self.inner.store;
         let r = store
@@ -302,6 +312,7 @@ impl CheckpointRoot {
         }
     }
 
+    /// Bytes `range` of the object at `key`.
     pub async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
         self.inner
             .store
@@ -310,6 +321,9 @@ impl CheckpointRoot {
             .map_err(|e| Error::store("get range", key, e))
     }
 
+    /// Writes `bytes` at `key`. With [`PutMode::Create`] an existing object
+    /// is [`Error::AlreadyExists`]; with [`PutMode::Update`] a changed one is
+    /// [`Error::Conflict`].
     pub async fn put(&self, key: &str, bytes: Bytes, mode: PutMode) -> Result<()> {
         let opts = PutOptions {
             mode,

@@ -6,15 +6,25 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum DType {
+    /// IEEE double precision.
     F64,
+    /// IEEE single precision.
     F32,
+    /// IEEE half precision.
     F16,
+    /// bfloat16: the upper half of an `F32`.
     BF16,
+    /// Signed 64-bit integer.
     I64,
+    /// Signed 32-bit integer.
     I32,
+    /// Signed 16-bit integer.
     I16,
+    /// Signed 8-bit integer.
     I8,
+    /// Unsigned byte.
     U8,
+    /// One byte per element, 0 or 1.
     Bool,
 }
 
@@ -68,9 +78,14 @@ impl DType {
 /// A named tensor as little-endian bytes, borrowed from wherever it lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TensorView<'a> {
+    /// The tensor's name, unique in a state (`model/fc1.weight`).
     pub name: &'a str,
+    /// How to read the bytes; with `shape`, fixes their length.
     pub dtype: DType,
+    /// Dimensions, outermost first; empty for a scalar.
     pub shape: &'a [usize],
+    /// The elements, row-major, little-endian; [`TensorView::is_consistent`]
+    /// says whether the length fits `dtype` and `shape`.
     pub data: &'a [u8],
 }
 

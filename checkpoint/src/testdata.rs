@@ -1,7 +1,9 @@
 //! Deterministic data that looks like trained weights (small, roughly normal
 //! values), for the crate's tests, examples and benchmarks: compression
 //! ratios and speeds measured on it resemble a real checkpoint's. Checkpoints
-//! themselves never use it; the codec policy's CPU probe does.
+//! themselves never use it; the codec policy's probes do (the CPU probe
+//! compresses its weights-like values, the write probe writes raw random
+//! bytes).
 
 /// A xorshift64 generator: fast, deterministic, not for anything secret.
 #[derive(Debug, Clone)]

@@ -14,45 +14,80 @@ pub enum Error {
     /// A key, lease or other named thing does not exist (a lease that expired
     /// no longer exists).
     #[error("{what} not found")]
-    NotFound { what: String },
+    NotFound {
+        /// The thing, in words (`lease 7587...`, `job digits`).
+        what: String,
+    },
     /// A create-only write found the thing already there.
     #[error("{what} already exists")]
-    AlreadyExists { what: String },
+    AlreadyExists {
+        /// The thing, in words.
+        what: String,
+    },
     /// A compare-and-swap lost to a concurrent writer, or a fencing token
     /// (a rendezvous round) was already taken.
     #[error("conflict: {message}")]
-    Conflict { message: String },
+    Conflict {
+        /// Who won, or what was taken.
+        message: String,
+    },
     /// A watch asked for history the store no longer keeps.
     #[error(
         "revision {requested} is compacted: watches must start at revision {compacted} or later"
     )]
     Compacted {
+        /// The revision the watch asked to start from.
         requested: Revision,
+        /// The oldest revision the store still keeps.
         compacted: Revision,
     },
     /// A stored value could not be decoded.
     #[error("corrupt value at {key}: {message}")]
-    Corrupt { key: String, message: String },
+    Corrupt {
+        /// The key whose value is corrupt.
+        key: String,
+        /// What the decoder said.
+        message: String,
+    },
     /// A deadline passed.
     #[error("timed out: {what}")]
-    Timeout { what: String },
+    Timeout {
+        /// What was waited for, in words.
+        what: String,
+    },
     /// The operation was cancelled by its caller.
     #[error("cancelled")]
     Cancelled,
     /// The store cannot be reached, or it shut down while a call waited on it.
     #[error("store unavailable: {message}")]
-    Unavailable { message: String },
+    Unavailable {
+        /// The client's or the store's own error.
+        message: String,
+    },
     /// The store refused the credentials, or the user may not do this (etcd
-    /// authentication and roles). Retrying will not help; fix the store URL's
+    /// authentication and roles). Retrying does not help; fix the store URL's
     /// credentials or the user's permissions.
     #[error("store access denied: {message}")]
-    AccessDenied { message: String },
+    AccessDenied {
+        /// The store's refusal.
+        message: String,
+    },
     /// An argument is impossible (empty key, zero TTL, `min_nodes > max_nodes`, ...).
     #[error("invalid {what}: {message}")]
-    Invalid { what: String, message: String },
+    Invalid {
+        /// The argument, in words.
+        what: String,
+        /// Why it is impossible.
+        message: String,
+    },
     /// The rendezvous spent a restart budget or otherwise cannot continue.
     #[error("rendezvous of job {job} failed: {reason}")]
-    RendezvousFailed { job: String, reason: String },
+    RendezvousFailed {
+        /// The job whose rendezvous ended.
+        job: String,
+        /// Why, for the user.
+        reason: String,
+    },
 }
 
 impl Error {

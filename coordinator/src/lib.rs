@@ -96,6 +96,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod conformance;
 pub mod election;

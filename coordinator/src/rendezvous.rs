@@ -48,9 +48,12 @@ use crate::keyspace::validate_name;
 pub struct NodeRecord {
     /// The node's name, unique in the job (a key segment).
     pub node: String,
+    /// The host other nodes reach this one at (`--advertise-host`, or the
+    /// address it reaches the store from).
     pub host: String,
     /// One collective listener address per local worker, in local rank order.
     pub endpoints: Vec<String>,
+    /// Workers the node runs (`workers.nproc`).
     pub devices: u32,
     /// The kiln version the node runs.
     pub version: String,
@@ -81,18 +84,23 @@ impl NodeRecord {
 /// One node's place in a plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanMember {
+    /// The node's name ([`NodeRecord::node`]).
     pub node: String,
     /// Rank of the node's first worker; its workers take consecutive ranks.
     pub first_rank: u32,
+    /// The node's collective endpoints, in local rank order, as its record
+    /// gave them.
     pub endpoints: Vec<String>,
 }
 
 /// The assignment of one round (`jobs/{job}/rounds/{round}/plan`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
+    /// The job the round belongs to.
     pub job: String,
     /// The fencing token: anything carrying an older round is refused.
     pub round: u64,
+    /// Workers in the round over all members (the length of `peers`).
     pub world_size: u32,
     /// Sorted by node name.
     pub members: Vec<PlanMember>,
@@ -141,6 +149,7 @@ impl Plan {
 /// Rendezvous parameters of one job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RendezvousConfig {
+    /// The job's name (a key segment).
     pub job: String,
     /// Fewest nodes a round may start with.
     pub min_nodes: usize,
@@ -193,9 +202,17 @@ pub enum Event {
     /// A node record appeared or changed.
     NodeJoined(NodeRecord),
     /// A node record disappeared (lease expired or key deleted).
-    NodeLost { node: String },
+    NodeLost {
+        /// The lost node's name.
+        node: String,
+    },
     /// A worker of a node failed.
-    WorkerFailed { node: String, error: String },
+    WorkerFailed {
+        /// The node the worker runs on.
+        node: String,
+        /// What the worker failed with, for the failure's reason.
+        error: String,
+    },
 }
 
 /// What the caller must do.
@@ -204,9 +221,17 @@ pub enum Action {
     /// Write this plan, create-only, at its round.
     WritePlan(Plan),
     /// The job cannot continue.
-    Failed { reason: String },
+    Failed {
+        /// Why, for the job's status and the user.
+        reason: String,
+    },
     /// A round is open but too few nodes are present.
-    Waiting { present: usize, min: usize },
+    Waiting {
+        /// Nodes present (records not cooling down).
+        present: usize,
+        /// Nodes the round needs (`min_nodes`).
+        min: usize,
+    },
 }
 
 /// The rendezvous of one job, as run by its leader. See the [module docs](self).

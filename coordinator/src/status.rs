@@ -80,7 +80,9 @@ impl std::fmt::Display for Phase {
 /// A committed checkpoint, as the status shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointRef {
+    /// The checkpoint's manifest URL, as `kiln ckpt` and `resume` take it.
     pub url: String,
+    /// The training step it holds.
     pub step: u64,
 }
 
@@ -94,6 +96,7 @@ pub struct NodeEvent {
     /// The node it concerns; empty for job-wide events.
     #[serde(default)]
     pub node: String,
+    /// Free text for people (`round 3: world size 4`, an error); may be empty.
     #[serde(default)]
     pub detail: String,
 }
@@ -122,6 +125,7 @@ pub struct LaunchRecord {
     pub by: String,
     /// When, RFC 3339 in UTC.
     pub at: String,
+    /// One per agent, claimed before any starts; each `pid` is set once it has.
     #[serde(default)]
     pub agents: Vec<LaunchedAgent>,
 }
@@ -129,7 +133,9 @@ pub struct LaunchRecord {
 /// The record at `jobs/{job}/status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
+    /// The job's name.
     pub job: String,
+    /// Moved by [`JobStatus::set_phase`], which never leaves a terminal phase.
     pub phase: Phase,
     /// The current rendezvous round (0: none yet).
     #[serde(default)]
@@ -146,13 +152,16 @@ pub struct JobStatus {
     /// Training loss at `step`, when reported.
     #[serde(default)]
     pub loss: Option<f64>,
+    /// The newest checkpoint committed, once there is one.
     #[serde(default)]
     pub last_checkpoint: Option<CheckpointRef>,
-    /// RFC 3339 timestamps (UTC).
+    /// When the job was submitted; RFC 3339 in UTC, like every time here.
     #[serde(default)]
     pub submitted_at: Option<String>,
+    /// When the job first moved to [`Phase::Running`].
     #[serde(default)]
     pub started_at: Option<String>,
+    /// When the job reached a terminal phase.
     #[serde(default)]
     pub finished_at: Option<String>,
     /// When the record last changed.
@@ -330,6 +339,7 @@ pub struct CancelRequest {
     /// Who asked (a coordinator replica, a user), for the record.
     #[serde(default)]
     pub by: String,
+    /// Why, as the requester gave it; may be empty.
     #[serde(default)]
     pub reason: String,
 }

@@ -6,9 +6,13 @@
 #[non_exhaustive]
 pub enum Error {
     /// A hook is misconfigured, or its secret or program cannot be found.
-    /// `field` is the path of the culprit (`hooks[1].secret_env`).
     #[error("{field}: {message}")]
-    InvalidSpec { field: String, message: String },
+    InvalidSpec {
+        /// Path of the culprit (`hooks[1].secret_env`).
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// Hooks with sinks were built outside a tokio runtime: delivery runs on
     /// background tasks.
     #[error("hooks deliver events on tokio tasks: create them inside a tokio runtime")]

@@ -36,6 +36,8 @@
 //! The wire format, signature scheme and retry policy are documented for
 //! receivers in `docs/hooks.md`.
 
+#![warn(missing_docs)]
+
 mod config;
 mod dispatch;
 mod error;

@@ -15,6 +15,8 @@
 //! - [`inference`]: the Open Inference Protocol's gRPC service (server and
 //!   client), served by `kiln-serve`.
 
+#![warn(missing_docs)]
+
 pub mod frame;
 pub mod job;
 pub mod spec;

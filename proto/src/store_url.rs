@@ -63,7 +63,9 @@ pub struct EtcdTls {
 /// A client certificate and its key (`cert=`, `key=`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientIdentity {
+    /// `cert=`: the PEM client certificate.
     pub cert: PathBuf,
+    /// `key=`: the PEM private key of that certificate.
     pub key: PathBuf,
 }
 

@@ -26,10 +26,13 @@ use crate::store::CheckpointRoot;
 /// A deleted version, as its tombstone records it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct DeletedVersion {
+    /// The model's name.
     pub name: String,
+    /// The number it had; never given to another version.
     pub version: u64,
     /// RFC 3339, UTC.
     pub deleted_at: String,
+    /// The actor that deleted it.
     pub deleted_by: String,
     /// The checkpoint the version named; its pin is released.
     pub checkpoint: CheckpointRef,

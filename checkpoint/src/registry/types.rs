@@ -19,10 +19,17 @@ use super::validate::validate_segment;
 /// assigns (name, number, time, actor).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct NewVersion {
+    /// The committed checkpoint that holds the weights; it is pinned before
+    /// the version becomes visible.
     pub checkpoint: CheckpointRef,
+    /// The network the weights belong to.
     pub model: ModelDefinition,
+    /// The inputs and outputs a server accepts and returns.
     pub signature: Signature,
+    /// Named figures recorded with the version (`eval_loss`, ...); finite
+    /// values only.
     pub metrics: BTreeMap<String, f64>,
+    /// Where the weights came from.
     pub lineage: Lineage,
     /// Reference data profile for drift detection (opaque JSON), stored as its
     /// own object.
@@ -178,13 +185,16 @@ impl ModelDefinition {
 /// The model's inputs and outputs, as the inference protocol describes them.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Signature {
+    /// The tensors a request carries.
     pub inputs: Vec<TensorSignature>,
+    /// The tensors a response carries.
     pub outputs: Vec<TensorSignature>,
 }
 
 /// One named tensor of a signature.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct TensorSignature {
+    /// The name a request or response uses for it (`input`, `logits`).
     pub name: String,
     /// Open Inference Protocol datatype: `"FP32"`, `"INT64"`, ...
     pub datatype: String,
@@ -195,27 +205,40 @@ pub struct TensorSignature {
 /// Where a version came from.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct Lineage {
+    /// The job that trained the weights.
     pub job: String,
     /// [`spec_hash`] of the job spec the weights were trained with.
     pub spec_hash: String,
+    /// The checkpoint's [`CheckpointMeta::dataset_fingerprint`](crate::CheckpointMeta::dataset_fingerprint).
     pub dataset_fingerprint: String,
+    /// The code that trained them (`kiln 0.1.0`).
     pub code_version: String,
 }
 
 /// A registered, immutable model version.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ModelVersion {
+    /// The model's name.
     pub name: String,
+    /// 1, 2, ...: assigned by the registry at registration, never reused.
     pub version: u64,
     /// RFC 3339, UTC.
     pub created_at: String,
+    /// The actor that registered it (a user name, `unknown`).
     pub created_by: String,
+    /// See [`NewVersion::checkpoint`].
     pub checkpoint: CheckpointRef,
+    /// See [`NewVersion::model`].
     pub model: ModelDefinition,
+    /// See [`NewVersion::signature`].
     pub signature: Signature,
+    /// See [`NewVersion::metrics`].
     pub metrics: BTreeMap<String, f64>,
+    /// See [`NewVersion::lineage`].
     pub lineage: Lineage,
+    /// Whether a reference data profile is stored with the version.
     pub has_reference_profile: bool,
+    /// Whether a TorchScript module is stored with the version.
     pub has_torchscript: bool,
     /// Whether a tokenizer is stored with the version (language models).
     #[serde(default)]
@@ -225,7 +248,9 @@ pub struct ModelVersion {
 /// A movable name for weighted versions of one model.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Alias {
+    /// The model whose versions it names.
     pub model: String,
+    /// The alias's name (`production`).
     pub alias: String,
     /// Weights sum to 100.
     pub targets: Vec<AliasTarget>,
@@ -233,14 +258,18 @@ pub struct Alias {
     pub previous: Option<Vec<AliasTarget>>,
     /// 1 when created, one more with every move: what compare-and-swap compares.
     pub generation: u64,
+    /// RFC 3339, UTC, of the last move.
     pub updated_at: String,
+    /// The actor of the last move.
     pub updated_by: String,
 }
 
 /// One version of an alias and its share of traffic (percent).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AliasTarget {
+    /// A version of the alias's model.
     pub version: u64,
+    /// Percent of requests, 1 to 100.
     pub weight: u32,
 }
 
@@ -249,10 +278,13 @@ pub struct AliasTarget {
 pub struct AuditEntry {
     /// 1, 2, ...: the entry's place in the log.
     pub seq: u64,
+    /// RFC 3339, UTC.
     pub at: String,
+    /// Who made the change (a user name, `unknown`).
     pub actor: String,
     /// `"register"`, `"alias"` or `"delete"`.
     pub action: String,
+    /// The model changed.
     pub model: String,
     /// The alias moved (`"alias"` entries).
     pub alias: Option<String>,
@@ -266,15 +298,20 @@ pub struct AuditEntry {
 /// Which version(s) of a model: `NAME` (the latest), `NAME:3`, `NAME@production`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Selector {
+    /// The model's name.
     pub name: String,
+    /// Which of its versions.
     pub pick: Pick,
 }
 
 /// The part of a [`Selector`] after the name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Pick {
+    /// `NAME`: the highest-numbered version.
     Latest,
+    /// `NAME:3`: that version.
     Version(u64),
+    /// `NAME@production`: the versions the alias points at, with their weights.
     Alias(String),
 }
 

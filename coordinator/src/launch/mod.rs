@@ -89,8 +89,12 @@ pub struct Launch {
     pub spec_toml: String,
     /// Absolute path of the spec file, for the generated file's header.
     pub source: PathBuf,
+    /// The job's id in the store (`--job-id`, default the spec's job name).
     pub job_id: String,
+    /// The store URL every agent connects to (`etcd://` or `etcds://`; never
+    /// `mem://`).
     pub store: String,
+    /// Nodes to allocate, at least `elastic.min_nodes`.
     pub nodes: usize,
     /// Workers per node (`--nproc` of every agent).
     pub nproc: usize,

@@ -49,7 +49,9 @@ pub const MAX_LINE_BYTES: usize = 16 * 1024;
 /// Which of the worker's output streams a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LogStream {
+    /// Standard output (`out` in a formatted line).
     Stdout,
+    /// Standard error (`err` in a formatted line).
     Stderr,
 }
 
@@ -68,11 +70,14 @@ impl LogStream {
 pub struct LogLine {
     /// When the agent read the line.
     pub time: DateTime<Utc>,
+    /// The node the worker runs on (`local` for `kiln run`).
     pub node: String,
     /// The worker's global rank when it wrote the line; `None` before its first
     /// round (an elastic worker's rank may change from round to round).
     pub rank: Option<u32>,
+    /// The stream the worker wrote it to.
     pub stream: LogStream,
+    /// The line without its newline, at most [`MAX_LINE_BYTES`].
     pub text: String,
 }
 
@@ -153,13 +158,17 @@ impl std::fmt::Display for LogLine {
 /// Which lines a reader wants; `None` fields match everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogFilter {
+    /// Lines of this node only (`--node`).
     pub node: Option<String>,
+    /// Lines of this global rank only (`--rank`); lines written before a
+    /// worker had a rank never match.
     pub rank: Option<u32>,
     /// Lines written at or after this time.
     pub since: Option<DateTime<Utc>>,
 }
 
 impl LogFilter {
+    /// Whether `line` passes every filter that is set.
     pub fn matches(&self, line: &LogLine) -> bool {
         self.node.as_ref().is_none_or(|n| *n == line.node)
             && self.rank.is_none_or(|r| line.rank == Some(r))
@@ -250,7 +259,9 @@ pub enum LogSource {
     Dir(PathBuf),
     /// The store of a multi-node job: the batches the agents shipped.
     Store {
+        /// The job's store.
         store: Arc<dyn Store>,
+        /// The keys the job lives under.
         keyspace: Keyspace,
     },
 }

@@ -48,7 +48,10 @@ pub type LeaseId = i64;
 /// A key with its value and its revisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
+    /// The whole key, as written (kiln's start with the keyspace root,
+    /// `/kiln/...`).
     pub key: String,
+    /// The stored bytes (JSON for kiln's own records).
     pub value: Vec<u8>,
     /// Revision of the write that created the key (kept across updates).
     pub create_revision: Revision,
@@ -64,7 +67,12 @@ pub enum WatchEvent {
     /// The key was created or updated; the value is the new one.
     Put(KeyValue),
     /// The key was deleted (explicitly, or because its lease ended).
-    Delete { key: String, mod_revision: Revision },
+    Delete {
+        /// The deleted key.
+        key: String,
+        /// Revision of the delete.
+        mod_revision: Revision,
+    },
 }
 
 impl WatchEvent {
@@ -99,11 +107,16 @@ pub enum Expect {
 /// What a compare-and-swap (or compare-and-delete) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CasOutcome {
-    /// The condition held and the write happened at `revision`.
-    Swapped { revision: Revision },
-    /// The condition did not hold; nothing was written. `current` is the key
-    /// as it was when the condition was checked.
-    Failed { current: Option<KeyValue> },
+    /// The condition held and the write happened.
+    Swapped {
+        /// Revision of the write.
+        revision: Revision,
+    },
+    /// The condition did not hold; nothing was written.
+    Failed {
+        /// The key as it was when the condition was checked (`None`: absent).
+        current: Option<KeyValue>,
+    },
 }
 
 impl CasOutcome {
@@ -118,17 +131,25 @@ impl CasOutcome {
 /// leader's term, [`crate::election::LeaderGuard::fence`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
+    /// The election key of the term.
     pub key: String,
+    /// The revision that created it: the term's start.
     pub create_revision: Revision,
 }
 
 /// What a [fenced](Store::compare_and_swap_fenced) compare-and-swap did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FencedOutcome {
-    /// The term held, the condition held, the write happened at `revision`.
-    Swapped { revision: Revision },
-    /// The term held but the condition did not; `current` is the key as it was.
-    Failed { current: Option<KeyValue> },
+    /// The term held, the condition held, the write happened.
+    Swapped {
+        /// Revision of the write.
+        revision: Revision,
+    },
+    /// The term held but the condition did not; nothing was written.
+    Failed {
+        /// The key as it was when the condition was checked (`None`: absent).
+        current: Option<KeyValue>,
+    },
     /// The term is over (the fence key is gone or belongs to a later term);
     /// nothing was written.
     Deposed,

@@ -16,31 +16,51 @@ pub enum SpecError {
     // printed error chain does not repeat it.
     #[error("read job spec {}: {error}", path.display())]
     Read {
+        /// The spec file as given.
         path: PathBuf,
+        /// What the read failed with.
         error: std::io::Error,
     },
-    /// The text is not TOML (or, from [`JobSpec::from_json`], not JSON) at all.
+    /// The text is not TOML (or, from [`JobSpec::from_json`](super::JobSpec::from_json), not JSON) at all.
     #[error("invalid {format}: {message}{}", position(*line, *column))]
     Syntax {
+        /// `"toml"` or `"json"`.
         format: &'static str,
+        /// The parser's complaint, in kiln's wording.
         message: String,
+        /// 1-based line of the error, when the parser knows it.
         line: Option<usize>,
+        /// 1-based column of the error, when the parser knows it.
         column: Option<usize>,
     },
     /// A field is unknown, missing, of the wrong type or names an unknown variant.
     /// `line` is the line of the spec file, when it is known.
     #[error("{}{message}{}", field_prefix(field), position(*line, None))]
     Parse {
+        /// Dotted path of the field (`optimizer.lr`); empty when the error is
+        /// about the document as a whole.
         field: String,
+        /// What is wrong and, for a variant, which ones are allowed.
         message: String,
+        /// 1-based line of the field in the spec file.
         line: Option<usize>,
     },
     /// The spec is well formed but a value is impossible.
     #[error("{field}: {message}")]
-    Invalid { field: String, message: String },
+    Invalid {
+        /// Dotted path of the field.
+        field: String,
+        /// Why the value is impossible and what is allowed.
+        message: String,
+    },
     /// A `--set` argument is malformed.
     #[error("--set {arg}: {message}")]
-    Override { arg: String, message: String },
+    Override {
+        /// The argument as given (`key=value`).
+        arg: String,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 fn field_prefix(field: &str) -> String {

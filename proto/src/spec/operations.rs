@@ -328,6 +328,7 @@ impl RegisterSpec {
     }
 }
 
+/// `hooks[].sink`: how a hook delivers its events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HookSink {
@@ -343,6 +344,7 @@ pub enum HookSink {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HookSpec {
+    /// How events are delivered; decides which of the fields below apply.
     pub sink: HookSink,
     /// Webhook URL (`http://` or `https://`).
     #[serde(default)]

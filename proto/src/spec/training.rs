@@ -15,21 +15,31 @@ use super::operations::{
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
+    /// `[job]` (required).
     pub job: JobSection,
+    /// `[model]` (required).
     pub model: ModelSpec,
+    /// `[data]` (required).
     pub data: DataSpec,
+    /// `[train]` (its defaults when absent, like every section below).
     #[serde(default)]
     pub train: TrainSpec,
+    /// `[optimizer]`.
     #[serde(default)]
     pub optimizer: OptimizerSpec,
+    /// `[schedule]`.
     #[serde(default)]
     pub schedule: ScheduleSpec,
+    /// `[workers]`.
     #[serde(default)]
     pub workers: WorkersSpec,
+    /// `[comm]`.
     #[serde(default)]
     pub comm: CommSpec,
+    /// `[checkpoint]`.
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    /// `[elastic]`; one node when absent.
     #[serde(default)]
     pub elastic: ElasticSpec,
     /// How much of the workers' output each node keeps (`[logs]`).
@@ -57,6 +67,7 @@ pub struct JobSection {
     pub seed: u64,
 }
 
+/// `model.kind`: which network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
@@ -185,6 +196,7 @@ fn default_channels() -> Vec<usize> {
     vec![16, 32]
 }
 
+/// `data.kind`: where samples come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataKind {
@@ -201,8 +213,10 @@ pub enum DataKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenDtype {
+    /// Two bytes an id: vocabularies of up to 65,536 tokens.
     #[default]
     Uint16,
+    /// Four bytes an id.
     Uint32,
 }
 
@@ -286,8 +300,10 @@ pub struct TrainSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
+    /// IEEE single precision.
     #[default]
     Fp32,
+    /// bfloat16: fp32's range in half the bytes, with 8 bits of precision.
     Bf16,
 }
 
@@ -316,6 +332,7 @@ impl Default for TrainSpec {
     }
 }
 
+/// `optimizer.kind`: the update rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
@@ -385,6 +402,7 @@ impl Default for OptimizerSpec {
     }
 }
 
+/// `schedule.kind`: the shape of the learning rate over the steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
@@ -423,6 +441,7 @@ impl Default for ScheduleSpec {
     }
 }
 
+/// `workers.device`: where a worker computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
