@@ -12,7 +12,9 @@ use super::exec::lock;
 use super::shm::{self, Pipe};
 use super::{RingSecret, Transport};
 
-pub(super) const HANDSHAKE_MAGIC: [u8; 8] = *b"KILNRNG2";
+/// The protocol's version: 3 added the transport offer after the handshake
+/// (`shm.rs`), so a rank of an older build fails at the handshake, clearly.
+pub(super) const HANDSHAKE_MAGIC: [u8; 8] = *b"KILNRNG3";
 /// Magic, kind, round, rank, world (8 bytes each), nonce, MAC.
 pub(super) const HANDSHAKE_LEN: usize = 40 + NONCE_LEN + MAC_LEN;
 pub(super) const NONCE_LEN: usize = 16;

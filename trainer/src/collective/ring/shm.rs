@@ -278,10 +278,13 @@ impl Pipe {
     /// pipe instead of making this side read or write out of bounds.
     fn filled(&self) -> io::Result<u64> {
         let header = self.header();
+        // Sequentially consistent: a side that has just set its sleeping
+        // flag must see the other's latest position (or the other sees the
+        // flag and wakes it); see `Waker::wait`.
         let filled = header
             .written
-            .load(Ordering::Acquire)
-            .wrapping_sub(header.read.load(Ordering::Acquire));
+            .load(Ordering::SeqCst)
+            .wrapping_sub(header.read.load(Ordering::SeqCst));
         if filled > CAPACITY as u64 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -404,6 +407,8 @@ impl Waker<'_> {
         loop {
             my_flag.store(1, Ordering::SeqCst);
             if let Some(v) = ready()? {
+                // Not sleeping after all: spare the other side a wake-up.
+                my_flag.store(0, Ordering::Relaxed);
                 return Ok(v);
             }
             if self.abort.is_aborted() {
@@ -567,4 +572,134 @@ pub(super) fn accepted(next: &TcpStream, offered: Option<Offered>) -> io::Result
     (&*next).read_exact(&mut answer)?;
     pipe.unlink();
     Ok((answer[0] == 1).then_some(pipe))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A connected pair of loopback sockets with a pipe set up from `a` to
+    /// `b` the way a ring link does it: `(a, b, writer's pipe, reader's pipe)`.
+    fn pipe_pair() -> (TcpStream, TcpStream, Pipe, Pipe) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let a = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (b, _) = listener.accept().expect("accept");
+        // A one-link "ring": a is this rank's next connection, b its prev.
+        let offered = offer(&a, true).expect("offer");
+        let name = offered.as_ref().map(|o| o.0.path.clone()).expect("a pipe");
+        let read = answer(&b, true).expect("answer").expect("mapped");
+        let write = accepted(&a, offered).expect("accepted").expect("taken");
+        let path = name.expect("the file existed until answered");
+        assert!(
+            !std::path::Path::new(path.to_str().expect("utf-8")).exists(),
+            "the file is removed once answered"
+        );
+        (a, b, write, read)
+    }
+
+    fn waker<'a>(stream: &'a TcpStream, abort: &'a AbortHandle) -> Waker<'a> {
+        Waker {
+            stream,
+            timeout: Duration::from_secs(10),
+            abort,
+        }
+    }
+
+    #[test]
+    fn messages_of_any_length_arrive_whole_across_the_ring_end() {
+        let (a, b, write, read) = pipe_pair();
+        let abort = AbortHandle::default();
+        // Lengths that are not multiples of 8 (padding), and enough bytes in
+        // all to wrap the ring several times.
+        let lengths: Vec<usize> = (0..200).map(|i| (i * 7919 + 13) % 300_000).collect();
+        let message = |i: usize, len: usize| -> Vec<u8> {
+            (0..len).map(|j| (i * 31 + j * 7) as u8).collect()
+        };
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for (i, &len) in lengths.iter().enumerate() {
+                    write
+                        .send(&waker(&a, &abort), &message(i, len))
+                        .expect("send");
+                }
+            });
+            for (i, &len) in lengths.iter().enumerate() {
+                let granule = [1, 2, 4, 8][i % 4];
+                let mut got = Vec::with_capacity(len);
+                read.receive(&waker(&b, &abort), len, granule, |piece| {
+                    assert_eq!(piece.as_ptr() as usize % granule, 0, "aligned pieces");
+                    if got.len() + piece.len() < len {
+                        assert_eq!(piece.len() % granule, 0, "whole elements");
+                    }
+                    got.extend_from_slice(piece);
+                })
+                .expect("receive");
+                assert_eq!(got, message(i, len), "message {i}");
+            }
+        });
+        let total: u64 = lengths.iter().map(|&l| padded(l)).sum();
+        assert!(total > 3 * CAPACITY as u64, "wrapped the ring");
+    }
+
+    #[test]
+    fn a_corrupt_position_is_an_error_not_an_out_of_bounds_read() {
+        let (_a, b, write, read) = pipe_pair();
+        let abort = AbortHandle::default();
+        // The writer side claims more than the ring holds.
+        write
+            .header()
+            .written
+            .store(CAPACITY as u64 + 64, Ordering::SeqCst);
+        let err = read
+            .receive(&waker(&b, &abort), 16, 1, |_| panic!("nothing to read"))
+            .expect_err("corrupt");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    #[test]
+    fn a_peer_that_goes_is_noticed_at_once_and_what_it_sent_still_arrives() {
+        let (a, b, write, read) = pipe_pair();
+        let abort = AbortHandle::default();
+        write.send(&waker(&a, &abort), b"last words").expect("send");
+        drop(write);
+        drop(a);
+        let started = Instant::now();
+        let mut got = Vec::new();
+        read.receive(&waker(&b, &abort), 10, 1, |piece| {
+            got.extend_from_slice(piece)
+        })
+        .expect("what was sent before the peer went");
+        assert_eq!(got, b"last words");
+        let err = read
+            .receive(&waker(&b, &abort), 10, 1, |_| {})
+            .expect_err("nothing more comes");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not the deadline"
+        );
+    }
+
+    #[test]
+    fn malformed_or_foreign_offers_are_refused() {
+        let token = [0u8; TOKEN_LEN];
+        for name in [
+            "../etc/passwd",
+            "kiln-ring-zz",
+            "kiln-ring-0123456789abcdef0123456789abcdeg",
+        ] {
+            let err = Pipe::open(name, &token).err().expect(name);
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{name}");
+        }
+        // Well formed, but no such file here (another host): stays on TCP.
+        let absent = Pipe::open("kiln-ring-0123456789abcdef0123456789abcdef", &token);
+        assert!(matches!(absent, Ok(None)));
+        // The right file with the wrong token: not the one offered.
+        let (pipe, name, mut token) = Pipe::create().expect("create");
+        token[0] ^= 1;
+        assert!(matches!(Pipe::open(&name, &token), Ok(None)));
+        drop(pipe);
+    }
 }
