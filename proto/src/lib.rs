@@ -14,10 +14,14 @@
 //!   gRPC status codes ([`job::ServiceError`]).
 //! - [`inference`]: the Open Inference Protocol's gRPC service (server and
 //!   client), served by `kiln-serve`.
+//! - [`http_host`]: whether an HTTP `Host` names this machine's loopback
+//!   interface, the DNS-rebinding check of the dashboard and of `kiln serve`'s
+//!   token-less management.
 
 #![warn(missing_docs)]
 
 pub mod frame;
+pub mod http_host;
 pub mod job;
 pub mod spec;
 pub mod store_url;

@@ -176,7 +176,7 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
             let _ = running.wait().await;
             return Err(Error::Model {
                 model: what,
-                reason: format!("{e:#}"),
+                reason: e.to_string(),
             });
         }
     }

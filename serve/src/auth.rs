@@ -13,7 +13,13 @@
 //!   `X-Real-IP` header (a reverse proxy on this machine would make every
 //!   remote client look local). A server listening on any other address
 //!   (`0.0.0.0`, a public IP) needs the management token for management, so
-//!   it cannot be reconfigured from outside by accident.
+//!   it cannot be reconfigured from outside by accident. A token-less
+//!   management request must also name a loopback host (`Host` or HTTP/2
+//!   `:authority`: `localhost`, a loopback IP, `[::1]`), else 421 Misdirected
+//!   Request: a web page whose DNS name an attacker rebinds to 127.0.0.1
+//!   reaches a loopback listener from the visitor's browser, but it still
+//!   names the attacker's host ([`kiln_proto::http_host`], the dashboard's
+//!   check too).
 //! - Management POSTs must be `Content-Type: application/json` (checked in
 //!   `http.rs`): a browser sends a cross-site form post or a no-CORS fetch
 //!   without a preflight only with a form or text content type, so a web
@@ -70,7 +76,7 @@ pub fn check_inference(tokens: &Tokens, authorization: Option<&str>) -> Result<(
 
 /// Where a management request came from, for [`check_admin`].
 #[derive(Debug, Clone, Copy)]
-pub struct Origin {
+pub struct Origin<'a> {
     /// The client's address (the TCP peer).
     pub peer: SocketAddr,
     /// Whether the server listens on a loopback address only.
@@ -79,6 +85,9 @@ pub struct Origin {
     /// `X-Real-IP`: it came through a proxy, so the peer says nothing about
     /// the client.
     pub forwarded: bool,
+    /// The host the request names: its `Host` header, else (HTTP/2) its
+    /// `:authority`; `None` when it names none.
+    pub host: Option<&'a str>,
 }
 
 /// Checks a management request: its token if one is set; else that only
@@ -86,7 +95,7 @@ pub struct Origin {
 pub fn check_admin(
     tokens: &Tokens,
     authorization: Option<&str>,
-    origin: Origin,
+    origin: Origin<'_>,
 ) -> Result<(), RequestError> {
     if let Some(want) = &tokens.admin {
         return match bearer(authorization) {
@@ -108,6 +117,14 @@ pub fn check_admin(
         refuse("this request came through a proxy (Forwarded / X-Forwarded-For)")
     } else if !origin.peer.ip().is_loopback() {
         refuse("this client is not on loopback")
+    } else if !origin.host.is_some_and(kiln_proto::http_host::is_loopback) {
+        Err(RequestError::new(
+            ErrorKind::Misdirected,
+            format!(
+                "this server listens on a loopback address and answers management without a management token only for localhost, 127.0.0.1 or [::1], not {:?} (a DNS name rebound to this machine?)",
+                origin.host.unwrap_or_default()
+            ),
+        ))
     } else {
         Ok(())
     }
@@ -144,11 +161,12 @@ mod tests {
         }
     }
 
-    fn origin(peer: &str, listener_loopback: bool, forwarded: bool) -> Origin {
+    fn origin(peer: &str, listener_loopback: bool, forwarded: bool) -> Origin<'static> {
         Origin {
             peer: peer.parse().unwrap(),
             listener_loopback,
             forwarded,
+            host: Some("127.0.0.1:8000"),
         }
     }
 
@@ -186,5 +204,40 @@ mod tests {
                 assert_eq!(e.kind, ErrorKind::Unauthorized, "{o:?} {bad:?}");
             }
         }
+    }
+
+    #[test]
+    fn management_without_a_token_needs_a_loopback_host_name() {
+        let open = tokens(None, None);
+        let named = |host| Origin {
+            host,
+            ..origin("127.0.0.1:5000", true, false)
+        };
+        for host in [
+            "localhost:8000",
+            "127.0.0.1:8000",
+            "[::1]:8000",
+            "LOCALHOST",
+        ] {
+            assert!(
+                check_admin(&open, None, named(Some(host))).is_ok(),
+                "{host}"
+            );
+        }
+        for host in [
+            Some("evil.example:8000"),
+            Some("localhost.evil.example:8000"),
+            Some(""),
+            None,
+        ] {
+            let e = check_admin(&open, None, named(host)).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Misdirected, "{host:?}");
+            assert_eq!(e.status(), axum::http::StatusCode::MISDIRECTED_REQUEST);
+            assert!(e.message.contains("rebound"), "{e}");
+        }
+        // A request with the management token is not asked where it was sent.
+        let t = tokens(None, Some("root"));
+        let rebound = named(Some("evil.example:8000"));
+        assert!(check_admin(&t, Some("Bearer root"), rebound).is_ok());
     }
 }

@@ -42,14 +42,21 @@ use crate::model::ServingNet;
 /// Batching settings of one version.
 #[derive(Debug, Clone)]
 pub struct BatchSettings {
+    /// Most rows of one forward pass; a larger request runs in several.
     pub max_batch_size: usize,
     /// Row counts passes run at (with `fixed_shape`): ascending, the last
     /// one `max_batch_size`.
     pub shapes: Vec<usize>,
+    /// How long the oldest waiting request may wait for others to join its
+    /// batch; zero: batch only what is already queued.
     pub max_queue_delay: Duration,
+    /// Requests that may wait; more are refused (503).
     pub queue_capacity: usize,
     /// Input bytes that may wait.
     pub max_queue_bytes: usize,
+    /// Run every pass at one of `shapes` (padded), so that an answer
+    /// depends only on its rows, bit for bit; off: passes run at the rows
+    /// they hold.
     pub fixed_shape: bool,
     /// libtorch intra-op threads of each compute thread (0: libtorch's
     /// default). Set on the compute thread itself: OpenMP's thread count is
@@ -80,10 +87,14 @@ impl BatchSettings {
 /// A request's rows waiting for a forward pass: `f32` features for a
 /// classifier, `i64` token ids for a language model.
 pub struct Job<T = f32> {
+    /// Rows of the request.
     pub rows: usize,
     /// rows x width values, row-major.
     pub values: Vec<T>,
+    /// When it was queued, for the queue-time metric and batching delay.
     pub enqueued: Instant,
+    /// Where its logits (or the pass's failure) go; closed when the caller
+    /// gave up, and then the job is skipped.
     pub reply: oneshot::Sender<Result<JobOutput, RequestError>>,
 }
 
@@ -264,7 +275,7 @@ fn compute_loop(
             .collect();
         if !batch.is_empty() {
             passes.run_batch(batch, metrics, labels, |rows, values| {
-                net.forward(rows, values)
+                Ok(net.forward(rows, values)?)
             });
         }
     }
@@ -456,7 +467,7 @@ pub(crate) fn catch<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<
 
 /// Warms a classifier up at every shape (see [`Passes::warm_up`]).
 pub fn warm_up(net: &ServingNet, settings: &BatchSettings) -> anyhow::Result<()> {
-    Passes::features(net, settings).warm_up(|rows, values| net.forward(rows, values))
+    Passes::features(net, settings).warm_up(|rows, values| Ok(net.forward(rows, values)?))
 }
 
 #[cfg(test)]

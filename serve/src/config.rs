@@ -88,18 +88,25 @@ pub struct ServeConfig {
     /// its parsing).
     #[serde(default)]
     pub instances: usize,
+    /// `[batching]`: dynamic batching.
     #[serde(default)]
     pub batching: BatchingConfig,
+    /// `[swap]`: following aliases.
     #[serde(default)]
     pub swap: SwapConfig,
+    /// `[limits]`: request size and time limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// `[auth]`: token files.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// `[drift]`: drift monitoring.
     #[serde(default)]
     pub drift: DriftConfig,
+    /// `[connections]`: connection caps and timeouts.
     #[serde(default)]
     pub connections: ConnectionsConfig,
+    /// `[tls]`: certificate and key files.
     #[serde(default)]
     pub tls: TlsConfig,
     /// Where `version.swapped` and `drift.detected` events go.
@@ -188,7 +195,8 @@ pub struct AuthConfig {
     #[serde(default)]
     pub token_file: Option<PathBuf>,
     /// File holding the token management requests must carry. Without one,
-    /// management requests are accepted from loopback clients only.
+    /// management requests are accepted only from loopback clients of a
+    /// loopback listener that name a loopback host (see [`crate::auth`]).
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
 }
@@ -241,7 +249,7 @@ pub struct TlsConfig {
 /// `[drift]`: drift monitoring of served inputs and predictions against each
 /// version's reference profile (where the version has one): windows of
 /// served rows, compared column by column as Evidently does by default
-/// (see `serve/src/drift.rs`).
+/// (see `serve/src/drift/`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriftConfig {

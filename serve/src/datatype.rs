@@ -7,24 +7,34 @@ use serde::{Deserialize, Serialize};
 /// A tensor datatype as the protocol spells it (`"FP32"`, `"INT64"`, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Datatype {
+    /// `BOOL`: one byte per element, 0 or 1.
     #[serde(rename = "BOOL")]
     Bool,
+    /// `UINT8`: unsigned, 1 byte.
     #[serde(rename = "UINT8")]
     Uint8,
+    /// `INT8`: signed, 1 byte.
     #[serde(rename = "INT8")]
     Int8,
+    /// `INT16`: signed, 2 bytes.
     #[serde(rename = "INT16")]
     Int16,
+    /// `INT32`: signed, 4 bytes.
     #[serde(rename = "INT32")]
     Int32,
+    /// `INT64`: signed, 8 bytes.
     #[serde(rename = "INT64")]
     Int64,
+    /// `FP16`: IEEE 754 half precision, 2 bytes.
     #[serde(rename = "FP16")]
     Fp16,
+    /// `BF16`: bfloat16, 2 bytes.
     #[serde(rename = "BF16")]
     Bf16,
+    /// `FP32`: IEEE 754 single precision, 4 bytes.
     #[serde(rename = "FP32")]
     Fp32,
+    /// `FP64`: IEEE 754 double precision, 8 bytes.
     #[serde(rename = "FP64")]
     Fp64,
 }

@@ -17,13 +17,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Context;
 use kiln_checkpoint::registry::{ModelVersion, Pick, Registry, Selector};
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::{BatchQueue, BatchSettings, warm_up};
 use crate::drift::DriftOptions;
-use crate::error::RequestError;
+use crate::error::{ModelError, RequestError};
 use crate::lm::LmQueue;
 use crate::metrics::{Metrics, VersionLabels};
 use crate::model::ServingNet;
@@ -32,9 +32,13 @@ use crate::signature::IoSpec;
 
 /// One loaded, warmed-up version with its compute thread.
 pub struct ServedVersion {
+    /// Its registry record.
     pub version: ModelVersion,
+    /// Its inputs and outputs, checked against the record at load time.
     pub io: IoSpec,
+    /// Its compute threads and their queue.
     pub engine: Engine,
+    /// Its metric labels (model name and version number).
     pub labels: VersionLabels,
     /// Drift monitoring, when the version has a reference profile.
     pub drift: Option<Arc<VersionDrift>>,
@@ -47,7 +51,10 @@ pub enum Engine {
     /// A language model: token ids and generations, one at a time; with its
     /// tokenizer when the version has one (generate needs it).
     Language {
+        /// Logits and generation requests for its compute threads.
         queue: LmQueue,
+        /// Turns prompts into ids and ids into text; `None`: infer on
+        /// token ids only.
         tokenizer: Option<Arc<kiln_text::Tokenizer>>,
     },
 }
@@ -77,7 +84,9 @@ pub enum RoutingKey {
 /// `weight_i / total`).
 #[derive(Debug)]
 pub struct Routing {
+    /// Where the selector pointed when this routing was built.
     pub key: RoutingKey,
+    /// Each version with its weight (non-empty).
     pub targets: Vec<(Arc<ServedVersion>, u32)>,
 }
 
@@ -141,8 +150,11 @@ impl Routing {
 /// Everything loading a version needs.
 #[derive(Clone)]
 pub struct Loader {
+    /// Where versions, their checkpoints and blobs are read.
     pub registry: Registry,
+    /// Batching and compute-thread settings of every version loaded.
     pub batch: BatchSettings,
+    /// Where loaded versions report (and the watcher counts failed loads).
     pub metrics: Metrics,
     /// Drift options; `None`: drift monitoring is off.
     pub drift: Option<DriftOptions>,
@@ -152,16 +164,17 @@ pub struct Loader {
 
 impl Loader {
     /// Loads, checks and warms up `version`, then starts its compute thread.
-    pub async fn load(&self, version: ModelVersion) -> Result<Arc<ServedVersion>> {
+    pub async fn load(&self, version: ModelVersion) -> Result<Arc<ServedVersion>, ModelError> {
         let what = format!("{}:{}", version.name, version.version);
-        let io = IoSpec::of(&version).with_context(|| format!("{what}: check its signature"))?;
+        let io = IoSpec::of(&version)
+            .map_err(|e| ModelError::unservable(format!("{what}: check its signature: {e:#}")))?;
         let started = Instant::now();
         let registry = self.registry.clone();
         let batch = self.batch.clone();
         let v = version.clone();
         let language = io.is_language_model();
         let (nets, tokenizer) = tokio::task::spawn_blocking(
-            move || -> Result<(Vec<ServingNet>, Option<kiln_text::Tokenizer>)> {
+            move || -> Result<(Vec<ServingNet>, Option<kiln_text::Tokenizer>), ModelError> {
                 if batch.threads > 0 {
                     tch::set_num_threads(batch.threads as i32);
                 }
@@ -169,7 +182,8 @@ impl Loader {
                     let nets = ServingNet::load_instances(&registry, &v, batch.lm_instances, &[])?;
                     let tokenizer = crate::model::load_tokenizer(&registry, &v)?;
                     for net in &nets {
-                        crate::lm::warm_up(net, &batch).context("warm up")?;
+                        crate::lm::warm_up(net, &batch)
+                            .map_err(|e| ModelError::internal("warm up", e))?;
                     }
                     Ok((nets, tokenizer))
                 } else {
@@ -180,14 +194,14 @@ impl Loader {
                         &batch.packed_shapes,
                     )?;
                     for net in &nets {
-                        warm_up(net, &batch).context("warm up")?;
+                        warm_up(net, &batch).map_err(|e| ModelError::internal("warm up", e))?;
                     }
                     Ok((nets, None))
                 }
             },
         )
         .await
-        .context("model load task")??;
+        .map_err(|e| ModelError::internal("model load task", e))??;
         let drift = self.drift(&version, &io).await;
         let labels = VersionLabels {
             model: version.name.clone(),
@@ -206,7 +220,7 @@ impl Loader {
                     labels.clone(),
                     thread,
                 )
-                .context("start the compute thread")?,
+                .map_err(|e| ModelError::internal("start the compute thread", e))?,
                 tokenizer: tokenizer.map(Arc::new),
             }
         } else {
@@ -218,7 +232,7 @@ impl Loader {
                     labels.clone(),
                     thread,
                 )
-                .context("start the compute thread")?,
+                .map_err(|e| ModelError::internal("start the compute thread", e))?,
             )
         };
         tracing::info!(
@@ -274,41 +288,39 @@ impl Loader {
 
     /// Where `selector` points now: the routing key and `(version, weight)`
     /// targets with a positive weight.
-    pub async fn desired(&self, selector: &Selector) -> Result<(RoutingKey, Vec<(u64, u32)>)> {
+    pub async fn desired(
+        &self,
+        selector: &Selector,
+    ) -> Result<(RoutingKey, Vec<(u64, u32)>), ModelError> {
         let name = &selector.name;
         match &selector.pick {
             Pick::Version(v) => Ok((RoutingKey::Pinned(*v), vec![(*v, 100)])),
             Pick::Latest => {
-                let latest = self
-                    .registry
-                    .latest(name)
-                    .await
-                    .with_context(|| format!("read the latest version of {name}"))?;
+                let latest = self.registry.latest(name).await.map_err(|e| {
+                    ModelError::storage(format!("read the latest version of {name}"), e)
+                })?;
                 match latest {
                     Some(v) => Ok((RoutingKey::Latest(v.version), vec![(v.version, 100)])),
-                    None => Err(kiln_checkpoint::Error::NotFound {
+                    None => Err(ModelError::NotFound {
                         what: format!(
                             "model {name} (no versions) in registry {}",
                             self.registry.url()
                         ),
-                    }
-                    .into()),
+                    }),
                 }
             }
             Pick::Alias(alias) => {
-                let found = self
-                    .registry
-                    .alias(name, alias)
-                    .await
-                    .with_context(|| format!("read alias {name}@{alias}"))?;
+                let found =
+                    self.registry.alias(name, alias).await.map_err(|e| {
+                        ModelError::storage(format!("read alias {name}@{alias}"), e)
+                    })?;
                 let Some(a) = found else {
-                    return Err(kiln_checkpoint::Error::NotFound {
+                    return Err(ModelError::NotFound {
                         what: format!(
                             "alias {alias} of model {name} in registry {}",
                             self.registry.url()
                         ),
-                    }
-                    .into());
+                    });
                 };
                 let targets: Vec<(u64, u32)> = a
                     .targets
@@ -317,7 +329,9 @@ impl Loader {
                     .map(|t| (t.version, t.weight))
                     .collect();
                 if targets.is_empty() {
-                    bail!("alias {name}@{alias} has no target with a positive weight");
+                    return Err(ModelError::unservable(format!(
+                        "alias {name}@{alias} has no target with a positive weight"
+                    )));
                 }
                 Ok((RoutingKey::Alias(a.generation), targets))
             }
@@ -331,17 +345,15 @@ impl Loader {
         key: RoutingKey,
         targets: &[(u64, u32)],
         current: Option<&Routing>,
-    ) -> Result<Routing> {
+    ) -> Result<Routing, ModelError> {
         let mut out = Vec::with_capacity(targets.len());
         for &(v, weight) in targets {
             let served = match current.and_then(|r| r.get(v)) {
                 Some(s) => s.clone(),
                 None => {
-                    let record = self
-                        .registry
-                        .version(name, v)
-                        .await
-                        .with_context(|| format!("read version {v} of {name}"))?;
+                    let record = self.registry.version(name, v).await.map_err(|e| {
+                        ModelError::storage(format!("read version {v} of {name}"), e)
+                    })?;
                     self.load(record).await?
                 }
             };
@@ -353,7 +365,9 @@ impl Loader {
 
 /// One served model.
 pub struct Deployment {
+    /// The model's name (the selector's).
     pub name: String,
+    /// What it follows: a pinned version, `latest` or an alias.
     pub selector: Selector,
     routing: RwLock<Arc<Routing>>,
     /// Stops this deployment's watcher (unload, shutdown).
@@ -371,9 +385,13 @@ impl std::fmt::Debug for Deployment {
 /// A change of a model's versions, for events and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Swap {
+    /// The model's name.
     pub model: String,
+    /// What it follows (`m`, `m:3`, `m@production`).
     pub selector: String,
+    /// `(version, weight)` served before; empty for a first load.
     pub from: Vec<(u64, u32)>,
+    /// `(version, weight)` served now.
     pub to: Vec<(u64, u32)>,
 }
 
@@ -454,7 +472,7 @@ pub async fn watch(
         let (key, targets) = match loader.desired(&deployment.selector).await {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(model = %deployment.name, selector = %deployment.selector, error = %format!("{e:#}"), "cannot read where the model points; keeping the served versions");
+                tracing::warn!(model = %deployment.name, selector = %deployment.selector, error = %e, "cannot read where the model points; keeping the served versions");
                 continue;
             }
         };
@@ -486,7 +504,7 @@ pub async fn watch(
                     Some((k, _, w)) if *k == key => (*w * 2).min(Duration::from_secs(60)),
                     _ => poll.max(Duration::from_secs(1)),
                 };
-                tracing::error!(model = %deployment.name, selector = %deployment.selector, error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "cannot load the new versions; keeping the served ones");
+                tracing::error!(model = %deployment.name, selector = %deployment.selector, error = %e, retry_in_ms = wait.as_millis() as u64, "cannot load the new versions; keeping the served ones");
                 loader.metrics.count_load_failure(&deployment.name);
                 failed = Some((key, Instant::now(), wait));
             }

@@ -1,5 +1,6 @@
-//! Why a request failed, and how each protocol says so; and [`Error`], why
-//! a server could not start or stopped.
+//! Why a request failed, and how each protocol says so; [`Error`], why a
+//! server could not start or stopped; and [`ModelError`], why a model
+//! version could not be loaded or run.
 //!
 //! Every refusal carries a message for the client; REST sends it as the Open
 //! Inference Protocol's error object `{"error": "..."}` with the status below,
@@ -28,12 +29,17 @@ pub enum Error {
     /// A setting is missing, out of range or unreadable: the config file,
     /// a token, certificate or key file, a hook. The reason names the field.
     #[error("{reason}")]
-    Config { reason: String },
+    Config {
+        /// What is wrong, naming the field or file.
+        reason: String,
+    },
 
     /// The registry could not be opened (a bad URL, a store that is down).
     #[error("open registry {url}: {source}")]
     Registry {
+        /// The registry URL configured.
         url: String,
+        /// Why it could not be opened.
         #[source]
         source: kiln_checkpoint::Error,
     },
@@ -42,19 +48,29 @@ pub enum Error {
     /// its checkpoint missing, damaged or not the one registered, or a
     /// definition this build cannot serve.
     #[error("load model {model}: {reason}")]
-    Model { model: String, reason: String },
+    Model {
+        /// The model as configured (`m`, `m:3`, `m@production`).
+        model: String,
+        /// Why it could not be served ([`ModelError`]'s message).
+        reason: String,
+    },
 
     /// The listening address could not be bound or read.
     #[error("listen on {addr}: {source}")]
     Listen {
+        /// The address configured.
         addr: SocketAddr,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
 
     /// The server failed while serving (its accept loop or its task).
     #[error("serve: {reason}")]
-    Serve { reason: String },
+    Serve {
+        /// What failed.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -62,6 +78,94 @@ impl Error {
     pub(crate) fn config(e: impl std::fmt::Display) -> Error {
         Error::Config {
             reason: format!("{e:#}"),
+        }
+    }
+}
+
+/// Why a model version could not be loaded, or a forward pass failed: the
+/// error of [`crate::model::ServingNet`], [`crate::deployment::Loader`] and
+/// [`crate::ServerState::load_model`]. The variants say what the caller
+/// should do: select or register another version (`NotFound`,
+/// `Unservable`), retry or repair the storage (`Storage`; its source says
+/// which), or look at the server's log (`Internal`). A message says which
+/// step failed, prefixed with the version (`m:3: ...`) where a load failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// The registry has no such model (no versions) or alias.
+    #[error("not found: {what}")]
+    NotFound {
+        /// The model or alias, and the registry looked in.
+        what: String,
+    },
+
+    /// Reading the registry or the version's checkpoint failed: retrying
+    /// may help when the source is `Unavailable` or `Timeout`; a source for
+    /// which [`kiln_checkpoint::Error::is_data_loss`] holds means the data is
+    /// missing or damaged (a `NotFound` source: no such version, or a
+    /// checkpoint collected since).
+    #[error("{context}: {source}")]
+    Storage {
+        /// What was being read, as a verb phrase (`m:3: load weights of step 40`).
+        context: String,
+        /// The registry's or checkpoint engine's error.
+        #[source]
+        source: kiln_checkpoint::Error,
+    },
+
+    /// The version cannot be served as registered: its checkpoint is not the
+    /// one registered or holds no weights, its weights, signature or
+    /// tokenizer do not fit the network its definition builds, a blob the
+    /// registry lists is missing, or the network returned outputs of the
+    /// wrong shape.
+    #[error("{reason}")]
+    Unservable {
+        /// What does not fit, naming the version.
+        reason: String,
+    },
+
+    /// A failure inside the server: libtorch, packing weights, a temporary
+    /// file, a thread, a forward pass asked the wrong question.
+    #[error("{reason}")]
+    Internal {
+        /// What failed, with its cause.
+        reason: String,
+    },
+}
+
+impl ModelError {
+    /// Whether the model, alias, version or checkpoint asked for does not
+    /// exist (404 from management), as opposed to a failure reading it.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            ModelError::NotFound { .. }
+                | ModelError::Storage {
+                    source: kiln_checkpoint::Error::NotFound { .. },
+                    ..
+                }
+        )
+    }
+
+    /// A `Storage` error: `source` while doing `context`.
+    pub(crate) fn storage(context: impl Into<String>, source: kiln_checkpoint::Error) -> Self {
+        ModelError::Storage {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// An `Unservable` error.
+    pub(crate) fn unservable(reason: impl Into<String>) -> Self {
+        ModelError::Unservable {
+            reason: reason.into(),
+        }
+    }
+
+    /// An `Internal` error: `cause` (its whole chain) while doing `context`.
+    pub(crate) fn internal(context: impl std::fmt::Display, cause: impl std::fmt::Display) -> Self {
+        ModelError::Internal {
+            reason: format!("{context}: {cause:#}"),
         }
     }
 }
@@ -78,6 +182,9 @@ pub enum ErrorKind {
     Unauthorized,
     /// A management call from where management is not allowed.
     Forbidden,
+    /// A token-less management call to a loopback listener that names
+    /// another host (a DNS name rebound to this machine): 421.
+    Misdirected,
     /// No such model, version or endpoint.
     NotFound,
     /// Bigger than the server's limits (bytes or rows).
@@ -96,7 +203,9 @@ pub enum ErrorKind {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct RequestError {
+    /// What the client should do about it; decides the status code.
     pub kind: ErrorKind,
+    /// What is wrong and what is allowed, for the client.
     pub message: String,
 }
 
@@ -135,6 +244,7 @@ impl RequestError {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -150,6 +260,7 @@ impl RequestError {
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Misdirected => "misdirected",
             ErrorKind::NotFound => "not_found",
             ErrorKind::TooLarge => "too_large",
             ErrorKind::UnsupportedMediaType => "unsupported_media_type",
@@ -184,7 +295,7 @@ impl From<RequestError> for tonic::Status {
         let code = match e.kind {
             ErrorKind::BadRequest | ErrorKind::UnsupportedMediaType => tonic::Code::InvalidArgument,
             ErrorKind::Unauthorized => tonic::Code::Unauthenticated,
-            ErrorKind::Forbidden => tonic::Code::PermissionDenied,
+            ErrorKind::Forbidden | ErrorKind::Misdirected => tonic::Code::PermissionDenied,
             ErrorKind::NotFound => tonic::Code::NotFound,
             ErrorKind::TooLarge => tonic::Code::ResourceExhausted,
             ErrorKind::Unavailable => tonic::Code::Unavailable,

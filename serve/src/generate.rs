@@ -39,10 +39,15 @@ pub const DEFAULT_TEMPERATURE: f64 = 1.0;
 /// gave (`None`: the default).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
+    /// The prompt, tokenized with the version's tokenizer.
     pub text_input: String,
+    /// Tokens to generate, as given (checked later: 1 to the context).
     pub max_tokens: Option<i64>,
+    /// Sampling temperature, as given (checked later: finite, >= 0).
     pub temperature: Option<f64>,
+    /// Sample among the k most likely tokens, as given (checked later: >= 1).
     pub top_k: Option<i64>,
+    /// The sampler's seed; `None`: a draw from the server's generator.
     pub seed: Option<u64>,
 }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
@@ -584,21 +584,28 @@ fn json_response_text(text: String) -> Response {
 
 // ----- management (model repository extension) -----
 
-/// Checks a management request: its token or origin (see [`auth`]), and for
-/// POSTs a JSON content type, which a cross-site form cannot send.
+/// Checks a management request: its token or origin (see [`auth`]: without
+/// a token, also the host it names), and for POSTs a JSON content type,
+/// which a cross-site form cannot send.
 fn admin(
     state: &ServerState,
     headers: &HeaderMap,
+    uri: &Uri,
     peer: SocketAddr,
     method: &Method,
 ) -> Result<(), RequestError> {
     let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"]
         .iter()
         .any(|h| headers.contains_key(*h));
+    let host = headers
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or_default())
+        .or_else(|| uri.authority().map(|a| a.as_str()));
     let origin = auth::Origin {
         peer,
         listener_loopback: state.config.listen.ip().is_loopback(),
         forwarded,
+        host,
     };
     auth::check_admin(&state.tokens, authorization(headers), origin)?;
     if method == Method::POST && !is_json(headers) {
@@ -623,9 +630,10 @@ async fn index(
     State(state): Shared,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(e) = admin(&state, &headers, peer, &method) {
+    if let Err(e) = admin(&state, &headers, &uri, peer, &method) {
         return e.into_response();
     }
     let mut list = Vec::new();
@@ -657,10 +665,11 @@ async fn load(
     State(state): Shared,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(e) = admin(&state, &headers, peer, &Method::POST) {
+    if let Err(e) = admin(&state, &headers, &uri, peer, &Method::POST) {
         return e.into_response();
     }
     match load_inner(&state, &name, body).await {
@@ -707,18 +716,12 @@ async fn load_inner(state: &Arc<ServerState>, name: &str, body: Body) -> Result<
         .parse()
         .map_err(|e: kiln_checkpoint::Error| bad(e.to_string()))?;
     state.load_model(selector).await.map_err(|e| {
-        let not_found = e.chain().any(|c| {
-            matches!(
-                c.downcast_ref::<kiln_checkpoint::Error>(),
-                Some(kiln_checkpoint::Error::NotFound { .. })
-            )
-        });
-        let kind = if not_found {
+        let kind = if e.is_not_found() {
             ErrorKind::NotFound
         } else {
             ErrorKind::Internal
         };
-        RequestError::new(kind, format!("load {text}: {e:#}"))
+        RequestError::new(kind, format!("load {text}: {e}"))
     })
 }
 
@@ -726,9 +729,10 @@ async fn unload(
     State(state): Shared,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(e) = admin(&state, &headers, peer, &Method::POST) {
+    if let Err(e) = admin(&state, &headers, &uri, peer, &Method::POST) {
         return e.into_response();
     }
     if state.unload_model(&name) {

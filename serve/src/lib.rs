@@ -51,6 +51,8 @@
 //! version's registered tokenizer on the blocking pool, generated on the
 //! compute thread, and each token's text comes back through a channel.
 
+#![warn(missing_docs)]
+
 pub mod app;
 pub mod auth;
 pub mod batcher;
@@ -75,5 +77,5 @@ pub mod signature;
 
 pub use app::{RunningServer, start};
 pub use config::ServeConfig;
-pub use error::Error;
+pub use error::{Error, ModelError};
 pub use server::ServerState;

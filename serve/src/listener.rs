@@ -77,14 +77,22 @@ const UNCOUNTED_PATHS: &[&str] = &[
     "/inference.GRPCInferenceService/ServerReady",
 ];
 
-/// The limits the loop enforces (see the module docs).
+/// The limits the loop enforces (see the module docs), each its
+/// `[connections]` setting (see [`ConnectionsConfig`]).
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Open connections at once; at the cap the loop stops accepting.
     pub max_connections: usize,
+    /// Requests served at once (probes and `/metrics` aside); more get 503.
     pub max_in_flight: usize,
+    /// From accepting a connection, or a request's first byte on an idle
+    /// HTTP/1.1 connection, to its complete head.
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight this long is closed.
     pub idle_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings; `None` sends none.
     pub http2_keepalive_interval: Option<Duration>,
+    /// An HTTP/2 ping unanswered this long closes the connection.
     pub http2_keepalive_timeout: Duration,
 }
 

@@ -63,7 +63,12 @@ pub enum GenerateEvent {
     Piece(String),
     /// Finished: the whole generated text (the concatenation of the pieces)
     /// and its number of tokens.
-    Done { text: String, tokens: usize },
+    Done {
+        /// The whole generated text.
+        text: String,
+        /// Tokens generated.
+        tokens: usize,
+    },
     /// Failed, possibly after some pieces.
     Failed(RequestError),
 }
@@ -72,11 +77,16 @@ pub enum GenerateEvent {
 pub struct GenerateJob {
     /// The prompt's token ids (checked: 1 to context ids, all in the vocabulary).
     pub prompt: Vec<i64>,
+    /// How to sample.
     pub params: GenerateParams,
+    /// Decodes each generated token into its piece of text.
     pub tokenizer: Arc<kiln_text::Tokenizer>,
     /// Generation stops, with a timeout error, once this passes.
     pub deadline: Instant,
+    /// When it was queued, for the queue-time metric.
     pub enqueued: Instant,
+    /// Where its pieces and its end go; closed when the client gave up,
+    /// and then the generation stops.
     pub events: mpsc::UnboundedSender<GenerateEvent>,
 }
 
@@ -85,9 +95,12 @@ pub enum LmJob {
     /// Next-token logits after each of a request's sequences, all `len` ids
     /// long (`job.values`: rows x len ids, checked against the vocabulary).
     Logits {
+        /// Ids per sequence; only requests of one length share a pass.
         len: usize,
+        /// The sequences and where their logits go.
         job: Job<i64>,
     },
+    /// A generation, run alone.
     Generate(GenerateJob),
 }
 
@@ -193,7 +206,7 @@ fn compute_loop(
         }
         if !logits.is_empty() {
             passes(&net, len, settings).run_batch(logits, metrics, labels, |rows, ids| {
-                net.next_token_logits(rows, len, ids)
+                Ok(net.next_token_logits(rows, len, ids)?)
             });
         }
     }
@@ -339,7 +352,8 @@ pub fn warm_up(net: &ServingNet, settings: &BatchSettings) -> Result<()> {
         .context("warm up a model that is not a language model")?;
     let context = gpt.config().seq_len;
     for len in [1, context] {
-        passes(net, len, settings).warm_up(|rows, ids| net.next_token_logits(rows, len, ids))?;
+        passes(net, len, settings)
+            .warm_up(|rows, ids| Ok(net.next_token_logits(rows, len, ids)?))?;
     }
     gpt.generate(&[0], 2.min(context), 0.0, None, 0, |_| true)?;
     Ok(())

@@ -114,14 +114,19 @@ pub struct TimeoutLabels {
 /// A served version.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
+    /// The model's name.
     pub model: String,
+    /// The version number, in decimal.
     pub version: String,
 }
 
 /// A request, by where it went and how it came.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    /// The model's name; [`UNKNOWN_MODEL`] until the request is known to
+    /// be for a served model and passed its token check.
     pub model: String,
+    /// The version that answered; empty before one was chosen.
     pub version: String,
     /// `http` or `grpc`.
     pub protocol: String,
@@ -130,8 +135,11 @@ pub struct RequestLabels {
 /// A failed request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
+    /// As in [`RequestLabels`].
     pub model: String,
+    /// As in [`RequestLabels`].
     pub version: String,
+    /// `http` or `grpc`.
     pub protocol: String,
     /// `bad_request`, `not_found`, `timeout`, ...
     pub kind: String,
@@ -140,14 +148,19 @@ pub struct ErrorLabels {
 /// A model.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
+    /// The model's name.
     pub model: String,
 }
 
 /// One drift column of a version.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DriftLabels {
+    /// The model's name.
     pub model: String,
+    /// The version number, in decimal.
     pub version: String,
+    /// The column's name in the reference profile, or `_all` for the
+    /// window as a whole.
     pub column: String,
 }
 

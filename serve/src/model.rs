@@ -7,12 +7,12 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result, bail, ensure};
 use kiln_checkpoint::registry::{ModelTask, ModelVersion, Registry};
 use kiln_checkpoint::{CheckpointRoot, DType, OwnedTensor, TensorView, weights_digest};
 use kiln_models::Net;
 use kiln_proto::spec::ModelKind;
 
+use crate::error::ModelError;
 use crate::packed::PackedMlp;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -49,7 +49,7 @@ impl std::fmt::Debug for ServingNet {
 impl ServingNet {
     /// Builds the network of `version` and loads its verified weights.
     /// Blocking (checkpoint reads, libtorch): call it off the async threads.
-    pub fn load(registry: &Registry, version: &ModelVersion) -> Result<ServingNet> {
+    pub fn load(registry: &Registry, version: &ModelVersion) -> Result<ServingNet, ModelError> {
         let mut nets = Self::load_instances(registry, version, 1, &[])?;
         Ok(nets.remove(0))
     }
@@ -65,18 +65,24 @@ impl ServingNet {
         version: &ModelVersion,
         count: usize,
         pack_shapes: &[usize],
-    ) -> Result<Vec<ServingNet>> {
+    ) -> Result<Vec<ServingNet>, ModelError> {
         let what = format!("{}:{}", version.name, version.version);
-        let root = CheckpointRoot::open(&version.checkpoint.root)
-            .with_context(|| format!("{what}: open checkpoint root {}", version.checkpoint.root))?;
+        let root = CheckpointRoot::open(&version.checkpoint.root).map_err(|e| {
+            ModelError::storage(
+                format!("{what}: open checkpoint root {}", version.checkpoint.root),
+                e,
+            )
+        })?;
         let step = version.checkpoint.step;
         let manifest = block_on(kiln_checkpoint::load::resolve_async(
             &root,
             &step.to_string(),
         ))
-        .with_context(|| format!("{what}: find the checkpoint of step {step}"))?;
+        .map_err(|e| {
+            ModelError::storage(format!("{what}: find the checkpoint of step {step}"), e)
+        })?;
         let tensors = kiln_checkpoint::load(&root, &manifest, |n| n.starts_with(MODEL_PREFIX))
-            .with_context(|| format!("{what}: load weights of step {step}"))?;
+            .map_err(|e| ModelError::storage(format!("{what}: load weights of step {step}"), e))?;
         let weights: Vec<OwnedTensor> = tensors
             .into_iter()
             .map(|mut t| {
@@ -84,32 +90,41 @@ impl ServingNet {
                 t
             })
             .collect();
-        ensure!(
-            !weights.is_empty(),
-            "{what}: checkpoint {} holds no model weights",
-            root.url_of(&manifest.key)
-        );
+        if weights.is_empty() {
+            return Err(ModelError::unservable(format!(
+                "{what}: checkpoint {} holds no model weights",
+                root.url_of(&manifest.key)
+            )));
+        }
         let views: Vec<TensorView<'_>> = weights.iter().map(|t| t.view()).collect();
         let digest = weights_digest(&views);
-        ensure!(
-            digest == version.checkpoint.digest,
-            "{what}: the weights of checkpoint step {step} have digest {digest}, but the registry recorded {}; the checkpoint is not the one registered",
-            version.checkpoint.digest
-        );
+        if digest != version.checkpoint.digest {
+            return Err(ModelError::unservable(format!(
+                "{what}: the weights of checkpoint step {step} have digest {digest}, but the registry recorded {}; the checkpoint is not the one registered",
+                version.checkpoint.digest
+            )));
+        }
 
         let mut spec = version.model.spec.clone();
         let script = if spec.kind == ModelKind::Torchscript {
-            let bytes = block_on(registry.torchscript(&version.name, version.version))
-                .with_context(|| format!("{what}: read its TorchScript module"))?;
+            let bytes =
+                block_on(registry.torchscript(&version.name, version.version)).map_err(|e| {
+                    ModelError::storage(format!("{what}: read its TorchScript module"), e)
+                })?;
             let Some(bytes) = bytes else {
-                bail!("{what}: a torchscript model without a registered TorchScript module");
+                return Err(ModelError::unservable(format!(
+                    "{what}: a torchscript model without a registered TorchScript module"
+                )));
             };
             let mut file = tempfile::Builder::new()
                 .prefix("kiln-serve-")
                 .suffix(".pt")
                 .tempfile()
-                .context("create a temporary file for the TorchScript module")?;
-            std::io::Write::write_all(&mut file, &bytes).context("write the TorchScript module")?;
+                .map_err(|e| {
+                    ModelError::internal("create a temporary file for the TorchScript module", e)
+                })?;
+            std::io::Write::write_all(&mut file, &bytes)
+                .map_err(|e| ModelError::internal("write the TorchScript module", e))?;
             spec.path = Some(file.path().to_path_buf());
             Some(std::sync::Arc::new(file))
         } else {
@@ -126,9 +141,13 @@ impl ServingNet {
             let vs = nn::VarStore::new(Device::Cpu);
             let mut net =
                 kiln_models::build_with(&spec, io, kiln_proto::spec::Precision::Fp32, &vs)
-                    .with_context(|| format!("{what}: build the network"))?;
+                    .map_err(|e| {
+                        ModelError::unservable(format!("{what}: build the network: {e:#}"))
+                    })?;
             check_task(&what, &net, version)?;
-            copy_weights(&vs, &weights).with_context(|| format!("{what}: load weights"))?;
+            copy_weights(&vs, &weights).map_err(|reason| {
+                ModelError::unservable(format!("{what}: load weights: {reason}"))
+            })?;
             if let Net::Script(module) = &mut net {
                 module.set_eval();
             }
@@ -169,57 +188,68 @@ impl ServingNet {
     /// of `len` ids (`ids`: row-major, checked against the vocabulary by the
     /// caller), as rows x vocab values: the logits of each sequence's last
     /// position.
-    pub fn next_token_logits(&self, rows: usize, len: usize, ids: &[i64]) -> Result<Vec<f32>> {
-        let gpt = self
-            .gpt()
-            .context("next-token logits of a model that is not a language model")?;
-        ensure!(
-            ids.len() == rows * len,
-            "{} ids for {rows} sequences of {len}",
-            ids.len()
-        );
+    pub fn next_token_logits(
+        &self,
+        rows: usize,
+        len: usize,
+        ids: &[i64],
+    ) -> Result<Vec<f32>, ModelError> {
+        let gpt = self.gpt().ok_or_else(|| ModelError::Internal {
+            reason: "next-token logits of a model that is not a language model".into(),
+        })?;
+        if ids.len() != rows * len {
+            return Err(ModelError::Internal {
+                reason: format!("{} ids for {rows} sequences of {len}", ids.len()),
+            });
+        }
         let x = Tensor::from_slice(ids).view([rows as i64, len as i64]);
-        let last = tch::no_grad(|| gpt.next_token_logits(&x)).context("forward pass")?;
-        ensure!(
-            last.size() == [rows as i64, self.classes as i64],
-            "the language model returned {:?} for {rows} sequences; expected [{rows}, {}]",
-            last.size(),
-            self.classes
-        );
-        Vec::<f32>::try_from(&last.view([-1])).context("copy logits")
+        let last = tch::no_grad(|| gpt.next_token_logits(&x))
+            .map_err(|e| ModelError::internal("forward pass", e))?;
+        if last.size() != [rows as i64, self.classes as i64] {
+            return Err(ModelError::unservable(format!(
+                "the language model returned {:?} for {rows} sequences; expected [{rows}, {}]",
+                last.size(),
+                self.classes
+            )));
+        }
+        Vec::<f32>::try_from(&last.view([-1])).map_err(|e| ModelError::internal("copy logits", e))
     }
 
     /// Logits of `rows` samples (`values`: rows x features, row-major), as
     /// rows x classes values. libtorch reports some failures by panicking;
     /// callers catch that.
-    pub fn forward(&self, rows: usize, values: &[f32]) -> Result<Vec<f32>> {
-        ensure!(
-            values.len() == rows * self.features,
-            "{} values for {rows} rows of {} features",
-            values.len(),
-            self.features
-        );
+    pub fn forward(&self, rows: usize, values: &[f32]) -> Result<Vec<f32>, ModelError> {
+        if values.len() != rows * self.features {
+            return Err(ModelError::Internal {
+                reason: format!(
+                    "{} values for {rows} rows of {} features",
+                    values.len(),
+                    self.features
+                ),
+            });
+        }
         let x = Tensor::from_slice(values).view([rows as i64, self.features as i64]);
-        let y = tch::no_grad(|| -> Result<Tensor> {
-            Ok(match &self.net {
-                Net::Builtin(seq) => match &self.packed {
-                    Some(packed) if packed.handles(rows) => packed.forward(&x)?,
-                    _ => seq.forward(&x),
-                },
-                Net::Script(module) => module.forward_ts(&[&x])?,
-                Net::Gpt(_) => bail!("language models are not served through infer on features"),
-            })
+        let y = tch::no_grad(|| match &self.net {
+            Net::Builtin(seq) => match &self.packed {
+                Some(packed) if packed.handles(rows) => packed.forward(&x),
+                _ => Ok(seq.forward(&x)),
+            },
+            Net::Script(module) => Ok(module.forward_ts(&[&x])?),
+            Net::Gpt(_) => Err(anyhow::anyhow!(
+                "language models are not served through infer on features"
+            )),
         })
-        .context("forward pass")?;
-        ensure!(
-            y.size() == [rows as i64, self.classes as i64] && y.kind() == Kind::Float,
-            "the network returned {:?} {:?} for {rows} rows; expected Float [{rows}, {}]",
-            y.kind(),
-            y.size(),
-            self.classes
-        );
+        .map_err(|e| ModelError::internal("forward pass", e))?;
+        if y.size() != [rows as i64, self.classes as i64] || y.kind() != Kind::Float {
+            return Err(ModelError::unservable(format!(
+                "the network returned {:?} {:?} for {rows} rows; expected Float [{rows}, {}]",
+                y.kind(),
+                y.size(),
+                self.classes
+            )));
+        }
         let y = y.contiguous().view([-1]);
-        Vec::<f32>::try_from(&y).context("copy logits")
+        Vec::<f32>::try_from(&y).map_err(|e| ModelError::internal("copy logits", e))
     }
 }
 
@@ -236,7 +266,7 @@ fn pack_mlp(
     vs: &nn::VarStore,
     weights: &[OwnedTensor],
     shapes: &[usize],
-) -> Result<Option<PackedMlp>> {
+) -> Result<Option<PackedMlp>, ModelError> {
     let bytes: usize = weights.iter().map(|w| w.data.len()).sum();
     if spec.kind != ModelKind::Mlp
         || shapes.is_empty()
@@ -251,18 +281,20 @@ fn pack_mlp(
             let get = |part: &str| {
                 vars.get(&format!("fc{i}.{part}"))
                     .map(Tensor::shallow_clone)
-                    .with_context(|| format!("{what}: the MLP has no fc{i}.{part}"))
+                    .ok_or_else(|| ModelError::Internal {
+                        reason: format!("{what}: the MLP has no fc{i}.{part}"),
+                    })
             };
             Ok((get("weight")?, get("bias")?))
         })
-        .collect::<Result<_>>()?;
+        .collect::<Result<_, ModelError>>()?;
     // What the packed copies will take, from one layer's packing: they grow
     // with the weights.
     let probe = PackedMlp::new(
         vec![(layers[0].0.shallow_clone(), layers[0].1.shallow_clone())],
         &shapes[..1],
     )
-    .with_context(|| format!("{what}: pack its weights"))?;
+    .map_err(|e| ModelError::internal(format!("{what}: pack its weights"), e))?;
     let first = layers[0].0.numel() * 4;
     let estimate = probe.bytes() as f64 / first as f64 * bytes as f64 * shapes.len() as f64;
     if estimate > PACK_MAX_BYTES as f64 {
@@ -273,54 +305,55 @@ fn pack_mlp(
         );
         return Ok(None);
     }
-    let packed =
-        PackedMlp::new(layers, shapes).with_context(|| format!("{what}: pack its weights"))?;
+    let packed = PackedMlp::new(layers, shapes)
+        .map_err(|e| ModelError::internal(format!("{what}: pack its weights"), e))?;
     tracing::info!(model = what, shapes = ?packed.shapes(), packed_mb = packed.bytes() as f64 / 1e6, "weights packed for MKL's packed sgemm");
     Ok(Some(packed))
 }
 
 /// Checks that the network the spec builds is what the registry says
 /// `version` is (a language model and its shapes, or a classifier).
-fn check_task(what: &str, net: &Net, version: &ModelVersion) -> Result<()> {
+fn check_task(what: &str, net: &Net, version: &ModelVersion) -> Result<(), ModelError> {
     let (features, classes) = (version.model.features, version.model.classes);
     if let Net::Gpt(gpt) = net {
         let cfg = gpt.config();
-        ensure!(
-            version.model.task == ModelTask::LanguageModel
-                && cfg.seq_len == features
-                && cfg.vocab == classes,
-            "{what}: the registry describes a {:?} of {features} features and {classes} classes, but the spec builds a gpt of context {} and vocabulary {}",
-            version.model.task,
-            cfg.seq_len,
-            cfg.vocab
-        );
-    } else {
-        ensure!(
-            version.model.task == ModelTask::Classifier,
+        if version.model.task != ModelTask::LanguageModel
+            || cfg.seq_len != features
+            || cfg.vocab != classes
+        {
+            return Err(ModelError::unservable(format!(
+                "{what}: the registry describes a {:?} of {features} features and {classes} classes, but the spec builds a gpt of context {} and vocabulary {}",
+                version.model.task, cfg.seq_len, cfg.vocab
+            )));
+        }
+    } else if version.model.task != ModelTask::Classifier {
+        return Err(ModelError::unservable(format!(
             "{what}: registered as a language model, but model.kind is not gpt"
-        );
+        )));
     }
     Ok(())
 }
 
 /// Copies every parameter of `vs` from `weights` (same names, dtype, shape);
 /// a weight the network does not have is an error too (another architecture).
-fn copy_weights(vs: &nn::VarStore, weights: &[OwnedTensor]) -> Result<()> {
+/// The error says which weight does not fit.
+fn copy_weights(vs: &nn::VarStore, weights: &[OwnedTensor]) -> Result<(), String> {
     let params = kiln_models::named_parameters(vs);
     let by_name: HashMap<&str, &OwnedTensor> =
         weights.iter().map(|t| (t.name.as_str(), t)).collect();
     for (name, param) in &params {
-        let src = by_name.get(name.as_str()).with_context(|| {
+        let src = by_name.get(name.as_str()).ok_or_else(|| {
             format!("the checkpoint has no weight {name} (was it saved by another model?)")
         })?;
         let shape: Vec<i64> = src.shape.iter().map(|&d| d as i64).collect();
-        ensure!(
-            shape == param.size() && src.dtype == DType::F32 && param.kind() == Kind::Float,
-            "weight {name} is {:?} {:?}; the network expects F32 {:?}",
-            src.dtype,
-            src.shape,
-            param.size()
-        );
+        if shape != param.size() || src.dtype != DType::F32 || param.kind() != Kind::Float {
+            return Err(format!(
+                "weight {name} is {:?} {:?}; the network expects F32 {:?}",
+                src.dtype,
+                src.shape,
+                param.size()
+            ));
+        }
         let host = Tensor::from_data_size(&src.data, &shape, Kind::Float);
         tch::no_grad(|| param.detach().copy_(&host));
     }
@@ -332,10 +365,10 @@ fn copy_weights(vs: &nn::VarStore, weights: &[OwnedTensor]) -> Result<()> {
             .map(|t| t.name.as_str())
             .filter(|n| !known.contains(n))
             .collect();
-        bail!(
+        return Err(format!(
             "the checkpoint has weights the network does not: {} (was it saved by another model?)",
             extra.join(", ")
-        );
+        ));
     }
     Ok(())
 }
@@ -346,29 +379,35 @@ fn copy_weights(vs: &nn::VarStore, weights: &[OwnedTensor]) -> Result<()> {
 pub fn load_tokenizer(
     registry: &Registry,
     version: &ModelVersion,
-) -> Result<Option<kiln_text::Tokenizer>> {
+) -> Result<Option<kiln_text::Tokenizer>, ModelError> {
     if !version.has_tokenizer {
         return Ok(None);
     }
     let what = format!("{}:{}", version.name, version.version);
     let bytes = block_on(registry.tokenizer(&version.name, version.version))
-        .with_context(|| format!("{what}: read its tokenizer"))?
-        .with_context(|| format!("{what}: the registry lists a tokenizer but has none"))?;
+        .map_err(|e| ModelError::storage(format!("{what}: read its tokenizer"), e))?
+        .ok_or_else(|| {
+            ModelError::unservable(format!(
+                "{what}: the registry lists a tokenizer but has none"
+            ))
+        })?;
     // kiln_text reads tokenizers from files.
     let mut file = tempfile::Builder::new()
         .prefix("kiln-serve-")
         .suffix(".tokenizer.json")
         .tempfile()
-        .context("create a temporary file for the tokenizer")?;
-    std::io::Write::write_all(&mut file, &bytes).context("write the tokenizer")?;
+        .map_err(|e| ModelError::internal("create a temporary file for the tokenizer", e))?;
+    std::io::Write::write_all(&mut file, &bytes)
+        .map_err(|e| ModelError::internal("write the tokenizer", e))?;
     let tokenizer = kiln_text::Tokenizer::from_file(file.path())
-        .with_context(|| format!("{what}: load its tokenizer"))?;
-    ensure!(
-        tokenizer.vocab_size() <= version.model.classes,
-        "{what}: the tokenizer makes {} ids but the model's vocabulary is {}",
-        tokenizer.vocab_size(),
-        version.model.classes
-    );
+        .map_err(|e| ModelError::unservable(format!("{what}: load its tokenizer: {e}")))?;
+    if tokenizer.vocab_size() > version.model.classes {
+        return Err(ModelError::unservable(format!(
+            "{what}: the tokenizer makes {} ids but the model's vocabulary is {}",
+            tokenizer.vocab_size(),
+            version.model.classes
+        )));
+    }
     Ok(Some(tokenizer))
 }
 

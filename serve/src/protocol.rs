@@ -19,10 +19,14 @@ use crate::signature::IoSpec;
 /// An input tensor as received.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputTensor {
+    /// The input's name; checked against the signature.
     pub name: String,
     /// As the client spelled it; checked against the signature.
     pub datatype: String,
+    /// As the client gave it (possibly negative or overflowing: checked
+    /// when decoded).
     pub shape: Vec<i64>,
+    /// Its elements, not yet converted.
     pub data: InputData,
 }
 
@@ -43,14 +47,20 @@ pub enum InputData {
 /// A number as a client sent it: integers stay exact.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Number {
+    /// An integer that fits `i64` (JSON, gRPC's signed lists).
     Int(i64),
+    /// An unsigned integer: past `i64::MAX` in JSON, or from gRPC's
+    /// unsigned lists.
     Uint(u64),
+    /// A floating-point number: JSON with a fraction or exponent (or an
+    /// integer past 64 bits), gRPC's float lists.
     Float(f64),
 }
 
 /// An output the client asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestedOutput {
+    /// The output's name; checked against the signature.
     pub name: String,
     /// REST only: send this output as binary data (`binary_data` parameter);
     /// `None`: the request's default.
@@ -60,7 +70,9 @@ pub struct RequestedOutput {
 /// A request in protocol-neutral form.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InferRequest {
+    /// The client's request id, echoed in the response.
     pub id: Option<String>,
+    /// The inputs as received (the signature allows exactly one).
     pub inputs: Vec<InputTensor>,
     /// `None`: every output of the version.
     pub outputs: Option<Vec<RequestedOutput>>,
@@ -73,16 +85,22 @@ pub struct InferRequest {
 /// An output tensor's elements.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutputData {
+    /// `FP32` values (logits, probabilities).
     F32(Vec<f32>),
+    /// `INT64` values (predicted classes).
     I64(Vec<i64>),
 }
 
 /// One output of a response.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputTensor {
+    /// The output's name in the signature.
     pub name: String,
+    /// Its datatype (that of `data`).
     pub datatype: Datatype,
+    /// Rows first.
     pub shape: Vec<i64>,
+    /// Its elements, row-major.
     pub data: OutputData,
     /// REST: send as binary data.
     pub binary: bool,
@@ -91,9 +109,13 @@ pub struct OutputTensor {
 /// A response in protocol-neutral form.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InferResponse {
+    /// The model asked for.
     pub model_name: String,
+    /// The version that answered, in decimal.
     pub model_version: String,
+    /// The request's id, echoed.
     pub id: Option<String>,
+    /// The outputs asked for, in the order asked (else the signature's).
     pub outputs: Vec<OutputTensor>,
     /// The forward passes of its batch (not sent; for the overhead metric).
     pub compute: Duration,
@@ -139,7 +161,9 @@ impl OutputData {
 /// `features` values, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedInput {
+    /// Samples in the request.
     pub rows: usize,
+    /// rows x features values.
     pub values: Vec<f32>,
 }
 
@@ -151,8 +175,11 @@ fn bad(message: String) -> RequestError {
 /// row-major, every id below the vocabulary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenInput {
+    /// Sequences in the request.
     pub rows: usize,
+    /// Ids per sequence (1 to the model's context).
     pub len: usize,
+    /// rows x len ids.
     pub ids: Vec<i64>,
 }
 

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
 use kiln_checkpoint::registry::{Registry, Selector};
 use kiln_hooks::Hooks;
 use kiln_hooks::event::VersionSwapped;
@@ -17,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batcher::{Job, JobOutput};
 use crate::config::{ServeConfig, Tokens};
 use crate::deployment::{Deployment, Deployments, Engine, Loader, Swap, watch};
-use crate::error::{ErrorKind, RequestError};
+use crate::error::{ErrorKind, ModelError, RequestError};
 use crate::generate::GenerateRequest;
 use crate::lm::{GenerateEvent, GenerateJob, LmJob};
 use crate::metrics::{Metrics, RequestLabels, UNKNOWN_MODEL};
@@ -30,7 +29,9 @@ use crate::signature::OutputKind;
 /// Which front end a request came through (a metrics label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
+    /// REST (the protocol's HTTP/JSON binding, binary extension included).
     Http,
+    /// gRPC (`inference.GRPCInferenceService`).
     Grpc,
 }
 
@@ -46,12 +47,19 @@ impl Protocol {
 
 /// State shared by every request.
 pub struct ServerState {
+    /// The settings it started with.
     pub config: ServeConfig,
+    /// The registry models are served from.
     pub registry: Registry,
+    /// The tokens read at start (from files or the environment).
     pub tokens: Tokens,
+    /// Every metric `/metrics` exports.
     pub metrics: Metrics,
+    /// Loads versions (at start, on management loads, on swaps).
     pub loader: Loader,
+    /// The served models by name.
     pub deployments: Deployments,
+    /// Where `version.swapped` and `drift.detected` events go.
     pub hooks: Hooks,
     /// Set once every configured model is loaded.
     pub ready: AtomicBool,
@@ -412,7 +420,7 @@ impl ServerState {
 
     /// Loads (or reloads) the model `selector` names and starts following it;
     /// returns when it is ready. Replaces a deployment of the same name.
-    pub async fn load_model(self: &Arc<Self>, selector: Selector) -> Result<()> {
+    pub async fn load_model(self: &Arc<Self>, selector: Selector) -> Result<(), ModelError> {
         let started = Instant::now();
         let current = self.deployment(&selector.name).ok();
         let (key, targets) = self.loader.desired(&selector).await?;
@@ -509,30 +517,42 @@ impl ServerState {
 /// sends (pieces, then `Done` or `Failed`).
 #[derive(Debug)]
 pub struct Generation {
+    /// The model asked for.
     pub model_name: String,
+    /// The version generating, in decimal.
     pub model_version: String,
     /// For the request's metrics when it ends.
     pub labels: RequestLabels,
     /// When the request's time limit passes.
     pub deadline: Instant,
+    /// Pieces, then `Done` or `Failed`; dropping it stops the generation.
     pub events: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>,
 }
 
 /// A tensor's name, datatype and shape, as metadata lists it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TensorMetadata {
+    /// The tensor's name.
     pub name: String,
+    /// Its datatype as the protocol spells it (`FP32`, `INT64`).
     pub datatype: String,
+    /// Its shape; `-1` is a variable dimension (the batch first).
     pub shape: Vec<i64>,
 }
 
 /// What `GET /v2/models/{name}[/versions/{v}]` and gRPC `ModelMetadata` say.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ModelMetadata {
+    /// The model's name.
     pub name: String,
+    /// The version asked for, or every served version, ascending.
     pub versions: Vec<String>,
+    /// Always [`PLATFORM`].
     pub platform: String,
+    /// The one input of the version described (the primary one when no
+    /// version was asked for).
     pub inputs: Vec<TensorMetadata>,
+    /// Its outputs.
     pub outputs: Vec<TensorMetadata>,
 }
 

@@ -30,7 +30,10 @@ use crate::datatype::Datatype;
 /// The one input of a served version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InputSpec {
+    /// The name requests must give it (`input`, `input_ids`, ...).
     pub name: String,
+    /// The datatype requests must send, as registered (features are
+    /// converted to `f32`; token ids are `INT64` or `INT32`).
     pub datatype: Datatype,
     /// As registered; `-1` (only first) is the batch dimension.
     pub shape: Vec<i64>,
@@ -39,24 +42,33 @@ pub struct InputSpec {
 /// What an output holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputKind {
+    /// The network's output, `FP32 [-1, classes]`.
     Logits,
+    /// The softmax of the logits, `FP32 [-1, classes]`.
     Probabilities,
+    /// The class (or next token) with the highest logit, `INT64 [-1]`.
     Predictions,
 }
 
 /// One output of a served version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputSpec {
+    /// `logits`, `probabilities` or `predictions`.
     pub name: String,
+    /// What the server computes for it.
     pub kind: OutputKind,
+    /// As registered (checked to be what `kind` gives).
     pub datatype: Datatype,
+    /// As registered; `-1` first is the batch dimension.
     pub shape: Vec<i64>,
 }
 
 /// The inputs and outputs of a served version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IoSpec {
+    /// The one input.
     pub input: InputSpec,
+    /// The outputs served: the signature's, plus `predictions` always.
     pub outputs: Vec<OutputSpec>,
     /// Values per sample the network takes (the product of the input's
     /// non-batch dimensions); for a language model, its context: the most

@@ -890,6 +890,88 @@ fn management_on_a_non_loopback_listener_needs_the_management_token() {
     f.stop(server);
 }
 
+/// DNS rebinding: a web page whose name an attacker rebinds to 127.0.0.1
+/// reaches a loopback server from the visitor's browser but names its own
+/// host, so token-less management answers only loopback host names (421
+/// otherwise) and changes nothing; with the management token, or for
+/// inference, the host does not matter.
+#[test]
+fn token_less_management_answers_only_loopback_host_names() {
+    let f = Fixture::new();
+    let server = f.start(f.config());
+    let port = dial(&server).port();
+    f.rt.block_on(async {
+        let c = reqwest::Client::new();
+        for host in [
+            format!("evil.example:{port}"),
+            format!("localhost.evil.example:{port}"),
+        ] {
+            let rebound = ("host", host.as_str());
+            let (status, body) = index(&c, &server, &[JSON, rebound]).await;
+            assert_eq!(status, 421, "{host}: {body}");
+            assert!(body.contains("rebound"), "{body}");
+            for action in ["unload", "load"] {
+                let r = c
+                    .post(url(&server, &format!("/v2/repository/models/m/{action}")))
+                    .header(JSON.0, JSON.1)
+                    .header("host", &host)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 421, "{action} for {host}");
+            }
+            // Inference is not management: the host does not matter.
+            let r = c
+                .post(url(&server, "/v2/models/m/infer"))
+                .header("host", &host)
+                .body(infer_body())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{host}");
+        }
+        // Nothing was unloaded or reloaded.
+        let (status, body) = index(&c, &server, &[JSON]).await;
+        assert_eq!(status, 200, "{body}");
+        let listed: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+        assert_eq!(listed[0]["name"], "m", "{listed}");
+        // Loopback names pass.
+        for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
+            let (status, body) = index(&c, &server, &[JSON, ("host", host.as_str())]).await;
+            assert_eq!(status, 200, "{host}: {body}");
+        }
+        let r = c
+            .post(url(&server, "/v2/repository/models/m/unload"))
+            .header(JSON.0, JSON.1)
+            .header("host", format!("localhost:{port}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    });
+    f.stop(server);
+
+    // With the management token, a rebound host name changes nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let admin = dir.path().join("a");
+    std::fs::write(&admin, "admin-secret").unwrap();
+    let mut config = f.config();
+    config.auth.admin_token_file = Some(admin);
+    let server = f.start(config);
+    let port = dial(&server).port();
+    f.rt.block_on(async {
+        let c = reqwest::Client::new();
+        let host = format!("evil.example:{port}");
+        let auth = ("authorization", "Bearer admin-secret");
+        let (status, body) = index(&c, &server, &[JSON, auth, ("host", host.as_str())]).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, _) = index(&c, &server, &[JSON, ("host", host.as_str())]).await;
+        assert_eq!(status, 401);
+    });
+    f.stop(server);
+}
+
 // ----- TLS -----
 
 struct Tls {

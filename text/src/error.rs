@@ -14,15 +14,23 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     /// A file the operation needs does not exist.
     #[error("{what} {}: not found", path.display())]
-    NotFound { what: &'static str, path: PathBuf },
+    NotFound {
+        /// The kind of file ("token file", ...).
+        what: &'static str,
+        /// The missing file.
+        path: PathBuf,
+    },
 
     /// Input that cannot be used as given: a token file of the wrong length or
     /// with ids past the vocabulary, an empty text, an unreadable tokenizer
     /// file, an option out of range (then `path` is `None`).
     #[error("{}{message}", prefix(what, path.as_deref()))]
     Invalid {
+        /// The kind of file; empty for an option.
         what: &'static str,
+        /// The file at fault, if the error is about one.
         path: Option<PathBuf>,
+        /// What is wrong with it.
         message: String,
     },
 
@@ -31,14 +39,19 @@ pub enum Error {
     Io {
         /// The operation as a verb phrase: "read text file", "write token file".
         op: &'static str,
+        /// The file operated on.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
 
     /// The tokenizer library failed to encode, decode, train or serialize.
     #[error("tokenizer: {message}")]
-    Tokenizer { message: String },
+    Tokenizer {
+        /// The library's error, as it words it.
+        message: String,
+    },
 }
 
 /// Result with the crate's [`Error`].

@@ -40,8 +40,11 @@ pub enum TokenizerChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenizerKind {
+    /// One token per byte.
     Byte,
+    /// Byte-level BPE trained on the inputs.
     Bpe,
+    /// A `tokenizer.json` the user gave.
     File,
 }
 
@@ -63,6 +66,7 @@ pub struct PrepareOptions {
     pub inputs: Vec<PathBuf>,
     /// The data folder (created if missing; the four files are replaced).
     pub out: PathBuf,
+    /// How the text becomes ids.
     pub tokenizer: TokenizerChoice,
     /// The share of tokens, taken from the end, held out for validation: in (0, 0.5].
     pub val_fraction: f64,
@@ -86,9 +90,14 @@ impl PrepareOptions {
 pub struct DataMeta {
     /// Ids are below this (the model's embedding needs at least this many rows).
     pub vocab_size: usize,
+    /// The ids' width in the token files (`uint16` for vocabularies up to
+    /// 65,536, else `uint32`).
     pub token_dtype: TokenDtype,
+    /// Tokens in `train.bin`.
     pub train_tokens: usize,
+    /// Tokens in `val.bin`.
     pub val_tokens: usize,
+    /// Where `tokenizer.json` came from.
     pub tokenizer: TokenizerKind,
     /// The input files, as given.
     pub sources: Vec<String>,
@@ -125,10 +134,15 @@ impl DataMeta {
 /// What `prepare` wrote.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrepareReport {
+    /// The training split's token file.
     pub train: PathBuf,
+    /// The held-out split's token file.
     pub val: PathBuf,
+    /// The tokenizer file.
     pub tokenizer: PathBuf,
+    /// The `meta.json` written.
     pub meta_path: PathBuf,
+    /// What it says.
     pub meta: DataMeta,
     /// Invalid UTF-8 sequences replaced by U+FFFD, over all inputs.
     pub replaced_sequences: usize,

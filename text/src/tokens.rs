@@ -16,8 +16,10 @@ const WHAT: &str = "token file";
 /// The width of the ids in a token file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TokenDtype {
+    /// Little-endian `uint16`: vocabularies of up to 65,536 ids.
     #[serde(rename = "uint16")]
     U16,
+    /// Little-endian `uint32`.
     #[serde(rename = "uint32")]
     U32,
 }

@@ -21,6 +21,7 @@ const SECURITY: [(header::HeaderName, &str); 3] = [
     ),
 ];
 
+/// The HTML shell (`GET /`).
 pub async fn index() -> Response {
     (
         SECURITY,
@@ -30,6 +31,7 @@ pub async fn index() -> Response {
         .into_response()
 }
 
+/// `app.js` or `style.css` (`GET /assets/{name}`); 404 for any other name.
 pub async fn asset(Path(name): Path<String>) -> Response {
     let (body, kind) = match name.as_str() {
         "app.js" => (APP_JS, "text/javascript; charset=utf-8"),

@@ -14,14 +14,21 @@ use serde::Serialize;
 /// Manifests read to compute a root's deduplication ratio: the newest this many.
 const MAX_MANIFESTS_READ: usize = 500;
 
-/// One checkpoint of a root.
+/// One checkpoint of a root. The fields the manifest holds are `None` (or
+/// zero) when it could not be read (see `error`).
 #[derive(Debug, Clone, Serialize)]
 pub struct ManifestRow {
+    /// The manifest's key under the root (`manifests/{step}-{attempt}.json`).
     pub key: String,
+    /// The step saved; from the key when the manifest could not be read.
     pub step: Option<u64>,
+    /// The job that saved it.
     pub job: Option<String>,
+    /// RFC 3339, UTC, of the commit.
     pub created_at: Option<String>,
+    /// Ranks that saved it.
     pub world_size: Option<u32>,
+    /// Tensors in the state.
     pub tensors: u64,
     /// Bytes of the state (decoded).
     pub raw_bytes: u64,
@@ -31,8 +38,12 @@ pub struct ManifestRow {
     pub uploaded_bytes: u64,
     /// Stored bytes it found already stored (content addressing).
     pub reused_bytes: u64,
+    /// The codecs its ranks stored chunks with (`zstd`, `none`), sorted,
+    /// without repeats.
     pub codec: Vec<String>,
+    /// Manifest key of the checkpoint this one follows.
     pub parent: Option<String>,
+    /// Whether the root's `latest` names it.
     pub is_latest: bool,
     /// Set when the manifest could not be read.
     pub error: Option<String>,
@@ -43,9 +54,11 @@ pub struct ManifestRow {
 /// A root as the Checkpoints page shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct RootSummary {
+    /// The checkpoint root's URL.
     pub url: String,
+    /// Its newest manifests (at most 500), oldest step first.
     pub manifests: Vec<ManifestRow>,
-    /// Sum of every checkpoint's raw bytes.
+    /// Sum of the raw bytes of every checkpoint listed.
     pub logical_bytes: u64,
     /// Stored bytes of the distinct chunks they reference.
     pub unique_stored_bytes: u64,
@@ -57,11 +70,18 @@ pub struct RootSummary {
 /// The outcome of one verification.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifySummary {
+    /// Whether every chunk read back and matched its address (false too
+    /// when the verification could not run).
     pub ok: bool,
+    /// RFC 3339, UTC, of the verification.
     pub at: String,
+    /// Chunks read and checked.
     pub chunks_checked: usize,
+    /// Decoded bytes of those chunks.
     pub raw_bytes_checked: u64,
+    /// Chunks missing, unreadable or not matching their address.
     pub bad_chunks: usize,
+    /// Tensors with at least one bad chunk.
     pub bad_tensors: Vec<String>,
     /// Set when the verification could not run (store unreachable).
     pub error: Option<String>,
@@ -216,30 +236,50 @@ fn codecs(m: &Manifest) -> Vec<String> {
 /// One tensor of a manifest.
 #[derive(Debug, Clone, Serialize)]
 pub struct TensorRow {
+    /// The tensor's name in the state (`model/fc0.weight`, `optim/...`).
     pub name: String,
+    /// Its element type (`F32`, `BF16`, ...).
     pub dtype: String,
+    /// Its dimensions.
     pub shape: Vec<usize>,
+    /// Bytes of its data (decoded).
     pub raw_bytes: u64,
+    /// Bytes of its chunks as stored.
     pub stored_bytes: u64,
+    /// Chunks it is split into.
     pub chunks: usize,
 }
 
 /// One manifest, as its page shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ManifestDetail {
+    /// The checkpoint root's URL.
     pub url: String,
+    /// The manifest's key under the root.
     pub key: String,
+    /// The step saved.
     pub step: u64,
+    /// The job that saved it.
     pub job: String,
+    /// The id all ranks of the saving run agreed on (the trainer's run id).
     pub attempt: String,
+    /// RFC 3339, UTC, of the commit.
     pub created_at: String,
+    /// Manifest key of the checkpoint this one follows.
     pub parent: Option<String>,
+    /// Ranks that saved it.
     pub world_size: u32,
+    /// The code version the job recorded.
     pub code_version: String,
+    /// The dataset fingerprint the job recorded.
     pub dataset_fingerprint: String,
+    /// Metrics saved with the checkpoint (`loss`, ...).
     pub metrics: BTreeMap<String, f64>,
+    /// Tensor, chunk and byte totals.
     pub totals: kiln_checkpoint::manifest::Totals,
+    /// Its tensors, sorted by name.
     pub tensors: Vec<TensorRow>,
+    /// The last verification from this dashboard, if any.
     pub verify: Option<VerifySummary>,
 }
 

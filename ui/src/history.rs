@@ -26,16 +26,22 @@ pub const MAX_MARKS: usize = 200;
 /// One training step's figures, as rank 0 reported them.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
+    /// The optimizer step just taken.
     pub step: u64,
     /// Unix time in seconds when the agent saw the step.
     pub at: f64,
+    /// Global mean training loss of the step.
     pub loss: f64,
+    /// Learning rate the step used.
     pub lr: f64,
     /// Global samples per second of the step.
     pub throughput: f64,
-    /// NaN when the job does not compute it (`train.clip_grad_norm` unset).
+    /// Global L2 norm of the gradients before clipping; NaN when the job
+    /// does not compute it (`train.clip_grad_norm` unset).
     pub grad_norm: f64,
+    /// Seconds rank 0 spent in the step's gradient all-reduce.
     pub allreduce_seconds: f64,
+    /// Wall-clock seconds of the whole step on rank 0.
     pub step_seconds: f64,
 }
 
@@ -65,9 +71,13 @@ impl Sample {
 /// Non-finite values are left out (a bucket without any has no `Stat`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Stat {
+    /// Smallest value.
     pub min: f64,
+    /// Largest value: a spike survives any merging.
     pub max: f64,
+    /// The value of the bucket's newest sample that had one.
     pub last: f64,
+    /// Sum of the values, for the mean.
     pub sum: f64,
     /// Values summed (finite ones).
     pub n: u64,
@@ -98,19 +108,27 @@ impl Stat {
         }
     }
 
+    /// Mean of the values (`sum / n`).
     pub fn mean(&self) -> f64 {
         self.sum / self.n as f64
     }
 }
 
-/// The metrics of a bucket, one [`Stat`] each.
+/// The metrics of a bucket, one [`Stat`] each;
+/// `None` where no sample of the bucket had a finite value.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
+    /// [`Sample::loss`].
     pub loss: Option<Stat>,
+    /// [`Sample::lr`].
     pub lr: Option<Stat>,
+    /// [`Sample::throughput`], samples per second.
     pub throughput: Option<Stat>,
+    /// [`Sample::grad_norm`]; `None` when the job does not compute it.
     pub grad_norm: Option<Stat>,
+    /// [`Sample::allreduce_seconds`].
     pub allreduce_seconds: Option<Stat>,
+    /// [`Sample::step_seconds`].
     pub step_seconds: Option<Stat>,
 }
 
@@ -141,12 +159,17 @@ impl Metrics {
 /// The samples of one aligned range of steps.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Bucket {
+    /// Step of the bucket's oldest sample.
     pub first_step: u64,
+    /// Step of its newest sample.
     pub last_step: u64,
+    /// Unix seconds of the oldest sample.
     pub first_at: f64,
+    /// Unix seconds of the newest sample.
     pub last_at: f64,
     /// Samples merged into the bucket.
     pub count: u64,
+    /// The figures over those samples.
     pub metrics: Metrics,
 }
 
@@ -196,10 +219,13 @@ impl ProgressSeries {
         }
     }
 
+    /// The buckets, oldest first.
     pub fn buckets(&self) -> &[Bucket] {
         &self.buckets
     }
 
+    /// Steps per bucket now: a power of two that doubles as the series
+    /// outgrows its capacity.
     pub fn span(&self) -> u64 {
         self.span
     }
@@ -249,7 +275,9 @@ impl ProgressSeries {
 /// A round the job's workers started, as rank 0 saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundMark {
+    /// The rendezvous round.
     pub round: u64,
+    /// Workers in the round, over every node.
     pub world_size: u32,
     /// The step the round started from.
     pub step: u64,
@@ -265,12 +293,21 @@ pub struct RoundMark {
 /// A committed checkpoint, as rank 0's save reported it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMark {
+    /// The step saved.
     pub step: u64,
+    /// The checkpoint's manifest URL.
     pub url: String,
+    /// Unix seconds when the agent heard of the commit.
     pub at: f64,
+    /// Stored bytes uploaded for the checkpoint (every rank's, as the
+    /// committer counts them).
     pub bytes_uploaded: u64,
+    /// Stored bytes referenced without uploading: chunks an earlier
+    /// checkpoint already stored.
     pub bytes_reused: u64,
+    /// How long training was blocked by the save.
     pub blocking_seconds: f64,
+    /// From the save call until the checkpoint was committed.
     pub durable_seconds: f64,
     /// How rank 0 stored its chunks (`zstd`, `none`; empty when unknown).
     #[serde(default)]
@@ -280,8 +317,11 @@ pub struct CheckpointMark {
 /// Held-out metrics at a step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalMark {
+    /// The step evaluated.
     pub step: u64,
+    /// Unix seconds when the agent heard of it.
     pub at: f64,
+    /// Each held-out metric by name (`loss`, `accuracy`, ...).
     pub metrics: BTreeMap<String, f64>,
 }
 
@@ -289,17 +329,23 @@ pub struct EvalMark {
 /// keeps at `jobs/{job}/history` and in `kiln run`'s run folder.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobHistory {
+    /// The job's id.
     pub job: String,
+    /// Training progress, downsampled.
     pub series: ProgressSeries,
+    /// Held-out evaluations, oldest first, the newest [`MAX_MARKS`] kept.
     #[serde(default)]
     pub evals: Vec<EvalMark>,
+    /// Rounds, oldest first, the newest [`MAX_MARKS`] kept.
     #[serde(default)]
     pub rounds: Vec<RoundMark>,
+    /// Committed checkpoints, oldest first, the newest [`MAX_MARKS`] kept.
     #[serde(default)]
     pub checkpoints: Vec<CheckpointMark>,
 }
 
 impl JobHistory {
+    /// An empty history of `job`.
     pub fn new(job: &str) -> Self {
         JobHistory {
             job: job.to_string(),
@@ -307,14 +353,17 @@ impl JobHistory {
         }
     }
 
+    /// Records an evaluation, dropping the oldest beyond [`MAX_MARKS`].
     pub fn push_eval(&mut self, mark: EvalMark) {
         push_bounded(&mut self.evals, mark);
     }
 
+    /// Records a round, dropping the oldest beyond [`MAX_MARKS`].
     pub fn push_round(&mut self, mark: RoundMark) {
         push_bounded(&mut self.rounds, mark);
     }
 
+    /// Records a checkpoint, dropping the oldest beyond [`MAX_MARKS`].
     pub fn push_checkpoint(&mut self, mark: CheckpointMark) {
         push_bounded(&mut self.checkpoints, mark);
     }

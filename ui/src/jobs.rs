@@ -17,6 +17,8 @@ use crate::recorder::{HISTORY_FILE, STATUS_FILE, extra, history_key};
 /// The places jobs are read from.
 #[derive(Clone, Default)]
 pub struct JobSources {
+    /// The coordination store and the keyspace its jobs live under; `None`:
+    /// run folders only.
     pub store: Option<(Arc<dyn Store>, Keyspace)>,
     /// `kiln run` data folders (`--data-dir`).
     pub data_dirs: Vec<PathBuf>,
@@ -25,17 +27,29 @@ pub struct JobSources {
 /// One line of the Jobs page.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobRow {
+    /// The job's id.
     pub job: String,
+    /// `pending`, `running`, `waiting`, `succeeded`, `failed` or `cancelled`.
     pub phase: String,
+    /// Ranks in the current (or last) round.
     pub world_size: u32,
+    /// The current rendezvous round (0: none yet).
     pub round: u64,
+    /// Last completed training step.
     pub step: u64,
+    /// `train.steps` of the spec.
     pub total_steps: u64,
+    /// Training loss at `step`; `None` when not reported or not finite.
     pub loss: Option<f64>,
+    /// Global samples per second at the last recorded step, when recorded.
     pub throughput: Option<f64>,
+    /// Step of the last committed checkpoint.
     pub last_checkpoint: Option<u64>,
+    /// RFC 3339, UTC.
     pub started_at: Option<String>,
+    /// RFC 3339, UTC; `None` while the job runs.
     pub finished_at: Option<String>,
+    /// RFC 3339, UTC, of the record's last change.
     pub updated_at: Option<String>,
     /// `store` or the run folder it was read from.
     pub source: String,
@@ -64,19 +78,30 @@ impl JobRow {
 /// Everything the Job page shows but its logs.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobDetail {
+    /// The job's record.
     pub status: JobStatus,
-    /// The spec as accepted (JSON), when known.
+    /// The spec as accepted (JSON), when known (from the store only).
     pub spec: Option<serde_json::Value>,
+    /// `store` or the run folder it was read from.
     pub source: String,
 }
 
 /// Why a job could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
+    /// The store could not be read, or a job record (from the store or a
+    /// run folder's `status.json`) does not parse.
     #[error("{0}")]
     Store(#[from] kiln_coordinator::Error),
+    /// A run folder's file, or a history in the store, could not be read or
+    /// parsed.
     #[error("read {path}: {error}")]
-    File { path: String, error: String },
+    File {
+        /// The file's path, or the store key.
+        path: String,
+        /// What went wrong.
+        error: String,
+    },
 }
 
 impl JobSources {

@@ -21,6 +21,8 @@
 //! - [`server`]: the routes, the token check, [`UiConfig`] and [`serve`].
 //! - `assets`: the embedded pages.
 
+#![warn(missing_docs)]
+
 mod assets;
 pub mod checkpoints;
 pub mod history;

@@ -55,20 +55,28 @@ pub mod extra {
 /// One thing to add to the history.
 #[derive(Debug, Clone)]
 pub enum Record {
+    /// A training step, into the downsampled series.
     Progress(Sample),
+    /// A held-out evaluation.
     Eval(EvalMark),
+    /// A round the workers started.
     Round(RoundMark),
+    /// A committed checkpoint.
     Checkpoint(CheckpointMark),
 }
 
 /// Where and how often a [`Recorder`] writes.
 #[derive(Clone)]
 pub struct RecorderConfig {
+    /// The job whose history this is.
     pub job: String,
+    /// The store the history (and the status fields in [`extra`]) go to.
     pub store: Arc<dyn Store>,
+    /// The job's keyspace in that store.
     pub ks: Keyspace,
     /// The run folder to write `history.json` into, if any.
     pub run_dir: Option<PathBuf>,
+    /// Least time between two writes of the history.
     pub flush_every: Duration,
     /// Recorded in the status for the dashboard ([`extra::CHECKPOINT_ROOT`]).
     pub checkpoint_root: Option<String>,

@@ -10,18 +10,22 @@ const MAX_AUDIT: usize = 100;
 /// One model of a registry.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelView {
+    /// The model's name.
     pub name: String,
     /// Newest first.
     pub versions: Vec<ModelVersion>,
+    /// Its aliases (`production`, ...) with their targets and weights.
     pub aliases: Vec<Alias>,
-    /// Newest first.
+    /// Newest first, the newest 100 only.
     pub audit: Vec<AuditEntry>,
 }
 
 /// A registry as the Registry page shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct RegistryView {
+    /// The registry's URL.
     pub url: String,
+    /// Every model registered, in the registry's order (by name).
     pub models: Vec<ModelView>,
 }
 

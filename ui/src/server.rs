@@ -7,6 +7,7 @@
 //! GET  /api/jobs/{job}                         status (rounds, events) and spec
 //! GET  /api/jobs/{job}/history                 the downsampled series, evals, rounds, checkpoints
 //! POST /api/jobs/{job}/cancel                  (token)
+//! GET  /api/jobs/{job}/logs?node=N&rank=R&since=S&tail=T   the workers' newest lines
 //! GET  /api/checkpoints                        known roots
 //! GET  /api/checkpoints/root?url=U             a root's manifests and dedup ratio
 //! GET  /api/checkpoints/manifest?url=U&key=K   one manifest's tensors
@@ -17,16 +18,17 @@
 //! GET  /api/serving                            each configured `kiln serve`'s figures
 //! ```
 //!
-//! A job's logs will sit beside its history as
-//! `GET /api/jobs/{job}/logs?node=&rank=&since=` (one more route in
-//! [`router`], read through [`JobSources`]).
+//! A job's logs are read as `kiln logs` reads them: from the store when it
+//! holds the job's lines, else from the data folders of [`JobSources`].
 //!
 //! Reads need nothing; actions need the bearer token the dashboard was
 //! started with, in an `authorization` header (never a cookie, so another
 //! site cannot make a browser act). Without a token the dashboard is
 //! read-only. Checkpoint roots and serving URLs are the configured ones and
 //! those the jobs recorded: a request cannot make the dashboard open any
-//! other location.
+//! other location. On a loopback address the dashboard answers only
+//! requests that name a loopback host (DNS rebinding; see
+//! [`kiln_proto::http_host`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +58,7 @@ const ACTOR: &str = "kiln-ui";
 /// What the dashboard reads and whether it may act.
 #[derive(Clone, Default)]
 pub struct UiConfig {
+    /// Where jobs (status, spec, history, logs) are read from.
     pub jobs: JobSources,
     /// Checkpoint roots to offer besides those the jobs recorded.
     pub checkpoint_roots: Vec<String>,
@@ -117,30 +120,17 @@ async fn loopback_host_only(
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or_default();
-    if is_loopback_host(host) {
+    if kiln_proto::http_host::is_loopback(host) {
         return next.run(request).await;
     }
     ApiError(
         StatusCode::MISDIRECTED_REQUEST,
         format!(
-            "this dashboard listens on a loopback address and answers only requests for              localhost, 127.0.0.1 or [::1], not {host:?} (a DNS name rebound to this machine?)"
+            "this dashboard listens on a loopback address and answers only requests for \
+             localhost, 127.0.0.1 or [::1], not {host:?} (a DNS name rebound to this machine?)"
         ),
     )
     .into_response()
-}
-
-/// Whether an HTTP `Host` value (with or without a port) names this machine's
-/// loopback interface.
-fn is_loopback_host(host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
-        // [::1]:8080
-        Some(rest) => rest.split(']').next().unwrap_or_default(),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
-    };
-    name.eq_ignore_ascii_case("localhost")
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The dashboard's routes over `cfg`.
@@ -568,35 +558,4 @@ async fn serving_page(State(state): State<Arc<AppState>>) -> ApiResult {
         });
     }
     ok(json!({ "servers": servers }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_loopback_host;
-
-    #[test]
-    fn only_loopback_names_pass_the_host_check() {
-        for host in [
-            "localhost",
-            "LOCALHOST:8080",
-            "127.0.0.1",
-            "127.0.0.1:41234",
-            "127.1.2.3:80",
-            "[::1]",
-            "[::1]:8080",
-        ] {
-            assert!(is_loopback_host(host), "{host}");
-        }
-        for host in [
-            "",
-            "evil.example",
-            "evil.example:8080",
-            "localhost.evil.example",
-            "10.0.0.1:8080",
-            "[::2]:80",
-            "127.0.0.1.evil.example",
-        ] {
-            assert!(!is_loopback_host(host), "{host}");
-        }
-    }
 }

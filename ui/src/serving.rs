@@ -14,8 +14,11 @@ use serde::Serialize;
 /// One sample line of the text exposition format.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromSample {
+    /// The metric name, with its suffix (`_total`, `_bucket`, `_sum`).
     pub name: String,
+    /// Label values by name, unescaped.
     pub labels: BTreeMap<String, String>,
+    /// The sample's value (`+Inf` and `-Inf` included).
     pub value: f64,
 }
 
@@ -94,17 +97,27 @@ fn parse_labels_from(body: &str, labels: &mut BTreeMap<String, String>) -> Optio
 /// One model version's figures on the Serving page.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct VersionFigures {
+    /// The model's name (`_unknown` for requests the server could not
+    /// attribute).
     pub model: String,
     /// Empty for requests refused before a version was chosen.
     pub version: String,
+    /// Requests answered since the server started, over both protocols.
     pub requests_total: f64,
+    /// Requests refused or failed since the server started, every kind.
     pub errors_total: f64,
     /// Per second since the previous scrape of this server; `None` on the first.
     pub request_rate: Option<f64>,
+    /// Errors per second, like `request_rate`.
     pub error_rate: Option<f64>,
+    /// Median request latency since the server started; `None` without
+    /// requests.
     pub p50_seconds: Option<f64>,
+    /// 99th percentile request latency, like `p50_seconds`.
     pub p99_seconds: Option<f64>,
+    /// Rows per forward pass; `None` before the first pass.
     pub mean_batch_size: Option<f64>,
+    /// Forward passes run since the server started.
     pub batches: f64,
     /// Percent of the model's traffic (`kiln_serve_version_weight`).
     pub weight: Option<f64>,
@@ -117,9 +130,14 @@ pub struct VersionFigures {
 /// A scrape of one server, summarised.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServingSummary {
+    /// The server's base URL (`http://HOST:PORT`).
     pub url: String,
+    /// Per model version, sorted by model then version.
     pub versions: Vec<VersionFigures>,
+    /// Connections open at the scrape; `None` when the server does not say.
     pub open_connections: Option<f64>,
+    /// Requests being answered at the scrape; `None` when the server does
+    /// not say.
     pub in_flight_requests: Option<f64>,
     /// Seconds between this scrape and the previous one (rates' window).
     pub window_seconds: Option<f64>,

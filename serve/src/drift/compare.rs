@@ -105,10 +105,18 @@ impl DriftOptions {
 pub enum DriftError {
     /// A [`DriftOptions`] field is out of range.
     #[error("drift options: {field} {reason}")]
-    Options { field: &'static str, reason: String },
+    Options {
+        /// The field's name (`window_rows`, ...).
+        field: &'static str,
+        /// Its value and what is allowed.
+        reason: String,
+    },
     /// Inputs or predictions do not fit the reference profile's columns.
     #[error("drift observation: {reason}")]
-    Shape { reason: String },
+    Shape {
+        /// What does not fit.
+        reason: String,
+    },
 }
 
 /// One column's test in a window.
