@@ -361,6 +361,7 @@ impl Summable for f64 {
 pub struct Bf16(pub u16);
 
 impl Bf16 {
+    /// The exact float32 value.
     pub fn to_f32(self) -> f32 {
         f32::from_bits((self.0 as u32) << 16)
     }

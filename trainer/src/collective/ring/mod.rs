@@ -1,4 +1,16 @@
-//! A bandwidth-optimal TCP ring for CPU tensors.
+//! A bandwidth-optimal ring for CPU tensors.
+//!
+//! # Layout
+//!
+//! - this file: the API ([`RingCollective`], [`RingSecret`], [`Transport`])
+//!   and the tensor checks;
+//! - `connect.rs`: connecting into the ring (the authenticated handshake,
+//!   connecting to next while accepting prev);
+//! - `plan.rs`: the pure part: operation headers, and which sub-chunk each
+//!   side moves when;
+//! - `exec.rs`: running a plan (the sender and receiver sides, their
+//!   synchronisation, the sums);
+//! - `shm.rs`: the shared-memory pipe between ranks on one host.
 //!
 //! # Topology
 //!
@@ -7,6 +19,14 @@
 //! connection carries one direction (for `W = 2` the pair holds two connections,
 //! one per direction). With `W = 1` there are no sockets and every operation is a
 //! local copy or a no-op.
+//!
+//! # Transport
+//!
+//! Between ranks on one host (`Transport::Auto`, the default) each
+//! connection's data goes through a shared-memory pipe and the connection
+//! itself carries only wake-ups, so it still reports a dead peer or an abort
+//! at once (`shm.rs`); elsewhere, and with `Transport::Tcp`, through the
+//! connection. Everything below holds for both.
 //!
 //! # Algorithms
 //!
@@ -22,8 +42,9 @@
 //! Each chunk is cut into sub-chunks of `SUB_CHUNK_BYTES` (512 KiB). For the
 //! duration of one operation a scoped sender thread writes sub-chunks to *next*
 //! while the calling thread reads sub-chunks from *prev* and adds them into the
-//! buffer straight from a reused receive buffer (overwrite steps read directly
-//! into the caller's buffer, with no intermediate copy). The two threads
+//! buffer straight from a reused receive buffer, or from the shared-memory pipe
+//! in place (overwrite steps read directly into the caller's buffer, with no
+//! intermediate copy). The two threads
 //! synchronise per sub-chunk through two counters of completed transfers: a
 //! sub-chunk is forwarded as soon as it has been reduced, so transfer, reduction
 //! and forwarding overlap, and a sub-chunk is overwritten only once the sender is
@@ -81,7 +102,7 @@ use exec::{Reduce, Summable};
 use plan::{OpHeader, OpKind, Transfer, plan_all_gather, plan_all_reduce, plan_broadcast};
 
 #[cfg(target_endian = "big")]
-compile_error!("the TCP ring sends floats as native bytes and assumes a little-endian target");
+compile_error!("the ring sends floats as native bytes and assumes a little-endian target");
 
 /// Pipelining granularity. Small enough that the first forward starts early and
 /// the receive buffer stays in L2 while it is being reduced; large enough that
@@ -139,7 +160,7 @@ pub enum Transport {
     Tcp,
 }
 
-/// A TCP ring over the ranks of one round. See the [module docs](self).
+/// The ring over the ranks of one round. See the [module docs](self).
 pub struct RingCollective {
     rank: usize,
     world: usize,

@@ -101,7 +101,8 @@ struct Header {
 }
 
 const _: () = assert!(size_of::<Header>() <= HEADER);
-const _: () = assert!(CAPACITY % ALIGN as usize == 0 && PIECE % ALIGN as usize == 0);
+const _: () =
+    assert!(CAPACITY.is_multiple_of(ALIGN as usize) && PIECE.is_multiple_of(ALIGN as usize));
 
 /// One side's mapping of a pipe.
 pub(super) struct Pipe {
