@@ -60,7 +60,8 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// A table of float32 features `x` [n, features] and int64 labels `y` [n].
+    /// A table of float32 features `x` [n, features] and int64 labels `y`,
+    /// one per sample.
     pub fn classification(x: Vec<f32>, y: Vec<i64>, features: usize) -> Self {
         let len = y.len();
         Self {

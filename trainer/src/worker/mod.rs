@@ -8,12 +8,12 @@
 //! # Layout
 //!
 //! - this file: the agent channel, rounds (state synchronisation, resume) and
-//!   the training loop ([`Training::steps`]), which reads like torchtitan's
+//!   the training loop (`Training::steps`), which reads like torchtitan's
 //!   `train()`: step, let the checkpoint manager decide whether to save,
 //!   evaluate now and then, finish.
-//! - [`step`]: one training step and the loss of each objective.
-//! - [`buckets`]: gradient buckets and clipping by the global norm.
-//! - [`eval`]: held-out metrics and the reference profile.
+//! - `step`: one training step and the loss of each objective.
+//! - `buckets`: gradient buckets and clipping by the global norm.
+//! - `eval`: held-out metrics and the reference profile.
 //! - checkpoint policy (interval, failure budget, retention) lives in
 //!   `kiln_checkpoint::CheckpointManager`.
 
