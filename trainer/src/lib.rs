@@ -25,7 +25,6 @@
 #![warn(missing_docs)]
 
 pub mod agent;
-#[allow(missing_docs)] // documented by the lead's collective change
 pub mod collective;
 pub mod data;
 pub mod device;
