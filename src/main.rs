@@ -230,7 +230,7 @@ fn main() -> ExitCode {
             report(
                 kiln_trainer::worker::run(&args)
                     .map(|()| ExitCode::SUCCESS)
-                    .map_err(CliError::Failed),
+                    .map_err(|e| CliError::Failed(e.into())),
             )
         }
     }

@@ -48,9 +48,10 @@
 //! bring the gradients home to the float32 parameters, so an optimizer never
 //! sees anything but float32.
 
-use anyhow::{Context, Result, bail, ensure};
 use tch::nn;
 use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::error::{Error, Result};
 
 /// Base of the rotary angles (RoFormer, GPT-NeoX, LLaMA).
 const ROPE_BASE: f64 = 10_000.0;
@@ -101,28 +102,32 @@ impl GptConfig {
             ("n_head", self.n_head),
             ("d_model", self.d_model),
         ] {
-            ensure!(value >= 1, "gpt.{name}: must be at least 1, not {value}");
+            if value < 1 {
+                return Err(Error::config(format!(
+                    "gpt.{name}: must be at least 1, not {value}"
+                )));
+            }
         }
-        ensure!(
-            self.d_model.is_multiple_of(self.n_head),
-            "gpt.d_model {} is not divisible by gpt.n_head {}",
-            self.d_model,
-            self.n_head
-        );
-        if self.positions == Positions::Rotary {
-            ensure!(
-                self.head_dim().is_multiple_of(2),
+        if !self.d_model.is_multiple_of(self.n_head) {
+            return Err(Error::config(format!(
+                "gpt.d_model {} is not divisible by gpt.n_head {}",
+                self.d_model, self.n_head
+            )));
+        }
+        if self.positions == Positions::Rotary && !self.head_dim().is_multiple_of(2) {
+            return Err(Error::config(format!(
                 "gpt: rotary positions need an even head dimension, not {} (d_model {} / n_head {})",
                 self.head_dim(),
                 self.d_model,
                 self.n_head
-            );
+            )));
         }
-        ensure!(
-            (0.0..1.0).contains(&self.dropout),
-            "gpt.dropout: must be in [0, 1), not {}",
-            self.dropout
-        );
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config(format!(
+                "gpt.dropout: must be in [0, 1), not {}",
+                self.dropout
+            )));
+        }
         Ok(())
     }
 
@@ -316,17 +321,20 @@ impl Gpt {
         train: bool,
         reduction: Reduction,
     ) -> Result<Tensor> {
-        ensure!(
-            targets.size() == tokens.size(),
-            "gpt: targets of shape {:?} do not match tokens of shape {:?}",
-            targets.size(),
-            tokens.size()
-        );
+        if targets.size() != tokens.size() {
+            return Err(Error::input(format!(
+                "gpt: targets of shape {:?} do not match tokens of shape {:?}",
+                targets.size(),
+                tokens.size()
+            )));
+        }
         let logits = self.forward_t(tokens, train)?;
         logits
             .view([-1, self.cfg.vocab as i64])
             .f_cross_entropy_loss(&targets.reshape([-1]), None::<Tensor>, reduction, -100, 0.0)
-            .context("compute cross-entropy (is every target below vocab?)")
+            .map_err(Error::torch(
+                "compute cross-entropy (is every target below vocab?)",
+            ))
     }
 
     /// Next-token logits [b, vocab] (float32) after each sequence of `tokens`
@@ -343,16 +351,18 @@ impl Gpt {
     pub fn next_token_logits(&self, tokens: &Tensor) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t) = batch_and_time(tokens)?;
-        ensure!(
-            t <= cfg.seq_len as i64,
-            "gpt: {t} positions pass the context of {} tokens",
-            cfg.seq_len
-        );
+        if t > cfg.seq_len as i64 {
+            return Err(Error::input(format!(
+                "gpt: {t} positions pass the context of {} tokens",
+                cfg.seq_len
+            )));
+        }
         let Some((last, blocks)) = self.blocks.split_last() else {
-            bail!("gpt: a model without blocks");
+            return Err(Error::config("gpt: a model without blocks"));
         };
-        let mut x = Tensor::f_embedding(&self.wte, tokens, -1, false, false)
-            .context("look up token embeddings (is every token below vocab?)")?;
+        let mut x = Tensor::f_embedding(&self.wte, tokens, -1, false, false).map_err(
+            Error::torch("look up token embeddings (is every token below vocab?)"),
+        )?;
         if let Some(wpe) = &self.wpe {
             x = &x + wpe.narrow(0, 0, t);
         }
@@ -414,17 +424,19 @@ impl Gpt {
     /// the call in `tch::no_grad` is the caller's business. Fails if the cache
     /// would pass `seq_len` or the batch size differs from the cached one.
     pub fn forward_cached(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        ensure!(
-            cache.layers.len() == self.cfg.n_layer,
-            "gpt: the cache has {} layers, the model {}",
-            cache.layers.len(),
-            self.cfg.n_layer
-        );
-        if let (Some(cached), Some(&batch)) = (cache.batch(), tokens.size().first()) {
-            ensure!(
-                cached == batch,
+        if cache.layers.len() != self.cfg.n_layer {
+            return Err(Error::input(format!(
+                "gpt: the cache has {} layers, the model {}",
+                cache.layers.len(),
+                self.cfg.n_layer
+            )));
+        }
+        if let (Some(cached), Some(&batch)) = (cache.batch(), tokens.size().first())
+            && cached != batch
+        {
+            return Err(Error::input(format!(
                 "gpt: a batch of {batch} sequences does not continue the cache's {cached}"
-            );
+            )));
         }
         self.run(tokens, false, Some(cache))
     }
@@ -454,24 +466,30 @@ impl Gpt {
         mut on_token: impl FnMut(i64) -> bool,
     ) -> Result<Vec<i64>> {
         let cfg = &self.cfg;
-        ensure!(!prompt.is_empty(), "generate: the prompt is empty");
-        ensure!(
-            prompt.len() <= cfg.seq_len,
-            "generate: a prompt of {} tokens does not fit the context of {}",
-            prompt.len(),
-            cfg.seq_len
-        );
+        if prompt.is_empty() {
+            return Err(Error::input("generate: the prompt is empty"));
+        }
+        if prompt.len() > cfg.seq_len {
+            return Err(Error::input(format!(
+                "generate: a prompt of {} tokens does not fit the context of {}",
+                prompt.len(),
+                cfg.seq_len
+            )));
+        }
         if let Some(&bad) = prompt.iter().find(|&&t| t < 0 || t >= cfg.vocab as i64) {
-            bail!(
+            return Err(Error::input(format!(
                 "generate: token {bad} is outside the vocabulary of {}",
                 cfg.vocab
-            );
+            )));
         }
-        ensure!(
-            temperature.is_finite() && temperature >= 0.0,
-            "generate: temperature must be a finite number >= 0, not {temperature}"
-        );
-        ensure!(top_k != Some(0), "generate: top_k must be at least 1");
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(Error::input(format!(
+                "generate: temperature must be a finite number >= 0, not {temperature}"
+            )));
+        }
+        if top_k == Some(0) {
+            return Err(Error::input("generate: top_k must be at least 1"));
+        }
         let mut generated = Vec::new();
         if max_tokens == 0 {
             return Ok(generated);
@@ -485,7 +503,7 @@ impl Gpt {
                 let logits = self.forward_cached(&input, &mut cache)?;
                 let last = logits.select(1, -1).view([-1]).to_kind(Kind::Float);
                 let last = Vec::<f32>::try_from(&last.to_device(Device::Cpu))
-                    .context("copy logits to the host")?;
+                    .map_err(Error::torch("copy logits to the host"))?;
                 let token = sample(&last, temperature, top_k, &mut rng);
                 generated.push(token);
                 if !on_token(token) || generated.len() >= max_tokens || cache.len() >= cfg.seq_len {
@@ -501,16 +519,18 @@ impl Gpt {
         let cfg = &self.cfg;
         let (_, t) = batch_and_time(tokens)?;
         let offset = cache.as_ref().map_or(0, |c| c.len) as i64;
-        ensure!(
-            offset + t <= cfg.seq_len as i64,
-            "gpt: {} positions pass the context of {} tokens",
-            offset + t,
-            cfg.seq_len
-        );
+        if offset + t > cfg.seq_len as i64 {
+            return Err(Error::input(format!(
+                "gpt: {} positions pass the context of {} tokens",
+                offset + t,
+                cfg.seq_len
+            )));
+        }
         let p = if train { cfg.dropout } else { 0.0 };
 
-        let mut x = Tensor::f_embedding(&self.wte, tokens, -1, false, false)
-            .context("look up token embeddings (is every token below vocab?)")?;
+        let mut x = Tensor::f_embedding(&self.wte, tokens, -1, false, false).map_err(
+            Error::torch("look up token embeddings (is every token below vocab?)"),
+        )?;
         // Residual sums are written `x = &x + ...`, never `x += ...`: tch's
         // `AddAssign` adds in place, and autograd still needs the old `x`.
         if let Some(wpe) = &self.wpe {
@@ -661,18 +681,24 @@ impl Gpt {
 fn batch_and_time(tokens: &Tensor) -> Result<(i64, i64)> {
     let (b, t) = match tokens.size().as_slice() {
         &[b, t] => (b, t),
-        shape => bail!("gpt: tokens must be [batch, time], not {shape:?}"),
+        shape => {
+            return Err(Error::input(format!(
+                "gpt: tokens must be [batch, time], not {shape:?}"
+            )));
+        }
     };
-    ensure!(
-        tokens.kind() == Kind::Int64,
-        "gpt: tokens must be int64, not {:?}",
-        tokens.kind()
-    );
-    ensure!(
-        b >= 1 && t >= 1,
-        "gpt: empty batch of tokens {:?}",
-        tokens.size()
-    );
+    if tokens.kind() != Kind::Int64 {
+        return Err(Error::input(format!(
+            "gpt: tokens must be int64, not {:?}",
+            tokens.kind()
+        )));
+    }
+    if b < 1 || t < 1 {
+        return Err(Error::input(format!(
+            "gpt: empty batch of tokens {:?}",
+            tokens.size()
+        )));
+    }
     Ok((b, t))
 }
 

@@ -12,17 +12,23 @@
 //!
 //! - this file: [`build`] (spec -> network), [`Net`], parameter helpers.
 //! - [`gpt`]: the decoder-only transformer, its KV cache and sampling.
+//! - [`error`]: the crate's one [`Error`].
 
+#![warn(missing_docs)]
+
+pub mod error;
 pub mod gpt;
 
-use anyhow::{Context, Result, bail, ensure};
+pub use error::{Error, Result};
 use kiln_proto::spec::{ModelKind, ModelReturns, ModelSpec, PositionKind, Precision};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-/// A network ready to train.
+/// A network ready to train (or, frozen, to serve).
 pub enum Net {
+    /// An mlp or a cnn: flat features [n, features] to logits [n, classes].
     Builtin(nn::Sequential),
+    /// The decoder-only transformer: tokens [n, t] to logits [n, t, vocab].
     Gpt(gpt::Gpt),
     /// `forward` returns logits or a loss, as the spec's `model.returns` says.
     Script(tch::TrainableCModule),
@@ -47,7 +53,7 @@ impl Net {
             Net::Gpt(gpt) => gpt.forward_t(xs, train),
             Net::Script(m) => m
                 .forward_ts(&[xs])
-                .context("run the TorchScript module's forward"),
+                .map_err(Error::torch("run the TorchScript module's forward")),
         }
     }
 
@@ -66,7 +72,9 @@ impl Net {
     /// named tensors as a `Dict[str, Tensor]`, returning a scalar.
     pub fn script_loss(&self, batch: &[(String, Tensor)]) -> Result<Tensor> {
         let Net::Script(m) = self else {
-            bail!("only a TorchScript module returns its own loss");
+            return Err(Error::config(
+                "only a TorchScript module returns its own loss",
+            ));
         };
         let dict = tch::IValue::GenericDict(
             batch
@@ -80,20 +88,30 @@ impl Net {
                 .collect(),
         );
         let names: Vec<&str> = batch.iter().map(|(n, _)| n.as_str()).collect();
-        let out = m.forward_is(&[dict]).with_context(|| {
-            format!("run the TorchScript module's forward on a batch of {names:?}")
+        let out = m.forward_is(&[dict]).map_err(|e| {
+            Error::module(
+                format!("run the TorchScript module's forward on a batch of {names:?}"),
+                Some(e),
+            )
         })?;
         let tch::IValue::Tensor(loss) = out else {
-            bail!(
-                "the TorchScript module returned {out:?}; with model.returns = \"loss\" it must return a scalar tensor"
-            );
+            return Err(Error::module(
+                format!(
+                    "the TorchScript module returned {out:?}; with model.returns = \"loss\" it must return a scalar tensor"
+                ),
+                None,
+            ));
         };
-        ensure!(
-            loss.numel() == 1 && loss.is_floating_point(),
-            "the TorchScript module returned a {:?} tensor of shape {:?}; with model.returns = \"loss\" it must return a scalar loss",
-            loss.kind(),
-            loss.size()
-        );
+        if loss.numel() != 1 || !loss.is_floating_point() {
+            return Err(Error::module(
+                format!(
+                    "the TorchScript module returned a {:?} tensor of shape {:?}; with model.returns = \"loss\" it must return a scalar loss",
+                    loss.kind(),
+                    loss.size()
+                ),
+                None,
+            ));
+        }
         Ok(loss.view([]).to_kind(Kind::Float))
     }
 }
@@ -134,22 +152,23 @@ pub fn build_with(
     vs: &nn::VarStore,
 ) -> Result<Net> {
     if precision == Precision::Bf16 && spec.kind != ModelKind::Gpt {
-        bail!(
+        return Err(Error::config(format!(
             "train.precision = \"bf16\" is built into model.kind = \"gpt\" only; \
              train {} models in fp32",
             format!("{:?}", spec.kind).to_lowercase()
-        );
+        )));
     }
     let root = vs.root();
     let (f, c) = (io.features as i64, io.classes as i64);
     let (features, classes) = (io.features, io.classes);
     match spec.kind {
         ModelKind::Gpt => {
-            let vocab = spec.vocab.context("model.vocab: required for a gpt")?;
-            let seq_len = spec
-                .seq_len
-                .or(io.context)
-                .context("model.seq_len: required for a gpt (or data.seq_len)")?;
+            let vocab = spec
+                .vocab
+                .ok_or_else(|| Error::config("model.vocab: required for a gpt"))?;
+            let seq_len = spec.seq_len.or(io.context).ok_or_else(|| {
+                Error::config("model.seq_len: required for a gpt (or data.seq_len)")
+            })?;
             let config = gpt::GptConfig {
                 vocab,
                 seq_len,
@@ -198,13 +217,14 @@ pub fn build_with(
                 ..Default::default()
             };
             for (i, &out) in spec.channels.iter().enumerate() {
-                ensure!(
-                    height >= 2 && width >= 2,
-                    "model.channels: {} pooling blocks shrink a {}x{} input below 1x1; use fewer blocks",
-                    spec.channels.len(),
-                    shape[1],
-                    shape[2]
-                );
+                if height < 2 || width < 2 {
+                    return Err(Error::config(format!(
+                        "model.channels: {} pooling blocks shrink a {}x{} input below 1x1; use fewer blocks",
+                        spec.channels.len(),
+                        shape[1],
+                        shape[2]
+                    )));
+                }
                 seq = seq
                     .add(nn::conv2d(
                         &root / format!("conv{i}"),
@@ -231,9 +251,13 @@ pub fn build_with(
             let path = spec
                 .path
                 .as_ref()
-                .context("model.path: required for a torchscript model")?;
-            let mut module = tch::TrainableCModule::load(path, root)
-                .with_context(|| format!("load TorchScript module {}", path.display()))?;
+                .ok_or_else(|| Error::config("model.path: required for a torchscript model"))?;
+            let mut module = tch::TrainableCModule::load(path, root).map_err(|e| {
+                Error::module(
+                    format!("load TorchScript module {}", path.display()),
+                    Some(e),
+                )
+            })?;
             module.set_train();
             if spec.returns == ModelReturns::Loss || io.context.is_some() {
                 // Its inputs are the batch's named tensors or tokens: checked
@@ -243,18 +267,25 @@ pub fn build_with(
             // A forward on one dummy sample checks the module fits the data now,
             // with a clear message, rather than deep inside the first step.
             let probe = Tensor::zeros([1, f], (Kind::Float, vs.device()));
-            let out = tch::no_grad(|| module.forward_ts(&[probe])).with_context(|| {
-                format!(
-                    "run TorchScript module {} on a [1, {features}] input",
-                    path.display()
+            let out = tch::no_grad(|| module.forward_ts(&[probe])).map_err(|e| {
+                Error::module(
+                    format!(
+                        "run TorchScript module {} on a [1, {features}] input",
+                        path.display()
+                    ),
+                    Some(e),
                 )
             })?;
-            ensure!(
-                out.size() == [1, c],
-                "TorchScript module {} returns shape {:?} for a [1, {features}] input; expected [1, {classes}] logits",
-                path.display(),
-                out.size()
-            );
+            if out.size() != [1, c] {
+                return Err(Error::module(
+                    format!(
+                        "TorchScript module {} returns shape {:?} for a [1, {features}] input; expected [1, {classes}] logits",
+                        path.display(),
+                        out.size()
+                    ),
+                    None,
+                ));
+            }
             Ok(Net::Script(module))
         }
     }
@@ -264,19 +295,20 @@ pub fn build_with(
 fn input_shape(spec: &ModelSpec, features: usize) -> Result<Vec<usize>> {
     match &spec.input_shape {
         Some(s) => {
-            ensure!(
-                s.iter().product::<usize>() == features,
-                "model.input_shape {s:?} holds {} values but the data has {features} features per sample",
-                s.iter().product::<usize>()
-            );
+            if s.iter().product::<usize>() != features {
+                return Err(Error::config(format!(
+                    "model.input_shape {s:?} holds {} values but the data has {features} features per sample",
+                    s.iter().product::<usize>()
+                )));
+            }
             Ok(s.clone())
         }
         None => {
             let side = (features as f64).sqrt().round() as usize;
             if side * side != features {
-                bail!(
+                return Err(Error::config(format!(
                     "model.input_shape: required for cnn since {features} features are not a square image"
-                );
+                )));
             }
             Ok(vec![1, side, side])
         }

@@ -213,7 +213,8 @@ pub async fn run_local(
             feed.on_event(&event);
             on_event(event)
         })
-        .await;
+        .await
+        .map_err(anyhow::Error::from);
     feed.finish().await;
     // Stop the leader before leaving: a member leaving a live leader's round
     // counts as a lost node.

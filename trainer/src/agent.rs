@@ -14,7 +14,6 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
 use kiln_proto::frame;
 use kiln_proto::worker::{
     AgentMessage, Assignment, CheckpointSaved, EvalResult, Finished, Hello, Interrupted, Progress,
@@ -26,12 +25,14 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use crate::error::{Context, Error, Result};
 use crate::logs::{Capture, LogSink, RankHandle, TailHandle};
 use crate::metrics::TrainingMetrics;
 
 /// How to start this node's workers.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The job's id, for log fields.
     pub job: String,
     /// Worker processes on this node.
     pub nproc: usize,
@@ -51,10 +52,13 @@ pub struct AgentConfig {
 /// One round's assignment for this node, from the rendezvous plan.
 #[derive(Debug, Clone)]
 pub struct RoundAssignment {
+    /// The round's number; a newer round aborts an older one in flight.
     pub round: u64,
     /// Global rank of local worker 0; local worker i is `first_rank + i`.
     pub first_rank: u32,
+    /// Ranks in the round, over every node.
     pub world_size: u32,
+    /// Every rank's collective listener address, by global rank.
     pub peers: Vec<String>,
     /// The accepted job spec, JSON.
     pub spec_json: String,
@@ -71,15 +75,41 @@ pub struct RoundAssignment {
 /// What the agent hears from its workers while they train.
 #[derive(Debug, Clone)]
 pub enum AgentEvent {
-    Progress { rank: u32, progress: Progress },
-    Eval { rank: u32, eval: EvalResult },
-    Checkpoint { rank: u32, saved: CheckpointSaved },
-    Warning { rank: u32, message: String },
+    /// A step finished.
+    Progress {
+        /// The reporting worker's global rank.
+        rank: u32,
+        /// The step, its loss and timings.
+        progress: Progress,
+    },
+    /// Held-out metrics were computed.
+    Eval {
+        /// The reporting worker's global rank.
+        rank: u32,
+        /// The metrics and the step they were taken at.
+        eval: EvalResult,
+    },
+    /// A checkpoint save landed (rank 0 reports the committed checkpoint).
+    Checkpoint {
+        /// The reporting worker's global rank.
+        rank: u32,
+        /// The step, its URL and what the save cost.
+        saved: CheckpointSaved,
+    },
+    /// Something the user should know that does not stop training (a failed
+    /// save, a resume on other data, ...).
+    Warning {
+        /// The reporting worker's global rank.
+        rank: u32,
+        /// The warning, ready to print.
+        message: String,
+    },
 }
 
 /// The workers' final reports, by global rank.
 #[derive(Debug, Clone)]
 pub struct NodeSummary {
+    /// Each local worker's global rank and final report.
     pub finished: Vec<(u32, Finished)>,
 }
 
@@ -286,7 +316,7 @@ impl LocalWorkers {
             failures.sort_by_key(Failure::severity);
             let first = &failures[0];
             tracing::error!(job, rank = first.rank, pid = first.pid, "worker failed");
-            bail!("{}", first.message);
+            return Err(Error::worker(first.message.clone()));
         }
         Ok(NodeSummary {
             finished: finished
@@ -423,17 +453,43 @@ pub enum ElasticUpdate {
     /// Progress, evaluation, checkpoints, warnings (as in [`AgentEvent`]).
     Event(AgentEvent),
     /// A worker joined its round and holds the training state.
-    RoundStarted { rank: u32, started: RoundStarted },
+    RoundStarted {
+        /// The worker's global rank in the round.
+        rank: u32,
+        /// The round, its world size, the step it starts at and where the
+        /// state came from.
+        started: RoundStarted,
+    },
     /// A worker's round broke (a peer died or a newer round came); it waits
     /// for the next assignment with its state.
-    Interrupted { rank: u32, interrupted: Interrupted },
+    Interrupted {
+        /// The worker's global rank in the broken round.
+        rank: u32,
+        /// The round, the step reached and why it broke.
+        interrupted: Interrupted,
+    },
     /// A worker finished the job.
-    Finished { rank: u32, finished: Finished },
+    Finished {
+        /// The worker's global rank in the last round.
+        rank: u32,
+        /// Its final report.
+        finished: Finished,
+    },
     /// A worker reported an error that is not a collective's: the job cannot go on.
-    Failed { rank: u32, message: String },
+    Failed {
+        /// The worker's global rank.
+        rank: u32,
+        /// The error, naming the rank and pid.
+        message: String,
+    },
     /// A worker process ended before finishing (killed, crashed): replace it
     /// with [`ElasticWorkers::respawn`].
-    Died { local_rank: usize, message: String },
+    Died {
+        /// The dead worker's slot on this node.
+        local_rank: usize,
+        /// How it ended, with its last lines.
+        message: String,
+    },
 }
 
 /// One worker slot of an elastic node.
@@ -627,7 +683,9 @@ impl ElasticWorkers {
             Some(w) => w,
             None => {
                 let mut started = start_workers(&self.cfg, &[local_rank], Role::Slot).await?;
-                started.pop().context("a replacement worker")?
+                started
+                    .pop()
+                    .ok_or_else(|| Error::worker("a replacement worker"))?
             }
         };
         let slot = &mut self.slots[local_rank];
@@ -664,7 +722,9 @@ impl ElasticWorkers {
         self.spare = Some(tokio::spawn(async move {
             // Its lines go to a slot of their own until it is adopted.
             let mut started = start_workers(&cfg, &[cfg.nproc], Role::Spare).await?;
-            let mut spare = started.pop().context("a spare worker")?;
+            let mut spare = started
+                .pop()
+                .ok_or_else(|| Error::worker("a spare worker"))?;
             if let Some(msg) = prepare {
                 // A spare that died here is found out when it is taken.
                 let _ = spare.writer.write_all(&frame::encode(&msg)).await;
@@ -990,28 +1050,39 @@ async fn start_workers(
                 Ok(Ok(None)) | Ok(Err(_)) => {
                     let status = child.wait().await.context("wait for worker")?;
                     capture.drained().await;
-                    bail!("worker {i} exited during start-up ({status}){}", capture.tail_handle().describe(log));
+                    return Err(Error::worker(format!(
+                        "worker {i} exited during start-up ({status}){}",
+                        capture.tail_handle().describe(log)
+                    )));
                 }
-                Ok(other) => bail!("expected a hello from worker {i}, got {other:?}"),
-                Err(_) => bail!(
+                Ok(other) => {
+                    return Err(Error::worker(format!(
+                        "expected a hello from worker {i}, got {other:?}"
+                    )));
+                }
+                Err(_) => return Err(Error::worker(format!(
                     "worker {i} said no hello within {:?}{}",
                     cfg.start_timeout,
                     capture.tail_handle().describe(log)
-                ),
+                ))),
             },
             status = child.wait() => {
                 let status = status.context("wait for worker")?;
                 capture.drained().await;
-                bail!("worker {i} exited during start-up ({status}){}", capture.tail_handle().describe(log));
+                return Err(Error::worker(format!(
+                    "worker {i} exited during start-up ({status}){}",
+                    capture.tail_handle().describe(log)
+                )));
             }
         };
-        ensure!(
-            hello.local_rank as usize == expected && Some(hello.pid) == child.id(),
-            "worker {i}'s channel said hello as local rank {} pid {}; expected local rank {expected} pid {:?}",
-            hello.local_rank,
-            hello.pid,
-            child.id()
-        );
+        if hello.local_rank as usize != expected || Some(hello.pid) != child.id() {
+            return Err(Error::worker(format!(
+                "worker {i}'s channel said hello as local rank {} pid {}; expected local rank {expected} pid {:?}",
+                hello.local_rank,
+                hello.pid,
+                child.id()
+            )));
+        }
         pending.push(Some((hello, reader, writer)));
     }
     Ok(pending

@@ -257,6 +257,8 @@ pub struct CudaDeviceGuard {
 }
 
 impl CudaDeviceGuard {
+    /// Makes `device` (a CUDA index) current; an error when no such device
+    /// is visible, libtorch has no CUDA backend, or it refuses the device.
     pub fn new(device: i64) -> Result<Self, String> {
         let index = device_index(device)?;
         let shim = torch_cuda_shim()?;

@@ -19,13 +19,20 @@
 //!   written over plain tensors so their state can be saved and transferred.
 //! - [`device`]: CUDA discovery (libtorch's CUDA backend is loaded on demand).
 //! - [`metrics`]: the agent's Prometheus registry.
+//! - [`error`]: the crate's one [`Error`]; a collective's failure is its own
+//!   variant, which ends a round rather than the job.
+
+#![warn(missing_docs)]
 
 pub mod agent;
 pub mod collective;
 pub mod data;
 pub mod device;
+pub mod error;
 pub mod logs;
 pub mod metrics;
 pub mod optim;
 pub mod state;
 pub mod worker;
+
+pub use error::{Error, Result};

@@ -29,7 +29,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Which output stream a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerStream {
+    /// The worker's standard output.
     Stdout,
+    /// The worker's standard error (its tracing logs go there).
     Stderr,
 }
 
@@ -40,6 +42,7 @@ pub struct WorkerLine {
     pub local_rank: usize,
     /// Its global rank when it wrote the line; `None` before its first assignment.
     pub rank: Option<u32>,
+    /// Stdout or stderr.
     pub stream: WorkerStream,
     /// When the agent read it.
     pub time: SystemTime,
@@ -54,6 +57,7 @@ pub struct WorkerLine {
 pub struct LogSink(Arc<dyn Fn(WorkerLine) + Send + Sync>);
 
 impl LogSink {
+    /// A sink that hands every line to `sink`.
     pub fn new(sink: impl Fn(WorkerLine) + Send + Sync + 'static) -> Self {
         LogSink(Arc::new(sink))
     }

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use anyhow::{Context, Result};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -12,23 +11,38 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{Context, Result};
+
 /// Training metrics of one node, fed from its workers' progress reports.
+/// Exported with the prefix `kiln_` under the names registered in `default`
+/// (`kiln_train_step_seconds`, ...); docs/monitoring.md lists them.
 pub struct TrainingMetrics {
     registry: Registry,
+    /// Wall time of one step, seconds (rank 0's reports).
     pub step_seconds: Histogram,
+    /// Global samples per second over the last step (rank 0's reports).
     pub samples_per_second: Gauge<f64, AtomicU64>,
+    /// Global mean loss of the last step.
     pub loss: Gauge<f64, AtomicU64>,
+    /// Learning rate of the last step.
     pub learning_rate: Gauge<f64, AtomicU64>,
     /// Global gradient norm before clipping (set when clipping is on).
     pub grad_norm: Gauge<f64, AtomicU64>,
+    /// Last completed step.
     pub step: Gauge<i64>,
+    /// Seconds the steps waited for the gradient all-reduce, summed over local ranks.
     pub allreduce_seconds: Counter<f64, AtomicU64>,
+    /// Gradient bytes all-reduced, summed over local ranks.
     pub allreduce_bytes: Counter,
+    /// Samples consumed by the local ranks.
     pub samples: Counter,
     /// Checkpoints committed (fed from rank 0's reports).
     pub checkpoints: Counter,
+    /// Step of the last committed checkpoint.
     pub checkpoint_step: Gauge<i64>,
+    /// Checkpoint bytes uploaded as new chunks.
     pub checkpoint_uploaded_bytes: Counter,
+    /// Checkpoint bytes reused from earlier checkpoints, not uploaded.
     pub checkpoint_reused_bytes: Counter,
     /// How long a save held training up.
     pub checkpoint_blocking_seconds: Histogram,

@@ -22,6 +22,8 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
+    /// The optimizer `spec` asks for over `params`, its state zeroed (on the
+    /// parameters' devices) and no update applied yet.
     pub fn new(spec: &OptimizerSpec, params: &[Tensor]) -> Self {
         let zeros = || {
             params
@@ -62,6 +64,7 @@ impl Optimizer {
         }
     }
 
+    /// SGD or AdamW: what a checkpoint's `training_state.optimizer` must match.
     pub fn kind(&self) -> OptimizerKind {
         self.spec.kind
     }

@@ -8,11 +8,11 @@
 //! initialisation (the data order is a pure function of seed and step), so the
 //! seed is the whole RNG state; a checkpoint therefore resumes bit for bit.
 
-use anyhow::{Context, Result, bail, ensure};
 use kiln_checkpoint::{DType, OwnedTensor, TensorView};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::error::{Context, Error, Result};
 use crate::optim::Optimizer;
 
 /// The scalar part of the state, saved as the manifest's `training_state`.
@@ -22,14 +22,17 @@ pub struct TrainingState {
     pub step: u64,
     /// Samples consumed (global): where the data order continues.
     pub sample_cursor: u64,
+    /// The optimizer whose buffers were saved: `sgd` or `adamw`.
     pub optimizer: String,
     /// Updates the optimizer applied (AdamW's bias correction).
     pub optimizer_steps: u64,
     /// Position in the learning-rate schedule (the step) and its length.
     pub schedule_position: u64,
+    /// Steps of the run the schedule spans (`train.steps`).
     pub schedule_total: u64,
     /// The seed every random choice derives from.
     pub seed: u64,
+    /// Ranks of the round that saved it (a resume may use another number).
     pub world_size: u32,
     /// Global loss of the last step (reported when a run resumes at its end).
     pub loss: Option<f64>,
@@ -96,12 +99,13 @@ pub fn state_tensors(params: &[(String, Tensor)], opt: &Optimizer) -> Result<Vec
         out.push(StateTensor::new(format!("model/{name}"), t)?);
     }
     for (buffer, tensors) in opt.buffers() {
-        ensure!(
-            tensors.len() == params.len(),
-            "optimizer buffer {buffer} has {} tensors for {} parameters",
-            tensors.len(),
-            params.len()
-        );
+        if tensors.len() != params.len() {
+            return Err(Error::failed(format!(
+                "optimizer buffer {buffer} has {} tensors for {} parameters",
+                tensors.len(),
+                params.len()
+            )));
+        }
         for ((name, _), t) in params.iter().zip(tensors) {
             out.push(StateTensor::new(format!("optim/{buffer}/{name}"), t)?);
         }
@@ -119,10 +123,10 @@ pub fn restore(
     let by_name: std::collections::HashMap<&str, &OwnedTensor> =
         loaded.iter().map(|t| (t.name.as_str(), t)).collect();
     let copy_into = |name: &str, dst: &Tensor| -> Result<()> {
-        let src = by_name.get(name).with_context(|| {
-            format!(
+        let src = by_name.get(name).ok_or_else(|| {
+            Error::invalid(format!(
                 "the checkpoint has no tensor {name} (was it saved by another model or optimizer?)"
-            )
+            ))
         })?;
         copy_tensor(name, src, dst).context("restore from checkpoint")
     };
@@ -155,11 +159,11 @@ pub fn init_from_safetensors(path: &std::path::Path, params: &[(String, Tensor)]
         renamed.iter().map(|t| (t.name.as_str(), t)).collect();
     for (name, p) in params {
         let key = format!("model/{name}");
-        let src = by_name.get(key.as_str()).with_context(|| {
-            format!(
+        let src = by_name.get(key.as_str()).ok_or_else(|| {
+            Error::invalid(format!(
                 "model.init: {} has no tensor {name} (nor model/{name})",
                 path.display()
-            )
+            ))
         })?;
         copy_tensor(&key, src, p)?;
     }
@@ -168,19 +172,22 @@ pub fn init_from_safetensors(path: &std::path::Path, params: &[(String, Tensor)]
 
 fn copy_tensor(name: &str, src: &OwnedTensor, dst: &Tensor) -> Result<()> {
     let shape: Vec<i64> = src.shape.iter().map(|&d| d as i64).collect();
-    ensure!(
-        shape == dst.size() && dtype_of(dst.kind())? == src.dtype,
-        "tensor {name} is {:?} {:?}; the model expects {:?} {:?}",
-        src.dtype,
-        src.shape,
-        dst.kind(),
-        dst.size()
-    );
+    if shape != dst.size() || dtype_of(dst.kind())? != src.dtype {
+        return Err(Error::invalid(format!(
+            "tensor {name} is {:?} {:?}; the model expects {:?} {:?}",
+            src.dtype,
+            src.shape,
+            dst.kind(),
+            dst.size()
+        )));
+    }
     let host = Tensor::from_data_size(&src.data, &shape, dst.kind());
     tch::no_grad(|| dst.detach().copy_(&host));
     Ok(())
 }
 
+/// The checkpoint dtype of a tensor kind; an error for kinds checkpoints
+/// do not hold (complex numbers, quantized kinds).
 pub fn dtype_of(kind: Kind) -> Result<DType> {
     Ok(match kind {
         Kind::Float => DType::F32,
@@ -193,7 +200,7 @@ pub fn dtype_of(kind: Kind) -> Result<DType> {
         Kind::Int8 => DType::I8,
         Kind::Uint8 => DType::U8,
         Kind::Bool => DType::Bool,
-        other => bail!("no checkpoint dtype for {other:?}"),
+        other => return Err(Error::failed(format!("no checkpoint dtype for {other:?}"))),
     })
 }
 

@@ -12,9 +12,10 @@
 pub mod table;
 pub mod tokens;
 
-use anyhow::{Context, Result, ensure};
 use kiln_proto::spec::{DataKind, DataSpec, TokenDtype};
 use tch::{Device, Tensor};
+
+use crate::error::{Context, Error, Result};
 
 pub use table::{Dataset, Field, FieldValues, read_shard};
 pub use tokens::TokenWindows;
@@ -22,7 +23,9 @@ pub use tokens::TokenWindows;
 /// One split of a job's data.
 #[derive(Debug)]
 pub enum Data {
+    /// Named per-sample tensors in memory (safetensors shards, synthetic data).
     Table(Dataset),
+    /// Windows over memory-mapped token files (language models).
     Tokens(TokenWindows),
 }
 
@@ -38,6 +41,7 @@ impl Data {
         }
     }
 
+    /// Whether the split holds no samples (no held-out data was named).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -74,6 +78,7 @@ impl Data {
 /// Training and held-out data of a job.
 #[derive(Debug)]
 pub struct Splits {
+    /// The samples training steps draw from (`data.train`).
     pub train: Data,
     /// Empty when the spec names no held-out data.
     pub eval: Data,
@@ -110,10 +115,11 @@ pub fn load(spec: &DataSpec, seed: u64, vocab: Option<usize>) -> Result<Splits> 
             for path in &spec.eval {
                 eval.append(read_shard(path)?, &path.display().to_string())?;
             }
-            ensure!(
-                !train.is_empty(),
-                "data.train: the training shards hold no samples"
-            );
+            if train.is_empty() {
+                return Err(Error::invalid(
+                    "data.train: the training shards hold no samples",
+                ));
+            }
             if !eval.is_empty() {
                 let fields = |d: &Dataset| {
                     d.fields
@@ -121,20 +127,22 @@ pub fn load(spec: &DataSpec, seed: u64, vocab: Option<usize>) -> Result<Splits> 
                         .map(|f| format!("{} {:?}", f.name, f.shape))
                         .collect::<Vec<_>>()
                 };
-                ensure!(
-                    fields(&eval) == fields(&train),
-                    "held-out shards hold fields {:?}, training shards hold {:?}",
-                    fields(&eval),
-                    fields(&train)
-                );
+                if fields(&eval) != fields(&train) {
+                    return Err(Error::invalid(format!(
+                        "held-out shards hold fields {:?}, training shards hold {:?}",
+                        fields(&eval),
+                        fields(&train)
+                    )));
+                }
             }
             let seen = train.classes().max(eval.classes());
             let classes = spec.classes.unwrap_or(seen);
-            ensure!(
-                seen <= classes,
-                "data.classes = {classes} but the shards hold label {}",
-                seen.saturating_sub(1)
-            );
+            if seen > classes {
+                return Err(Error::invalid(format!(
+                    "data.classes = {classes} but the shards hold label {}",
+                    seen.saturating_sub(1)
+                )));
+            }
             Ok(Splits {
                 train: Data::Table(train),
                 eval: Data::Table(eval),
@@ -153,7 +161,7 @@ pub fn load(spec: &DataSpec, seed: u64, vocab: Option<usize>) -> Result<Splits> 
         DataKind::Tokens => {
             let seq_len = spec
                 .seq_len
-                .context("data.seq_len: required for token data")?;
+                .ok_or_else(|| Error::invalid("data.seq_len: required for token data"))?;
             let dtype = match spec.token_dtype {
                 TokenDtype::Uint16 => kiln_text::TokenDtype::U16,
                 TokenDtype::Uint32 => kiln_text::TokenDtype::U32,
@@ -177,10 +185,12 @@ pub fn load(spec: &DataSpec, seed: u64, vocab: Option<usize>) -> Result<Splits> 
 pub struct SplitMix64(u64);
 
 impl SplitMix64 {
+    /// A generator whose whole state is `seed`.
     pub fn new(seed: u64) -> Self {
         Self(seed)
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
@@ -218,6 +228,8 @@ pub struct GlobalSampler {
 }
 
 impl GlobalSampler {
+    /// The sampler of `len` samples (at least 1; panics otherwise) taken
+    /// `global_batch` per step, in orders seeded by `seed`.
     pub fn new(seed: u64, len: usize, global_batch: usize) -> Self {
         assert!(len > 0, "a sampler needs at least one sample");
         Self {

@@ -8,11 +8,11 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors};
 use tch::{Device, Tensor};
 
 use super::SplitMix64;
+use crate::error::{Context, Error, Result, chain};
 
 /// The values of one field, every sample's row back to back.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,9 +36,11 @@ impl FieldValues {
 /// One named field of a table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Field {
+    /// The tensor's name in the shard (`x`, `y`, `tokens`, ...).
     pub name: String,
     /// Shape of one sample's row (empty for a scalar per sample).
     pub shape: Vec<usize>,
+    /// Every sample's row, back to back.
     pub values: FieldValues,
 }
 
@@ -52,12 +54,14 @@ impl Field {
 /// Samples in memory, as named fields sorted by name.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Dataset {
+    /// The fields, sorted by name, each with one row per sample.
     pub fields: Vec<Field>,
     len: usize,
 }
 
 impl Dataset {
-    /// A table of float32 features `x` [n, features] and int64 labels `y` [n].
+    /// A table of float32 features `x` [n, features] and int64 labels `y`,
+    /// one per sample.
     pub fn classification(x: Vec<f32>, y: Vec<i64>, features: usize) -> Self {
         let len = y.len();
         Self {
@@ -77,14 +81,17 @@ impl Dataset {
         }
     }
 
+    /// Samples (rows of every field).
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the table holds no samples (or no fields yet).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// The field called `name`, if the table has one.
     pub fn field(&self, name: &str) -> Option<&Field> {
         self.fields.iter().find(|f| f.name == name)
     }
@@ -138,7 +145,7 @@ impl Dataset {
             ..
         }) = self.field("x")
         else {
-            bail!("the data has no float32 field `x`");
+            return Err(Error::invalid("the data has no float32 field `x`"));
         };
         let f = self.features();
         Ok(Tensor::from_slice(&gather(x, f, indices))
@@ -158,20 +165,23 @@ impl Dataset {
                 .map(|f| format!("{} {:?}", f.name, f.shape))
                 .collect::<Vec<_>>()
         };
-        ensure!(
-            names(self) == names(&other),
-            "{what} holds fields {:?} (name, per-sample shape), earlier shards hold {:?}",
-            names(&other),
-            names(self)
-        );
+        if names(self) != names(&other) {
+            return Err(Error::invalid(format!(
+                "{what} holds fields {:?} (name, per-sample shape), earlier shards hold {:?}",
+                names(&other),
+                names(self)
+            )));
+        }
         for (mine, theirs) in self.fields.iter_mut().zip(other.fields) {
             match (&mut mine.values, theirs.values) {
                 (FieldValues::F32(a), FieldValues::F32(b)) => a.extend(b),
                 (FieldValues::I64(a), FieldValues::I64(b)) => a.extend(b),
-                _ => bail!(
-                    "{what}: field `{}` is float in one shard and integer in another",
-                    mine.name
-                ),
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "{what}: field `{}` is float in one shard and integer in another",
+                        mine.name
+                    )));
+                }
             }
         }
         self.len += other.len;
@@ -225,25 +235,29 @@ pub fn read_shard(path: &Path) -> Result<Dataset> {
     let shown = path.display();
     let bytes = std::fs::read(path).with_context(|| format!("read data shard {shown}"))?;
     let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("parse safetensors shard {shown}"))?;
+        .map_err(|e| Error::invalid(format!("parse safetensors shard {shown}: {}", chain(&e))))?;
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
-    ensure!(!names.is_empty(), "shard {shown}: holds no tensors");
+    if names.is_empty() {
+        return Err(Error::invalid(format!("shard {shown}: holds no tensors")));
+    }
     let mut fields = Vec::with_capacity(names.len());
     let mut len = None;
     for name in names {
-        let t = st
-            .tensor(&name)
-            .with_context(|| format!("shard {shown}: tensor `{name}`"))?;
+        let t = st.tensor(&name).map_err(|e| {
+            Error::invalid(format!("shard {shown}: tensor `{name}`: {}", chain(&e)))
+        })?;
         let Some((&n, row)) = t.shape().split_first() else {
-            bail!(
+            return Err(Error::invalid(format!(
                 "shard {shown}: `{name}` is a scalar; fields hold one row per sample along their first dimension"
-            );
+            )));
         };
         match len {
             None => len = Some(n),
             Some(len) if len != n => {
-                bail!("shard {shown}: `{name}` holds {n} samples, other fields hold {len}")
+                return Err(Error::invalid(format!(
+                    "shard {shown}: `{name}` holds {n} samples, other fields hold {len}"
+                )));
             }
             _ => {}
         }
@@ -281,9 +295,11 @@ pub fn read_shard(path: &Path) -> Result<Dataset> {
             ),
             Dtype::I8 => FieldValues::I64(data.iter().map(|&b| b as i8 as i64).collect()),
             Dtype::U8 | Dtype::BOOL => FieldValues::I64(data.iter().map(|&b| b as i64).collect()),
-            other => bail!(
-                "shard {shown}: `{name}` is {other:?}; fields must be F32, F64, BF16, I64, I32, I16, I8, U8 or BOOL"
-            ),
+            other => {
+                return Err(Error::invalid(format!(
+                    "shard {shown}: `{name}` is {other:?}; fields must be F32, F64, BF16, I64, I32, I16, I8, U8 or BOOL"
+                )));
+            }
         };
         debug_assert_eq!(values.len(), n * row.iter().product::<usize>());
         fields.push(Field {
@@ -300,25 +316,30 @@ pub fn read_shard(path: &Path) -> Result<Dataset> {
         match (&field.values, field.shape.is_empty()) {
             (FieldValues::I64(y), true) => {
                 if let Some(bad) = y.iter().find(|&&l| l < 0) {
-                    bail!("shard {shown}: negative label {bad} in `y`");
+                    return Err(Error::invalid(format!(
+                        "shard {shown}: negative label {bad} in `y`"
+                    )));
                 }
             }
-            _ => bail!(
-                "shard {shown}: `y` must be integer labels of shape [samples], found {} {:?}",
-                if matches!(field.values, FieldValues::F32(_)) {
-                    "float"
-                } else {
-                    "integer"
-                },
-                field.shape
-            ),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "shard {shown}: `y` must be integer labels of shape [samples], found {} {:?}",
+                    if matches!(field.values, FieldValues::F32(_)) {
+                        "float"
+                    } else {
+                        "integer"
+                    },
+                    field.shape
+                )));
+            }
         }
     }
-    if let Some(x) = data.field("x") {
-        ensure!(
-            matches!(x.values, FieldValues::F32(_)),
+    if let Some(x) = data.field("x")
+        && !matches!(x.values, FieldValues::F32(_))
+    {
+        return Err(Error::invalid(format!(
             "shard {shown}: `x` must be floating point [samples, features...]"
-        );
+        )));
     }
     Ok(data)
 }

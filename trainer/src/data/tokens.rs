@@ -12,11 +12,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, ensure};
 use kiln_text::TokenFile;
 use tch::{Device, Tensor};
 
 use super::SplitMix64;
+use crate::error::{Context, Error, Result};
 
 /// The windows of a list of token files, numbered file after file.
 pub struct TokenWindows {
@@ -47,19 +47,22 @@ impl TokenWindows {
         vocab: Option<usize>,
         seed: u64,
     ) -> Result<Self> {
-        ensure!(seq_len >= 1, "data.seq_len must be at least 1");
+        if seq_len < 1 {
+            return Err(Error::invalid("data.seq_len must be at least 1"));
+        }
         let mut files = Vec::with_capacity(paths.len());
         let mut starts = vec![0];
         for path in paths {
             let file = TokenFile::open(path, dtype)
                 .with_context(|| format!("open token file {}", path.display()))?;
-            ensure!(
-                file.len() > seq_len,
-                "token file {} holds {} tokens, fewer than data.seq_len + 1 = {} (one window of inputs and next-token targets); lower data.seq_len or add text",
-                path.display(),
-                file.len(),
-                seq_len + 1
-            );
+            if file.len() <= seq_len {
+                return Err(Error::invalid(format!(
+                    "token file {} holds {} tokens, fewer than data.seq_len + 1 = {} (one window of inputs and next-token targets); lower data.seq_len or add text",
+                    path.display(),
+                    file.len(),
+                    seq_len + 1
+                )));
+            }
             if let Some(vocab) = vocab {
                 file.check_vocab(vocab)?;
             }
@@ -80,10 +83,12 @@ impl TokenWindows {
         self.starts.last().copied().unwrap_or(0)
     }
 
+    /// Whether no file was named (no held-out data).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Tokens per sample's inputs; a window holds one more (the last target).
     pub fn seq_len(&self) -> usize {
         self.seq_len
     }

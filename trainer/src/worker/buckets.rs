@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use anyhow::{Result, ensure};
 use tch::{Device, Kind, Tensor};
 
 use super::hooks::GradReadyHooks;
 use crate::collective::Collective;
+use crate::error::{Error, Result};
 
 /// Gradients travel in flat buckets of about `bucket_bytes`, laid out in the
 /// order backward makes them ready; the last bucket carries one extra
@@ -73,21 +73,23 @@ impl GradBuckets {
         bf16_wire: bool,
         overlap: bool,
     ) -> Result<Self> {
-        ensure!(
-            order.len() == params.len(),
-            "bucket order names {} parameters of {}",
-            order.len(),
-            params.len()
-        );
+        if order.len() != params.len() {
+            return Err(Error::failed(format!(
+                "bucket order names {} parameters of {}",
+                order.len(),
+                params.len()
+            )));
+        }
         let mut groups: Vec<Vec<(usize, i64, i64)>> = vec![Vec::new()];
         let mut filled = 0usize;
         for &i in order {
             let p = &params[i];
-            ensure!(
-                p.kind() == Kind::Float,
-                "parameter {i} is {:?}; gradient buckets hold float32",
-                p.kind()
-            );
+            if p.kind() != Kind::Float {
+                return Err(Error::failed(format!(
+                    "parameter {i} is {:?}; gradient buckets hold float32",
+                    p.kind()
+                )));
+            }
             let n = p.numel() as i64;
             if filled > 0 && filled + n as usize * 4 > bucket_bytes {
                 groups.push(Vec::new());
@@ -232,8 +234,8 @@ impl GradBuckets {
             let result = match reducer {
                 Ok(handle) => handle
                     .join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the all-reduce thread panicked"))),
-                Err(e) => Err(anyhow::anyhow!("start the all-reduce thread: {e}")),
+                    .unwrap_or_else(|_| Err(Error::failed("the all-reduce thread panicked"))),
+                Err(e) => Err(Error::failed(format!("start the all-reduce thread: {e}"))),
             };
             if let Err(panic) = backward_outcome {
                 std::panic::resume_unwind(panic);

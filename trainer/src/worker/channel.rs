@@ -4,13 +4,13 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
-use anyhow::{Context, Result, bail, ensure};
 use kiln_proto::frame;
 use kiln_proto::worker::{
     AgentMessage, Assignment, WorkerMessage, agent_message, worker_message::Kind as Report,
 };
 
-use crate::collective::{AbortHandle, CollectiveError};
+use crate::collective::AbortHandle;
+use crate::error::{Context, Error, Result};
 
 /// Takes ownership of the inherited agent channel `fd`, after checking it is
 /// an open Unix stream socket.
@@ -20,15 +20,16 @@ pub(super) fn agent_channel(fd: i32) -> Result<UnixStream> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: as above; `fd` is only read.
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        bail!(
+        return Err(Error::invalid(format!(
             "agent channel: file descriptor {fd} is not open ({}); workers are started by an agent",
             std::io::Error::last_os_error()
-        );
+        )));
     }
-    ensure!(
-        st.st_mode & libc::S_IFMT == libc::S_IFSOCK,
-        "agent channel: file descriptor {fd} is not a socket; workers are started by an agent"
-    );
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(Error::invalid(format!(
+            "agent channel: file descriptor {fd} is not a socket; workers are started by an agent"
+        )));
+    }
     // SAFETY: an open socket descriptor inherited from the agent for this
     // purpose only; nothing else in this process owns it.
     let stream = unsafe { UnixStream::from_raw_fd(fd) };
@@ -138,12 +139,4 @@ pub(super) fn watch_agent(mut incoming: UnixStream, rounds: Rounds) {
             std::process::exit(143);
         })
         .expect("spawn agent watcher thread");
-}
-
-/// Whether an error came from a collective (a peer died, the round was
-/// aborted): in an elastic job the worker keeps its state and waits for the
-/// next round instead of failing.
-pub(super) fn is_collective_failure(e: &anyhow::Error) -> bool {
-    e.chain()
-        .any(|cause| cause.downcast_ref::<CollectiveError>().is_some())
 }

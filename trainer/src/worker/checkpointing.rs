@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use kiln_checkpoint::probe::{self, ProbeRecord, Sighting};
 use kiln_checkpoint::{
     CheckpointManager, CheckpointMeta, CheckpointPolicy, CheckpointRoot, Conclusion, FinalSave,
@@ -22,6 +21,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::channel::Reporter;
 use crate::collective::Collective;
+use crate::error::{Context, Result};
 
 /// Loads what `--resume` names: `latest` falls back to the newest checkpoint
 /// that verifies (with warnings saying what was skipped).

@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::step::Objective;
 use crate::collective::Collective;
 use crate::data::{self, Data, Dataset, Sample};
+use crate::error::{Context, Error, Result};
 use kiln_models::Net;
 
 /// Held-out metrics; each rank evaluates a contiguous slice and the totals
@@ -46,7 +46,7 @@ pub(super) fn evaluate(
                     .iter()
                     .find(|(n, _)| n == name)
                     .map(|(_, t)| t)
-                    .with_context(|| format!("held-out data has no `{name}`"))
+                    .ok_or_else(|| Error::invalid(format!("held-out data has no `{name}`")))
             };
             let (xs, ys) = (field("x")?, field("y")?);
             let logits = net.forward_t(xs, false)?;

@@ -8,8 +8,9 @@ use std::ffi::{c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 
-use anyhow::{Result, bail};
 use tch::Tensor;
+
+use crate::error::{Error, Result};
 
 type ReadyFn = extern "C" fn(context: *mut c_void, index: i64);
 
@@ -81,10 +82,10 @@ impl GradReadyHooks {
                 )
             };
             if rc != 0 {
-                bail!(
+                return Err(Error::failed(format!(
                     "install a gradient hook on parameter {i}: {}",
                     message(&error)
-                );
+                )));
             }
             // Pushed only once installed, so `drop` removes exactly these.
             hooks.params.push(t);

@@ -8,12 +8,12 @@
 //! # Layout
 //!
 //! - this file: the agent channel, rounds (state synchronisation, resume) and
-//!   the training loop ([`Training::steps`]), which reads like torchtitan's
+//!   the training loop (`Training::steps`), which reads like torchtitan's
 //!   `train()`: step, let the checkpoint manager decide whether to save,
 //!   evaluate now and then, finish.
-//! - [`step`]: one training step and the loss of each objective.
-//! - [`buckets`]: gradient buckets and clipping by the global norm.
-//! - [`eval`]: held-out metrics and the reference profile.
+//! - `step`: one training step and the loss of each objective.
+//! - `buckets`: gradient buckets and clipping by the global norm.
+//! - `eval`: held-out metrics and the reference profile.
 //! - checkpoint policy (interval, failure budget, retention) lives in
 //!   `kiln_checkpoint::CheckpointManager`.
 
@@ -29,7 +29,6 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
 use kiln_checkpoint::{CheckpointManager, DType, TensorView, weights_digest};
 use kiln_proto::frame;
 use kiln_proto::spec::{CommTransport, JobSpec};
@@ -45,10 +44,11 @@ use crate::collective::ring::{RingCollective, RingSecret, Transport};
 use crate::collective::{AbortHandle, Collective};
 use crate::data::{self, GlobalSampler};
 use crate::device;
+use crate::error::{Context, Error, Result};
 use crate::optim::{self, Optimizer};
 use crate::state::{self, TrainingState};
 use buckets::GradBuckets;
-use channel::{Reporter, Rounds, agent_channel, is_collective_failure, watch_agent};
+use channel::{Reporter, Rounds, agent_channel, watch_agent};
 use checkpointing::{
     checkpoint_manager, finish_saves, load_for_resume, prove_shared_storage, report_saves,
     share_news,
@@ -62,6 +62,9 @@ pub struct WorkerArgs {
     /// The inherited file descriptor of this worker's end of the socket pair
     /// its agent made for it (nothing else can connect to it).
     pub agent_fd: i32,
+    /// The slot on its node the agent started it for (`--local-rank`),
+    /// named back in its hello; a spare learns its real slot from its first
+    /// assignment.
     pub local_rank: u32,
 }
 
@@ -137,7 +140,9 @@ fn next_assignment(incoming: &mut std::os::unix::net::UnixStream) -> Result<Opti
             tracing::info!(reason = %stop.reason, "stopped before an assignment");
             Ok(None)
         }
-        other => bail!("expected an assignment from the agent, got {other:?}"),
+        other => Err(Error::failed(format!(
+            "expected an assignment from the agent, got {other:?}"
+        ))),
     }
 }
 
@@ -224,8 +229,7 @@ impl Training {
             .threads_per_worker
             .unwrap_or((cores / spec.workers.nproc.max(1)).max(1));
         tch::set_num_threads(threads as i32);
-        let device =
-            device::resolve(spec.workers.device, local_rank).map_err(anyhow::Error::msg)?;
+        let device = device::resolve(spec.workers.device, local_rank).map_err(Error::invalid)?;
         tracing::info!(job, threads, ?device, "worker starting");
 
         tch::manual_seed(spec.job.seed as i64);
@@ -236,18 +240,19 @@ impl Training {
             let table = splits
                 .train
                 .table()
-                .context("classification needs a table")?;
-            ensure!(
-                table.features() > 0 && table.labels().is_some(),
-                "{} models classify: the data needs float features `x` and integer labels `y` \
-                 (found fields {:?}); a TorchScript module with model.returns = \"loss\" takes any fields",
-                format!("{:?}", spec.model.kind).to_lowercase(),
-                table
-                    .fields
-                    .iter()
-                    .map(|f| f.name.as_str())
-                    .collect::<Vec<_>>()
-            );
+                .ok_or_else(|| Error::invalid("classification needs a table"))?;
+            if table.features() == 0 || table.labels().is_none() {
+                return Err(Error::invalid(format!(
+                    "{} models classify: the data needs float features `x` and integer labels `y` \
+                     (found fields {:?}); a TorchScript module with model.returns = \"loss\" takes any fields",
+                    format!("{:?}", spec.model.kind).to_lowercase(),
+                    table
+                        .fields
+                        .iter()
+                        .map(|f| f.name.as_str())
+                        .collect::<Vec<_>>()
+                )));
+            }
         }
         let vs = VarStore::new(device);
         let io = model::ModelIo {
@@ -260,7 +265,9 @@ impl Training {
         let named = model::named_parameters(&vs);
         let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
         let bucket_bytes = (spec.comm.bucket_mb * (1 << 20) as f64) as usize;
-        ensure!(!splits.train.is_empty(), "data.train holds no samples");
+        if splits.train.is_empty() {
+            return Err(Error::invalid("data.train holds no samples"));
+        }
         // Buckets follow the order backward readies gradients, seen on one
         // backward of the first training sample (the same on every rank, whatever
         // the step a run starts at), so the first bucket is complete first.
@@ -338,7 +345,7 @@ fn train(
         let abort = rounds.begin();
         match t.run_round(&assignment, listener, &abort, reporter) {
             Ok(()) => break,
-            Err(e) if assignment.elastic && (abort.is_aborted() || is_collective_failure(&e)) => {
+            Err(e) if assignment.elastic && (abort.is_aborted() || e.is_collective()) => {
                 let step = t.step.unwrap_or(0);
                 tracing::warn!(round = assignment.round, step, "round interrupted: {e:#}");
                 reporter.send(Report::Interrupted(Interrupted {
@@ -368,17 +375,18 @@ impl Training {
     ) -> Result<()> {
         let setup_started = Instant::now();
         let (rank, world) = (a.rank as usize, a.world_size as usize);
-        ensure!(
-            rank < world && a.peers.len() == world,
-            "inconsistent assignment: rank {rank}, world {world}, {} peers",
-            a.peers.len()
-        );
+        if rank >= world || a.peers.len() != world {
+            return Err(Error::failed(format!(
+                "inconsistent assignment: rank {rank}, world {world}, {} peers",
+                a.peers.len()
+            )));
+        }
         let spec = self.spec.clone();
         let device = self.device;
         tracing::info!(job = %a.job, round = a.round, rank, world, "joining round");
         let timeout = Duration::from_secs_f64(spec.comm.timeout_secs);
         let secret = RingSecret::from_bytes(&a.ring_secret)
-            .map_err(|e| anyhow::anyhow!("the assignment of round {}: {e}", a.round))?;
+            .map_err(|e| Error::failed(format!("the assignment of round {}: {e}", a.round)))?;
         let mut ring = RingCollective::connect_abortable(
             a.round,
             rank,
@@ -395,10 +403,11 @@ impl Training {
         .with_context(|| format!("connect collective ring of round {}", a.round))?;
         let mut comm: Box<dyn Collective> = match device {
             Device::Cuda(index) => {
-                ensure!(
-                    nccl::nccl_available(),
-                    "CUDA tensors need NCCL, and no NCCL library could be loaded"
-                );
+                if !nccl::nccl_available() {
+                    return Err(Error::failed(
+                        "CUDA tensors need NCCL, and no NCCL library could be loaded",
+                    ));
+                }
                 let mut id = if rank == 0 {
                     NcclCollective::unique_id()?
                 } else {
@@ -563,19 +572,20 @@ impl Training {
         }
         let state: TrainingState = serde_json::from_value(manifest.training_state.clone())
             .with_context(|| format!("read training state of checkpoint {}", manifest.key))?;
-        ensure!(
-            state.optimizer == format!("{:?}", self.opt.kind()).to_lowercase(),
-            "checkpoint {} holds {} optimizer state but the spec asks for {:?}",
-            manifest.key,
-            state.optimizer,
-            self.opt.kind()
-        );
-        ensure!(
-            state.step <= steps,
-            "checkpoint {} is at step {} beyond train.steps = {steps}",
-            manifest.key,
-            state.step
-        );
+        if state.optimizer != format!("{:?}", self.opt.kind()).to_lowercase() {
+            return Err(Error::invalid(format!(
+                "checkpoint {} holds {} optimizer state but the spec asks for {:?}",
+                manifest.key,
+                state.optimizer,
+                self.opt.kind()
+            )));
+        }
+        if state.step > steps {
+            return Err(Error::invalid(format!(
+                "checkpoint {} is at step {} beyond train.steps = {steps}",
+                manifest.key, state.step
+            )));
+        }
         if manifest.dataset_fingerprint != self.fingerprint {
             let message = format!(
                 "checkpoint {} was saved on other data (fingerprint {} != {}); the run continues, but not exactly",

@@ -7,7 +7,6 @@
 //! Gradients are then summed over ranks, so the update does not depend on the
 //! world size or the micro-batch size (DESIGN.md §4).
 
-use anyhow::{Context, Result, bail, ensure};
 use kiln_models::Net;
 use kiln_proto::spec::{DataKind, JobSpec, ModelReturns};
 use tch::{Kind, Reduction, Tensor};
@@ -15,6 +14,7 @@ use tch::{Kind, Reduction, Tensor};
 use super::buckets::{GradBuckets, clip_grad_norm};
 use crate::collective::Collective;
 use crate::data::{Data, Sample};
+use crate::error::{Context, Error, Result};
 use crate::optim::Optimizer;
 
 /// What a micro-batch's loss is.
@@ -49,32 +49,34 @@ impl Objective {
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, t)| t)
-                .with_context(|| {
+                .ok_or_else(|| {
                     let names: Vec<&str> = batch.iter().map(|(n, _)| n.as_str()).collect();
-                    format!("the batch has no `{name}` (fields: {names:?})")
+                    Error::invalid(format!("the batch has no `{name}` (fields: {names:?})"))
                 })
         };
         match self {
             Objective::Classification => {
                 let (xs, ys) = (field("x")?, field("y")?);
                 let logits = net.forward_t(xs, train)?;
-                ensure!(
-                    logits.dim() == 2 && logits.size()[0] == xs.size()[0],
-                    "the model returned logits of shape {:?} for {} samples; expected [samples, classes]",
-                    logits.size(),
-                    xs.size()[0]
-                );
+                if logits.dim() != 2 || logits.size()[0] != xs.size()[0] {
+                    return Err(Error::invalid(format!(
+                        "the model returned logits of shape {:?} for {} samples; expected [samples, classes]",
+                        logits.size(),
+                        xs.size()[0]
+                    )));
+                }
                 Ok(logits.cross_entropy_loss::<Tensor>(ys, None, Reduction::Sum, -100, 0.0))
             }
             Objective::Language => {
                 let (tokens, targets) = (field("tokens")?, field("targets")?);
                 let logits = net.forward_t(tokens, train)?;
                 let (n, t) = (tokens.size()[0], tokens.size()[1]);
-                ensure!(
-                    logits.dim() == 3 && logits.size()[..2] == [n, t],
-                    "the model returned logits of shape {:?} for tokens [{n}, {t}]; expected [{n}, {t}, vocab]",
-                    logits.size()
-                );
+                if logits.dim() != 3 || logits.size()[..2] != [n, t] {
+                    return Err(Error::invalid(format!(
+                        "the model returned logits of shape {:?} for tokens [{n}, {t}]; expected [{n}, {t}, vocab]",
+                        logits.size()
+                    )));
+                }
                 let vocab = logits.size()[2];
                 let per_token = logits
                     .view([n * t, vocab])
@@ -165,7 +167,9 @@ pub fn train_step(
     }
     let (loss, reduce_seconds) = result.context("a step needs at least one sample")?;
     if !loss.is_finite() {
-        bail!("loss is {loss}: training diverged (lower optimizer.lr?)");
+        return Err(Error::failed(format!(
+            "loss is {loss}: training diverged (lower optimizer.lr?)"
+        )));
     }
     let grad_norm = match cx.clip {
         Some(max) => clip_grad_norm(params, Some(max)),
