@@ -216,9 +216,13 @@ impl Pipe {
                 return Err(io::Error::other("shared-memory file of another user"));
             }
             if create {
+                // Reserve the memory now: a tmpfs that fills up later (a
+                // container's 64 MiB /dev/shm) would otherwise kill the writer
+                // with SIGBUS mid-operation instead of leaving the link on TCP.
                 // SAFETY: an open descriptor of a new regular file.
-                if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
-                    return Err(io::Error::last_os_error());
+                let err = unsafe { libc::posix_fallocate(fd, 0, len as libc::off_t) };
+                if err != 0 {
+                    return Err(io::Error::from_raw_os_error(err));
                 }
             } else if st.st_size != len as libc::off_t {
                 return Err(io::Error::other("shared-memory file of another size"));
