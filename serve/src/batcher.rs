@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::error::{ErrorKind, RequestError};
+use crate::error::{ErrorKind, ModelError, RequestError};
 use crate::metrics::{Metrics, VersionLabels};
 use crate::model::ServingNet;
 
@@ -465,9 +465,12 @@ pub(crate) fn catch<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<
     })
 }
 
-/// Warms a classifier up at every shape (see [`Passes::warm_up`]).
-pub fn warm_up(net: &ServingNet, settings: &BatchSettings) -> anyhow::Result<()> {
-    Passes::features(net, settings).warm_up(|rows, values| Ok(net.forward(rows, values)?))
+/// Warms a classifier up at every shape (see [`Passes::warm_up`]). A failed
+/// pass is `Internal`: `warm up: ` and the pass's error.
+pub fn warm_up(net: &ServingNet, settings: &BatchSettings) -> Result<(), ModelError> {
+    Passes::features(net, settings)
+        .warm_up(|rows, values| Ok(net.forward(rows, values)?))
+        .map_err(|e| ModelError::internal("warm up", e))
 }
 
 #[cfg(test)]

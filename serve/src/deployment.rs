@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use kiln_checkpoint::registry::{ModelVersion, Pick, Registry, Selector};
 use tokio_util::sync::CancellationToken;
 
@@ -167,7 +166,7 @@ impl Loader {
     pub async fn load(&self, version: ModelVersion) -> Result<Arc<ServedVersion>, ModelError> {
         let what = format!("{}:{}", version.name, version.version);
         let io = IoSpec::of(&version)
-            .map_err(|e| ModelError::unservable(format!("{what}: check its signature: {e:#}")))?;
+            .map_err(|e| ModelError::unservable(format!("{what}: check its signature: {e}")))?;
         let started = Instant::now();
         let registry = self.registry.clone();
         let batch = self.batch.clone();
@@ -182,8 +181,7 @@ impl Loader {
                     let nets = ServingNet::load_instances(&registry, &v, batch.lm_instances, &[])?;
                     let tokenizer = crate::model::load_tokenizer(&registry, &v)?;
                     for net in &nets {
-                        crate::lm::warm_up(net, &batch)
-                            .map_err(|e| ModelError::internal("warm up", e))?;
+                        crate::lm::warm_up(net, &batch)?;
                     }
                     Ok((nets, tokenizer))
                 } else {
@@ -194,7 +192,7 @@ impl Loader {
                         &batch.packed_shapes,
                     )?;
                     for net in &nets {
-                        warm_up(net, &batch).map_err(|e| ModelError::internal("warm up", e))?;
+                        warm_up(net, &batch)?;
                     }
                     Ok((nets, None))
                 }
@@ -265,8 +263,10 @@ impl Loader {
                 .registry
                 .reference_profile(name, v)
                 .await
-                .context("read the reference profile")?
-                .context("the registry lists a reference profile but has none")?;
+                .map_err(|e| ModelError::storage("read the reference profile", e))?
+                .ok_or_else(|| {
+                    ModelError::unservable("the registry lists a reference profile but has none")
+                })?;
             // A language model's profile has one column: a prompt token a row.
             let columns = if io.is_language_model() {
                 1
@@ -280,7 +280,7 @@ impl Loader {
         match made {
             Ok(d) => Some(Arc::new(d)),
             Err(e) => {
-                tracing::warn!(model = %name, version = v, error = %format!("{e:#}"), "drift monitoring off for this version");
+                tracing::warn!(model = %name, version = v, error = %e, "drift monitoring off for this version");
                 None
             }
         }

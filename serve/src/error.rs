@@ -84,7 +84,10 @@ impl Error {
 
 /// Why a model version could not be loaded, or a forward pass failed: the
 /// error of [`crate::model::ServingNet`], [`crate::deployment::Loader`] and
-/// [`crate::ServerState::load_model`]. The variants say what the caller
+/// [`crate::ServerState::load_model`], and of the steps a load takes
+/// ([`crate::signature::IoSpec::of`], the warm-ups, [`crate::packed::PackedMlp`],
+/// [`crate::monitor::VersionDrift::new`]) and of [`crate::lm::TextStream`].
+/// The variants say what the caller
 /// should do: select or register another version (`NotFound`,
 /// `Unservable`), retry or repair the storage (`Storage`; its source says
 /// which), or look at the server's log (`Internal`). A message says which
@@ -114,13 +117,13 @@ pub enum ModelError {
     },
 
     /// The version cannot be served as registered: its checkpoint is not the
-    /// one registered or holds no weights, its weights, signature or
-    /// tokenizer do not fit the network its definition builds, a blob the
-    /// registry lists is missing, or the network returned outputs of the
-    /// wrong shape.
+    /// one registered or holds no weights, its weights, signature,
+    /// tokenizer or reference profile do not fit the network its definition
+    /// builds, a blob the registry lists is missing, or the network returned
+    /// outputs of the wrong shape.
     #[error("{reason}")]
     Unservable {
-        /// What does not fit, naming the version.
+        /// What does not fit, naming the version where a load failed.
         reason: String,
     },
 

@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use crate::batcher::{
     BatchSettings, Intake, Job, Passes, Queued, catch, refused, spawn_instances, take_batch,
 };
-use crate::error::{ErrorKind, RequestError};
+use crate::error::{ErrorKind, ModelError, RequestError};
 use crate::metrics::{Metrics, VersionLabels};
 use crate::model::ServingNet;
 
@@ -309,11 +309,14 @@ impl<'a> TextStream<'a> {
         }
     }
 
-    /// Adds a token; returns the text to send for it (possibly empty).
-    pub fn push(&mut self, token: i64) -> Result<String> {
-        let id = u32::try_from(token).with_context(|| format!("token {token} is not an id"))?;
+    /// Adds a token; returns the text to send for it (possibly empty). A
+    /// negative token, or the tokenizer failing to decode, is `Internal`:
+    /// generation hands it the model's own ids.
+    pub fn push(&mut self, token: i64) -> Result<String, ModelError> {
+        let id = u32::try_from(token)
+            .map_err(|e| ModelError::internal(format!("token {token} is not an id"), e))?;
         self.ids.push(id);
-        let full = self.tokenizer.decode(&self.ids)?;
+        let full = self.decode()?;
         let stable = full.trim_end_matches('\u{FFFD}');
         match stable.strip_prefix(self.sent.as_str()) {
             Some(new) => {
@@ -327,9 +330,9 @@ impl<'a> TextStream<'a> {
         }
     }
 
-    /// The text not sent yet and the whole text.
-    pub fn finish(self) -> Result<(String, String)> {
-        let full = self.tokenizer.decode(&self.ids)?;
+    /// The text not sent yet and the whole text (errors as [`Self::push`]'s).
+    pub fn finish(self) -> Result<(String, String), ModelError> {
+        let full = self.decode()?;
         let rest = match full.strip_prefix(self.sent.as_str()) {
             Some(rest) => rest.to_string(),
             None => {
@@ -341,12 +344,26 @@ impl<'a> TextStream<'a> {
         };
         Ok((rest, full))
     }
+
+    /// The text of every token so far.
+    fn decode(&self) -> Result<String, ModelError> {
+        self.tokenizer
+            .decode(&self.ids)
+            .map_err(|e| ModelError::Internal {
+                reason: e.to_string(),
+            })
+    }
 }
 
 /// Runs a few passes so the first real request does not pay for libtorch's
 /// lazy initialisation: logits at every batch shape for one token and for
-/// the full context, and a short greedy generation (the KV cache path).
-pub fn warm_up(net: &ServingNet, settings: &BatchSettings) -> Result<()> {
+/// the full context, and a short greedy generation (the KV cache path). A
+/// failure is `Internal`: `warm up: ` and what failed.
+pub fn warm_up(net: &ServingNet, settings: &BatchSettings) -> Result<(), ModelError> {
+    warm_up_passes(net, settings).map_err(|e| ModelError::internal("warm up", e))
+}
+
+fn warm_up_passes(net: &ServingNet, settings: &BatchSettings) -> Result<()> {
     let gpt = net
         .gpt()
         .context("warm up a model that is not a language model")?;

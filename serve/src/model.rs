@@ -231,7 +231,7 @@ impl ServingNet {
         let x = Tensor::from_slice(values).view([rows as i64, self.features as i64]);
         let y = tch::no_grad(|| match &self.net {
             Net::Builtin(seq) => match &self.packed {
-                Some(packed) if packed.handles(rows) => packed.forward(&x),
+                Some(packed) if packed.handles(rows) => Ok(packed.forward(&x)?),
                 _ => Ok(seq.forward(&x)),
             },
             Net::Script(module) => Ok(module.forward_ts(&[&x])?),

@@ -13,12 +13,12 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result, ensure};
 use kiln_checkpoint::profile::ReferenceProfile;
 use kiln_hooks::Hooks;
 use kiln_hooks::event::DriftDetected;
 
 use crate::drift::{CompletedWindow, DriftMonitor, DriftOptions, DriftReport};
+use crate::error::ModelError;
 use crate::metrics::{DriftLabels, Metrics, VersionLabels};
 
 /// The whole window's pseudo-column in gauges and events.
@@ -41,18 +41,28 @@ pub struct VersionDrift {
 impl VersionDrift {
     /// A monitor over a version's reference profile (JSON bytes from the
     /// registry), checked to fit the model: one feature column per input
-    /// value and one prediction column (the predicted class).
-    pub fn new(profile: &[u8], features: usize, options: DriftOptions) -> Result<VersionDrift> {
-        let profile =
-            ReferenceProfile::from_json_bytes(profile).context("parse the reference profile")?;
-        let monitor = DriftMonitor::new(&profile, options).context("drift options")?;
+    /// value and one prediction column (the predicted class). A profile
+    /// that does not parse is `Storage` (its source `CorruptObject`, or
+    /// `Unsupported` for a newer format), one that does not fit the model
+    /// `Unservable`, options out of range (the configuration's checks let
+    /// none through) `Internal`.
+    pub fn new(
+        profile: &[u8],
+        features: usize,
+        options: DriftOptions,
+    ) -> Result<VersionDrift, ModelError> {
+        let profile = ReferenceProfile::from_json_bytes(profile)
+            .map_err(|e| ModelError::storage("parse the reference profile", e))?;
+        let monitor = DriftMonitor::new(&profile, options)
+            .map_err(|e| ModelError::internal("drift options", e))?;
         let r = monitor.reference();
-        ensure!(
-            r.n_features() == features && r.n_predictions() <= 1,
-            "the reference profile has {} feature and {} prediction columns; the model takes {features} features and predicts one class",
-            r.n_features(),
-            r.n_predictions()
-        );
+        if r.n_features() != features || r.n_predictions() > 1 {
+            return Err(ModelError::unservable(format!(
+                "the reference profile has {} feature and {} prediction columns; the model takes {features} features and predicts one class",
+                r.n_features(),
+                r.n_predictions()
+            )));
+        }
         Ok(VersionDrift {
             monitor,
             drifted: Mutex::new(BTreeSet::new()),

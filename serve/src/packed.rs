@@ -20,8 +20,9 @@
 use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char, c_void};
 
-use anyhow::{Context, Result, bail, ensure};
 use tch::Tensor;
+
+use crate::error::ModelError;
 
 unsafe extern "C" {
     fn kiln_mkl_linear_available() -> i32;
@@ -58,15 +59,20 @@ fn ptr(t: &Tensor) -> *mut c_void {
     t.as_ptr() as *mut c_void
 }
 
-/// Runs a shim call that makes one tensor, turning its error into ours.
-fn made(call: impl FnOnce(*mut *mut c_void, *mut c_char, usize) -> i32) -> Result<Tensor> {
+/// Runs a shim call that makes one tensor, turning its error into ours
+/// (`Internal`, with the shim's message).
+fn made(
+    call: impl FnOnce(*mut *mut c_void, *mut c_char, usize) -> i32,
+) -> Result<Tensor, ModelError> {
     let mut out: *mut c_void = std::ptr::null_mut();
     let mut error = [0 as c_char; 512];
     let rc = call(&mut out, error.as_mut_ptr(), error.len());
     if rc != 0 || out.is_null() {
         // SAFETY: the shim wrote a NUL-terminated message (snprintf) on failure.
         let message = unsafe { CStr::from_ptr(error.as_ptr()) }.to_string_lossy();
-        bail!("{message}");
+        return Err(ModelError::Internal {
+            reason: message.into_owned(),
+        });
     }
     // SAFETY: on success `out` is a new heap `at::Tensor*` that nothing else
     // owns; tch frees it when the Tensor drops.
@@ -99,9 +105,14 @@ impl std::fmt::Debug for PackedMlp {
 
 impl PackedMlp {
     /// Packs `layers` (weight [out, in] and bias [out], f32, in order) for
-    /// passes of each of `shapes` rows.
-    pub fn new(layers: Vec<(Tensor, Tensor)>, shapes: &[usize]) -> Result<PackedMlp> {
-        ensure!(!layers.is_empty(), "an MLP without layers");
+    /// passes of each of `shapes` rows. Fails (`Internal`) on no layers or
+    /// when MKL cannot pack a weight.
+    pub fn new(layers: Vec<(Tensor, Tensor)>, shapes: &[usize]) -> Result<PackedMlp, ModelError> {
+        if layers.is_empty() {
+            return Err(ModelError::Internal {
+                reason: "an MLP without layers".into(),
+            });
+        }
         let mut bytes = 0;
         let mut out = Vec::with_capacity(layers.len());
         for (weight, bias) in layers {
@@ -112,7 +123,12 @@ impl PackedMlp {
                     // and at most `len` bytes of `error`.
                     unsafe { kiln_mkl_pack(ptr(&weight), rows as i64, out, error, len) }
                 })
-                .with_context(|| format!("pack a {:?} weight for {rows} rows", weight.size()))?;
+                .map_err(|e| {
+                    ModelError::internal(
+                        format!("pack a {:?} weight for {rows} rows", weight.size()),
+                        e,
+                    )
+                })?;
                 bytes += p.numel() * p.kind().elt_size_in_bytes();
                 packed.insert(rows, p);
             }
@@ -140,8 +156,9 @@ impl PackedMlp {
         self.layers[0].packed.contains_key(&rows)
     }
 
-    /// The MLP's output for `x` ([rows, in]), `rows` one of [`Self::shapes`].
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The MLP's output for `x` ([rows, in]), `rows` one of [`Self::shapes`];
+    /// other rows, or MKL failing, are `Internal`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         let rows = x.size()[0] as usize;
         let last = self.layers.len() - 1;
         let mut h = x.shallow_clone();
@@ -149,7 +166,9 @@ impl PackedMlp {
             let packed = layer
                 .packed
                 .get(&rows)
-                .with_context(|| format!("no packed weight for {rows} rows"))?;
+                .ok_or_else(|| ModelError::Internal {
+                    reason: format!("no packed weight for {rows} rows"),
+                })?;
             let y = made(|out, error, len| {
                 // SAFETY: every tensor is live for the call; the shim writes
                 // `out` and at most `len` bytes of `error`.

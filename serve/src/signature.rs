@@ -22,7 +22,7 @@
 //! the same three outputs for the position after each sequence's last token
 //! (`logits` `[-1, vocab]`, `predictions`: the most likely next token).
 
-use anyhow::{Result, bail, ensure};
+use crate::error::ModelError;
 use kiln_checkpoint::registry::{ModelTask, ModelVersion, Signature, TensorSignature};
 
 use crate::datatype::Datatype;
@@ -86,7 +86,10 @@ pub const PREDICTIONS: &str = "predictions";
 impl IoSpec {
     /// The spec of `version`: its signature checked against its model
     /// definition; an empty signature means kiln's classifier signature.
-    pub fn of(version: &ModelVersion) -> Result<IoSpec> {
+    /// A signature or definition the server cannot serve is
+    /// [`ModelError::Unservable`], its message naming the field
+    /// (`signature.outputs[1]: ...`); so are the two constructors' refusals.
+    pub fn of(version: &ModelVersion) -> Result<IoSpec, ModelError> {
         let (features, classes) = (version.model.features, version.model.classes);
         match version.model.task {
             ModelTask::Classifier => Self::from_signature(&version.signature, features, classes),
@@ -97,11 +100,16 @@ impl IoSpec {
     /// The spec of a language model's signature: a context of `context`
     /// tokens over `vocab` ids. An empty signature means kiln's
     /// (`Signature::language_model`).
-    pub fn language_model(sig: &Signature, context: usize, vocab: usize) -> Result<IoSpec> {
-        ensure!(
-            context >= 1 && vocab >= 1,
-            "model definition: the context ({context}) and the vocabulary ({vocab}) must be at least 1"
-        );
+    pub fn language_model(
+        sig: &Signature,
+        context: usize,
+        vocab: usize,
+    ) -> Result<IoSpec, ModelError> {
+        if context == 0 || vocab == 0 {
+            return Err(ModelError::unservable(format!(
+                "model definition: the context ({context}) and the vocabulary ({vocab}) must be at least 1"
+            )));
+        }
         let default;
         let sig = if sig.inputs.is_empty() && sig.outputs.is_empty() {
             default = Signature::language_model(vocab);
@@ -109,27 +117,32 @@ impl IoSpec {
         } else {
             sig
         };
-        ensure!(
-            sig.inputs.len() == 1,
-            "signature: a language model takes one input tensor (token ids); this one lists {} ({})",
-            sig.inputs.len(),
-            names(&sig.inputs)
-        );
+        if sig.inputs.len() != 1 {
+            return Err(ModelError::unservable(format!(
+                "signature: a language model takes one input tensor (token ids); this one lists {} ({})",
+                sig.inputs.len(),
+                names(&sig.inputs)
+            )));
+        }
         let t = &sig.inputs[0];
         let datatype = match Datatype::parse(&t.datatype) {
             Some(d @ (Datatype::Int64 | Datatype::Int32)) => d,
-            _ => bail!(
-                "signature.inputs[0]: a language model's token ids are INT64 or INT32, not {}",
-                t.datatype
-            ),
+            _ => {
+                return Err(ModelError::unservable(format!(
+                    "signature.inputs[0]: a language model's token ids are INT64 or INT32, not {}",
+                    t.datatype
+                )));
+            }
         };
-        ensure!(
-            t.shape.len() == 2
-                && t.shape[0] == -1
-                && (t.shape[1] == -1 || (1..=context as i64).contains(&t.shape[1])),
-            "signature.inputs[0]: shape {:?} must be [-1, -1] (a batch of sequences of up to {context} tokens)",
-            t.shape
-        );
+        let sequences = t.shape.len() == 2
+            && t.shape[0] == -1
+            && (t.shape[1] == -1 || (1..=context as i64).contains(&t.shape[1]));
+        if !sequences {
+            return Err(ModelError::unservable(format!(
+                "signature.inputs[0]: shape {:?} must be [-1, -1] (a batch of sequences of up to {context} tokens)",
+                t.shape
+            )));
+        }
         let input = InputSpec {
             name: t.name.clone(),
             datatype,
@@ -140,11 +153,16 @@ impl IoSpec {
 
     /// The spec of a signature for a model of `features` inputs and `classes`
     /// outputs.
-    pub fn from_signature(sig: &Signature, features: usize, classes: usize) -> Result<IoSpec> {
-        ensure!(
-            features >= 1 && classes >= 1,
-            "model definition: features ({features}) and classes ({classes}) must be at least 1"
-        );
+    pub fn from_signature(
+        sig: &Signature,
+        features: usize,
+        classes: usize,
+    ) -> Result<IoSpec, ModelError> {
+        if features == 0 || classes == 0 {
+            return Err(ModelError::unservable(format!(
+                "model definition: features ({features}) and classes ({classes}) must be at least 1"
+            )));
+        }
         let default;
         let sig = if sig.inputs.is_empty() && sig.outputs.is_empty() {
             default = Signature::classifier(features, classes);
@@ -152,12 +170,13 @@ impl IoSpec {
         } else {
             sig
         };
-        ensure!(
-            sig.inputs.len() == 1,
-            "signature: kiln serves models of one input tensor; this one lists {} ({})",
-            sig.inputs.len(),
-            names(&sig.inputs)
-        );
+        if sig.inputs.len() != 1 {
+            return Err(ModelError::unservable(format!(
+                "signature: kiln serves models of one input tensor; this one lists {} ({})",
+                sig.inputs.len(),
+                names(&sig.inputs)
+            )));
+        }
         let input = input_spec(&sig.inputs[0], features)?;
         Self::finish(input, sig, features, classes, ModelTask::Classifier)
     }
@@ -169,15 +188,16 @@ impl IoSpec {
         features: usize,
         classes: usize,
         task: ModelTask,
-    ) -> Result<IoSpec> {
+    ) -> Result<IoSpec, ModelError> {
         let mut outputs = Vec::new();
         for (i, o) in sig.outputs.iter().enumerate() {
             let spec = output_spec(i, o, classes)?;
-            ensure!(
-                !outputs.iter().any(|x: &OutputSpec| x.name == spec.name),
-                "signature.outputs[{i}]: output {} is listed twice",
-                spec.name
-            );
+            if outputs.iter().any(|x: &OutputSpec| x.name == spec.name) {
+                return Err(ModelError::unservable(format!(
+                    "signature.outputs[{i}]: output {} is listed twice",
+                    spec.name
+                )));
+            }
             outputs.push(spec);
         }
         if !outputs.iter().any(|o| o.kind == OutputKind::Predictions) {
@@ -188,11 +208,12 @@ impl IoSpec {
                 shape: vec![-1],
             });
         }
-        ensure!(
-            input.name != PREDICTIONS && !outputs.iter().any(|o| o.name == input.name),
-            "signature: input {} has the name of an output",
-            input.name
-        );
+        if input.name == PREDICTIONS || outputs.iter().any(|o| o.name == input.name) {
+            return Err(ModelError::unservable(format!(
+                "signature: input {} has the name of an output",
+                input.name
+            )));
+        }
         Ok(IoSpec {
             input,
             outputs,
@@ -228,29 +249,32 @@ fn names(list: &[TensorSignature]) -> String {
     }
 }
 
-fn input_spec(t: &TensorSignature, features: usize) -> Result<InputSpec> {
+fn input_spec(t: &TensorSignature, features: usize) -> Result<InputSpec, ModelError> {
     let Some(datatype) = Datatype::parse(&t.datatype) else {
-        bail!(
+        return Err(ModelError::unservable(format!(
             "signature.inputs[0]: datatype {} is not served; allowed: BOOL, UINT8, INT8, INT16, INT32, INT64, FP16, BF16, FP32, FP64",
             t.datatype
-        );
+        )));
     };
-    ensure!(
-        t.shape.len() >= 2 && t.shape[0] == -1,
-        "signature.inputs[0]: shape {:?} must start with -1 (the batch) and have at least one more dimension",
-        t.shape
-    );
-    ensure!(
-        t.shape[1..].iter().all(|&d| d >= 1),
-        "signature.inputs[0]: shape {:?}: only the first (batch) dimension may be -1; the others must be at least 1",
-        t.shape
-    );
+    if t.shape.len() < 2 || t.shape[0] != -1 {
+        return Err(ModelError::unservable(format!(
+            "signature.inputs[0]: shape {:?} must start with -1 (the batch) and have at least one more dimension",
+            t.shape
+        )));
+    }
+    if t.shape[1..].iter().any(|&d| d < 1) {
+        return Err(ModelError::unservable(format!(
+            "signature.inputs[0]: shape {:?}: only the first (batch) dimension may be -1; the others must be at least 1",
+            t.shape
+        )));
+    }
     let per_sample: i64 = t.shape[1..].iter().product();
-    ensure!(
-        per_sample == features as i64,
-        "signature.inputs[0]: shape {:?} holds {per_sample} values per sample but the model takes {features}",
-        t.shape
-    );
+    if per_sample != features as i64 {
+        return Err(ModelError::unservable(format!(
+            "signature.inputs[0]: shape {:?} holds {per_sample} values per sample but the model takes {features}",
+            t.shape
+        )));
+    }
     Ok(InputSpec {
         name: t.name.clone(),
         datatype,
@@ -258,7 +282,7 @@ fn input_spec(t: &TensorSignature, features: usize) -> Result<InputSpec> {
     })
 }
 
-fn output_spec(i: usize, t: &TensorSignature, classes: usize) -> Result<OutputSpec> {
+fn output_spec(i: usize, t: &TensorSignature, classes: usize) -> Result<OutputSpec, ModelError> {
     let (kind, datatype, shape) = match t.name.as_str() {
         "logits" => (OutputKind::Logits, Datatype::Fp32, vec![-1, classes as i64]),
         "probabilities" => (
@@ -267,22 +291,24 @@ fn output_spec(i: usize, t: &TensorSignature, classes: usize) -> Result<OutputSp
             vec![-1, classes as i64],
         ),
         PREDICTIONS => (OutputKind::Predictions, Datatype::Int64, vec![-1]),
-        other => bail!(
-            "signature.outputs[{i}]: kiln serves outputs logits, probabilities and predictions; {other} is none of them"
-        ),
+        other => {
+            return Err(ModelError::unservable(format!(
+                "signature.outputs[{i}]: kiln serves outputs logits, probabilities and predictions; {other} is none of them"
+            )));
+        }
     };
-    ensure!(
-        t.datatype == datatype.as_str(),
-        "signature.outputs[{i}]: {} is {datatype}, not {}",
-        t.name,
-        t.datatype
-    );
-    ensure!(
-        t.shape == shape,
-        "signature.outputs[{i}]: {} has shape {shape:?} for this model, not {:?}",
-        t.name,
-        t.shape
-    );
+    if t.datatype != datatype.as_str() {
+        return Err(ModelError::unservable(format!(
+            "signature.outputs[{i}]: {} is {datatype}, not {}",
+            t.name, t.datatype
+        )));
+    }
+    if t.shape != shape {
+        return Err(ModelError::unservable(format!(
+            "signature.outputs[{i}]: {} has shape {shape:?} for this model, not {:?}",
+            t.name, t.shape
+        )));
+    }
     Ok(OutputSpec {
         name: t.name.clone(),
         kind,
