@@ -364,7 +364,7 @@ impl Pipe {
             if take > 0 {
                 // SAFETY: `[offset, offset + take)` is inside the ring and
                 // published: the writer wrote it before advancing `written`
-                // (read with Acquire in `filled`) and writes it again only
+                // (which `filled` reads with SeqCst) and writes it again only
                 // after `read` is advanced past it below.
                 let piece = unsafe { std::slice::from_raw_parts(self.ring().add(offset), take) };
                 each(piece);
