@@ -113,9 +113,6 @@ pub(super) fn tune_socket(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)
 }
 
-// ---------------------------------------------------------------------------
-// Connecting
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum HandshakeKind {
     Hello = 0,
@@ -258,10 +255,12 @@ pub mod fuzzing {
     }
 }
 
-pub(super) fn random_nonce() -> io::Result<[u8; NONCE_LEN]> {
-    let mut nonce = [0u8; NONCE_LEN];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut nonce)?;
-    Ok(nonce)
+/// `N` bytes from the operating system's random source: secrets, nonces,
+/// shared-memory names and tokens.
+pub(super) fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
 }
 
 pub(super) fn invalid_data(message: String) -> io::Error {
@@ -596,6 +595,3 @@ pub(super) fn accept_prev(
     restored.map_err(accept_error)?;
     Ok(stream)
 }
-
-// ---------------------------------------------------------------------------
-// Operations on the wire

@@ -87,7 +87,7 @@ mod shm;
 #[cfg(test)]
 mod tests;
 
-use std::io::{self, Read};
+use std::io;
 use std::net::{Shutdown, TcpListener};
 use std::time::Duration;
 
@@ -95,7 +95,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{AbortHandle, Collective, CollectiveError, Result};
 pub use connect::fuzzing;
-use connect::{Handshake, HandshakeKind, Links, MAC_LEN, connect_links, random_nonce};
+use connect::{Handshake, HandshakeKind, Links, MAC_LEN, connect_links, random_bytes};
 pub use exec::Bf16;
 use exec::{Endpoint, Progress, SharedBuf, Side, lock, receive_side, run_side, send_side};
 use exec::{Reduce, Summable};
@@ -117,9 +117,7 @@ pub struct RingSecret([u8; 32]);
 impl RingSecret {
     /// A new secret from the operating system's random source.
     pub fn random() -> io::Result<Self> {
-        let mut bytes = [0u8; 32];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-        Ok(Self(bytes))
+        random_bytes().map(Self)
     }
 
     /// The secret from its bytes; exactly 32 of them.
@@ -251,7 +249,7 @@ impl RingCollective {
                 round,
                 rank,
                 world,
-                nonce: random_nonce().map_err(|source| CollectiveError::Connect {
+                nonce: random_bytes().map_err(|source| CollectiveError::Connect {
                     peer: rank,
                     addr: peers[rank].clone(),
                     source,
@@ -424,7 +422,8 @@ impl RingCollective {
             // Callers return early for world == 1, the only case without links.
             return Ok(());
         };
-        if reduce.is_some() && self.scratch.is_empty() {
+        // Sums from a pipe read in place; only a socket needs a receive buffer.
+        if reduce.is_some() && links.prev_pipe.is_none() && self.scratch.is_empty() {
             self.scratch = vec![0u64; SUB_CHUNK_BYTES.div_ceil(8)];
         }
         let endpoint = Endpoint {

@@ -55,6 +55,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::super::AbortHandle;
+use super::connect::random_bytes;
 
 /// Bytes of ring per pipe (per direction of a link). Eight sub-chunks: the
 /// sender may run that far ahead of the receiver.
@@ -132,11 +133,8 @@ impl Drop for Pipe {
 impl Pipe {
     /// A new pipe in /dev/shm, for this side to write.
     fn create() -> io::Result<(Self, String, [u8; TOKEN_LEN])> {
-        let mut random = [0u8; 16 + TOKEN_LEN];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
-        let name = format!("{PREFIX}{}", hex::encode(&random[..16]));
-        let mut token = [0u8; TOKEN_LEN];
-        token.copy_from_slice(&random[16..]);
+        let name = format!("{PREFIX}{}", hex::encode(random_bytes::<16>()?));
+        let token: [u8; TOKEN_LEN] = random_bytes()?;
         let path = CString::new(format!("/dev/shm/{name}")).expect("no NUL in the name");
         // SAFETY: a NUL-terminated path; the result is checked.
         let fd = unsafe {

@@ -1,6 +1,6 @@
 //! The ring against real loopback sockets: sums, failures, handshakes.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
