@@ -7,6 +7,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -52,6 +53,28 @@ def run_json_lines(cmd, what, timeout, env=None):
     if not rows:
         raise RuntimeError(f"{what}: printed no JSON line")
     return rows
+
+
+def run_together(cmds, what, timeout):
+    """Runs the commands at once; returns each one's last JSON line, in order."""
+    if len(cmds) == 1:
+        return [run_json_lines(cmds[0], what, timeout)[-1]]
+    results, errors = [None] * len(cmds), []
+
+    def one(i):
+        try:
+            results[i] = run_json_lines(cmds[i], f"{what} [{i + 1}/{len(cmds)}]", timeout)[-1]
+        except RuntimeError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cmds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def cpu_busy_seconds():

@@ -12,6 +12,14 @@ Each reports global samples/s from the end of step 1 to the end of the last
 step. The sides alternate (kiln, DDP, kiln, DDP, ...) for --reps repetitions and
 the median of each is compared. The stated target (kiln/DDP >= 1.3x) is
 reported, never enforced: the exit status says only whether both sides ran.
+
+Unless --no-ceiling, each repetition also runs the ceiling of data parallelism
+on these kernels, for each side: --nproc independent single-rank processes at
+once (`kiln run --nproc 1` / `ddp_peer.py --nproc 1`), each with its share of
+the global batch, so that nothing is exchanged and no rank waits. Their summed
+samples/s is what the world would reach with a free, perfectly hidden
+all-reduce: kiln/DDP cannot exceed kiln's ceiling / DDP, and each side's
+measured / its ceiling is its data-parallel efficiency.
 """
 
 import argparse
@@ -21,7 +29,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from common import BENCH_DIR, fmt, log, median, release_dir, run_json_lines
+from common import BENCH_DIR, fmt, log, median, release_dir, run_json_lines, run_together
 
 TARGET_RATIO = 1.3
 
@@ -36,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--peer-only", action="store_true", help="run only the DDP side (kiln not built yet)")
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line at the end")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per run (default: 900)")
+    p.add_argument("--no-ceiling", action="store_true",
+                   help="skip the independent single-rank runs that measure the ceiling (see above)")
     return p.parse_args(argv)
 
 
@@ -51,6 +61,17 @@ def run_kiln(kiln, spec, nproc, what, timeout):
     return result
 
 
+def run_ceiling(cmd_for, copies, what, timeout):
+    """Runs `copies` independent single-rank processes at once (`cmd_for(i)`);
+    returns their summed samples/s as one result."""
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        rows = run_together([cmd_for(i, tmp) for i in range(copies)], what, timeout)
+    for row in rows:
+        if "samples_per_sec" not in row:
+            raise RuntimeError(f"{what}: last JSON line has no samples_per_sec: {row}")
+    return {"samples_per_sec": sum(r["samples_per_sec"] for r in rows), "copies": rows}
+
+
 def main():
     args = parse_args()
     spec = args.spec.resolve()
@@ -61,24 +82,37 @@ def main():
         return 2
     peer_cmd = [args.python, BENCH_DIR / "ddp_peer.py", "--spec", spec, "--nproc", str(args.nproc)]
 
-    results = {"kiln": [], "ddp": []}
+    share = train.get("global_batch", 64) // args.nproc
+
+    def kiln_single(i, tmp):
+        return [kiln, "run", spec, "--nproc", 1, "--json", "--data-dir", f"{tmp}/{i}",
+                "--set", f"train.global_batch={share}"]
+
+    def peer_single(i, tmp):
+        return [args.python, BENCH_DIR / "ddp_peer.py", "--spec", spec, "--nproc", 1, "--global-batch", share]
+
+    results = {"kiln": [], "ddp": [], "kiln-ceiling": [], "ddp-ceiling": []}
     failures = []
     for rep in range(args.reps):
         tag = f"(rep {rep + 1}/{args.reps})"
-        if not args.peer_only:
+        runs = [] if args.peer_only else [("kiln", lambda: run_kiln(kiln, spec, args.nproc, f"ddp kiln {tag}",
+                                                                     args.timeout))]
+        runs.append(("ddp", lambda: run_json_lines(peer_cmd, f"ddp torch {tag}", args.timeout)[-1]))
+        if not args.no_ceiling and args.nproc > 1:
+            if not args.peer_only:
+                runs.append(("kiln-ceiling", lambda: run_ceiling(kiln_single, args.nproc,
+                                                                 f"ddp kiln {args.nproc}x w1 {tag}", args.timeout)))
+            runs.append(("ddp-ceiling", lambda: run_ceiling(peer_single, args.nproc,
+                                                            f"ddp torch {args.nproc}x w1 {tag}", args.timeout)))
+        for side, run in runs:
             try:
-                results["kiln"].append(run_kiln(kiln, spec, args.nproc, f"ddp kiln {tag}", args.timeout))
+                results[side].append(run())
             except RuntimeError as err:
                 log(f"error: {err}")
-                failures.append("kiln")
-        try:
-            results["ddp"].append(run_json_lines(peer_cmd, f"ddp torch {tag}", args.timeout)[-1])
-        except RuntimeError as err:
-            log(f"error: {err}")
-            failures.append("ddp")
+                failures.append(side)
 
-    for side, runs in results.items():
-        for run in runs:
+    for side in ("kiln", "ddp"):
+        for run in results[side]:
             if run.get("world_size") not in (None, args.nproc) or run.get("steps") not in (None, train.get("steps")):
                 log(f"warning: {side} ran world size {run.get('world_size')}, {run.get('steps')} steps; "
                     f"expected {args.nproc}, {train.get('steps')}")
@@ -94,11 +128,14 @@ def main():
     print("global samples/s from the end of step 1 to the end of the last step; "
           f"{args.reps} alternating repetition(s), median shown")
     print(f"{'':6}  {'samples/s':>10}  {'final loss':>10}  runs (samples/s)")
-    for side, label in (("kiln", "kiln"), ("ddp", "DDP")):
+    for side, label in (("kiln", "kiln"), ("ddp", "DDP"), ("kiln-ceiling", f"kiln {args.nproc}x w1"),
+                        ("ddp-ceiling", f"torch {args.nproc}x w1")):
         runs = results[side]
+        if not runs and side.endswith("ceiling"):
+            continue
         per_run = ", ".join(fmt(r["samples_per_sec"], ".0f") for r in runs) or "n/a"
         loss = runs[-1].get("final_loss") if runs else None
-        print(f"{label:6}  {fmt(median([r['samples_per_sec'] for r in runs]), '.0f'):>10}  "
+        print(f"{label:12}  {fmt(median([r['samples_per_sec'] for r in runs]), '.0f'):>10}  "
               f"{fmt(loss, '.4f'):>10}  {per_run}")
     print(f"kiln/DDP: {fmt(ratio) + 'x' if ratio else 'n/a'}")
     if ratio is None:
@@ -106,10 +143,21 @@ def main():
     else:
         verdict = "met" if ratio >= TARGET_RATIO else "not met"
     print(f"target: kiln/DDP >= {TARGET_RATIO:.1f}x -> {verdict}")
+    kiln_ceiling = median([r["samples_per_sec"] for r in results["kiln-ceiling"]])
+    ddp_ceiling = median([r["samples_per_sec"] for r in results["ddp-ceiling"]])
+    ceiling = kiln_ceiling / ddp_sps if kiln_ceiling and ddp_sps else None
+    if ceiling:
+        print(f"ceiling: {args.nproc} independent 1-rank kiln processes make {fmt(ceiling)}x DDP's samples/s; "
+              f"kiln/DDP cannot exceed that on these kernels (the target is "
+              + ("within" if ceiling >= TARGET_RATIO else "above") + " it)")
+    for label, got, top in (("kiln", kiln_sps, kiln_ceiling), ("DDP", ddp_sps, ddp_ceiling)):
+        if got and top:
+            print(f"{label} data-parallel efficiency (measured / its ceiling): {got / top:.0%}")
     if args.json:
         print(json.dumps({
             "bench": "ddp", "target_ratio": TARGET_RATIO, "kiln_samples_per_sec": kiln_sps,
-            "ddp_samples_per_sec": ddp_sps, "ratio": ratio, "runs": results,
+            "ddp_samples_per_sec": ddp_sps, "ratio": ratio, "kiln_ceiling_samples_per_sec": kiln_ceiling,
+            "ddp_ceiling_samples_per_sec": ddp_ceiling, "ceiling_ratio": ceiling, "runs": results,
         }))
     return 1 if failures else 0
 

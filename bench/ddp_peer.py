@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="kiln job spec to mirror (default: bench/mlp.toml)")
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: the spec's workers.nproc)")
     p.add_argument("--steps", type=int, default=None, help="steps (default: the spec's train.steps)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="samples per step over all ranks (default: the spec's train.global_batch)")
     return p.parse_args(argv)
 
 
@@ -58,7 +60,7 @@ def load_config(args):
         "features": data.get("features", 784),
         "classes": data.get("classes") or 10,
         "steps": args.steps or train.get("steps", 100),
-        "global_batch": train.get("global_batch", 64),
+        "global_batch": args.global_batch or train.get("global_batch", 64),
         "log_interval": train.get("log_interval", 10),
         "threads": train.get("threads_per_worker") or 1,
         "lr": opt.get("lr", 1e-3),
@@ -96,7 +98,9 @@ def worker(rank, port, cfg):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(cfg["seed"])
-        model = DDP(mlp(cfg["features"], cfg["hidden"], cfg["classes"]))
+        net = mlp(cfg["features"], cfg["hidden"], cfg["classes"])
+        # One rank (the ceiling runs of bench/ddp.py): a plain module, as its users would train.
+        model = DDP(net) if world > 1 else net
         opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
         x, y = synthetic(cfg)
         per_rank = cfg["global_batch"] // world

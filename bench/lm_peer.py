@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: the spec's workers.nproc)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default: the spec's)")
     p.add_argument("--steps", type=int, default=None, help="steps (default: the spec's train.steps)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per step over all ranks (default: the spec's train.global_batch)")
     return p.parse_args(argv)
 
 
@@ -94,7 +96,7 @@ def load_config(args):
         "d_model": model["d_model"],
         "positions": model.get("positions", "learned"),
         "steps": args.steps or train.get("steps", 100),
-        "global_batch": train.get("global_batch", 64),
+        "global_batch": args.global_batch or train.get("global_batch", 64),
         "log_interval": train.get("log_interval", 10),
         "threads": args.threads or train.get("threads_per_worker") or 1,
         "clip": train.get("clip_grad_norm"),
