@@ -23,12 +23,26 @@
 //! The queue is bounded in requests and in bytes; past either bound a
 //! request is refused at once (503 with `Retry-After`), never buffered.
 //!
+//! Under light load (no queue delay, the default; nothing queued, an
+//! instance idle, and the last batch a lone request too), a request runs at
+//! once on the thread that parsed it (`inline_when_idle`, on by default):
+//! it would
+//! have been a batch of its own anyway, at the same shape, so its answer is
+//! the same bit for bit, and it skips two hand-offs between threads (to the
+//! compute thread and back), each a wake-up that costs tens of microseconds
+//! when the other thread sleeps on another core. Only when the tokio runtime
+//! can move its other tasks away meanwhile (multi-threaded:
+//! `block_in_place`). The last batch must have been alone because under load
+//! the queue is empty for a moment after every batch: a request run alone
+//! then would hold the instance for a one-row pass while the others queue,
+//! costing a 32-row batch about a 1-row pass's time.
+//!
 //! When the last sender is dropped (the version was swapped out and its
 //! in-flight requests are done) the instances drain what is queued and exit,
 //! freeing their networks.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -68,6 +82,10 @@ pub struct BatchSettings {
     pub lm_instances: usize,
     /// Shapes an MLP's weights are packed for (see [`crate::packed`]).
     pub packed_shapes: Vec<usize>,
+    /// Without a queue delay, a classifier's request that finds nothing
+    /// queued and an instance idle runs on the calling thread (see the
+    /// module doc).
+    pub inline_when_idle: bool,
 }
 
 impl BatchSettings {
@@ -148,9 +166,19 @@ impl<T> Queued for Job<T> {
 #[derive(Clone)]
 pub struct BatchQueue {
     tx: SyncSender<Job>,
-    /// Input bytes queued and not yet taken by a compute thread.
+    /// Input bytes queued and not yet taken by a compute thread (a request
+    /// a compute thread carries over to its next batch included).
     queued_bytes: Arc<AtomicUsize>,
     max_bytes: usize,
+    /// The instances' networks, each locked by whoever runs a pass on it:
+    /// its compute thread, or a request run inline.
+    instances: Arc<[Mutex<ServingNet>]>,
+    /// Whether the last batch of any instance was a lone request (light
+    /// load), which inline runs need.
+    last_alone: Arc<AtomicBool>,
+    settings: Arc<BatchSettings>,
+    metrics: Metrics,
+    labels: VersionLabels,
 }
 
 /// What the instances of a version share: the receiving end, and a request
@@ -167,12 +195,13 @@ impl<J> Intake<J> {
     }
 }
 
-/// Starts a compute thread per network of `nets`, named after `name`
-/// (`name.i` when there are several), each running `run` on its network.
-pub(crate) fn spawn_instances(
-    nets: Vec<ServingNet>,
+/// Starts a compute thread per item of `nets` (a network, or an index of
+/// one), named after `name` (`name.i` when there are several), each running
+/// `run` on its item.
+pub(crate) fn spawn_instances<N: Send + 'static>(
+    nets: Vec<N>,
     name: &str,
-    run: impl Fn(ServingNet) + Clone + Send + 'static,
+    run: impl Fn(N) + Clone + Send + 'static,
 ) -> std::io::Result<()> {
     let count = nets.len();
     for (i, net) in nets.into_iter().enumerate() {
@@ -203,15 +232,79 @@ impl BatchQueue {
         let intake = Intake::new(rx);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let max_bytes = settings.max_queue_bytes;
-        let queued = queued_bytes.clone();
-        spawn_instances(nets, &name, move |net| {
-            compute_loop(net, &intake, &queued, &settings, &metrics, &labels)
-        })?;
-        Ok(BatchQueue {
+        let settings = Arc::new(settings);
+        let instances: Arc<[Mutex<ServingNet>]> = nets.into_iter().map(Mutex::new).collect();
+        let queue = BatchQueue {
             tx,
             queued_bytes,
             max_bytes,
-        })
+            instances,
+            last_alone: Arc::new(AtomicBool::new(true)),
+            settings,
+            metrics,
+            labels,
+        };
+        let shared = Arc::new(queue.clone_without_sender());
+        spawn_instances((0..queue.instances.len()).collect(), &name, move |i| {
+            compute_loop(i, &shared, &intake)
+        })?;
+        Ok(queue)
+    }
+
+    /// What a compute thread needs of the queue: everything but the sender
+    /// (its clones keep the queue open).
+    fn clone_without_sender(&self) -> Shared {
+        Shared {
+            queued_bytes: self.queued_bytes.clone(),
+            instances: self.instances.clone(),
+            last_alone: self.last_alone.clone(),
+            settings: self.settings.clone(),
+            metrics: self.metrics.clone(),
+            labels: self.labels.clone(),
+        }
+    }
+
+    /// Runs `job` at once on this thread when nothing is queued and an
+    /// instance is idle (see the module doc), else queues it like
+    /// [`BatchQueue::submit`]. Either way its answer goes to `job.reply`.
+    pub fn run_or_submit(&self, job: Job) -> Result<(), RequestError> {
+        // Blocking is fine on no runtime at all, and on a multi-threaded
+        // one's worker inside `block_in_place`; not on a current-thread one.
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let multi_thread = runtime
+            .as_ref()
+            .is_some_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        // With a queue delay a lone request waits for company instead.
+        if !self.settings.inline_when_idle
+            || !self.settings.max_queue_delay.is_zero()
+            || job.rows > self.settings.max_batch_size
+            || self.queued_bytes.load(Ordering::SeqCst) != 0
+            || !self.last_alone.load(Ordering::Relaxed)
+            || (runtime.is_some() && !multi_thread)
+        {
+            return self.submit(job);
+        }
+        // An instance whose lock is free is idle: its compute thread waits
+        // for the queue, which is empty.
+        let Some(net) = self.instances.iter().find_map(|i| i.try_lock().ok()) else {
+            return self.submit(job);
+        };
+        let run = || {
+            use_threads(self.settings.threads);
+            self.metrics.count_inline(&self.labels);
+            Passes::features(&net, &self.settings).run_batch(
+                vec![job],
+                &self.metrics,
+                &self.labels,
+                |rows, values| Ok(net.forward(rows, values)?),
+            );
+        };
+        if multi_thread {
+            tokio::task::block_in_place(run);
+        } else {
+            run();
+        }
+        Ok(())
     }
 
     /// Queues a job; refuses at once when the queue is full (in requests or
@@ -253,33 +346,59 @@ pub(crate) fn refused<J>(e: TrySendError<J>) -> RequestError {
     }
 }
 
-fn compute_loop(
-    net: ServingNet,
-    intake: &Mutex<Intake<Job>>,
-    queued_bytes: &AtomicUsize,
-    settings: &BatchSettings,
-    metrics: &Metrics,
-    labels: &VersionLabels,
-) {
-    if settings.threads > 0 {
-        tch::set_num_threads(settings.threads as i32);
+/// A [`BatchQueue`] without its sender, for the compute threads.
+struct Shared {
+    queued_bytes: Arc<AtomicUsize>,
+    instances: Arc<[Mutex<ServingNet>]>,
+    last_alone: Arc<AtomicBool>,
+    settings: Arc<BatchSettings>,
+    metrics: Metrics,
+    labels: VersionLabels,
+}
+
+/// Sets this thread's libtorch intra-op threads to `threads` (0: leave
+/// libtorch's default), once per thread: OpenMP's count is per thread, and
+/// a pass's bits depend on it.
+fn use_threads(threads: usize) {
+    thread_local! {
+        static SET: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
-    let passes = Passes::features(&net, settings);
+    if threads > 0 && SET.get() != threads {
+        tch::set_num_threads(threads as i32);
+        SET.set(threads);
+    }
+}
+
+fn compute_loop(instance: usize, shared: &Shared, intake: &Mutex<Intake<Job>>) {
+    let settings = &*shared.settings;
+    use_threads(settings.threads);
+    let net = &shared.instances[instance];
+    let passes = Passes::features(&lock(net), settings);
     while let Some(batch) = take_batch(intake, settings) {
+        // A request run inline may hold the network: this batch waits for it.
+        let net = lock(net);
         let taken: usize = batch.iter().map(Job::bytes).sum();
-        queued_bytes.fetch_sub(taken, Ordering::SeqCst);
+        shared.queued_bytes.fetch_sub(taken, Ordering::SeqCst);
         // Requests whose caller gave up (timed out, disconnected) are skipped.
         let batch: Vec<Job> = batch
             .into_iter()
             .filter(|job| !job.reply.is_closed())
             .collect();
         if !batch.is_empty() {
-            passes.run_batch(batch, metrics, labels, |rows, values| {
+            shared.last_alone.store(batch.len() == 1, Ordering::Relaxed);
+            passes.run_batch(batch, &shared.metrics, &shared.labels, |rows, values| {
                 Ok(net.forward(rows, values)?)
             });
         }
     }
+    let labels = &shared.labels;
     tracing::debug!(model = %labels.model, version = %labels.version, "compute thread stopped");
+}
+
+/// Locks an instance's network; a pass that panicked while holding it was
+/// caught (see [`catch`]), so the network is still whole.
+fn lock(net: &Mutex<ServingNet>) -> std::sync::MutexGuard<'_, ServingNet> {
+    net.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The next batch from the shared intake (see [`next_batch`]); the lock is
@@ -489,6 +608,7 @@ mod tests {
             instances: 1,
             lm_instances: 1,
             packed_shapes: Vec::new(),
+            inline_when_idle: true,
         }
     }
 

@@ -17,6 +17,7 @@
 //! queue_capacity = 1024      # requests waiting per version
 //! max_queue_bytes = 268435456  # input bytes waiting per version
 //! packed_weights = true      # MLPs of >= 1 MiB: weights packed for shapes of >= 8 rows
+//! inline_when_idle = true    # a lone request runs on the thread that parsed it
 //!
 //! [swap]
 //! poll_interval_ms = 500     # how often aliases (and `latest`) are read
@@ -154,6 +155,13 @@ pub struct BatchingConfig {
     /// MLPs of at least 1 MiB of weights, and not past 1 GiB of copies).
     #[serde(default = "default_true")]
     pub packed_weights: bool,
+    /// With `max_queue_delay_us = 0`, a classifier's request that finds
+    /// nothing queued and a model instance idle runs at once on the thread
+    /// that parsed it instead of
+    /// being handed to the compute thread and back (same shape, same answer
+    /// bit for bit; two cross-thread wake-ups fewer).
+    #[serde(default = "default_true")]
+    pub inline_when_idle: bool,
 }
 
 /// `[swap]`: following aliases.
@@ -380,6 +388,7 @@ impl Default for BatchingConfig {
             max_queue_bytes: default_max_queue_bytes(),
             fixed_shape: true,
             packed_weights: true,
+            inline_when_idle: true,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! | `kiln_serve_compute_duration_seconds` | histogram | model, version |
 //! | `kiln_serve_overhead_seconds` | histogram (a request's time in the server outside its batch's forward passes: parsing, queueing, hand-offs, encoding; fine buckets from 5 us) | model, version, protocol |
 //! | `kiln_serve_batch_size` | histogram (rows per batch) | model, version |
+//! | `kiln_serve_inline_batches_total` | counter (lone requests run on the thread that parsed them, skipping the queue) | model, version |
 //! | `kiln_serve_prompt_tokens` | histogram (tokens per generate prompt) | model, version |
 //! | `kiln_serve_generated_tokens` | histogram (tokens per finished generation) | model, version |
 //! | `kiln_serve_requests_total` | counter (answered requests) | model, version, protocol |
@@ -207,6 +208,7 @@ struct Inner {
     compute_duration: HistogramFamily<VersionLabels>,
     overhead: HistogramFamily<RequestLabels>,
     batch_size: HistogramFamily<VersionLabels>,
+    inline_batches: Family<VersionLabels, Counter>,
     prompt_tokens: HistogramFamily<VersionLabels>,
     generated_tokens: HistogramFamily<VersionLabels>,
     requests: Family<RequestLabels, Counter>,
@@ -243,6 +245,7 @@ impl Default for Metrics {
             HistogramFamily::new_with_constructor(seconds_histogram as fn() -> _);
         let overhead = HistogramFamily::new_with_constructor(overhead_histogram as fn() -> _);
         let batch_size = HistogramFamily::new_with_constructor(rows_histogram as fn() -> _);
+        let inline_batches = Family::<VersionLabels, Counter>::default();
         let prompt_tokens = HistogramFamily::new_with_constructor(rows_histogram as fn() -> _);
         let generated_tokens = HistogramFamily::new_with_constructor(rows_histogram as fn() -> _);
         let requests = Family::<RequestLabels, Counter>::default();
@@ -279,6 +282,11 @@ impl Default for Metrics {
             "serve_batch_size",
             "Rows per batch (padding excluded)",
             batch_size.clone(),
+        );
+        registry.register(
+            "serve_inline_batches",
+            "Lone requests run at once on the thread that parsed them (nothing queued, an instance idle)",
+            inline_batches.clone(),
         );
         registry.register(
             "serve_prompt_tokens",
@@ -348,6 +356,7 @@ impl Default for Metrics {
                 compute_duration,
                 overhead,
                 batch_size,
+                inline_batches,
                 prompt_tokens,
                 generated_tokens,
                 requests,
@@ -427,6 +436,14 @@ impl Metrics {
             .compute_duration
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+
+    /// A lone request run on the thread that parsed it.
+    pub fn count_inline(&self, labels: &VersionLabels) {
+        self.inner
+            .inline_batches
+            .get_or_create(&labels.sanitized())
+            .inc();
     }
 
     /// A generate request's prompt length, in tokens.

@@ -225,7 +225,8 @@ impl ServerState {
                 let rows = input.rows;
                 // Drift monitoring needs the inputs after the compute thread took them.
                 let drift_inputs = served.drift.as_ref().map(|_| input.values.clone());
-                queue.submit(Job {
+                // A lone request runs here and now (the queue's `inline_when_idle`).
+                queue.run_or_submit(Job {
                     rows,
                     values: input.values,
                     enqueued: Instant::now(),

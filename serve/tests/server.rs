@@ -511,6 +511,81 @@ fn batched_results_equal_unbatched_bit_for_bit() {
     }
 }
 
+/// Without a queue delay, a request that finds nothing queued and the
+/// instance idle runs on the thread that parsed it (`inline_when_idle`):
+/// counted as such, answering the same bits as through the compute thread;
+/// concurrent requests still queue and batch behind it, each answered right.
+#[test]
+fn lone_requests_run_inline_with_the_bits_of_the_queue() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.batching.max_queue_delay_us = 0;
+    let requests: Vec<Vec<Vec<f32>>> = (0..10).map(|i| rows(1 + i % 3, 500 + i as u64)).collect();
+    let inline_count = "kiln_serve_inline_batches_total{model=\"m\",version=\"1\"}";
+    let one_by_one = |config: ServeConfig| {
+        let server = f.start(config);
+        let (answers, text) = f.rt.block_on(async {
+            let c = http();
+            let u = url(&server, "/v2/models/m/infer");
+            let mut out = Vec::new();
+            for r in &requests {
+                out.push(infer_json(&c, &u, r).await.1);
+            }
+            let text = c
+                .get(url(&server, "/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            (out, text)
+        });
+        f.stop(server);
+        (answers, text)
+    };
+    let (inline, text) = one_by_one(config.clone());
+    assert_eq!(metric(&text, inline_count), requests.len() as f64, "{text}");
+    let mut queued = config.clone();
+    queued.batching.inline_when_idle = false;
+    let (through_queue, text) = one_by_one(queued);
+    assert!(!text.contains(inline_count), "{text}");
+    for (i, (a, b)) in inline.iter().zip(&through_queue).enumerate() {
+        assert_eq!(bits(a), bits(b), "request {i}");
+        assert_eq!(bits(a), bits(&f.weights[0].logits(&requests[i])), "request {i}");
+    }
+
+    // Many at once: the first may run inline, the others wait for the
+    // instance and batch; every answer is still its rows' logits.
+    let server = f.start(config);
+    f.rt.block_on(async {
+        let c = http();
+        let u = url(&server, "/v2/models/m/infer");
+        let many: Vec<Vec<Vec<f32>>> = (0..48).map(|i| rows(1 + i % 3, 700 + i as u64)).collect();
+        let tasks: Vec<_> = many
+            .iter()
+            .map(|r| {
+                let (c, u, r) = (c.clone(), u.clone(), r.clone());
+                tokio::spawn(async move { infer_json(&c, &u, &r).await.1 })
+            })
+            .collect();
+        for (t, r) in tasks.into_iter().zip(&many) {
+            assert_eq!(bits(&t.await.unwrap()), bits(&f.weights[0].logits(r)));
+        }
+        let text = c
+            .get(url(&server, "/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let batches = metric(&text, "kiln_serve_batch_size_count{model=\"m\",version=\"1\"}");
+        assert!(batches <= 48.0, "{batches} batches for 48 requests");
+    });
+    f.stop(server);
+}
+
 #[test]
 fn default_shapes_answer_bit_for_bit_at_their_shape_and_agree_across_shapes() {
     let f = Fixture::new();
