@@ -4,8 +4,11 @@
 //!
 //! Answers are compared bit for bit with PyTorch running the same weights
 //! (exported from the same checkpoint) at the server's fixed batch shape; see
-//! tests/serve_client.py. Tests run one at a time (a shared lock): each starts
-//! a training run, a server and Python clients on a small machine.
+//! tests/serve_client.py. Over TLS (`[tls]` in the config file, a self-signed
+//! certificate for `localhost`), the same clients verify the certificate
+//! against its CA and are refused without it. Tests run one at a time (a
+//! shared lock): each starts a training run, a server and Python clients on a
+//! small machine.
 
 mod common;
 
@@ -132,6 +135,8 @@ fn registry_do<T>(url: &str, f: impl AsyncFnOnce(Registry) -> T) -> T {
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// Whether it announced `https://` (TLS configured).
+    https: bool,
     stderr: PathBuf,
 }
 
@@ -154,13 +159,17 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("kiln serve: listening on http://") {
-                    let _ = tx.send(addr.trim().to_string());
+                if let Some(url) = line.strip_prefix("kiln serve: listening on ") {
+                    let _ = tx.send(url.trim().to_string());
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(a) => a.parse().unwrap(),
+        let (https, addr) = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(url) => match url.split_once("://") {
+                Some(("http", addr)) => (false, addr.parse().unwrap()),
+                Some(("https", addr)) => (true, addr.parse().unwrap()),
+                _ => panic!("kiln serve announced {url:?}"),
+            },
             Err(_) => {
                 let _ = child.kill();
                 panic!(
@@ -172,6 +181,7 @@ impl Server {
         Server {
             child,
             addr,
+            https,
             stderr,
         }
     }
@@ -286,6 +296,29 @@ fn client(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
 }
 
+/// Asserts what `serve_checks` in tests/serve_client.py found: server and
+/// model health and the model's metadata over HTTP and gRPC, and answers of
+/// `version` equal to PyTorch's bit for bit over HTTP binary, HTTP JSON and gRPC.
+fn assert_serves(r: &serde_json::Value, version: &str) {
+    for protocol in ["http", "grpc"] {
+        let p = &r[protocol];
+        assert_eq!(p["live"], true, "{protocol}: {p}");
+        assert_eq!(p["server_ready"], true, "{protocol}: {p}");
+        assert_eq!(p["model_ready"], true, "{protocol}: {p}");
+        assert_eq!(
+            p["metadata_inputs"],
+            serde_json::json!([{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]),
+            "{protocol}"
+        );
+    }
+    for mode in ["http_binary", "http_json", "grpc"] {
+        let m = &r["modes"][mode];
+        assert_eq!(m["version"], version, "{mode}");
+        assert_eq!(m["bitwise"], true, "{mode}: {m}");
+        assert_eq!(m["predictions"], true, "{mode}: {m}");
+    }
+}
+
 /// Sum of `kiln_serve_requests_total` of one version over protocols.
 fn answered(addr: SocketAddr, version: u64) -> f64 {
     let (_, _, body) = http(addr, "GET", "/metrics", &[], b"");
@@ -356,19 +389,8 @@ fn tritonclient_http_and_grpc_answers_match_pytorch_bit_for_bit() {
         "37",
     ]);
     eprintln!("{r}");
-    assert_eq!(r["live"], true);
-    assert_eq!(r["ready"], true);
-    assert_eq!(r["grpc_ready"], true);
-    assert_eq!(
-        r["metadata_inputs"][0]["shape"],
-        serde_json::json!([-1, 64])
-    );
-    for mode in ["http_binary", "http_json", "grpc"] {
-        let m = &r["modes"][mode];
-        assert_eq!(m["version"], "1", "{mode}");
-        assert_eq!(m["bitwise"], true, "{mode}: {m}");
-        assert_eq!(m["predictions"], true, "{mode}: {m}");
-    }
+    assert!(!server.https);
+    assert_serves(&r, "1");
     let c = &r["concurrent"];
     assert_eq!(c["answered"], 80, "{c}");
     assert_eq!(c["failures"], serde_json::json!([]), "{c}");
@@ -601,9 +623,7 @@ fn limits_tokens_and_bad_requests_over_the_wire() {
         "--token",
         "infer-secret",
     ]);
-    for mode in ["http_binary", "http_json", "grpc"] {
-        assert_eq!(r["modes"][mode]["bitwise"], true, "{mode}: {r}");
-    }
+    assert_serves(&r, "1");
 
     // Malformed and oversized requests: 4xx with the protocol's error JSON.
     let h = &[auth];
@@ -693,6 +713,85 @@ fn limits_tokens_and_bad_requests_over_the_wire() {
         404,
         "not served",
     );
+    assert!(server.stop().success());
+}
+
+#[test]
+fn tritonclient_over_tls_verifies_the_certificate_and_matches_pytorch() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let root = train(&dir.path().join("data"));
+    let registry = format!("file://{}", dir.path().join("registry").display());
+    let (_, weights) = register(&registry, &root, 30, dir.path());
+    // A self-signed certificate for `localhost` only: it is its own CA, and
+    // a client that dials 127.0.0.1 must find that name missing.
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let ca = dir.path().join("cert.pem");
+    std::fs::write(&ca, cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), signing_key.serialize_pem()).unwrap();
+    // Relative paths: taken from the config file's folder.
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        "[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n",
+    )
+    .unwrap();
+    let server = Server::start(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--registry",
+            &registry,
+            "--model",
+            "digits",
+            "--max-batch-size",
+            "16",
+            // One shape: answers independent of batching, bit for bit
+            // (the client compares with passes of exactly this many rows).
+            "--batch-shapes",
+            "16",
+            "--threads",
+            "1",
+        ],
+        &[],
+        dir.path(),
+    );
+    assert!(server.https, "kiln serve with [tls] announced http://");
+    let r = client(&[
+        "tls",
+        "--url",
+        &format!("localhost:{}", server.addr.port()),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--batch",
+        "16",
+        "--rows",
+        "37",
+    ]);
+    eprintln!("{r}");
+    assert_serves(&r, "1");
+    // Refused during the handshake, for the certificate: not trusted (no CA),
+    // or trusted but not for the name dialled. The messages are Python's ssl
+    // module's (HTTP) and gRPC core's.
+    for (protocol, name_check) in [
+        ("http", "IP address mismatch"),
+        ("grpc", "Hostname Verification Check failed"),
+    ] {
+        let untrusted = r["untrusted"][protocol]
+            .as_str()
+            .unwrap_or_else(|| panic!("{protocol}: a client without the CA was served: {r}"));
+        assert!(
+            untrusted.contains("CERTIFICATE_VERIFY_FAILED"),
+            "{protocol}: {untrusted}"
+        );
+        let wrong_name = r["wrong_name"][protocol]
+            .as_str()
+            .unwrap_or_else(|| panic!("{protocol}: a client dialling 127.0.0.1 was served: {r}"));
+        assert!(wrong_name.contains(name_check), "{protocol}: {wrong_name}");
+    }
     assert!(server.stop().success());
 }
 

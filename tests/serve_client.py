@@ -10,6 +10,10 @@ that a row's result is bit-identical whatever else shares its pass.
 Modes (each prints one JSON object on its last stdout line):
 
   roundtrip  HTTP binary, HTTP JSON and gRPC requests, plus concurrent ones
+  tls        HTTP binary, HTTP JSON and gRPC requests over HTTPS and gRPC
+             over TLS, trusting --ca; then clients that do not trust it, or
+             that connect by a name the certificate does not hold, must be
+             refused (both protocols)
   load       requests from several threads until --stop-file exists; each
              answer is checked against the version it reports
 """
@@ -21,6 +25,7 @@ import sys
 import threading
 import time
 
+import gevent.ssl
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -94,25 +99,42 @@ def eval_rows(n):
     return np.ascontiguousarray(data["x"][:n].astype(np.float32))
 
 
-def roundtrip(a):
-    forward = load_net(a.weights, a.layers)
-    x = eval_rows(a.rows)
-    want = expected_logits(forward, x, a.batch)
-    http = httpclient.InferenceServerClient(a.url)
-    grpc = grpcclient.InferenceServerClient(a.url)
-    result = {
-        "live": bool(http.is_server_live(headers=headers(a.token))),
-        "ready": bool(http.is_model_ready(a.model, headers=headers(a.token))),
-        "grpc_ready": bool(grpc.is_model_ready(a.model, headers=headers(a.token))),
-        "metadata_inputs": http.get_model_metadata(a.model, headers=headers(a.token))["inputs"],
-        "modes": {},
-    }
+def inputs_of(metadata):
+    """A model's inputs from HTTP (JSON) or gRPC (protobuf) metadata, as JSON."""
+    if isinstance(metadata, dict):
+        inputs = metadata["inputs"]
+        return [{"name": i["name"], "datatype": i["datatype"], "shape": list(i["shape"])} for i in inputs]
+    return [{"name": i.name, "datatype": i.datatype, "shape": list(i.shape)} for i in metadata.inputs]
+
+
+def serve_checks(a, http, grpc, x, want):
+    """Health, model metadata and one request per protocol and encoding,
+    compared with PyTorch: the result's "http", "grpc" and "modes"."""
+    h = headers(a.token)
+    result = {"modes": {}}
+    for name, client in [("http", http), ("grpc", grpc)]:
+        result[name] = {
+            "live": bool(client.is_server_live(headers=h)),
+            "server_ready": bool(client.is_server_ready(headers=h)),
+            "model_ready": bool(client.is_model_ready(a.model, headers=h)),
+            "metadata_inputs": inputs_of(client.get_model_metadata(a.model, headers=h)),
+        }
     for mode in ["http_binary", "http_json", "grpc"]:
         if mode == "grpc":
             version, logits, preds = grpc_infer(grpc, a.model, x, a.token)
         else:
             version, logits, preds = http_infer(http, a.model, x, mode == "http_binary", a.token)
         result["modes"][mode] = {"version": version, **compare(logits, preds, want)}
+    return result
+
+
+def roundtrip(a):
+    forward = load_net(a.weights, a.layers)
+    x = eval_rows(a.rows)
+    want = expected_logits(forward, x, a.batch)
+    http = httpclient.InferenceServerClient(a.url)
+    grpc = grpcclient.InferenceServerClient(a.url)
+    result = serve_checks(a, http, grpc, x, want)
 
     # Concurrent requests of different sizes batch together on the server;
     # each answer must still equal its rows computed alone.
@@ -145,6 +167,52 @@ def roundtrip(a):
     for t in threads:
         t.join()
     result["concurrent"] = {"answered": answered[0], "failures": failures[:5], "mismatches": mismatches[:5]}
+    print(json.dumps(result))
+
+
+def https_client(url, ca):
+    """tritonclient.http over HTTPS; `ca` None trusts only the default roots."""
+    if ca is None:
+        return httpclient.InferenceServerClient(url, ssl=True)
+    return httpclient.InferenceServerClient(
+        url, ssl=True, ssl_options={"ca_certs": ca}, ssl_context_factory=gevent.ssl.create_default_context
+    )
+
+
+def grpcs_client(url, ca):
+    """tritonclient.grpc over TLS; `ca` None trusts only gRPC's default roots."""
+    return grpcclient.InferenceServerClient(url, ssl=True, root_certificates=ca)
+
+
+def refusal(call):
+    """The error of a call that must fail, or None if it succeeded."""
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - reported, the test checks the message
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def refusals(url, ca):
+    """How a server-liveness call over each protocol fails (None: it did not)."""
+    return {
+        "http": refusal(lambda: https_client(url, ca).is_server_live()),
+        "grpc": refusal(lambda: grpcs_client(url, ca).is_server_live(client_timeout=30)),
+    }
+
+
+def tls(a):
+    forward = load_net(a.weights, a.layers)
+    x = eval_rows(a.rows)
+    want = expected_logits(forward, x, a.batch)
+    result = serve_checks(a, https_client(a.url, a.ca), grpcs_client(a.url, a.ca), x, want)
+
+    # Verification is real: without the CA, and with the CA but by a name
+    # the certificate does not hold (its address, not `localhost`), the
+    # handshake fails before any request.
+    port = a.url.rsplit(":", 1)[1]
+    result["untrusted"] = refusals(a.url, None)
+    result["wrong_name"] = refusals(f"127.0.0.1:{port}", a.ca)
     print(json.dumps(result))
 
 
@@ -192,10 +260,11 @@ def load(a):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["roundtrip", "load"])
-    p.add_argument("--url", required=True, help="HOST:PORT")
+    p.add_argument("mode", choices=["roundtrip", "tls", "load"])
+    p.add_argument("--url", required=True, help="HOST:PORT (tls: the name the certificate holds)")
     p.add_argument("--model", default="digits")
-    p.add_argument("--weights", help="safetensors of the served version (roundtrip)")
+    p.add_argument("--weights", help="safetensors of the served version (roundtrip, tls)")
+    p.add_argument("--ca", help="PEM file of the CA that signed the server's certificate (tls)")
     p.add_argument("--versions", help="VERSION=WEIGHTS,... (load)")
     p.add_argument("--layers", type=int, default=3, help="linear layers of the MLP")
     p.add_argument("--batch", type=int, required=True, help="the server's --max-batch-size")
@@ -205,7 +274,7 @@ def main():
     p.add_argument("--token")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("KILN_TEST_TORCH_THREADS", torch.get_num_threads())))
-    {"roundtrip": roundtrip, "load": load}[a.mode](a)
+    {"roundtrip": roundtrip, "tls": tls, "load": load}[a.mode](a)
 
 
 if __name__ == "__main__":
