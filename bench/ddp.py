@@ -20,6 +20,11 @@ the global batch, so that nothing is exchanged and no rank waits. Their summed
 samples/s is what the world would reach with a free, perfectly hidden
 all-reduce: kiln/DDP cannot exceed kiln's ceiling / DDP, and each side's
 measured / its ceiling is its data-parallel efficiency.
+
+kiln pins each CPU rank to cores of its own by default ([workers]
+cpu_affinity = "auto"); DDP users launch unpinned unless they bind ranks
+themselves, so DDP runs both ways: as launched by default (the target's
+peer) and pinned the same way (`ddp_peer.py --pin`), reported beside it.
 """
 
 import argparse
@@ -91,13 +96,15 @@ def main():
     def peer_single(i, tmp):
         return [args.python, BENCH_DIR / "ddp_peer.py", "--spec", spec, "--nproc", 1, "--global-batch", share]
 
-    results = {"kiln": [], "ddp": [], "kiln-ceiling": [], "ddp-ceiling": []}
+    results = {"kiln": [], "ddp": [], "ddp-pinned": [], "kiln-ceiling": [], "ddp-ceiling": []}
     failures = []
     for rep in range(args.reps):
         tag = f"(rep {rep + 1}/{args.reps})"
         runs = [] if args.peer_only else [("kiln", lambda: run_kiln(kiln, spec, args.nproc, f"ddp kiln {tag}",
                                                                      args.timeout))]
         runs.append(("ddp", lambda: run_json_lines(peer_cmd, f"ddp torch {tag}", args.timeout)[-1]))
+        runs.append(("ddp-pinned", lambda: run_json_lines(peer_cmd + ["--pin"], f"ddp torch pinned {tag}",
+                                                          args.timeout)[-1]))
         if not args.no_ceiling and args.nproc > 1:
             if not args.peer_only:
                 runs.append(("kiln-ceiling", lambda: run_ceiling(kiln_single, args.nproc,
@@ -128,7 +135,8 @@ def main():
     print("global samples/s from the end of step 1 to the end of the last step; "
           f"{args.reps} alternating repetition(s), median shown")
     print(f"{'':6}  {'samples/s':>10}  {'final loss':>10}  runs (samples/s)")
-    for side, label in (("kiln", "kiln"), ("ddp", "DDP"), ("kiln-ceiling", f"kiln {args.nproc}x w1"),
+    for side, label in (("kiln", "kiln"), ("ddp", "DDP"), ("ddp-pinned", "DDP pinned"),
+                        ("kiln-ceiling", f"kiln {args.nproc}x w1"),
                         ("ddp-ceiling", f"torch {args.nproc}x w1")):
         runs = results[side]
         if not runs and side.endswith("ceiling"):
@@ -143,6 +151,9 @@ def main():
     else:
         verdict = "met" if ratio >= TARGET_RATIO else "not met"
     print(f"target: kiln/DDP >= {TARGET_RATIO:.1f}x -> {verdict}")
+    pinned_sps = median([r["samples_per_sec"] for r in results["ddp-pinned"]])
+    if kiln_sps and pinned_sps:
+        print(f"kiln/DDP pinned like kiln: {fmt(kiln_sps / pinned_sps)}x")
     kiln_ceiling = median([r["samples_per_sec"] for r in results["kiln-ceiling"]])
     ddp_ceiling = median([r["samples_per_sec"] for r in results["ddp-ceiling"]])
     ceiling = kiln_ceiling / ddp_sps if kiln_ceiling and ddp_sps else None
@@ -157,7 +168,8 @@ def main():
         print(json.dumps({
             "bench": "ddp", "target_ratio": TARGET_RATIO, "kiln_samples_per_sec": kiln_sps,
             "ddp_samples_per_sec": ddp_sps, "ratio": ratio, "kiln_ceiling_samples_per_sec": kiln_ceiling,
-            "ddp_ceiling_samples_per_sec": ddp_ceiling, "ceiling_ratio": ceiling, "runs": results,
+            "ddp_ceiling_samples_per_sec": ddp_ceiling, "ceiling_ratio": ceiling,
+            "ddp_pinned_samples_per_sec": pinned_sps, "runs": results,
         }))
     return 1 if failures else 0
 

@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="kiln job spec to mirror (default: bench/mlp.toml)")
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: the spec's workers.nproc)")
     p.add_argument("--steps", type=int, default=None, help="steps (default: the spec's train.steps)")
+    p.add_argument("--pin", action="store_true",
+                   help="pin rank r to its own run of --threads cores when the ranks fill the allowed cores "
+                        "(as kiln's [workers] cpu_affinity = auto)")
     p.add_argument("--global-batch", type=int, default=None,
                    help="samples per step over all ranks (default: the spec's train.global_batch)")
     return p.parse_args(argv)
@@ -66,6 +69,7 @@ def load_config(args):
         "lr": opt.get("lr", 1e-3),
         "momentum": opt.get("momentum", 0.9),
         "world_size": args.nproc or workers.get("nproc", 1),
+        "pin": args.pin,
     }
     if cfg["global_batch"] % cfg["world_size"]:
         raise SystemExit("global_batch must divide evenly over the ranks")
@@ -93,6 +97,12 @@ def synthetic(cfg):
 
 
 def worker(rank, port, cfg):
+    if cfg["pin"]:
+        # Before torch starts its threads: they inherit this thread's cores.
+        allowed = sorted(os.sched_getaffinity(0))
+        mine = allowed[rank * cfg["threads"]:(rank + 1) * cfg["threads"]]
+        if len(allowed) == cfg["world_size"] * cfg["threads"]:
+            os.sched_setaffinity(0, mine)
     torch.set_num_threads(cfg["threads"])
     world = cfg["world_size"]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -6,11 +6,13 @@ Both sides train the job in bench/lm.toml (GPT: vocab 256, seq_len 128, 4
 layers, 4 heads, d_model 256, ~3.26 M parameters; global batch 32; AdamW;
 gradients clipped to a global norm of 1.0; fp32; 30 steps) on the same token
 file: Debian's `fortunes` as byte tokens (ids 0-255, uint16), written once
-into --work-dir. Seven configurations:
+into --work-dir. Eight configurations:
 
   kiln w2          kiln run bench/lm.toml --nproc 2      (1 thread per rank, comm.overlap = true)
   kiln w2 no-ovl   the same with --set comm.overlap=false
   DDP w2           bench/lm_peer.py --nproc 2 --threads 1 (DDP over gloo)
+  DDP w2 pinned    the same with --pin: each rank on its own core, as kiln pins
+                   CPU ranks by default ([workers] cpu_affinity = "auto")
   kiln w1 2t       kiln run ... --nproc 1 --set train.threads_per_worker=2
   torch w1 2t      bench/lm_peer.py --nproc 1 --threads 2 (one plain process)
   kiln 2x w1       two `kiln run ... --nproc 1` at once, each with half the global
@@ -75,6 +77,9 @@ CONFIGS = {
     "kiln-w2": ("kiln", 2, 1, ["comm.overlap=true"]),
     "kiln-w2-nooverlap": ("kiln", 2, 1, ["comm.overlap=false"]),
     "ddp-w2": ("torch", 2, 1, []),
+    # DDP with each rank pinned to its own core, as kiln's default
+    # [workers] cpu_affinity = "auto" does (DDP users launch unpinned).
+    "ddp-w2-pinned": ("torch", 2, 1, ["--pin"]),
     "kiln-w1-2t": ("kiln", 1, 2, []),
     "torch-w1-2t": ("torch", 1, 2, []),
     # Diagnostic, not in the default set: 2 MiB buckets instead of the default
@@ -91,12 +96,13 @@ CONFIGS = {
 }
 # Configurations run as two independent processes at once (see above).
 PAIRS = {"kiln-2x-w1", "torch-2x-w1"}
-DEFAULT_CONFIGS = ["kiln-w2", "kiln-w2-nooverlap", "ddp-w2", "kiln-w1-2t", "torch-w1-2t", "kiln-2x-w1",
-                   "torch-2x-w1"]
+DEFAULT_CONFIGS = ["kiln-w2", "kiln-w2-nooverlap", "ddp-w2", "ddp-w2-pinned", "kiln-w1-2t", "torch-w1-2t",
+                   "kiln-2x-w1", "torch-2x-w1"]
 LABELS = {
     "kiln-w2": "kiln w2",
     "kiln-w2-nooverlap": "kiln w2 no-ovl",
     "ddp-w2": "DDP w2",
+    "ddp-w2-pinned": "DDP w2 pinned",
     "kiln-w1-2t": "kiln w1 2t",
     "torch-w1-2t": "torch w1 2t",
     "kiln-w2-b2": "kiln w2 b2MiB",
@@ -262,7 +268,7 @@ def run_one(name, args, spec, tokens, steps, seq_len, global_batch, tag):
                 cmd += ["--set", o]
         else:
             cmd = [args.python, BENCH_DIR / "lm_peer.py", "--spec", spec, "--train", tokens, "--nproc", world,
-                   "--threads", threads, "--steps", steps, "--global-batch", batch]
+                   "--threads", threads, "--steps", steps, "--global-batch", batch, *sets]
         cmds.append(cmd)
     load = os.getloadavg()[0]
     rustc = rustc_running()
@@ -342,7 +348,7 @@ def report(runs, names):
     print(f"{'ratio of medians':36} {'median':>7} {'per-rep range':>14}  target")
     summary = {"tokens_per_sec": {n: med(n, "tokens_per_sec") for n in names}, "ratios": {}}
     for a, b, target in (("kiln-w2", "ddp-w2", TARGET_VS_DDP), ("kiln-w2", "kiln-w1-2t", TARGET_VS_SINGLE),
-                         ("kiln-w2-nooverlap", "ddp-w2", None), ("kiln-w2", "kiln-w2-nooverlap", None),
+                         ("kiln-w2", "ddp-w2-pinned", None), ("kiln-w2-nooverlap", "ddp-w2", None), ("kiln-w2", "kiln-w2-nooverlap", None),
                          ("kiln-w1-2t", "torch-w1-2t", None), ("ddp-w2", "torch-w1-2t", None),
                          ("kiln-w2-b2", "ddp-w2", None), ("kiln-w2-b2", "kiln-w2", None),
                          ("kiln-w2", "kiln-2x-w1", None), ("ddp-w2", "torch-2x-w1", None),

@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: the spec's workers.nproc)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default: the spec's)")
     p.add_argument("--steps", type=int, default=None, help="steps (default: the spec's train.steps)")
+    p.add_argument("--pin", action="store_true",
+                   help="pin rank r to its own run of --threads cores when the ranks fill the allowed cores "
+                        "(as kiln's [workers] cpu_affinity = auto)")
     p.add_argument("--global-batch", type=int, default=None,
                    help="sequences per step over all ranks (default: the spec's train.global_batch)")
     return p.parse_args(argv)
@@ -105,6 +108,7 @@ def load_config(args):
         "eps": opt.get("eps", 1e-8),
         "weight_decay": opt.get("weight_decay", 0.0),
         "world_size": args.nproc or workers.get("nproc", 1),
+        "pin": args.pin,
     }
     if cfg["global_batch"] % cfg["world_size"]:
         raise SystemExit("global_batch must divide evenly over the ranks")
@@ -149,6 +153,12 @@ class Windows:
 
 
 def worker(rank, port, cfg):
+    if cfg["pin"]:
+        # Before torch starts its threads: they inherit this thread's cores.
+        allowed = sorted(os.sched_getaffinity(0))
+        mine = allowed[rank * cfg["threads"]:(rank + 1) * cfg["threads"]]
+        if len(allowed) == cfg["world_size"] * cfg["threads"]:
+            os.sched_setaffinity(0, mine)
     torch.set_num_threads(cfg["threads"])
     world = cfg["world_size"]
     distributed = world > 1

@@ -890,6 +890,21 @@ kind = "synthetic"
 }
 
 #[test]
+fn cpu_affinity_defaults_to_auto_and_takes_none() {
+    use kiln_proto::spec::CpuAffinity;
+    assert_eq!(
+        parse(MINIMAL, &[]).expect("minimal").workers.cpu_affinity,
+        CpuAffinity::Auto
+    );
+    let none = parse(MINIMAL, &["workers.cpu_affinity=\"none\""]).expect("none is allowed");
+    assert_eq!(none.workers.cpu_affinity, CpuAffinity::None);
+    assert_contains(
+        &error_of(MINIMAL, &["workers.cpu_affinity=\"numa\""]),
+        "workers.cpu_affinity",
+    );
+}
+
+#[test]
 fn checkpoint_required_defaults_to_true_and_cannot_go_with_register() {
     assert!(parse(MINIMAL, &[]).expect("minimal").checkpoint.required);
     let optional = parse(MINIMAL, &["checkpoint.required=false"]).expect("false is allowed");

@@ -552,7 +552,11 @@ fn lone_requests_run_inline_with_the_bits_of_the_queue() {
     assert!(!text.contains(inline_count), "{text}");
     for (i, (a, b)) in inline.iter().zip(&through_queue).enumerate() {
         assert_eq!(bits(a), bits(b), "request {i}");
-        assert_eq!(bits(a), bits(&f.weights[0].logits(&requests[i])), "request {i}");
+        assert_eq!(
+            bits(a),
+            bits(&f.weights[0].logits(&requests[i])),
+            "request {i}"
+        );
     }
 
     // Many at once: the first may run inline, the others wait for the
@@ -580,7 +584,10 @@ fn lone_requests_run_inline_with_the_bits_of_the_queue() {
             .text()
             .await
             .unwrap();
-        let batches = metric(&text, "kiln_serve_batch_size_count{model=\"m\",version=\"1\"}");
+        let batches = metric(
+            &text,
+            "kiln_serve_batch_size_count{model=\"m\",version=\"1\"}",
+        );
         assert!(batches <= 48.0, "{batches} batches for 48 requests");
     });
     f.stop(server);

@@ -24,6 +24,7 @@
 
 #![warn(missing_docs)]
 
+pub mod affinity;
 pub mod agent;
 pub mod collective;
 pub mod data;

@@ -463,6 +463,27 @@ pub struct WorkersSpec {
     /// Where workers compute.
     #[serde(default = "default_device")]
     pub device: DeviceKind,
+    /// Whether CPU workers are pinned to cores of their own (see
+    /// [`CpuAffinity`]).
+    #[serde(default)]
+    pub cpu_affinity: CpuAffinity,
+}
+
+/// `[workers] cpu_affinity`: which cores a CPU worker may run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuAffinity {
+    /// On a CPU device, when the node's workers times their threads are
+    /// exactly the cores the worker may use, each worker gets cores of its
+    /// own (local rank r: the r-th run of `threads_per_worker` of them), so
+    /// that ranks never share a core or migrate between cores; otherwise
+    /// (more threads than cores, or room left for something else), as
+    /// `none`.
+    #[default]
+    Auto,
+    /// Every worker may run on every core the node gives it (the scheduler
+    /// places them).
+    None,
 }
 
 fn default_nproc() -> usize {
@@ -477,6 +498,7 @@ impl Default for WorkersSpec {
         Self {
             nproc: default_nproc(),
             device: default_device(),
+            cpu_affinity: CpuAffinity::default(),
         }
     }
 }

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use kiln_checkpoint::{CheckpointManager, DType, TensorView, weights_digest};
 use kiln_proto::frame;
-use kiln_proto::spec::{CommTransport, JobSpec};
+use kiln_proto::spec::{CommTransport, CpuAffinity, JobSpec};
 use kiln_proto::worker::{
     AgentMessage, Assignment, EvalResult, Failed, Finished, Hello, Interrupted, Progress,
     RoundStarted, Warning, agent_message, worker_message::Kind as Report,
@@ -43,10 +43,10 @@ use crate::collective::nccl::{self, NcclCollective};
 use crate::collective::ring::{RingCollective, RingSecret, Transport};
 use crate::collective::{AbortHandle, Collective};
 use crate::data::{self, GlobalSampler};
-use crate::device;
 use crate::error::{Context, Error, Result};
 use crate::optim::{self, Optimizer};
 use crate::state::{self, TrainingState};
+use crate::{affinity, device};
 use buckets::GradBuckets;
 use channel::{Reporter, Rounds, agent_channel, watch_agent};
 use checkpointing::{
@@ -185,6 +185,23 @@ fn set_process_name(name: &std::ffi::CStr) {
     }
 }
 
+/// Pins this CPU worker to cores of its own when the node's workers fit
+/// (`[workers] cpu_affinity = "auto"`); returns them. A failure to pin is
+/// logged, never fatal: the worker runs unpinned.
+fn pin_to_own_cores(local_rank: usize, workers: usize, threads: usize) -> Option<Vec<usize>> {
+    let allowed = affinity::allowed_cores()
+        .inspect_err(|e| tracing::warn!("read this worker's CPU affinity: {e}"))
+        .ok()?;
+    let cores = affinity::cores_for(local_rank, workers, threads, &allowed)?;
+    match affinity::pin_process(&cores) {
+        Ok(()) => Some(cores),
+        Err(e) => {
+            tracing::warn!(?cores, "pin the worker to its cores: {e}; running unpinned");
+            None
+        }
+    }
+}
+
 /// What a worker keeps across rounds: the model, the optimizer, the data and
 /// where training stands.
 struct Training {
@@ -228,9 +245,15 @@ impl Training {
             .train
             .threads_per_worker
             .unwrap_or((cores / spec.workers.nproc.max(1)).max(1));
-        tch::set_num_threads(threads as i32);
         let device = device::resolve(spec.workers.device, local_rank).map_err(Error::invalid)?;
-        tracing::info!(job, threads, ?device, "worker starting");
+        let pinned = if device == Device::Cpu && spec.workers.cpu_affinity == CpuAffinity::Auto {
+            pin_to_own_cores(local_rank, spec.workers.nproc, threads)
+        } else {
+            None
+        };
+        // After pinning: OpenMP's threads inherit the cores.
+        tch::set_num_threads(threads as i32);
+        tracing::info!(job, threads, ?device, cores = ?pinned, "worker starting");
 
         tch::manual_seed(spec.job.seed as i64);
         let splits =
