@@ -120,7 +120,7 @@ pub async fn start(config: ServeConfig, cancel: CancellationToken) -> Result<Run
         instances: config.instances(),
         lm_instances: config.lm_instances(),
         packed_shapes: config.packed_shapes(),
-        inline_when_idle: config.batching.inline_when_idle,
+        inline_when_idle: config.inline_when_idle(),
     };
     let seed = config.swap.canary_seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
