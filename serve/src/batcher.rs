@@ -25,17 +25,18 @@
 //!
 //! Under light load (no queue delay, the default; nothing queued, an
 //! instance idle, and the last batch a lone request too), a request runs at
-//! once on the thread that parsed it (`inline_when_idle`, on by default):
-//! it would
-//! have been a batch of its own anyway, at the same shape, so its answer is
-//! the same bit for bit, and it skips two hand-offs between threads (to the
-//! compute thread and back), each a wake-up that costs tens of microseconds
-//! when the other thread sleeps on another core. Only when the tokio runtime
-//! can move its other tasks away meanwhile (multi-threaded:
-//! `block_in_place`). The last batch must have been alone because under load
-//! the queue is empty for a moment after every batch: a request run alone
-//! then would hold the instance for a one-row pass while the others queue,
-//! costing a 32-row batch about a 1-row pass's time.
+//! once on the thread that parsed it (`inline_when_idle`, on by default
+//! where the server may use 2 cores or more, see
+//! [`crate::ServeConfig::inline_when_idle`]): it would have been a batch of
+//! its own anyway, at the same shape, so its answer is the same bit for bit,
+//! and it skips two hand-offs between threads (to the compute thread and
+//! back), each a wake-up that costs tens of microseconds when the other
+//! thread sleeps on another core. Only when the tokio runtime can move its
+//! other tasks away meanwhile (multi-threaded: `block_in_place`). The last
+//! batch must have been alone because under load the queue is empty for a
+//! moment after every batch: a request run alone then would hold the
+//! instance for a one-row pass while the others queue, costing a 32-row
+//! batch about a 1-row pass's time.
 //!
 //! When the last sender is dropped (the version was swapped out and its
 //! in-flight requests are done) the instances drain what is queued and exit,
@@ -264,8 +265,9 @@ impl BatchQueue {
         }
     }
 
-    /// Runs `job` at once on this thread when nothing is queued and an
-    /// instance is idle (see the module doc), else queues it like
+    /// Runs `job` at once on this thread under light load (nothing queued,
+    /// an instance idle, the last batch alone; see the module doc), else
+    /// queues it like
     /// [`BatchQueue::submit`]. Either way its answer goes to `job.reply`.
     pub fn run_or_submit(&self, job: Job) -> Result<(), RequestError> {
         // Blocking is fine on no runtime at all, and on a multi-threaded
