@@ -214,6 +214,27 @@ async fn infer_json(
     parse_outputs(&v, rows.len())
 }
 
+/// Sends every request at once (each on its own task); returns their
+/// logits in the order of `requests`.
+async fn infer_all_at_once(
+    c: &reqwest::Client,
+    url: &str,
+    requests: &[Vec<Vec<f32>>],
+) -> Vec<Vec<Vec<f32>>> {
+    let tasks: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let (c, u, r) = (c.clone(), url.to_string(), r.clone());
+            tokio::spawn(async move { infer_json(&c, &u, &r).await.1 })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 fn parse_outputs(v: &Value, n: usize) -> (String, Vec<Vec<f32>>, Vec<i64>) {
     let outputs = v["outputs"].as_array().unwrap();
     let logits = outputs.iter().find(|o| o["name"] == "logits").unwrap();
@@ -449,18 +470,7 @@ fn batched_results_equal_unbatched_bit_for_bit() {
     let together: Vec<Vec<Vec<f32>>> = f.rt.block_on(async {
         let c = http();
         let u = url(&server, "/v2/models/m/infer");
-        let tasks: Vec<_> = requests
-            .iter()
-            .map(|r| {
-                let (c, u, r) = (c.clone(), u.clone(), r.clone());
-                tokio::spawn(async move { infer_json(&c, &u, &r).await.1 })
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out
+        infer_all_at_once(&c, &u, &requests).await
     });
     let text = f.rt.block_on(async {
         http()
@@ -572,15 +582,8 @@ fn lone_requests_run_inline_with_the_bits_of_the_queue() {
         let c = http();
         let u = url(&server, "/v2/models/m/infer");
         let many: Vec<Vec<Vec<f32>>> = (0..48).map(|i| rows(1 + i % 3, 700 + i as u64)).collect();
-        let tasks: Vec<_> = many
-            .iter()
-            .map(|r| {
-                let (c, u, r) = (c.clone(), u.clone(), r.clone());
-                tokio::spawn(async move { infer_json(&c, &u, &r).await.1 })
-            })
-            .collect();
-        for (t, r) in tasks.into_iter().zip(&many) {
-            assert_eq!(bits(&t.await.unwrap()), bits(&f.weights[0].logits(r)));
+        for (got, r) in infer_all_at_once(&c, &u, &many).await.iter().zip(&many) {
+            assert_eq!(bits(got), bits(&f.weights[0].logits(r)));
         }
         let text = c
             .get(url(&server, "/metrics"))
@@ -637,18 +640,7 @@ fn default_shapes_answer_bit_for_bit_at_their_shape_and_agree_across_shapes() {
     let together: Vec<Vec<Vec<f32>>> = f.rt.block_on(async {
         let c = http();
         let u = url(&server, "/v2/models/m/infer");
-        let tasks: Vec<_> = requests
-            .iter()
-            .map(|r| {
-                let (c, u, r) = (c.clone(), u.clone(), r.clone());
-                tokio::spawn(async move { infer_json(&c, &u, &r).await.1 })
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out
+        infer_all_at_once(&c, &u, &requests).await
     });
     f.stop(server);
     for (i, (got, r)) in together.iter().zip(&requests).enumerate() {
