@@ -279,6 +279,20 @@ fn expect_error(got: (u16, String, Vec<u8>), status: u16, contains: &str) {
 }
 
 /// Runs the Python client; returns its last stdout line as JSON.
+/// The batching arguments every server here runs with: one shape of
+/// `rows` rows, so answers are independent of batching, bit for bit (the
+/// client compares with passes of exactly this many rows), and one thread.
+fn one_shape(rows: &str) -> [&str; 6] {
+    [
+        "--max-batch-size",
+        rows,
+        "--batch-shapes",
+        rows,
+        "--threads",
+        "1",
+    ]
+}
+
 fn client(args: &[&str]) -> serde_json::Value {
     let out = Command::new(python())
         .arg(repo().join("tests/serve_client.py"))
@@ -361,19 +375,10 @@ fn tritonclient_http_and_grpc_answers_match_pytorch_bit_for_bit() {
     });
     let server = Server::start(
         &[
-            "--registry",
-            &registry,
-            "--model",
-            "digits@production",
-            "--max-batch-size",
-            "16",
-            // One shape: answers independent of batching, bit for bit
-            // (the client compares with passes of exactly this many rows).
-            "--batch-shapes",
-            "16",
-            "--threads",
-            "1",
-        ],
+            &["--registry", &registry, "--model", "digits@production"][..],
+            &one_shape("16"),
+        ]
+        .concat(),
         &[],
         dir.path(),
     );
@@ -430,23 +435,11 @@ fn swap_rollback_and_canary_under_load_fail_no_request() {
     });
     let server = Server::start(
         &[
-            "--registry",
-            &registry,
-            "--model",
-            "digits@production",
-            "--max-batch-size",
-            "8",
-            // One shape: answers independent of batching, bit for bit
-            // (the client compares with passes of exactly this many rows).
-            "--batch-shapes",
-            "8",
-            "--threads",
-            "1",
-            "--poll-interval-ms",
-            "100",
-            "--canary-seed",
-            "7",
-        ],
+            &["--registry", &registry, "--model", "digits@production"][..],
+            &one_shape("8"),
+            &["--poll-interval-ms", "100", "--canary-seed", "7"],
+        ]
+        .concat(),
         &[],
         dir.path(),
     );
@@ -546,25 +539,18 @@ fn limits_tokens_and_bad_requests_over_the_wire() {
     std::fs::write(&admin, "admin-secret\n").unwrap();
     let server = Server::start(
         &[
-            "--registry",
-            &registry,
-            "--model",
-            "digits",
-            "--max-batch-size",
-            "16",
-            // One shape: answers independent of batching, bit for bit
-            // (the client compares with passes of exactly this many rows).
-            "--batch-shapes",
-            "16",
-            "--threads",
-            "1",
-            "--max-request-bytes",
-            "65536",
-            "--max-request-rows",
-            "100",
-            "--admin-token-file",
-            admin.to_str().unwrap(),
-        ],
+            &["--registry", &registry, "--model", "digits"][..],
+            &one_shape("16"),
+            &[
+                "--max-request-bytes",
+                "65536",
+                "--max-request-rows",
+                "100",
+                "--admin-token-file",
+                admin.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
         &[("KILN_SERVE_TOKEN", "infer-secret")],
         dir.path(),
     );
@@ -739,21 +725,17 @@ fn tritonclient_over_tls_verifies_the_certificate_and_matches_pytorch() {
     .unwrap();
     let server = Server::start(
         &[
-            "--config",
-            config.to_str().unwrap(),
-            "--registry",
-            &registry,
-            "--model",
-            "digits",
-            "--max-batch-size",
-            "16",
-            // One shape: answers independent of batching, bit for bit
-            // (the client compares with passes of exactly this many rows).
-            "--batch-shapes",
-            "16",
-            "--threads",
-            "1",
-        ],
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--registry",
+                &registry,
+                "--model",
+                "digits",
+            ][..],
+            &one_shape("16"),
+        ]
+        .concat(),
         &[],
         dir.path(),
     );

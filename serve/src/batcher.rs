@@ -167,17 +167,22 @@ impl<T> Queued for Job<T> {
 #[derive(Clone)]
 pub struct BatchQueue {
     tx: SyncSender<Job>,
+    shared: Arc<Shared>,
+}
+
+/// What the senders and the compute threads of a version share (everything
+/// but the sender, whose clones keep the queue open).
+struct Shared {
     /// Input bytes queued and not yet taken by a compute thread (a request
     /// a compute thread carries over to its next batch included).
-    queued_bytes: Arc<AtomicUsize>,
-    max_bytes: usize,
+    queued_bytes: AtomicUsize,
     /// The instances' networks, each locked by whoever runs a pass on it:
     /// its compute thread, or a request run inline.
-    instances: Arc<[Mutex<ServingNet>]>,
+    instances: Vec<Mutex<ServingNet>>,
     /// Whether the last batch of any instance was a lone request (light
     /// load), which inline runs need.
-    last_alone: Arc<AtomicBool>,
-    settings: Arc<BatchSettings>,
+    last_alone: AtomicBool,
+    settings: BatchSettings,
     metrics: Metrics,
     labels: VersionLabels,
 }
@@ -231,38 +236,19 @@ impl BatchQueue {
     ) -> std::io::Result<BatchQueue> {
         let (tx, rx) = std::sync::mpsc::sync_channel(settings.queue_capacity);
         let intake = Intake::new(rx);
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let max_bytes = settings.max_queue_bytes;
-        let settings = Arc::new(settings);
-        let instances: Arc<[Mutex<ServingNet>]> = nets.into_iter().map(Mutex::new).collect();
-        let queue = BatchQueue {
-            tx,
-            queued_bytes,
-            max_bytes,
-            instances,
-            last_alone: Arc::new(AtomicBool::new(true)),
+        let shared = Arc::new(Shared {
+            queued_bytes: AtomicUsize::new(0),
+            instances: nets.into_iter().map(Mutex::new).collect(),
+            last_alone: AtomicBool::new(true),
             settings,
             metrics,
             labels,
-        };
-        let shared = Arc::new(queue.clone_without_sender());
-        spawn_instances((0..queue.instances.len()).collect(), &name, move |i| {
-            compute_loop(i, &shared, &intake)
+        });
+        let threads = shared.clone();
+        spawn_instances((0..shared.instances.len()).collect(), &name, move |i| {
+            compute_loop(i, &threads, &intake)
         })?;
-        Ok(queue)
-    }
-
-    /// What a compute thread needs of the queue: everything but the sender
-    /// (its clones keep the queue open).
-    fn clone_without_sender(&self) -> Shared {
-        Shared {
-            queued_bytes: self.queued_bytes.clone(),
-            instances: self.instances.clone(),
-            last_alone: self.last_alone.clone(),
-            settings: self.settings.clone(),
-            metrics: self.metrics.clone(),
-            labels: self.labels.clone(),
-        }
+        Ok(BatchQueue { tx, shared })
     }
 
     /// Runs `job` at once on this thread under light load (nothing queued,
@@ -270,6 +256,8 @@ impl BatchQueue {
     /// queues it like
     /// [`BatchQueue::submit`]. Either way its answer goes to `job.reply`.
     pub fn run_or_submit(&self, job: Job) -> Result<(), RequestError> {
+        let shared = &*self.shared;
+        let settings = &shared.settings;
         // Blocking is fine on no runtime at all, and on a multi-threaded
         // one's worker inside `block_in_place`; not on a current-thread one.
         let runtime = tokio::runtime::Handle::try_current().ok();
@@ -277,27 +265,27 @@ impl BatchQueue {
             .as_ref()
             .is_some_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         // With a queue delay a lone request waits for company instead.
-        if !self.settings.inline_when_idle
-            || !self.settings.max_queue_delay.is_zero()
-            || job.rows > self.settings.max_batch_size
-            || self.queued_bytes.load(Ordering::SeqCst) != 0
-            || !self.last_alone.load(Ordering::Relaxed)
+        if !settings.inline_when_idle
+            || !settings.max_queue_delay.is_zero()
+            || job.rows > settings.max_batch_size
+            || shared.queued_bytes.load(Ordering::SeqCst) != 0
+            || !shared.last_alone.load(Ordering::Relaxed)
             || (runtime.is_some() && !multi_thread)
         {
             return self.submit(job);
         }
         // An instance whose lock is free is idle: its compute thread waits
         // for the queue, which is empty.
-        let Some(net) = self.instances.iter().find_map(|i| i.try_lock().ok()) else {
+        let Some(net) = shared.instances.iter().find_map(|i| i.try_lock().ok()) else {
             return self.submit(job);
         };
         let run = || {
-            use_threads(self.settings.threads);
-            self.metrics.count_inline(&self.labels);
-            Passes::features(&net, &self.settings).run_batch(
+            use_threads(settings.threads);
+            shared.metrics.count_inline(&shared.labels);
+            Passes::features(&net, settings).run_batch(
                 vec![job],
-                &self.metrics,
-                &self.labels,
+                &shared.metrics,
+                &shared.labels,
                 |rows, values| Ok(net.forward(rows, values)?),
             );
         };
@@ -312,25 +300,27 @@ impl BatchQueue {
     /// Queues a job; refuses at once when the queue is full (in requests or
     /// in bytes).
     pub fn submit(&self, job: Job) -> Result<(), RequestError> {
+        let queued_bytes = &self.shared.queued_bytes;
+        let max_bytes = self.shared.settings.max_queue_bytes;
         let bytes = job.bytes();
-        if bytes > self.max_bytes {
+        if bytes > max_bytes {
             return Err(RequestError::new(
                 ErrorKind::TooLarge,
                 format!(
                     "the request's inputs take {bytes} bytes as f32; this server queues at most {} bytes per model (batching.max_queue_bytes)",
-                    self.max_bytes
+                    max_bytes
                 ),
             ));
         }
-        let before = self.queued_bytes.fetch_add(bytes, Ordering::SeqCst);
-        if before + bytes > self.max_bytes {
-            self.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        let before = queued_bytes.fetch_add(bytes, Ordering::SeqCst);
+        if before + bytes > max_bytes {
+            queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
             return Err(RequestError::unavailable(
                 "the model's request queue is full (bytes); retry later",
             ));
         }
         self.tx.try_send(job).map_err(|e| {
-            self.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+            queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
             refused(e)
         })
     }
@@ -348,16 +338,6 @@ pub(crate) fn refused<J>(e: TrySendError<J>) -> RequestError {
     }
 }
 
-/// A [`BatchQueue`] without its sender, for the compute threads.
-struct Shared {
-    queued_bytes: Arc<AtomicUsize>,
-    instances: Arc<[Mutex<ServingNet>]>,
-    last_alone: Arc<AtomicBool>,
-    settings: Arc<BatchSettings>,
-    metrics: Metrics,
-    labels: VersionLabels,
-}
-
 /// Sets this thread's libtorch intra-op threads to `threads` (0: leave
 /// libtorch's default), once per thread: OpenMP's count is per thread, and
 /// a pass's bits depend on it.
@@ -372,7 +352,7 @@ fn use_threads(threads: usize) {
 }
 
 fn compute_loop(instance: usize, shared: &Shared, intake: &Mutex<Intake<Job>>) {
-    let settings = &*shared.settings;
+    let settings = &shared.settings;
     use_threads(settings.threads);
     let net = &shared.instances[instance];
     let passes = Passes::features(&lock(net), settings);

@@ -632,7 +632,7 @@ impl ServeConfig {
         if self.instances > 0 {
             return self.instances;
         }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = available_cores();
         (cores / self.threads.max(1)).max(1)
     }
 
@@ -646,7 +646,7 @@ impl ServeConfig {
         if self.instances > 0 {
             return self.instances;
         }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = available_cores();
         (cores / 2 / self.threads.max(1)).max(1)
     }
 
@@ -658,8 +658,7 @@ impl ServeConfig {
     /// `block_in_place` hands the async worker's role to another thread,
     /// which then shares the one core with the pass).
     pub fn inline_when_idle(&self) -> bool {
-        self.batching.inline_when_idle
-            && std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2
+        self.batching.inline_when_idle && available_cores() >= 2
     }
 
     /// The batching delay as a duration.
@@ -676,6 +675,11 @@ impl ServeConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.request_timeout_ms)
     }
+}
+
+/// The cores this process may run on (its CPU affinity and quota).
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl ConnectionsConfig {

@@ -874,11 +874,9 @@ fn management_on_a_non_loopback_listener_needs_the_management_token() {
     f.stop(server);
 
     let dir = tempfile::tempdir().unwrap();
-    let admin = dir.path().join("a");
-    std::fs::write(&admin, "admin-secret").unwrap();
     let mut config = f.config();
     config.listen = "0.0.0.0:0".parse().unwrap();
-    config.auth.admin_token_file = Some(admin);
+    set_admin_token(&mut config, dir.path());
     let server = f.start(config);
     f.rt.block_on(async {
         let c = reqwest::Client::new();
@@ -888,6 +886,13 @@ fn management_on_a_non_loopback_listener_needs_the_management_token() {
         assert_eq!(index(&c, &server, &[auth]).await.0, 415);
     });
     f.stop(server);
+}
+
+/// Sets `config`'s management token to `admin-secret`, from a file in `dir`.
+fn set_admin_token(config: &mut ServeConfig, dir: &std::path::Path) {
+    let admin = dir.join("a");
+    std::fs::write(&admin, "admin-secret").unwrap();
+    config.auth.admin_token_file = Some(admin);
 }
 
 /// DNS rebinding: a web page whose name an attacker rebinds to 127.0.0.1
@@ -954,10 +959,8 @@ fn token_less_management_answers_only_loopback_host_names() {
 
     // With the management token, a rebound host name changes nothing.
     let dir = tempfile::tempdir().unwrap();
-    let admin = dir.path().join("a");
-    std::fs::write(&admin, "admin-secret").unwrap();
     let mut config = f.config();
-    config.auth.admin_token_file = Some(admin);
+    set_admin_token(&mut config, dir.path());
     let server = f.start(config);
     let port = dial(&server).port();
     f.rt.block_on(async {

@@ -445,6 +445,17 @@ impl JsonText for reqwest::Response {
     }
 }
 
+/// The server's `/metrics` text.
+async fn metrics_text(c: &reqwest::Client, server: &RunningServer) -> String {
+    c.get(url(server, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(prefix))
@@ -472,16 +483,7 @@ fn batched_results_equal_unbatched_bit_for_bit() {
         let u = url(&server, "/v2/models/m/infer");
         infer_all_at_once(&c, &u, &requests).await
     });
-    let text = f.rt.block_on(async {
-        http()
-            .get(url(&server, "/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
+    let text = f.rt.block_on(metrics_text(&http(), &server));
     let batches = metric(
         &text,
         "kiln_serve_batch_size_count{model=\"m\",version=\"1\"}",
@@ -541,14 +543,7 @@ fn lone_requests_run_inline_with_the_bits_of_the_queue() {
             for r in &requests {
                 out.push(infer_json(&c, &u, r).await.1);
             }
-            let text = c
-                .get(url(&server, "/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = metrics_text(&c, &server).await;
             (out, text)
         });
         f.stop(server);
@@ -585,14 +580,7 @@ fn lone_requests_run_inline_with_the_bits_of_the_queue() {
         for (got, r) in infer_all_at_once(&c, &u, &many).await.iter().zip(&many) {
             assert_eq!(bits(got), bits(&f.weights[0].logits(r)));
         }
-        let text = c
-            .get(url(&server, "/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&c, &server).await;
         let batches = metric(
             &text,
             "kiln_serve_batch_size_count{model=\"m\",version=\"1\"}",
@@ -780,16 +768,7 @@ fn swap_and_rollback_under_load_fail_no_request() {
         let failures = load.await.unwrap();
         assert_eq!(failures, 0, "requests failed during swaps");
     });
-    let text = f.rt.block_on(async {
-        http()
-            .get(url(&server, "/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
+    let text = f.rt.block_on(metrics_text(&http(), &server));
     assert_eq!(metric(&text, "kiln_serve_swaps_total{model=\"m\"}"), 2.0);
     assert_eq!(
         metric(
@@ -963,7 +942,7 @@ fn malformed_and_oversized_requests_get_4xx_json() {
         expect_error(c.get(&u), 405, "method").await;
         // Still serving afterwards.
         infer_json(&c, &u, &rows(20, 5)).await;
-        let text = c.get(url(&server, "/metrics")).send().await.unwrap().text().await.unwrap();
+        let text = metrics_text(&c, &server).await;
         assert!(metric(&text, "kiln_serve_errors_total{model=\"m\",version=\"\",protocol=\"http\",kind=\"bad_request\"}") >= 5.0);
     });
     f.stop(server);
