@@ -23,7 +23,10 @@
 //! before the pin was written, so its marker was there when the registration
 //! looked and the registration waited for it to end, and then found the
 //! manifest or refused. A marker a crashed collection left behind is ignored
-//! once it is older than [`STALE_COLLECTION`].
+//! once it is older than [`STALE_COLLECTION`], or at once where its writer
+//! is known to be gone: written on this host, since this boot, in this pid
+//! namespace, by a pid no process has now (a training job SIGKILLed during
+//! its retention pass would otherwise hold registrations for an hour).
 
 use std::time::Duration;
 
@@ -231,6 +234,39 @@ struct CollectionMarker {
     started_at: String,
     host: String,
     pid: u32,
+    /// The writer's boot (`/proc/sys/kernel/random/boot_id`) and pid
+    /// namespace: with `host`, they say whether `pid` can be looked up here.
+    /// Empty in markers of older builds.
+    #[serde(default)]
+    boot_id: String,
+    #[serde(default)]
+    pid_namespace: String,
+}
+
+impl CollectionMarker {
+    fn new() -> CollectionMarker {
+        CollectionMarker {
+            started_at: now_rfc3339(),
+            host: hostname(),
+            pid: std::process::id(),
+            boot_id: boot_id(),
+            pid_namespace: pid_namespace(),
+        }
+    }
+
+    /// Whether the process that wrote it is known to be gone: it ran on this
+    /// host, since this boot, in this pid namespace, and no process has its
+    /// pid now (a gc killed mid-way, e.g. with its training job). Anything
+    /// less certain counts as alive, and only age makes it stale.
+    fn writer_is_gone(&self) -> bool {
+        let here = CollectionMarker::new();
+        !self.boot_id.is_empty()
+            && !self.pid_namespace.is_empty()
+            && self.host == here.host
+            && self.boot_id == here.boot_id
+            && self.pid_namespace == here.pid_namespace
+            && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
 }
 
 /// A collection in progress, announced by its marker; [`Collection::end`]
@@ -244,12 +280,7 @@ impl Collection {
     /// Writes the marker; call before listing anything.
     pub(crate) async fn begin(root: &CheckpointRoot) -> Result<Collection> {
         let key = format!("{COLLECTIONS_PREFIX}/{}.json", crate::registry::unique_id());
-        let marker = CollectionMarker {
-            started_at: now_rfc3339(),
-            host: hostname(),
-            pid: std::process::id(),
-        };
-        let bytes = serde_json::to_vec(&marker).expect("markers serialize");
+        let bytes = serde_json::to_vec(&CollectionMarker::new()).expect("markers serialize");
         root.put(&key, Bytes::from(bytes), PutMode::Create).await?;
         Ok(Collection {
             root: root.clone(),
@@ -273,8 +304,23 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// This process's pid namespace, as `/proc/self/ns/pid` names it
+/// (`pid:[4026531836]`).
+fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
 /// Waits until no live collection marker is under `root`: each either
-/// disappears or is older than [`STALE_COLLECTION`]. Past `patience`, a
+/// disappears, is older than [`STALE_COLLECTION`], or was written by a
+/// process of this machine that no longer exists. Past `patience`, a
 /// [`Error::Conflict`] naming the collections.
 pub async fn wait_for_collections(root: &CheckpointRoot, patience: Duration) -> Result<()> {
     let started = tokio::time::Instant::now();
@@ -282,36 +328,39 @@ pub async fn wait_for_collections(root: &CheckpointRoot, patience: Duration) -> 
     loop {
         let stale_before = chrono::Utc::now()
             - chrono::Duration::from_std(STALE_COLLECTION).expect("an hour fits");
-        let live: Vec<_> = root
-            .list(COLLECTIONS_PREFIX)
-            .await?
-            .into_iter()
-            .filter(|o| {
-                let stale = o.last_modified < stale_before;
-                if stale {
-                    tracing::warn!(marker = %o.key, "ignoring the marker of a gc that started over an hour ago (it died?)");
-                }
-                !stale
-            })
-            .collect();
+        let mut live = Vec::new();
+        for o in root.list(COLLECTIONS_PREFIX).await? {
+            if o.last_modified < stale_before {
+                tracing::warn!(marker = %o.key, "ignoring the marker of a gc that started over an hour ago (it died?)");
+                continue;
+            }
+            let marker = match root.get_opt(&o.key).await? {
+                Some(b) => serde_json::from_slice::<CollectionMarker>(&b).ok(),
+                None => continue, // ended meanwhile
+            };
+            if marker
+                .as_ref()
+                .is_some_and(CollectionMarker::writer_is_gone)
+            {
+                tracing::warn!(marker = %o.key, "ignoring the marker of a gc whose process is gone");
+                continue;
+            }
+            live.push((o, marker));
+        }
         if live.is_empty() {
             return Ok(());
         }
         if started.elapsed() >= patience {
-            let mut running = Vec::new();
-            for o in &live {
-                let who = match root.get_opt(&o.key).await? {
-                    Some(b) => match serde_json::from_slice::<CollectionMarker>(&b) {
-                        Ok(m) => format!(
-                            "{} (started {} on {} by pid {})",
-                            o.key, m.started_at, m.host, m.pid
-                        ),
-                        Err(_) => o.key.clone(),
-                    },
-                    None => continue,
-                };
-                running.push(who);
-            }
+            let running: Vec<String> = live
+                .iter()
+                .map(|(o, marker)| match marker {
+                    Some(m) => format!(
+                        "{} (started {} on {} by pid {})",
+                        o.key, m.started_at, m.host, m.pid
+                    ),
+                    None => o.key.clone(),
+                })
+                .collect();
             return Err(Error::Conflict {
                 what: format!(
                     "gc has been running under {} for over {}s: {}; retry when it has finished (a marker older than an hour is ignored)",
@@ -329,6 +378,51 @@ pub async fn wait_for_collections(root: &CheckpointRoot, patience: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_marker_is_dead_only_when_its_process_is_known_gone() {
+        let mine = CollectionMarker::new();
+        assert!(!mine.boot_id.is_empty() && !mine.pid_namespace.is_empty());
+        assert!(!mine.writer_is_gone(), "this process is alive");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let gone = CollectionMarker {
+            pid,
+            ..CollectionMarker::new()
+        };
+        assert!(gone.writer_is_gone(), "pid {pid} exited");
+        // Anything that makes the pid meaningless here counts as alive.
+        for other in [
+            CollectionMarker {
+                host: "elsewhere".into(),
+                pid,
+                ..CollectionMarker::new()
+            },
+            CollectionMarker {
+                boot_id: "an-earlier-boot".into(),
+                pid,
+                ..CollectionMarker::new()
+            },
+            CollectionMarker {
+                pid_namespace: "pid:[1]".into(),
+                pid,
+                ..CollectionMarker::new()
+            },
+            CollectionMarker {
+                boot_id: String::new(),
+                pid_namespace: String::new(),
+                pid,
+                ..CollectionMarker::new()
+            },
+        ] {
+            assert!(!other.writer_is_gone(), "{other:?}");
+        }
+        // A marker of an older build (no boot or namespace) still parses.
+        let old: CollectionMarker =
+            serde_json::from_str(r#"{"started_at":"x","host":"h","pid":1}"#).unwrap();
+        assert!(!old.writer_is_gone());
+    }
 
     #[test]
     fn pin_keys_carry_the_step_and_refuse_bad_ids() {
