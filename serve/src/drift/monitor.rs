@@ -57,10 +57,15 @@ struct Shared {
     dataset_drift_windows: AtomicU64,
 }
 
+/// The window being filled. Rows are appended as they come, row-major (a
+/// row's features, then its predictions): one contiguous copy per request,
+/// where appending to one vector per column touched as many cache lines as
+/// the row has values (`perf`, 1-core server, the 784-feature MLP at 32
+/// connections: 3.6% of its time, 0.5% row-major). The columns the tests need are cut out when the window is
+/// evaluated, off the request path.
 #[derive(Debug)]
 struct Window {
-    /// Values of each profile column (profile order).
-    columns: Vec<Vec<f64>>,
+    values: Vec<f64>,
     rows: usize,
     index: u64,
 }
@@ -79,7 +84,8 @@ pub struct DriftMonitor {
 pub struct CompletedWindow {
     shared: Arc<Shared>,
     index: u64,
-    columns: Vec<Vec<f64>>,
+    /// Row-major: `rows` rows of the profile's features then predictions.
+    values: Vec<f64>,
     rows: usize,
 }
 
@@ -94,7 +100,7 @@ impl DriftMonitor {
         options.validate()?;
         let reference = PreparedReference::new(profile);
         let window = Window {
-            columns: empty_columns(reference.columns.len(), options.window_rows),
+            values: window_buffer(&reference, options.window_rows),
             rows: 0,
             index: 0,
         };
@@ -146,22 +152,19 @@ impl DriftMonitor {
         let mut start = 0;
         while start < rows {
             let take = (capacity - window.rows).min(rows - start);
-            for (k, &c) in reference.features.iter().enumerate() {
-                let column = &mut window.columns[c];
-                column.extend((start..start + take).map(|r| inputs[r * nf + k].to_f64()));
-            }
-            for (k, &c) in reference.predictions.iter().enumerate() {
-                let column = &mut window.columns[c];
-                column.extend((start..start + take).map(|r| predictions[r * np + k].to_f64()));
+            for r in start..start + take {
+                let values = &mut window.values;
+                values.extend(inputs[r * nf..(r + 1) * nf].iter().map(|v| v.to_f64()));
+                values.extend(predictions[r * np..(r + 1) * np].iter().map(|v| v.to_f64()));
             }
             window.rows += take;
             start += take;
             if window.rows == capacity {
-                let fresh = empty_columns(window.columns.len(), capacity);
+                let fresh = window_buffer(reference, capacity);
                 done.push(CompletedWindow {
                     shared: self.shared.clone(),
                     index: window.index,
-                    columns: std::mem::replace(&mut window.columns, fresh),
+                    values: std::mem::replace(&mut window.values, fresh),
                     rows: window.rows,
                 });
                 window.rows = 0;
@@ -231,7 +234,7 @@ impl CompletedWindow {
         let shared = &self.shared;
         let report = shared
             .reference
-            .compare(&self.columns, self.index, &shared.options)
+            .compare(&self.columns(), self.index, &shared.options)
             .expect("a window has one column per profile column");
         shared.windows_evaluated.fetch_add(1, Ordering::Relaxed);
         if report.dataset_drift {
@@ -243,10 +246,32 @@ impl CompletedWindow {
         }
         report
     }
+
+    /// The values of each profile column (profile order; columns that are
+    /// neither features nor predictions stay empty).
+    fn columns(&self) -> Vec<Vec<f64>> {
+        let reference = &self.shared.reference;
+        let nf = reference.n_features();
+        let width = nf + reference.n_predictions();
+        let mut columns = vec![Vec::new(); reference.columns.len()];
+        let offsets = reference.features.iter().enumerate();
+        let offsets =
+            offsets.chain((reference.predictions.iter().enumerate()).map(|(k, c)| (nf + k, c)));
+        for (offset, &c) in offsets {
+            columns[c] = self.values[offset..]
+                .iter()
+                .step_by(width)
+                .take(self.rows)
+                .copied()
+                .collect();
+        }
+        columns
+    }
 }
 
-fn empty_columns(n: usize, capacity: usize) -> Vec<Vec<f64>> {
-    (0..n).map(|_| Vec::with_capacity(capacity)).collect()
+/// An empty window's row-major buffer, room for `rows` rows made up front.
+fn window_buffer(reference: &PreparedReference, rows: usize) -> Vec<f64> {
+    Vec::with_capacity(rows * (reference.n_features() + reference.n_predictions()))
 }
 
 /// Rows in an observation, checking that inputs and predictions agree with
