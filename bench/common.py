@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark drivers (bench/allreduce.py, bench/ddp.py)."""
+"""Helpers shared by the benchmark drivers (bench/allreduce.py, bench/ddp.py, ...) and the PyTorch peers."""
 
 import json
 import os
@@ -84,6 +84,15 @@ def cpu_busy_seconds():
         fields = [int(v) for v in f.readline().split()[1:9]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def pin_rank(rank, world_size, threads):
+    """Pins this process to the rank-th run of `threads` allowed cores when the ranks fill the
+    allowed cores exactly, as kiln's `[workers] cpu_affinity = "auto"` does; else leaves it.
+    Call before torch starts its threads: they inherit this thread's cores."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) == world_size * threads:
+        os.sched_setaffinity(0, allowed[rank * threads:(rank + 1) * threads])
 
 
 def median(values):

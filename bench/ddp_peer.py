@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from common import pin_rank
+
 DEFAULT_SPEC = Path(__file__).resolve().parent / "mlp.toml"
 
 
@@ -98,11 +100,7 @@ def synthetic(cfg):
 
 def worker(rank, port, cfg):
     if cfg["pin"]:
-        # Before torch starts its threads: they inherit this thread's cores.
-        allowed = sorted(os.sched_getaffinity(0))
-        mine = allowed[rank * cfg["threads"]:(rank + 1) * cfg["threads"]]
-        if len(allowed) == cfg["world_size"] * cfg["threads"]:
-            os.sched_setaffinity(0, mine)
+        pin_rank(rank, cfg["world_size"], cfg["threads"])
     torch.set_num_threads(cfg["threads"])
     world = cfg["world_size"]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -348,7 +348,8 @@ def report(runs, names):
     print(f"{'ratio of medians':36} {'median':>7} {'per-rep range':>14}  target")
     summary = {"tokens_per_sec": {n: med(n, "tokens_per_sec") for n in names}, "ratios": {}}
     for a, b, target in (("kiln-w2", "ddp-w2", TARGET_VS_DDP), ("kiln-w2", "kiln-w1-2t", TARGET_VS_SINGLE),
-                         ("kiln-w2", "ddp-w2-pinned", None), ("kiln-w2-nooverlap", "ddp-w2", None), ("kiln-w2", "kiln-w2-nooverlap", None),
+                         ("kiln-w2", "ddp-w2-pinned", None), ("kiln-w2-nooverlap", "ddp-w2", None),
+                         ("kiln-w2", "kiln-w2-nooverlap", None),
                          ("kiln-w1-2t", "torch-w1-2t", None), ("ddp-w2", "torch-w1-2t", None),
                          ("kiln-w2-b2", "ddp-w2", None), ("kiln-w2-b2", "kiln-w2", None),
                          ("kiln-w2", "kiln-2x-w1", None), ("ddp-w2", "torch-2x-w1", None),

@@ -43,6 +43,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from common import pin_rank
+
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent / "scripts"))
 from kiln_gpt import GPT  # noqa: E402  (the PyTorch twin of kiln's GPT)
@@ -154,11 +156,7 @@ class Windows:
 
 def worker(rank, port, cfg):
     if cfg["pin"]:
-        # Before torch starts its threads: they inherit this thread's cores.
-        allowed = sorted(os.sched_getaffinity(0))
-        mine = allowed[rank * cfg["threads"]:(rank + 1) * cfg["threads"]]
-        if len(allowed) == cfg["world_size"] * cfg["threads"]:
-            os.sched_setaffinity(0, mine)
+        pin_rank(rank, cfg["world_size"], cfg["threads"])
     torch.set_num_threads(cfg["threads"])
     world = cfg["world_size"]
     distributed = world > 1

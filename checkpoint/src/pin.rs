@@ -255,11 +255,11 @@ impl CollectionMarker {
     }
 
     /// Whether the process that wrote it is known to be gone: it ran on this
-    /// host, since this boot, in this pid namespace, and no process has its
-    /// pid now (a gc killed mid-way, e.g. with its training job). Anything
-    /// less certain counts as alive, and only age makes it stale.
-    fn writer_is_gone(&self) -> bool {
-        let here = CollectionMarker::new();
+    /// host (`here`: a marker of this process), since this boot, in this pid
+    /// namespace, and no process has its pid now (a gc killed mid-way, e.g.
+    /// with its training job). Anything less certain counts as alive, and
+    /// only age makes it stale.
+    fn writer_is_gone(&self, here: &CollectionMarker) -> bool {
         !self.boot_id.is_empty()
             && !self.pid_namespace.is_empty()
             && self.host == here.host
@@ -325,6 +325,7 @@ fn pid_namespace() -> String {
 pub async fn wait_for_collections(root: &CheckpointRoot, patience: Duration) -> Result<()> {
     let started = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(50);
+    let here = CollectionMarker::new();
     loop {
         let stale_before = chrono::Utc::now()
             - chrono::Duration::from_std(STALE_COLLECTION).expect("an hour fits");
@@ -338,10 +339,7 @@ pub async fn wait_for_collections(root: &CheckpointRoot, patience: Duration) -> 
                 Some(b) => serde_json::from_slice::<CollectionMarker>(&b).ok(),
                 None => continue, // ended meanwhile
             };
-            if marker
-                .as_ref()
-                .is_some_and(CollectionMarker::writer_is_gone)
-            {
+            if marker.as_ref().is_some_and(|m| m.writer_is_gone(&here)) {
                 tracing::warn!(marker = %o.key, "ignoring the marker of a gc whose process is gone");
                 continue;
             }
@@ -383,7 +381,7 @@ mod tests {
     fn a_marker_is_dead_only_when_its_process_is_known_gone() {
         let mine = CollectionMarker::new();
         assert!(!mine.boot_id.is_empty() && !mine.pid_namespace.is_empty());
-        assert!(!mine.writer_is_gone(), "this process is alive");
+        assert!(!mine.writer_is_gone(&mine), "this process is alive");
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();
@@ -391,7 +389,7 @@ mod tests {
             pid,
             ..CollectionMarker::new()
         };
-        assert!(gone.writer_is_gone(), "pid {pid} exited");
+        assert!(gone.writer_is_gone(&mine), "pid {pid} exited");
         // Anything that makes the pid meaningless here counts as alive.
         for other in [
             CollectionMarker {
@@ -416,12 +414,12 @@ mod tests {
                 ..CollectionMarker::new()
             },
         ] {
-            assert!(!other.writer_is_gone(), "{other:?}");
+            assert!(!other.writer_is_gone(&mine), "{other:?}");
         }
         // A marker of an older build (no boot or namespace) still parses.
         let old: CollectionMarker =
             serde_json::from_str(r#"{"started_at":"x","host":"h","pid":1}"#).unwrap();
-        assert!(!old.writer_is_gone());
+        assert!(!old.writer_is_gone(&mine));
     }
 
     #[test]
